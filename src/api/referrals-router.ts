@@ -1,0 +1,78 @@
+import { Router } from 'express';
+import { z } from 'zod';
+import { referralStatuses } from '../referral/types';
+import type { ReferralService } from '../referral/service';
+import { zodIssues } from '../referral/service';
+import type { ReferralStore } from '../store/referral-store';
+import { HttpError } from './outcome';
+
+const listQuery = z.strictObject({
+  status: z.enum(referralStatuses).optional(),
+  externalId: z.string().min(1).max(128).optional(),
+  updatedSince: z.iso.datetime({ offset: true }).transform((s) => new Date(s).toISOString()).optional(),
+  limit: z.coerce.number().int().min(1).max(200).default(50),
+  cursor: z.string().max(200).optional(),
+});
+
+function decodeCursor(cursor: string): { createdAt: string; id: string } {
+  try {
+    const [createdAt, id] = JSON.parse(Buffer.from(cursor, 'base64url').toString('utf8')) as [string, string];
+    if (typeof createdAt === 'string' && typeof id === 'string') return { createdAt, id };
+  } catch {
+    // fall through
+  }
+  throw new HttpError(400, { code: 'invalid', message: 'cursor: not a cursor this service issued', expression: 'cursor' });
+}
+
+const encodeCursor = (c: { createdAt: string; id: string }): string => Buffer.from(JSON.stringify([c.createdAt, c.id])).toString('base64url');
+
+export interface ReportReader {
+  /** The report's bytes and content type, read from the destination. */
+  read(referral: import('../referral/types').StoredReferral): Promise<{ contentType: string; body: Buffer }>;
+}
+
+export function referralsRouter(service: ReferralService, store: ReferralStore, reports: ReportReader): Router {
+  const r = Router();
+
+  r.post('/', async (req, res) => {
+    const key = req.get('idempotency-key') ?? null;
+    if (key !== null && !/^[\x21-\x7e]{1,255}$/.test(key)) {
+      throw new HttpError(400, { code: 'invalid', message: 'Idempotency-Key must be 1-255 visible ASCII characters', expression: 'Idempotency-Key' });
+    }
+    if (req.body === undefined || req.body === null || typeof req.body !== 'object' || Array.isArray(req.body)) {
+      throw new HttpError(422, { code: 'structure', message: 'the body must be a JSON object', expression: '$' });
+    }
+    const result = await service.submit(req.clientId as string, req.body, key);
+    res.status(result.created ? 202 : 200).location(`/referrals/${result.view.id}`).json(result.view);
+  });
+
+  r.get('/', async (req, res) => {
+    const q = listQuery.safeParse(req.query);
+    if (!q.success) throw new HttpError(400, zodIssues(q.error));
+    const { items, next } = await store.list(req.clientId as string, {
+      status: q.data.status,
+      externalId: q.data.externalId,
+      updatedSince: q.data.updatedSince,
+      limit: q.data.limit,
+      cursor: q.data.cursor ? decodeCursor(q.data.cursor) : undefined,
+    });
+    const views = await Promise.all(items.map((i) => service.view(i)));
+    res.json({ items: views, nextCursor: next ? encodeCursor(next) : null });
+  });
+
+  r.get('/:id', async (req, res) => {
+    const referral = await service.get(req.clientId as string, req.params.id);
+    res.json(await service.view(referral));
+  });
+
+  r.get('/:id/report/content', async (req, res) => {
+    const referral = await service.get(req.clientId as string, req.params.id);
+    if (!referral.report) {
+      throw new HttpError(404, { code: 'not-found', message: `Referral ${referral.id} has no report yet (status ${referral.status})` });
+    }
+    const content = await reports.read(referral);
+    res.status(200).type(content.contentType).send(content.body);
+  });
+
+  return r;
+}

@@ -1,0 +1,59 @@
+import express, { type Express, type Router } from 'express';
+import helmet from 'helmet';
+import { adminAuth, apiKeyAuth, correlationMiddleware, errorHandler, notFoundHandler, requireJson } from './api/middleware';
+import { type ReportReader, referralsRouter } from './api/referrals-router';
+import type { Config } from './config/config';
+import type { ReferralService } from './referral/service';
+import type { ReferralStore } from './store/referral-store';
+import { adminRouter } from './api/admin-router';
+import { metricsRegistry } from './observability/metrics';
+
+export interface AppDeps {
+  config: Config;
+  store: ReferralStore;
+  service: ReferralService;
+  reports: ReportReader;
+  sandbox?: Router;
+  isReady: () => Promise<{ ready: boolean; checks: Record<string, string> }>;
+  isShuttingDown: () => boolean;
+}
+
+/** The HTTP composition root: headers, parsers, routers and the one error handler. */
+export function createApp(deps: AppDeps): Express {
+  const app = express();
+  app.disable('x-powered-by');
+  app.set('trust proxy', false);
+  app.use(helmet());
+  app.use(correlationMiddleware);
+  app.use((_req, res, next) => {
+    if (deps.isShuttingDown()) res.setHeader('Connection', 'close');
+    next();
+  });
+
+  app.get('/healthz', (_req, res) => {
+    res.json({ status: 'ok' });
+  });
+  app.get('/readyz', async (_req, res) => {
+    if (deps.isShuttingDown()) {
+      res.status(503).json({ status: 'shutting-down' });
+      return;
+    }
+    const r = await deps.isReady();
+    res.status(r.ready ? 200 : 503).json({ status: r.ready ? 'ready' : 'not-ready', checks: r.checks });
+  });
+  app.get('/metrics', async (_req, res) => {
+    res.type(metricsRegistry.contentType).send(await metricsRegistry.metrics());
+  });
+
+  if (deps.sandbox) {
+    app.use('/sandbox/fhir/R4', deps.sandbox);
+  }
+
+  const json = express.json({ limit: deps.config.maxBodyBytes, type: ['application/json', 'application/*+json'], strict: false });
+  app.use('/referrals', apiKeyAuth(deps.config.apiKeys), requireJson, json, referralsRouter(deps.service, deps.store, deps.reports));
+  app.use('/admin', adminAuth(deps.config.adminApiKey), requireJson, json, adminRouter(deps.store));
+
+  app.use(notFoundHandler);
+  app.use(errorHandler);
+  return app;
+}

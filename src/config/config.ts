@@ -1,0 +1,193 @@
+import { z } from 'zod';
+import { validate as validateCron } from 'node-cron';
+import { type Destination, loadDestinationsFile } from './destinations';
+
+const cron = z.string().refine((s) => validateCron(s), 'is not a valid cron expression (5 or 6 fields)');
+
+const apiKeys = z
+  .string()
+  .transform((s, ctx) => {
+    const out = new Map<string, string>();
+    for (const pair of s.split(',').map((p) => p.trim()).filter(Boolean)) {
+      const i = pair.indexOf(':');
+      const clientId = pair.slice(0, i);
+      const key = pair.slice(i + 1);
+      if (i <= 0 || !key || !/^[\w.-]+$/.test(clientId)) {
+        ctx.addIssue({ code: 'custom', message: 'must be comma-separated clientId:key pairs' });
+        return z.NEVER;
+      }
+      if ([...out.values()].includes(key)) {
+        ctx.addIssue({ code: 'custom', message: `the key of ${clientId} is used by another client` });
+        return z.NEVER;
+      }
+      out.set(clientId, key);
+    }
+    if (out.size === 0) {
+      ctx.addIssue({ code: 'custom', message: 'holds no clientId:key pair' });
+      return z.NEVER;
+    }
+    return out;
+  });
+
+const envSchema = z.object({
+  NODE_ENV: z.enum(['development', 'production', 'test']).default('development'),
+  PORT: z.coerce.number().int().min(0).max(65535).default(8080),
+  HOST: z.string().default('0.0.0.0'),
+  PUBLIC_URL: z.url().optional(),
+  DATABASE_URL: z
+    .string()
+    .regex(/^(sqlite:.+|postgres(ql)?:\/\/.+)$/, 'must be sqlite:<path> or postgres://...')
+    .default('sqlite:./data/gateway.db'),
+  DESTINATIONS_FILE: z.string().default('mappings/destinations.json'),
+  FHIR_BASE_URL: z.url().optional(),
+  FHIR_AUTH: z.enum(['none', 'basic', 'bearer', 'client-credentials']).default('none'),
+  FHIR_TOKEN_URL: z.url().optional(),
+  FHIR_SCOPE: z.string().optional(),
+  FHIR_ORGANIZATION_SYSTEM: z.string().default('https://referral-gateway.dev/fhir/sid/destination'),
+  FHIR_ORGANIZATION_VALUE: z.string().default('default'),
+  FHIR_TIMEOUT_MS: z.coerce.number().int().min(100).max(600_000).default(30_000),
+  POLL_CRON: cron.optional(),
+  API_KEYS: apiKeys.optional(),
+  ADMIN_API_KEY: z.string().min(8, 'must be at least 8 characters').optional(),
+  WEBHOOK_SECRET: z.string().min(16, 'must be at least 16 characters (or whsec_<base64>)').optional(),
+  LOG_LEVEL: z.enum(['error', 'warn', 'info', 'http', 'verbose', 'debug', 'silly']).default('info'),
+  MAX_BODY_BYTES: z.coerce.number().int().min(1024).max(1024 * 1024 * 1024).default(25 * 1024 * 1024),
+  DELIVERY_MAX_ATTEMPTS: z.coerce.number().int().min(1).max(1000).default(12),
+  DELIVERY_BASE_DELAY_MS: z.coerce.number().int().min(1).default(1000),
+  DELIVERY_MAX_DELAY_MS: z.coerce.number().int().min(1).default(5 * 60_000),
+  DELIVERY_CONCURRENCY: z.coerce.number().int().min(1).max(64).default(4),
+  SHUTDOWN_TIMEOUT_MS: z.coerce.number().int().min(0).default(15_000),
+});
+
+export interface Config {
+  nodeEnv: 'development' | 'production' | 'test';
+  port: number;
+  host: string;
+  publicUrl?: string;
+  databaseUrl: string;
+  /** Destinations from the file and FHIR_BASE_URL. Empty means the built-in sandbox is used. */
+  destinations: Destination[];
+  useSandbox: boolean;
+  pollCron?: string;
+  apiKeys: Map<string, string>;
+  devKeys: boolean;
+  adminApiKey?: string;
+  webhookSecret?: string;
+  logLevel: string;
+  maxBodyBytes: number;
+  delivery: { maxAttempts: number; baseDelayMs: number; maxDelayMs: number; concurrency: number };
+  shutdownTimeoutMs: number;
+}
+
+export class ConfigError extends Error {}
+
+/** Parses and checks the environment. Throws ConfigError whose message is one line naming the variable. */
+export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
+  const cleaned = Object.fromEntries(Object.entries(env).filter(([, v]) => v !== undefined && v !== ''));
+  const parsed = envSchema.safeParse(cleaned);
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0];
+    const name = String(issue.path[0] ?? 'environment');
+    const shown = name in cleaned && !/KEY|SECRET|PASSWORD|TOKEN/.test(name) ? ` (got "${String(cleaned[name]).slice(0, 80)}")` : '';
+    throw new ConfigError(`${name} ${issue.message}${shown}`);
+  }
+  const e = parsed.data;
+
+  let destinations: Destination[];
+  try {
+    destinations = loadDestinationsFile(e.DESTINATIONS_FILE);
+  } catch (err) {
+    throw new ConfigError((err as Error).message);
+  }
+  if (e.FHIR_BASE_URL) {
+    if (destinations.some((d) => d.id === 'default')) {
+      throw new ConfigError('FHIR_BASE_URL defines destination "default", which DESTINATIONS_FILE already has');
+    }
+    destinations.push({
+      id: 'default',
+      name: 'Default destination (FHIR_BASE_URL)',
+      organization: { system: e.FHIR_ORGANIZATION_SYSTEM, value: e.FHIR_ORGANIZATION_VALUE },
+      baseUrl: e.FHIR_BASE_URL.replace(/\/+$/, ''),
+      auth: fhirAuthFromEnv(e.FHIR_AUTH, e.FHIR_TOKEN_URL, e.FHIR_SCOPE, cleaned),
+      timeoutMs: e.FHIR_TIMEOUT_MS,
+      maxInlineBytes: 1_048_576,
+    });
+  }
+  for (const d of destinations) {
+    checkSecretsPresent(d, cleaned);
+  }
+  const useSandbox = destinations.length === 0;
+  if (useSandbox && e.NODE_ENV === 'production') {
+    throw new ConfigError('FHIR_BASE_URL (or DESTINATIONS_FILE) is required with NODE_ENV=production: the sandbox is for development only');
+  }
+  let apiKeys = e.API_KEYS;
+  let devKeys = false;
+  if (!apiKeys) {
+    if (e.NODE_ENV === 'production') {
+      throw new ConfigError('API_KEYS is required with NODE_ENV=production');
+    }
+    apiKeys = new Map([['dev', 'dev-key']]);
+    devKeys = true;
+  }
+  if (e.NODE_ENV === 'production' && !e.WEBHOOK_SECRET) {
+    throw new ConfigError('WEBHOOK_SECRET is required with NODE_ENV=production');
+  }
+  return {
+    nodeEnv: e.NODE_ENV,
+    port: e.PORT,
+    host: e.HOST,
+    publicUrl: e.PUBLIC_URL,
+    databaseUrl: e.DATABASE_URL,
+    destinations,
+    useSandbox,
+    pollCron: e.POLL_CRON,
+    apiKeys,
+    devKeys,
+    adminApiKey: e.ADMIN_API_KEY,
+    webhookSecret: e.WEBHOOK_SECRET,
+    logLevel: e.LOG_LEVEL,
+    maxBodyBytes: e.MAX_BODY_BYTES,
+    delivery: {
+      maxAttempts: e.DELIVERY_MAX_ATTEMPTS,
+      baseDelayMs: e.DELIVERY_BASE_DELAY_MS,
+      maxDelayMs: e.DELIVERY_MAX_DELAY_MS,
+      concurrency: e.DELIVERY_CONCURRENCY,
+    },
+    shutdownTimeoutMs: e.SHUTDOWN_TIMEOUT_MS,
+  };
+}
+
+function fhirAuthFromEnv(
+  kind: 'none' | 'basic' | 'bearer' | 'client-credentials',
+  tokenUrl: string | undefined,
+  scope: string | undefined,
+  env: Record<string, string | undefined>
+): Destination['auth'] {
+  switch (kind) {
+    case 'none':
+      return { type: 'none' };
+    case 'basic':
+      return { type: 'basic', usernameEnv: 'FHIR_USERNAME', passwordEnv: 'FHIR_PASSWORD' };
+    case 'bearer':
+      return { type: 'bearer', tokenEnv: 'FHIR_TOKEN' };
+    case 'client-credentials':
+      if (!tokenUrl) {
+        throw new ConfigError('FHIR_TOKEN_URL is required when FHIR_AUTH=client-credentials');
+      }
+      void env;
+      return { type: 'client-credentials', tokenUrl, clientIdEnv: 'FHIR_CLIENT_ID', clientSecretEnv: 'FHIR_CLIENT_SECRET', scope };
+  }
+}
+
+function checkSecretsPresent(d: Destination, env: Record<string, string | undefined>): void {
+  const names: string[] = [];
+  const a = d.auth;
+  if (a.type === 'basic') names.push(a.usernameEnv, a.passwordEnv);
+  if (a.type === 'bearer') names.push(a.tokenEnv);
+  if (a.type === 'client-credentials') names.push(a.clientIdEnv, a.clientSecretEnv);
+  for (const n of names) {
+    if (!env[n]) {
+      throw new ConfigError(`${n} is required by destination "${d.id}" (auth ${a.type}) but is not set`);
+    }
+  }
+}

@@ -1,0 +1,150 @@
+import { once } from 'node:events';
+import type { Server } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { createApp } from './app';
+import type { Config } from './config/config';
+import type { Destination } from './config/destinations';
+import { FhirClients } from './delivery/clients';
+import { DeliveryWorker } from './delivery/worker';
+import { createSandboxRouter } from './fhir/sandbox';
+import { logger } from './observability/logger';
+import { type DestinationDirectory, ReferralService } from './referral/service';
+import { openDb } from './store/db';
+import { migrate } from './store/migrations';
+import { ReferralStore } from './store/referral-store';
+import { Poller } from './tracking/poller';
+import { ReportContentReader } from './tracking/report';
+
+export const SANDBOX_ID = 'sandbox';
+export const SANDBOX_PATH = '/sandbox/fhir/R4';
+
+class Directory implements DestinationDirectory {
+  private readonly map = new Map<string, Destination>();
+  constructor(list: Destination[]) {
+    for (const d of list) this.map.set(d.id, d);
+  }
+  add(d: Destination): void {
+    this.map.set(d.id, d);
+  }
+  ids(): string[] {
+    return [...this.map.keys()];
+  }
+  get(id: string): Destination | undefined {
+    return this.map.get(id);
+  }
+}
+
+export interface GatewayOptions {
+  /** Overrides for tests: a FHIR client factory, shorter delays. */
+  clients?: FhirClients;
+  deliveryIdleMs?: number;
+  pollOverlapMs?: number;
+  startPoller?: boolean;
+}
+
+/** The whole service: store, API, sandbox, delivery worker and poller, with start and stop. */
+export class Gateway {
+  readonly store: ReferralStore;
+  readonly destinations: Directory;
+  readonly clients: FhirClients;
+  readonly worker: DeliveryWorker;
+  readonly poller: Poller;
+  readonly service: ReferralService;
+  server: Server | undefined;
+  url = '';
+  sandbox: ReturnType<typeof createSandboxRouter> | undefined;
+  private shuttingDown = false;
+  private readyCache: { at: number; value: { ready: boolean; checks: Record<string, string> } } | undefined;
+
+  constructor(
+    readonly config: Config,
+    private readonly opts: GatewayOptions = {}
+  ) {
+    this.store = new ReferralStore(openDb(config.databaseUrl));
+    this.destinations = new Directory(config.destinations);
+    this.clients = opts.clients ?? new FhirClients();
+    this.worker = new DeliveryWorker(
+      this.store,
+      this.destinations,
+      this.clients,
+      {
+        maxAttempts: config.delivery.maxAttempts,
+        maxAgeMs: 7 * 24 * 3600_000,
+        baseDelayMs: config.delivery.baseDelayMs,
+        maxDelayMs: config.delivery.maxDelayMs,
+        concurrency: config.delivery.concurrency,
+        idleMs: opts.deliveryIdleMs ?? 1000,
+      },
+      (e) => logger.debug('status change', { ...e })
+    );
+    const defaultCron = config.pollCron ?? (config.useSandbox ? '*/10 * * * * *' : '*/5 * * * *');
+    this.poller = new Poller(this.store, this.destinations, this.clients, { cron: defaultCron, overlapMs: opts.pollOverlapMs ?? 60_000, pageSize: 100 });
+    this.service = new ReferralService(this.store, this.destinations, () => this.worker.wake());
+  }
+
+  async start(): Promise<void> {
+    const applied = await migrate(this.store.db.kysely);
+    if (applied.length > 0) logger.info('database migrated', { applied });
+    if (this.config.useSandbox) {
+      this.sandbox = createSandboxRouter();
+    }
+    const app = createApp({
+      config: this.config,
+      store: this.store,
+      service: this.service,
+      reports: new ReportContentReader(this.destinations, this.clients),
+      sandbox: this.sandbox?.router,
+      isReady: () => this.readiness(),
+      isShuttingDown: () => this.shuttingDown,
+    });
+    const server = app.listen(this.config.port, this.config.host);
+    this.server = server;
+    await once(server, 'listening');
+    server.keepAliveTimeout = 65_000;
+    const port = (server.address() as AddressInfo).port;
+    const local = `http://${this.config.host === '0.0.0.0' || this.config.host === '::' ? '127.0.0.1' : this.config.host}:${port}`;
+    this.url = local;
+    if (this.config.useSandbox) {
+      this.destinations.add({
+        id: SANDBOX_ID,
+        name: 'Built-in sandbox cancer centre',
+        organization: { system: 'https://referral-gateway.dev/fhir/sid/destination', value: SANDBOX_ID },
+        baseUrl: `${local}${SANDBOX_PATH}`,
+        auth: { type: 'none' },
+        timeoutMs: 30_000,
+        maxInlineBytes: 1_048_576,
+      });
+    }
+    this.worker.start();
+    if (this.opts.startPoller !== false) this.poller.start();
+  }
+
+  private async readiness(): Promise<{ ready: boolean; checks: Record<string, string> }> {
+    if (this.readyCache && Date.now() - this.readyCache.at < 5000) return this.readyCache.value;
+    const checks: Record<string, string> = {};
+    try {
+      await this.store.ping();
+      checks.store = 'ok';
+    } catch (err) {
+      checks.store = `error: ${(err as Error).message}`;
+    }
+    const value = { ready: checks.store === 'ok', checks };
+    this.readyCache = { at: Date.now(), value };
+    return value;
+  }
+
+  /** Stops taking requests, finishes the work in flight, closes the store. */
+  async stop(): Promise<void> {
+    if (this.shuttingDown) return;
+    this.shuttingDown = true;
+    const server = this.server;
+    const closed = server ? new Promise<void>((resolve) => server.close(() => resolve())) : Promise.resolve();
+    server?.closeIdleConnections();
+    const force = setTimeout(() => server?.closeAllConnections(), this.config.shutdownTimeoutMs);
+    force.unref();
+    await Promise.all([this.poller.stop(), this.worker.stop()]);
+    await closed;
+    clearTimeout(force);
+    await this.store.db.close();
+  }
+}

@@ -1,0 +1,64 @@
+import { resolve } from 'node:path';
+import { ConfigError, loadConfig } from './config/config';
+import { Gateway, SANDBOX_ID } from './gateway';
+import { logger, setLogLevel } from './observability/logger';
+
+async function main(): Promise<void> {
+  let config;
+  try {
+    config = loadConfig();
+  } catch (err) {
+    if (err instanceof ConfigError) {
+      process.stderr.write(`referral-gateway: configuration error: ${err.message}\n`);
+      process.exit(1);
+    }
+    throw err;
+  }
+  setLogLevel(config.logLevel);
+  const gateway = new Gateway(config);
+  await gateway.start();
+  logger.info('referral-gateway listening', { url: gateway.url, destinations: gateway.destinations.ids(), database: config.databaseUrl.split(':')[0] });
+
+  const say = (s: string): void => void process.stdout.write(`${s}\n`);
+  if (config.devKeys) {
+    say('');
+    say('!!! WARNING: API_KEYS is not set: using the single development client "dev" with key "dev-key". Never run like this with real patient data.');
+  }
+  if (config.useSandbox) {
+    const fixture = resolve('fixtures/referrals/breast-second-opinion.json');
+    say('');
+    say(`No destination configured: the built-in sandbox FHIR R4 server is the destination "${SANDBOX_ID}" (no authentication, development only):`);
+    say(`  ${gateway.url}/sandbox/fhir/R4`);
+    say('Submit the sample referral:');
+    say(`  curl -s -X POST ${gateway.url}/referrals -H 'Authorization: Bearer ${config.devKeys ? 'dev-key' : '<your api key>'}' -H 'Content-Type: application/json' --data-binary @${fixture}`);
+    say(`Then look at it on the sandbox: curl -s '${gateway.url}/sandbox/fhir/R4/Task?_sort=-_lastUpdated'`);
+    say('');
+  }
+
+  let stopping = false;
+  const shutdown = (signal: string): void => {
+    if (stopping) return;
+    stopping = true;
+    logger.info('shutting down', { signal });
+    gateway
+      .stop()
+      .then(() => {
+        logger.info('stopped cleanly');
+        process.exit(0);
+      })
+      .catch((err: Error) => {
+        logger.error('shutdown failed', { error: err.message });
+        process.exit(1);
+      });
+  };
+  process.on('SIGTERM', () => shutdown('SIGTERM'));
+  process.on('SIGINT', () => shutdown('SIGINT'));
+  process.on('unhandledRejection', (reason) => {
+    logger.error('unhandled rejection', { error: (reason as Error)?.message ?? String(reason) });
+  });
+}
+
+main().catch((err: Error) => {
+  process.stderr.write(`referral-gateway: failed to start: ${err.message}\n`);
+  process.exit(1);
+});

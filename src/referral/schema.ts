@@ -1,0 +1,137 @@
+import { z } from 'zod';
+
+/**
+ * The public shape of a referral as an EHR submits it (see shared/api-contract.md).
+ * The same schema validates requests and types the code.
+ */
+
+const isoDate = z
+  .string()
+  .regex(/^\d{4}-\d{2}-\d{2}$/, 'must be a date as YYYY-MM-DD')
+  .refine((s) => {
+    const d = new Date(`${s}T00:00:00Z`);
+    return !Number.isNaN(d.getTime()) && d.toISOString().slice(0, 10) === s;
+  }, 'is not a real calendar date')
+  .refine((s) => s >= '1900-01-01', 'is before 1900');
+
+const notFuture = (s: string): boolean => s <= new Date(Date.now() + 24 * 3600 * 1000).toISOString().slice(0, 10);
+
+const pastDate = isoDate.refine(notFuture, 'is in the future');
+
+const nonEmpty = z.string().trim().min(1, 'must not be empty').max(1000);
+
+export const codingSchema = z.strictObject({
+  system: z.url({ message: 'must be a URI (e.g. http://snomed.info/sct)' }).or(z.string().regex(/^urn:(oid|uuid):\S+$/)),
+  code: z.string().trim().min(1).max(200),
+  display: z.string().max(500).optional(),
+});
+
+export const identifierSchema = z.strictObject({
+  system: z.url({ message: 'must be a URI' }).or(z.string().regex(/^urn:(oid|uuid):\S+$/, 'must be a URI')),
+  value: z.string().trim().min(1).max(200),
+});
+
+export const humanNameSchema = z.strictObject({
+  given: z.array(nonEmpty).min(1).max(5),
+  family: nonEmpty,
+  prefix: z.array(nonEmpty).max(3).optional(),
+});
+
+export const referralKinds = ['second-opinion', 'expert-opinion', 'tumour-board-review'] as const;
+export const priorities = ['routine', 'urgent', 'asap', 'stat'] as const;
+export const reasonCodes = [
+  'diagnosis-uncertain',
+  'treatment-plan-review',
+  'rare-or-complex-cancer',
+  'treatment-options',
+  'clinical-trial-eligibility',
+  'patient-preference',
+] as const;
+export const documentKinds = [
+  'pathology-report',
+  'imaging-report',
+  'imaging-study',
+  'genomic-report',
+  'lab-report',
+  'discharge-summary',
+  'treatment-summary',
+  'clinical-note',
+  'other',
+] as const;
+export const treatmentTypes = ['surgery', 'radiotherapy', 'chemotherapy', 'immunotherapy', 'targeted-therapy', 'hormone-therapy', 'stem-cell-transplant', 'other'] as const;
+
+const base64 = z
+  .string()
+  .min(1, 'must not be empty')
+  .refine((s) => s.length % 4 === 0 && /^[A-Za-z0-9+/]*={0,2}$/.test(s), 'is not valid base64');
+
+export const documentSchema = z
+  .strictObject({
+    kind: z.enum(documentKinds),
+    title: nonEmpty.max(300),
+    date: pastDate.optional(),
+    contentType: z.string().regex(/^[\w.+-]+\/[\w.+-]+(;.*)?$/, 'must be a MIME type such as application/pdf'),
+    language: z.string().regex(/^[a-z]{2,3}(-[A-Za-z0-9]{2,8})*$/).optional(),
+    data: base64.optional(),
+    url: z.url({ protocol: /^https?$/, message: 'must be an http(s) URL' }).optional(),
+  })
+  .superRefine((doc, ctx) => {
+    if ((doc.data === undefined) === (doc.url === undefined)) {
+      ctx.addIssue({ code: 'custom', path: ['data'], message: 'exactly one of data (base64) or url is required' });
+    }
+  });
+
+export const treatmentSchema = z.strictObject({
+  type: z.enum(treatmentTypes),
+  description: nonEmpty,
+  code: codingSchema.optional(),
+  start: pastDate.optional(),
+  end: pastDate.optional(),
+});
+
+export const referralSchema = z
+  .strictObject({
+    externalId: z.string().trim().min(1).max(128).regex(/^[\w.:/-]+$/, 'may hold letters, digits and . _ : / - only'),
+    kind: z.enum(referralKinds),
+    priority: z.enum(priorities).default('routine'),
+    destination: z.string().min(1).max(64).optional(),
+    reasons: z.array(z.enum(reasonCodes)).max(10).default([]),
+    reasonText: z.string().max(4000).optional(),
+    questions: z.array(z.string().trim().min(1).max(2000)).max(50).default([]),
+    patient: z.strictObject({
+      identifiers: z.array(identifierSchema).min(1, 'at least one identifier is required').max(10),
+      name: humanNameSchema,
+      birthDate: pastDate,
+      gender: z.enum(['male', 'female', 'other', 'unknown']),
+      phone: z.string().max(50).optional(),
+      email: z.email().optional(),
+    }),
+    referrer: z.strictObject({
+      practitioner: z.strictObject({ identifier: identifierSchema, name: humanNameSchema }),
+      organization: z.strictObject({ identifier: identifierSchema, name: nonEmpty }),
+    }),
+    diagnosis: z.strictObject({
+      code: codingSchema,
+      bodySite: codingSchema.optional(),
+      laterality: z.enum(['left', 'right', 'bilateral']).optional(),
+      histology: codingSchema.optional(),
+      stage: z
+        .strictObject({
+          system: z.enum(['AJCC-8', 'AJCC-7', 'AJCC-9']).default('AJCC-8'),
+          type: z.enum(['clinical', 'pathologic']).optional(),
+          value: z.string().trim().min(1).max(20),
+        })
+        .optional(),
+      clinicalStatus: z.enum(['active', 'recurrence', 'remission']).default('active'),
+      diagnosedOn: pastDate.optional(),
+    }),
+    treatmentHistory: z.array(treatmentSchema).max(100).default([]),
+    documents: z.array(documentSchema).max(100).default([]),
+    consent: z.strictObject({ patientAgreed: z.literal(true, { message: 'the patient must agree to share records (true)' }), date: pastDate }),
+    callbackUrl: z.url({ protocol: /^https?$/, message: 'must be an http(s) URL' }).optional(),
+  });
+
+export type ReferralInput = z.input<typeof referralSchema>;
+export type Referral = z.output<typeof referralSchema>;
+export type ReferralDocument = z.output<typeof documentSchema>;
+export type Coding = z.output<typeof codingSchema>;

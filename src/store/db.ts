@@ -1,0 +1,59 @@
+import { mkdirSync } from 'node:fs';
+import { dirname } from 'node:path';
+import { DatabaseSync } from 'node:sqlite';
+import { Kysely, PostgresDialect, SqliteDialect, type SqliteDatabase, type SqliteStatement } from 'kysely';
+import { Pool } from 'pg';
+import type { Database } from './schema';
+
+export type Dialect = 'sqlite' | 'postgres';
+
+export interface Db {
+  kysely: Kysely<Database>;
+  dialect: Dialect;
+  close(): Promise<void>;
+}
+
+/**
+ * Kysely's SqliteDialect expects better-sqlite3's statement API (parameters as one array, `reader`);
+ * node:sqlite spreads parameters and tells readers by their columns. This adapter bridges them so we
+ * need no native addon.
+ */
+function nodeSqliteAdapter(db: DatabaseSync): SqliteDatabase {
+  return {
+    close: () => db.close(),
+    prepare(sql: string): SqliteStatement {
+      const stmt = db.prepare(sql);
+      const params = (p: ReadonlyArray<unknown>): Array<null | number | bigint | string | Uint8Array> =>
+        p.map((v) => (v === undefined ? null : typeof v === 'boolean' ? Number(v) : (v as string)));
+      return {
+        get reader() {
+          return stmt.columns().length > 0;
+        },
+        all: (p) => stmt.all(...params(p)),
+        run: (p) => {
+          const r = stmt.run(...params(p));
+          return { changes: r.changes, lastInsertRowid: r.lastInsertRowid };
+        },
+        iterate: (p) => stmt.iterate(...params(p)) as IterableIterator<unknown>,
+      };
+    },
+  };
+}
+
+/** Opens the store named by DATABASE_URL: `sqlite:<path>` (or `sqlite::memory:`) or `postgres://...`. */
+export function openDb(url: string): Db {
+  if (url.startsWith('sqlite:')) {
+    const path = url.slice('sqlite:'.length);
+    if (path !== ':memory:') {
+      mkdirSync(dirname(path), { recursive: true });
+    }
+    const raw = new DatabaseSync(path);
+    raw.exec('PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;');
+    const kysely = new Kysely<Database>({ dialect: new SqliteDialect({ database: nodeSqliteAdapter(raw) }) });
+    return { kysely, dialect: 'sqlite', close: () => kysely.destroy() };
+  }
+  const pool = new Pool({ connectionString: url, max: 10 });
+  pool.on('error', () => undefined); // idle client errors surface on the next query
+  const kysely = new Kysely<Database>({ dialect: new PostgresDialect({ pool }) });
+  return { kysely, dialect: 'postgres', close: () => kysely.destroy() };
+}

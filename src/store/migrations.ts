@@ -1,0 +1,86 @@
+import { type Kysely, type Migration, type MigrationProvider, Migrator, sql } from 'kysely';
+
+/** One schema for SQLite and PostgreSQL: only portable column types (text, integer). */
+const migrations: Record<string, Migration> = {
+  '0001_initial': {
+    async up(db: Kysely<any>): Promise<void> {
+      await db.schema
+        .createTable('referrals')
+        .addColumn('id', 'text', (c) => c.primaryKey())
+        .addColumn('client_id', 'text', (c) => c.notNull())
+        .addColumn('external_id', 'text', (c) => c.notNull())
+        .addColumn('idempotency_key', 'text')
+        .addColumn('request_hash', 'text', (c) => c.notNull())
+        .addColumn('destination', 'text', (c) => c.notNull())
+        .addColumn('status', 'text', (c) => c.notNull())
+        .addColumn('status_reason', 'text')
+        .addColumn('payload', 'text', (c) => c.notNull())
+        .addColumn('fhir', 'text')
+        .addColumn('report', 'text')
+        .addColumn('task_version', 'text')
+        .addColumn('created_at', 'text', (c) => c.notNull())
+        .addColumn('updated_at', 'text', (c) => c.notNull())
+        .addUniqueConstraint('referrals_client_external_uq', ['client_id', 'external_id'])
+        .addUniqueConstraint('referrals_client_idem_uq', ['client_id', 'idempotency_key'])
+        .execute();
+      await db.schema.createIndex('referrals_client_created_idx').on('referrals').columns(['client_id', 'created_at', 'id']).execute();
+      await db.schema.createIndex('referrals_client_updated_idx').on('referrals').columns(['client_id', 'updated_at']).execute();
+      await db.schema.createIndex('referrals_dest_status_idx').on('referrals').columns(['destination', 'status']).execute();
+
+      await db.schema
+        .createTable('referral_history')
+        .addColumn('id', 'text', (c) => c.primaryKey())
+        .addColumn('referral_id', 'text', (c) => c.notNull().references('referrals.id').onDelete('cascade'))
+        .addColumn('seq', 'integer', (c) => c.notNull())
+        .addColumn('status', 'text', (c) => c.notNull())
+        .addColumn('reason', 'text')
+        .addColumn('detail', 'text')
+        .addColumn('at', 'text', (c) => c.notNull())
+        .addUniqueConstraint('history_referral_seq_uq', ['referral_id', 'seq'])
+        .execute();
+
+      await db.schema
+        .createTable('outbox')
+        .addColumn('id', 'text', (c) => c.primaryKey())
+        .addColumn('referral_id', 'text', (c) => c.notNull().references('referrals.id').onDelete('cascade'))
+        .addColumn('kind', 'text', (c) => c.notNull())
+        .addColumn('payload', 'text')
+        .addColumn('state', 'text', (c) => c.notNull())
+        .addColumn('attempts', 'integer', (c) => c.notNull().defaultTo(0))
+        .addColumn('next_attempt_at', 'text', (c) => c.notNull())
+        .addColumn('locked_by', 'text')
+        .addColumn('locked_until', 'text')
+        .addColumn('last_error', 'text')
+        .addColumn('created_at', 'text', (c) => c.notNull())
+        .addColumn('updated_at', 'text', (c) => c.notNull())
+        .execute();
+      await db.schema.createIndex('outbox_state_next_idx').on('outbox').columns(['state', 'next_attempt_at']).execute();
+      await db.schema.createIndex('outbox_referral_idx').on('outbox').columns(['referral_id', 'created_at']).execute();
+
+      await db.schema
+        .createTable('poll_state')
+        .addColumn('destination', 'text', (c) => c.primaryKey())
+        .addColumn('watermark', 'text')
+        .addColumn('updated_at', 'text', (c) => c.notNull())
+        .execute();
+      void sql;
+    },
+  },
+};
+
+class StaticProvider implements MigrationProvider {
+  async getMigrations(): Promise<Record<string, Migration>> {
+    return migrations;
+  }
+}
+
+/** Runs pending migrations; throws with the failing migration's name. */
+export async function migrate(db: Kysely<any>): Promise<string[]> {
+  const migrator = new Migrator({ db, provider: new StaticProvider() });
+  const { error, results } = await migrator.migrateToLatest();
+  if (error) {
+    const failed = results?.find((r) => r.status === 'Error');
+    throw new Error(`database migration ${failed?.migrationName ?? ''} failed: ${(error as Error).message}`);
+  }
+  return (results ?? []).filter((r) => r.status === 'Success').map((r) => r.migrationName);
+}

@@ -1,0 +1,386 @@
+import { type Kysely, type Transaction, sql } from 'kysely';
+import type { Referral } from '../referral/schema';
+import type { FhirRefs, ReferralStatus, ReportInfo, StoredReferral } from '../referral/types';
+import type { Db } from './db';
+import { newId, nowIso } from './ids';
+import type { Database, OutboxTable, ReferralsTable } from './schema';
+
+export interface HistoryEntry {
+  status: ReferralStatus;
+  at: string;
+  reason?: string;
+  detail?: Record<string, unknown>;
+}
+
+export type OutboxKind = 'submit' | 'documents' | 'cancel';
+
+export interface OutboxEntry {
+  id: string;
+  referralId: string;
+  kind: OutboxKind;
+  payload: unknown;
+  state: 'pending' | 'done' | 'failed';
+  attempts: number;
+  nextAttemptAt: string;
+  lastError: string | null;
+  createdAt: string;
+}
+
+export interface NewReferral {
+  id: string;
+  clientId: string;
+  externalId: string;
+  idempotencyKey: string | null;
+  requestHash: string;
+  destination: string;
+  payload: Referral;
+  at: string;
+}
+
+export interface ListFilter {
+  status?: ReferralStatus;
+  externalId?: string;
+  updatedSince?: string;
+  limit: number;
+  cursor?: { createdAt: string; id: string };
+}
+
+export interface StatusChange {
+  status: ReferralStatus;
+  reason?: string | null;
+  at?: string;
+  detail?: Record<string, unknown>;
+  fhir?: FhirRefs;
+  report?: ReportInfo | null;
+  taskVersion?: string | null;
+}
+
+type Q = Kysely<Database> | Transaction<Database>;
+
+function toReferral(row: ReferralsTable): StoredReferral {
+  return {
+    id: row.id,
+    clientId: row.client_id,
+    externalId: row.external_id,
+    destination: row.destination,
+    status: row.status as ReferralStatus,
+    statusReason: row.status_reason,
+    createdAt: row.created_at,
+    updatedAt: row.updated_at,
+    payload: JSON.parse(row.payload) as Referral,
+    fhir: row.fhir ? (JSON.parse(row.fhir) as FhirRefs) : null,
+    report: row.report ? (JSON.parse(row.report) as ReportInfo) : null,
+    taskVersion: row.task_version,
+  };
+}
+
+function toOutbox(row: OutboxTable): OutboxEntry {
+  return {
+    id: row.id,
+    referralId: row.referral_id,
+    kind: row.kind as OutboxKind,
+    payload: row.payload ? JSON.parse(row.payload) : null,
+    state: row.state as OutboxEntry['state'],
+    attempts: row.attempts,
+    nextAttemptAt: row.next_attempt_at,
+    lastError: row.last_error,
+    createdAt: row.created_at,
+  };
+}
+
+export function isUniqueViolation(err: unknown): boolean {
+  const e = err as { code?: string; errcode?: number; message?: string };
+  return e?.code === '23505' || /UNIQUE constraint failed/i.test(e?.message ?? '');
+}
+
+/** Durable state of referrals, their history, the delivery outbox and poll watermarks. */
+export class ReferralStore {
+  constructor(readonly db: Db) {}
+
+  private get k(): Kysely<Database> {
+    return this.db.kysely;
+  }
+
+  /**
+   * Stores a new referral, its first history entry and its delivery outbox entry in one transaction.
+   * Returns null when another referral with the same client+externalId or idempotency key exists.
+   */
+  async createReferral(r: NewReferral): Promise<StoredReferral | null> {
+    try {
+      await this.k.transaction().execute(async (trx) => {
+        await trx
+          .insertInto('referrals')
+          .values({
+            id: r.id,
+            client_id: r.clientId,
+            external_id: r.externalId,
+            idempotency_key: r.idempotencyKey,
+            request_hash: r.requestHash,
+            destination: r.destination,
+            status: 'queued',
+            status_reason: null,
+            payload: JSON.stringify(r.payload),
+            fhir: null,
+            report: null,
+            task_version: null,
+            created_at: r.at,
+            updated_at: r.at,
+          })
+          .execute();
+        await this.insertHistory(trx, r.id, { status: 'queued', at: r.at });
+        await this.insertOutbox(trx, r.id, 'submit', null, r.at);
+      });
+    } catch (err) {
+      if (isUniqueViolation(err)) {
+        return null;
+      }
+      throw err;
+    }
+    return this.getById(r.id);
+  }
+
+  async findForIdempotency(clientId: string, externalId: string, key: string | null): Promise<(StoredReferral & { requestHash: string }) | undefined> {
+    let q = this.k.selectFrom('referrals').selectAll().where('client_id', '=', clientId);
+    q = key ? q.where((eb) => eb.or([eb('idempotency_key', '=', key), eb('external_id', '=', externalId)])) : q.where('external_id', '=', externalId);
+    const rows = await q.execute();
+    const row = rows.find((x) => key !== null && x.idempotency_key === key) ?? rows[0];
+    return row ? { ...toReferral(row), requestHash: row.request_hash } : undefined;
+  }
+
+  async getById(id: string): Promise<StoredReferral | null> {
+    const row = await this.k.selectFrom('referrals').selectAll().where('id', '=', id).executeTakeFirst();
+    return row ? toReferral(row) : null;
+  }
+
+  /** A client's referral; another client's id is answered exactly as an unknown one. */
+  async get(clientId: string, id: string): Promise<StoredReferral | null> {
+    const row = await this.k.selectFrom('referrals').selectAll().where('id', '=', id).where('client_id', '=', clientId).executeTakeFirst();
+    return row ? toReferral(row) : null;
+  }
+
+  async list(clientId: string, f: ListFilter): Promise<{ items: StoredReferral[]; next?: { createdAt: string; id: string } }> {
+    let q = this.k.selectFrom('referrals').selectAll().where('client_id', '=', clientId);
+    if (f.status) q = q.where('status', '=', f.status);
+    if (f.externalId) q = q.where('external_id', '=', f.externalId);
+    if (f.updatedSince) q = q.where('updated_at', '>=', f.updatedSince);
+    if (f.cursor) {
+      const c = f.cursor;
+      q = q.where((eb) => eb.or([eb('created_at', '<', c.createdAt), eb.and([eb('created_at', '=', c.createdAt), eb('id', '<', c.id)])]));
+    }
+    const rows = await q.orderBy('created_at', 'desc').orderBy('id', 'desc').limit(f.limit + 1).execute();
+    const items = rows.slice(0, f.limit).map(toReferral);
+    const last = items[items.length - 1];
+    return { items, next: rows.length > f.limit && last ? { createdAt: last.createdAt, id: last.id } : undefined };
+  }
+
+  async history(referralId: string): Promise<HistoryEntry[]> {
+    const rows = await this.k.selectFrom('referral_history').selectAll().where('referral_id', '=', referralId).orderBy('seq').execute();
+    return rows.map((r) => ({
+      status: r.status as ReferralStatus,
+      at: r.at,
+      ...(r.reason ? { reason: r.reason } : {}),
+      ...(r.detail ? { detail: JSON.parse(r.detail) as Record<string, unknown> } : {}),
+    }));
+  }
+
+  /**
+   * Records a status change (and what came with it) and appends it to the history, atomically.
+   * A change to the status it already has only updates the attached data.
+   */
+  async changeStatus(id: string, change: StatusChange, onlyIf?: (current: StoredReferral) => boolean): Promise<{ previous: ReferralStatus; current: StoredReferral } | null> {
+    const at = change.at ?? nowIso();
+    return this.k.transaction().execute(async (trx) => {
+      const row = await trx.selectFrom('referrals').selectAll().where('id', '=', id).executeTakeFirst();
+      if (!row) return null;
+      const before = toReferral(row);
+      if (onlyIf && !onlyIf(before)) return null;
+      const update: Partial<ReferralsTable> = { status: change.status, updated_at: at };
+      if (change.reason !== undefined) update.status_reason = change.reason;
+      if (change.fhir !== undefined) update.fhir = JSON.stringify(change.fhir);
+      if (change.report !== undefined) update.report = change.report ? JSON.stringify(change.report) : null;
+      if (change.taskVersion !== undefined) update.task_version = change.taskVersion;
+      await trx.updateTable('referrals').set(update).where('id', '=', id).execute();
+      if (before.status !== change.status) {
+        await this.insertHistory(trx, id, { status: change.status, at, reason: change.reason ?? undefined, detail: change.detail });
+      }
+      const after = await trx.selectFrom('referrals').selectAll().where('id', '=', id).executeTakeFirstOrThrow();
+      return { previous: before.status, current: toReferral(after) };
+    });
+  }
+
+  /** Adds a warning or note to the history without changing the status. */
+  async note(id: string, status: ReferralStatus, reason: string, detail?: Record<string, unknown>): Promise<void> {
+    await this.k.transaction().execute((trx) => this.insertHistory(trx, id, { status, at: nowIso(), reason, detail }));
+  }
+
+  private async insertHistory(trx: Q, referralId: string, h: HistoryEntry): Promise<void> {
+    const max = await trx
+      .selectFrom('referral_history')
+      .select(sql<number>`coalesce(max(seq), 0)`.as('m'))
+      .where('referral_id', '=', referralId)
+      .executeTakeFirst();
+    await trx
+      .insertInto('referral_history')
+      .values({
+        id: newId('h'),
+        referral_id: referralId,
+        seq: Number(max?.m ?? 0) + 1,
+        status: h.status,
+        reason: h.reason ?? null,
+        detail: h.detail ? JSON.stringify(h.detail) : null,
+        at: h.at,
+      })
+      .execute();
+  }
+
+  // ---- outbox ----
+
+  private async insertOutbox(trx: Q, referralId: string, kind: OutboxKind, payload: unknown, at: string): Promise<string> {
+    const id = newId('ob');
+    await trx
+      .insertInto('outbox')
+      .values({
+        id,
+        referral_id: referralId,
+        kind,
+        payload: payload === null ? null : JSON.stringify(payload),
+        state: 'pending',
+        attempts: 0,
+        next_attempt_at: at,
+        locked_by: null,
+        locked_until: null,
+        last_error: null,
+        created_at: at,
+        updated_at: at,
+      })
+      .execute();
+    return id;
+  }
+
+  async enqueue(referralId: string, kind: OutboxKind, payload: unknown): Promise<string> {
+    return this.k.transaction().execute((trx) => this.insertOutbox(trx, referralId, kind, payload, nowIso()));
+  }
+
+  /**
+   * Claims up to `limit` due entries for this worker with a lease. An entry is claimed by a
+   * conditional update, so two workers (or two processes) never hold the same one. Entries of one
+   * referral are taken in order: a later one waits while an earlier one is unfinished.
+   */
+  async claim(workerId: string, limit: number, leaseMs: number, now = new Date()): Promise<OutboxEntry[]> {
+    const nowS = now.toISOString();
+    const candidates = await this.k
+      .selectFrom('outbox as o')
+      .selectAll('o')
+      .where('o.state', '=', 'pending')
+      .where('o.next_attempt_at', '<=', nowS)
+      .where((eb) => eb.or([eb('o.locked_until', 'is', null), eb('o.locked_until', '<', nowS)]))
+      .where(({ not, exists, selectFrom }) =>
+        not(
+          exists(
+            selectFrom('outbox as p')
+              .select('p.id')
+              .whereRef('p.referral_id', '=', 'o.referral_id')
+              .where('p.state', '=', 'pending')
+              .whereRef('p.created_at', '<', 'o.created_at')
+          )
+        )
+      )
+      .orderBy('o.next_attempt_at')
+      .limit(limit)
+      .execute();
+    const until = new Date(now.getTime() + leaseMs).toISOString();
+    const claimed: OutboxEntry[] = [];
+    for (const c of candidates) {
+      const res = await this.k
+        .updateTable('outbox')
+        .set({ locked_by: workerId, locked_until: until, updated_at: nowS })
+        .where('id', '=', c.id)
+        .where('state', '=', 'pending')
+        .where((eb) => eb.or([eb('locked_until', 'is', null), eb('locked_until', '<', nowS)]))
+        .executeTakeFirst();
+      if (Number(res.numUpdatedRows) === 1) {
+        claimed.push(toOutbox({ ...c, locked_by: workerId, locked_until: until }));
+      }
+    }
+    return claimed;
+  }
+
+  async finishOutbox(id: string, state: 'done' | 'failed', attempts: number, lastError: string | null): Promise<void> {
+    await this.k
+      .updateTable('outbox')
+      .set({ state, attempts, last_error: lastError, locked_by: null, locked_until: null, updated_at: nowIso() })
+      .where('id', '=', id)
+      .execute();
+  }
+
+  async rescheduleOutbox(id: string, attempts: number, nextAttemptAt: string, lastError: string): Promise<void> {
+    await this.k
+      .updateTable('outbox')
+      .set({ attempts, next_attempt_at: nextAttemptAt, last_error: lastError, locked_by: null, locked_until: null, updated_at: nowIso() })
+      .where('id', '=', id)
+      .execute();
+  }
+
+  /** Releases the leases a worker holds (clean shutdown), so another process can take them at once. */
+  async releaseLeases(workerId: string): Promise<void> {
+    await this.k.updateTable('outbox').set({ locked_by: null, locked_until: null }).where('locked_by', '=', workerId).where('state', '=', 'pending').execute();
+  }
+
+  async outboxFor(referralId: string): Promise<OutboxEntry[]> {
+    const rows = await this.k.selectFrom('outbox').selectAll().where('referral_id', '=', referralId).orderBy('created_at').execute();
+    return rows.map(toOutbox);
+  }
+
+  async listOutbox(state: 'pending' | 'done' | 'failed', limit = 100): Promise<OutboxEntry[]> {
+    const rows = await this.k.selectFrom('outbox').selectAll().where('state', '=', state).orderBy('updated_at', 'desc').limit(limit).execute();
+    return rows.map(toOutbox);
+  }
+
+  async pendingCount(): Promise<number> {
+    const r = await this.k.selectFrom('outbox').select(sql<number>`count(*)`.as('n')).where('state', '=', 'pending').executeTakeFirst();
+    return Number(r?.n ?? 0);
+  }
+
+  /** Re-queues a failed entry (admin retry). */
+  async requeueOutbox(id: string): Promise<boolean> {
+    const at = nowIso();
+    const r = await this.k
+      .updateTable('outbox')
+      .set({ state: 'pending', attempts: 0, next_attempt_at: at, last_error: null, locked_by: null, locked_until: null, updated_at: at })
+      .where('id', '=', id)
+      .where('state', '=', 'failed')
+      .executeTakeFirst();
+    return Number(r.numUpdatedRows) === 1;
+  }
+
+  // ---- tracking ----
+
+  /** Referrals at a destination whose centre Task may still change. */
+  async openAtDestination(destination: string): Promise<StoredReferral[]> {
+    const rows = await this.k
+      .selectFrom('referrals')
+      .selectAll()
+      .where('destination', '=', destination)
+      .where('status', 'in', ['sent', 'received', 'accepted', 'on-hold', 'in-progress'])
+      .execute();
+    return rows.map(toReferral);
+  }
+
+  async getWatermark(destination: string): Promise<string | null> {
+    const r = await this.k.selectFrom('poll_state').select('watermark').where('destination', '=', destination).executeTakeFirst();
+    return r?.watermark ?? null;
+  }
+
+  async setWatermark(destination: string, watermark: string): Promise<void> {
+    const at = nowIso();
+    await this.k
+      .insertInto('poll_state')
+      .values({ destination, watermark, updated_at: at })
+      .onConflict((oc) => oc.column('destination').doUpdateSet({ watermark, updated_at: at }))
+      .execute();
+  }
+
+  async ping(): Promise<void> {
+    await sql`select 1`.execute(this.k);
+  }
+}

@@ -1,0 +1,63 @@
+import type { Generated } from 'kysely';
+
+/** Times are ISO-8601 UTC strings with milliseconds, so ordering is the same on SQLite and PostgreSQL. */
+export interface ReferralsTable {
+  id: string;
+  client_id: string;
+  external_id: string;
+  idempotency_key: string | null;
+  request_hash: string;
+  destination: string;
+  status: string;
+  status_reason: string | null;
+  payload: string;
+  fhir: string | null;
+  report: string | null;
+  task_version: string | null;
+  created_at: string;
+  updated_at: string;
+}
+
+export interface HistoryTable {
+  id: string;
+  referral_id: string;
+  seq: number;
+  status: string;
+  reason: string | null;
+  detail: string | null;
+  at: string;
+}
+
+export interface OutboxTable {
+  id: string;
+  referral_id: string;
+  kind: string;
+  payload: string | null;
+  state: string;
+  attempts: number;
+  next_attempt_at: string;
+  locked_by: string | null;
+  locked_until: string | null;
+  last_error: string | null;
+  created_at: string;
+  updated_at: string;
+}
+
+export interface PollStateTable {
+  destination: string;
+  watermark: string | null;
+  updated_at: string;
+}
+
+export interface MigrationsTable {
+  name: string;
+  applied_at: string;
+  seq: Generated<number>;
+}
+
+export interface Database {
+  referrals: ReferralsTable;
+  referral_history: HistoryTable;
+  outbox: OutboxTable;
+  poll_state: PollStateTable;
+}

@@ -1,0 +1,45 @@
+import type { Attachment, DiagnosticReport, DocumentReference } from '@medplum/fhirtypes';
+import { HttpError } from '../api/outcome';
+import type { FhirClients } from '../delivery/clients';
+import type { DestinationDirectory } from '../referral/service';
+import type { StoredReferral } from '../referral/types';
+
+/** Reads the bytes of a referral's opinion report from the centre: inline data, a Binary, or a URL under the centre's base. */
+export class ReportContentReader {
+  constructor(
+    private readonly destinations: DestinationDirectory,
+    private readonly clients: FhirClients
+  ) {}
+
+  async read(referral: StoredReferral): Promise<{ contentType: string; body: Buffer }> {
+    const dest = this.destinations.get(referral.destination);
+    if (!referral.report || !dest) {
+      throw new HttpError(404, { code: 'not-found', message: 'no report' });
+    }
+    const [type, id] = referral.report.reference.split('/');
+    const client = this.clients.get(dest);
+    let attachment: Attachment | undefined;
+    try {
+      const res = await client.read<DocumentReference | DiagnosticReport>(type as 'DocumentReference', id);
+      attachment = res.resourceType === 'DocumentReference' ? res.content?.[0]?.attachment : (res as DiagnosticReport).presentedForm?.[0];
+    } catch (err) {
+      throw new HttpError(502, { code: 'transient', message: `the centre's server did not return the report: ${(err as Error).message}` });
+    }
+    if (!attachment) {
+      throw new HttpError(404, { code: 'not-found', message: 'the report has no attachment' });
+    }
+    const contentType = attachment.contentType ?? 'application/octet-stream';
+    if (attachment.data) {
+      return { contentType, body: Buffer.from(attachment.data, 'base64') };
+    }
+    if (attachment.url) {
+      try {
+        const got = await client.readUrl(attachment.url);
+        return { contentType: got.contentType ?? contentType, body: got.body };
+      } catch (err) {
+        throw new HttpError(502, { code: 'transient', message: `the report content could not be fetched: ${(err as Error).message}` });
+      }
+    }
+    throw new HttpError(404, { code: 'not-found', message: 'the report attachment has neither data nor url' });
+  }
+}

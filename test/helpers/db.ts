@@ -1,0 +1,45 @@
+import { sql } from 'kysely';
+import { openDb, type Db } from '../../src/store/db';
+import { migrate } from '../../src/store/migrations';
+
+/** The store backends every store test runs on. PostgreSQL comes from TEST_POSTGRES_URL (.ci/run sets it). */
+export function storeBackends(): Array<[string, () => Promise<Db>]> {
+  const backends: Array<[string, () => Promise<Db>]> = [['sqlite', async () => freshSqlite()]];
+  const pg = process.env.TEST_POSTGRES_URL;
+  if (pg) {
+    backends.push(['postgres', async () => freshPostgres(pg)]);
+  } else if (process.env.CI || process.env.REQUIRE_POSTGRES) {
+    throw new Error('TEST_POSTGRES_URL is required in CI: the store suite must run on PostgreSQL too');
+  }
+  return backends;
+}
+
+export async function freshSqlite(): Promise<Db> {
+  const db = openDb('sqlite::memory:');
+  await migrate(db.kysely);
+  return db;
+}
+
+let schemaCounter = 0;
+
+/** A PostgreSQL database in a schema of its own, so suites do not see each other's rows. */
+export async function freshPostgres(url: string): Promise<Db> {
+  const schema = `t_${process.pid}_${Date.now()}_${schemaCounter++}`;
+  const admin = openDb(url);
+  await sql.raw(`create schema ${schema}`).execute(admin.kysely);
+  await admin.close();
+  const u = new URL(url);
+  u.searchParams.set('options', `-c search_path=${schema}`);
+  const db = openDb(u.toString());
+  await migrate(db.kysely);
+  const close = db.close;
+  return {
+    ...db,
+    close: async () => {
+      await close();
+      const a = openDb(url);
+      await sql.raw(`drop schema ${schema} cascade`).execute(a.kysely);
+      await a.close();
+    },
+  };
+}

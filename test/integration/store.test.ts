@@ -1,0 +1,165 @@
+import { readFileSync } from 'node:fs';
+import { referralSchema } from '../../src/referral/schema';
+import { newReferralId, nowIso } from '../../src/store/ids';
+import { ReferralStore } from '../../src/store/referral-store';
+import { storeBackends } from '../helpers/db';
+
+const sample = referralSchema.parse(JSON.parse(readFileSync('fixtures/referrals/breast-second-opinion.json', 'utf8')));
+
+describe.each(storeBackends())('store on %s', (_name, open) => {
+  let store: ReferralStore;
+
+  beforeEach(async () => {
+    store = new ReferralStore(await open());
+  });
+  afterEach(async () => {
+    await store.db.close();
+  });
+
+  const newReferral = (over: Partial<{ clientId: string; externalId: string; key: string | null; hash: string; at: string }> = {}) => ({
+    id: newReferralId(),
+    clientId: over.clientId ?? 'city-hospital',
+    externalId: over.externalId ?? `EHR-${Math.random().toString(36).slice(2)}`,
+    idempotencyKey: over.key ?? null,
+    requestHash: over.hash ?? 'h1',
+    destination: 'sandbox',
+    payload: sample,
+    at: over.at ?? nowIso(),
+  });
+
+  test('a new referral is stored with its first history entry and its outbox entry, atomically', async () => {
+    const r = newReferral();
+    const created = await store.createReferral(r);
+    expect(created?.status).toBe('queued');
+    expect(created?.payload.patient.name.family).toBe('Rao');
+    expect(await store.history(r.id)).toEqual([{ status: 'queued', at: r.at }]);
+    const outbox = await store.outboxFor(r.id);
+    expect(outbox).toHaveLength(1);
+    expect(outbox[0]).toMatchObject({ kind: 'submit', state: 'pending', attempts: 0 });
+  });
+
+  test('the same externalId for the same client is refused, and nothing half-written stays', async () => {
+    const a = newReferral({ externalId: 'EHR-1' });
+    expect(await store.createReferral(a)).not.toBeNull();
+    const b = newReferral({ externalId: 'EHR-1' });
+    expect(await store.createReferral(b)).toBeNull();
+    expect(await store.getById(b.id)).toBeNull();
+    expect(await store.outboxFor(b.id)).toHaveLength(0);
+    expect(await store.history(b.id)).toHaveLength(0);
+    // another client may use the same externalId
+    expect(await store.createReferral(newReferral({ externalId: 'EHR-1', clientId: 'other' }))).not.toBeNull();
+  });
+
+  test('idempotency lookups find by key or by externalId, scoped to the client', async () => {
+    const a = newReferral({ externalId: 'EHR-2', key: 'k-1', hash: 'abc' });
+    await store.createReferral(a);
+    expect((await store.findForIdempotency('city-hospital', 'other-ext', 'k-1'))?.id).toBe(a.id);
+    expect((await store.findForIdempotency('city-hospital', 'EHR-2', null))?.requestHash).toBe('abc');
+    expect(await store.findForIdempotency('someone-else', 'EHR-2', 'k-1')).toBeUndefined();
+  });
+
+  test("a client sees only its own referrals", async () => {
+    const a = newReferral({ clientId: 'a' });
+    await store.createReferral(a);
+    expect(await store.get('a', a.id)).not.toBeNull();
+    expect(await store.get('b', a.id)).toBeNull();
+  });
+
+  test('status changes append to the history in order, and repeats do not', async () => {
+    const r = newReferral();
+    await store.createReferral(r);
+    await store.changeStatus(r.id, { status: 'sent', fhir: { baseUrl: 'http://x', task: 'Task/1', documents: [] } });
+    await store.changeStatus(r.id, { status: 'sent', taskVersion: '2' });
+    await store.changeStatus(r.id, { status: 'accepted', reason: 'tumour board intake' });
+    const h = await store.history(r.id);
+    expect(h.map((x) => x.status)).toEqual(['queued', 'sent', 'accepted']);
+    expect(h[2].reason).toBe('tumour board intake');
+    const got = await store.getById(r.id);
+    expect(got?.fhir?.task).toBe('Task/1');
+    expect(got?.taskVersion).toBe('2');
+    expect(got?.statusReason).toBe('tumour board intake');
+  });
+
+  test('a conditional status change is not applied when its condition fails', async () => {
+    const r = newReferral();
+    await store.createReferral(r);
+    await store.changeStatus(r.id, { status: 'sent' });
+    const res = await store.changeStatus(r.id, { status: 'sent' }, (cur) => cur.status === 'queued');
+    expect(res).toBeNull();
+  });
+
+  test('lists newest first with a cursor and filters', async () => {
+    const ids: string[] = [];
+    for (let i = 0; i < 5; i++) {
+      const r = newReferral({ clientId: 'lister', at: new Date(Date.UTC(2026, 0, 1, 0, 0, i)).toISOString() });
+      ids.push(r.id);
+      await store.createReferral(r);
+    }
+    await store.createReferral(newReferral({ clientId: 'not-me' }));
+    const p1 = await store.list('lister', { limit: 2 });
+    expect(p1.items.map((i) => i.id)).toEqual([ids[4], ids[3]]);
+    const p2 = await store.list('lister', { limit: 2, cursor: p1.next });
+    expect(p2.items.map((i) => i.id)).toEqual([ids[2], ids[1]]);
+    const p3 = await store.list('lister', { limit: 2, cursor: p2.next });
+    expect(p3.items.map((i) => i.id)).toEqual([ids[0]]);
+    expect(p3.next).toBeUndefined();
+    await store.changeStatus(ids[1], { status: 'sent' });
+    expect((await store.list('lister', { limit: 10, status: 'sent' })).items.map((i) => i.id)).toEqual([ids[1]]);
+  });
+
+  test('two workers never claim the same outbox entry', async () => {
+    for (let i = 0; i < 6; i++) await store.createReferral(newReferral());
+    const [a, b] = await Promise.all([store.claim('w1', 6, 60_000), store.claim('w2', 6, 60_000)]);
+    const all = [...a, ...b].map((e) => e.id);
+    expect(all).toHaveLength(6);
+    expect(new Set(all).size).toBe(6);
+    expect(await store.claim('w3', 6, 60_000)).toHaveLength(0);
+  });
+
+  test('an expired lease (a crashed worker) is claimed again; a finished entry never is', async () => {
+    const r = newReferral();
+    await store.createReferral(r);
+    const [e] = await store.claim('w1', 1, 1000, new Date());
+    expect(e).toBeDefined();
+    expect(await store.claim('w2', 1, 1000, new Date())).toHaveLength(0);
+    const later = new Date(Date.now() + 5000);
+    const again = await store.claim('w2', 1, 1000, later);
+    expect(again.map((x) => x.id)).toEqual([e.id]);
+    await store.finishOutbox(e.id, 'done', 1, null);
+    expect(await store.claim('w3', 1, 1000, new Date(Date.now() + 60_000))).toHaveLength(0);
+  });
+
+  test('entries of one referral are delivered in order', async () => {
+    const r = newReferral();
+    await store.createReferral(r);
+    await new Promise((res) => setTimeout(res, 5));
+    await store.enqueue(r.id, 'documents', { documents: [] });
+    const first = await store.claim('w1', 5, 60_000);
+    expect(first.map((e) => e.kind)).toEqual(['submit']);
+    await store.finishOutbox(first[0].id, 'done', 1, null);
+    const second = await store.claim('w1', 5, 60_000);
+    expect(second.map((e) => e.kind)).toEqual(['documents']);
+  });
+
+  test('a rescheduled entry waits for its time; a failed one can be re-queued', async () => {
+    const r = newReferral();
+    await store.createReferral(r);
+    const [e] = await store.claim('w1', 1, 60_000);
+    await store.rescheduleOutbox(e.id, 1, new Date(Date.now() + 60_000).toISOString(), '503: unavailable');
+    expect(await store.claim('w1', 1, 60_000)).toHaveLength(0);
+    expect(await store.claim('w1', 1, 60_000, new Date(Date.now() + 61_000))).toHaveLength(1);
+    await store.finishOutbox(e.id, 'failed', 2, '400: refused');
+    expect((await store.listOutbox('failed')).map((x) => x.id)).toEqual([e.id]);
+    expect(await store.requeueOutbox(e.id)).toBe(true);
+    expect((await store.claim('w1', 1, 60_000)).map((x) => x.id)).toEqual([e.id]);
+  });
+
+  test('poll watermarks are kept per destination', async () => {
+    expect(await store.getWatermark('sandbox')).toBeNull();
+    await store.setWatermark('sandbox', '2026-01-01T00:00:00.000Z');
+    await store.setWatermark('sandbox', '2026-01-02T00:00:00.000Z');
+    await store.setWatermark('other', '2025-01-01T00:00:00.000Z');
+    expect(await store.getWatermark('sandbox')).toBe('2026-01-02T00:00:00.000Z');
+    expect(await store.getWatermark('other')).toBe('2025-01-01T00:00:00.000Z');
+  });
+});

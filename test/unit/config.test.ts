@@ -1,0 +1,89 @@
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { ConfigError, loadConfig } from '../../src/config/config';
+
+const base = { DESTINATIONS_FILE: '/nonexistent/destinations.json' };
+
+describe('configuration', () => {
+  test('embedded defaults: SQLite, sandbox, dev key, port 8080, 25 MB bodies', () => {
+    const c = loadConfig({ ...base });
+    expect(c.databaseUrl).toBe('sqlite:./data/gateway.db');
+    expect(c.useSandbox).toBe(true);
+    expect(c.devKeys).toBe(true);
+    expect([...c.apiKeys.entries()]).toEqual([['dev', 'dev-key']]);
+    expect(c.port).toBe(8080);
+    expect(c.maxBodyBytes).toBe(25 * 1024 * 1024);
+  });
+
+  test.each([
+    [{ PORT: 'eighty' }, /^PORT /],
+    [{ PORT: '70000' }, /^PORT /],
+    [{ DATABASE_URL: 'mysql://x' }, /^DATABASE_URL /],
+    [{ POLL_CRON: 'every minute' }, /^POLL_CRON /],
+    [{ API_KEYS: 'no-colon' }, /^API_KEYS /],
+    [{ MAX_BODY_BYTES: '-1' }, /^MAX_BODY_BYTES /],
+    [{ LOG_LEVEL: 'loud' }, /^LOG_LEVEL /],
+    [{ FHIR_BASE_URL: 'not a url' }, /^FHIR_BASE_URL /],
+    [{ FHIR_AUTH: 'magic' }, /^FHIR_AUTH /],
+  ])('a bad value (%j) is one line naming the variable', (env, pattern) => {
+    let err: unknown;
+    try {
+      loadConfig({ ...base, ...env });
+    } catch (e) {
+      err = e;
+    }
+    expect(err).toBeInstanceOf(ConfigError);
+    expect((err as Error).message).toMatch(pattern);
+    expect((err as Error).message).not.toContain('\n');
+  });
+
+  test('secrets are never echoed in the error', () => {
+    expect(() => loadConfig({ ...base, API_KEYS: 'supersecretvalue' })).toThrow(/^API_KEYS /);
+    try {
+      loadConfig({ ...base, API_KEYS: 'supersecretvalue' });
+    } catch (e) {
+      expect((e as Error).message).not.toContain('supersecretvalue');
+    }
+  });
+
+  test('production refuses to start without keys, or on the sandbox', () => {
+    expect(() => loadConfig({ ...base, NODE_ENV: 'production', FHIR_BASE_URL: 'https://c.example.org/fhir/R4', WEBHOOK_SECRET: 'x'.repeat(20) })).toThrow(/^API_KEYS /);
+    expect(() => loadConfig({ ...base, NODE_ENV: 'production', API_KEYS: 'a:b', WEBHOOK_SECRET: 'x'.repeat(20) })).toThrow(/^FHIR_BASE_URL /);
+  });
+
+  test('FHIR_BASE_URL defines the destination "default" with its auth', () => {
+    const c = loadConfig({ ...base, FHIR_BASE_URL: 'https://centre.example.org/fhir/R4/', FHIR_AUTH: 'bearer', FHIR_TOKEN: 't0k' });
+    expect(c.useSandbox).toBe(false);
+    expect(c.destinations).toHaveLength(1);
+    expect(c.destinations[0]).toMatchObject({ id: 'default', baseUrl: 'https://centre.example.org/fhir/R4', auth: { type: 'bearer', tokenEnv: 'FHIR_TOKEN' } });
+  });
+
+  test('a destination whose secret variable is unset stops start-up, naming it', () => {
+    expect(() => loadConfig({ ...base, FHIR_BASE_URL: 'https://c.example.org/fhir/R4', FHIR_AUTH: 'basic', FHIR_USERNAME: 'u' })).toThrow(/^FHIR_PASSWORD is required/);
+    expect(() => loadConfig({ ...base, FHIR_BASE_URL: 'https://c.example.org/fhir/R4', FHIR_AUTH: 'client-credentials' })).toThrow(/^FHIR_TOKEN_URL /);
+  });
+
+  test('API_KEYS parses client:key pairs', () => {
+    const c = loadConfig({ ...base, API_KEYS: 'city-hospital:s3cr3t, other:k2' });
+    expect(c.apiKeys.get('city-hospital')).toBe('s3cr3t');
+    expect(c.apiKeys.get('other')).toBe('k2');
+    expect(c.devKeys).toBe(false);
+  });
+
+  test('a destinations file is checked with its own clear errors', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'rg-'));
+    const file = join(dir, 'destinations.json');
+    writeFileSync(file, JSON.stringify({ destinations: [{ id: 'Bad Id', name: 'x', organization: { system: 's', value: 'v' }, baseUrl: 'https://x/fhir' }] }));
+    expect(() => loadConfig({ DESTINATIONS_FILE: file })).toThrow(/DESTINATIONS_FILE .*destinations\.0\.id/);
+    writeFileSync(file, '{nope');
+    expect(() => loadConfig({ DESTINATIONS_FILE: file })).toThrow(/not valid JSON/);
+    writeFileSync(
+      file,
+      JSON.stringify({ destinations: [{ id: 'centre-a', name: 'Centre A', organization: { system: 's', value: 'v' }, baseUrl: 'https://a.example.org/fhir/R4', pollCron: '*/15 * * * *' }] })
+    );
+    const c = loadConfig({ DESTINATIONS_FILE: file });
+    expect(c.destinations[0]).toMatchObject({ id: 'centre-a', timeoutMs: 30000, maxInlineBytes: 1048576, auth: { type: 'none' } });
+    expect(c.useSandbox).toBe(false);
+  });
+});
