@@ -7,7 +7,7 @@ import type { Destination } from './config/destinations';
 import { FhirClients } from './delivery/clients';
 import { DeliveryWorker } from './delivery/worker';
 import { createSandboxRouter } from './fhir/sandbox';
-import { logger } from './observability/logger';
+import { logger, setLogLevel } from './observability/logger';
 import { type DestinationDirectory, ReferralService } from './referral/service';
 import { openDb } from './store/db';
 import { migrate } from './store/migrations';
@@ -60,6 +60,7 @@ export class Gateway {
     readonly config: Config,
     private readonly opts: GatewayOptions = {}
   ) {
+    setLogLevel(config.logLevel);
     this.store = new ReferralStore(openDb(config.databaseUrl));
     this.destinations = new Directory(config.destinations);
     this.clients = opts.clients ?? new FhirClients();

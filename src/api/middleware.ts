@@ -19,11 +19,11 @@ export function correlationMiddleware(req: Request, res: Response, next: NextFun
   res.setHeader('X-Request-Id', id);
   const started = process.hrtime.bigint();
   res.on('finish', () => {
-    // Route template only: query strings and bodies may carry patient data.
+    // The path only: query strings (FHIR searches) and bodies may carry patient data.
     logger.http('request', {
       correlationId: id,
       method: req.method,
-      route: req.route?.path ? `${req.baseUrl}${String(req.route.path)}` : req.baseUrl || 'unmatched',
+      path: req.originalUrl.split('?')[0].slice(0, 200),
       status: res.statusCode,
       durationMs: Number(process.hrtime.bigint() - started) / 1e6,
       clientId: req.clientId,

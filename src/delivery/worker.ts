@@ -1,6 +1,7 @@
 import type { Bundle, OperationOutcome } from '@medplum/fhirtypes';
 import type { Destination } from '../config/destinations';
 import { mapReferralToBundle } from '../mapping/bundle';
+import { requestContext } from '../observability/context';
 import { logger } from '../observability/logger';
 import type { DestinationDirectory } from '../referral/service';
 import type { FhirRefs, StoredReferral } from '../referral/types';
@@ -56,7 +57,8 @@ export class DeliveryWorker {
     if (!this.loopPromise) {
       if (this.timer) clearTimeout(this.timer);
       this.timer = undefined;
-      this.loopPromise = this.loop().finally(() => {
+      // The loop belongs to no request: leave the caller's correlation context.
+      this.loopPromise = requestContext.exit(() => this.loop()).finally(() => {
         this.loopPromise = undefined;
         this.schedule();
       });
@@ -90,7 +92,8 @@ export class DeliveryWorker {
         return;
       }
       for (const entry of claimed) {
-        const p: Promise<void> = this.process(entry)
+        const p: Promise<void> = requestContext
+          .run({ correlationId: `delivery-${entry.id}` }, () => this.process(entry))
           .catch((err: Error) => {
             logger.error('delivery crashed on an entry', { outboxId: entry.id, referralId: entry.referralId, error: err.message });
           })

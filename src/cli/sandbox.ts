@@ -1,0 +1,49 @@
+// Standalone FHIR R4 sandbox: `PORT=8090 HOST=127.0.0.1 npx tsx src/cli/sandbox.ts`
+// Serves /fhir/R4 and /sandbox/fhir/R4 (same in-memory store). PORT=0 picks a free port.
+// stdout: one JSON line {"event":"sandbox-listening","url":...} when ready, and
+// {"event":"sandbox-stopped"} on SIGTERM/SIGINT. Errors go to stderr (exit code 1).
+import { startSandboxServer } from '../fhir/sandbox';
+
+function parsePort(raw: string | undefined): number {
+  const value = raw === undefined || raw.trim() === '' ? 8090 : Number(raw);
+  if (!Number.isInteger(value) || value < 0 || value > 65535) {
+    throw new Error(`Invalid PORT: ${raw}`);
+  }
+  return value;
+}
+
+async function main(): Promise<void> {
+  const port = parsePort(process.env.PORT);
+  const host = process.env.HOST || '127.0.0.1';
+  const started = performance.now();
+  const sandbox = await startSandboxServer(port, { host });
+  process.stderr.write(`sandbox ready in ${Math.round(performance.now() - started)} ms\n`);
+  process.stdout.write(JSON.stringify({ event: 'sandbox-listening', url: sandbox.url }) + '\n');
+
+  let stopping = false;
+  const stop = (signal: NodeJS.Signals): void => {
+    if (stopping) {
+      return;
+    }
+    stopping = true;
+    const force = setTimeout(() => process.exit(1), 5000);
+    force.unref();
+    sandbox.close().then(
+      () => {
+        process.stdout.write(JSON.stringify({ event: 'sandbox-stopped', signal }) + '\n');
+        process.exit(0);
+      },
+      (err: unknown) => {
+        process.stderr.write(`sandbox close failed: ${String(err)}\n`);
+        process.exit(1);
+      }
+    );
+  };
+  process.on('SIGTERM', stop);
+  process.on('SIGINT', stop);
+}
+
+main().catch((err: unknown) => {
+  process.stderr.write(`sandbox failed to start: ${err instanceof Error ? err.message : String(err)}\n`);
+  process.exit(1);
+});

@@ -1,0 +1,187 @@
+// A FHIR R4 sandbox endpoint standing in for a cancer centre's FHIR server, for development,
+// integration tests and benchmarks. In-memory (@medplum/fhir-router MemoryRepository); data is
+// lost on restart.
+//
+// Mount it before any global body parser (it parses application/fhir+json itself, 50 MB limit):
+//   const sandbox = createSandboxRouter();
+//   app.use('/sandbox/fhir/R4', sandbox.router);
+import { FhirRouter, MemoryRepository } from '@medplum/fhir-router';
+import express from 'express';
+import type { NextFunction, Request, Response, Router } from 'express';
+import { createServer } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { loadFhirDefinitions } from './sandbox-defs';
+import { SandboxEngine } from './sandbox-engine';
+import type { RestRequest, RestResponse, SandboxEngineOptions, SandboxStats } from './sandbox-engine';
+import { outcome, parseETag } from './sandbox-support';
+
+export type { SandboxStats, SandboxEngineOptions } from './sandbox-engine';
+export { loadFhirDefinitions } from './sandbox-defs';
+
+export interface SandboxRouterOptions extends SandboxEngineOptions {
+  /**
+   * Absolute base URL of the endpoint as clients see it (used for Bundle.link, fullUrl, Location).
+   * Default: `${req.protocol}://${req.get('host')}${req.baseUrl}` (honours 'trust proxy').
+   */
+  baseUrl?: (req: Request) => string;
+  /** Use an existing repository (e.g. to pre-seed data). Default: a new MemoryRepository. */
+  repo?: MemoryRepository;
+}
+
+export interface SandboxRouter {
+  router: Router;
+  repo: MemoryRepository;
+  stats: SandboxStats;
+}
+
+export interface SandboxServer {
+  /** e.g. http://127.0.0.1:8090/fhir/R4 (the same sandbox is also served at /sandbox/fhir/R4). */
+  url: string;
+  port: number;
+  close(): Promise<void>;
+  stats: SandboxStats;
+  repo: MemoryRepository;
+}
+
+export interface StartSandboxOptions extends SandboxRouterOptions {
+  /** Interface to bind (default 127.0.0.1; use 0.0.0.0 inside containers). */
+  host?: string;
+}
+
+const FHIR_JSON_TYPES = ['application/fhir+json', 'application/json', 'application/json+fhir', 'application/json-patch+json'];
+const FHIR_CONTENT_TYPE = 'application/fhir+json; charset=utf-8';
+
+export function createSandboxRouter(options: SandboxRouterOptions = {}): SandboxRouter {
+  loadFhirDefinitions();
+  const repo = options.repo ?? new MemoryRepository();
+  const stats: SandboxStats = { requests: 0, searches: {}, byType: {}, interactions: {} };
+  const engine = new SandboxEngine(repo, new FhirRouter(), stats, options);
+  const baseUrl = options.baseUrl ?? ((req: Request) => `${req.protocol}://${req.get('host')}${req.baseUrl}`);
+
+  const router = express.Router();
+  router.use((_req, _res, next) => {
+    stats.requests++;
+    next();
+  });
+  router.use(express.json({ type: FHIR_JSON_TYPES, limit: '50mb', strict: true }));
+  router.post('/:type/_search', express.urlencoded({ extended: false, limit: '1mb' }));
+  router.use(async (req: Request, res: Response) => {
+    const base = baseUrl(req).replace(/\/+$/, '');
+    let rest: RestRequest;
+    try {
+      rest = toRestRequest(req, base);
+    } catch {
+      send(res, { status: 400, body: outcome(400, `Malformed request path: ${req.path}`) }, base);
+      return;
+    }
+    send(res, await engine.handle(rest), base);
+  });
+  router.use((err: unknown, req: Request, res: Response, next: NextFunction) => {
+    if (res.headersSent) {
+      next(err);
+      return;
+    }
+    const e = err as { status?: number; statusCode?: number; type?: string; message?: string };
+    const status = e.status ?? e.statusCode ?? 500;
+    const text =
+      e.type === 'entity.parse.failed'
+        ? `Malformed JSON request body: ${e.message ?? ''}`.trim()
+        : e.type === 'entity.too.large'
+          ? 'Request body exceeds the 50 MB limit'
+          : (e.message ?? 'Internal error');
+    send(res, { status, body: outcome(status, text) }, baseUrl(req));
+  });
+
+  return { router, repo, stats };
+}
+
+function hasBody(req: Request): boolean {
+  const length = req.headers['content-length'];
+  return req.headers['transfer-encoding'] !== undefined || (length !== undefined && length !== '0');
+}
+
+function toRestRequest(req: Request, base: string): RestRequest {
+  const url = new URL(req.url, 'http://sandbox.invalid');
+  const segments = url.pathname.split('/').filter(Boolean).map(decodeURIComponent);
+  const body: unknown = req.body;
+  return {
+    method: req.method,
+    segments,
+    params: url.searchParams,
+    headers: {
+      ifMatch: parseETag(req.get('if-match')),
+      ifNoneExist: req.get('if-none-exist'),
+      prefer: req.get('prefer'),
+    },
+    body,
+    unsupportedMediaType: body === undefined && hasBody(req),
+    base,
+  };
+}
+
+function send(res: Response, response: RestResponse, base: string): void {
+  res.status(response.status);
+  if (response.location && (response.status === 201 || response.status === 200) && response.body?.resourceType !== 'Bundle') {
+    res.setHeader(response.status === 201 ? 'Location' : 'Content-Location', `${base}/${response.location}`);
+  }
+  if (response.etag) {
+    res.setHeader('ETag', response.etag);
+  }
+  if (response.lastModified) {
+    res.setHeader('Last-Modified', new Date(response.lastModified).toUTCString());
+  }
+  if (response.body === undefined) {
+    res.end();
+    return;
+  }
+  const payload = Buffer.from(JSON.stringify(response.body), 'utf8');
+  res.setHeader('Content-Type', FHIR_CONTENT_TYPE);
+  res.setHeader('Content-Length', payload.length);
+  res.end(payload);
+}
+
+/**
+ * Starts a standalone sandbox HTTP server serving the same sandbox at /fhir/R4 and /sandbox/fhir/R4.
+ * Port 0 picks an ephemeral port.
+ */
+export async function startSandboxServer(port: number, options: StartSandboxOptions = {}): Promise<SandboxServer> {
+  const host = options.host ?? '127.0.0.1';
+  const sandbox = createSandboxRouter(options);
+  const app = express();
+  app.disable('x-powered-by');
+  app.set('etag', false);
+  app.use('/fhir/R4', sandbox.router);
+  app.use('/sandbox/fhir/R4', sandbox.router);
+  app.use((req: Request, res: Response) => {
+    res
+      .status(404)
+      .type(FHIR_CONTENT_TYPE)
+      .send(JSON.stringify(outcome(404, `No FHIR endpoint at ${req.path}; use /fhir/R4`)));
+  });
+
+  const server = createServer(app);
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(port, host, () => {
+      server.off('error', reject);
+      resolve();
+    });
+  });
+  const actualPort = (server.address() as AddressInfo).port;
+  const urlHost = host === '0.0.0.0' || host === '::' ? '127.0.0.1' : host.includes(':') ? `[${host}]` : host;
+
+  let closing: Promise<void> | undefined;
+  return {
+    url: `http://${urlHost}:${actualPort}/fhir/R4`,
+    port: actualPort,
+    repo: sandbox.repo,
+    stats: sandbox.stats,
+    close: () => {
+      closing ??= new Promise<void>((resolve, reject) => {
+        server.close((err) => (err ? reject(err) : resolve()));
+        server.closeAllConnections();
+      });
+      return closing;
+    },
+  };
+}
