@@ -65,6 +65,16 @@ export function referralsRouter(service: ReferralService, store: ReferralStore, 
     res.json(await service.view(referral));
   });
 
+  r.post('/:id/cancel', async (req, res) => {
+    const view = await service.cancel(req.clientId as string, req.params.id, req.body);
+    res.status(202).json(view);
+  });
+
+  r.post('/:id/documents', async (req, res) => {
+    const view = await service.addDocuments(req.clientId as string, req.params.id, req.body);
+    res.status(202).json(view);
+  });
+
   r.get('/:id/report/content', async (req, res) => {
     const referral = await service.get(req.clientId as string, req.params.id);
     if (!referral.report) {

@@ -216,7 +216,9 @@ class ClientCredentialsProvider implements AuthProvider {
     try {
       body = JSON.parse(text);
     } catch {
-      throw new TokenRequestError('invalid-response', `token endpoint answered HTTP ${status} without JSON`, { status });
+      throw new TokenRequestError('invalid-response', `token endpoint answered HTTP ${status} without JSON`, {
+        status,
+      });
     }
     const parsed = body as { access_token?: unknown; token_type?: unknown; expires_in?: unknown };
     if (typeof parsed?.access_token !== 'string' || parsed.access_token === '') {

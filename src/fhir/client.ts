@@ -3,7 +3,14 @@ import { ClientStorage, MedplumClient, MemoryStorage } from '@medplum/core';
 import type { Bundle, OperationOutcome, Resource, ResourceType } from '@medplum/fhirtypes';
 import type { Destination } from '../config/destinations';
 import { logger as defaultLogger } from '../observability/logger';
-import { createAuthProvider, DeadlineExceeded, errorCode, fetchWithDeadline, parseRetryAfterHeader, TokenRequestError } from './auth';
+import {
+  createAuthProvider,
+  DeadlineExceeded,
+  errorCode,
+  fetchWithDeadline,
+  parseRetryAfterHeader,
+  TokenRequestError,
+} from './auth';
 import type { TimedResponse } from './auth';
 
 export type FhirErrorKind = 'network' | 'timeout' | 'http' | 'invalid-response';
@@ -101,7 +108,11 @@ export interface FhirClient {
   read<T extends Resource = Resource>(type: T['resourceType'], id: string, opts?: SearchOptions): Promise<T>;
   /** PUT; with `ifMatchVersion` sends `If-Match: W/"<version>"` (a mismatch is an http 412 error). */
   update<T extends Resource>(resource: T, ifMatchVersion?: string): Promise<T>;
-  search<T extends Resource = Resource>(type: T['resourceType'], params: SearchParams, opts?: SearchOptions): Promise<Bundle<T>>;
+  search<T extends Resource = Resource>(
+    type: T['resourceType'],
+    params: SearchParams,
+    opts?: SearchOptions
+  ): Promise<Bundle<T>>;
   /** Searches and follows `next` links (absolute or relative, only under the base) up to `maxPages`. */
   searchAll<T extends Resource = Resource>(
     type: T['resourceType'],
@@ -183,7 +194,12 @@ export function createFhirClient(dest: Destination, opts: FhirClientOptions = {}
     }
   }
 
-  async function attempt(url: string, init: RequestInit, authz: Record<string, string>, target: string): Promise<RawResponse> {
+  async function attempt(
+    url: string,
+    init: RequestInit,
+    authz: Record<string, string>,
+    target: string
+  ): Promise<RawResponse> {
     const headers = new Headers(init.headers);
     headers.delete('authorization');
     for (const [k, v] of Object.entries(authz)) {
@@ -281,19 +297,18 @@ export function createFhirClient(dest: Destination, opts: FhirClientOptions = {}
     if (res.status === 204 || res.status === 304 || res.bytes.length === 0) {
       return new Response(null, { status: res.status, statusText: res.statusText, headers: { 'content-length': '0' } });
     }
-    const body = parseJsonObject(res.bytes);
-    if (body === undefined) {
+    if (parseJsonObject(res.bytes) === undefined) {
       // Checked here so MedplumClient never tries (and logs) a failed parse of the body.
       const ct = contentTypeOf(res);
-      throw new FhirRequestError('invalid-response', `${target}: HTTP ${res.status} body is not a JSON object (${ct})`, {
-        status: res.status,
-      });
+      const what = `HTTP ${res.status} body is not a JSON object (${ct})`;
+      throw new FhirRequestError('invalid-response', `${target}: ${what}`, { status: res.status });
     }
     const headers = new Headers(res.headers);
     headers.delete('content-encoding');
     headers.set('content-length', String(res.bytes.length));
     headers.set('content-type', 'application/fhir+json');
-    return new Response(res.bytes as Uint8Array<ArrayBuffer>, { status: res.status, statusText: res.statusText, headers });
+    const bytes = res.bytes as Uint8Array<ArrayBuffer>;
+    return new Response(bytes, { status: res.status, statusText: res.statusText, headers });
   }
 
   const medplum = new MedplumClient({

@@ -29,6 +29,7 @@ import type {
   OperationOutcome,
   Resource,
 } from '@medplum/fhirtypes';
+import { IndexedMemoryRepository } from './sandbox-repo';
 import {
   FHIR_ID,
   Journal,
@@ -87,6 +88,8 @@ export interface RestResponse {
   location?: string;
   etag?: string;
   lastModified?: string;
+  /** Result of a create/update/patch (Location header) rather than a read (Content-Location). */
+  write?: boolean;
 }
 
 interface EntryInput {
@@ -473,7 +476,14 @@ export class SandboxEngine {
     if (!request.filters?.length) {
       throw fail(400, `Conditional criteria "${criteria}" contain no search parameter`);
     }
-    const bundle = await this.repo.search({ ...request, count: 2, offset: 0, sortRules: undefined });
+    const limited: SearchRequest = { ...request, count: 2, offset: 0, sortRules: undefined };
+    if (this.repo instanceof IndexedMemoryRepository) {
+      const indexed = await this.repo.findIndexed(limited, 2);
+      if (indexed) {
+        return indexed;
+      }
+    }
+    const bundle = await this.repo.search(limited);
     return (bundle.entry ?? []).flatMap((e) => (e.resource ? [e.resource] : []));
   }
 
@@ -504,6 +514,7 @@ export class SandboxEngine {
       location: result.location,
       etag: result.etag,
       lastModified: result.lastModified,
+      write: true,
     };
   }
 

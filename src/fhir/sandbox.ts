@@ -5,13 +5,15 @@
 // Mount it before any global body parser (it parses application/fhir+json itself, 50 MB limit):
 //   const sandbox = createSandboxRouter();
 //   app.use('/sandbox/fhir/R4', sandbox.router);
-import { FhirRouter, MemoryRepository } from '@medplum/fhir-router';
+import { FhirRouter } from '@medplum/fhir-router';
+import type { MemoryRepository } from '@medplum/fhir-router';
 import express from 'express';
 import type { NextFunction, Request, Response, Router } from 'express';
 import { createServer } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { loadFhirDefinitions } from './sandbox-defs';
 import { SandboxEngine } from './sandbox-engine';
+import { IndexedMemoryRepository } from './sandbox-repo';
 import type { RestRequest, RestResponse, SandboxEngineOptions, SandboxStats } from './sandbox-engine';
 import { outcome, parseETag } from './sandbox-support';
 
@@ -24,7 +26,11 @@ export interface SandboxRouterOptions extends SandboxEngineOptions {
    * Default: `${req.protocol}://${req.get('host')}${req.baseUrl}` (honours 'trust proxy').
    */
   baseUrl?: (req: Request) => string;
-  /** Use an existing repository (e.g. to pre-seed data). Default: a new MemoryRepository. */
+  /**
+   * Use an existing repository (e.g. to pre-seed data). Default: a new IndexedMemoryRepository
+   * (a MemoryRepository with an identifier index for ifNoneExist; a plain MemoryRepository works
+   * too, conditional creates then scan the store).
+   */
   repo?: MemoryRepository;
 }
 
@@ -53,7 +59,7 @@ const FHIR_CONTENT_TYPE = 'application/fhir+json; charset=utf-8';
 
 export function createSandboxRouter(options: SandboxRouterOptions = {}): SandboxRouter {
   loadFhirDefinitions();
-  const repo = options.repo ?? new MemoryRepository();
+  const repo = options.repo ?? new IndexedMemoryRepository();
   const stats: SandboxStats = { requests: 0, searches: {}, byType: {}, interactions: {} };
   const engine = new SandboxEngine(repo, new FhirRouter(), stats, options);
   const baseUrl = options.baseUrl ?? ((req: Request) => `${req.protocol}://${req.get('host')}${req.baseUrl}`);
@@ -103,7 +109,8 @@ function hasBody(req: Request): boolean {
 function toRestRequest(req: Request, base: string): RestRequest {
   const url = new URL(req.url, 'http://sandbox.invalid');
   const segments = url.pathname.split('/').filter(Boolean).map(decodeURIComponent);
-  const body: unknown = req.body;
+  // body-parser turns an empty (Content-Length: 0) JSON body into {}; treat it as no body
+  const body: unknown = hasBody(req) ? req.body : undefined;
   return {
     method: req.method,
     segments,
@@ -122,7 +129,7 @@ function toRestRequest(req: Request, base: string): RestRequest {
 function send(res: Response, response: RestResponse, base: string): void {
   res.status(response.status);
   if (response.location && (response.status === 201 || response.status === 200) && response.body?.resourceType !== 'Bundle') {
-    res.setHeader(response.status === 201 ? 'Location' : 'Content-Location', `${base}/${response.location}`);
+    res.setHeader(response.write ? 'Location' : 'Content-Location', `${base}/${response.location}`);
   }
   if (response.etag) {
     res.setHeader('ETag', response.etag);

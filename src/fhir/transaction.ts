@@ -75,7 +75,8 @@ function isTransientStatus(status: number): boolean {
 
 function classifyResponse(sent: BundleEntry[], response: Bundle): TransactionResult {
   if (response.type !== 'transaction-response') {
-    return { kind: 'retry', reason: `answer is a Bundle of type ${safeToken(response.type)}, not transaction-response` };
+    const type = safeToken(response.type);
+    return { kind: 'retry', reason: `answer is a Bundle of type ${type}, not transaction-response` };
   }
   const entries = response.entry ?? [];
   if (entries.length !== sent.length) {
@@ -205,7 +206,9 @@ function parseEtag(etag: string | undefined): string | undefined {
 }
 
 function issueCodes(outcome: OperationOutcome | undefined): string {
-  const codes = (outcome?.issue ?? []).map((i) => i.code).filter((c) => typeof c === 'string' && /^[a-z-]{1,40}$/.test(c));
+  const codes = (outcome?.issue ?? [])
+    .map((i) => i.code)
+    .filter((c) => typeof c === 'string' && /^[a-z-]{1,40}$/.test(c));
   return codes.length > 0 ? ` (OperationOutcome: ${[...new Set(codes)].join(', ')})` : '';
 }
 

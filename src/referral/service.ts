@@ -1,17 +1,21 @@
 import { createHash } from 'node:crypto';
-import type { z } from 'zod';
+import { z } from 'zod';
 import { HttpError, type IssueInput, pathToExpression } from '../api/outcome';
 import type { Destination } from '../config/destinations';
-import { mapReferralToBundle } from '../mapping/bundle';
+import { mapAddedDocumentsToBundle, mapReferralToBundle } from '../mapping/bundle';
 import { checkCodes } from '../mapping/codes';
 import { routeReferral } from '../mapping/routing';
 import { validateBundle } from '../mapping/validate';
 import { logger } from '../observability/logger';
 import { newReferralId, nowIso } from '../store/ids';
 import type { ReferralStore } from '../store/referral-store';
-import { type Referral, referralSchema } from './schema';
+import { documentSchema, type Referral, referralSchema } from './schema';
+import { cancellable, terminalStatuses } from '../tracking/state';
 import type { StoredReferral } from './types';
 import { type ReferralView, toView } from './view';
+
+const cancelSchema = z.strictObject({ reason: z.string().trim().min(1, 'a reason is required').max(1000) });
+const addDocumentsSchema = z.array(documentSchema).min(1, 'at least one document is required').max(100);
 
 export interface DestinationDirectory {
   ids(): string[];
@@ -134,6 +138,67 @@ export class ReferralService {
   async view(r: StoredReferral): Promise<ReferralView> {
     const [history, outbox] = await Promise.all([this.store.history(r.id), this.store.outboxFor(r.id)]);
     return toView(r, history, outbox);
+  }
+
+  /**
+   * Cancels a referral. Before delivery it is cancelled here; once at the centre a cancel is queued
+   * (the centre's Task becomes cancelled and the ServiceRequest revoked). After work started at the
+   * centre, or in a final state, it answers 409.
+   */
+  async cancel(clientId: string, id: string, body: unknown): Promise<ReferralView> {
+    const parsed = cancelSchema.safeParse(body ?? {});
+    if (!parsed.success) throw new HttpError(422, zodIssues(parsed.error));
+    const reason = parsed.data.reason;
+    const referral = await this.get(clientId, id);
+    if (referral.status === 'cancelled') return this.view(referral);
+    if (!cancellable(referral.status)) {
+      throw new HttpError(409, {
+        code: 'business-rule',
+        expression: 'status',
+        message: `referral ${id} is ${referral.status}: it can no longer be cancelled directly${referral.status === 'in-progress' || referral.status === 'on-hold' ? '; ask the centre' : ''}`,
+      });
+    }
+    const pending = await this.store.outboxFor(id);
+    if (pending.some((e) => e.kind === 'cancel' && e.state === 'pending')) return this.view(referral);
+    if (referral.status === 'queued' && (await this.store.cancelBeforeDelivery(id, reason))) {
+      logger.info('referral cancelled before delivery', { referralId: id });
+      return this.view((await this.store.getById(id)) as StoredReferral);
+    }
+    await this.store.enqueue(id, 'cancel', { reason });
+    logger.info('cancel queued for the centre', { referralId: id });
+    this.onQueued();
+    return this.view((await this.store.getById(id)) as StoredReferral);
+  }
+
+  /** Adds documents to a referral; they reach the centre as new DocumentReferences linked to its ServiceRequest. */
+  async addDocuments(clientId: string, id: string, body: unknown): Promise<ReferralView> {
+    const list = Array.isArray(body) ? body : (body as { documents?: unknown })?.documents;
+    const parsed = addDocumentsSchema.safeParse(list);
+    if (!parsed.success) throw new HttpError(422, zodIssues(parsed.error, Array.isArray(body) ? [] : ['documents']));
+    const referral = await this.get(clientId, id);
+    if (terminalStatuses.has(referral.status)) {
+      throw new HttpError(409, { code: 'business-rule', expression: 'status', message: `referral ${id} is ${referral.status}: documents can no longer be added` });
+    }
+    const destination = this.destinations.get(referral.destination);
+    if (!destination) throw new HttpError(409, { code: 'business-rule', message: `destination ${referral.destination} is no longer configured` });
+    const bundle = mapAddedDocumentsToBundle({
+      referralId: id,
+      referral: referral.payload,
+      documents: parsed.data,
+      startIndex: referral.payload.documents.length,
+      serviceRequestRef: 'ServiceRequest/validation',
+      patientRef: 'Patient/validation',
+      destination,
+      addedAt: nowIso(),
+    });
+    const fhirIssues = validateBundle(bundle);
+    if (fhirIssues.length > 0) {
+      throw new HttpError(422, fhirIssues.slice(0, 50).map((i) => ({ code: 'invariant', message: `FHIR content: ${i.path}: ${i.message}`, expression: i.path })));
+    }
+    const { startIndex } = await this.store.addDocuments(id, parsed.data, referral.payload.documents.length);
+    logger.info('documents queued', { referralId: id, count: parsed.data.length, startIndex });
+    this.onQueued();
+    return this.view((await this.store.getById(id)) as StoredReferral);
   }
 
   async get(clientId: string, id: string): Promise<StoredReferral> {

@@ -1,6 +1,6 @@
 import { mkdirSync } from 'node:fs';
 import { dirname } from 'node:path';
-import { DatabaseSync } from 'node:sqlite';
+import { DatabaseSync, type StatementSync } from 'node:sqlite';
 import { Kysely, PostgresDialect, SqliteDialect, type SqliteDatabase, type SqliteStatement } from 'kysely';
 import { Pool } from 'pg';
 import type { Database } from './schema';
@@ -19,10 +19,17 @@ export interface Db {
  * need no native addon.
  */
 function nodeSqliteAdapter(db: DatabaseSync): SqliteDatabase {
+  const cache = new Map<string, StatementSync>();
   return {
     close: () => db.close(),
     prepare(sql: string): SqliteStatement {
-      const stmt = db.prepare(sql);
+      // Kysely prepares every query anew; preparing is a large part of a small query's cost.
+      let stmt = cache.get(sql);
+      if (!stmt) {
+        stmt = db.prepare(sql);
+        if (cache.size >= 500) cache.delete(cache.keys().next().value as string);
+        cache.set(sql, stmt);
+      }
       const params = (p: ReadonlyArray<unknown>): Array<null | number | bigint | string | Uint8Array> =>
         p.map((v) => (v === undefined ? null : typeof v === 'boolean' ? Number(v) : (v as string)));
       return {

@@ -68,6 +68,30 @@ const migrations: Record<string, Migration> = {
   },
 };
 
+migrations['0002_webhooks'] = {
+  async up(db: Kysely<any>): Promise<void> {
+    // Status webhooks to the referring EHR, written in the same transaction as the status change.
+    await db.schema
+      .createTable('webhook_outbox')
+      .addColumn('id', 'text', (c) => c.primaryKey())
+      .addColumn('referral_id', 'text', (c) => c.notNull().references('referrals.id').onDelete('cascade'))
+      .addColumn('seq', 'integer', (c) => c.notNull())
+      .addColumn('url', 'text', (c) => c.notNull())
+      .addColumn('payload', 'text', (c) => c.notNull())
+      .addColumn('state', 'text', (c) => c.notNull())
+      .addColumn('attempts', 'integer', (c) => c.notNull().defaultTo(0))
+      .addColumn('next_attempt_at', 'text', (c) => c.notNull())
+      .addColumn('locked_by', 'text')
+      .addColumn('locked_until', 'text')
+      .addColumn('last_error', 'text')
+      .addColumn('created_at', 'text', (c) => c.notNull())
+      .addColumn('updated_at', 'text', (c) => c.notNull())
+      .addUniqueConstraint('webhook_referral_seq_uq', ['referral_id', 'seq'])
+      .execute();
+    await db.schema.createIndex('webhook_state_next_idx').on('webhook_outbox').columns(['state', 'next_attempt_at']).execute();
+  },
+};
+
 class StaticProvider implements MigrationProvider {
   async getMigrations(): Promise<Record<string, Migration>> {
     return migrations;

@@ -12,6 +12,17 @@ export interface HistoryEntry {
   detail?: Record<string, unknown>;
 }
 
+/** The body of a status webhook (shared/api-contract.md, Webhooks). */
+export interface WebhookEvent {
+  type: 'referral.status-changed';
+  referralId: string;
+  externalId: string;
+  status: ReferralStatus;
+  previousStatus: ReferralStatus;
+  at: string;
+  reason?: string;
+}
+
 export type OutboxKind = 'submit' | 'documents' | 'cancel';
 
 export interface OutboxEntry {
@@ -202,6 +213,17 @@ export class ReferralStore {
       await trx.updateTable('referrals').set(update).where('id', '=', id).execute();
       if (before.status !== change.status) {
         await this.insertHistory(trx, id, { status: change.status, at, reason: change.reason ?? undefined, detail: change.detail });
+        if (before.payload.callbackUrl) {
+          await this.insertWebhook(trx, before, {
+            type: 'referral.status-changed',
+            referralId: id,
+            externalId: before.externalId,
+            status: change.status,
+            previousStatus: before.status,
+            at,
+            ...(change.reason ? { reason: change.reason } : {}),
+          });
+        }
       }
       const after = await trx.selectFrom('referrals').selectAll().where('id', '=', id).executeTakeFirstOrThrow();
       return { previous: before.status, current: toReferral(after) };
@@ -233,6 +255,34 @@ export class ReferralStore {
       .execute();
   }
 
+  /** Queues a status webhook in the caller's transaction, numbered in order per referral. */
+  private async insertWebhook(trx: Q, referral: StoredReferral, event: WebhookEvent): Promise<void> {
+    const max = await trx
+      .selectFrom('webhook_outbox')
+      .select(sql<number>`coalesce(max(seq), 0)`.as('m'))
+      .where('referral_id', '=', referral.id)
+      .executeTakeFirst();
+    const at = nowIso();
+    await trx
+      .insertInto('webhook_outbox')
+      .values({
+        id: newId('wh'),
+        referral_id: referral.id,
+        seq: Number(max?.m ?? 0) + 1,
+        url: referral.payload.callbackUrl as string,
+        payload: JSON.stringify(event),
+        state: 'pending',
+        attempts: 0,
+        next_attempt_at: at,
+        locked_by: null,
+        locked_until: null,
+        last_error: null,
+        created_at: at,
+        updated_at: at,
+      })
+      .execute();
+  }
+
   // ---- outbox ----
 
   private async insertOutbox(trx: Q, referralId: string, kind: OutboxKind, payload: unknown, at: string): Promise<string> {
@@ -255,6 +305,59 @@ export class ReferralStore {
       })
       .execute();
     return id;
+  }
+
+  /**
+   * Queues documents added to a referral. Their numbering continues after every document the referral
+   * already has (submitted or added before), decided inside the transaction so concurrent additions
+   * never share a number.
+   */
+  async addDocuments(referralId: string, documents: unknown[], baseCount: number): Promise<{ outboxId: string; startIndex: number }> {
+    return this.k.transaction().execute(async (trx) => {
+      const earlier = await trx.selectFrom('outbox').select('payload').where('referral_id', '=', referralId).where('kind', '=', 'documents').execute();
+      const added = earlier.reduce((n, e) => n + ((JSON.parse(e.payload ?? '{}') as { documents?: unknown[] }).documents?.length ?? 0), 0);
+      const startIndex = baseCount + added;
+      const outboxId = await this.insertOutbox(trx, referralId, 'documents', { documents, startIndex }, nowIso());
+      await trx.updateTable('referrals').set({ updated_at: nowIso() }).where('id', '=', referralId).execute();
+      return { outboxId, startIndex };
+    });
+  }
+
+  /**
+   * Cancels a referral that has not reached the centre: only while its first delivery is pending and
+   * not leased by a worker. Returns false when delivery may be under way (the caller then queues a
+   * cancel for the centre instead).
+   */
+  async cancelBeforeDelivery(referralId: string, reason: string, now = new Date()): Promise<boolean> {
+    const nowS = now.toISOString();
+    return this.k.transaction().execute(async (trx) => {
+      const res = await trx
+        .updateTable('outbox')
+        .set({ state: 'done', last_error: `cancelled before delivery: ${reason}`.slice(0, 500), updated_at: nowS })
+        .where('referral_id', '=', referralId)
+        .where('kind', '=', 'submit')
+        .where('state', '=', 'pending')
+        .where((eb) => eb.or([eb('locked_until', 'is', null), eb('locked_until', '<', nowS)]))
+        .executeTakeFirst();
+      if (Number(res.numUpdatedRows) !== 1) return false;
+      await trx.updateTable('outbox').set({ state: 'done', updated_at: nowS }).where('referral_id', '=', referralId).where('state', '=', 'pending').execute();
+      const row = await trx.selectFrom('referrals').selectAll().where('id', '=', referralId).executeTakeFirstOrThrow();
+      const before = toReferral(row);
+      await trx.updateTable('referrals').set({ status: 'cancelled', status_reason: reason, updated_at: nowS }).where('id', '=', referralId).execute();
+      await this.insertHistory(trx, referralId, { status: 'cancelled', at: nowS, reason });
+      if (before.payload.callbackUrl) {
+        await this.insertWebhook(trx, before, {
+          type: 'referral.status-changed',
+          referralId,
+          externalId: before.externalId,
+          status: 'cancelled',
+          previousStatus: before.status,
+          at: nowS,
+          reason,
+        });
+      }
+      return true;
+    });
   }
 
   async enqueue(referralId: string, kind: OutboxKind, payload: unknown): Promise<string> {

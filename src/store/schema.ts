@@ -49,6 +49,24 @@ export interface PollStateTable {
   updated_at: string;
 }
 
+export interface WebhookOutboxTable {
+  id: string;
+  referral_id: string;
+  /** Order of the events of one referral; a receiver sees them in this order. */
+  seq: number;
+  url: string;
+  /** The event body exactly as it is signed and sent. */
+  payload: string;
+  state: string;
+  attempts: number;
+  next_attempt_at: string;
+  locked_by: string | null;
+  locked_until: string | null;
+  last_error: string | null;
+  created_at: string;
+  updated_at: string;
+}
+
 export interface MigrationsTable {
   name: string;
   applied_at: string;
@@ -60,4 +78,5 @@ export interface Database {
   referral_history: HistoryTable;
   outbox: OutboxTable;
   poll_state: PollStateTable;
+  webhook_outbox: WebhookOutboxTable;
 }

@@ -421,6 +421,34 @@ describe('read / update / delete', () => {
     const b = await fhir('POST', 'Patient', body, { 'if-none-exist': `identifier=${SYS}|${value}` });
     expect([a.status, b.status]).toEqual([201, 200]);
     expect(b.body.id).toBe(a.body.id);
+
+    // after a delete the criteria no longer match: a new resource is created
+    expect((await fhir('DELETE', `Patient/${a.body.id}`)).status).toBe(200);
+    const c = await fhir('POST', 'Patient', body, { 'if-none-exist': `identifier=${SYS}|${value}` });
+    expect(c.status).toBe(201);
+    expect(c.body.id).not.toBe(a.body.id);
+  });
+
+  test('conditional create sees resources seeded directly through repo', async () => {
+    const value = `seed-${randomUUID()}`;
+    const seeded = await server.repo.createResource({ resourceType: 'Organization', identifier: [{ system: SYS, value }] });
+    const res = await fhir<Bundle>('POST', '', {
+      resourceType: 'Bundle',
+      type: 'transaction',
+      entry: [
+        {
+          resource: { resourceType: 'Organization', identifier: [{ system: SYS, value }], name: 'ignored' },
+          request: { method: 'POST', url: 'Organization', ifNoneExist: `identifier=${SYS}|${value}` },
+        },
+      ],
+    });
+    expect(res.body.entry?.[0].response?.status).toBe('200 OK');
+    expect(res.body.entry?.[0].resource?.id).toBe(seeded.id);
+    // 2 matches -> 412, nothing created
+    await server.repo.createResource({ resourceType: 'Organization', identifier: [{ system: SYS, value }] });
+    const dup = await fhir('POST', 'Organization', { resourceType: 'Organization' }, { 'if-none-exist': `identifier=${SYS}|${value}` });
+    expect(dup.status).toBe(412);
+    expect(await total(`Organization?identifier=${encodeURIComponent(`${SYS}|${value}`)}`)).toBe(2);
   });
 });
 
