@@ -39,6 +39,8 @@ export interface GatewayOptions {
   clients?: FhirClients;
   deliveryIdleMs?: number;
   pollOverlapMs?: number;
+  pollPageSize?: number;
+  pollSweepEveryMs?: number;
   startPoller?: boolean;
 }
 
@@ -79,7 +81,12 @@ export class Gateway {
       (e) => logger.debug('status change', { ...e })
     );
     const defaultCron = config.pollCron ?? (config.useSandbox ? '*/10 * * * * *' : '*/5 * * * *');
-    this.poller = new Poller(this.store, this.destinations, this.clients, { cron: defaultCron, overlapMs: opts.pollOverlapMs ?? 60_000, pageSize: 100 });
+    this.poller = new Poller(this.store, this.destinations, this.clients, {
+      cron: defaultCron,
+      overlapMs: opts.pollOverlapMs ?? 60_000,
+      pageSize: opts.pollPageSize ?? 100,
+      sweepEveryMs: opts.pollSweepEveryMs,
+    });
     this.service = new ReferralService(this.store, this.destinations, () => this.worker.wake());
   }
 

@@ -1,4 +1,7 @@
-import type { DestinationAuth } from '../config/destinations';
+import { randomUUID, createPrivateKey, type KeyObject } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import { SignJWT } from 'jose';
+import type { DestinationAuth, SmartBackendAuth } from '../config/destinations';
 
 /**
  * Supplies the Authorization header for requests to one destination.
@@ -9,7 +12,7 @@ import type { DestinationAuth } from '../config/destinations';
 export interface AuthProvider {
   getHeaders(): Promise<Record<string, string>>;
   invalidate(): void;
-  /** True when `invalidate()` can produce different credentials (client-credentials), so a 401 is worth one retry. */
+  /** True when `invalidate()` can produce different credentials (client-credentials, smart-backend), so a 401 is worth one retry. */
   readonly refreshable: boolean;
 }
 
@@ -41,10 +44,13 @@ export class TokenRequestError extends Error {
 
 type FetchImpl = typeof fetch;
 
-/** Renew this long before the server's `expires_in` runs out. */
+/** Renew this long before the server's `expires_in` runs out (at most a tenth of the lifetime). */
 const EXPIRY_MARGIN_MS = 60_000;
 /** Lifetime assumed when the token response has no `expires_in`. A 401 still forces a re-fetch. */
 const DEFAULT_TOKEN_LIFETIME_MS = 300_000;
+/** SMART Backend Services: the client assertion's `exp` is at most five minutes ahead; we use less. */
+const ASSERTION_LIFETIME_S = 240;
+const JWT_BEARER_ASSERTION = 'urn:ietf:params:oauth:client-assertion-type:jwt-bearer';
 
 /**
  * Builds the auth provider for a destination. Secrets are read from `env` by the variable names in the
@@ -79,10 +85,45 @@ export function createAuthProvider(
       };
     }
 
-    case 'client-credentials':
+    case 'client-credentials': {
       requireEnv(env, auth.clientIdEnv);
       requireEnv(env, auth.clientSecretEnv);
-      return new ClientCredentialsProvider(auth, env, fetchImpl, options);
+      const request = async (): Promise<TokenRequest> => {
+        const clientId = requireEnv(env, auth.clientIdEnv);
+        const clientSecret = requireEnv(env, auth.clientSecretEnv);
+        const form = new URLSearchParams({ grant_type: 'client_credentials' });
+        if (auth.scope) {
+          form.set('scope', auth.scope);
+        }
+        const basic = Buffer.from(`${formEncode(clientId)}:${formEncode(clientSecret)}`, 'utf8').toString('base64');
+        return { form, headers: { Authorization: `Basic ${basic}` } };
+      };
+      return new TokenProvider(auth.tokenUrl, request, fetchImpl, options);
+    }
+
+    case 'smart-backend': {
+      const clientId = requireEnv(env, auth.clientIdEnv);
+      const key = loadPrivateKey(auth, env);
+      const now = options.now ?? Date.now;
+      const request = async (): Promise<TokenRequest> => {
+        const assertion = await signClientAssertion({
+          clientId,
+          tokenUrl: auth.tokenUrl,
+          key,
+          alg: auth.alg,
+          kid: auth.kid,
+          nowMs: now(),
+        });
+        const form = new URLSearchParams({
+          grant_type: 'client_credentials',
+          scope: auth.scope,
+          client_assertion_type: JWT_BEARER_ASSERTION,
+          client_assertion: assertion,
+        });
+        return { form, headers: {} };
+      };
+      return new TokenProvider(auth.tokenUrl, request, fetchImpl, options);
+    }
 
     default: {
       const unknownType: never = auth;
@@ -104,12 +145,85 @@ function formEncode(value: string): string {
   return encodeURIComponent(value).replace(/%20/g, '+');
 }
 
+/**
+ * The private key of a smart-backend destination, from its PEM file or the environment variable holding the
+ * PEM (PKCS#8, PKCS#1 RSA or SEC1 EC). Checked against `alg` at once: RS384 needs an RSA key of 2048 bits or
+ * more, ES384 a P-384 key. Errors name the file or variable, never key material.
+ */
+export function loadPrivateKey(auth: SmartBackendAuth, env: NodeJS.ProcessEnv = process.env): KeyObject {
+  let pem: string;
+  let source: string;
+  if (auth.privateKeyFile !== undefined) {
+    source = `file ${auth.privateKeyFile}`;
+    try {
+      pem = readFileSync(auth.privateKeyFile, 'utf8');
+    } catch (err) {
+      throw new Error(`Destination auth: cannot read the private key ${source} (${errorCode(err)})`);
+    }
+  } else if (auth.privateKeyEnv !== undefined) {
+    source = `environment variable ${auth.privateKeyEnv}`;
+    // A PEM in a single-line variable often has literal "\n" sequences.
+    pem = requireEnv(env, auth.privateKeyEnv).replace(/\\n/g, '\n');
+  } else {
+    throw new Error('Destination auth: smart-backend needs privateKeyFile or privateKeyEnv');
+  }
+  let key: KeyObject;
+  try {
+    key = createPrivateKey({ key: pem, format: 'pem' });
+  } catch {
+    throw new Error(`Destination auth: the ${source} does not hold a PEM private key`);
+  }
+  if (auth.alg === 'RS384') {
+    const bits = key.asymmetricKeyDetails?.modulusLength ?? 0;
+    if (key.asymmetricKeyType !== 'rsa' || bits < 2048) {
+      throw new Error(`Destination auth: alg RS384 needs an RSA private key of at least 2048 bits in the ${source}`);
+    }
+  } else if (key.asymmetricKeyType !== 'ec' || key.asymmetricKeyDetails?.namedCurve !== 'secp384r1') {
+    throw new Error(`Destination auth: alg ES384 needs an EC P-384 private key in the ${source}`);
+  }
+  return key;
+}
+
+/**
+ * A SMART Backend Services client assertion (RFC 7523): iss = sub = client_id, aud = token URL, a unique jti,
+ * iat = now and exp = now + 4 min (SMART: no more than 5 minutes ahead), signed with RS384 or ES384.
+ */
+export async function signClientAssertion(args: {
+  clientId: string;
+  tokenUrl: string;
+  key: KeyObject;
+  alg: 'RS384' | 'ES384';
+  kid?: string;
+  nowMs?: number;
+}): Promise<string> {
+  const iat = Math.floor((args.nowMs ?? Date.now()) / 1000);
+  return new SignJWT({})
+    .setProtectedHeader({ alg: args.alg, typ: 'JWT', ...(args.kid ? { kid: args.kid } : {}) })
+    .setIssuer(args.clientId)
+    .setSubject(args.clientId)
+    .setAudience(args.tokenUrl)
+    .setJti(randomUUID())
+    .setIssuedAt(iat)
+    .setExpirationTime(iat + ASSERTION_LIFETIME_S)
+    .sign(args.key);
+}
+
 interface CachedToken {
   accessToken: string;
   renewAt: number;
 }
 
-class ClientCredentialsProvider implements AuthProvider {
+/** What one token request sends: the form fields and any extra headers (client authentication). */
+interface TokenRequest {
+  form: URLSearchParams;
+  headers: Record<string, string>;
+}
+
+/**
+ * An OAuth 2.0 client_credentials token, cached until shortly before it expires, fetched once for concurrent
+ * callers (single flight), and dropped by invalidate() (after a 401 from the FHIR server).
+ */
+class TokenProvider implements AuthProvider {
   readonly refreshable = true;
   private token?: CachedToken;
   private inFlight?: Promise<CachedToken>;
@@ -117,8 +231,8 @@ class ClientCredentialsProvider implements AuthProvider {
   private generation = 0;
 
   constructor(
-    private readonly auth: Extract<DestinationAuth, { type: 'client-credentials' }>,
-    private readonly env: NodeJS.ProcessEnv,
+    private readonly tokenUrl: string,
+    private readonly buildRequest: () => Promise<TokenRequest>,
     private readonly fetchImpl: FetchImpl,
     private readonly options: AuthProviderOptions
   ) {}
@@ -166,24 +280,18 @@ class ClientCredentialsProvider implements AuthProvider {
   }
 
   private async fetchToken(): Promise<CachedToken> {
-    const clientId = requireEnv(this.env, this.auth.clientIdEnv);
-    const clientSecret = requireEnv(this.env, this.auth.clientSecretEnv);
-    const form = new URLSearchParams({ grant_type: 'client_credentials' });
-    if (this.auth.scope) {
-      form.set('scope', this.auth.scope);
-    }
-    const basic = Buffer.from(`${formEncode(clientId)}:${formEncode(clientSecret)}`, 'utf8').toString('base64');
+    const { form, headers } = await this.buildRequest();
     const timeoutMs = this.options.timeoutMs ?? 30_000;
     const requestedAt = this.now();
     let res: TimedResponse;
     try {
       res = await fetchWithDeadline(
         this.fetchImpl,
-        this.auth.tokenUrl,
+        this.tokenUrl,
         {
           method: 'POST',
           headers: {
-            Authorization: `Basic ${basic}`,
+            ...headers,
             'Content-Type': 'application/x-www-form-urlencoded',
             Accept: 'application/json',
           },
@@ -229,7 +337,8 @@ class ClientCredentialsProvider implements AuthProvider {
     }
     const expiresIn = Number(parsed.expires_in);
     const lifetimeMs = Number.isFinite(expiresIn) && expiresIn > 0 ? expiresIn * 1000 : DEFAULT_TOKEN_LIFETIME_MS;
-    return { accessToken: parsed.access_token, renewAt: requestedAt + lifetimeMs - EXPIRY_MARGIN_MS };
+    const margin = Math.min(EXPIRY_MARGIN_MS, lifetimeMs / 10);
+    return { accessToken: parsed.access_token, renewAt: requestedAt + lifetimeMs - margin };
   }
 }
 

@@ -1,4 +1,4 @@
-import type { Attachment, DiagnosticReport, DocumentReference } from '@medplum/fhirtypes';
+import type { Attachment, DiagnosticReport, DocumentReference, Task } from '@medplum/fhirtypes';
 import { HttpError } from '../api/outcome';
 import type { FhirClients } from '../delivery/clients';
 import type { DestinationDirectory } from '../referral/service';
@@ -16,12 +16,18 @@ export class ReportContentReader {
     if (!referral.report || !dest) {
       throw new HttpError(404, { code: 'not-found', message: 'no report' });
     }
-    const [type, id] = referral.report.reference.split('/');
+    const [type, id, , index] = referral.report.reference.split('/');
     const client = this.clients.get(dest);
     let attachment: Attachment | undefined;
     try {
-      const res = await client.read<DocumentReference | DiagnosticReport>(type as 'DocumentReference', id);
-      attachment = res.resourceType === 'DocumentReference' ? res.content?.[0]?.attachment : (res as DiagnosticReport).presentedForm?.[0];
+      if (type === 'Task') {
+        // An opinion sent inline in Task.output[index].valueAttachment
+        const task = await client.read<Task>('Task', id);
+        attachment = task.output?.[Number(index)]?.valueAttachment;
+      } else {
+        const res = await client.read<DocumentReference | DiagnosticReport>(type as 'DocumentReference', id);
+        attachment = res.resourceType === 'DocumentReference' ? res.content?.[0]?.attachment : (res as DiagnosticReport).presentedForm?.[0];
+      }
     } catch (err) {
       throw new HttpError(502, { code: 'transient', message: `the centre's server did not return the report: ${(err as Error).message}` });
     }
@@ -34,7 +40,12 @@ export class ReportContentReader {
     }
     if (attachment.url) {
       try {
-        const got = await client.readUrl(attachment.url);
+        const got = await client.readUrl(attachment.url, { accept: `${contentType}, application/fhir+json;q=0.1` });
+        const binary = got.json as { resourceType?: string; data?: string; contentType?: string } | undefined;
+        if (binary?.resourceType === 'Binary') {
+          // The server answered with the Binary resource itself rather than its raw bytes.
+          return { contentType: binary.contentType ?? contentType, body: Buffer.from(binary.data ?? '', 'base64') };
+        }
         return { contentType: got.contentType ?? contentType, body: got.body };
       } catch (err) {
         throw new HttpError(502, { code: 'transient', message: `the report content could not be fetched: ${(err as Error).message}` });

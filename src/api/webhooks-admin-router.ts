@@ -1,0 +1,74 @@
+import { Router } from 'express';
+import { z } from 'zod';
+import { zodIssues } from '../referral/service';
+import type { WebhookEntry, WebhookStore } from '../store/webhook-store';
+import { HttpError } from './outcome';
+
+const stateQuery = z.strictObject({
+  state: z.enum(['pending', 'delivered', 'failed']).default('failed'),
+  limit: z.coerce.number().int().min(1).max(500).default(100),
+});
+
+/** The event's status fields, for the operator; the rest of the body is not shown. */
+function eventSummary(payload: string): { type?: string; status?: string; previousStatus?: string; at?: string } {
+  try {
+    const e = JSON.parse(payload) as Record<string, unknown>;
+    const s = (v: unknown): string | undefined => (typeof v === 'string' ? v : undefined);
+    return { type: s(e.type), status: s(e.status), previousStatus: s(e.previousStatus), at: s(e.at) };
+  } catch {
+    return {};
+  }
+}
+
+/** Scheme, host and path only: a query string may carry the receiver's token. */
+function safeUrl(url: string): string {
+  try {
+    const u = new URL(url);
+    return `${u.origin}${u.pathname}`;
+  } catch {
+    return '(invalid URL)';
+  }
+}
+
+function view(e: WebhookEntry) {
+  return {
+    id: e.id,
+    referralId: e.referralId,
+    seq: e.seq,
+    event: eventSummary(e.payload),
+    url: safeUrl(e.url),
+    state: e.state,
+    attempts: e.attempts,
+    lastError: e.lastError,
+    nextAttemptAt: e.state === 'pending' ? e.nextAttemptAt : null,
+    createdAt: e.createdAt,
+    updatedAt: e.updatedAt,
+  };
+}
+
+/**
+ * Operator endpoints for status webhooks (mounted under /admin, behind ADMIN_API_KEY):
+ * GET /webhooks?state=failed|pending|delivered&limit=  — the dead letter (default) or the queue;
+ * POST /webhooks/:id/retry — re-queues a failed event (same webhook-id) and wakes the dispatcher.
+ */
+export function webhooksAdminRouter(store: WebhookStore, wake: () => void): Router {
+  const r = Router();
+
+  r.get('/webhooks', async (req, res) => {
+    const q = stateQuery.safeParse(req.query);
+    if (!q.success) throw new HttpError(400, zodIssues(q.error));
+    const entries = await store.list(q.data.state, q.data.limit);
+    res.json({ items: entries.map(view) });
+  });
+
+  r.post('/webhooks/:id/retry', async (req, res) => {
+    const id = req.params.id;
+    if (!(await store.requeue(id))) {
+      throw new HttpError(404, { code: 'not-found', message: `no failed webhook ${id.slice(0, 100)}` });
+    }
+    wake();
+    res.status(202).json({ requeued: [id] });
+  });
+
+  return r;
+}

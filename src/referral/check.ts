@@ -1,0 +1,137 @@
+// The intake check of a referral submission, shared by the API (ReferralService.check) and the
+// offline CLI (src/cli/validate.ts): schema (zod) -> codes (mapping tables) -> routing -> FHIR
+// mapping -> validation of the resulting transaction Bundle against the R4 base definitions.
+// Pure apart from the clock (createdAt) and the lazily loaded FHIR definitions: sends nothing.
+import type { Bundle } from '@medplum/fhirtypes';
+import type { z } from 'zod';
+import { type IssueInput, pathToExpression } from '../api/outcome';
+import type { Destination } from '../config/destinations';
+import { mapReferralToBundle } from '../mapping/bundle';
+import { checkCodes } from '../mapping/codes';
+import { type Route, routeReferral } from '../mapping/routing';
+import { validateBundle } from '../mapping/validate';
+import { type Referral, referralSchema } from './schema';
+
+/** The destinations a referral can be routed to (the gateway's Directory implements it). */
+export interface DestinationDirectory {
+  ids(): string[];
+  get(id: string): Destination | undefined;
+}
+
+/** Which check rejected the submission; the checks run in this order and stop at the first failing one. */
+export type CheckStage = 'schema' | 'codes' | 'routing' | 'fhir';
+
+/**
+ * One problem. `code`, `expression` and `message` are exactly what the API puts in its 422
+ * OperationOutcome (the message starts with the location, as clients see it today), so an array
+ * of these can be given to `new HttpError(422, issues)` as is. `detail` is the message without the
+ * location, for output that shows the expression separately (the CLI).
+ */
+export interface CheckIssue extends IssueInput {
+  /** FHIRPath-like location: `patient.birthDate` in the submission, `Bundle.entry[3].resource.status` in the FHIR content. */
+  expression: string;
+  message: string;
+  detail: string;
+}
+
+export type CheckResult =
+  | { ok: true; referral: Referral; destination: Destination; route: Route; bundle: Bundle }
+  | {
+      ok: false;
+      stage: CheckStage;
+      issues: CheckIssue[];
+      /** The mapped bundle when the FHIR validation failed (the issue paths point into it). */
+      bundle?: Bundle;
+    };
+
+export interface CheckOptions {
+  /** Id, client and acceptance time the bundle is mapped with. Default 'ref_validation', 'validation', now. */
+  referralId?: string;
+  clientId?: string;
+  createdAt?: string;
+  /** Cap on the issues returned per stage (the API answers at most 50). Default 50. */
+  maxIssues?: number;
+}
+
+/** Zod issues as CheckIssues, with FHIRPath-like expressions such as `patient.identifiers[0].value`. */
+export function zodCheckIssues(error: z.ZodError, prefix: ReadonlyArray<PropertyKey> = [], maxIssues = 50): CheckIssue[] {
+  return error.issues.slice(0, maxIssues).map((i) => {
+    const expression = pathToExpression([...prefix, ...i.path]);
+    const keys = i.code === 'unrecognized_keys' ? ` (${(i as { keys: string[] }).keys.join(', ')})` : '';
+    const detail = `${i.message}${keys}`;
+    return { code: i.code === 'unrecognized_keys' ? 'structure' : 'invalid', expression, message: `${expression}: ${detail}`, detail };
+  });
+}
+
+/**
+ * Runs every intake check on a submitted body, as POST /referrals does before storing it.
+ * On success the referral carries the chosen destination (`referral.destination`), and `bundle` is
+ * the transaction Bundle the delivery worker would send (mapped with the given id, client and time).
+ * Throws only on an internal error of the mapper or validator, never for bad input.
+ */
+export function checkReferral(body: unknown, destinations: DestinationDirectory, options: CheckOptions = {}): CheckResult {
+  const maxIssues = options.maxIssues ?? 50;
+  const parsed = referralSchema.safeParse(body);
+  if (!parsed.success) {
+    return { ok: false, stage: 'schema', issues: zodCheckIssues(parsed.error, [], maxIssues) };
+  }
+  const referral = parsed.data;
+
+  const codeIssues = checkCodes(referral);
+  if (codeIssues.length > 0) {
+    return {
+      ok: false,
+      stage: 'codes',
+      issues: codeIssues.slice(0, maxIssues).map((i) => ({ code: 'code-invalid', expression: i.path, message: `${i.path}: ${i.message}`, detail: i.message })),
+    };
+  }
+
+  const ids = destinations.ids();
+  const route = routeReferral(referral, ids);
+  const destination = route && destinations.get(route.destination);
+  if (!route || !destination) {
+    const detail = referral.destination
+      ? `unknown destination "${referral.destination}" (known: ${ids.join(', ')})`
+      : 'no routing rule matches this diagnosis; name a destination';
+    return { ok: false, stage: 'routing', issues: [{ code: 'not-found', expression: 'destination', message: `destination: ${detail}`, detail }] };
+  }
+
+  const bundle = mapReferralToBundle({
+    referralId: options.referralId ?? 'ref_validation',
+    clientId: options.clientId ?? 'validation',
+    referral,
+    destination,
+    createdAt: options.createdAt ?? new Date().toISOString(),
+  });
+  const fhirIssues = validateBundle(bundle);
+  if (fhirIssues.length > 0) {
+    return {
+      ok: false,
+      stage: 'fhir',
+      bundle,
+      issues: fhirIssues
+        .slice(0, maxIssues)
+        .map((i) => ({ code: 'invariant', expression: i.path, message: `FHIR content: ${i.path}: ${i.message}`, detail: i.message })),
+    };
+  }
+  return { ok: true, referral: { ...referral, destination: route.destination }, destination, route, bundle };
+}
+
+/** The destination the gateway adds when none is configured (its built-in sandbox centre). */
+export function sandboxDestination(baseUrl: string): Destination {
+  return {
+    id: 'sandbox',
+    name: 'Built-in sandbox cancer centre',
+    organization: { system: 'https://referral-gateway.dev/fhir/sid/destination', value: 'sandbox' },
+    baseUrl,
+    auth: { type: 'none' },
+    timeoutMs: 30_000,
+    maxInlineBytes: 1_048_576,
+  };
+}
+
+/** A read-only DestinationDirectory over a list. */
+export function destinationDirectory(list: ReadonlyArray<Destination>): DestinationDirectory {
+  const map = new Map(list.map((d) => [d.id, d]));
+  return { ids: () => [...map.keys()], get: (id) => map.get(id) };
+}

@@ -1,0 +1,306 @@
+import { Counter } from 'prom-client';
+import { Webhook } from 'standardwebhooks';
+import { isExhausted, nextDelay } from '../delivery/policy';
+import { errorCode, parseRetryAfterHeader } from '../fhir/auth';
+import { requestContext } from '../observability/context';
+import { logger } from '../observability/logger';
+import { metricsRegistry } from '../observability/metrics';
+import { ulid } from '../store/ids';
+import type { WebhookEntry, WebhookStore } from '../store/webhook-store';
+
+export interface WebhookDispatcherOptions {
+  /**
+   * WEBHOOK_SECRET. Either a Standard Webhooks secret `whsec_<base64 key>`, or any other string,
+   * whose UTF-8 bytes are then the key: the receiver verifies with `whsec_` + base64(secret)
+   * (see `receiverSecret`). Without a secret events are sent unsigned (development only).
+   */
+  secret?: string;
+  /** Dead-letter an event after this many attempts (default 10). */
+  maxAttempts: number;
+  /** … or once this long has passed since it was queued (default 24 h). */
+  maxAgeMs: number;
+  /** Ceiling of the first retry's delay (full-jitter exponential backoff; default 10 s). */
+  baseDelayMs: number;
+  /** No backoff delay is longer than this, Retry-After excepted (default 1 h). */
+  maxDelayMs: number;
+  /** One attempt's time limit, connect to response headers (default 10 s). */
+  timeoutMs: number;
+  /** How often to look for due events when nothing wakes the dispatcher (default 1 s). */
+  idleMs: number;
+  /** Requests in flight at once (default 4). Events of one referral are never sent concurrently. */
+  concurrency: number;
+  /** On stop, how long requests in flight may finish before they are aborted (default 2 s). */
+  stopGraceMs: number;
+}
+
+export const WEBHOOK_DEFAULTS: Readonly<Omit<WebhookDispatcherOptions, 'secret'>> = Object.freeze({
+  maxAttempts: 10,
+  maxAgeMs: 24 * 3600_000,
+  baseDelayMs: 10_000,
+  maxDelayMs: 3600_000,
+  timeoutMs: 10_000,
+  idleMs: 1000,
+  concurrency: 4,
+  stopGraceMs: 2000,
+});
+
+const WHSEC = 'whsec_';
+
+/**
+ * The secret a receiver passes to its Standard Webhooks library (`new Webhook(secret)`):
+ * a `whsec_` secret as it is, any other string as `whsec_` + base64 of its UTF-8 bytes.
+ */
+export function receiverSecret(secret: string): string {
+  return secret.startsWith(WHSEC) ? secret : WHSEC + Buffer.from(secret, 'utf8').toString('base64');
+}
+
+/** The signer for a configured secret; throws a one-line error naming WEBHOOK_SECRET when it is unusable. */
+export function createSigner(secret: string): Webhook {
+  if (secret.startsWith(WHSEC) && !/^[A-Za-z0-9+/]+={0,2}$/.test(secret.slice(WHSEC.length))) {
+    throw new Error('WEBHOOK_SECRET starts with whsec_ but the rest is not base64');
+  }
+  try {
+    return new Webhook(receiverSecret(secret));
+  } catch (err) {
+    throw new Error(`WEBHOOK_SECRET is not usable: ${(err as Error).message}`);
+  }
+}
+
+const webhookAttempts = new Counter({
+  name: 'referral_webhook_attempts_total',
+  help: 'Status webhook delivery attempts by result (delivered, retry, failed)',
+  labelNames: ['result'] as const,
+  registers: [metricsRegistry],
+});
+
+type Attempt =
+  | { kind: 'delivered'; status: number }
+  | { kind: 'retry'; reason: string; status?: number; retryAfterMs?: number }
+  | { kind: 'fail'; reason: string }
+  | { kind: 'aborted' };
+
+/**
+ * Sends the status webhooks queued in `webhook_outbox`. Each event is leased to one dispatcher, so
+ * several processes may run side by side; a crash leaves the lease to expire and the event is sent
+ * again (at least once — the `webhook-id` header is the row id, stable across attempts, for
+ * de-duplication). Events of one referral go out in order (see WebhookStore.claim).
+ */
+export class WebhookDispatcher {
+  readonly workerId = `wh_${ulid()}`;
+  private readonly opts: WebhookDispatcherOptions;
+  private readonly signer: Webhook | undefined;
+  private running = false;
+  private timer: NodeJS.Timeout | undefined;
+  private readonly inFlight = new Set<Promise<void>>();
+  private wakeRequested = false;
+  private loopPromise: Promise<void> | undefined;
+  private shutdown = new AbortController();
+
+  constructor(
+    private readonly store: WebhookStore,
+    opts: Partial<WebhookDispatcherOptions> = {},
+    private readonly fetchImpl: typeof fetch = fetch
+  ) {
+    const defined = Object.fromEntries(Object.entries(opts).filter(([, v]) => v !== undefined)) as Partial<WebhookDispatcherOptions>;
+    this.opts = { ...WEBHOOK_DEFAULTS, ...defined };
+    this.signer = this.opts.secret ? createSigner(this.opts.secret) : undefined;
+  }
+
+  get signed(): boolean {
+    return this.signer !== undefined;
+  }
+
+  start(): void {
+    if (this.running) return;
+    this.running = true;
+    this.shutdown = new AbortController();
+    if (!this.signer) {
+      logger.warn('webhooks are unsigned: set WEBHOOK_SECRET so receivers can verify them');
+    }
+    this.wake();
+  }
+
+  /** Asks the dispatcher to look for due events now (after a status change or a replay). */
+  wake(): void {
+    if (!this.running) return;
+    this.wakeRequested = true;
+    if (!this.loopPromise) {
+      if (this.timer) clearTimeout(this.timer);
+      this.timer = undefined;
+      // The loop belongs to no request: leave the caller's correlation context.
+      this.loopPromise = requestContext.exit(() => this.loop()).finally(() => {
+        this.loopPromise = undefined;
+        this.schedule();
+      });
+    }
+  }
+
+  private schedule(): void {
+    if (!this.running) return;
+    if (this.wakeRequested) {
+      this.wake();
+      return;
+    }
+    this.timer = setTimeout(() => this.wake(), this.opts.idleMs);
+    this.timer.unref();
+  }
+
+  private async loop(): Promise<void> {
+    while (this.running && this.wakeRequested) {
+      this.wakeRequested = false;
+      let claimed: WebhookEntry[] = [];
+      try {
+        const free = this.opts.concurrency - this.inFlight.size;
+        if (free <= 0) {
+          await Promise.race(this.inFlight);
+          this.wakeRequested = true;
+          continue;
+        }
+        claimed = await this.store.claim(this.workerId, free, this.leaseMs());
+      } catch (err) {
+        logger.error('webhook claim failed', { error: (err as Error).message });
+        return;
+      }
+      for (const entry of claimed) {
+        const p: Promise<void> = requestContext
+          .run({ correlationId: `webhook-${entry.id}` }, () => this.process(entry))
+          .catch((err: Error) => {
+            logger.error('webhook dispatch crashed on an event', { webhookId: entry.id, referralId: entry.referralId, error: err.message });
+          })
+          .finally(() => {
+            this.inFlight.delete(p);
+            this.wake();
+          });
+        this.inFlight.add(p);
+      }
+      if (claimed.length > 0) this.wakeRequested = true;
+    }
+  }
+
+  /** Long enough that a live attempt never outlasts its lease. */
+  private leaseMs(): number {
+    return this.opts.timeoutMs * 2 + 10_000;
+  }
+
+  /**
+   * Stops taking events; requests in flight get `stopGraceMs` to finish, then are aborted. An aborted
+   * attempt is not counted and its event stays pending, so it is sent again after the restart.
+   */
+  async stop(): Promise<void> {
+    if (!this.running && !this.loopPromise && this.inFlight.size === 0) return;
+    this.running = false;
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = undefined;
+    await this.loopPromise;
+    if (this.inFlight.size > 0) {
+      let grace: NodeJS.Timeout | undefined;
+      const expired = new Promise<void>((resolve) => {
+        grace = setTimeout(resolve, this.opts.stopGraceMs);
+      });
+      await Promise.race([Promise.allSettled([...this.inFlight]), expired]);
+      clearTimeout(grace);
+      this.shutdown.abort();
+      await Promise.allSettled([...this.inFlight]);
+    }
+    await this.store.releaseLeases(this.workerId).catch(() => undefined);
+  }
+
+  /** Waits until nothing is in flight (for tests). */
+  async idle(): Promise<void> {
+    while (this.loopPromise || this.inFlight.size > 0) {
+      await this.loopPromise;
+      await Promise.allSettled([...this.inFlight]);
+    }
+  }
+
+  private async process(entry: WebhookEntry): Promise<void> {
+    const attempts = entry.attempts + 1;
+    const ids = { webhookId: entry.id, referralId: entry.referralId, seq: entry.seq };
+    const started = Date.now();
+    const result = await this.attempt(entry);
+    const durationMs = Date.now() - started;
+    let applied = true;
+    switch (result.kind) {
+      case 'aborted':
+        // Shutdown: not counted; stop() releases the lease.
+        return;
+      case 'delivered':
+        applied = await this.store.markDelivered(entry.id, this.workerId, attempts);
+        webhookAttempts.inc({ result: 'delivered' });
+        logger.info('webhook delivered', { ...ids, attempts, status: result.status, durationMs });
+        break;
+      case 'fail':
+        applied = await this.store.markFailed(entry.id, this.workerId, attempts, result.reason);
+        webhookAttempts.inc({ result: 'failed' });
+        logger.error('webhook failed permanently', { ...ids, attempts, reason: result.reason });
+        break;
+      case 'retry': {
+        const now = Date.now();
+        if (isExhausted(attempts, new Date(entry.createdAt), now, { maxAttempts: this.opts.maxAttempts, maxAgeMs: this.opts.maxAgeMs })) {
+          const reason = `gave up after ${attempts} attempts; last error: ${result.reason}`;
+          applied = await this.store.markFailed(entry.id, this.workerId, attempts, reason);
+          webhookAttempts.inc({ result: 'failed' });
+          logger.error('webhook failed permanently', { ...ids, attempts, status: result.status, reason });
+          break;
+        }
+        const delay = nextDelay(attempts, { baseMs: this.opts.baseDelayMs, capMs: this.opts.maxDelayMs, retryAfterMs: result.retryAfterMs });
+        // Never past the age limit: the last attempt happens at the deadline, then the event is dead-lettered.
+        const deadline = Date.parse(entry.createdAt) + this.opts.maxAgeMs;
+        const at = Math.min(now + delay, Math.max(now, deadline));
+        applied = await this.store.reschedule(entry.id, this.workerId, attempts, new Date(at).toISOString(), result.reason);
+        webhookAttempts.inc({ result: 'retry' });
+        logger.warn('webhook will be retried', { ...ids, attempts, status: result.status, delayMs: at - now, reason: result.reason, durationMs });
+        break;
+      }
+    }
+    if (!applied) {
+      logger.warn('webhook lease was lost before the outcome was recorded', { ...ids, attempts });
+    }
+  }
+
+  /** One POST of the stored payload bytes. Logs and errors name ids and status codes, never the payload or URL. */
+  private async attempt(entry: WebhookEntry): Promise<Attempt> {
+    let url: URL;
+    try {
+      url = new URL(entry.url);
+    } catch {
+      return { kind: 'fail', reason: 'the callback URL is not a valid URL' };
+    }
+    if (url.protocol !== 'https:' && url.protocol !== 'http:') {
+      return { kind: 'fail', reason: `the callback URL scheme ${url.protocol} is not supported` };
+    }
+    if (url.username || url.password) {
+      return { kind: 'fail', reason: 'the callback URL carries credentials, which are not sent' };
+    }
+    const now = new Date();
+    const headers: Record<string, string> = {
+      'content-type': 'application/json',
+      'user-agent': 'referral-gateway-webhooks/1',
+      'webhook-id': entry.id,
+      'webhook-timestamp': String(Math.floor(now.getTime() / 1000)),
+    };
+    if (this.signer) {
+      headers['webhook-signature'] = this.signer.sign(entry.id, now, entry.payload);
+    }
+    const timeout = AbortSignal.timeout(this.opts.timeoutMs);
+    const signal = AbortSignal.any([timeout, this.shutdown.signal]);
+    let res: Response;
+    try {
+      res = await this.fetchImpl(url, { method: 'POST', headers, body: entry.payload, redirect: 'manual', signal });
+    } catch (err) {
+      if (this.shutdown.signal.aborted) return { kind: 'aborted' };
+      if (timeout.aborted) return { kind: 'retry', reason: `no response within ${this.opts.timeoutMs} ms` };
+      return { kind: 'retry', reason: `network error: ${errorCode(err)}` };
+    }
+    // The receiver's body is not needed (nor logged): free the connection.
+    await res.body?.cancel().catch(() => undefined);
+    if (res.status >= 200 && res.status < 300) {
+      return { kind: 'delivered', status: res.status };
+    }
+    if (res.status >= 300 && res.status < 400) {
+      return { kind: 'retry', status: res.status, reason: `HTTP ${res.status}: redirects are not followed` };
+    }
+    const retryAfterMs = res.status === 429 || res.status === 503 ? parseRetryAfterHeader(res.headers.get('retry-after'), Date.now()) : undefined;
+    return { kind: 'retry', status: res.status, reason: `HTTP ${res.status}`, ...(retryAfterMs !== undefined ? { retryAfterMs } : {}) };
+  }
+}

@@ -1,0 +1,32 @@
+import type { Router } from 'express';
+import { webhooksAdminRouter } from '../api/webhooks-admin-router';
+import type { Db } from '../store/db';
+import { WebhookStore } from '../store/webhook-store';
+import { WebhookDispatcher, type WebhookDispatcherOptions } from './dispatcher';
+
+export { WebhookDispatcher, WEBHOOK_DEFAULTS, receiverSecret, createSigner, type WebhookDispatcherOptions } from './dispatcher';
+export { WebhookStore, type WebhookEntry, type WebhookState } from '../store/webhook-store';
+
+export interface AttachedWebhooks {
+  store: WebhookStore;
+  /** start() after the server listens; stop() with the other workers; wake() after a status change. */
+  dispatcher: WebhookDispatcher;
+  /** GET /webhooks, POST /webhooks/:id/retry — mount under /admin, behind the admin key. */
+  adminRouter: Router;
+}
+
+/**
+ * Everything status webhooks need, on the service's Db: the outbox store, the dispatcher (signing
+ * with WEBHOOK_SECRET when set) and the operator router. `overrides` are for tests (short delays) and
+ * tuning; `fetchImpl` replaces the HTTP client (tests).
+ */
+export function attachWebhooks(
+  db: Db,
+  config: { webhookSecret?: string },
+  overrides: Partial<WebhookDispatcherOptions> = {},
+  fetchImpl: typeof fetch = fetch
+): AttachedWebhooks {
+  const store = new WebhookStore(db);
+  const dispatcher = new WebhookDispatcher(store, { secret: config.webhookSecret, ...overrides }, fetchImpl);
+  return { store, dispatcher, adminRouter: webhooksAdminRouter(store, () => dispatcher.wake()) };
+}
