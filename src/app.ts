@@ -16,6 +16,8 @@ export interface AppDeps {
   sandbox?: Router;
   isReady: () => Promise<{ ready: boolean; checks: Record<string, string> }>;
   isShuttingDown: () => boolean;
+  /** Status webhook operator endpoints (GET /webhooks, POST /webhooks/:id/retry), mounted under /admin. */
+  webhooksAdmin?: Router;
 }
 
 /** The HTTP composition root: headers, parsers, routers and the one error handler. */
@@ -51,7 +53,7 @@ export function createApp(deps: AppDeps): Express {
 
   const json = express.json({ limit: deps.config.maxBodyBytes, type: ['application/json', 'application/*+json'], strict: false });
   app.use('/referrals', apiKeyAuth(deps.config.apiKeys), requireJson, json, referralsRouter(deps.service, deps.store, deps.reports));
-  app.use('/admin', adminAuth(deps.config.adminApiKey), requireJson, json, adminRouter(deps.store));
+  app.use('/admin', adminAuth(deps.config.adminApiKey), requireJson, json, adminRouter(deps.store), ...(deps.webhooksAdmin ? [deps.webhooksAdmin] : []));
 
   app.use(notFoundHandler);
   app.use(errorHandler);

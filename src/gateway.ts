@@ -14,6 +14,7 @@ import { migrate } from './store/migrations';
 import { ReferralStore } from './store/referral-store';
 import { Poller } from './tracking/poller';
 import { ReportContentReader } from './tracking/report';
+import { attachWebhooks, type AttachedWebhooks, type WebhookDispatcher, type WebhookDispatcherOptions } from './webhooks';
 
 export const SANDBOX_ID = 'sandbox';
 export const SANDBOX_PATH = '/sandbox/fhir/R4';
@@ -42,6 +43,9 @@ export interface GatewayOptions {
   pollPageSize?: number;
   pollSweepEveryMs?: number;
   startPoller?: boolean;
+  /** Status webhook dispatcher overrides (tests: short delays); `webhookFetch` replaces its HTTP client. */
+  webhooks?: Partial<WebhookDispatcherOptions>;
+  webhookFetch?: typeof fetch;
 }
 
 /** The whole service: store, API, sandbox, delivery worker and poller, with start and stop. */
@@ -52,6 +56,8 @@ export class Gateway {
   readonly worker: DeliveryWorker;
   readonly poller: Poller;
   readonly service: ReferralService;
+  readonly webhooks: WebhookDispatcher;
+  private readonly webhooksAttached: AttachedWebhooks;
   server: Server | undefined;
   url = '';
   sandbox: ReturnType<typeof createSandboxRouter> | undefined;
@@ -66,6 +72,8 @@ export class Gateway {
     this.store = new ReferralStore(openDb(config.databaseUrl));
     this.destinations = new Directory(config.destinations);
     this.clients = opts.clients ?? new FhirClients();
+    this.webhooksAttached = attachWebhooks(this.store.db, config, opts.webhooks, opts.webhookFetch);
+    this.webhooks = this.webhooksAttached.dispatcher;
     this.worker = new DeliveryWorker(
       this.store,
       this.destinations,
@@ -78,7 +86,10 @@ export class Gateway {
         concurrency: config.delivery.concurrency,
         idleMs: opts.deliveryIdleMs ?? 1000,
       },
-      (e) => logger.debug('status change', { ...e })
+      (e) => {
+        logger.debug('status change', { ...e });
+        this.webhooks.wake();
+      }
     );
     const defaultCron = config.pollCron ?? (config.useSandbox ? '*/10 * * * * *' : '*/5 * * * *');
     this.poller = new Poller(this.store, this.destinations, this.clients, {
@@ -86,7 +97,7 @@ export class Gateway {
       overlapMs: opts.pollOverlapMs ?? 60_000,
       pageSize: opts.pollPageSize ?? 100,
       sweepEveryMs: opts.pollSweepEveryMs,
-    });
+    }, () => this.webhooks.wake());
     this.service = new ReferralService(this.store, this.destinations, () => this.worker.wake());
   }
 
@@ -104,6 +115,7 @@ export class Gateway {
       sandbox: this.sandbox?.router,
       isReady: () => this.readiness(),
       isShuttingDown: () => this.shuttingDown,
+      webhooksAdmin: this.webhooksAttached.adminRouter,
     });
     const server = app.listen(this.config.port, this.config.host);
     this.server = server;
@@ -124,6 +136,7 @@ export class Gateway {
       });
     }
     this.worker.start();
+    this.webhooks.start();
     if (this.opts.startPoller !== false) this.poller.start();
   }
 
@@ -150,7 +163,7 @@ export class Gateway {
     server?.closeIdleConnections();
     const force = setTimeout(() => server?.closeAllConnections(), this.config.shutdownTimeoutMs);
     force.unref();
-    await Promise.all([this.poller.stop(), this.worker.stop()]);
+    await Promise.all([this.poller.stop(), this.worker.stop(), this.webhooks.stop()]);
     await closed;
     clearTimeout(force);
     await this.store.db.close();

@@ -20,6 +20,7 @@ async function main(): Promise<void> {
   logger.info('referral-gateway listening', { url: gateway.url, destinations: gateway.destinations.ids(), database: config.databaseUrl.split(':')[0] });
 
   const say = (s: string): void => void process.stdout.write(`${s}\n`);
+  say(`referral-gateway listening on ${gateway.url}`);
   if (config.devKeys) {
     say('');
     say('!!! WARNING: API_KEYS is not set: using the single development client "dev" with key "dev-key". Never run like this with real patient data.');

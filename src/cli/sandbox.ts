@@ -2,6 +2,8 @@
 // Serves /fhir/R4 and /sandbox/fhir/R4 (same in-memory store). PORT=0 picks a free port.
 // stdout: one JSON line {"event":"sandbox-listening","url":...} when ready, and
 // {"event":"sandbox-stopped"} on SIGTERM/SIGINT. Errors go to stderr (exit code 1).
+// GET /_sandbox/stats answers request and search counters as JSON.
+// SANDBOX_SEARCH_INDEX=off answers every search by scanning the store (for comparisons).
 import { startSandboxServer } from '../fhir/sandbox';
 
 function parsePort(raw: string | undefined): number {
@@ -16,7 +18,8 @@ async function main(): Promise<void> {
   const port = parsePort(process.env.PORT);
   const host = process.env.HOST || '127.0.0.1';
   const started = performance.now();
-  const sandbox = await startSandboxServer(port, { host });
+  const searchIndex = !/^(off|false|0|no)$/i.test(process.env.SANDBOX_SEARCH_INDEX ?? '');
+  const sandbox = await startSandboxServer(port, { host, searchIndex });
   process.stderr.write(`sandbox ready in ${Math.round(performance.now() - started)} ms\n`);
   process.stdout.write(JSON.stringify({ event: 'sandbox-listening', url: sandbox.url }) + '\n');
 

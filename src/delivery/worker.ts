@@ -1,15 +1,21 @@
-import type { Bundle, OperationOutcome } from '@medplum/fhirtypes';
+import type { OperationOutcome } from '@medplum/fhirtypes';
 import type { Destination } from '../config/destinations';
-import { mapReferralToBundle } from '../mapping/bundle';
 import { requestContext } from '../observability/context';
 import { logger } from '../observability/logger';
+import { deliveries } from '../observability/metrics';
 import type { DestinationDirectory } from '../referral/service';
-import type { FhirRefs, StoredReferral } from '../referral/types';
+import type { StoredReferral } from '../referral/types';
 import { ulid } from '../store/ids';
 import type { OutboxEntry, ReferralStore } from '../store/referral-store';
-import { isExhausted, nextDelay } from './policy';
+import { beginAttempt } from './attempts';
+import { CircuitBreaker } from './circuit';
 import type { FhirClients } from './clients';
-import { sendTransaction, type TransactionResult } from '../fhir/transaction';
+import { deliverCancel, deliverDocuments, deliverSubmit } from './operations';
+import type { DeliveryEvent, OperationContext, Outcome } from './operations';
+import { isExhausted, nextDelay } from './policy';
+
+export { collectRefs } from './operations';
+export type { DeliveryEvent } from './operations';
 
 export interface DeliveryOptions {
   maxAttempts: number;
@@ -19,14 +25,36 @@ export interface DeliveryOptions {
   concurrency: number;
   /** How often the worker looks for due entries when nothing wakes it. */
   idleMs: number;
+  /**
+   * Outbox lease. Default: derived from the destinations' request timeouts (entryBudgetMs of the slowest
+   * destination + its timeout + 2 s), e.g. 122 s for 30 s timeouts, 6 s for 1 s timeouts.
+   */
+  leaseMs?: number;
+  /** Clock for the circuit breakers (tests). */
+  now?: () => number;
 }
 
-export type DeliveryEvent = { referralId: string; status: string; previous: string; reason?: string };
+/** Requests' worth of time one entry may take (a search, a token, the send and a re-authenticated resend). */
+const REQUESTS_PER_ENTRY = 3;
+
+/** Time one attempt at an entry may take before it is abandoned as "outcome unknown". */
+export function entryBudgetMs(destination: Pick<Destination, 'timeoutMs'>): number {
+  return REQUESTS_PER_ENTRY * destination.timeoutMs;
+}
 
 /**
- * Takes outbox entries and sends them to their destination. Each entry is leased by one worker;
- * a crash leaves the lease to expire and another run resumes it. Every bundle uses conditional
- * creates, so a resend after a lost response matches what the server already holds.
+ * Takes outbox entries and sends them to their destination.
+ *
+ * Exactly-once effect at the centre: each entry is leased by one worker (ReferralStore.claim); the attempt is
+ * recorded before anything is sent, so after a crash or a lost answer the next attempt knows the outcome is
+ * unknown and first searches the centre for what the earlier one created (read-before-retry); and every
+ * bundle entry is a conditional create (Binaries: a PUT to an id derived from the referral), so a resend
+ * matches what the server already holds. An attempt that overruns its time budget is abandoned before the
+ * lease can expire under it.
+ *
+ * Failures: exponential backoff with full jitter (Retry-After honoured), a per-destination circuit breaker
+ * (entries for an open circuit are put off to the probe time without an attempt being counted), and a dead
+ * letter after `maxAttempts` or `maxAgeMs`.
  */
 export class DeliveryWorker {
   private readonly workerId = `w_${ulid()}`;
@@ -35,6 +63,7 @@ export class DeliveryWorker {
   private inFlight = new Set<Promise<void>>();
   private wakeRequested = false;
   private loopPromise: Promise<void> | undefined;
+  private readonly breakers = new Map<string, CircuitBreaker>();
 
   constructor(
     private readonly store: ReferralStore,
@@ -63,6 +92,23 @@ export class DeliveryWorker {
         this.schedule();
       });
     }
+  }
+
+  /** The circuit breaker of a destination (created on first use). */
+  circuit(destination: Destination): CircuitBreaker {
+    let b = this.breakers.get(destination.id);
+    if (!b) {
+      const probeWaitMs = Math.min(Math.max(destination.timeoutMs, 500), 5_000);
+      b = CircuitBreaker.fromSettings(destination.circuitBreaker, probeWaitMs, this.opts.now, (t) => {
+        const meta = { destination: destination.id, from: t.from, to: t.to, cooldownMs: t.cooldownMs, consecutiveFailures: t.consecutiveFailures };
+        if (t.to === 'open') logger.warn('destination circuit opened: deliveries paused', meta);
+        else logger.info(`destination circuit ${t.to}`, meta);
+        // An entry put off to the probe time wakes the loop by the idle timer; make sure one is not far away.
+        if (t.to === 'closed') this.wake();
+      });
+      this.breakers.set(destination.id, b);
+    }
+    return b;
   }
 
   private schedule(): void {
@@ -107,9 +153,16 @@ export class DeliveryWorker {
     }
   }
 
-  private leaseMs(): number {
-    const longest = Math.max(30_000, ...this.destinations.ids().map((id) => this.destinations.get(id)?.timeoutMs ?? 30_000));
-    return longest * 2 + 10_000;
+  /**
+   * The lease must outlast one attempt: its time budget, a token request that may have started just before
+   * the budget ran out, and the store writes that follow. Short timeouts give short leases, so entries held by
+   * a crashed process are taken over soon.
+   */
+  leaseMs(): number {
+    if (this.opts.leaseMs !== undefined) return this.opts.leaseMs;
+    const timeouts = this.destinations.ids().map((id) => this.destinations.get(id)?.timeoutMs ?? 30_000);
+    const longest = timeouts.length > 0 ? Math.max(...timeouts) : 30_000;
+    return entryBudgetMs({ timeoutMs: longest }) + longest + 2_000;
   }
 
   /** Stops taking entries and waits for the ones in flight. */
@@ -137,92 +190,119 @@ export class DeliveryWorker {
     }
     const destination = this.destinations.get(referral.destination);
     if (!destination) {
-      await this.retryLater(entry, referral, `destination ${referral.destination} is not configured`);
+      await this.retryLater(entry, referral, entry.attempts + 1, { kind: 'retry', reason: `destination ${referral.destination} is not configured`, neutral: true });
       return;
     }
-    if (entry.kind !== 'submit') {
+    const operation = OPERATIONS[entry.kind];
+    if (!operation) {
       await this.store.finishOutbox(entry.id, 'failed', entry.attempts, `outbox kind ${entry.kind} is not supported by this version`);
       return;
     }
-    const bundle = mapReferralToBundle({
-      referralId: referral.id,
-      clientId: referral.clientId,
-      referral: referral.payload,
-      destination,
-      createdAt: referral.createdAt,
-    });
-    let result: TransactionResult;
-    try {
-      result = await sendTransaction(this.clients.get(destination), bundle);
-    } catch (err) {
-      result = { kind: 'retry', reason: `unexpected error: ${(err as Error).message}` };
+
+    const breaker = this.circuit(destination);
+    const admission = breaker.admit();
+    if (!admission.allowed) {
+      await this.deferForCircuit(entry, referral, destination, admission.retryAt);
+      return;
     }
-    const attempts = entry.attempts + 1;
-    switch (result.kind) {
-      case 'ok': {
-        const fhir = collectRefs(destination, bundle, result.locations);
-        await this.store.finishOutbox(entry.id, 'done', attempts, null);
-        const changed = await this.store.changeStatus(
-          referral.id,
-          { status: 'sent', fhir, reason: null, detail: { attempts } },
-          (cur) => cur.status === 'queued' || cur.status === 'delivery-failed'
-        );
-        logger.info('referral delivered', { referralId: referral.id, destination: destination.id, attempts, task: fhir.task });
-        if (changed) this.onStatusChange({ referralId: referral.id, status: 'sent', previous: changed.previous });
+    const permit = admission.permit;
+    let attempt: number | undefined;
+    try {
+      attempt = await beginAttempt(this.store, entry, this.workerId);
+    } finally {
+      if (attempt === undefined) breaker.released(permit);
+    }
+    if (attempt === undefined) {
+      logger.warn('outbox entry is no longer held by this worker; skipped', { outboxId: entry.id, referralId: referral.id });
+      return;
+    }
+
+    const budget = entryBudgetMs(destination);
+    const signal = AbortSignal.timeout(budget);
+    const ctx: OperationContext = {
+      store: this.store,
+      entry,
+      attempt,
+      referral,
+      destination,
+      client: this.clients.get(destination),
+      signal,
+      emit: (e) => this.onStatusChange(e),
+    };
+    let outcome: Outcome;
+    try {
+      outcome = await operation(ctx);
+    } catch (err) {
+      outcome = signal.aborted
+        ? { kind: 'retry', reason: `the attempt overran its ${budget} ms budget; outcome unknown` }
+        : { kind: 'retry', reason: `unexpected error: ${(err as Error).message}`, neutral: true };
+    }
+
+    if (outcome.kind === 'retry') {
+      if (outcome.neutral) breaker.released(permit);
+      else breaker.failed(permit);
+    } else {
+      breaker.succeeded(permit);
+    }
+    deliveries.inc({ destination: destination.id, result: outcome.kind === 'done' ? 'ok' : outcome.kind });
+
+    switch (outcome.kind) {
+      case 'done':
+        await this.store.finishOutbox(entry.id, 'done', attempt, null);
         return;
-      }
       case 'fail':
-        await this.failPermanently(entry, referral, attempts, `${result.status}: ${result.reason}`, result.outcome);
+        await this.failPermanently(entry, referral, attempt, outcome.status ? `${outcome.status}: ${outcome.reason}` : outcome.reason, outcome.outcome);
         return;
       case 'retry':
-        await this.retryLater({ ...entry, attempts: attempts - 1 }, referral, result.reason, result.retryAfterMs, result.status);
+        await this.retryLater(entry, referral, attempt, outcome);
         return;
     }
   }
 
-  private async retryLater(entry: OutboxEntry, referral: StoredReferral, reason: string, retryAfterMs?: number, status?: number): Promise<void> {
-    const attempts = entry.attempts + 1;
-    const error = status ? `${status}: ${reason}` : reason;
+  /** The circuit is open: put the entry off to the probe time, counting no attempt (unless it is too old). */
+  private async deferForCircuit(entry: OutboxEntry, referral: StoredReferral, destination: Destination, retryAt: number): Promise<void> {
+    const lastError = entry.lastError ?? `destination ${destination.id} circuit open`;
+    if (isExhausted(0, new Date(entry.createdAt), new Date(), { maxAttempts: Number.POSITIVE_INFINITY, maxAgeMs: this.opts.maxAgeMs })) {
+      await this.failPermanently(entry, referral, entry.attempts, `gave up after ${entry.attempts} attempts (destination circuit open); last error: ${lastError}`);
+      return;
+    }
+    await this.store.rescheduleOutbox(entry.id, entry.attempts, new Date(retryAt).toISOString(), lastError);
+    deliveries.inc({ destination: destination.id, result: 'deferred' });
+    logger.debug('delivery deferred: destination circuit open', { referralId: referral.id, destination: destination.id, until: new Date(retryAt).toISOString() });
+  }
+
+  private async retryLater(entry: OutboxEntry, referral: StoredReferral, attempts: number, outcome: Extract<Outcome, { kind: 'retry' }>): Promise<void> {
+    const error = outcome.status ? `${outcome.status}: ${outcome.reason}` : outcome.reason;
     if (isExhausted(attempts, new Date(entry.createdAt), new Date(), { maxAttempts: this.opts.maxAttempts, maxAgeMs: this.opts.maxAgeMs })) {
       await this.failPermanently(entry, referral, attempts, `gave up after ${attempts} attempts; last error: ${error}`);
       return;
     }
-    const delay = nextDelay(attempts, { baseMs: this.opts.baseDelayMs, capMs: this.opts.maxDelayMs, retryAfterMs });
+    const delay = nextDelay(attempts, { baseMs: this.opts.baseDelayMs, capMs: this.opts.maxDelayMs, retryAfterMs: outcome.retryAfterMs });
     const next = new Date(Date.now() + delay).toISOString();
     await this.store.rescheduleOutbox(entry.id, attempts, next, error);
-    logger.warn('delivery will be retried', { referralId: referral.id, destination: referral.destination, attempts, delayMs: delay, reason: error });
+    logger.warn('delivery will be retried', { referralId: referral.id, destination: referral.destination, kind: entry.kind, attempts, delayMs: delay, reason: error });
   }
 
+  /**
+   * Dead letter. A referral whose submission fails becomes delivery-failed; a failed documents or cancel entry
+   * leaves the status alone (the referral is at the centre) and is noted in the history.
+   */
   private async failPermanently(entry: OutboxEntry, referral: StoredReferral, attempts: number, error: string, outcome?: OperationOutcome): Promise<void> {
     const lastError = outcome ? `${error} ${JSON.stringify(outcome)}` : error;
+    if (entry.kind === 'submit') {
+      const changed = await this.store.changeStatus(referral.id, { status: 'delivery-failed', reason: error, detail: outcome ? { outcome } : undefined }, (cur) => cur.status === 'queued');
+      if (changed) this.onStatusChange({ referralId: referral.id, status: 'delivery-failed', previous: changed.previous, reason: error });
+    } else {
+      const cur = await this.store.getById(referral.id);
+      await this.store.note(referral.id, (cur ?? referral).status, `${entry.kind} could not be delivered: ${error}`, outcome ? { outcome } : undefined);
+    }
     await this.store.finishOutbox(entry.id, 'failed', attempts, lastError);
-    const changed = await this.store.changeStatus(referral.id, { status: 'delivery-failed', reason: error, detail: outcome ? { outcome } : undefined }, (cur) => cur.status === 'queued');
-    logger.error('referral delivery failed permanently', { referralId: referral.id, destination: referral.destination, attempts, reason: error });
-    if (changed) this.onStatusChange({ referralId: referral.id, status: 'delivery-failed', previous: changed.previous, reason: error });
+    logger.error('delivery failed permanently', { referralId: referral.id, destination: referral.destination, kind: entry.kind, attempts, reason: error });
   }
 }
 
-/** Server-assigned ids, by the role each bundle entry plays. */
-export function collectRefs(destination: Destination, bundle: Bundle, locations: Array<{ resourceType: string; id: string }>): FhirRefs {
-  const refs: FhirRefs = { baseUrl: destination.baseUrl, documents: [] };
-  (bundle.entry ?? []).forEach((e, i) => {
-    const loc = locations[i];
-    if (!loc) return;
-    const ref = `${loc.resourceType}/${loc.id}`;
-    switch (e.resource?.resourceType) {
-      case 'ServiceRequest':
-        refs.serviceRequest = ref;
-        break;
-      case 'Task':
-        refs.task = ref;
-        break;
-      case 'Patient':
-        refs.patient = ref;
-        break;
-      case 'DocumentReference':
-        refs.documents.push(ref);
-        break;
-    }
-  });
-  return refs;
-}
+const OPERATIONS: Partial<Record<OutboxEntry['kind'], (ctx: OperationContext) => Promise<Outcome>>> = {
+  submit: deliverSubmit,
+  documents: deliverDocuments,
+  cancel: deliverCancel,
+};

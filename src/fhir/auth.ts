@@ -104,7 +104,6 @@ export function createAuthProvider(
     case 'smart-backend': {
       const clientId = requireEnv(env, auth.clientIdEnv);
       const key = loadPrivateKey(auth, env);
-      const now = options.now ?? Date.now;
       const request = async (): Promise<TokenRequest> => {
         const assertion = await signClientAssertion({
           clientId,
@@ -112,7 +111,8 @@ export function createAuthProvider(
           key,
           alg: auth.alg,
           kid: auth.kid,
-          nowMs: now(),
+          // Wall-clock time, always: the token server checks exp against its own clock.
+          nowMs: Date.now(),
         });
         const form = new URLSearchParams({
           grant_type: 'client_credentials',

@@ -71,6 +71,12 @@ export interface SearchOptions {
   signal?: AbortSignal;
 }
 
+export interface TransactionOptions {
+  signal?: AbortSignal;
+  /** Send `Prefer: return=minimal`: entries answer with status and location only. */
+  preferMinimal?: boolean;
+}
+
 export interface SearchAllOptions extends SearchOptions {
   /** Stop after this many pages (default 50); the result then says `truncated: true`. */
   maxPages?: number;
@@ -103,11 +109,16 @@ export interface FhirClient {
   readonly baseUrl: string;
   /** The underlying client (retries off, no cache, our fetch wrapper). */
   readonly medplum: MedplumClient;
-  /** POSTs a transaction Bundle to the base. Returns the response Bundle after checking only that it is a Bundle. */
-  transaction(bundle: Bundle): Promise<Bundle>;
+  /**
+   * POSTs a transaction Bundle to the base. Returns the response Bundle after checking only that it is a Bundle.
+   * The body is serialized once; strings of 64 KiB or more (base64 document data) are streamed in slices
+   * rather than copied into one request string, and the answer is asked for as `Prefer: return=minimal` when
+   * `preferMinimal` is set (so a server does not echo a large Binary back).
+   */
+  transaction(bundle: Bundle, opts?: TransactionOptions): Promise<Bundle>;
   read<T extends Resource = Resource>(type: T['resourceType'], id: string, opts?: SearchOptions): Promise<T>;
   /** PUT; with `ifMatchVersion` sends `If-Match: W/"<version>"` (a mismatch is an http 412 error). */
-  update<T extends Resource>(resource: T, ifMatchVersion?: string): Promise<T>;
+  update<T extends Resource>(resource: T, ifMatchVersion?: string, opts?: SearchOptions): Promise<T>;
   search<T extends Resource = Resource>(
     type: T['resourceType'],
     params: SearchParams,
@@ -196,7 +207,7 @@ export function createFhirClient(dest: Destination, opts: FhirClientOptions = {}
 
   async function attempt(
     url: string,
-    init: RequestInit,
+    init: ExchangeInit,
     authz: Record<string, string>,
     target: string
   ): Promise<RawResponse> {
@@ -213,7 +224,8 @@ export function createFhirClient(dest: Destination, opts: FhirClientOptions = {}
         {
           method: init.method ?? 'GET',
           headers,
-          body: init.body,
+          // A streamed body is single-use: a factory gives each attempt (e.g. the one after a 401) its own.
+          ...requestBody(init.body),
           signal: init.signal,
           // A redirect could carry the token elsewhere; a 3xx is reported as an http error instead.
           redirect: 'manual',
@@ -237,7 +249,7 @@ export function createFhirClient(dest: Destination, opts: FhirClientOptions = {}
   }
 
   /** One logical request: attempt, and on a 401 with refreshable auth, re-authenticate and attempt once more. */
-  async function exchange(url: string, init: RequestInit): Promise<RawResponse> {
+  async function exchange(url: string, init: ExchangeInit): Promise<RawResponse> {
     const method = (init.method ?? 'GET').toUpperCase();
     const target = describeTarget(method, url);
     let parsed: URL;
@@ -370,15 +382,36 @@ export function createFhirClient(dest: Destination, opts: FhirClientOptions = {}
     baseUrl,
     medplum,
 
-    async transaction(bundle: Bundle): Promise<Bundle> {
+    async transaction(bundle: Bundle, o: TransactionOptions = {}): Promise<Bundle> {
       if (bundle?.resourceType !== 'Bundle' || bundle.type !== 'transaction') {
         throw new Error('transaction(): expected a Bundle of type "transaction"');
       }
-      return withRecord(async (record) => {
-        const result: unknown = await medplum.executeBatch(bundle);
-        assertBundle(result, 'POST (base)', record);
-        return result;
-      });
+      // Straight through the wrapper, not MedplumClient: it would stringify the bundle itself, and hold the
+      // request string and its UTF-8 copy at once.
+      const target = 'POST (base)';
+      const body = jsonRequestBody(bundle);
+      const headers: Record<string, string> = {
+        'Content-Type': 'application/fhir+json',
+        Accept: 'application/fhir+json',
+      };
+      if (o.preferMinimal) {
+        headers.Prefer = 'return=minimal';
+      }
+      const res = await exchange(baseUrl, { method: 'POST', headers, body, signal: o.signal });
+      if (res.status < 200 || res.status >= 300) {
+        throw httpError(res, target);
+      }
+      const parsed = parseJsonObject(res.bytes);
+      if (parsed === undefined) {
+        const what = `HTTP ${res.status} body is not a JSON object (${contentTypeOf(res)})`;
+        throw new FhirRequestError('invalid-response', `${target}: ${what}`, { status: res.status });
+      }
+      if (parsed.resourceType !== 'Bundle') {
+        throw new FhirRequestError('invalid-response', `${target}: HTTP ${res.status} response is not a Bundle`, {
+          status: res.status,
+        });
+      }
+      return parsed as unknown as Bundle;
     },
 
     async read<T extends Resource = Resource>(type: T['resourceType'], id: string, o: SearchOptions = {}): Promise<T> {
@@ -393,7 +426,7 @@ export function createFhirClient(dest: Destination, opts: FhirClientOptions = {}
       });
     },
 
-    async update<T extends Resource>(resource: T, ifMatchVersion?: string): Promise<T> {
+    async update<T extends Resource>(resource: T, ifMatchVersion?: string, o: SearchOptions = {}): Promise<T> {
       assertType(resource.resourceType);
       assertId(resource.id);
       const headers: Record<string, string> = { Prefer: 'return=representation' };
@@ -405,7 +438,7 @@ export function createFhirClient(dest: Destination, opts: FhirClientOptions = {}
       }
       const target = `PUT ${resource.resourceType}/…`;
       return withRecord(async (record) => {
-        const result: unknown = await medplum.updateResource(resource, { headers });
+        const result: unknown = await medplum.updateResource(resource, { headers, signal: o.signal });
         if (result === resource) {
           // Empty body (or 304): MedplumClient hands back our input; take the new version from the ETag.
           const version = parseEtag(record.headers?.get('etag'));
@@ -556,4 +589,106 @@ function assertId(id: string | undefined): asserts id is string {
   if (typeof id !== 'string' || !FHIR_ID.test(id)) {
     throw new Error('invalid FHIR resource id');
   }
+}
+
+/** RequestInit whose body may be a factory, called once per attempt (streamed bodies are single-use). */
+type BodyInit = NonNullable<RequestInit['body']>;
+type ExchangeInit = Omit<RequestInit, 'body'> & { body?: BodyInit | null | (() => BodyInit) };
+
+function requestBody(body: ExchangeInit['body']): { body?: BodyInit | null; duplex?: 'half' } {
+  if (typeof body !== 'function') {
+    return { body };
+  }
+  const made = body();
+  // Node's fetch needs duplex 'half' for a stream body.
+  return made instanceof ReadableStream ? { body: made, duplex: 'half' } : { body: made };
+}
+
+/** Strings at least this long are streamed in slices instead of being copied into the request string. */
+const STREAM_STRING_MIN = 64 * 1024;
+const STREAM_SLICE = 1024 * 1024;
+/** JSON needs no escaping inside these strings (base64, plain ASCII text without quotes or backslashes). */
+const JSON_SAFE = /^[\x20\x21\x23-\x5b\x5d-\x7e]*$/;
+
+/**
+ * A JSON request body for `value`. Small values become one string. When the value holds long strings that
+ * JSON leaves as they are (base64 `data` of a large document), the body is a stream: the rest of the JSON is
+ * serialized once with placeholders, and each long string is written in 1 MiB slices, so the process never
+ * holds the whole request as a string or a Buffer next to the strings it came from.
+ */
+export function jsonRequestBody(value: unknown): BodyInit | (() => BodyInit) {
+  if (!hasLongString(value, 0)) {
+    return JSON.stringify(value);
+  }
+  const longs: string[] = [];
+  const marker = `\u0000long-string-${Math.random().toString(36).slice(2)}-`;
+  const skeleton = JSON.stringify(value, (_key, v: unknown) => {
+    if (typeof v === 'string' && v.length >= STREAM_STRING_MIN && JSON_SAFE.test(v)) {
+      longs.push(v);
+      return `${marker}${longs.length - 1}`;
+    }
+    return v;
+  });
+  // JSON.stringify writes the NUL of the marker as \u0000, which cannot occur unescaped in its output.
+  const escapedMarker = JSON.stringify(marker).slice(1, -1);
+  const parts = skeleton.split(new RegExp(`"${escapeRegExp(escapedMarker)}(\\d+)"`));
+  return () => {
+    let i = 0;
+    let offset = -1;
+    const encoder = new TextEncoder();
+    return new ReadableStream<Uint8Array>({
+      pull(controller) {
+        // parts: text, index, text, index, ..., text
+        while (i < parts.length) {
+          if (i % 2 === 0) {
+            const text = parts[i++];
+            if (text.length > 0) {
+              controller.enqueue(encoder.encode(text));
+              return;
+            }
+            continue;
+          }
+          const long = longs[Number(parts[i])];
+          if (offset < 0) {
+            offset = 0;
+            controller.enqueue(encoder.encode('"'));
+            return;
+          }
+          if (offset < long.length) {
+            const end = Math.min(offset + STREAM_SLICE, long.length);
+            controller.enqueue(Buffer.from(long.slice(offset, end), 'latin1'));
+            offset = end;
+            return;
+          }
+          controller.enqueue(encoder.encode('"'));
+          offset = -1;
+          i++;
+          return;
+        }
+        controller.close();
+      },
+    });
+  };
+}
+
+function hasLongString(value: unknown, depth: number): boolean {
+  if (typeof value === 'string') {
+    return value.length >= STREAM_STRING_MIN;
+  }
+  if (depth > 64 || value === null || typeof value !== 'object') {
+    return false;
+  }
+  if (Array.isArray(value)) {
+    return value.some((v) => hasLongString(v, depth + 1));
+  }
+  for (const v of Object.values(value as Record<string, unknown>)) {
+    if (hasLongString(v, depth + 1)) {
+      return true;
+    }
+  }
+  return false;
+}
+
+function escapeRegExp(s: string): string {
+  return s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
 }

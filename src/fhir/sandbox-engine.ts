@@ -29,7 +29,6 @@ import type {
   OperationOutcome,
   Resource,
 } from '@medplum/fhirtypes';
-import { IndexedMemoryRepository } from './sandbox-repo';
 import {
   FHIR_ID,
   Journal,
@@ -476,13 +475,8 @@ export class SandboxEngine {
     if (!request.filters?.length) {
       throw fail(400, `Conditional criteria "${criteria}" contain no search parameter`);
     }
+    // An IndexedMemoryRepository answers identifier criteria from its index (no store scan).
     const limited: SearchRequest = { ...request, count: 2, offset: 0, sortRules: undefined };
-    if (this.repo instanceof IndexedMemoryRepository) {
-      const indexed = await this.repo.findIndexed(limited, 2);
-      if (indexed) {
-        return indexed;
-      }
-    }
     const bundle = await this.repo.search(limited);
     return (bundle.entry ?? []).flatMap((e) => (e.resource ? [e.resource] : []));
   }

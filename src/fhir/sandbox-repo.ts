@@ -1,98 +1,48 @@
-// MemoryRepository with an identifier index for conditional interactions.
+// MemoryRepository with a search index (./sandbox-index).
 //
-// MemoryRepository searches by scanning every resource of the type. Referral transactions put
-// an ifNoneExist=identifier=system|value on every entry, so without an index each transaction
-// costs O(store size). The index maps lower-cased identifier values to ids. It is a superset:
-// it is only ever added to (on every create/update/conditional create, the paths through which
-// MemoryRepository stores resources), and candidates are re-checked against the live resource
-// with core's matchesSearchRequest, the same predicate MemoryRepository.search applies. Deletes,
-// expunges, clear() and transaction rollbacks therefore need no index maintenance.
-import { getSearchParameter, matchesSearchRequest, Operator } from '@medplum/core';
+// MemoryRepository searches by scanning every resource of the type with FHIRPath. The sandbox's
+// hot searches are the poller's delta search (`_tag`, `_lastUpdated=gt..`, `_sort=_lastUpdated`,
+// `_count`, paged with _offset), `_id=a,b,c` batches and the `identifier=system|value` criteria of
+// the ifNoneExist on every referral transaction entry. The index answers those (and any search
+// without chains, _include/_revinclude or a sort other than _lastUpdated) with the scan's exact
+// results and order, evaluating only the candidates it narrows to; the rest go to the scan.
 import type { SearchRequest, WithId } from '@medplum/core';
 import { MemoryRepository } from '@medplum/fhir-router';
-import type { CreateResourceOptions } from '@medplum/fhir-router';
-import type { OperationOutcome, Resource } from '@medplum/fhirtypes';
+import type { Bundle, Resource } from '@medplum/fhirtypes';
+import { SearchIndex } from './sandbox-index';
+
+export interface IndexedMemoryRepositoryOptions {
+  /** Answer searches from the index where it can (default true); false: every search scans. */
+  index?: boolean;
+}
 
 export class IndexedMemoryRepository extends MemoryRepository {
-  private readonly identifierIndex = new Map<string, Map<string, Set<string>>>();
+  private readonly searchIndex: SearchIndex | undefined;
+  /** How searches were answered: from the index, or by MemoryRepository's scan. */
+  readonly searchCounts = { indexed: 0, scanned: 0 };
 
-  override async createResource<T extends Resource>(
-    resource: T,
-    options?: CreateResourceOptions,
-    update?: boolean
-  ): Promise<WithId<T>> {
-    const result = await super.createResource(resource, options, update);
-    this.index(result);
-    return result;
+  constructor(options: IndexedMemoryRepositoryOptions = {}) {
+    super();
+    this.searchIndex = options.index === false ? undefined : SearchIndex.attach(this);
   }
 
-  override async conditionalCreate<T extends Resource>(
-    resource: T,
-    search: SearchRequest<T>,
-    options?: CreateResourceOptions
-  ): Promise<{ resource: WithId<T>; outcome: OperationOutcome }> {
-    const result = await super.conditionalCreate(resource, search, options);
-    this.index(result.resource);
-    return result;
+  /** Whether the index is attached (it is unless disabled or MemoryRepository's internals changed). */
+  get indexed(): boolean {
+    return this.searchIndex !== undefined;
   }
 
-  private index(resource: WithId<Resource>): void {
-    const identifiers = (resource as { identifier?: unknown }).identifier;
-    const list = Array.isArray(identifiers) ? identifiers : identifiers ? [identifiers] : [];
-    for (const identifier of list as { value?: unknown }[]) {
-      if (typeof identifier?.value !== 'string') {
-        continue;
-      }
-      let byValue = this.identifierIndex.get(resource.resourceType);
-      if (!byValue) {
-        byValue = new Map();
-        this.identifierIndex.set(resource.resourceType, byValue);
-      }
-      const key = identifier.value.toLowerCase();
-      let ids = byValue.get(key);
-      if (!ids) {
-        ids = new Set();
-        byValue.set(key, ids);
-      }
-      ids.add(resource.id);
+  override async search<T extends Resource>(searchRequest: SearchRequest<T>): Promise<Bundle<WithId<T>>> {
+    const bundle = this.searchIndex?.search(searchRequest);
+    if (bundle) {
+      this.searchCounts.indexed++;
+      return bundle;
     }
+    this.searchCounts.scanned++;
+    return super.search(searchRequest);
   }
 
-  /**
-   * Up to `limit` resources matching `request`, using the identifier index when the request has
-   * an `identifier` filter with a single exact value. Returns undefined when the index cannot
-   * answer (caller falls back to a scan).
-   */
-  async findIndexed(request: SearchRequest, limit: number): Promise<WithId<Resource>[] | undefined> {
-    const type = request.resourceType;
-    if (getSearchParameter(type, 'identifier')?.expression !== `${type}.identifier`) {
-      return undefined;
-    }
-    if (request.filters?.some((f) => f.code.includes('.') || f.code.startsWith('_has:'))) {
-      return undefined; // chained filters are resolved by MemoryRepository.search only
-    }
-    const filter = request.filters?.find(
-      (f) => f.code === 'identifier' && f.operator === Operator.EQUALS && f.value !== '' && !f.value.includes(',')
-    );
-    if (!filter) {
-      return undefined;
-    }
-    const bar = filter.value.indexOf('|');
-    const value = bar < 0 ? filter.value : filter.value.slice(bar + 1);
-    if (value === '') {
-      return undefined; // `system|` means any value in the system
-    }
-    const candidates = this.identifierIndex.get(type)?.get(value.toLowerCase());
-    const matches: WithId<Resource>[] = [];
-    for (const id of candidates ?? []) {
-      const current = await this.readResource<WithId<Resource>>(type, id).catch(() => undefined);
-      if (current && matchesSearchRequest(current, request)) {
-        matches.push(current);
-        if (matches.length >= limit) {
-          break;
-        }
-      }
-    }
-    return matches;
+  /** MemoryRepository's own scan, bypassing the index (tests compare the two). */
+  scanSearch<T extends Resource>(searchRequest: SearchRequest<T>): Promise<Bundle<WithId<T>>> {
+    return super.search(searchRequest);
   }
 }

@@ -28,10 +28,13 @@ export interface SandboxRouterOptions extends SandboxEngineOptions {
   baseUrl?: (req: Request) => string;
   /**
    * Use an existing repository (e.g. to pre-seed data). Default: a new IndexedMemoryRepository
-   * (a MemoryRepository with an identifier index for ifNoneExist; a plain MemoryRepository works
-   * too, conditional creates then scan the store).
+   * (a MemoryRepository whose searches — _lastUpdated ranges and sort, _tag, _id, identifier,
+   * paging — are answered from an index; a plain MemoryRepository works too, every search and
+   * conditional create then scans the store).
    */
   repo?: MemoryRepository;
+  /** With the default repository: false turns its search index off (for comparisons). */
+  searchIndex?: boolean;
 }
 
 export interface SandboxRouter {
@@ -41,7 +44,11 @@ export interface SandboxRouter {
 }
 
 export interface SandboxServer {
-  /** e.g. http://127.0.0.1:8090/fhir/R4 (the same sandbox is also served at /sandbox/fhir/R4). */
+  /**
+   * e.g. http://127.0.0.1:8090/fhir/R4 (the same sandbox is also served at /sandbox/fhir/R4).
+   * GET /_sandbox/stats (outside the FHIR base) answers {@link SandboxStats} as JSON, plus
+   * `search: { indexed, scanned }` when the repository is an IndexedMemoryRepository.
+   */
   url: string;
   port: number;
   close(): Promise<void>;
@@ -59,7 +66,7 @@ const FHIR_CONTENT_TYPE = 'application/fhir+json; charset=utf-8';
 
 export function createSandboxRouter(options: SandboxRouterOptions = {}): SandboxRouter {
   loadFhirDefinitions();
-  const repo = options.repo ?? new IndexedMemoryRepository();
+  const repo = options.repo ?? new IndexedMemoryRepository({ index: options.searchIndex });
   const stats: SandboxStats = { requests: 0, searches: {}, byType: {}, interactions: {} };
   const engine = new SandboxEngine(repo, new FhirRouter(), stats, options);
   const baseUrl = options.baseUrl ?? ((req: Request) => `${req.protocol}://${req.get('host')}${req.baseUrl}`);
@@ -159,6 +166,10 @@ export async function startSandboxServer(port: number, options: StartSandboxOpti
   app.set('etag', false);
   app.use('/fhir/R4', sandbox.router);
   app.use('/sandbox/fhir/R4', sandbox.router);
+  app.get('/_sandbox/stats', (_req: Request, res: Response) => {
+    const search = sandbox.repo instanceof IndexedMemoryRepository ? { search: sandbox.repo.searchCounts } : {};
+    res.json({ ...sandbox.stats, ...search });
+  });
   app.use((req: Request, res: Response) => {
     res
       .status(404)

@@ -1,6 +1,6 @@
 import type { Bundle, BundleEntry, OperationOutcome } from '@medplum/fhirtypes';
 import { FhirRequestError } from './client';
-import type { FhirClient } from './client';
+import type { FhirClient, TransactionOptions } from './client';
 
 export interface TransactionLocation {
   resourceType: string;
@@ -34,7 +34,8 @@ export type TransactionResult =
  */
 export async function sendTransaction(
   client: Pick<FhirClient, 'transaction'>,
-  bundle: Bundle
+  bundle: Bundle,
+  opts?: TransactionOptions
 ): Promise<TransactionResult> {
   if (bundle?.resourceType !== 'Bundle' || bundle.type !== 'transaction') {
     throw new Error('sendTransaction(): expected a Bundle of type "transaction"');
@@ -42,7 +43,7 @@ export async function sendTransaction(
   const sent = bundle.entry ?? [];
   let response: Bundle;
   try {
-    response = await client.transaction(bundle);
+    response = opts === undefined ? await client.transaction(bundle) : await client.transaction(bundle, opts);
   } catch (err) {
     if (err instanceof FhirRequestError) {
       return classifyError(err);
@@ -52,7 +53,11 @@ export async function sendTransaction(
   return classifyResponse(sent, response);
 }
 
-function classifyError(err: FhirRequestError): TransactionResult {
+/**
+ * The delivery decision for a failed request (any interaction, not only a transaction): network errors,
+ * timeouts, garbage answers, 408, 429 and 5xx are retries; other HTTP errors are failures.
+ */
+export function classifyError(err: FhirRequestError): Exclude<TransactionResult, { kind: 'ok' }> {
   switch (err.kind) {
     case 'network':
     case 'timeout':
@@ -69,7 +74,7 @@ function classifyError(err: FhirRequestError): TransactionResult {
   }
 }
 
-function isTransientStatus(status: number): boolean {
+export function isTransientStatus(status: number): boolean {
   return status === 408 || status === 429 || status >= 500;
 }
 

@@ -3,13 +3,12 @@ import { z } from 'zod';
 import { HttpError, type IssueInput, pathToExpression } from '../api/outcome';
 import type { Destination } from '../config/destinations';
 import { mapAddedDocumentsToBundle, mapReferralToBundle } from '../mapping/bundle';
-import { checkCodes } from '../mapping/codes';
-import { routeReferral } from '../mapping/routing';
 import { validateBundle } from '../mapping/validate';
 import { logger } from '../observability/logger';
 import { newReferralId, nowIso } from '../store/ids';
 import type { ReferralStore } from '../store/referral-store';
-import { documentSchema, type Referral, referralSchema } from './schema';
+import { checkReferral } from './check';
+import { documentSchema, type Referral } from './schema';
 import { cancellable, terminalStatuses } from '../tracking/state';
 import type { StoredReferral } from './types';
 import { type ReferralView, toView } from './view';
@@ -17,10 +16,8 @@ import { type ReferralView, toView } from './view';
 const cancelSchema = z.strictObject({ reason: z.string().trim().min(1, 'a reason is required').max(1000) });
 const addDocumentsSchema = z.array(documentSchema).min(1, 'at least one document is required').max(100);
 
-export interface DestinationDirectory {
-  ids(): string[];
-  get(id: string): Destination | undefined;
-}
+export type { DestinationDirectory } from './check';
+import type { DestinationDirectory } from './check';
 
 export function zodIssues(error: z.ZodError, prefix: ReadonlyArray<PropertyKey> = []): IssueInput[] {
   return error.issues.slice(0, 50).map((i) => ({
@@ -30,16 +27,40 @@ export function zodIssues(error: z.ZodError, prefix: ReadonlyArray<PropertyKey> 
   }));
 }
 
-/** A stable hash of a JSON value: object keys sorted, so field order does not matter. */
+/**
+ * A stable hash of a JSON value: object keys sorted, so field order does not matter. It streams
+ * into the hash instead of building a canonical string, so a large inline document is not copied.
+ */
 export function canonicalHash(value: unknown): string {
-  const canon = (v: unknown): unknown => {
-    if (Array.isArray(v)) return v.map(canon);
-    if (v && typeof v === 'object') {
-      return Object.fromEntries(Object.keys(v as object).sort().map((k) => [k, canon((v as Record<string, unknown>)[k])]));
+  const h = createHash('sha256');
+  const walk = (v: unknown): void => {
+    if (Array.isArray(v)) {
+      h.update('[');
+      v.forEach((x, i) => {
+        if (i > 0) h.update(',');
+        walk(x);
+      });
+      h.update(']');
+    } else if (v && typeof v === 'object') {
+      h.update('{');
+      Object.keys(v as object)
+        .sort()
+        .forEach((k, i) => {
+          if (i > 0) h.update(',');
+          h.update(JSON.stringify(k));
+          h.update(':');
+          walk((v as Record<string, unknown>)[k]);
+        });
+      h.update('}');
+    } else if (typeof v === 'string' && v.length > 256) {
+      h.update(`"#${v.length}:`); // length-prefixed: unambiguous without escaping a large document
+      h.update(v);
+    } else {
+      h.update(JSON.stringify(v) ?? 'null');
     }
-    return v;
   };
-  return createHash('sha256').update(JSON.stringify(canon(value))).digest('hex');
+  walk(value);
+  return h.digest('hex');
 }
 
 export interface SubmitResult {
@@ -56,35 +77,9 @@ export class ReferralService {
 
   /** Checks a submission completely: schema, codes, routing and the FHIR content it maps to. */
   check(body: unknown): { referral: Referral; destination: Destination } {
-    const parsed = referralSchema.safeParse(body);
-    if (!parsed.success) {
-      throw new HttpError(422, zodIssues(parsed.error));
-    }
-    const referral = parsed.data;
-    const codeIssues = checkCodes(referral);
-    if (codeIssues.length > 0) {
-      throw new HttpError(422, codeIssues.map((i) => ({ code: 'code-invalid', message: `${i.path}: ${i.message}`, expression: i.path })));
-    }
-    const route = routeReferral(referral, this.destinations.ids());
-    if (!route) {
-      throw new HttpError(422, {
-        code: 'not-found',
-        expression: 'destination',
-        message: referral.destination
-          ? `destination: unknown destination "${referral.destination}" (known: ${this.destinations.ids().join(', ')})`
-          : 'destination: no routing rule matches this diagnosis; name a destination',
-      });
-    }
-    const destination = this.destinations.get(route.destination) as Destination;
-    const bundle = mapReferralToBundle({ referralId: 'ref_validation', clientId: 'validation', referral, destination, createdAt: nowIso() });
-    const fhirIssues = validateBundle(bundle);
-    if (fhirIssues.length > 0) {
-      throw new HttpError(
-        422,
-        fhirIssues.slice(0, 50).map((i) => ({ code: 'invariant', message: `FHIR content: ${i.path}: ${i.message}`, expression: i.path }))
-      );
-    }
-    return { referral: { ...referral, destination: route.destination }, destination };
+    const r = checkReferral(body, this.destinations, { withDocumentData: false });
+    if (!r.ok) throw new HttpError(422, r.issues.map(({ detail: _detail, ...i }) => i));
+    return { referral: r.referral, destination: r.destination };
   }
 
   async submit(clientId: string, body: unknown, idempotencyKey: string | null): Promise<SubmitResult> {

@@ -1,7 +1,12 @@
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer, request as httpRequest, type Server } from 'node:http';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import type { AddressInfo } from 'node:net';
 import type { Bundle } from '@medplum/fhirtypes';
 import nock from 'nock';
+import { FhirClients } from '../../src/delivery/clients';
+import { createFhirClient } from '../../src/fhir/client';
 import type { Gateway } from '../../src/gateway';
 import { startSandboxServer } from '../../src/fhir/sandbox';
 import { REFERRAL_IDENTIFIER_SYSTEM } from '../../src/mapping/constants';
@@ -35,15 +40,31 @@ async function submit(gw: Gateway, externalId: string): Promise<string> {
 const view = async (gw: Gateway, id: string): Promise<any> =>
   (await fetch(`${gw.url}/referrals/${id}`, { headers: { Authorization: `Bearer ${KEY_A}` } })).json();
 
+/** An empty searchset: what the centre answers to the read-before-retry search when it has nothing yet. */
+const EMPTY_SEARCH: Bundle = { resourceType: 'Bundle', type: 'searchset', total: 0, entry: [] };
+
 describe('delivery failure paths against a fake destination (nock)', () => {
   let gw: Gateway;
+  /** Read-before-retry searches the centre for the Task before every resend. */
+  let searches: string[] = [];
 
   beforeAll(async () => {
     nock.disableNetConnect();
     nock.enableNetConnect(/127\.0\.0\.1/);
     gw = await startGateway({ FHIR_BASE_URL: BASE, FHIR_TIMEOUT_MS: '300', DELIVERY_BASE_DELAY_MS: '20', DELIVERY_MAX_DELAY_MS: '200' });
   });
+  beforeEach(() => {
+    searches = [];
+    nock(CENTRE)
+      .persist()
+      .get(/^\/fhir\/R4\/Task\?/)
+      .reply((uri) => {
+        searches.push(decodeURIComponent(uri));
+        return [200, EMPTY_SEARCH];
+      });
+  });
   afterEach(() => {
+    nock.abortPendingRequests();
     nock.cleanAll();
   });
   afterAll(async () => {
@@ -51,7 +72,7 @@ describe('delivery failure paths against a fake destination (nock)', () => {
     nock.enableNetConnect();
   });
 
-  test('503 then success: retried, then sent with the ids the server assigned', async () => {
+  test('503 then success: retried, then sent with the ids the server assigned; the resend was preceded by a search for the Task', async () => {
     const scope = nock(CENTRE)
       .post(/^\/fhir\/R4\/?$/)
       .reply(503, 'Service Unavailable')
@@ -64,16 +85,18 @@ describe('delivery failure paths against a fake destination (nock)', () => {
     expect(v.fhir.task).toMatch(/^Task\/\d+$/);
     expect(v.fhir.serviceRequest).toMatch(/^ServiceRequest\/\d+$/);
     expect(v.history.map((h: any) => h.status)).toEqual(['queued', 'sent']);
+    // read-before-retry: exactly one search, by the gateway's referral identifier
+    expect(searches).toEqual([expect.stringContaining(`identifier=${REFERRAL_IDENTIFIER_SYSTEM}|${id}`)]);
   });
 
-  test('429 with Retry-After: the next attempt waits at least that long', async () => {
+  test('429 with Retry-After: 2: the next attempt waits at least 2 s', async () => {
     let firstAt = 0;
     let secondAt = 0;
     const scope = nock(CENTRE)
       .post(/^\/fhir\/R4\/?$/)
       .reply(() => {
         firstAt = Date.now();
-        return [429, 'slow down', { 'Retry-After': '1' }];
+        return [429, 'slow down', { 'Retry-After': '2' }];
       })
       .post(/^\/fhir\/R4\/?$/)
       .reply(200, (_uri: string, body: nock.Body) => {
@@ -83,7 +106,20 @@ describe('delivery failure paths against a fake destination (nock)', () => {
     const id = await submit(gw, 'EHR-429');
     await eventually(async () => (await view(gw, id)).status === 'sent', 10_000);
     expect(scope.isDone()).toBe(true);
-    expect(secondAt - firstAt).toBeGreaterThanOrEqual(950);
+    expect(secondAt - firstAt).toBeGreaterThanOrEqual(1_950);
+  });
+
+  test('a connection reset is retried after a search for what the lost attempt created', async () => {
+    const scope = nock(CENTRE)
+      .post(/^\/fhir\/R4\/?$/)
+      .replyWithError({ code: 'ECONNRESET', message: 'socket hang up' })
+      .post(/^\/fhir\/R4\/?$/)
+      .reply(200, (_uri: string, body: nock.Body) => transactionResponse(body as unknown as Bundle));
+    const id = await submit(gw, 'EHR-RESET');
+    const v = await eventually(async () => ((await view(gw, id)).status === 'sent' ? view(gw, id) : undefined), 10_000);
+    expect(scope.isDone()).toBe(true);
+    expect(v.delivery.attempts).toBe(2);
+    expect(searches).toHaveLength(1);
   });
 
   test('a timeout is retried', async () => {
@@ -123,6 +159,7 @@ describe('delivery failure paths against a fake destination (nock)', () => {
     const id = await submit(gw, 'EHR-400');
     const v = await eventually(async () => ((await view(gw, id)).status === 'delivery-failed' ? view(gw, id) : undefined));
     expect(v.delivery.lastError).toContain('Referrals to this service need a pathology report');
+    expect(v.delivery.attempts).toBe(1);
     expect(v.statusReason).toMatch(/^400/);
 
     const failed: any = await (await fetch(`${gw.url}/admin/deliveries?state=failed`, { headers: { Authorization: `Bearer ${ADMIN_KEY}` } })).json();
@@ -135,6 +172,137 @@ describe('delivery failure paths against a fake destination (nock)', () => {
     const after = await eventually(async () => ((await view(gw, id)).status === 'sent' ? view(gw, id) : undefined));
     expect(scope.isDone()).toBe(true);
     expect(after.history.map((h: any) => h.status)).toEqual(['queued', 'delivery-failed', 'queued', 'sent']);
+  });
+});
+
+describe('a 401 with an expired token (client-credentials)', () => {
+  const AUTH = 'https://auth.example.org';
+  let gw: Gateway;
+
+  beforeAll(async () => {
+    nock.disableNetConnect();
+    nock.enableNetConnect(/127\.0\.0\.1/);
+    const env = { FHIR_CLIENT_ID: 'gateway', FHIR_CLIENT_SECRET: 'cc-secret-1' };
+    gw = await startGateway(
+      { FHIR_BASE_URL: BASE, FHIR_AUTH: 'client-credentials', FHIR_TOKEN_URL: `${AUTH}/token`, ...env },
+      { clients: new FhirClients((d) => createFhirClient(d, { env })) }
+    );
+  });
+  afterAll(async () => {
+    nock.cleanAll();
+    await gw.stop();
+    nock.enableNetConnect();
+  });
+
+  test('is answered by one re-authentication, and the referral is sent in the same attempt', async () => {
+    const basic = 'Basic ' + Buffer.from('gateway:cc-secret-1').toString('base64');
+    const tokens = nock(AUTH)
+      .post('/token', (b: Record<string, string>) => b.grant_type === 'client_credentials')
+      .matchHeader('authorization', basic)
+      .reply(200, { access_token: 'tok-expired', token_type: 'Bearer', expires_in: 3600 })
+      .post('/token')
+      .matchHeader('authorization', basic)
+      .reply(200, { access_token: 'tok-fresh', token_type: 'Bearer', expires_in: 3600 });
+    const fhir = nock(CENTRE)
+      .post(/^\/fhir\/R4\/?$/)
+      .matchHeader('authorization', 'Bearer tok-expired')
+      .reply(401, { resourceType: 'OperationOutcome', issue: [{ severity: 'error', code: 'expired', diagnostics: 'token expired' }] })
+      .post(/^\/fhir\/R4\/?$/)
+      .matchHeader('authorization', 'Bearer tok-fresh')
+      .reply(200, (_uri: string, body: nock.Body) => transactionResponse(body as unknown as Bundle));
+    const id = await submit(gw, 'EHR-401');
+    const v = await eventually(async () => ((await view(gw, id)).status === 'sent' ? view(gw, id) : undefined));
+    expect(tokens.isDone()).toBe(true);
+    expect(fhir.isDone()).toBe(true);
+    expect(v.delivery.attempts).toBe(1);
+    expect(nock.pendingMocks()).toEqual([]);
+  });
+});
+
+describe('the per-destination circuit breaker (nock)', () => {
+  let gw: Gateway;
+  let dir: string;
+  const posts: Array<{ at: number; referralId: string; status: number }> = [];
+  let healthy = false;
+
+  beforeAll(async () => {
+    nock.disableNetConnect();
+    nock.enableNetConnect(/127\.0\.0\.1/);
+    dir = mkdtempSync(join(tmpdir(), 'rg-circuit-'));
+    const file = join(dir, 'destinations.json');
+    writeFileSync(
+      file,
+      JSON.stringify({
+        destinations: [
+          {
+            id: 'centre',
+            name: 'Centre behind a breaker',
+            organization: { system: 'https://example.org/org', value: 'centre' },
+            baseUrl: BASE,
+            timeoutMs: 500,
+            circuitBreaker: { failureThreshold: 3, cooldownMs: 400, maxCooldownMs: 5000 },
+          },
+        ],
+      })
+    );
+    // One at a time, so the count of requests before the circuit opens is exact.
+    gw = await startGateway(
+      { DESTINATIONS_FILE: file, DELIVERY_CONCURRENCY: '1', DELIVERY_BASE_DELAY_MS: '10', DELIVERY_MAX_DELAY_MS: '30', DELIVERY_MAX_ATTEMPTS: '50' },
+      { deliveryIdleMs: 50 }
+    );
+    nock(CENTRE).persist().get(/^\/fhir\/R4\/Task\?/).reply(200, EMPTY_SEARCH);
+    nock(CENTRE)
+      .persist()
+      .post(/^\/fhir\/R4\/?$/)
+      .reply((_uri, body) => {
+        const bundle = (typeof body === 'string' ? JSON.parse(body) : body) as Bundle;
+        const sr = bundle.entry?.find((e) => e.resource?.resourceType === 'ServiceRequest')?.resource as any;
+        const referralId = sr.identifier.find((i: any) => i.system === REFERRAL_IDENTIFIER_SYSTEM).value as string;
+        const status = healthy ? 200 : 503;
+        posts.push({ at: Date.now(), referralId, status });
+        return healthy ? [200, transactionResponse(bundle)] : [503, 'down'];
+      });
+  });
+  afterAll(async () => {
+    nock.cleanAll();
+    await gw.stop();
+    nock.enableNetConnect();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  test('opens after 3 failures, sends nothing while open, probes after the cool-down (doubling it when the probe fails), and closes on success', async () => {
+    const ids = [await submit(gw, 'EHR-CB-1'), await submit(gw, 'EHR-CB-2'), await submit(gw, 'EHR-CB-3')];
+    const breaker = gw.worker.circuit(gw.destinations.get('centre')!);
+    await eventually(async () => breaker.currentState === 'open', 5_000, 5);
+    const openedAt = Date.now();
+    expect(posts).toHaveLength(3);
+    expect(posts.every((p) => p.status === 503)).toBe(true);
+
+    // Open: nothing is sent during the cool-down, then exactly one probe, which fails: open again for 800 ms.
+    await eventually(async () => posts.length === 4, 5_000, 5);
+    const firstProbe = posts[3];
+    expect(firstProbe.at - posts[2].at).toBeGreaterThanOrEqual(380);
+    await new Promise((r) => setTimeout(r, 300));
+    expect(posts).toHaveLength(4);
+    expect(breaker.currentState).toBe('open');
+
+    // The centre recovers; the next probe (800 ms after the first) succeeds and closes the circuit.
+    healthy = true;
+    const sent = await eventually(async () => {
+      const views = await Promise.all(ids.map((id) => view(gw, id)));
+      return views.every((v) => v.status === 'sent') ? views : undefined;
+    }, 10_000, 20);
+    expect(breaker.currentState).toBe('closed');
+    const secondProbe = posts[4];
+    expect(secondProbe.status).toBe(200);
+    expect(secondProbe.at - firstProbe.at).toBeGreaterThanOrEqual(780);
+    expect(posts.slice(5).every((p) => p.status === 200)).toBe(true);
+    expect(posts).toHaveLength(4 + ids.length);
+    expect(Date.now() - openedAt).toBeLessThan(5_000);
+    // Put off while open without counting: each referral's attempts are exactly the requests made for it.
+    for (const v of sent) {
+      expect(v.delivery.attempts).toBe(posts.filter((p) => p.referralId === v.id).length);
+    }
   });
 });
 

@@ -1,0 +1,377 @@
+/**
+ * bench/delivery: delivery throughput of the gateway against posting the same transaction bundles straight to
+ * the FHIR server, and the gateway's peak memory while it delivers one 20 MB document.
+ *
+ *   npx tsx bench/delivery.ts                   # 500 referrals, concurrency 4 (the gateway's default)
+ *   N=1000 CONCURRENCY=8 npx tsx bench/delivery.ts
+ *
+ * Every process is separate, as in production: the sandbox FHIR server (src/cli/sandbox.ts, fresh for each
+ * phase) and the gateway (src/index.ts, SQLite in a temp dir). Phases:
+ *  1. gateway delivery: N referrals (two small documents each) are queued in the gateway's database first
+ *     (ReferralService.submit, the code behind POST /referrals), then the gateway is started and timed from
+ *     listening until every referral is `sent`;
+ *  2. direct: the same referrals mapped to the same transaction Bundles (mapReferralToBundle) and POSTed with
+ *     fetch at the same concurrency, each answer read and parsed;
+ *  3. end to end (for reference): the N referrals POSTed to the gateway's API while it delivers;
+ *  4. memory: one referral with a 20 MB document (sent as a Binary in the transaction, the destination's
+ *     maxInlineBytes being 1 MB), queued before the gateway starts and due a few seconds later; idle RSS is
+ *     read from /proc before it is due, the peak is the process's high-water mark (VmHWM) once it is sent.
+ */
+import { type ChildProcess, spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { DatabaseSync } from 'node:sqlite';
+import type { Bundle } from '@medplum/fhirtypes';
+import type { Destination } from '../src/config/destinations';
+import { mapReferralToBundle } from '../src/mapping/bundle';
+import { referralSchema } from '../src/referral/schema';
+import { ReferralService } from '../src/referral/service';
+import { startSandboxServer } from '../src/fhir/sandbox';
+import { openDb } from '../src/store/db';
+import { newReferralId, nowIso } from '../src/store/ids';
+import { migrate } from '../src/store/migrations';
+import { ReferralStore } from '../src/store/referral-store';
+
+const N = Number(process.env.N ?? 500);
+const CONCURRENCY = Number(process.env.CONCURRENCY ?? 4);
+const DOC_MB = Number(process.env.DOC_MB ?? 20);
+/** Comma-separated subset of gateway,direct,e2e,memory. */
+const PHASES = new Set((process.env.PHASES ?? 'gateway,direct,e2e,memory').split(','));
+const CLIENT = 'bench';
+const KEY = 'bench-key-0001';
+const fixture = JSON.parse(readFileSync('fixtures/referrals/breast-second-opinion.json', 'utf8')) as Record<string, any>;
+
+function referral(i: number, label: string): Record<string, any> {
+  // The fixture carries two small documents.
+  return { ...structuredClone(fixture), externalId: `BENCH-${label}-${i}` };
+}
+
+interface Child {
+  child: ChildProcess;
+  url: string;
+  stop(): Promise<void>;
+}
+
+function spawnTs(script: string, env: Record<string, string>): ChildProcess {
+  return spawn(process.execPath, ['--import', 'tsx', script], {
+    env: { ...process.env, ...env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+}
+
+async function stopChild(child: ChildProcess): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  child.kill('SIGTERM');
+  const timer = setTimeout(() => child.kill('SIGKILL'), 5_000);
+  await once(child, 'exit');
+  clearTimeout(timer);
+}
+
+/**
+ * The standalone sandbox FHIR server in its own process; resolves with its base URL when it is listening.
+ * `validate: false` runs it without resource validation (this file in sandbox mode): the validator of
+ * @medplum/core refuses base64Binary values over 1 MB, as Medplum's server does, so a 20 MB Binary needs it off.
+ */
+async function startSandbox(opts: { validate?: boolean } = {}): Promise<Child> {
+  const child =
+    opts.validate === false ? spawnTs('bench/delivery.ts', { BENCH_SANDBOX: 'no-validate' }) : spawnTs('src/cli/sandbox.ts', { PORT: '0', HOST: '127.0.0.1' });
+  child.stderr?.resume();
+  const url = await new Promise<string>((resolve, reject) => {
+    let buf = '';
+    child.stdout?.on('data', (d: Buffer) => {
+      buf += d.toString();
+      const m = /"event":"sandbox-listening","url":"([^"]+)"/.exec(buf);
+      if (m) resolve(m[1]);
+    });
+    child.once('exit', (code) => reject(new Error(`sandbox exited with ${code}`)));
+  });
+  child.stdout?.resume();
+  return { child, url, stop: () => stopChild(child) };
+}
+
+async function freePort(): Promise<number> {
+  const srv = createServer();
+  srv.listen(0, '127.0.0.1');
+  await once(srv, 'listening');
+  const port = (srv.address() as { port: number }).port;
+  await new Promise((r) => srv.close(r));
+  return port;
+}
+
+function gatewayEnv(dbFile: string, fhirBase: string, port: number, dir: string): Record<string, string> {
+  return {
+    NODE_ENV: 'development',
+    PORT: String(port),
+    HOST: '127.0.0.1',
+    DATABASE_URL: `sqlite:${dbFile}`,
+    DESTINATIONS_FILE: join(dir, 'none.json'),
+    FHIR_BASE_URL: fhirBase,
+    API_KEYS: `${CLIENT}:${KEY}`,
+    LOG_LEVEL: 'warn',
+    DELIVERY_CONCURRENCY: String(CONCURRENCY),
+    DELIVERY_BASE_DELAY_MS: '100',
+    POLL_CRON: '0 0 1 1 *', // no Task polling during the benchmark
+  };
+}
+
+/** Starts the gateway (src/index.ts) and resolves once /healthz answers. */
+async function startGateway(env: Record<string, string>): Promise<Child> {
+  const child = spawnTs('src/index.ts', env);
+  child.stdout?.resume();
+  let stderr = '';
+  child.stderr?.on('data', (d: Buffer) => (stderr += d.toString()));
+  const url = `http://127.0.0.1:${env.PORT}`;
+  const deadline = Date.now() + 30_000;
+  for (;;) {
+    if (child.exitCode !== null) throw new Error(`gateway exited with ${child.exitCode}: ${stderr}`);
+    try {
+      if ((await fetch(`${url}/healthz`)).ok) break;
+    } catch {
+      // not listening yet
+    }
+    if (Date.now() > deadline) throw new Error('gateway did not start');
+    await sleep(10);
+  }
+  return { child, url, stop: () => stopChild(child) };
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
+
+/** Queues referrals in a gateway database the way POST /referrals does, before the gateway runs. */
+async function queueReferrals(dbFile: string, fhirBase: string, bodies: Record<string, any>[], maxInlineBytes = 1_048_576): Promise<void> {
+  const store = new ReferralStore(openDb(`sqlite:${dbFile}`));
+  await migrate(store.db.kysely);
+  const destination = defaultDestination(fhirBase, maxInlineBytes);
+  const service = new ReferralService(store, { ids: () => ['default'], get: (id) => (id === 'default' ? destination : undefined) });
+  for (const body of bodies) {
+    const r = await service.submit(CLIENT, body, null);
+    if (!r.created) throw new Error('referral not created');
+  }
+  await store.db.close();
+}
+
+/** What src/config/config.ts builds from FHIR_BASE_URL. */
+function defaultDestination(baseUrl: string, maxInlineBytes = 1_048_576): Destination {
+  return {
+    id: 'default',
+    name: 'Default destination (FHIR_BASE_URL)',
+    organization: { system: 'https://referral-gateway.dev/fhir/sid/destination', value: 'default' },
+    baseUrl,
+    auth: { type: 'none' },
+    timeoutMs: 30_000,
+    maxInlineBytes,
+  };
+}
+
+function sentCount(db: DatabaseSync): number {
+  return Number((db.prepare(`select count(*) as n from referrals where status = 'sent'`).get() as { n: number }).n);
+}
+
+async function waitAllSent(dbFile: string, n: number, timeoutMs: number): Promise<number> {
+  const db = new DatabaseSync(dbFile, { readOnly: true });
+  try {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      if (sentCount(db) >= n) return performance.now();
+      if (Date.now() > deadline) throw new Error(`only ${sentCount(db)} of ${n} referrals sent`);
+      await sleep(10);
+    }
+  } finally {
+    db.close();
+  }
+}
+
+async function pool<T>(items: T[], concurrency: number, fn: (item: T) => Promise<void>): Promise<void> {
+  let next = 0;
+  await Promise.all(
+    Array.from({ length: concurrency }, async () => {
+      while (next < items.length) {
+        const item = items[next++];
+        await fn(item);
+      }
+    })
+  );
+}
+
+async function countAtCentre(fhirBase: string, type: string): Promise<number> {
+  const b = (await (await fetch(`${fhirBase}/${type}?_count=0`)).json()) as Bundle;
+  return b.total ?? -1;
+}
+
+// ------------------------------------------------------------------------------------------------
+
+async function phaseGateway(dir: string): Promise<number> {
+  const sandbox = await startSandbox();
+  const dbFile = join(dir, 'gateway.db');
+  try {
+    await queueReferrals(dbFile, sandbox.url, Array.from({ length: N }, (_, i) => referral(i, 'gw')));
+    const port = await freePort();
+    const gw = await startGateway(gatewayEnv(dbFile, sandbox.url, port, dir));
+    const t0 = performance.now();
+    try {
+      const t1 = await waitAllSent(dbFile, N, 300_000);
+      const tasks = await countAtCentre(sandbox.url, 'Task');
+      if (tasks !== N) throw new Error(`the centre holds ${tasks} Tasks for ${N} referrals`);
+      return N / ((t1 - t0) / 1000);
+    } finally {
+      await gw.stop();
+    }
+  } finally {
+    await sandbox.stop();
+  }
+}
+
+async function phaseDirect(): Promise<number> {
+  const sandbox = await startSandbox();
+  try {
+    const destination = defaultDestination(sandbox.url);
+    const createdAt = nowIso();
+    const bundles = Array.from({ length: N }, (_, i) =>
+      mapReferralToBundle({ referralId: newReferralId(), clientId: CLIENT, referral: referral(i, 'direct') as any, destination, createdAt })
+    );
+    // The gateway validates and defaults the body first (zod); the fixture needs no defaults beyond those below.
+    const t0 = performance.now();
+    await pool(bundles, CONCURRENCY, async (bundle) => {
+      const res = await fetch(sandbox.url, {
+        method: 'POST',
+        headers: { 'Content-Type': 'application/fhir+json', Accept: 'application/fhir+json' },
+        body: JSON.stringify(bundle),
+      });
+      const answer = (await res.json()) as Bundle;
+      if (!res.ok || answer.type !== 'transaction-response') throw new Error(`direct post: HTTP ${res.status}`);
+    });
+    const t1 = performance.now();
+    const tasks = await countAtCentre(sandbox.url, 'Task');
+    if (tasks !== N) throw new Error(`the centre holds ${tasks} Tasks for ${N} referrals`);
+    return N / ((t1 - t0) / 1000);
+  } finally {
+    await sandbox.stop();
+  }
+}
+
+async function phaseEndToEnd(dir: string): Promise<number> {
+  const sandbox = await startSandbox();
+  const dbFile = join(dir, 'e2e.db');
+  try {
+    const port = await freePort();
+    const gw = await startGateway(gatewayEnv(dbFile, sandbox.url, port, dir));
+    try {
+      const bodies = Array.from({ length: N }, (_, i) => JSON.stringify(referral(i, 'e2e')));
+      const t0 = performance.now();
+      await pool(bodies, CONCURRENCY, async (body) => {
+        const res = await fetch(`${gw.url}/referrals`, { method: 'POST', headers: { Authorization: `Bearer ${KEY}`, 'Content-Type': 'application/json' }, body });
+        await res.arrayBuffer();
+        if (res.status !== 202) throw new Error(`POST /referrals: HTTP ${res.status}`);
+      });
+      const t1 = await waitAllSent(dbFile, N, 300_000);
+      return N / ((t1 - t0) / 1000);
+    } finally {
+      await gw.stop();
+    }
+  } finally {
+    await sandbox.stop();
+  }
+}
+
+function procStatus(pid: number): { rss: number; hwm: number } {
+  const text = readFileSync(`/proc/${pid}/status`, 'utf8');
+  const kb = (name: string): number => Number(new RegExp(`^${name}:\\s+(\\d+) kB`, 'm').exec(text)?.[1] ?? NaN) * 1024;
+  return { rss: kb('VmRSS'), hwm: kb('VmHWM') };
+}
+
+async function phaseMemory(dir: string): Promise<{ docBytes: number; idle: number; peak: number; sampledPeak: number; binaries: number }> {
+  const sandbox = await startSandbox({ validate: false });
+  const dbFile = join(dir, 'memory.db');
+  const docBytes = DOC_MB * 1024 * 1024;
+  try {
+    const body = referralSchema.parse(referral(0, 'memory'));
+    body.documents = [
+      { kind: 'pathology-report', title: 'Whole-slide pathology report', contentType: 'application/pdf', data: Buffer.alloc(docBytes, 0x25).toString('base64') },
+    ];
+    // Straight into the store: the intake check (ReferralService.check) validates the bundle with the document
+    // inline, and @medplum/core's validator refuses base64 over 1 MB.
+    const store = new ReferralStore(openDb(`sqlite:${dbFile}`));
+    await migrate(store.db.kysely);
+    // Due in 4 s: time for the gateway to start and settle, and for its idle RSS to be read.
+    await store.createReferral({
+      id: newReferralId(),
+      clientId: CLIENT,
+      externalId: body.externalId,
+      idempotencyKey: null,
+      requestHash: 'bench',
+      destination: 'default',
+      payload: { ...body, destination: 'default' },
+      at: nowIso(),
+    });
+    await store.db.kysely.updateTable('outbox').set({ next_attempt_at: new Date(Date.now() + 4_000).toISOString() }).execute();
+    await store.db.close();
+    const port = await freePort();
+    const gw = await startGateway(gatewayEnv(dbFile, sandbox.url, port, dir));
+    try {
+      const pid = gw.child.pid as number;
+      await sleep(2_500);
+      const idle = procStatus(pid).rss;
+      let sampledPeak = idle;
+      const sampler = setInterval(() => {
+        sampledPeak = Math.max(sampledPeak, procStatus(pid).rss);
+      }, 5);
+      await waitAllSent(dbFile, 1, 60_000);
+      clearInterval(sampler);
+      const { hwm } = procStatus(pid);
+      const binaries = await countAtCentre(sandbox.url, 'Binary').catch(() => -1);
+      return { docBytes, idle, peak: hwm, sampledPeak, binaries };
+    } finally {
+      await gw.stop();
+    }
+  } finally {
+    await sandbox.stop();
+  }
+}
+
+async function main(): Promise<void> {
+  const dir = mkdtempSync(join(tmpdir(), 'rg-bench-delivery-'));
+  const mb = (b: number): string => `${(b / 1024 / 1024).toFixed(1)} MB`;
+  try {
+    process.stdout.write(`bench/delivery: ${N} referrals (2 small documents each), concurrency ${CONCURRENCY}, Node ${process.version}\n`);
+    let direct = NaN;
+    if (PHASES.has('gateway') || PHASES.has('direct')) {
+      const gateway = PHASES.has('gateway') ? await phaseGateway(dir) : NaN;
+      process.stdout.write(`  gateway (child) -> sandbox (child), queued first:  ${gateway.toFixed(1).padStart(7)} referrals/s\n`);
+      direct = PHASES.has('direct') ? await phaseDirect() : NaN;
+      process.stdout.write(`  fetch straight to the sandbox, same bundles:       ${direct.toFixed(1).padStart(7)} referrals/s\n`);
+      process.stdout.write(`  ratio gateway/direct: ${(gateway / direct).toFixed(2)} (target >= 0.8)\n`);
+    }
+    if (PHASES.has('e2e')) {
+      const e2e = await phaseEndToEnd(dir);
+      process.stdout.write(`  end to end (POST /referrals while delivering):     ${e2e.toFixed(1).padStart(7)} referrals/s (${(e2e / direct).toFixed(2)} of direct)\n`);
+    }
+    if (!PHASES.has('memory')) return;
+    const m = await phaseMemory(dir);
+    const above = m.peak - m.idle;
+    process.stdout.write(
+      `memory, one ${mb(m.docBytes)} document (Binary in the transaction; ${m.binaries} Binary at the centre):\n` +
+        `  idle RSS ${mb(m.idle)}, peak RSS (VmHWM) ${mb(m.peak)}, sampled peak ${mb(m.sampledPeak)}\n` +
+        `  peak above idle: ${mb(above)} = ${(above / m.docBytes).toFixed(2)} x the document (target < 4)\n`
+    );
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+if (process.env.BENCH_SANDBOX === 'no-validate') {
+  // Sandbox mode (a child of the benchmark): the standalone sandbox without validation, same stdout line as the CLI.
+  void startSandboxServer(0, { host: '127.0.0.1', validate: false }).then((s) => {
+    process.stdout.write(JSON.stringify({ event: 'sandbox-listening', url: s.url }) + '\n');
+    process.on('SIGTERM', () => void s.close().then(() => process.exit(0)));
+  });
+} else {
+  main().catch((err: Error) => {
+    process.stderr.write(`bench/delivery failed: ${err.stack ?? err.message}\n`);
+    process.exit(1);
+  });
+}
