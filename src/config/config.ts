@@ -49,7 +49,11 @@ const envSchema = z.object({
   POLL_CRON: cron.optional(),
   API_KEYS: apiKeys.optional(),
   ADMIN_API_KEY: z.string().min(8, 'must be at least 8 characters').optional(),
-  WEBHOOK_SECRET: z.string().min(16, 'must be at least 16 characters (or whsec_<base64>)').optional(),
+  WEBHOOK_SECRET: z
+    .string()
+    .min(16, 'must be at least 16 characters (or whsec_<base64>)')
+    .refine((s) => !s.startsWith('whsec_') || /^[A-Za-z0-9+/]+={0,2}$/.test(s.slice(6)), 'starts with whsec_ but the rest is not base64')
+    .optional(),
   LOG_LEVEL: z.enum(['error', 'warn', 'info', 'http', 'verbose', 'debug', 'silly']).default('info'),
   MAX_BODY_BYTES: z.coerce.number().int().min(1024).max(1024 * 1024 * 1024).default(25 * 1024 * 1024),
   DELIVERY_MAX_ATTEMPTS: z.coerce.number().int().min(1).max(1000).default(12),

@@ -25,7 +25,10 @@ export async function startGateway(env: Record<string, string> = {}, opts: Gatew
     DELIVERY_MAX_DELAY_MS: '500',
     ...env,
   });
-  const gw = new Gateway(config, { startPoller: false, deliveryIdleMs: 100, ...opts });
+  // Webhooks go to local receivers only: the fixture's example.org callback is answered here.
+  const webhookFetch: typeof fetch = (input, init) =>
+    /^https?:\/\/(127\.0\.0\.1|localhost)[:/]/.test(String(input)) ? fetch(input, init) : Promise.resolve(new Response(null, { status: 204 }));
+  const gw = new Gateway(config, { startPoller: false, deliveryIdleMs: 100, webhookFetch, ...opts });
   await gw.start();
   return gw;
 }

@@ -26,6 +26,8 @@ describe('configuration', () => {
     [{ LOG_LEVEL: 'loud' }, /^LOG_LEVEL /],
     [{ FHIR_BASE_URL: 'not a url' }, /^FHIR_BASE_URL /],
     [{ FHIR_AUTH: 'magic' }, /^FHIR_AUTH /],
+    [{ WEBHOOK_SECRET: 'whsec_not*base64!!' }, /^WEBHOOK_SECRET /],
+    [{ WEBHOOK_SECRET: 'short' }, /^WEBHOOK_SECRET /],
   ])('a bad value (%j) is one line naming the variable', (env, pattern) => {
     let err: unknown;
     try {
