@@ -92,6 +92,18 @@ migrations['0002_webhooks'] = {
   },
 };
 
+migrations['0003_callback_url'] = {
+  async up(db: Kysely<any>): Promise<void> {
+    await db.schema.alterTable('referrals').addColumn('callback_url', 'text').execute();
+    // Referrals stored before this column existed: copy the URL out of their payload.
+    const rows = (await db.selectFrom('referrals').select(['id', 'payload']).execute()) as Array<{ id: string; payload: string }>;
+    for (const r of rows) {
+      const url = (JSON.parse(r.payload) as { callbackUrl?: string }).callbackUrl;
+      if (url) await db.updateTable('referrals').set({ callback_url: url }).where('id', '=', r.id).execute();
+    }
+  },
+};
+
 class StaticProvider implements MigrationProvider {
   async getMigrations(): Promise<Record<string, Migration>> {
     return migrations;

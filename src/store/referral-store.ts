@@ -69,7 +69,9 @@ export interface StatusChange {
 type Q = Kysely<Database> | Transaction<Database>;
 
 function toReferral(row: ReferralsTable): StoredReferral {
-  return {
+  // The submission can be megabytes of base64 documents: parse it only when someone reads it.
+  let payload: Referral | undefined;
+  const r = {
     id: row.id,
     clientId: row.client_id,
     externalId: row.external_id,
@@ -78,11 +80,14 @@ function toReferral(row: ReferralsTable): StoredReferral {
     statusReason: row.status_reason,
     createdAt: row.created_at,
     updatedAt: row.updated_at,
-    payload: JSON.parse(row.payload) as Referral,
     fhir: row.fhir ? (JSON.parse(row.fhir) as FhirRefs) : null,
     report: row.report ? (JSON.parse(row.report) as ReportInfo) : null,
     taskVersion: row.task_version,
   };
+  return Object.defineProperty(r, 'payload', {
+    enumerable: true,
+    get: () => (payload ??= JSON.parse(row.payload) as Referral),
+  }) as StoredReferral;
 }
 
 function toOutbox(row: OutboxTable): OutboxEntry {
@@ -131,6 +136,7 @@ export class ReferralStore {
             status: 'queued',
             status_reason: null,
             payload: JSON.stringify(r.payload),
+            callback_url: r.payload.callbackUrl ?? null,
             fhir: null,
             report: null,
             task_version: null,
@@ -155,7 +161,7 @@ export class ReferralStore {
     q = key ? q.where((eb) => eb.or([eb('idempotency_key', '=', key), eb('external_id', '=', externalId)])) : q.where('external_id', '=', externalId);
     const rows = await q.execute();
     const row = rows.find((x) => key !== null && x.idempotency_key === key) ?? rows[0];
-    return row ? { ...toReferral(row), requestHash: row.request_hash } : undefined;
+    return row ? Object.assign(toReferral(row), { requestHash: row.request_hash }) : undefined;
   }
 
   async getById(id: string): Promise<StoredReferral | null> {
@@ -213,8 +219,8 @@ export class ReferralStore {
       await trx.updateTable('referrals').set(update).where('id', '=', id).execute();
       if (before.status !== change.status) {
         await this.insertHistory(trx, id, { status: change.status, at, reason: change.reason ?? undefined, detail: change.detail });
-        if (before.payload.callbackUrl) {
-          await this.insertWebhook(trx, before, {
+        if (row.callback_url) {
+          await this.insertWebhook(trx, before, row.callback_url, {
             type: 'referral.status-changed',
             referralId: id,
             externalId: before.externalId,
@@ -256,7 +262,7 @@ export class ReferralStore {
   }
 
   /** Queues a status webhook in the caller's transaction, numbered in order per referral. */
-  private async insertWebhook(trx: Q, referral: StoredReferral, event: WebhookEvent): Promise<void> {
+  private async insertWebhook(trx: Q, referral: StoredReferral, url: string, event: WebhookEvent): Promise<void> {
     const max = await trx
       .selectFrom('webhook_outbox')
       .select(sql<number>`coalesce(max(seq), 0)`.as('m'))
@@ -269,7 +275,7 @@ export class ReferralStore {
         id: newId('wh'),
         referral_id: referral.id,
         seq: Number(max?.m ?? 0) + 1,
-        url: referral.payload.callbackUrl as string,
+        url,
         payload: JSON.stringify(event),
         state: 'pending',
         attempts: 0,
@@ -345,8 +351,8 @@ export class ReferralStore {
       const before = toReferral(row);
       await trx.updateTable('referrals').set({ status: 'cancelled', status_reason: reason, updated_at: nowS }).where('id', '=', referralId).execute();
       await this.insertHistory(trx, referralId, { status: 'cancelled', at: nowS, reason });
-      if (before.payload.callbackUrl) {
-        await this.insertWebhook(trx, before, {
+      if (row.callback_url) {
+        await this.insertWebhook(trx, before, row.callback_url, {
           type: 'referral.status-changed',
           referralId,
           externalId: before.externalId,

@@ -14,6 +14,8 @@ export interface ReferralsTable {
   fhir: string | null;
   report: string | null;
   task_version: string | null;
+  /** The referrer's webhook URL (also in the payload; here so status changes need not parse it). */
+  callback_url: string | null;
   created_at: string;
   updated_at: string;
 }
