@@ -5,6 +5,7 @@ import type { Destination } from '../config/destinations';
 import { mapAddedDocumentsToBundle, mapReferralToBundle } from '../mapping/bundle';
 import { validateBundle } from '../mapping/validate';
 import { logger } from '../observability/logger';
+import { submissions } from '../observability/metrics';
 import { newReferralId, nowIso } from '../store/ids';
 import type { ReferralStore } from '../store/referral-store';
 import { checkReferral } from './check';
@@ -83,6 +84,17 @@ export class ReferralService {
   }
 
   async submit(clientId: string, body: unknown, idempotencyKey: string | null): Promise<SubmitResult> {
+    try {
+      const result = await this.submitInner(clientId, body, idempotencyKey);
+      submissions.inc({ outcome: result.created ? 'accepted' : 'replayed' });
+      return result;
+    } catch (err) {
+      submissions.inc({ outcome: err instanceof HttpError ? `refused-${err.status}` : 'error' });
+      throw err;
+    }
+  }
+
+  private async submitInner(clientId: string, body: unknown, idempotencyKey: string | null): Promise<SubmitResult> {
     const requestHash = canonicalHash(body);
     const externalId = typeof (body as { externalId?: unknown })?.externalId === 'string' ? (body as { externalId: string }).externalId : null;
 

@@ -133,6 +133,13 @@ describe('API errors', () => {
     expect(Array.isArray(ok.body.items)).toBe(true);
   });
 
+  test('metrics count submissions by outcome, without a key', async () => {
+    const res = await request(gw.url).get('/metrics');
+    expect(res.status).toBe(200);
+    expect(res.text).toMatch(/referral_submissions_total\{outcome="refused-422"\} [1-9]/);
+    expect(res.text).toMatch(/referral_submissions_total\{outcome="accepted"\} [1-9]/);
+  });
+
   test('health and readiness need no key', async () => {
     expect((await request(gw.url).get('/healthz')).status).toBe(200);
     const ready = await request(gw.url).get('/readyz');
