@@ -68,6 +68,17 @@ export interface StatusChange {
 
 type Q = Kysely<Database> | Transaction<Database>;
 
+/** The bookkeeping columns of a new, unclaimed queue row (delivery outbox or webhook outbox). */
+function freshQueueRow(at: string) {
+  return { state: 'pending', attempts: 0, next_attempt_at: at, locked_by: null, locked_until: null, last_error: null, created_at: at, updated_at: at };
+}
+
+/** The next per-referral sequence number in a table with (referral_id, seq). */
+async function nextSeq(trx: Q, table: 'referral_history' | 'webhook_outbox', referralId: string): Promise<number> {
+  const max = await trx.selectFrom(table).select(sql<number>`coalesce(max(seq), 0)`.as('m')).where('referral_id', '=', referralId).executeTakeFirst();
+  return Number(max?.m ?? 0) + 1;
+}
+
 function toReferral(row: ReferralsTable): StoredReferral {
   // The submission can be megabytes of base64 documents: parse it only when someone reads it.
   let payload: Referral | undefined;
@@ -242,17 +253,12 @@ export class ReferralStore {
   }
 
   private async insertHistory(trx: Q, referralId: string, h: HistoryEntry): Promise<void> {
-    const max = await trx
-      .selectFrom('referral_history')
-      .select(sql<number>`coalesce(max(seq), 0)`.as('m'))
-      .where('referral_id', '=', referralId)
-      .executeTakeFirst();
     await trx
       .insertInto('referral_history')
       .values({
         id: newId('h'),
         referral_id: referralId,
-        seq: Number(max?.m ?? 0) + 1,
+        seq: await nextSeq(trx, 'referral_history', referralId),
         status: h.status,
         reason: h.reason ?? null,
         detail: h.detail ? JSON.stringify(h.detail) : null,
@@ -263,28 +269,15 @@ export class ReferralStore {
 
   /** Queues a status webhook in the caller's transaction, numbered in order per referral. */
   private async insertWebhook(trx: Q, referral: StoredReferral, url: string, event: WebhookEvent): Promise<void> {
-    const max = await trx
-      .selectFrom('webhook_outbox')
-      .select(sql<number>`coalesce(max(seq), 0)`.as('m'))
-      .where('referral_id', '=', referral.id)
-      .executeTakeFirst();
-    const at = nowIso();
     await trx
       .insertInto('webhook_outbox')
       .values({
         id: newId('wh'),
         referral_id: referral.id,
-        seq: Number(max?.m ?? 0) + 1,
+        seq: await nextSeq(trx, 'webhook_outbox', referral.id),
         url,
         payload: JSON.stringify(event),
-        state: 'pending',
-        attempts: 0,
-        next_attempt_at: at,
-        locked_by: null,
-        locked_until: null,
-        last_error: null,
-        created_at: at,
-        updated_at: at,
+        ...freshQueueRow(nowIso()),
       })
       .execute();
   }
@@ -300,14 +293,7 @@ export class ReferralStore {
         referral_id: referralId,
         kind,
         payload: payload === null ? null : JSON.stringify(payload),
-        state: 'pending',
-        attempts: 0,
-        next_attempt_at: at,
-        locked_by: null,
-        locked_until: null,
-        last_error: null,
-        created_at: at,
-        updated_at: at,
+        ...freshQueueRow(at),
       })
       .execute();
     return id;
