@@ -155,10 +155,8 @@ export class Poller {
       watermark = open.map((r) => r.createdAt).sort()[0];
     }
     const since = new Date(new Date(watermark).getTime() - this.opts.overlapMs).toISOString();
-    const client = this.clients.get(dest);
-    const params = { _tag: GATEWAY_TAG_SEARCH, _lastUpdated: `gt${since}`, _sort: '_lastUpdated', _count: String(this.opts.pageSize) };
-    const tasks = await client.searchAll<Task>('Task', params);
-    const srs = await client.searchAll<ServiceRequest>('ServiceRequest', params);
+    const tasks = await this.delta<Task>(dest, 'Task', since);
+    const srs = await this.delta<ServiceRequest>(dest, 'ServiceRequest', since);
     stats.searches += tasks.requests + srs.requests;
     stats.tasksSeen += tasks.resources.length;
     let newest = watermark;
@@ -173,6 +171,27 @@ export class Poller {
       if (await this.safely(dest, sr.id, () => this.applyServiceRequest(dest, sr))) stats.changes++;
     }
     await this.store.setWatermark(dest.id, newest);
+  }
+
+  /**
+   * The gateway's resources of one type changed since `since`, oldest first, following `next` links.
+   * When the client's page cap stops a long walk, it resumes from the last time seen instead of
+   * starting over next cycle (repeats at that instant are skipped by their version).
+   */
+  private async delta<T extends Task | ServiceRequest>(dest: Destination, type: T['resourceType'], since: string): Promise<{ resources: T[]; requests: number }> {
+    const client = this.clients.get(dest);
+    let bound = `gt${since}`;
+    const resources: T[] = [];
+    let requests = 0;
+    for (;;) {
+      const r = await client.searchAll<T>(type, { _tag: GATEWAY_TAG_SEARCH, _lastUpdated: bound, _sort: '_lastUpdated', _count: String(this.opts.pageSize) });
+      requests += r.requests;
+      resources.push(...r.resources);
+      const last = r.resources.at(-1)?.meta?.lastUpdated;
+      if (!r.truncated || !last || bound === `ge${last}`) break;
+      bound = `ge${last}`;
+    }
+    return { resources, requests };
   }
 
   /** Reads the open referrals' Tasks in batches of ids (as many as fit in one URL); a missing Task is gone. */

@@ -1,5 +1,6 @@
 import type { DocumentReference, Task } from '@medplum/fhirtypes';
 import type { Gateway } from '../../src/gateway';
+import { Poller } from '../../src/tracking/poller';
 import { eventually, fixture, KEY_A, startGateway } from '../helpers/gateway';
 
 /**
@@ -199,6 +200,18 @@ describe('tracking the centre’s Task', () => {
     expect(res.body.resourceType).toBe('OperationOutcome');
     expect((await fhir<Task>(`Task/${taskId}`)).status).toBe('in-progress');
   });
+
+  test('a burst of changes longer than the page cap is taken in one cycle, not re-read forever', async () => {
+    const referrals = await Promise.all(Array.from({ length: 55 }, () => delivered()));
+    for (const r of referrals) await centreSets(r.taskId, { status: 'accepted' });
+    // One Task per page: the client stops after 50 pages; the poller must resume past them.
+    const tiny = new Poller(gw.store, gw.destinations, gw.clients, { cron: '* * * * *', overlapMs: 0, pageSize: 1 });
+    const [cycle] = await tiny.pollOnce({ force: true });
+    expect(cycle.error).toBeUndefined();
+    for (const r of referrals) {
+      expect((await gw.store.getById(r.id))?.status).toBe('accepted');
+    }
+  }, 60_000);
 
   test('documents added later reach the centre linked to the ServiceRequest', async () => {
     const { id } = await delivered();
