@@ -7,6 +7,7 @@ import type { ReferralService } from './referral/service';
 import type { ReferralStore } from './store/referral-store';
 import { adminRouter } from './api/admin-router';
 import { metricsRegistry } from './observability/metrics';
+import { openapiRouter } from './api/openapi-router';
 
 export interface AppDeps {
   config: Config;
@@ -46,6 +47,8 @@ export function createApp(deps: AppDeps): Express {
   app.get('/metrics', async (_req, res) => {
     res.type(metricsRegistry.contentType).send(await metricsRegistry.metrics());
   });
+
+  app.use(openapiRouter());
 
   if (deps.sandbox) {
     app.use('/sandbox/fhir/R4', deps.sandbox);

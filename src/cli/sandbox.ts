@@ -3,7 +3,8 @@
 // stdout: one JSON line {"event":"sandbox-listening","url":...} when ready, and
 // {"event":"sandbox-stopped"} on SIGTERM/SIGINT. Errors go to stderr (exit code 1).
 // GET /_sandbox/stats answers request and search counters as JSON.
-// SANDBOX_SEARCH_INDEX=off answers every search by scanning the store (for comparisons).
+// SANDBOX_SEARCH_INDEX=conditional: only conditional creates/updates use the search index, other
+// searches scan the store, as before the index (for comparisons); =off: nothing uses it.
 import { startSandboxServer } from '../fhir/sandbox';
 
 function parsePort(raw: string | undefined): number {
@@ -18,7 +19,8 @@ async function main(): Promise<void> {
   const port = parsePort(process.env.PORT);
   const host = process.env.HOST || '127.0.0.1';
   const started = performance.now();
-  const searchIndex = !/^(off|false|0|no)$/i.test(process.env.SANDBOX_SEARCH_INDEX ?? '');
+  const setting = (process.env.SANDBOX_SEARCH_INDEX ?? '').trim().toLowerCase();
+  const searchIndex = setting === 'conditional' ? 'conditional' : !['off', 'false', '0', 'no'].includes(setting);
   const sandbox = await startSandboxServer(port, { host, searchIndex });
   process.stderr.write(`sandbox ready in ${Math.round(performance.now() - started)} ms\n`);
   process.stdout.write(JSON.stringify({ event: 'sandbox-listening', url: sandbox.url }) + '\n');

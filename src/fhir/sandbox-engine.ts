@@ -29,6 +29,7 @@ import type {
   OperationOutcome,
   Resource,
 } from '@medplum/fhirtypes';
+import { IndexedMemoryRepository } from './sandbox-repo';
 import {
   FHIR_ID,
   Journal,
@@ -475,9 +476,9 @@ export class SandboxEngine {
     if (!request.filters?.length) {
       throw fail(400, `Conditional criteria "${criteria}" contain no search parameter`);
     }
-    // An IndexedMemoryRepository answers identifier criteria from its index (no store scan).
+    // An IndexedMemoryRepository answers e.g. identifier criteria from its index (no store scan).
     const limited: SearchRequest = { ...request, count: 2, offset: 0, sortRules: undefined };
-    const bundle = await this.repo.search(limited);
+    const bundle = this.repo instanceof IndexedMemoryRepository ? await this.repo.searchMatches(limited) : await this.repo.search(limited);
     return (bundle.entry ?? []).flatMap((e) => (e.resource ? [e.resource] : []));
   }
 

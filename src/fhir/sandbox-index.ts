@@ -14,9 +14,11 @@
 // parameter with core's matchesSearchRequest, exactly as the scan does. Only the returned page is
 // cloned. Results, order (ties keep store order, like the scan's stable sort), totals and paging
 // are those of MemoryRepository.search; test/integration/sandbox-search.test.ts checks it.
-// Searches the index does not model (chained or _has filters, _include/_revinclude, sorting by
-// anything but _lastUpdated, a non-canonical meta.lastUpdated in the store) return undefined and
-// the caller falls back to the scan.
+// The scan sorts by JSON.stringify([lastUpdated]).localeCompare(): for instants in the canonical
+// form MemoryRepository writes (YYYY-MM-DDThh:mm:ss.sssZ) that is plain string order, which the
+// index uses. Searches the index does not model (chained or _has filters, _include/_revinclude,
+// sorting by anything but _lastUpdated, _lastUpdated filters or sort while some stored
+// meta.lastUpdated is not canonical, e.g. seeded) return undefined and the caller scans.
 //
 // Keeping in step: the index replaces MemoryRepository's internal `resources` map (fhir-router
 // 5.2.13: Map<type, Map<id, Resource>>, the same internals the transaction Journal uses) with a map
@@ -63,9 +65,21 @@ function compareEntries(a: Entry, b: Entry): number {
   return ka < kb ? -1 : ka > kb ? 1 : a.seq - b.seq;
 }
 
-function identifierList(resource: Resource): unknown[] {
-  const value = (resource as { identifier?: unknown }).identifier;
-  return Array.isArray(value) ? value : value === undefined || value === null ? [] : [value];
+/** Top-level Identifier elements filed in the key index (`DocumentReference?identifier=` also reads masterIdentifier). */
+const INDEXED_IDENTIFIER_ELEMENTS = ['identifier', 'masterIdentifier'] as const;
+
+/** The Identifiers in `elements` of a resource (each element 0..1 or 0..*). */
+function identifierList(resource: Resource, elements: readonly string[] = INDEXED_IDENTIFIER_ELEMENTS): unknown[] {
+  const out: unknown[] = [];
+  for (const element of elements) {
+    const value = (resource as unknown as Record<string, unknown>)[element];
+    if (Array.isArray(value)) {
+      out.push(...(value as unknown[]));
+    } else if (value !== undefined && value !== null) {
+      out.push(value);
+    }
+  }
+  return out;
 }
 
 /** Index of one resource type. */
@@ -368,8 +382,8 @@ function visitCodings(codings: unknown, visit: TokenVisitor): boolean {
 }
 
 /** core ir.ts buildIdentifierToken (no text-search system): type.text, then system|value. */
-function visitIdentifiers(resource: Resource, visit: TokenVisitor): boolean {
-  for (const identifier of identifierList(resource)) {
+function visitIdentifiers(resource: Resource, elements: readonly string[], visit: TokenVisitor): boolean {
+  for (const identifier of identifierList(resource, elements)) {
     if (identifier && typeof identifier === 'object') {
       const i = identifier as { system?: unknown; value?: unknown; type?: { text?: unknown } };
       if ((i.type?.text && visitToken(visit, undefined, i.type.text)) || visitToken(visit, i.system, i.value)) {
@@ -428,6 +442,8 @@ function tokenKeys(filterValues: string[], withSystem: boolean): string[] | unde
         return undefined;
       }
       keys.push(value);
+    } else if (filterValue === '') {
+      return undefined; // matches an empty value, which is never filed
     } else {
       keys.push(filterValue.toLowerCase());
     }
@@ -564,15 +580,36 @@ function compileFilter(type: string, filter: Filter): CompiledFilter | undefined
       keys && ((index) => keys.flatMap((key) => index.byId(key)))
     );
   }
-  if (param.expression === `${type}.identifier`) {
-    const element = getElementDefinition(type, 'identifier');
-    if (element?.type?.length !== 1 || element.type[0].code !== 'Identifier') {
-      return generic;
-    }
-    const keys = tokenKeys(filterValues, true);
-    return tokenFilter(visitIdentifiers, keys && ((index) => keys.flatMap((key) => index.byIdentifier(key))));
+  const elements = identifierElements(type, param);
+  if (elements) {
+    const keys = elements.every((e) => (INDEXED_IDENTIFIER_ELEMENTS as readonly string[]).includes(e)) ? tokenKeys(filterValues, true) : undefined;
+    return tokenFilter(
+      (r, visit) => visitIdentifiers(r, elements, visit),
+      keys && ((index) => keys.flatMap((key) => index.byIdentifier(key)))
+    );
   }
   return generic;
+}
+
+/**
+ * For an expression `T.a | T.b ...` whose paths are all top-level elements of type Identifier
+ * (`Task.identifier`, `DocumentReference.masterIdentifier | DocumentReference.identifier`): the
+ * element names. A union's matches are those of its parts, whatever its order and duplicates.
+ */
+function identifierElements(type: string, param: SearchParameter): string[] | undefined {
+  const elements: string[] = [];
+  for (const path of (param.expression ?? '').split('|').map((p) => p.trim())) {
+    const m = /^([A-Za-z]+)\.([A-Za-z]+)$/.exec(path);
+    if (m?.[1] !== type) {
+      return undefined;
+    }
+    const element = getElementDefinition(type, m[2]);
+    if (element?.type?.length !== 1 || element.type[0].code !== 'Identifier') {
+      return undefined;
+    }
+    elements.push(m[2]);
+  }
+  return elements.length > 0 ? elements : undefined;
 }
 
 // ---------------------------------------------------------------------------------------------

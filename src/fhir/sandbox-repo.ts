@@ -12,18 +12,24 @@ import type { Bundle, Resource } from '@medplum/fhirtypes';
 import { SearchIndex } from './sandbox-index';
 
 export interface IndexedMemoryRepositoryOptions {
-  /** Answer searches from the index where it can (default true); false: every search scans. */
-  index?: boolean;
+  /**
+   * What the index answers (default true: every search it can). 'conditional': only the matching
+   * of conditional interactions (ifNoneExist, conditional update/patch/delete), other searches
+   * scan, as the sandbox did before it had a search index (for comparisons). false: nothing.
+   */
+  index?: boolean | 'conditional';
 }
 
 export class IndexedMemoryRepository extends MemoryRepository {
   private readonly searchIndex: SearchIndex | undefined;
+  private readonly mode: 'all' | 'conditional';
   /** How searches were answered: from the index, or by MemoryRepository's scan. */
   readonly searchCounts = { indexed: 0, scanned: 0 };
 
   constructor(options: IndexedMemoryRepositoryOptions = {}) {
     super();
     this.searchIndex = options.index === false ? undefined : SearchIndex.attach(this);
+    this.mode = options.index === 'conditional' ? 'conditional' : 'all';
   }
 
   /** Whether the index is attached (it is unless disabled or MemoryRepository's internals changed). */
@@ -32,17 +38,30 @@ export class IndexedMemoryRepository extends MemoryRepository {
   }
 
   override async search<T extends Resource>(searchRequest: SearchRequest<T>): Promise<Bundle<WithId<T>>> {
+    return this.mode === 'all' ? this.answer(searchRequest) : this.scan(searchRequest);
+  }
+
+  /** Matches for a conditional interaction (the engine asks with count 2). */
+  searchMatches<T extends Resource>(searchRequest: SearchRequest<T>): Promise<Bundle<WithId<T>>> {
+    return this.answer(searchRequest);
+  }
+
+  /** MemoryRepository's own scan, bypassing the index (tests compare the two). */
+  scanSearch<T extends Resource>(searchRequest: SearchRequest<T>): Promise<Bundle<WithId<T>>> {
+    return super.search(searchRequest);
+  }
+
+  private async answer<T extends Resource>(searchRequest: SearchRequest<T>): Promise<Bundle<WithId<T>>> {
     const bundle = this.searchIndex?.search(searchRequest);
     if (bundle) {
       this.searchCounts.indexed++;
       return bundle;
     }
-    this.searchCounts.scanned++;
-    return super.search(searchRequest);
+    return this.scan(searchRequest);
   }
 
-  /** MemoryRepository's own scan, bypassing the index (tests compare the two). */
-  scanSearch<T extends Resource>(searchRequest: SearchRequest<T>): Promise<Bundle<WithId<T>>> {
+  private scan<T extends Resource>(searchRequest: SearchRequest<T>): Promise<Bundle<WithId<T>>> {
+    this.searchCounts.scanned++;
     return super.search(searchRequest);
   }
 }

@@ -33,8 +33,11 @@ export interface SandboxRouterOptions extends SandboxEngineOptions {
    * conditional create then scans the store).
    */
   repo?: MemoryRepository;
-  /** With the default repository: false turns its search index off (for comparisons). */
-  searchIndex?: boolean;
+  /**
+   * With the default repository, what its search index answers (default true: every search it
+   * can; 'conditional': only conditional-interaction matching, as before the index; false: nothing).
+   */
+  searchIndex?: boolean | 'conditional';
 }
 
 export interface SandboxRouter {

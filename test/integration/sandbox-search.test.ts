@@ -111,7 +111,15 @@ async function mixedStore(repo: IndexedMemoryRepository): Promise<string[]> {
   for (let i = 0; i < 30; i++) {
     await repo.createResource({ resourceType: 'ServiceRequest', status: 'active', intent: 'order', subject: { reference: 'Patient/p' }, meta: { tag: TAGS[i % TAGS.length] }, identifier: [{ system: SYS, value: `ref_${i}` }] });
   }
-  await repo.createResource({ resourceType: 'DocumentReference', status: 'current', content: [{ attachment: { url: 'x' } }], masterIdentifier: { system: SYS, value: 'ref_1' } });
+  for (let i = 0; i < 20; i++) {
+    await repo.createResource({
+      resourceType: 'DocumentReference',
+      status: 'current',
+      content: [{ attachment: { url: 'x' } }],
+      ...(i % 2 ? { masterIdentifier: { system: SYS, value: `ref_${i % 7}`, ...(i % 3 ? {} : { type: { text: 'Master' } }) } } : {}),
+      ...(i % 3 ? { identifier: [{ system: 'https://other.example/docs', value: `REF_${i % 5}` }] } : {}),
+    });
+  }
   return ids;
 }
 
@@ -222,7 +230,10 @@ describe('index answers exactly like the scan', () => {
       ['ServiceRequest', { _tag: `${GW}|referral-gateway`, _sort: '_lastUpdated' }],
       ['ServiceRequest', { identifier: `${SYS}|ref_3` }],
       ['ServiceRequest', { status: 'active', _count: '4' }],
-      ['DocumentReference', { identifier: `${SYS}|ref_1` }], // masterIdentifier | identifier: generic path
+      ['DocumentReference', { identifier: `${SYS}|ref_1` }], // masterIdentifier | identifier
+      ['DocumentReference', { identifier: 'ref_3', _sort: '-_lastUpdated' }],
+      ['DocumentReference', { identifier: 'master,https://other.example/docs|ref_4' }],
+      ['DocumentReference', { 'identifier:not': 'ref_1' }],
       ['Patient', { _lastUpdated: 'gt2000-01-01' }], // no Patients at all
     ];
     for (const [type, query] of cases) {
@@ -293,6 +304,16 @@ describe('index answers exactly like the scan', () => {
     }
     expect(odd.searchCounts.scanned - counts.scanned).toBe(2);
     expect(odd.searchCounts.indexed - counts.indexed).toBe(1);
+  });
+
+  test("index: 'conditional' answers only conditional matching from the index", async () => {
+    const conditional = new IndexedMemoryRepository({ index: 'conditional' });
+    await conditional.createResource<Task>({ resourceType: 'Task', status: 'requested', intent: 'order', identifier: [{ system: SYS, value: 'c-1' }] });
+    const request = parseSearchRequest('Task', { identifier: `${SYS}|c-1` });
+    expect((await conditional.search(request)).total).toBe(1);
+    expect(conditional.searchCounts).toEqual({ indexed: 0, scanned: 1 });
+    expect((await conditional.searchMatches(request)).total).toBe(1);
+    expect(conditional.searchCounts).toEqual({ indexed: 1, scanned: 1 });
   });
 
   test('clear() empties the index with the store', async () => {
