@@ -1,5 +1,6 @@
 import { z } from 'zod';
 import { validate as validateCron } from 'node-cron';
+import { loadPrivateKey } from '../fhir/auth';
 import { type Destination, loadDestinationsFile } from './destinations';
 
 const cron = z.string().refine((s) => validateCron(s), 'is not a valid cron expression (5 or 6 fields)');
@@ -40,7 +41,10 @@ const envSchema = z.object({
     .default('sqlite:./data/gateway.db'),
   DESTINATIONS_FILE: z.string().default('mappings/destinations.json'),
   FHIR_BASE_URL: z.url().optional(),
-  FHIR_AUTH: z.enum(['none', 'basic', 'bearer', 'client-credentials']).default('none'),
+  FHIR_AUTH: z.enum(['none', 'basic', 'bearer', 'client-credentials', 'smart-backend']).default('none'),
+  FHIR_PRIVATE_KEY_FILE: z.string().optional(),
+  FHIR_JWT_ALG: z.enum(['RS384', 'ES384']).default('ES384'),
+  FHIR_JWT_KID: z.string().optional(),
   FHIR_TOKEN_URL: z.url().optional(),
   FHIR_SCOPE: z.string().optional(),
   FHIR_ORGANIZATION_SYSTEM: z.string().default('https://referral-gateway.dev/fhir/sid/destination'),
@@ -112,7 +116,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
       name: 'Default destination (FHIR_BASE_URL)',
       organization: { system: e.FHIR_ORGANIZATION_SYSTEM, value: e.FHIR_ORGANIZATION_VALUE },
       baseUrl: e.FHIR_BASE_URL.replace(/\/+$/, ''),
-      auth: fhirAuthFromEnv(e.FHIR_AUTH, e.FHIR_TOKEN_URL, e.FHIR_SCOPE, cleaned),
+      auth: fhirAuthFromEnv(e, cleaned),
       timeoutMs: e.FHIR_TIMEOUT_MS,
       maxInlineBytes: 1_048_576,
     });
@@ -161,13 +165,8 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
   };
 }
 
-function fhirAuthFromEnv(
-  kind: 'none' | 'basic' | 'bearer' | 'client-credentials',
-  tokenUrl: string | undefined,
-  scope: string | undefined,
-  env: Record<string, string | undefined>
-): Destination['auth'] {
-  switch (kind) {
+function fhirAuthFromEnv(e: z.output<typeof envSchema>, env: Record<string, string | undefined>): Destination['auth'] {
+  switch (e.FHIR_AUTH) {
     case 'none':
       return { type: 'none' };
     case 'basic':
@@ -175,11 +174,23 @@ function fhirAuthFromEnv(
     case 'bearer':
       return { type: 'bearer', tokenEnv: 'FHIR_TOKEN' };
     case 'client-credentials':
-      if (!tokenUrl) {
+      if (!e.FHIR_TOKEN_URL) {
         throw new ConfigError('FHIR_TOKEN_URL is required when FHIR_AUTH=client-credentials');
       }
-      void env;
-      return { type: 'client-credentials', tokenUrl, clientIdEnv: 'FHIR_CLIENT_ID', clientSecretEnv: 'FHIR_CLIENT_SECRET', scope };
+      return { type: 'client-credentials', tokenUrl: e.FHIR_TOKEN_URL, clientIdEnv: 'FHIR_CLIENT_ID', clientSecretEnv: 'FHIR_CLIENT_SECRET', scope: e.FHIR_SCOPE };
+    case 'smart-backend':
+      if (!e.FHIR_TOKEN_URL || !e.FHIR_SCOPE) {
+        throw new ConfigError('FHIR_TOKEN_URL and FHIR_SCOPE are required when FHIR_AUTH=smart-backend');
+      }
+      return {
+        type: 'smart-backend',
+        tokenUrl: e.FHIR_TOKEN_URL,
+        clientIdEnv: 'FHIR_CLIENT_ID',
+        ...(e.FHIR_PRIVATE_KEY_FILE ? { privateKeyFile: e.FHIR_PRIVATE_KEY_FILE } : { privateKeyEnv: 'FHIR_PRIVATE_KEY' }),
+        alg: e.FHIR_JWT_ALG,
+        kid: e.FHIR_JWT_KID ?? env.FHIR_JWT_KID,
+        scope: e.FHIR_SCOPE,
+      };
   }
 }
 
@@ -189,9 +200,21 @@ function checkSecretsPresent(d: Destination, env: Record<string, string | undefi
   if (a.type === 'basic') names.push(a.usernameEnv, a.passwordEnv);
   if (a.type === 'bearer') names.push(a.tokenEnv);
   if (a.type === 'client-credentials') names.push(a.clientIdEnv, a.clientSecretEnv);
+  if (a.type === 'smart-backend') {
+    names.push(a.clientIdEnv);
+    if (a.privateKeyEnv) names.push(a.privateKeyEnv);
+  }
   for (const n of names) {
     if (!env[n]) {
       throw new ConfigError(`${n} is required by destination "${d.id}" (auth ${a.type}) but is not set`);
+    }
+  }
+  if (a.type === 'smart-backend') {
+    // A wrong key type or an unreadable file should stop start-up, not the first delivery.
+    try {
+      loadPrivateKey(a, env);
+    } catch (err) {
+      throw new ConfigError(`${a.privateKeyFile ? `FHIR private key file ${a.privateKeyFile}` : a.privateKeyEnv} for destination "${d.id}": ${(err as Error).message.split('\n')[0]}`);
     }
   }
 }

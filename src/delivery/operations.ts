@@ -3,11 +3,11 @@ import type { Destination } from '../config/destinations';
 import { FhirRequestError } from '../fhir/client';
 import type { FhirClient } from '../fhir/client';
 import { classifyError, sendTransaction } from '../fhir/transaction';
-import type { TransactionLocation } from '../fhir/transaction';
+import type { TransactionLocation, TransactionResult } from '../fhir/transaction';
 import { mapAddedDocumentsToBundle, mapReferralToBundle } from '../mapping/bundle';
 import { DOCUMENT_IDENTIFIER_SYSTEM, documentIdentifierValue, REFERRAL_IDENTIFIER_SYSTEM } from '../mapping/constants';
 import { logger } from '../observability/logger';
-import type { ReferralDocument } from '../referral/schema';
+import type { Referral, ReferralDocument } from '../referral/schema';
 import type { FhirRefs, StoredReferral } from '../referral/types';
 import { nowIso } from '../store/ids';
 import type { OutboxEntry, ReferralStore } from '../store/referral-store';
@@ -23,17 +23,27 @@ export type Outcome =
    * Try again later. `neutral` says the destination is not to blame (e.g. the referral has not reached the
    * centre yet), so the circuit breaker does not count it.
    */
-  | { kind: 'retry'; reason: string; retryAfterMs?: number; status?: number; neutral?: boolean }
+  | { kind: 'retry'; reason: string; retryAfterMs?: number; status?: number; outcome?: OperationOutcome; neutral?: boolean }
   /** A resend will not help: dead letter. */
   | { kind: 'fail'; reason: string; status?: number; outcome?: OperationOutcome };
 
+/** A stored referral without its payload (which may carry megabytes of document data). */
+export type ReferralSummary = Omit<StoredReferral, 'payload'>;
+
 export interface OperationContext {
   store: ReferralStore;
-  /** The entry as claimed: `entry.attempts` is the number of earlier attempts. */
-  entry: OutboxEntry;
+  /** The entry as claimed (its payload moved to takeEntryPayload): `entry.attempts` is the number of earlier attempts. */
+  entry: Omit<OutboxEntry, 'payload'>;
   /** This attempt's number (entry.attempts + 1), already recorded. */
   attempt: number;
-  referral: StoredReferral;
+  referral: ReferralSummary;
+  /**
+   * The referral's payload, handed over once: after the call the context no longer holds it, so once the
+   * operation has sent it, a large document's data can be collected before the store writes that follow.
+   */
+  takePayload(): Referral;
+  /** The outbox entry's payload, handed over once in the same way. */
+  takeEntryPayload(): unknown;
   destination: Destination;
   client: FhirClient;
   /** Aborts when the entry's time budget (within its lease) runs out. */
@@ -53,25 +63,15 @@ const IF_MATCH_TRIES = 3;
 
 /** The referral's transaction: every entry a conditional create; large documents as Binary entries. */
 export async function deliverSubmit(ctx: OperationContext): Promise<Outcome> {
-  const { referral, destination, client, signal, store } = ctx;
+  const { referral, destination, store } = ctx;
   if (ctx.entry.attempts > 0) {
     const failed = await readBeforeRetry(ctx, 'Task', REFERRAL_IDENTIFIER_SYSTEM, referral.id);
     if (failed) return failed;
   }
-  const binaries = planBinaries({ referralId: referral.id, documents: referral.payload.documents, startIndex: 0, destination });
-  const bundle = mapReferralToBundle({
-    referralId: referral.id,
-    clientId: referral.clientId,
-    referral: referral.payload,
-    destination,
-    createdAt: referral.createdAt,
-    attachmentUrls: binaries.attachmentUrls,
-  });
-  bundle.entry = [...(bundle.entry ?? []), ...binaries.entries];
-  const result = await sendTransaction(client, bundle, { signal, preferMinimal: binaries.entries.length > 0 });
-  if (result.kind !== 'ok') return result;
-
-  const fhir = collectRefs(destination, bundle, result.locations);
+  const sent = await sendReferralBundle(ctx);
+  if (sent.result.kind !== 'ok') return sent.result;
+  // From here on nothing refers to the payload or the bundle any more.
+  const fhir = collectRefs(destination, sent.types, sent.result.locations);
   const changed = await store.changeStatus(
     referral.id,
     { status: 'sent', fhir, reason: null, detail: { attempts: ctx.attempt } },
@@ -82,10 +82,32 @@ export async function deliverSubmit(ctx: OperationContext): Promise<Outcome> {
     destination: destination.id,
     attempts: ctx.attempt,
     task: fhir.task,
-    binaries: binaries.entries.length,
+    binaries: sent.binaries,
   });
   if (changed) ctx.emit({ referralId: referral.id, status: 'sent', previous: changed.previous });
   return { kind: 'done' };
+}
+
+/** Maps and sends the referral's transaction; returns only what the caller needs afterwards (not the bundle). */
+async function sendReferralBundle(ctx: OperationContext): Promise<{ result: TransactionResult; types: Array<string | undefined>; binaries: number }> {
+  const { referral, destination, client, signal } = ctx;
+  const payload = ctx.takePayload();
+  const binaries = planBinaries({ referralId: referral.id, documents: payload.documents, startIndex: 0, destination });
+  const bundle = mapReferralToBundle({
+    referralId: referral.id,
+    clientId: referral.clientId,
+    referral: payload,
+    destination,
+    createdAt: referral.createdAt,
+    attachmentUrls: binaries.attachmentUrls,
+  });
+  bundle.entry = [...(bundle.entry ?? []), ...binaries.entries];
+  const result = await sendTransaction(client, bundle, { signal, preferMinimal: binaries.entries.length > 0 });
+  return { result, types: entryTypes(bundle), binaries: binaries.entries.length };
+}
+
+function entryTypes(bundle: Bundle): Array<string | undefined> {
+  return (bundle.entry ?? []).map((e) => e.resource?.resourceType);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -108,27 +130,62 @@ function isDocumentsPayload(p: unknown): p is DocumentsPayload {
  */
 export async function deliverDocuments(ctx: OperationContext): Promise<Outcome> {
   const { referral, destination, client, signal, entry } = ctx;
-  if (!isDocumentsPayload(entry.payload)) {
+  const payload = ctx.takeEntryPayload();
+  if (!isDocumentsPayload(payload)) {
     return { kind: 'fail', reason: 'malformed documents entry (expected { documents, startIndex })' };
   }
-  const { documents, startIndex } = entry.payload;
   const refs = referral.fhir;
   if (!refs?.serviceRequest || !refs.patient) {
     return { kind: 'retry', reason: 'the referral has not reached the centre yet', neutral: true };
   }
-  if (documents.length === 0) return { kind: 'done' };
+  if (payload.documents.length === 0) return { kind: 'done' };
   if (entry.attempts > 0) {
-    const failed = await readBeforeRetry(ctx, 'DocumentReference', DOCUMENT_IDENTIFIER_SYSTEM, documentIdentifierValue(referral.id, startIndex + 1));
+    const failed = await readBeforeRetry(ctx, 'DocumentReference', DOCUMENT_IDENTIFIER_SYSTEM, documentIdentifierValue(referral.id, payload.startIndex + 1));
     if (failed) return failed;
   }
+  const sent = await sendDocumentsBundle(ctx, payload, refs.serviceRequest, refs.patient);
+  const result = sent.result;
+  if (result.kind !== 'ok') return result;
+
+  const added = sent.types.flatMap((type, i) => {
+    const loc = result.locations[i];
+    return type === 'DocumentReference' && loc ? [`DocumentReference/${loc.id}`] : [];
+  });
+  // Link first, record after: the referral lists the documents once the centre's ServiceRequest does too. A
+  // retryable failure here retries the whole entry (the transaction resend matches what is there).
+  const linked = await linkToServiceRequest(client, refs.serviceRequest, added, signal);
+  if (linked.kind === 'retry') return linked;
+  if (linked.kind === 'fail') {
+    // The documents are at the centre and linked through DocumentReference.context.related; only the
+    // ServiceRequest's list could not be updated (e.g. the server does not let us update it).
+    logger.warn('documents delivered; ServiceRequest.supportingInfo not updated', {
+      referralId: referral.id,
+      destination: destination.id,
+      reason: linked.reason,
+    });
+  }
+  const stored = await appendDocumentRefs(ctx.store, referral.id, added);
+  if (!stored) return { kind: 'retry', reason: 'the referral changed too often while its document refs were saved', neutral: true };
+  logger.info('documents delivered', { referralId: referral.id, destination: destination.id, attempts: ctx.attempt, documents: added.length });
+  return { kind: 'done' };
+}
+
+async function sendDocumentsBundle(
+  ctx: OperationContext,
+  payload: DocumentsPayload,
+  serviceRequestRef: string,
+  patientRef: string
+): Promise<{ result: TransactionResult; types: Array<string | undefined> }> {
+  const { referral, destination, client, signal, entry } = ctx;
+  const { documents, startIndex } = payload;
   const binaries = planBinaries({ referralId: referral.id, documents, startIndex, destination });
   const bundle = mapAddedDocumentsToBundle({
     referralId: referral.id,
-    referral: referral.payload,
+    referral: ctx.takePayload(),
     documents,
     startIndex,
-    serviceRequestRef: refs.serviceRequest,
-    patientRef: refs.patient,
+    serviceRequestRef,
+    patientRef,
     destination,
     attachmentUrls: binaries.attachmentUrls,
     // The entry's own time, so a resend is the same bundle.
@@ -136,28 +193,7 @@ export async function deliverDocuments(ctx: OperationContext): Promise<Outcome> 
   });
   bundle.entry = [...(bundle.entry ?? []), ...binaries.entries];
   const result = await sendTransaction(client, bundle, { signal, preferMinimal: binaries.entries.length > 0 });
-  if (result.kind !== 'ok') return result;
-
-  const added = (bundle.entry ?? []).flatMap((e, i) => {
-    const loc = result.locations[i];
-    return e.resource?.resourceType === 'DocumentReference' && loc ? [`DocumentReference/${loc.id}`] : [];
-  });
-  const stored = await appendDocumentRefs(ctx.store, referral.id, added);
-  if (!stored) return { kind: 'retry', reason: 'the referral changed too often while its document refs were saved', neutral: true };
-
-  const linked = await linkToServiceRequest(client, refs.serviceRequest, added, signal);
-  if (linked.kind !== 'done') {
-    if (linked.kind === 'retry') return linked;
-    // The documents are at the centre and linked through DocumentReference.context.related; only the
-    // ServiceRequest's list could not be updated (e.g. the server does not allow updates by us).
-    logger.warn('documents delivered; ServiceRequest.supportingInfo not updated', {
-      referralId: referral.id,
-      destination: destination.id,
-      reason: linked.reason,
-    });
-  }
-  logger.info('documents delivered', { referralId: referral.id, destination: destination.id, attempts: ctx.attempt, documents: added.length });
-  return { kind: 'done' };
+  return { result, types: entryTypes(bundle) };
 }
 
 /** Appends refs to referral.fhir.documents without changing the status (compare-and-set on updatedAt). */
@@ -204,7 +240,8 @@ async function linkToServiceRequest(client: FhirClient, srRef: string, added: st
  */
 export async function deliverCancel(ctx: OperationContext): Promise<Outcome> {
   const { referral, client, signal, store, destination } = ctx;
-  const reason = typeof (ctx.entry.payload as { reason?: unknown })?.reason === 'string' ? (ctx.entry.payload as { reason: string }).reason : 'cancelled by the referrer';
+  const payload = ctx.takeEntryPayload() as { reason?: unknown } | null;
+  const reason = typeof payload?.reason === 'string' ? payload.reason : 'cancelled by the referrer';
 
   let taskId = refId(referral.fhir?.task, 'Task');
   if (!taskId) {
@@ -361,14 +398,14 @@ export async function readBeforeRetry(ctx: OperationContext, type: 'Task' | 'Doc
   return undefined;
 }
 
-/** Server-assigned ids, by the role each bundle entry plays. */
-export function collectRefs(destination: Destination, bundle: Bundle, locations: TransactionLocation[]): FhirRefs {
+/** Server-assigned ids, by the role each bundle entry plays (`types[i]`: the resource type of request entry i). */
+export function collectRefs(destination: Destination, types: ReadonlyArray<string | undefined>, locations: TransactionLocation[]): FhirRefs {
   const refs: FhirRefs = { baseUrl: destination.baseUrl, documents: [] };
-  (bundle.entry ?? []).forEach((e, i) => {
+  types.forEach((type, i) => {
     const loc = locations[i];
     if (!loc) return;
     const ref = `${loc.resourceType}/${loc.id}`;
-    switch (e.resource?.resourceType) {
+    switch (type) {
       case 'ServiceRequest':
         refs.serviceRequest = ref;
         break;

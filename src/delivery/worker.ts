@@ -4,14 +4,15 @@ import { requestContext } from '../observability/context';
 import { logger } from '../observability/logger';
 import { deliveries } from '../observability/metrics';
 import type { DestinationDirectory } from '../referral/service';
-import type { StoredReferral } from '../referral/types';
 import { ulid } from '../store/ids';
 import type { OutboxEntry, ReferralStore } from '../store/referral-store';
-import { beginAttempt } from './attempts';
 import { CircuitBreaker } from './circuit';
 import type { FhirClients } from './clients';
 import { deliverCancel, deliverDocuments, deliverSubmit } from './operations';
-import type { DeliveryEvent, OperationContext, Outcome } from './operations';
+import type { DeliveryEvent, OperationContext, Outcome, ReferralSummary } from './operations';
+import type { StoredReferral } from '../referral/types';
+
+type Entry = Omit<OutboxEntry, 'payload'>;
 import { isExhausted, nextDelay } from './policy';
 
 export { collectRefs } from './operations';
@@ -182,12 +183,20 @@ export class DeliveryWorker {
     }
   }
 
-  private async process(entry: OutboxEntry): Promise<void> {
-    const referral = await this.store.getById(entry.referralId);
-    if (!referral) {
+  private async process(claimed: OutboxEntry): Promise<void> {
+    // The payloads (a referral's documents, documents added later) may be megabytes of base64: they are handed
+    // to the operation once and not kept here, so they can be collected as soon as it has sent them.
+    let entryPayload: unknown = claimed.payload;
+    const { payload: _entryPayload, ...entry } = claimed;
+    claimed.payload = null; // the loop's copy of the entry no longer holds it either
+    const loaded = await this.load(entry.referralId);
+    if (!loaded) {
       await this.store.finishOutbox(entry.id, 'failed', entry.attempts, 'referral no longer exists');
       return;
     }
+    const referral = loaded.summary;
+    let source: StoredReferral | undefined = loaded.stored;
+    loaded.stored = undefined;
     const destination = this.destinations.get(referral.destination);
     if (!destination) {
       await this.retryLater(entry, referral, entry.attempts + 1, { kind: 'retry', reason: `destination ${referral.destination} is not configured`, neutral: true });
@@ -208,7 +217,7 @@ export class DeliveryWorker {
     const permit = admission.permit;
     let attempt: number | undefined;
     try {
-      attempt = await beginAttempt(this.store, entry, this.workerId);
+      attempt = await this.store.beginAttempt(entry, this.workerId);
     } finally {
       if (attempt === undefined) breaker.released(permit);
     }
@@ -228,6 +237,18 @@ export class DeliveryWorker {
       client: this.clients.get(destination),
       signal,
       emit: (e) => this.onStatusChange(e),
+      takePayload: () => {
+        // The store parses the payload on first access; reading it here is the only access.
+        const from = source;
+        source = undefined;
+        if (!from) throw new Error('the referral payload was already taken');
+        return from.payload;
+      },
+      takeEntryPayload: () => {
+        const p = entryPayload;
+        entryPayload = undefined;
+        return p;
+      },
     };
     let outcome: Outcome;
     try {
@@ -259,8 +280,31 @@ export class DeliveryWorker {
     }
   }
 
+  /**
+   * The referral as a summary without its payload, and the stored object to take the payload from (once; the
+   * store parses it on first access, so an operation that needs no payload, e.g. a cancel, never parses it).
+   */
+  private async load(id: string): Promise<{ summary: ReferralSummary; stored: StoredReferral | undefined } | undefined> {
+    const stored = await this.store.getById(id);
+    if (!stored) return undefined;
+    const summary: ReferralSummary = {
+      id: stored.id,
+      clientId: stored.clientId,
+      externalId: stored.externalId,
+      destination: stored.destination,
+      status: stored.status,
+      statusReason: stored.statusReason,
+      createdAt: stored.createdAt,
+      updatedAt: stored.updatedAt,
+      fhir: stored.fhir,
+      report: stored.report,
+      taskVersion: stored.taskVersion,
+    };
+    return { summary, stored };
+  }
+
   /** The circuit is open: put the entry off to the probe time, counting no attempt (unless it is too old). */
-  private async deferForCircuit(entry: OutboxEntry, referral: StoredReferral, destination: Destination, retryAt: number): Promise<void> {
+  private async deferForCircuit(entry: Entry, referral: ReferralSummary, destination: Destination, retryAt: number): Promise<void> {
     const lastError = entry.lastError ?? `destination ${destination.id} circuit open`;
     if (isExhausted(0, new Date(entry.createdAt), new Date(), { maxAttempts: Number.POSITIVE_INFINITY, maxAgeMs: this.opts.maxAgeMs })) {
       await this.failPermanently(entry, referral, entry.attempts, `gave up after ${entry.attempts} attempts (destination circuit open); last error: ${lastError}`);
@@ -271,10 +315,11 @@ export class DeliveryWorker {
     logger.debug('delivery deferred: destination circuit open', { referralId: referral.id, destination: destination.id, until: new Date(retryAt).toISOString() });
   }
 
-  private async retryLater(entry: OutboxEntry, referral: StoredReferral, attempts: number, outcome: Extract<Outcome, { kind: 'retry' }>): Promise<void> {
+  private async retryLater(entry: Entry, referral: ReferralSummary, attempts: number, outcome: Extract<Outcome, { kind: 'retry' }>): Promise<void> {
     const error = outcome.status ? `${outcome.status}: ${outcome.reason}` : outcome.reason;
     if (isExhausted(attempts, new Date(entry.createdAt), new Date(), { maxAttempts: this.opts.maxAttempts, maxAgeMs: this.opts.maxAgeMs })) {
-      await this.failPermanently(entry, referral, attempts, `gave up after ${attempts} attempts; last error: ${error}`);
+      // The dead letter keeps the server's last OperationOutcome, when it sent one.
+      await this.failPermanently(entry, referral, attempts, `gave up after ${attempts} attempts; last error: ${error}`, outcome.outcome);
       return;
     }
     const delay = nextDelay(attempts, { baseMs: this.opts.baseDelayMs, capMs: this.opts.maxDelayMs, retryAfterMs: outcome.retryAfterMs });
@@ -287,7 +332,7 @@ export class DeliveryWorker {
    * Dead letter. A referral whose submission fails becomes delivery-failed; a failed documents or cancel entry
    * leaves the status alone (the referral is at the centre) and is noted in the history.
    */
-  private async failPermanently(entry: OutboxEntry, referral: StoredReferral, attempts: number, error: string, outcome?: OperationOutcome): Promise<void> {
+  private async failPermanently(entry: Entry, referral: ReferralSummary, attempts: number, error: string, outcome?: OperationOutcome): Promise<void> {
     const lastError = outcome ? `${error} ${JSON.stringify(outcome)}` : error;
     if (entry.kind === 'submit') {
       const changed = await this.store.changeStatus(referral.id, { status: 'delivery-failed', reason: error, detail: outcome ? { outcome } : undefined }, (cur) => cur.status === 'queued');

@@ -11,8 +11,8 @@ export interface TransactionLocation {
 export type TransactionResult =
   /** Every request entry succeeded; `locations[i]` is the server id of request entry `i`. */
   | { kind: 'ok'; locations: TransactionLocation[] }
-  /** Worth sending again later (after `retryAfterMs` if the server said so). */
-  | { kind: 'retry'; reason: string; retryAfterMs?: number; status?: number }
+  /** Worth sending again later (after `retryAfterMs` if the server said so); `outcome` if the server sent one. */
+  | { kind: 'retry'; reason: string; retryAfterMs?: number; status?: number; outcome?: OperationOutcome }
   /** Sending the same bundle again will not help. `status` is the HTTP status, or the failing entry's status. */
   | { kind: 'fail'; reason: string; outcome?: OperationOutcome; status: number };
 
@@ -67,7 +67,9 @@ export function classifyError(err: FhirRequestError): Exclude<TransactionResult,
     case 'http': {
       const status = err.status ?? 0;
       if (isTransientStatus(status)) {
-        return { kind: 'retry', reason: err.message, status, retryAfterMs: err.retryAfterMs };
+        return err.outcome
+          ? { kind: 'retry', reason: err.message, status, retryAfterMs: err.retryAfterMs, outcome: err.outcome }
+          : { kind: 'retry', reason: err.message, status, retryAfterMs: err.retryAfterMs };
       }
       return { kind: 'fail', reason: err.message, status, outcome: err.outcome };
     }
@@ -114,7 +116,8 @@ function classifyResponse(sent: BundleEntry[], response: Bundle): TransactionRes
           outcome: entry.response?.outcome,
         };
       }
-      retry ??= { kind: 'retry', reason, status };
+      const entryOutcome = entry.response?.outcome;
+      retry ??= entryOutcome ? { kind: 'retry', reason, status, outcome: entryOutcome } : { kind: 'retry', reason, status };
       continue;
     }
     const loc = locationOf(request, entry);
@@ -171,9 +174,13 @@ function locationOf(request: BundleEntry, entry: BundleEntry): TransactionLocati
  */
 export function parseLocation(location: string): TransactionLocation | undefined {
   let path: string;
-  try {
-    path = new URL(location).pathname;
-  } catch {
+  if (/^[a-z][a-z0-9+.-]*:/i.test(location)) {
+    try {
+      path = new URL(location).pathname;
+    } catch {
+      return undefined;
+    }
+  } else {
     path = stripQuery(location);
   }
   const segs = path.split('/').filter((s) => s !== '');

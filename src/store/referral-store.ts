@@ -79,7 +79,26 @@ async function nextSeq(trx: Q, table: 'referral_history' | 'webhook_outbox', ref
   return Number(max?.m ?? 0) + 1;
 }
 
-function toReferral(row: ReferralsTable): StoredReferral {
+/** Every column of a referral but its payload. */
+const LIGHT_COLUMNS = [
+  'id',
+  'client_id',
+  'external_id',
+  'idempotency_key',
+  'request_hash',
+  'destination',
+  'status',
+  'status_reason',
+  'fhir',
+  'report',
+  'task_version',
+  'callback_url',
+  'created_at',
+  'updated_at',
+] as const;
+
+/** A stored referral; without `withPayload`, reading `payload` is a programming error and throws. */
+function toReferral(row: ReferralsTable, withPayload = true): StoredReferral {
   // The submission can be megabytes of base64 documents: parse it only when someone reads it.
   let payload: Referral | undefined;
   const r = {
@@ -97,7 +116,10 @@ function toReferral(row: ReferralsTable): StoredReferral {
   };
   return Object.defineProperty(r, 'payload', {
     enumerable: true,
-    get: () => (payload ??= JSON.parse(row.payload) as Referral),
+    get: () => {
+      if (!withPayload) throw new Error('this referral was read without its payload');
+      return (payload ??= JSON.parse(row.payload) as Referral);
+    },
   }) as StoredReferral;
 }
 
@@ -175,7 +197,12 @@ export class ReferralStore {
     return row ? Object.assign(toReferral(row), { requestHash: row.request_hash }) : undefined;
   }
 
-  async getById(id: string): Promise<StoredReferral | null> {
+  /** A referral by id; with `{ payload: false }` the (possibly large) submission is not read. */
+  async getById(id: string, opts: { payload?: boolean } = {}): Promise<StoredReferral | null> {
+    if (opts.payload === false) {
+      const light = await this.k.selectFrom('referrals').select(LIGHT_COLUMNS).where('id', '=', id).executeTakeFirst();
+      return light ? toReferral({ ...light, payload: '' }, false) : null;
+    }
     const row = await this.k.selectFrom('referrals').selectAll().where('id', '=', id).executeTakeFirst();
     return row ? toReferral(row) : null;
   }
@@ -187,7 +214,7 @@ export class ReferralStore {
   }
 
   async list(clientId: string, f: ListFilter): Promise<{ items: StoredReferral[]; next?: { createdAt: string; id: string } }> {
-    let q = this.k.selectFrom('referrals').selectAll().where('client_id', '=', clientId);
+    let q = this.k.selectFrom('referrals').select(LIGHT_COLUMNS).where('client_id', '=', clientId);
     if (f.status) q = q.where('status', '=', f.status);
     if (f.externalId) q = q.where('external_id', '=', f.externalId);
     if (f.updatedSince) q = q.where('updated_at', '>=', f.updatedSince);
@@ -196,7 +223,7 @@ export class ReferralStore {
       q = q.where((eb) => eb.or([eb('created_at', '<', c.createdAt), eb.and([eb('created_at', '=', c.createdAt), eb('id', '<', c.id)])]));
     }
     const rows = await q.orderBy('created_at', 'desc').orderBy('id', 'desc').limit(f.limit + 1).execute();
-    const items = rows.slice(0, f.limit).map(toReferral);
+    const items = rows.slice(0, f.limit).map((r) => toReferral({ ...r, payload: '' }, false));
     const last = items[items.length - 1];
     return { items, next: rows.length > f.limit && last ? { createdAt: last.createdAt, id: last.id } : undefined };
   }
@@ -218,9 +245,10 @@ export class ReferralStore {
   async changeStatus(id: string, change: StatusChange, onlyIf?: (current: StoredReferral) => boolean): Promise<{ previous: ReferralStatus; current: StoredReferral } | null> {
     const at = change.at ?? nowIso();
     return this.k.transaction().execute(async (trx) => {
-      const row = await trx.selectFrom('referrals').selectAll().where('id', '=', id).executeTakeFirst();
+      // Everything but the submission itself: it can be megabytes, and a status change needs none of it.
+      const row = await trx.selectFrom('referrals').select(LIGHT_COLUMNS).where('id', '=', id).executeTakeFirst();
       if (!row) return null;
-      const before = toReferral(row);
+      const before = toReferral({ ...row, payload: '' }, false);
       if (onlyIf && !onlyIf(before)) return null;
       const update: Partial<ReferralsTable> = { status: change.status, updated_at: at };
       if (change.reason !== undefined) update.status_reason = change.reason;
@@ -242,8 +270,8 @@ export class ReferralStore {
           });
         }
       }
-      const after = await trx.selectFrom('referrals').selectAll().where('id', '=', id).executeTakeFirstOrThrow();
-      return { previous: before.status, current: toReferral(after) };
+      const after = await trx.selectFrom('referrals').select(LIGHT_COLUMNS).where('id', '=', id).executeTakeFirstOrThrow();
+      return { previous: before.status, current: toReferral({ ...after, payload: '' }, false) };
     });
   }
 
@@ -400,6 +428,26 @@ export class ReferralStore {
     return claimed;
   }
 
+  /**
+   * Records, before anything is sent, that this worker starts attempt `attempts + 1` of an entry it
+   * holds. After a crash the entry shows `attempts > 0`, so the next worker knows the outcome of the
+   * previous attempt is unknown (read-before-retry). Conditional on this worker still holding the
+   * lease and on the count being unchanged: a worker whose lease was taken over does not send.
+   * Returns the new attempt number, or undefined when the entry is no longer ours.
+   */
+  async beginAttempt(entry: Pick<OutboxEntry, 'id' | 'attempts'>, workerId: string): Promise<number | undefined> {
+    const attempts = entry.attempts + 1;
+    const res = await this.k
+      .updateTable('outbox')
+      .set({ attempts, updated_at: nowIso() })
+      .where('id', '=', entry.id)
+      .where('state', '=', 'pending')
+      .where('locked_by', '=', workerId)
+      .where('attempts', '=', entry.attempts)
+      .executeTakeFirst();
+    return Number(res.numUpdatedRows) === 1 ? attempts : undefined;
+  }
+
   async finishOutbox(id: string, state: 'done' | 'failed', attempts: number, lastError: string | null): Promise<void> {
     await this.k
       .updateTable('outbox')
@@ -454,11 +502,11 @@ export class ReferralStore {
   async openAtDestination(destination: string): Promise<StoredReferral[]> {
     const rows = await this.k
       .selectFrom('referrals')
-      .selectAll()
+      .select(LIGHT_COLUMNS)
       .where('destination', '=', destination)
       .where('status', 'in', ['sent', 'received', 'accepted', 'on-hold', 'in-progress'])
       .execute();
-    return rows.map(toReferral);
+    return rows.map((r) => toReferral({ ...r, payload: '' }, false));
   }
 
   async getWatermark(destination: string): Promise<string | null> {

@@ -255,7 +255,7 @@ export class Poller {
   private async findReferral(dest: Destination, identifiers: Array<{ system?: string; value?: string }> | undefined): Promise<StoredReferral | null> {
     const ident = identifiers?.find((i) => i.system === REFERRAL_IDENTIFIER_SYSTEM)?.value;
     if (!ident) return null;
-    const referral = await this.store.getById(ident);
+    const referral = await this.store.getById(ident, { payload: false });
     return referral && referral.destination === dest.id ? referral : null;
   }
 

@@ -10,7 +10,13 @@ import { createFhirClient } from '../../src/fhir/client';
 import type { Gateway } from '../../src/gateway';
 import { startSandboxServer } from '../../src/fhir/sandbox';
 import { REFERRAL_IDENTIFIER_SYSTEM } from '../../src/mapping/constants';
-import { ADMIN_KEY, eventually, fixture, KEY_A, startGateway } from '../helpers/gateway';
+import { ADMIN_KEY, eventually, fixture as sampleReferral, KEY_A, startGateway } from '../helpers/gateway';
+
+/** The sample referral without its callbackUrl: no status webhook may leave this machine during the test. */
+function fixture(): Record<string, any> {
+  const { callbackUrl: _none, ...body } = sampleReferral();
+  return body;
+}
 
 const CENTRE = 'https://centre.example.org';
 const BASE = `${CENTRE}/fhir/R4`;
@@ -172,6 +178,42 @@ describe('delivery failure paths against a fake destination (nock)', () => {
     const after = await eventually(async () => ((await view(gw, id)).status === 'sent' ? view(gw, id) : undefined));
     expect(scope.isDone()).toBe(true);
     expect(after.history.map((h: any) => h.status)).toEqual(['queued', 'delivery-failed', 'queued', 'sent']);
+  });
+});
+
+describe('retries run out (nock)', () => {
+  let gw: Gateway;
+
+  beforeAll(async () => {
+    nock.disableNetConnect();
+    nock.enableNetConnect(/127\.0\.0\.1/);
+    gw = await startGateway({ FHIR_BASE_URL: BASE, DELIVERY_MAX_ATTEMPTS: '3', DELIVERY_BASE_DELAY_MS: '10', DELIVERY_MAX_DELAY_MS: '20' });
+    nock(CENTRE).persist().get(/^\/fhir\/R4\/Task\?/).reply(200, EMPTY_SEARCH);
+  });
+  afterAll(async () => {
+    nock.cleanAll();
+    await gw.stop();
+    nock.enableNetConnect();
+  });
+
+  test('after the configured attempts the referral is delivery-failed, keeping the last OperationOutcome', async () => {
+    const busy = (n: number) => ({
+      resourceType: 'OperationOutcome',
+      issue: [{ severity: 'error', code: 'transient', diagnostics: `database busy (${n})` }],
+    });
+    const scope = nock(CENTRE)
+      .post(/^\/fhir\/R4\/?$/)
+      .reply(503, busy(1), { 'Content-Type': 'application/fhir+json' })
+      .post(/^\/fhir\/R4\/?$/)
+      .reply(500, busy(2), { 'Content-Type': 'application/fhir+json' })
+      .post(/^\/fhir\/R4\/?$/)
+      .reply(503, busy(3), { 'Content-Type': 'application/fhir+json' });
+    const id = await submit(gw, 'EHR-EXHAUSTED');
+    const v = await eventually(async () => ((await view(gw, id)).status === 'delivery-failed' ? view(gw, id) : undefined));
+    expect(scope.isDone()).toBe(true);
+    expect(v.delivery.attempts).toBe(3);
+    expect(v.statusReason).toBe('gave up after 3 attempts; last error: 503: POST (base): HTTP 503 (OperationOutcome: transient)');
+    expect(v.delivery.lastError).toContain('database busy (3)');
   });
 });
 

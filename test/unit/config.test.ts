@@ -1,5 +1,6 @@
 import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
+import { generateKeyPairSync } from 'node:crypto';
 import { join } from 'node:path';
 import { ConfigError, loadConfig } from '../../src/config/config';
 
@@ -64,6 +65,17 @@ describe('configuration', () => {
   test('a destination whose secret variable is unset stops start-up, naming it', () => {
     expect(() => loadConfig({ ...base, FHIR_BASE_URL: 'https://c.example.org/fhir/R4', FHIR_AUTH: 'basic', FHIR_USERNAME: 'u' })).toThrow(/^FHIR_PASSWORD is required/);
     expect(() => loadConfig({ ...base, FHIR_BASE_URL: 'https://c.example.org/fhir/R4', FHIR_AUTH: 'client-credentials' })).toThrow(/^FHIR_TOKEN_URL /);
+  });
+
+  test('FHIR_AUTH=smart-backend checks its key at start-up', () => {
+    const { privateKey } = generateKeyPairSync('ec', { namedCurve: 'P-384' });
+    const pem = privateKey.export({ type: 'pkcs8', format: 'pem' }).toString();
+    const env = { ...base, FHIR_BASE_URL: 'https://c.example.org/fhir/R4', FHIR_AUTH: 'smart-backend', FHIR_TOKEN_URL: 'https://c.example.org/token', FHIR_SCOPE: 'system/Task.rs', FHIR_CLIENT_ID: 'gw' };
+    const c = loadConfig({ ...env, FHIR_PRIVATE_KEY: pem });
+    expect(c.destinations[0].auth).toMatchObject({ type: 'smart-backend', alg: 'ES384', privateKeyEnv: 'FHIR_PRIVATE_KEY', scope: 'system/Task.rs' });
+    expect(() => loadConfig({ ...env, FHIR_PRIVATE_KEY: 'not a key' })).toThrow(/^FHIR_PRIVATE_KEY /);
+    expect(() => loadConfig({ ...env })).toThrow(/^FHIR_PRIVATE_KEY is required/);
+    expect(() => loadConfig({ ...env, FHIR_SCOPE: '' })).toThrow(/FHIR_SCOPE/);
   });
 
   test('API_KEYS parses client:key pairs', () => {

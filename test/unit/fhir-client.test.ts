@@ -135,7 +135,14 @@ describe('sendTransaction over MedplumClient', () => {
     const c = client();
 
     const first = await sendTransaction(c, requestBundle());
-    expect(first).toEqual({ kind: 'retry', reason: expect.stringContaining('HTTP 503'), status: 503, retryAfterMs: undefined });
+    expect(first).toEqual({
+      kind: 'retry',
+      reason: expect.stringContaining('HTTP 503'),
+      status: 503,
+      retryAfterMs: undefined,
+      // kept for the dead letter, should the retries run out
+      outcome: { resourceType: 'OperationOutcome', issue: [{ severity: 'error', code: 'transient' }] },
+    });
     // Only the 503 interceptor was used: MedplumClient made exactly one request (its retries are off).
     expect(scope.isDone()).toBe(false);
     expect(scope.pendingMocks()).toHaveLength(1);
