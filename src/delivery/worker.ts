@@ -1,7 +1,7 @@
 import type { OperationOutcome } from '@medplum/fhirtypes';
 import type { Destination } from '../config/destinations';
-import { requestContext } from '../observability/context';
 import { logger } from '../observability/logger';
+import { LeasedQueueRunner } from '../queue/leased-runner';
 import { deliveries } from '../observability/metrics';
 import type { DestinationDirectory } from '../referral/service';
 import { ulid } from '../store/ids';
@@ -57,13 +57,9 @@ export function entryBudgetMs(destination: Pick<Destination, 'timeoutMs'>): numb
  * (entries for an open circuit are put off to the probe time without an attempt being counted), and a dead
  * letter after `maxAttempts` or `maxAgeMs`.
  */
-export class DeliveryWorker {
+export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
   private readonly workerId = `w_${ulid()}`;
-  private running = false;
-  private timer: NodeJS.Timeout | undefined;
-  private inFlight = new Set<Promise<void>>();
-  private wakeRequested = false;
-  private loopPromise: Promise<void> | undefined;
+  protected readonly kind = 'delivery';
   private readonly breakers = new Map<string, CircuitBreaker>();
 
   constructor(
@@ -72,27 +68,24 @@ export class DeliveryWorker {
     private readonly clients: FhirClients,
     private readonly opts: DeliveryOptions,
     private readonly onStatusChange: (e: DeliveryEvent) => void = () => undefined
-  ) {}
-
-  start(): void {
-    if (this.running) return;
-    this.running = true;
-    this.wake();
+  ) {
+    super();
   }
 
-  /** Asks the worker to look for work now (called after a referral is queued). */
-  wake(): void {
-    if (!this.running) return;
-    this.wakeRequested = true;
-    if (!this.loopPromise) {
-      if (this.timer) clearTimeout(this.timer);
-      this.timer = undefined;
-      // The loop belongs to no request: leave the caller's correlation context.
-      this.loopPromise = requestContext.exit(() => this.loop()).finally(() => {
-        this.loopPromise = undefined;
-        this.schedule();
-      });
-    }
+  start(): void {
+    this.startLoop();
+  }
+
+  protected concurrency(): number {
+    return this.opts.concurrency;
+  }
+
+  protected idleMs(): number {
+    return this.opts.idleMs;
+  }
+
+  protected claim(free: number): Promise<OutboxEntry[]> {
+    return this.store.claim(this.workerId, free, this.leaseMs());
   }
 
   /** The circuit breaker of a destination (created on first use). */
@@ -112,48 +105,6 @@ export class DeliveryWorker {
     return b;
   }
 
-  private schedule(): void {
-    if (!this.running) return;
-    if (this.wakeRequested) {
-      this.wake();
-      return;
-    }
-    this.timer = setTimeout(() => this.wake(), this.opts.idleMs);
-    this.timer.unref();
-  }
-
-  private async loop(): Promise<void> {
-    while (this.running && this.wakeRequested) {
-      this.wakeRequested = false;
-      let claimed: OutboxEntry[] = [];
-      try {
-        const free = this.opts.concurrency - this.inFlight.size;
-        if (free <= 0) {
-          await Promise.race(this.inFlight);
-          this.wakeRequested = true;
-          continue;
-        }
-        claimed = await this.store.claim(this.workerId, free, this.leaseMs());
-      } catch (err) {
-        logger.error('outbox claim failed', { error: (err as Error).message });
-        return;
-      }
-      for (const entry of claimed) {
-        const p: Promise<void> = requestContext
-          .run({ correlationId: `delivery-${entry.id}` }, () => this.process(entry))
-          .catch((err: Error) => {
-            logger.error('delivery crashed on an entry', { outboxId: entry.id, referralId: entry.referralId, error: err.message });
-          })
-          .finally(() => {
-            this.inFlight.delete(p);
-            this.wake();
-          });
-        this.inFlight.add(p);
-      }
-      if (claimed.length > 0) this.wakeRequested = true;
-    }
-  }
-
   /**
    * The lease must outlast one attempt: its time budget, a token request that may have started just before
    * the budget ran out, and the store writes that follow. Short timeouts give short leases, so entries held by
@@ -168,22 +119,12 @@ export class DeliveryWorker {
 
   /** Stops taking entries and waits for the ones in flight. */
   async stop(): Promise<void> {
-    this.running = false;
-    if (this.timer) clearTimeout(this.timer);
-    await this.loopPromise;
+    await this.stopLoop();
     await Promise.allSettled([...this.inFlight]);
     await this.store.releaseLeases(this.workerId).catch(() => undefined);
   }
 
-  /** Waits until nothing is in flight (for tests and benchmarks). */
-  async idle(): Promise<void> {
-    while (this.loopPromise || this.inFlight.size > 0) {
-      await this.loopPromise;
-      await Promise.allSettled([...this.inFlight]);
-    }
-  }
-
-  private async process(claimed: OutboxEntry): Promise<void> {
+  protected async process(claimed: OutboxEntry): Promise<void> {
     // The payloads (a referral's documents, documents added later) may be megabytes of base64: they are handed
     // to the operation once and not kept here, so they can be collected as soon as it has sent them.
     let entryPayload: unknown = claimed.payload;

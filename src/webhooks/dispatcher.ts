@@ -2,7 +2,7 @@ import { Counter } from 'prom-client';
 import { Webhook } from 'standardwebhooks';
 import { isExhausted, nextDelay } from '../delivery/policy';
 import { errorCode, parseRetryAfterHeader } from '../fhir/auth';
-import { requestContext } from '../observability/context';
+import { LeasedQueueRunner } from '../queue/leased-runner';
 import { logger } from '../observability/logger';
 import { metricsRegistry } from '../observability/metrics';
 import { ulid } from '../store/ids';
@@ -85,15 +85,11 @@ type Attempt =
  * again (at least once — the `webhook-id` header is the row id, stable across attempts, for
  * de-duplication). Events of one referral go out in order (see WebhookStore.claim).
  */
-export class WebhookDispatcher {
+export class WebhookDispatcher extends LeasedQueueRunner<WebhookEntry> {
   readonly workerId = `wh_${ulid()}`;
   private readonly opts: WebhookDispatcherOptions;
   private readonly signer: Webhook | undefined;
-  private running = false;
-  private timer: NodeJS.Timeout | undefined;
-  private readonly inFlight = new Set<Promise<void>>();
-  private wakeRequested = false;
-  private loopPromise: Promise<void> | undefined;
+  protected readonly kind = 'webhook';
   private shutdown = new AbortController();
 
   constructor(
@@ -101,6 +97,7 @@ export class WebhookDispatcher {
     opts: Partial<WebhookDispatcherOptions> = {},
     private readonly fetchImpl: typeof fetch = fetch
   ) {
+    super();
     const defined = Object.fromEntries(Object.entries(opts).filter(([, v]) => v !== undefined)) as Partial<WebhookDispatcherOptions>;
     this.opts = { ...WEBHOOK_DEFAULTS, ...defined };
     this.signer = this.opts.secret ? createSigner(this.opts.secret) : undefined;
@@ -112,69 +109,23 @@ export class WebhookDispatcher {
 
   start(): void {
     if (this.running) return;
-    this.running = true;
     this.shutdown = new AbortController();
     if (!this.signer) {
       logger.warn('webhooks are unsigned: set WEBHOOK_SECRET so receivers can verify them');
     }
-    this.wake();
+    this.startLoop();
   }
 
-  /** Asks the dispatcher to look for due events now (after a status change or a replay). */
-  wake(): void {
-    if (!this.running) return;
-    this.wakeRequested = true;
-    if (!this.loopPromise) {
-      if (this.timer) clearTimeout(this.timer);
-      this.timer = undefined;
-      // The loop belongs to no request: leave the caller's correlation context.
-      this.loopPromise = requestContext.exit(() => this.loop()).finally(() => {
-        this.loopPromise = undefined;
-        this.schedule();
-      });
-    }
+  protected concurrency(): number {
+    return this.opts.concurrency;
   }
 
-  private schedule(): void {
-    if (!this.running) return;
-    if (this.wakeRequested) {
-      this.wake();
-      return;
-    }
-    this.timer = setTimeout(() => this.wake(), this.opts.idleMs);
-    this.timer.unref();
+  protected idleMs(): number {
+    return this.opts.idleMs;
   }
 
-  private async loop(): Promise<void> {
-    while (this.running && this.wakeRequested) {
-      this.wakeRequested = false;
-      let claimed: WebhookEntry[] = [];
-      try {
-        const free = this.opts.concurrency - this.inFlight.size;
-        if (free <= 0) {
-          await Promise.race(this.inFlight);
-          this.wakeRequested = true;
-          continue;
-        }
-        claimed = await this.store.claim(this.workerId, free, this.leaseMs());
-      } catch (err) {
-        logger.error('webhook claim failed', { error: (err as Error).message });
-        return;
-      }
-      for (const entry of claimed) {
-        const p: Promise<void> = requestContext
-          .run({ correlationId: `webhook-${entry.id}` }, () => this.process(entry))
-          .catch((err: Error) => {
-            logger.error('webhook dispatch crashed on an event', { webhookId: entry.id, referralId: entry.referralId, error: err.message });
-          })
-          .finally(() => {
-            this.inFlight.delete(p);
-            this.wake();
-          });
-        this.inFlight.add(p);
-      }
-      if (claimed.length > 0) this.wakeRequested = true;
-    }
+  protected claim(free: number): Promise<WebhookEntry[]> {
+    return this.store.claim(this.workerId, free, this.leaseMs());
   }
 
   /** Long enough that a live attempt never outlasts its lease. */
@@ -187,11 +138,7 @@ export class WebhookDispatcher {
    * attempt is not counted and its event stays pending, so it is sent again after the restart.
    */
   async stop(): Promise<void> {
-    if (!this.running && !this.loopPromise && this.inFlight.size === 0) return;
-    this.running = false;
-    if (this.timer) clearTimeout(this.timer);
-    this.timer = undefined;
-    await this.loopPromise;
+    await this.stopLoop();
     if (this.inFlight.size > 0) {
       let grace: NodeJS.Timeout | undefined;
       const expired = new Promise<void>((resolve) => {
@@ -205,15 +152,7 @@ export class WebhookDispatcher {
     await this.store.releaseLeases(this.workerId).catch(() => undefined);
   }
 
-  /** Waits until nothing is in flight (for tests). */
-  async idle(): Promise<void> {
-    while (this.loopPromise || this.inFlight.size > 0) {
-      await this.loopPromise;
-      await Promise.allSettled([...this.inFlight]);
-    }
-  }
-
-  private async process(entry: WebhookEntry): Promise<void> {
+  protected async process(entry: WebhookEntry): Promise<void> {
     const attempts = entry.attempts + 1;
     const ids = { webhookId: entry.id, referralId: entry.referralId, seq: entry.seq };
     const started = Date.now();
