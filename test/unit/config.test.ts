@@ -1,8 +1,9 @@
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { generateKeyPairSync } from 'node:crypto';
 import { join } from 'node:path';
 import { ConfigError, loadConfig } from '../../src/config/config';
+import { loadDestinationsFile } from '../../src/config/destinations';
 
 const base = { DESTINATIONS_FILE: '/nonexistent/destinations.json' };
 
@@ -76,6 +77,15 @@ describe('configuration', () => {
     expect(() => loadConfig({ ...env, FHIR_PRIVATE_KEY: 'not a key' })).toThrow(/^FHIR_PRIVATE_KEY /);
     expect(() => loadConfig({ ...env })).toThrow(/^FHIR_PRIVATE_KEY is required/);
     expect(() => loadConfig({ ...env, FHIR_SCOPE: '' })).toThrow(/FHIR_SCOPE/);
+  });
+
+  test('the shipped registry is empty (sandbox by default) and the example registry is valid', () => {
+    expect(loadDestinationsFile('mappings/destinations.json')).toEqual([]);
+    const examples = loadDestinationsFile('mappings/destinations.example.json');
+    expect(examples.map((d) => d.auth.type)).toEqual(['none', 'client-credentials', 'smart-backend']);
+    // The routing rules in mappings/ name these centres.
+    const routing = JSON.parse(readFileSync('mappings/routing.json', 'utf8')) as { rules: Array<{ destination: string }> };
+    for (const r of routing.rules) expect(examples.map((d) => d.id)).toContain(r.destination);
   });
 
   test('API_KEYS parses client:key pairs', () => {
