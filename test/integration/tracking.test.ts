@@ -91,6 +91,31 @@ describe('tracking the centre’s Task', () => {
     expect(await content.text()).toBe('Agree with plan');
   });
 
+  test('a report as a DiagnosticReport whose presentedForm points at a Binary is read too', async () => {
+    const { id, taskId } = await delivered();
+    const pdf = Buffer.from('%PDF-1.4 molecular tumour board opinion');
+    const binary = await fhir<{ id: string }>('Binary', {
+      method: 'POST',
+      body: JSON.stringify({ resourceType: 'Binary', contentType: 'application/pdf', data: pdf.toString('base64') }),
+    });
+    const report = await fhir<{ id: string }>('DiagnosticReport', {
+      method: 'POST',
+      body: JSON.stringify({
+        resourceType: 'DiagnosticReport',
+        status: 'final',
+        code: { text: 'Tumour board opinion' },
+        presentedForm: [{ contentType: 'application/pdf', title: 'MTB opinion', url: `Binary/${binary.id}` }],
+      }),
+    });
+    await centreSets(taskId, { status: 'completed', output: [{ type: { text: 'opinion' }, valueReference: { reference: `DiagnosticReport/${report.id}` } }] });
+    const done = await after(id);
+    expect(done.report).toMatchObject({ reference: `DiagnosticReport/${report.id}`, title: 'MTB opinion', contentType: 'application/pdf' });
+    const content = await fetch(`${gw.url}${done.report.url}`, { headers: { Authorization: `Bearer ${KEY_A}` } });
+    expect(content.status).toBe(200);
+    expect(content.headers.get('content-type')).toBe('application/pdf');
+    expect(Buffer.from(await content.arrayBuffer()).equals(pdf)).toBe(true);
+  });
+
   test('rejected with a reason', async () => {
     const { id, taskId } = await delivered();
     await centreSets(taskId, { status: 'rejected', statusReason: { text: 'Outside our catchment area' } });

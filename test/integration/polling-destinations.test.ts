@@ -1,0 +1,64 @@
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import nock from 'nock';
+import { startSandboxServer } from '../../src/fhir/sandbox';
+import type { Gateway } from '../../src/gateway';
+import { startGateway } from '../helpers/gateway';
+
+/** Each destination is polled on its own: a slow or failing centre does not hold up the others, and is backed off. */
+describe('polling several destinations', () => {
+  let gw: Gateway;
+  let sandbox: Awaited<ReturnType<typeof startSandboxServer>>;
+
+  beforeAll(async () => {
+    sandbox = await startSandboxServer(0);
+    const dir = mkdtempSync(join(tmpdir(), 'rg-dest-'));
+    const file = join(dir, 'destinations.json');
+    const org = (value: string) => ({ system: 'https://referral-gateway.dev/fhir/sid/destination', value });
+    writeFileSync(
+      file,
+      JSON.stringify({
+        destinations: [
+          { id: 'fast-centre', name: 'Fast', organization: org('fast'), baseUrl: sandbox.url, pollCron: '*/5 * * * * *' },
+          { id: 'slow-centre', name: 'Slow', organization: org('slow'), baseUrl: 'https://slow.example.org/fhir/R4', timeoutMs: 3000, pollCron: '*/7 * * * * *' },
+        ],
+      })
+    );
+    nock.disableNetConnect();
+    nock.enableNetConnect(/127\.0\.0\.1/);
+    gw = await startGateway({ DESTINATIONS_FILE: file });
+    // Both have something open, so both have something to poll.
+    await gw.store.setWatermark('fast-centre', new Date(Date.now() - 60_000).toISOString());
+    await gw.store.setWatermark('slow-centre', new Date(Date.now() - 60_000).toISOString());
+  });
+  afterAll(async () => {
+    await gw.stop();
+    await sandbox.close();
+    nock.cleanAll();
+    nock.enableNetConnect();
+  });
+
+  test('a hanging centre does not delay the others, and a failing one is backed off', async () => {
+    const slow = nock('https://slow.example.org').get(/\/fhir\/R4\/Task.*/).delay(2500).reply(503, 'busy');
+    const fast = gw.destinations.get('fast-centre');
+    const slowDest = gw.destinations.get('slow-centre');
+    if (!fast || !slowDest) throw new Error('destinations expected');
+
+    const slowCycle = gw.poller.pollDestination(slowDest);
+    const started = Date.now();
+    const fastCycle = await gw.poller.pollDestination(fast);
+    expect(fastCycle.error).toBeUndefined();
+    expect(fastCycle.searches).toBeGreaterThanOrEqual(2); // Task and ServiceRequest deltas at the fast centre
+    expect(Date.now() - started).toBeLessThan(1500); // did not wait for the slow one
+
+    const failed = await slowCycle;
+    expect(failed.error).toMatch(/503/);
+    expect(slow.isDone()).toBe(true);
+
+    // While it is down the slow centre is skipped until its backoff has passed (no request is made).
+    const skipped = await gw.poller.pollDestination(slowDest);
+    expect(skipped.mode).toBe('skipped');
+    expect(nock.pendingMocks()).toHaveLength(0);
+  }, 20_000);
+});
