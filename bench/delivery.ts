@@ -17,12 +17,17 @@
  *  3. end to end (for reference): the N referrals POSTed to the gateway's API while it delivers;
  *  4. memory: one referral with a 20 MB document (a Binary in the transaction, the destination's maxInlineBytes
  *     being 1 MB), queued before the gateway starts and due 4 s later; idle RSS is read from /proc before it is
- *     due, the peak is the process's high-water mark (VmHWM) once it is sent. This sandbox runs without
- *     validation: @medplum/core's validator refuses base64Binary over 1 MB (as Medplum's server does).
+ *     due, the peak is the process's high-water mark (VmHWM) once it is sent. The sandbox validates, as in the
+ *     other phases (its default): it validates a Binary with its data stubbed (src/fhir/sandbox-engine.ts), so
+ *     a Binary over the 1 MB that @medplum/core's validator allows a base64Binary is accepted.
+ *
+ * Phases 1 and 2 also give the CPU time (user + system, from /proc) each process used per referral: in phase 1
+ * the gateway's and the sandbox's from /healthz answering to the last delivery, in phase 2 this process's (fetch,
+ * JSON) and the sandbox's over the posting. The machine's cores are shared by all of them.
  *
  * BENCH_CPU_PROF=<dir> writes a CPU profile of the gateway; PHASES=gateway,direct,e2e,memory picks phases.
  */
-import { type ChildProcess, spawn } from 'node:child_process';
+import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { createServer } from 'node:net';
@@ -34,7 +39,6 @@ import type { Destination } from '../src/config/destinations';
 import { mapReferralToBundle } from '../src/mapping/bundle';
 import { referralSchema } from '../src/referral/schema';
 import { ReferralService } from '../src/referral/service';
-import { startSandboxServer } from '../src/fhir/sandbox';
 import { openDb } from '../src/store/db';
 import { newReferralId, nowIso } from '../src/store/ids';
 import { migrate } from '../src/store/migrations';
@@ -80,13 +84,11 @@ async function stopChild(child: ChildProcess): Promise<void> {
 }
 
 /**
- * The standalone sandbox FHIR server in its own process; resolves with its base URL when it is listening.
- * `validate: false` runs it without resource validation (this file in sandbox mode): the validator of
- * @medplum/core refuses base64Binary values over 1 MB, as Medplum's server does, so a 20 MB Binary needs it off.
+ * The standalone sandbox FHIR server (src/cli/sandbox.ts, validation on) in its own process; resolves with its
+ * base URL when it is listening.
  */
-async function startSandbox(opts: { validate?: boolean } = {}): Promise<Child> {
-  const child =
-    opts.validate === false ? spawnTs('bench/delivery.ts', { BENCH_SANDBOX: 'no-validate' }) : spawnTs('src/cli/sandbox.ts', { PORT: '0', HOST: '127.0.0.1' });
+async function startSandbox(): Promise<Child> {
+  const child = spawnTs('src/cli/sandbox.ts', { PORT: '0', HOST: '127.0.0.1' });
   child.stderr?.resume();
   const url = await new Promise<string>((resolve, reject) => {
     let buf = '';
@@ -181,14 +183,15 @@ function sentCount(db: DatabaseSync): number {
   return Number((db.prepare(`select count(*) as n from referrals where status = 'sent'`).get() as { n: number }).n);
 }
 
-async function waitAllSent(dbFile: string, n: number, timeoutMs: number): Promise<number> {
+/** Resolves (with the time it saw them) once n referrals are sent, looking every `pollMs`. */
+async function waitAllSent(dbFile: string, n: number, timeoutMs: number, pollMs = 10): Promise<number> {
   const db = new DatabaseSync(dbFile, { readOnly: true });
   try {
     const deadline = Date.now() + timeoutMs;
     for (;;) {
       if (sentCount(db) >= n) return performance.now();
       if (Date.now() > deadline) throw new Error(`only ${sentCount(db)} of ${n} referrals sent`);
-      await sleep(10);
+      await sleep(pollMs);
     }
   } finally {
     db.close();
@@ -219,6 +222,27 @@ interface Rate {
   wall: number;
   /** (N - 1) / (time from the first to the last referral delivered): steady state, start-up excluded. */
   steady: number;
+  /** CPU time (user + system) per referral of each process taking part, in ms, from start to the last delivery. */
+  cpu?: Record<string, number>;
+}
+
+const CLOCK_TICKS = (() => {
+  try {
+    return Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).trim()) || 100;
+  } catch {
+    return 100;
+  }
+})();
+
+/** CPU time (user + system) a process has used so far, in ms (Linux /proc; NaN elsewhere). */
+function cpuMs(pid: number | undefined): number {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return ((Number(fields[11]) + Number(fields[12])) * 1000) / CLOCK_TICKS;
+  } catch {
+    return NaN;
+  }
 }
 
 function rates(n: number, start: number, done: number[]): Rate {
@@ -234,15 +258,23 @@ async function phaseGateway(dir: string): Promise<Rate> {
     const port = await freePort();
     const gw = await startGateway(gatewayEnv(dbFile, sandbox.url, port, dir));
     const t0 = Date.now();
+    const cpu0 = { gateway: cpuMs(gw.child.pid), sandbox: cpuMs(sandbox.child.pid), bench: process.cpuUsage() };
     try {
-      await waitAllSent(dbFile, N, 300_000);
+      // The rates come from the gateway's own history, so look seldom: this process shares the cores.
+      await waitAllSent(dbFile, N, 300_000, 100);
+      const own = process.cpuUsage(cpu0.bench);
+      const cpu = {
+        gateway: (cpuMs(gw.child.pid) - cpu0.gateway) / N,
+        sandbox: (cpuMs(sandbox.child.pid) - cpu0.sandbox) / N,
+        'this process (polls the database)': (own.user + own.system) / 1000 / N,
+      };
       const tasks = await countAtCentre(sandbox.url, 'Task');
       if (tasks !== N) throw new Error(`the centre holds ${tasks} Tasks for ${N} referrals`);
       // When each referral became sent, as the gateway recorded it.
       const db = new DatabaseSync(dbFile, { readOnly: true });
       const rows = db.prepare(`select at from referral_history where status = 'sent'`).all() as Array<{ at: string }>;
       db.close();
-      return rates(N, t0, rows.map((r) => Date.parse(r.at)));
+      return { ...rates(N, t0, rows.map((r) => Date.parse(r.at))), cpu };
     } finally {
       await gw.stop();
     }
@@ -260,6 +292,7 @@ async function phaseDirect(): Promise<Rate> {
       mapReferralToBundle({ referralId: newReferralId(), clientId: CLIENT, referral: { ...referralSchema.parse(referral(i, 'direct')), destination: 'default' }, destination, createdAt })
     );
     const t0 = Date.now();
+    const cpu0 = { bench: process.cpuUsage(), sandbox: cpuMs(sandbox.child.pid) };
     const done: number[] = [];
     await pool(bundles, CONCURRENCY, async (bundle) => {
       const res = await fetch(sandbox.url, {
@@ -271,9 +304,11 @@ async function phaseDirect(): Promise<Rate> {
       if (!res.ok || answer.type !== 'transaction-response') throw new Error(`direct post: HTTP ${res.status}`);
       done.push(Date.now());
     });
+    const own = process.cpuUsage(cpu0.bench);
+    const cpu = { 'this process (fetch)': (own.user + own.system) / 1000 / N, sandbox: (cpuMs(sandbox.child.pid) - cpu0.sandbox) / N };
     const tasks = await countAtCentre(sandbox.url, 'Task');
     if (tasks !== N) throw new Error(`the centre holds ${tasks} Tasks for ${N} referrals`);
-    return rates(N, t0, done);
+    return { ...rates(N, t0, done), cpu };
   } finally {
     await sandbox.stop();
   }
@@ -310,7 +345,7 @@ function procStatus(pid: number): { rss: number; hwm: number } {
 }
 
 async function phaseMemory(dir: string): Promise<{ docBytes: number; idle: number; peak: number; sampledPeak: number; binaries: number }> {
-  const sandbox = await startSandbox({ validate: false });
+  const sandbox = await startSandbox();
   const dbFile = join(dir, 'memory.db');
   const docBytes = DOC_MB * 1024 * 1024;
   try {
@@ -353,7 +388,13 @@ async function main(): Promise<void> {
   try {
     process.stdout.write(`bench/delivery: ${N} referrals (2 small documents each), concurrency ${CONCURRENCY}, Node ${process.version}\n`);
     let direct: Rate | undefined;
-    const fmt = (r: Rate | undefined): string => (r ? `${r.steady.toFixed(1).padStart(6)} referrals/s steady, ${r.wall.toFixed(1).padStart(6)} incl. start-up` : 'not run');
+    const fmt = (r: Rate | undefined): string => {
+      if (!r) return 'not run';
+      const cpu = Object.entries(r.cpu ?? {})
+        .map(([who, ms]) => `${who} ${ms.toFixed(2)}`)
+        .join(', ');
+      return `${r.steady.toFixed(1).padStart(6)} referrals/s steady, ${r.wall.toFixed(1).padStart(6)} incl. start-up${cpu ? `\n      CPU ms per referral: ${cpu}` : ''}`;
+    };
     if (PHASES.has('gateway') || PHASES.has('direct')) {
       const gateway = PHASES.has('gateway') ? await phaseGateway(dir) : undefined;
       process.stdout.write(`  gateway (child) -> sandbox (child), queued first: ${fmt(gateway)}\n`);
@@ -383,15 +424,7 @@ async function main(): Promise<void> {
   }
 }
 
-if (process.env.BENCH_SANDBOX === 'no-validate') {
-  // Sandbox mode (a child of the benchmark): the standalone sandbox without validation, same stdout line as the CLI.
-  void startSandboxServer(0, { host: '127.0.0.1', validate: false }).then((s) => {
-    process.stdout.write(JSON.stringify({ event: 'sandbox-listening', url: s.url }) + '\n');
-    process.on('SIGTERM', () => void s.close().then(() => process.exit(0)));
-  });
-} else {
-  main().catch((err: Error) => {
-    process.stderr.write(`bench/delivery failed: ${err.stack ?? err.message}\n`);
-    process.exit(1);
-  });
-}
+main().catch((err: Error) => {
+  process.stderr.write(`bench/delivery failed: ${err.stack ?? err.message}\n`);
+  process.exit(1);
+});

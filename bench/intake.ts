@@ -6,6 +6,8 @@
  *
  *   npm run bench:intake                 # 10 s per target, 20 connections
  *   DURATION=30 CONNECTIONS=50 npm run bench:intake
+ *
+ * BENCH_CPU_PROF=<dir> writes a CPU profile of the gateway (src/index.ts) to that directory.
  */
 import { type ChildProcess, spawn } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
@@ -23,7 +25,8 @@ let body: Record<string, unknown> = small;
 
 function start(script: string, env: Record<string, string>, ready: RegExp): Promise<{ child: ChildProcess; port: number }> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, ['--import', 'tsx', script], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'inherit'] });
+    const prof = process.env.BENCH_CPU_PROF && script === 'src/index.ts' ? ['--cpu-prof', `--cpu-prof-dir=${process.env.BENCH_CPU_PROF}`] : [];
+    const child = spawn(process.execPath, [...prof, '--import', 'tsx', script], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'inherit'] });
     let buf = '';
     child.stdout?.on('data', (d: Buffer) => {
       buf += d.toString();

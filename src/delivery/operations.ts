@@ -102,7 +102,7 @@ async function sendReferralBundle(ctx: OperationContext): Promise<{ result: Tran
     attachmentUrls: binaries.attachmentUrls,
   });
   bundle.entry = [...(bundle.entry ?? []), ...binaries.entries];
-  const result = await sendTransaction(client, bundle, { signal, preferMinimal: binaries.entries.length > 0 });
+  const result = await sendTransaction(client, bundle, { signal, preferMinimal: true });
   return { result, types: entryTypes(bundle), binaries: binaries.entries.length };
 }
 
@@ -192,7 +192,7 @@ async function sendDocumentsBundle(
     addedAt: entry.createdAt,
   });
   bundle.entry = [...(bundle.entry ?? []), ...binaries.entries];
-  const result = await sendTransaction(client, bundle, { signal, preferMinimal: binaries.entries.length > 0 });
+  const result = await sendTransaction(client, bundle, { signal, preferMinimal: true });
   return { result, types: entryTypes(bundle) };
 }
 

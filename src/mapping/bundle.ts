@@ -29,6 +29,7 @@ import type {
 import type { Destination } from '../config/destinations';
 import type { Referral, ReferralDocument } from '../referral/schema';
 import {
+  type ConceptOut,
   cancerConditionCodes,
   consentCodes,
   documentKindCodes,
@@ -125,9 +126,17 @@ function encodeQueryValue(s: string): string {
   return encodeURIComponent(s).replace(/%3A/gi, ':').replace(/%2F/gi, '/').replace(/%40/g, '@');
 }
 
+/** Characters that escapeToken() and encodeQueryValue() both leave as they are. */
+const QUERY_SAFE = /^[A-Za-z0-9\-_.!~*'():/@]*$/;
+
+/** escapeToken() then encodeQueryValue(); most systems and values need neither, and are returned as they are. */
+function queryToken(s: string): string {
+  return QUERY_SAFE.test(s) ? s : encodeQueryValue(escapeToken(s));
+}
+
 /** `identifier=system|value` for Bundle.entry.request.ifNoneExist. */
 export function identifierQuery(system: string, value: string): string {
-  return `identifier=${encodeQueryValue(escapeToken(system))}|${encodeQueryValue(escapeToken(value))}`;
+  return `identifier=${queryToken(system)}|${queryToken(value)}`;
 }
 
 function placerIdentifier(system: string, value: string): Identifier {
@@ -151,36 +160,81 @@ function concept(c: { system: string; code: string; display?: string }): Codeabl
   return { coding: [coding(c)], text: c.display ?? c.code };
 }
 
+/**
+ * A concept from the mapping tables (deep-frozen, shared by every bundle) placed as it is in a resource under
+ * construction. It is not copied here: EntryCollector.bundle() copies every resource (compact) into the bundle
+ * it returns, so no bundle shares or exposes table objects, and nothing writes to a resource before that.
+ */
+function tableConcept(c: ConceptOut): CodeableConcept {
+  return c as CodeableConcept;
+}
+
 function period(start?: string, end?: string): Period | undefined {
   return start || end ? { start, end } : undefined;
 }
 
-function sha1Base64(bytes: Buffer): string {
-  return createHash('sha1').update(bytes).digest('base64');
-}
-
-/** Removes undefined properties and empty arrays so the JSON is clean and stable. */
+/**
+ * Removes undefined properties and empty arrays so the JSON is clean and stable. Returns a deep copy: the
+ * bundle shares no object with the caller's referral or with the (frozen) mapping tables. Only plain JSON
+ * data (object literals, arrays) is passed in, so `for...in` sees exactly the own keys, in order.
+ */
 function compact<T>(value: T): T {
-  if (Array.isArray(value)) {
-    return value.map((v) => compact(v)) as T;
+  if (value === null || typeof value !== 'object') {
+    return value;
   }
-  if (value && typeof value === 'object') {
-    const out: Record<string, unknown> = {};
-    for (const [k, v] of Object.entries(value as Record<string, unknown>)) {
-      if (v === undefined || (Array.isArray(v) && v.length === 0)) {
-        continue;
-      }
-      out[k] = compact(v);
+  if (Array.isArray(value)) {
+    const out: unknown[] = [];
+    for (let i = 0; i < value.length; i++) {
+      out.push(compact(value[i] as unknown));
     }
     return out as T;
   }
-  return value;
+  const out: Record<string, unknown> = {};
+  for (const k in value) {
+    const v = (value as Record<string, unknown>)[k];
+    if (v === undefined || (Array.isArray(v) && v.length === 0)) {
+      continue;
+    }
+    out[k] = compact(v);
+  }
+  return out as T;
 }
 
 /** Decoded size in bytes of a base64 string, without decoding it. */
 export function base64ByteLength(data: string): number {
   const padding = data.endsWith('==') ? 2 : data.endsWith('=') ? 1 : 0;
   return (data.length / 4) * 3 - padding;
+}
+
+/** Base64 characters decoded per step when hashing a document: 4 MiB (a multiple of 4, so slices decode alone). */
+const HASH_SLICE_CHARS = 4 * 1024 * 1024;
+
+/**
+ * Attachment.size and the base64 SHA-1 Attachment.hash of base64 `data`, without decoding the whole
+ * document into one Buffer: at most 4 MiB of base64 is decoded at a time, into one reused buffer of 3 MiB.
+ * Equal to decoding `data` whole (Buffer.from(data, 'base64')): every slice but the last is a multiple of
+ * 4 characters, and a slice whose decoded length is not what canonical base64 gives (whitespace, padding
+ * before the end, a length that is not a multiple of 4; the referral schema refuses all of these) sends the
+ * whole document down that old path instead.
+ */
+export function attachmentSizeAndHash(data: string): { size: number; hash: string } {
+  if (data.length <= HASH_SLICE_CHARS) {
+    const bytes = Buffer.from(data, 'base64');
+    return { size: bytes.length, hash: createHash('sha1').update(bytes).digest('base64') };
+  }
+  const hash = createHash('sha1');
+  const scratch = Buffer.allocUnsafe((HASH_SLICE_CHARS / 4) * 3);
+  for (let start = 0; start < data.length; start += HASH_SLICE_CHARS) {
+    const slice = data.slice(start, start + HASH_SLICE_CHARS);
+    const written = scratch.write(slice, 'base64');
+    const last = start + HASH_SLICE_CHARS >= data.length;
+    if (written !== (last ? base64ByteLength(slice) : (slice.length / 4) * 3)) {
+      const bytes = Buffer.from(data, 'base64');
+      return { size: bytes.length, hash: createHash('sha1').update(bytes).digest('base64') };
+    }
+    hash.update(scratch.subarray(0, written));
+  }
+  return { size: base64ByteLength(data), hash: hash.digest('base64') };
 }
 
 /**
@@ -201,11 +255,17 @@ export function inlineDocumentsOverLimit(documents: ReadonlyArray<ReferralDocume
 class EntryCollector {
   readonly entries: BundleEntry[] = [];
   private readonly byCondition = new Map<string, string>();
+  private readonly fullUrls = new Map<string, string>();
 
   constructor(private readonly referralId: string) {}
 
   fullUrl(role: string): string {
-    return entryFullUrl(this.referralId, role);
+    let url = this.fullUrls.get(role);
+    if (url === undefined) {
+      url = entryFullUrl(this.referralId, role);
+      this.fullUrls.set(role, url);
+    }
+    return url;
   }
 
   /** Adds a conditional create; returns a reference to it (or to the equal entry already added). */
@@ -259,14 +319,14 @@ function documentReference(args: {
   const kind = documentKindCodes(doc.kind);
   const attachment: Attachment = { contentType: doc.contentType, language: doc.language };
   if (doc.data !== undefined) {
-    const bytes = Buffer.from(doc.data, 'base64');
+    const { size, hash } = attachmentSizeAndHash(doc.data);
     if (args.urlOverride) {
       attachment.url = args.urlOverride;
     } else {
       attachment.data = doc.data;
     }
-    attachment.size = bytes.length;
-    attachment.hash = sha1Base64(bytes);
+    attachment.size = size;
+    attachment.hash = hash;
   } else {
     attachment.url = doc.url;
   }
@@ -278,8 +338,8 @@ function documentReference(args: {
     identifier: [placerIdentifier(identifierSystems().systems.document, documentIdentifierValue(args.referralId, args.n))],
     status: 'current',
     docStatus: 'final',
-    type: kind.type,
-    category: [kind.category],
+    type: tableConcept(kind.type),
+    category: [tableConcept(kind.category)],
     subject: { reference: args.subject.reference },
     date: args.createdAt,
     author: [args.author],
@@ -374,7 +434,7 @@ function stageParts(stage: NonNullable<Referral['diagnosis']['stage']>): StagePa
   const shown = group?.value ?? stage.value.trim();
   const text = `Stage ${shown} (${method.text})`;
   const value: CodeableConcept = group?.coding ? { coding: [coding(group.coding)], text } : { text };
-  return { value, method, code: stageTypeCode(stage.type) };
+  return { value, method: tableConcept(method), code: tableConcept(stageTypeCode(stage.type)) };
 }
 
 /** mCODE TNM stage-group Observation (domain.md 3.9): code = stage type, method = staging system, focus = Condition. */
@@ -401,14 +461,14 @@ function consentResource(args: { referralId: string; referral: Referral; patient
     meta: gatewayMeta(),
     identifier: [placerIdentifier(identifierSystems().systems.consent, args.referralId)],
     status: 'active',
-    scope: codes.scope,
-    category: [codes.category],
+    scope: tableConcept(codes.scope),
+    category: [tableConcept(codes.category)],
     patient: { reference: args.patient.reference },
     dateTime: args.referral.consent.date,
     performer: [{ reference: args.patient.reference }],
     organization: [args.referrerOrg],
-    policyRule: codes.policyRule,
-    provision: { type: 'permit', actor: [{ role: codes.recipientRole, reference: args.destinationOrg }] },
+    policyRule: tableConcept(codes.policyRule),
+    provision: { type: 'permit', actor: [{ role: tableConcept(codes.recipientRole), reference: args.destinationOrg }] },
   };
 }
 
@@ -434,7 +494,7 @@ function treatmentResource(args: {
       identifier: [placerIdentifier(systems.procedure, `${args.referralId}/treatment/${args.n}`)],
       // A reported past surgery is done; for longer treatments only an end date says so.
       status: t.end !== undefined || t.type === 'surgery' ? 'completed' : 'unknown',
-      category: info.category,
+      category: tableConcept(info.category),
       code,
       subject: { reference: args.subject.reference },
       performedDateTime: pointInTime ? t.start : undefined,
@@ -447,7 +507,7 @@ function treatmentResource(args: {
     meta: gatewayMeta(),
     identifier: [placerIdentifier(systems.medicationStatement, `${args.referralId}/treatment/${args.n}`)],
     status: t.end !== undefined ? 'completed' : 'unknown',
-    category: info.category,
+    category: tableConcept(info.category),
     medicationCodeableConcept: code,
     subject: { reference: args.subject.reference },
     effectivePeriod: period(t.start, t.end),
@@ -589,17 +649,17 @@ export function mapReferralToBundle(input: MapReferralInput): Bundle {
     ],
     status: 'active',
     intent: 'order',
-    category: [referralCategory()],
+    category: [tableConcept(referralCategory())],
     priority,
-    code: kind,
+    code: tableConcept(kind),
     subject: { reference: patient.reference },
     authoredOn: createdAt,
     requester: practitionerRole,
     performerType: specialty ? { text: specialty } : undefined,
     performer: [destinationOrg],
     reasonCode: [
-      secondOpinionReason(),
-      ...reasons.map((r) => referralReasonCode(r)),
+      tableConcept(secondOpinionReason()),
+      ...reasons.map((r) => tableConcept(referralReasonCode(r))),
       ...(referral.reasonText ? [{ text: referral.reasonText }] : []),
     ],
     reasonReference: [condition],
@@ -621,7 +681,7 @@ export function mapReferralToBundle(input: MapReferralInput): Bundle {
     status: 'requested',
     intent: 'order',
     priority,
-    code: codes.code,
+    code: tableConcept(codes.code),
     description: `${kind.text} requested by ${referral.referrer.organization.name}`,
     focus: { reference: sr.reference },
     for: { reference: patient.reference },
@@ -629,7 +689,7 @@ export function mapReferralToBundle(input: MapReferralInput): Bundle {
     lastModified: createdAt,
     requester: practitionerRole,
     owner: destinationOrg,
-    input: documents.map((d) => ({ type: codes.inputType, valueReference: d })),
+    input: documents.map((d) => ({ type: tableConcept(codes.inputType), valueReference: d })),
   };
   c.add(ENTRY_ROLES.task, task, identifierQuery(systems.systems.referral, referralId));
 

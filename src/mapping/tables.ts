@@ -136,12 +136,23 @@ export type ReferralCodesTable = z.output<typeof referralCodesSchema>;
 export type DocumentKindsTable = z.output<typeof documentKindsSchema>;
 export type IdentifierSystemsTable = z.output<typeof identifierSystemsSchema>;
 export type RoutingTable = z.output<typeof routingSchema>;
-export type RoutingRule = RoutingTable['rules'][number];
 export type StagingTable = z.output<typeof stagingSchema>;
 export type TreatmentTypesTable = z.output<typeof treatmentTypesSchema>;
 export type CancerConditionTable = z.output<typeof cancerConditionSchema>;
 
-export interface MappingTables {
+/**
+ * A table value as the lookups hand it out: deeply readonly. The tables are deep-frozen when they are
+ * loaded, so writing to one throws (strict mode) instead of corrupting every later lookup.
+ */
+export type DeepReadonly<T> = T extends (infer U)[]
+  ? ReadonlyArray<DeepReadonly<U>>
+  : T extends ReadonlyArray<infer U>
+    ? ReadonlyArray<DeepReadonly<U>>
+    : T extends object
+      ? { readonly [K in keyof T]: DeepReadonly<T[K]> }
+      : T;
+
+interface MutableTables {
   referralCodes: ReferralCodesTable;
   documentKinds: DocumentKindsTable;
   identifierSystems: IdentifierSystemsTable;
@@ -151,7 +162,10 @@ export interface MappingTables {
   cancerCondition: CancerConditionTable;
 }
 
-const FILES: { [K in keyof MappingTables]: { file: string; schema: z.ZodType<MappingTables[K]> } } = {
+/** Every table, validated and deep-frozen. */
+export type MappingTables = DeepReadonly<MutableTables>;
+
+const FILES: { [K in keyof MutableTables]: { file: string; schema: z.ZodType<MutableTables[K]> } } = {
   referralCodes: { file: 'referral-codes.json', schema: referralCodesSchema },
   documentKinds: { file: 'document-kinds.json', schema: documentKindsSchema },
   identifierSystems: { file: 'identifier-systems.json', schema: identifierSystemsSchema },
@@ -191,7 +205,7 @@ export function getMappingsDir(): string {
   }
 }
 
-function loadFile<K extends keyof MappingTables>(dir: string, key: K): MappingTables[K] {
+function loadFile<K extends keyof MutableTables>(dir: string, key: K): MutableTables[K] {
   const { file, schema } = FILES[key];
   const path = join(dir, file);
   let raw: unknown;
@@ -208,11 +222,25 @@ function loadFile<K extends keyof MappingTables>(dir: string, key: K): MappingTa
   return parsed.data;
 }
 
-/** All tables, validated. Loaded on first call and cached; throws with the file and field at fault. */
+/** Freezes a parsed JSON value and everything in it; returns it typed as readonly. */
+function deepFreeze<T>(value: T): DeepReadonly<T> {
+  if (value !== null && typeof value === 'object' && !Object.isFrozen(value)) {
+    for (const v of Object.values(value)) {
+      deepFreeze(v);
+    }
+    Object.freeze(value);
+  }
+  return value as DeepReadonly<T>;
+}
+
+/**
+ * All tables, validated and deep-frozen. Loaded on first call and cached; throws with the file and
+ * field at fault.
+ */
 export function loadTables(): MappingTables {
   if (!cached) {
     const dir = getMappingsDir();
-    cached = {
+    const tables: MutableTables = {
       referralCodes: loadFile(dir, 'referralCodes'),
       documentKinds: loadFile(dir, 'documentKinds'),
       identifierSystems: loadFile(dir, 'identifierSystems'),
@@ -221,6 +249,7 @@ export function loadTables(): MappingTables {
       treatmentTypes: loadFile(dir, 'treatmentTypes'),
       cancerCondition: loadFile(dir, 'cancerCondition'),
     };
+    cached = deepFreeze(tables);
   }
   return cached;
 }
@@ -231,86 +260,103 @@ export function resetTables(): void {
 }
 
 // ----------------------------------------------------------------------------------------------
-// Typed lookups. All return fresh copies so callers can never mutate the cached tables.
+// Typed lookups. They hand out the cached, deep-frozen table objects themselves (no copies: lookups
+// run for every resource of every bundle), typed readonly. A caller that needs to change a value
+// copies just that value; the bundle mapper does not need to (compact() copies the whole resource
+// tree into the bundle it returns, so a bundle never shares objects with the tables).
 
 export interface CodingOut {
-  system: string;
-  code: string;
-  display?: string;
+  readonly system: string;
+  readonly code: string;
+  readonly display?: string;
 }
 export interface ConceptOut {
-  coding?: CodingOut[];
-  text?: string;
+  readonly coding?: ReadonlyArray<CodingOut>;
+  readonly text?: string;
 }
 
-const copy = <T>(v: T): T => structuredClone(v);
+export type RoutingRule = DeepReadonly<RoutingTable['rules'][number]>;
 
 function must<T>(value: T | undefined, what: string, key: string, file: string): T {
   if (value === undefined) {
     throw new Error(`no ${what} for "${key}" in mappings/${file}`);
   }
-  return copy(value);
+  return value;
+}
+
+/** Own entries only: the key comes from outside, so `toString` or `__proto__` must not find anything. */
+function entry<T>(record: Readonly<Record<string, T>>, key: string): T | undefined {
+  return Object.prototype.hasOwnProperty.call(record, key) ? record[key] : undefined;
 }
 
 /** ServiceRequest.category for every referral (SNOMED 3457005). */
 export function referralCategory(): ConceptOut {
-  return copy(loadTables().referralCodes.category);
+  return loadTables().referralCodes.category;
 }
 
 /** ServiceRequest.code for a referral kind. Throws for an unknown kind. */
 export function referralKindCode(kind: string): ConceptOut {
-  return must((loadTables().referralCodes.kinds as Record<string, ConceptOut>)[kind], 'referral kind', kind, FILES.referralCodes.file);
+  return must(entry<ConceptOut>(loadTables().referralCodes.kinds, kind), 'referral kind', kind, FILES.referralCodes.file);
 }
 
 /** The reasonCode every referral carries: v2-0336#S "Second Opinion". */
 export function secondOpinionReason(): ConceptOut {
-  return copy(loadTables().referralCodes.secondOpinionReason);
+  return loadTables().referralCodes.secondOpinionReason;
 }
 
 /** ServiceRequest.reasonCode for a contract reason. Throws for an unknown reason. */
 export function referralReasonCode(reason: string): ConceptOut {
-  return must((loadTables().referralCodes.reasons as Record<string, ConceptOut>)[reason], 'referral reason', reason, FILES.referralCodes.file);
+  return must(entry<ConceptOut>(loadTables().referralCodes.reasons, reason), 'referral reason', reason, FILES.referralCodes.file);
 }
 
 /** FHIR request-priority code for a contract priority. Throws for an unknown priority. */
 export function requestPriority(priority: string): 'routine' | 'urgent' | 'asap' | 'stat' {
-  return must(
-    (loadTables().referralCodes.priorities as Record<string, 'routine' | 'urgent' | 'asap' | 'stat'>)[priority],
-    'priority',
-    priority,
-    FILES.referralCodes.file
-  );
+  return must(entry<'routine' | 'urgent' | 'asap' | 'stat'>(loadTables().referralCodes.priorities, priority), 'priority', priority, FILES.referralCodes.file);
 }
 
-export function taskCodes(): ReferralCodesTable['task'] {
-  return copy(loadTables().referralCodes.task);
+export function taskCodes(): MappingTables['referralCodes']['task'] {
+  return loadTables().referralCodes.task;
 }
 
-export function consentCodes(): ReferralCodesTable['consent'] {
-  return copy(loadTables().referralCodes.consent);
+export function consentCodes(): MappingTables['referralCodes']['consent'] {
+  return loadTables().referralCodes.consent;
 }
 
 /** Why a SNOMED code must not be used, or undefined when it is not on the list. */
 export function snomedDoNotUseReason(code: string): string | undefined {
-  return loadTables().referralCodes.snomedDoNotUse[code];
+  return entry(loadTables().referralCodes.snomedDoNotUse, code);
 }
 
 export interface DocumentKindCodes {
-  type: ConceptOut;
-  category: ConceptOut;
-  display: string;
+  readonly type: ConceptOut;
+  readonly category: ConceptOut;
+  readonly display: string;
 }
+
+const documentKindCache = new WeakMap<MappingTables, Map<string, DocumentKindCodes>>();
 
 /** DocumentReference.type (LOINC + local code + text) and category for a contract document kind. Throws for an unknown kind. */
 export function documentKindCodes(kind: string): DocumentKindCodes {
-  const t = loadTables().documentKinds;
-  const entry = must((t.kinds as Record<string, DocumentKindsTable['kinds'][keyof DocumentKindsTable['kinds']]>)[kind], 'document kind', kind, FILES.documentKinds.file);
-  const coding: CodingOut[] = [];
-  if (entry.loinc) {
-    coding.push({ system: 'http://loinc.org', code: entry.loinc.code, display: entry.loinc.display });
+  const tables = loadTables();
+  let byKind = documentKindCache.get(tables);
+  if (!byKind) {
+    byKind = new Map();
+    documentKindCache.set(tables, byKind);
   }
-  coding.push({ system: t.localSystem, code: kind, display: entry.display });
-  return { type: { coding, text: entry.display }, category: copy(t.category), display: entry.display };
+  const known = byKind.get(kind);
+  if (known) {
+    return known;
+  }
+  const t = tables.documentKinds;
+  const e = must(entry<DeepReadonly<DocumentKindsTable['kinds'][keyof DocumentKindsTable['kinds']]>>(t.kinds, kind), 'document kind', kind, FILES.documentKinds.file);
+  const coding: CodingOut[] = [];
+  if (e.loinc) {
+    coding.push({ system: 'http://loinc.org', code: e.loinc.code, display: e.loinc.display });
+  }
+  coding.push({ system: t.localSystem, code: kind, display: e.display });
+  const codes = deepFreeze<DocumentKindCodes>({ type: { coding, text: e.display }, category: t.category, display: e.display });
+  byKind.set(kind, codes);
+  return codes;
 }
 
 /** LOINC code a centre should use for its opinion report (11488-4 Consult note). */
@@ -319,8 +365,8 @@ export function opinionReportType(): CodingOut {
   return { system: 'http://loinc.org', code: l.code, display: l.display };
 }
 
-export function identifierSystems(): IdentifierSystemsTable {
-  return copy(loadTables().identifierSystems);
+export function identifierSystems(): MappingTables['identifierSystems'] {
+  return loadTables().identifierSystems;
 }
 
 /** The system under which a client's EHR externalId is kept. */
@@ -328,25 +374,25 @@ export function externalIdSystemFor(clientId: string): string {
   return loadTables().identifierSystems.externalIdSystemTemplate.replace('{clientId}', encodeURIComponent(clientId));
 }
 
-export function routingRules(): RoutingRule[] {
-  return copy(loadTables().routing.rules);
+export function routingRules(): ReadonlyArray<RoutingRule> {
+  return loadTables().routing.rules;
 }
 
 /** Observation.method / Condition.stage.type for a staging system. Throws for an unknown system. */
 export function stagingSystem(system: string): ConceptOut {
-  return must((loadTables().staging.systems as Record<string, ConceptOut>)[system], 'staging system', system, FILES.staging.file);
+  return must(entry<ConceptOut>(loadTables().staging.systems, system), 'staging system', system, FILES.staging.file);
 }
 
 /** Observation.code for the stage type (clinical, pathologic, or unspecified when absent). */
 export function stageTypeCode(type: 'clinical' | 'pathologic' | undefined): ConceptOut {
-  return copy(loadTables().staging.stageTypes[type ?? 'unspecified']);
+  return loadTables().staging.stageTypes[type ?? 'unspecified'];
 }
 
 export interface StageGroup {
   /** Canonical spelling, e.g. "IIB". */
-  value: string;
+  readonly value: string;
   /** Verified SNOMED qualifier, when there is one. */
-  coding?: CodingOut;
+  readonly coding?: CodingOut;
 }
 
 /** Normalises an AJCC stage group ("stage iib" -> "IIB"); undefined when it is not a known stage group. */
@@ -360,8 +406,8 @@ export function findStageGroup(value: string): StageGroup | undefined {
   if (!canonical) {
     return undefined;
   }
-  const coding = t.stageGroupCodes[canonical];
-  return coding ? { value: canonical, coding: copy(coding) } : { value: canonical };
+  const coding = entry(t.stageGroupCodes, canonical);
+  return coding ? { value: canonical, coding } : { value: canonical };
 }
 
 export function knownStageGroups(): string[] {
@@ -369,25 +415,39 @@ export function knownStageGroups(): string[] {
 }
 
 export interface TreatmentTypeInfo {
-  resource: 'Procedure' | 'MedicationStatement';
-  category: ConceptOut;
+  readonly resource: 'Procedure' | 'MedicationStatement';
+  readonly category: ConceptOut;
 }
+
+const treatmentTypeCache = new WeakMap<MappingTables, Map<string, TreatmentTypeInfo>>();
 
 /** Which resource a treatment type becomes, and its category codes. Throws for an unknown type. */
 export function treatmentTypeInfo(type: string): TreatmentTypeInfo {
-  const t = loadTables().treatmentTypes;
-  const entry = must((t.types as Record<string, TreatmentTypesTable['types'][keyof TreatmentTypesTable['types']]>)[type], 'treatment type', type, FILES.treatmentTypes.file);
-  return {
-    resource: entry.resource,
-    category: { coding: [...(entry.coding ?? []), { system: t.system, code: type, display: entry.display }], text: entry.display },
-  };
+  const tables = loadTables();
+  let byType = treatmentTypeCache.get(tables);
+  if (!byType) {
+    byType = new Map();
+    treatmentTypeCache.set(tables, byType);
+  }
+  const known = byType.get(type);
+  if (known) {
+    return known;
+  }
+  const t = tables.treatmentTypes;
+  const e = must(entry<DeepReadonly<TreatmentTypesTable['types'][keyof TreatmentTypesTable['types']]>>(t.types, type), 'treatment type', type, FILES.treatmentTypes.file);
+  const info = deepFreeze<TreatmentTypeInfo>({
+    resource: e.resource,
+    category: { coding: [...(e.coding ?? []), { system: t.system, code: type, display: e.display }], text: e.display },
+  });
+  byType.set(type, info);
+  return info;
 }
 
-export function cancerConditionCodes(): CancerConditionTable {
-  return copy(loadTables().cancerCondition);
+export function cancerConditionCodes(): MappingTables['cancerCondition'] {
+  return loadTables().cancerCondition;
 }
 
 /** SNOMED laterality qualifier. Throws for an unknown laterality. */
 export function lateralityCoding(laterality: string): CodingOut {
-  return must((loadTables().cancerCondition.laterality as Record<string, CodingOut>)[laterality], 'laterality', laterality, FILES.cancerCondition.file);
+  return must(entry<CodingOut>(loadTables().cancerCondition.laterality, laterality), 'laterality', laterality, FILES.cancerCondition.file);
 }

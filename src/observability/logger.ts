@@ -60,9 +60,12 @@ const correlation = winston.format((info) => {
   return info;
 });
 
-export const logger = winston.createLogger({
+const enabled = winston.format((info) => (logger.isLevelEnabled(info.level) ? info : false));
+
+export const logger: winston.Logger = winston.createLogger({
   level: process.env.LOG_LEVEL ?? 'info',
-  format: winston.format.combine(correlation(), redact(), winston.format.timestamp(), winston.format.json()),
+  // Drop lines below the level first, so they cost no scrubbing or formatting.
+  format: winston.format.combine(enabled(), correlation(), redact(), winston.format.timestamp(), winston.format.json()),
   defaultMeta: { service: 'referral-gateway' },
   transports: [new winston.transports.Console({ stderrLevels: [] })],
 });

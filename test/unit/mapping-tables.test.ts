@@ -62,19 +62,25 @@ describe('mapping tables: loading', () => {
   });
 
   test('every table file states its source in _source', () => {
-    for (const file of readdirSync(MAPPINGS).filter((f) => f.endsWith('.json') && f !== 'destinations.json')) {
+    for (const file of readdirSync(MAPPINGS).filter((f) => f.endsWith('.json') && !f.startsWith('destinations'))) {
       const json = JSON.parse(readFileSync(join(MAPPINGS, file), 'utf8')) as { _source?: unknown };
       expect(typeof json._source).toBe('string');
       expect((json._source as string).length).toBeGreaterThan(40);
     }
   });
 
-  test('lookups hand out copies, so callers cannot corrupt the cached tables', () => {
+  test('lookups hand out the cached tables deep-frozen, so callers cannot corrupt them', () => {
     const code = referralKindCode('second-opinion');
-    code.text = 'changed';
-    code.coding?.splice(0);
+    expect(referralKindCode('second-opinion')).toBe(code);
+    expect(Object.isFrozen(code) && Object.isFrozen(code.coding) && Object.isFrozen(code.coding?.[0])).toBe(true);
+    expect(() => {
+      (code as { text?: string }).text = 'changed';
+    }).toThrow(TypeError);
+    expect(() => (code.coding as unknown[]).splice(0)).toThrow(TypeError);
     expect(referralKindCode('second-opinion').text).toBe('Second opinion');
     expect(referralKindCode('second-opinion').coding).toHaveLength(2);
+    expect(Object.isFrozen(loadTables().routing.rules[0].icd10)).toBe(true);
+    expect(Object.isFrozen(documentKindCodes('pathology-report').type.coding)).toBe(true);
   });
 
   describe('a broken table fails with the file and field at fault', () => {
@@ -282,7 +288,7 @@ describe('mapping tables: identifiers and constants', () => {
 
 describe('mapping tables: no invented or refused SNOMED codes', () => {
   const allJson = readdirSync(MAPPINGS)
-    .filter((f) => f.endsWith('.json') && f !== 'destinations.json')
+    .filter((f) => f.endsWith('.json') && !f.startsWith('destinations'))
     .map((f) => readFileSync(join(MAPPINGS, f), 'utf8'))
     .join('\n');
 
