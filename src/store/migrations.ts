@@ -104,6 +104,20 @@ migrations['0003_callback_url'] = {
   },
 };
 
+migrations['0004_payload_table'] = {
+  async up(db: Kysely<any>): Promise<void> {
+    // A status change rewrites the referral row; with the submission (megabytes of base64) in it,
+    // every change copied the documents. The submission moves to a table that is written once.
+    await db.schema
+      .createTable('referral_payloads')
+      .addColumn('referral_id', 'text', (c) => c.primaryKey().references('referrals.id').onDelete('cascade'))
+      .addColumn('payload', 'text', (c) => c.notNull())
+      .execute();
+    await db.insertInto('referral_payloads').columns(['referral_id', 'payload']).expression(db.selectFrom('referrals').select(['id', 'payload'])).execute();
+    await db.schema.alterTable('referrals').dropColumn('payload').execute();
+  },
+};
+
 class StaticProvider implements MigrationProvider {
   async getMigrations(): Promise<Record<string, Migration>> {
     return migrations;

@@ -98,7 +98,7 @@ const LIGHT_COLUMNS = [
 ] as const;
 
 /** A stored referral; without `withPayload`, reading `payload` is a programming error and throws. */
-function toReferral(row: ReferralsTable, withPayload = true): StoredReferral {
+function toReferral(row: ReferralsTable & { payload: string }, withPayload = true): StoredReferral {
   // The submission can be megabytes of base64 documents: parse it only when someone reads it.
   let payload: Referral | undefined;
   const r = {
@@ -168,7 +168,6 @@ export class ReferralStore {
             destination: r.destination,
             status: 'queued',
             status_reason: null,
-            payload: JSON.stringify(r.payload),
             callback_url: r.payload.callbackUrl ?? null,
             fhir: null,
             report: null,
@@ -177,6 +176,7 @@ export class ReferralStore {
             updated_at: r.at,
           })
           .execute();
+        await trx.insertInto('referral_payloads').values({ referral_id: r.id, payload: JSON.stringify(r.payload) }).execute();
         await this.insertHistory(trx, r.id, { status: 'queued', at: r.at });
         await this.insertOutbox(trx, r.id, 'submit', null, r.at);
       });
@@ -190,11 +190,16 @@ export class ReferralStore {
   }
 
   async findForIdempotency(clientId: string, externalId: string, key: string | null): Promise<(StoredReferral & { requestHash: string }) | undefined> {
-    let q = this.k.selectFrom('referrals').selectAll().where('client_id', '=', clientId);
+    let q = this.k.selectFrom('referrals').select(LIGHT_COLUMNS).where('client_id', '=', clientId);
     q = key ? q.where((eb) => eb.or([eb('idempotency_key', '=', key), eb('external_id', '=', externalId)])) : q.where('external_id', '=', externalId);
     const rows = await q.execute();
     const row = rows.find((x) => key !== null && x.idempotency_key === key) ?? rows[0];
-    return row ? Object.assign(toReferral(row), { requestHash: row.request_hash }) : undefined;
+    return row ? Object.assign(toReferral({ ...row, payload: '' }, false), { requestHash: row.request_hash }) : undefined;
+  }
+
+  /** A referral row with its submission, which lives in a table of its own (see migration 0004). */
+  private withPayload() {
+    return this.k.selectFrom('referrals as r').innerJoin('referral_payloads as p', 'p.referral_id', 'r.id').selectAll('r').select('p.payload');
   }
 
   /** A referral by id; with `{ payload: false }` the (possibly large) submission is not read. */
@@ -203,13 +208,13 @@ export class ReferralStore {
       const light = await this.k.selectFrom('referrals').select(LIGHT_COLUMNS).where('id', '=', id).executeTakeFirst();
       return light ? toReferral({ ...light, payload: '' }, false) : null;
     }
-    const row = await this.k.selectFrom('referrals').selectAll().where('id', '=', id).executeTakeFirst();
+    const row = await this.withPayload().where('r.id', '=', id).executeTakeFirst();
     return row ? toReferral(row) : null;
   }
 
   /** A client's referral; another client's id is answered exactly as an unknown one. */
   async get(clientId: string, id: string): Promise<StoredReferral | null> {
-    const row = await this.k.selectFrom('referrals').selectAll().where('id', '=', id).where('client_id', '=', clientId).executeTakeFirst();
+    const row = await this.withPayload().where('r.id', '=', id).where('r.client_id', '=', clientId).executeTakeFirst();
     return row ? toReferral(row) : null;
   }
 
@@ -361,8 +366,8 @@ export class ReferralStore {
         .executeTakeFirst();
       if (Number(res.numUpdatedRows) !== 1) return false;
       await trx.updateTable('outbox').set({ state: 'done', updated_at: nowS }).where('referral_id', '=', referralId).where('state', '=', 'pending').execute();
-      const row = await trx.selectFrom('referrals').selectAll().where('id', '=', referralId).executeTakeFirstOrThrow();
-      const before = toReferral(row);
+      const row = await trx.selectFrom('referrals').select(LIGHT_COLUMNS).where('id', '=', referralId).executeTakeFirstOrThrow();
+      const before = toReferral({ ...row, payload: '' }, false);
       await trx.updateTable('referrals').set({ status: 'cancelled', status_reason: reason, updated_at: nowS }).where('id', '=', referralId).execute();
       await this.insertHistory(trx, referralId, { status: 'cancelled', at: nowS, reason });
       if (row.callback_url) {

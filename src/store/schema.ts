@@ -10,7 +10,6 @@ export interface ReferralsTable {
   destination: string;
   status: string;
   status_reason: string | null;
-  payload: string;
   fhir: string | null;
   report: string | null;
   task_version: string | null;
@@ -18,6 +17,12 @@ export interface ReferralsTable {
   callback_url: string | null;
   created_at: string;
   updated_at: string;
+}
+
+/** The validated submission, apart from the referral row: status changes rewrite the row, never this. */
+export interface ReferralPayloadsTable {
+  referral_id: string;
+  payload: string;
 }
 
 export interface HistoryTable {
@@ -77,6 +82,7 @@ export interface MigrationsTable {
 
 export interface Database {
   referrals: ReferralsTable;
+  referral_payloads: ReferralPayloadsTable;
   referral_history: HistoryTable;
   outbox: OutboxTable;
   poll_state: PollStateTable;
