@@ -27,6 +27,7 @@
  *
  * BENCH_CPU_PROF=<dir> writes a CPU profile of the gateway; PHASES=gateway,direct,e2e,memory picks phases.
  */
+import { waitForHealth } from '../test/helpers/processes';
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
@@ -135,17 +136,7 @@ async function startGateway(env: Record<string, string>): Promise<Child> {
   let stderr = '';
   child.stderr?.on('data', (d: Buffer) => (stderr += d.toString()));
   const url = `http://127.0.0.1:${env.PORT}`;
-  const deadline = Date.now() + 30_000;
-  for (;;) {
-    if (child.exitCode !== null) throw new Error(`gateway exited with ${child.exitCode}: ${stderr}`);
-    try {
-      if ((await fetch(`${url}/healthz`)).ok) break;
-    } catch {
-      // not listening yet
-    }
-    if (Date.now() > deadline) throw new Error('gateway did not start');
-    await sleep(10);
-  }
+  await waitForHealth(child, url, 30_000, () => stderr);
   return { child, url, stop: () => stopChild(child) };
 }
 

@@ -1,4 +1,5 @@
 import { type ChildProcess, spawn } from 'node:child_process';
+import { waitForHealth } from '../helpers/processes';
 import { once } from 'node:events';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { createServer } from 'node:net';
@@ -101,17 +102,7 @@ describe('SIGKILL during delivery', () => {
     child.stdout?.on('data', (d: Buffer) => (log += d.toString()));
     let stderr = '';
     child.stderr?.on('data', (d: Buffer) => (stderr += d.toString()));
-    const deadline = Date.now() + 20_000;
-    for (;;) {
-      if (child.exitCode !== null) throw new Error(`gateway exited with ${child.exitCode}: ${stderr}`);
-      try {
-        if ((await fetch(`${gatewayUrl}/healthz`)).ok) return;
-      } catch {
-        // not listening yet
-      }
-      if (Date.now() > deadline) throw new Error('gateway did not start');
-      await sleep(20);
-    }
+    await waitForHealth(child, gatewayUrl, 20_000, () => stderr);
   }
 
   async function kill(): Promise<void> {
