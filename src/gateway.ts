@@ -74,6 +74,9 @@ export class Gateway {
     this.clients = opts.clients ?? new FhirClients();
     this.webhooksAttached = attachWebhooks(this.store.db, config, opts.webhooks, opts.webhookFetch);
     this.webhooks = this.webhooksAttached.dispatcher;
+    // Status webhooks are queued by the store in the status change's own transaction; wake the
+    // dispatcher only when one was.
+    this.store.onWebhookQueued = () => this.webhooks.wake();
     this.worker = new DeliveryWorker(
       this.store,
       this.destinations,
@@ -86,10 +89,7 @@ export class Gateway {
         concurrency: config.delivery.concurrency,
         idleMs: opts.deliveryIdleMs ?? 1000,
       },
-      (e) => {
-        logger.debug('status change', { ...e });
-        this.webhooks.wake();
-      }
+      (e) => logger.debug('status change', { ...e })
     );
     const defaultCron = config.pollCron ?? (config.useSandbox ? '*/10 * * * * *' : '*/5 * * * *');
     this.poller = new Poller(this.store, this.destinations, this.clients, {
@@ -97,7 +97,7 @@ export class Gateway {
       overlapMs: opts.pollOverlapMs ?? 60_000,
       pageSize: opts.pollPageSize ?? 100,
       sweepEveryMs: opts.pollSweepEveryMs,
-    }, () => this.webhooks.wake());
+    });
     this.service = new ReferralService(this.store, this.destinations, () => this.worker.wake());
   }
 

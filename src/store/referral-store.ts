@@ -144,6 +144,9 @@ export function isUniqueViolation(err: unknown): boolean {
 
 /** Durable state of referrals, their history, the delivery outbox and poll watermarks. */
 export class ReferralStore {
+  /** Called after a transaction that queued a status webhook has committed (the dispatcher wakes). */
+  onWebhookQueued: () => void = () => undefined;
+
   constructor(readonly db: Db) {}
 
   private get k(): Kysely<Database> {
@@ -249,7 +252,8 @@ export class ReferralStore {
    */
   async changeStatus(id: string, change: StatusChange, onlyIf?: (current: StoredReferral) => boolean): Promise<{ previous: ReferralStatus; current: StoredReferral } | null> {
     const at = change.at ?? nowIso();
-    return this.k.transaction().execute(async (trx) => {
+    let webhookQueued = false;
+    const result = await this.k.transaction().execute(async (trx) => {
       // Everything but the submission itself: it can be megabytes, and a status change needs none of it.
       const row = await trx.selectFrom('referrals').select(LIGHT_COLUMNS).where('id', '=', id).executeTakeFirst();
       if (!row) return null;
@@ -273,11 +277,13 @@ export class ReferralStore {
             at,
             ...(change.reason ? { reason: change.reason } : {}),
           });
+          webhookQueued = true;
         }
       }
-      const after = await trx.selectFrom('referrals').select(LIGHT_COLUMNS).where('id', '=', id).executeTakeFirstOrThrow();
-      return { previous: before.status, current: toReferral({ ...after, payload: '' }, false) };
+      return { previous: before.status, current: toReferral({ ...row, ...update, payload: '' }, false) };
     });
+    if (webhookQueued) this.onWebhookQueued();
+    return result;
   }
 
   /** Adds a warning or note to the history without changing the status. */
@@ -355,7 +361,8 @@ export class ReferralStore {
    */
   async cancelBeforeDelivery(referralId: string, reason: string, now = new Date()): Promise<boolean> {
     const nowS = now.toISOString();
-    return this.k.transaction().execute(async (trx) => {
+    let webhookQueued = false;
+    const cancelled = await this.k.transaction().execute(async (trx) => {
       const res = await trx
         .updateTable('outbox')
         .set({ state: 'done', last_error: `cancelled before delivery: ${reason}`.slice(0, 500), updated_at: nowS })
@@ -380,9 +387,12 @@ export class ReferralStore {
           at: nowS,
           reason,
         });
+        webhookQueued = true;
       }
       return true;
     });
+    if (webhookQueued) this.onWebhookQueued();
+    return cancelled;
   }
 
   async enqueue(referralId: string, kind: OutboxKind, payload: unknown): Promise<string> {
