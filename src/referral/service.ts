@@ -1,14 +1,14 @@
 import { createHash } from 'node:crypto';
 import { z } from 'zod';
-import { HttpError, type IssueInput, pathToExpression } from '../api/outcome';
+import { HttpError, type IssueInput } from '../api/outcome';
 import type { Destination } from '../config/destinations';
-import { mapAddedDocumentsToBundle, mapReferralToBundle } from '../mapping/bundle';
+import { mapAddedDocumentsToBundle } from '../mapping/bundle';
 import { validateBundle } from '../mapping/validate';
 import { logger } from '../observability/logger';
 import { submissions } from '../observability/metrics';
 import { newReferralId, nowIso } from '../store/ids';
 import type { ReferralStore } from '../store/referral-store';
-import { checkReferral } from './check';
+import { checkReferral, zodCheckIssues } from './check';
 import { documentSchema, type Referral } from './schema';
 import { cancellable, terminalStatuses } from '../tracking/state';
 import type { StoredReferral } from './types';
@@ -20,12 +20,9 @@ const addDocumentsSchema = z.array(documentSchema).min(1, 'at least one document
 export type { DestinationDirectory } from './check';
 import type { DestinationDirectory } from './check';
 
+/** Zod issues as OperationOutcome issues naming the field (the intake check's formatting). */
 export function zodIssues(error: z.ZodError, prefix: ReadonlyArray<PropertyKey> = []): IssueInput[] {
-  return error.issues.slice(0, 50).map((i) => ({
-    code: i.code === 'unrecognized_keys' ? 'structure' : 'invalid',
-    message: `${pathToExpression([...prefix, ...i.path])}: ${i.message}${i.code === 'unrecognized_keys' ? ` (${(i as { keys: string[] }).keys.join(', ')})` : ''}`,
-    expression: pathToExpression([...prefix, ...i.path]),
-  }));
+  return zodCheckIssues(error, prefix).map(({ detail: _detail, ...issue }) => issue);
 }
 
 /**
