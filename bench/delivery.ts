@@ -27,13 +27,12 @@
  *
  * BENCH_CPU_PROF=<dir> writes a CPU profile of the gateway; PHASES=gateway,direct,e2e,memory picks phases.
  */
-import { waitForHealth } from '../test/helpers/processes';
-import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
+import { type ChildProcess, execFileSync } from 'node:child_process';
 import { once } from 'node:events';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { freePort, spawnTs as spawnChild, startSandboxProcess, waitForHealth } from '../test/helpers/processes';
 import { DatabaseSync } from 'node:sqlite';
 import type { Bundle } from '@medplum/fhirtypes';
 import type { Destination } from '../src/config/destinations';
@@ -70,10 +69,7 @@ interface Child {
 function spawnTs(script: string, env: Record<string, string>): ChildProcess {
   // BENCH_CPU_PROF=<dir> writes a V8 CPU profile of the gateway (src/index.ts) to that directory.
   const prof = process.env.BENCH_CPU_PROF && script === 'src/index.ts' ? ['--cpu-prof', `--cpu-prof-dir=${process.env.BENCH_CPU_PROF}`] : [];
-  return spawn(process.execPath, [...prof, '--import', 'tsx', script], {
-    env: { ...process.env, ...env },
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
+  return spawnChild(script, env, prof);
 }
 
 async function stopChild(child: ChildProcess): Promise<void> {
@@ -89,28 +85,9 @@ async function stopChild(child: ChildProcess): Promise<void> {
  * base URL when it is listening.
  */
 async function startSandbox(): Promise<Child> {
-  const child = spawnTs('src/cli/sandbox.ts', { PORT: '0', HOST: '127.0.0.1' });
-  child.stderr?.resume();
-  const url = await new Promise<string>((resolve, reject) => {
-    let buf = '';
-    child.stdout?.on('data', (d: Buffer) => {
-      buf += d.toString();
-      const m = /"event":"sandbox-listening","url":"([^"]+)"/.exec(buf);
-      if (m) resolve(m[1]);
-    });
-    child.once('exit', (code) => reject(new Error(`sandbox exited with ${code}`)));
-  });
+  const { child, url } = await startSandboxProcess();
   child.stdout?.resume();
   return { child, url, stop: () => stopChild(child) };
-}
-
-async function freePort(): Promise<number> {
-  const srv = createServer();
-  srv.listen(0, '127.0.0.1');
-  await once(srv, 'listening');
-  const port = (srv.address() as { port: number }).port;
-  await new Promise((r) => srv.close(r));
-  return port;
 }
 
 function gatewayEnv(dbFile: string, fhirBase: string, port: number, dir: string): Record<string, string> {

@@ -1,14 +1,13 @@
-import { type ChildProcess, spawn } from 'node:child_process';
-import { waitForHealth } from '../helpers/processes';
+import type { ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import { mkdtempSync, rmSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { DatabaseSync } from 'node:sqlite';
 import type { Bundle, Resource, ServiceRequest, Task } from '@medplum/fhirtypes';
 import { REFERRAL_IDENTIFIER_SYSTEM } from '../../src/mapping/constants';
 import { fixture as sampleReferral } from '../helpers/gateway';
+import { freePort, spawnTs, startSandboxProcess, waitForHealth } from '../helpers/processes';
 
 /** The sample referral without its callbackUrl: no status webhook may leave this machine during the test. */
 function fixture(): Record<string, any> {
@@ -28,18 +27,7 @@ const KEY = 'crash-test-key-0001';
 
 jest.setTimeout(60_000);
 
-function spawnTs(script: string, env: Record<string, string>): ChildProcess {
-  return spawn(process.execPath, ['--import', 'tsx', script], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
-}
 
-async function freePort(): Promise<number> {
-  const srv = createServer();
-  srv.listen(0, '127.0.0.1');
-  await once(srv, 'listening');
-  const port = (srv.address() as { port: number }).port;
-  await new Promise((r) => srv.close(r));
-  return port;
-}
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
@@ -54,17 +42,7 @@ describe('SIGKILL during delivery', () => {
 
   beforeAll(async () => {
     dir = mkdtempSync(join(tmpdir(), 'rg-crash-'));
-    sandbox = spawnTs('src/cli/sandbox.ts', { PORT: '0', HOST: '127.0.0.1' });
-    sandbox.stderr?.resume();
-    sandboxUrl = await new Promise<string>((resolve, reject) => {
-      let buf = '';
-      sandbox.stdout?.on('data', (d: Buffer) => {
-        buf += d.toString();
-        const m = /"event":"sandbox-listening","url":"([^"]+)"/.exec(buf);
-        if (m) resolve(m[1]);
-      });
-      sandbox.once('exit', (code) => reject(new Error(`sandbox exited with ${code}`)));
-    });
+    ({ child: sandbox, url: sandboxUrl } = await startSandboxProcess());
     const port = await freePort();
     gatewayUrl = `http://127.0.0.1:${port}`;
     env = {
