@@ -1,4 +1,4 @@
-import { type Kysely, sql } from 'kysely';
+import { type ExpressionBuilder, type Kysely, sql } from 'kysely';
 import type { Db } from './db';
 import { nowIso } from './ids';
 import type { Database, WebhookOutboxTable } from './schema';
@@ -57,6 +57,15 @@ function toEntry(row: WebhookOutboxTable): WebhookEntry {
  * A dead-lettered (`failed`) row no longer holds anything back: the later events proceed, and a
  * replay (requeue) sends the old event after them — receivers should order by the event's `at`.
  */
+/** No earlier event of the same referral (row alias `w`) is still pending: events go out in order. */
+function noEarlierPending({ not, exists, selectFrom }: ExpressionBuilder<Database & { w: WebhookOutboxTable }, 'w'>) {
+  return not(
+    exists(
+      selectFrom('webhook_outbox as p').select('p.id').whereRef('p.referral_id', '=', 'w.referral_id').where('p.state', '=', 'pending').whereRef('p.seq', '<', 'w.seq')
+    )
+  );
+}
+
 export class WebhookStore {
   constructor(readonly db: Db) {}
 
@@ -78,17 +87,7 @@ export class WebhookStore {
       .where('w.state', '=', 'pending')
       .where('w.next_attempt_at', '<=', nowS)
       .where((eb) => eb.or([eb('w.locked_until', 'is', null), eb('w.locked_until', '<', nowS)]))
-      .where(({ not, exists, selectFrom }) =>
-        not(
-          exists(
-            selectFrom('webhook_outbox as p')
-              .select('p.id')
-              .whereRef('p.referral_id', '=', 'w.referral_id')
-              .where('p.state', '=', 'pending')
-              .whereRef('p.seq', '<', 'w.seq')
-          )
-        )
-      )
+      .where(noEarlierPending)
       .orderBy('w.next_attempt_at')
       .orderBy('w.seq')
       .limit(limit)
@@ -104,17 +103,7 @@ export class WebhookStore {
         .where('w.id', '=', c.id)
         .where('w.state', '=', 'pending')
         .where((eb) => eb.or([eb('w.locked_until', 'is', null), eb('w.locked_until', '<', nowS)]))
-        .where(({ not, exists, selectFrom }) =>
-          not(
-            exists(
-              selectFrom('webhook_outbox as p')
-                .select('p.id')
-                .whereRef('p.referral_id', '=', 'w.referral_id')
-                .where('p.state', '=', 'pending')
-                .whereRef('p.seq', '<', 'w.seq')
-            )
-          )
-        )
+        .where(noEarlierPending)
         .executeTakeFirst();
       if (Number(res.numUpdatedRows) === 1) {
         claimed.push(toEntry({ ...c, locked_by: workerId, locked_until: until, updated_at: nowS }));
