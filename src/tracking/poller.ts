@@ -2,6 +2,7 @@ import type { Attachment, DiagnosticReport, DocumentReference, Reference, Servic
 import { schedule, type ScheduledTask } from 'node-cron';
 import type { Destination } from '../config/destinations';
 import type { FhirClients } from '../delivery/clients';
+import { nextDelay } from '../delivery/policy';
 import { FhirRequestError } from '../fhir/client';
 import { GATEWAY_TAG_SEARCH, REFERRAL_IDENTIFIER_SYSTEM } from '../mapping/constants';
 import { logger } from '../observability/logger';
@@ -109,8 +110,8 @@ export class Poller {
       })
       .catch((err: Error): CycleStats => {
         st.failures++;
-        const base = this.opts.backoffBaseMs ?? 30_000;
-        const delay = Math.min(this.opts.backoffCapMs ?? 30 * 60_000, base * 2 ** (st.failures - 1));
+        // The same exponential curve as delivery, without jitter: one poller per destination.
+        const delay = nextDelay(st.failures, { baseMs: this.opts.backoffBaseMs ?? 30_000, capMs: this.opts.backoffCapMs ?? 30 * 60_000 }, () => 1);
         st.nextAttemptAt = Date.now() + delay;
         logger.warn('poll cycle failed; backing off', { destination: dest.id, failures: st.failures, retryInMs: delay, error: err.message });
         return { destination: dest.id, mode: st.idsOnly ? 'ids' : 'delta', searches: 0, tasksSeen: 0, changes: 0, error: err.message };
