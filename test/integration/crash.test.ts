@@ -90,7 +90,7 @@ describe('SIGKILL during delivery', () => {
   }
 
   function sentCount(): number {
-    const db = new DatabaseSync(join(dir, 'gateway.db'), { readOnly: true });
+    const db = new DatabaseSync(join(dir, 'gateway.db'), { readOnly: true, timeout: 2000 });
     try {
       return Number((db.prepare(`select count(*) as n from referrals where status = 'sent'`).get() as { n: number }).n);
     } finally {
@@ -133,8 +133,12 @@ describe('SIGKILL during delivery', () => {
 
     const sentAtKill: number[] = [];
     for (let k = 0; k < KILLS; k++) {
-      // Let it deliver for a random moment, then kill it mid-flight.
-      await sleep(150 + Math.floor(Math.random() * 450));
+      // Kill it mid-flight: once deliveries have passed the k-th step (plus a random few), whatever the speed
+      // of the machine, so that every kill lands while referrals are still being delivered.
+      const threshold = Math.floor(((k + 1) * REFERRALS) / (KILLS + 2)) + Math.floor(Math.random() * 10);
+      const waitUntil = Date.now() + 20_000;
+      while (sentCount() < threshold && Date.now() < waitUntil) await sleep(10);
+      await sleep(Math.floor(Math.random() * 40));
       await kill();
       sentAtKill.push(sentCount());
       await startGateway();
@@ -147,7 +151,7 @@ describe('SIGKILL during delivery', () => {
       await sleep(100);
     }
     // The kills landed while referrals were being delivered, not before or after.
-    expect(sentAtKill.some((n) => n > 0 && n < REFERRALS)).toBe(true);
+    expect(sentAtKill.every((n) => n > 0 && n < REFERRALS)).toBe(true);
 
     const byReferral = (resources: Array<{ identifier?: Array<{ system?: string; value?: string }> }>): Map<string, number> => {
       const m = new Map<string, number>();

@@ -20,8 +20,11 @@ describe('logs', () => {
     gw = await startGateway({ LOG_LEVEL: 'silly' });
     logger.level = 'silly';
     logger.add(capture);
+    // The capture reads every line; the console stays quiet so the test run's output stays readable.
+    for (const t of logger.transports) if (t !== capture) t.silent = true;
   });
   afterAll(async () => {
+    for (const t of logger.transports) t.silent = false;
     logger.remove(capture);
     logger.level = 'error';
     await gw.stop();
