@@ -180,7 +180,11 @@ export class ReferralStore {
           })
           .execute();
         await trx.insertInto('referral_payloads').values({ referral_id: r.id, payload: JSON.stringify(r.payload) }).execute();
-        await this.insertHistory(trx, r.id, { status: 'queued', at: r.at });
+        // A new referral's history starts at 1: no need to look up the last number.
+        await trx
+          .insertInto('referral_history')
+          .values({ id: newId('h'), referral_id: r.id, seq: 1, status: 'queued', reason: null, detail: null, at: r.at })
+          .execute();
         await this.insertOutbox(trx, r.id, 'submit', null, r.at);
       });
     } catch (err) {
@@ -189,7 +193,21 @@ export class ReferralStore {
       }
       throw err;
     }
-    return this.getById(r.id);
+    // What was just written, without reading (and parsing) a possibly large submission back.
+    return {
+      id: r.id,
+      clientId: r.clientId,
+      externalId: r.externalId,
+      destination: r.destination,
+      status: 'queued',
+      statusReason: null,
+      createdAt: r.at,
+      updatedAt: r.at,
+      payload: r.payload,
+      fhir: null,
+      report: null,
+      taskVersion: null,
+    };
   }
 
   async findForIdempotency(clientId: string, externalId: string, key: string | null): Promise<(StoredReferral & { requestHash: string }) | undefined> {
