@@ -6,6 +6,7 @@
  *
  *   npm run bench:intake                 # 10 s per target, 20 connections
  *   DURATION=30 CONNECTIONS=50 npm run bench:intake
+ *   PAYLOAD=large npm run bench:intake   # only one of the two payloads (small | large)
  *
  * BENCH_CPU_PROF=<dir> writes a CPU profile of the gateway (src/index.ts) to that directory.
  */
@@ -14,6 +15,14 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import autocannon from 'autocannon';
+import { loadFhirDefinitions } from '../src/fhir/definitions';
+import { validateBundle } from '../src/mapping/validate';
+import { checkReferral, destinationDirectory, sandboxDestination } from '../src/referral/check';
+import { referralSchema } from '../src/referral/schema';
+import { canonicalHash } from '../src/referral/service';
+import { openDb } from '../src/store/db';
+import { migrate } from '../src/store/migrations';
+import { ReferralStore } from '../src/store/referral-store';
 
 const DURATION = Number(process.env.DURATION ?? 10);
 const CONNECTIONS = Number(process.env.CONNECTIONS ?? 20);
@@ -54,6 +63,54 @@ async function load(port: number, label: string, duration = DURATION): Promise<{
   return { rps: result.requests.average, p99: result.latency.p99, non2xx: result.non2xx, total: result.requests.total };
 }
 
+/**
+ * Where a submission's time goes, stage by stage, timed in this process on one core (no HTTP): the
+ * work the gateway does per referral on top of what the bare route does (read and parse the body).
+ */
+async function stages(payload: Record<string, any>, dir: string): Promise<Array<[string, number]>> {
+  loadFhirDefinitions();
+  const db = openDb(`sqlite:${join(dir, `stages-${Date.now()}.db`)}`);
+  await migrate(db.kysely);
+  const store = new ReferralStore(db);
+  const directory = destinationDirectory([sandboxDestination('http://127.0.0.1:1/fhir/R4')]);
+  const text = JSON.stringify(payload);
+  const n = text.length > 100_000 ? 60 : 1500;
+  const time = async (f: (i: number) => unknown): Promise<number> => {
+    for (let i = 0; i < Math.ceil(n / 10); i++) await f(-1 - i); // warm-up
+    const t0 = process.hrtime.bigint();
+    for (let i = 0; i < n; i++) await f(i);
+    return Number(process.hrtime.bigint() - t0) / 1000 / n;
+  };
+  const checked = checkReferral(payload, directory, { withDocumentData: false });
+  if (!checked.ok) throw new Error('the bench referral does not pass the intake check');
+  const parse = await time(() => JSON.parse(text));
+  const hash = await time(() => canonicalHash(payload));
+  const schema = await time(() => referralSchema.safeParse(payload));
+  const validate = await time(() => validateBundle(checked.bundle));
+  const check = await time(() => checkReferral(payload, directory, { withDocumentData: false }));
+  const write = await time((i) =>
+    store.createReferral({
+      id: `ref_stage_${i}`,
+      clientId: 'bench',
+      externalId: `STAGE-${i}`,
+      idempotencyKey: null,
+      requestHash: 'x',
+      destination: 'sandbox',
+      payload: checked.referral,
+      at: new Date().toISOString(),
+    })
+  );
+  await db.close();
+  return [
+    ['JSON.parse of the body (the bare route)', parse],
+    ['idempotency hash (canonical SHA-256)', hash],
+    ['schema (zod, incl. base64 check)', schema],
+    ['codes, routing, FHIR mapping', Math.max(0, check - schema - validate)],
+    ['FHIR R4 validation (@medplum/core)', validate],
+    ['SQLite transaction (4 rows)', write],
+  ];
+}
+
 async function main(): Promise<void> {
   const dir = mkdtempSync(join(tmpdir(), 'rg-bench-'));
   const bare = await start('bench/bare-server.ts', { PORT: '0' }, /"port":(\d+)/);
@@ -68,7 +125,7 @@ async function main(): Promise<void> {
       API_KEYS: 'bench:bench-key',
       LOG_LEVEL: 'warn',
       DESTINATIONS_FILE: join(dir, 'none.json'),
-      FHIR_BASE_URL: `http://127.0.0.1:${centre.port}/fhir/R4`,
+      FHIR_BASE_URL: process.env.BENCH_NO_DELIVERY ? 'http://127.0.0.1:9/fhir/R4' : `http://127.0.0.1:${centre.port}/fhir/R4`,
     },
     /listening on http:\/\/127\.0\.0\.1:(\d+)/
   );
@@ -76,10 +133,12 @@ async function main(): Promise<void> {
     const row = (name: string, r: { rps: number; p99: number; total: number; non2xx: number }): string =>
       `  ${name.padEnd(34)} ${r.rps.toFixed(0).padStart(8)} req/s   p99 ${String(r.p99).padStart(5)} ms   ${r.total} requests, ${r.non2xx} non-2xx`;
     process.stdout.write(`\nPOST /referrals, ${CONNECTIONS} connections, ${DURATION} s each, Node ${process.version}\n`);
-    for (const [label, payload] of [
-      ['3 KB referral (2 small documents)', small],
-      ['1.4 MB referral (1 MB PDF inline)', large],
+    const only = process.env.PAYLOAD; // 'small' or 'large' to run one of the two
+    for (const [label, payload, key] of [
+      ['3 KB referral (2 small documents)', small, 'small'],
+      ['1.4 MB referral (1 MB PDF inline)', large, 'large'],
     ] as const) {
+      if (only && only !== key) continue;
       body = payload;
       // Warm both up, then measure one after the other.
       await load(bare.port, 'warm-bare', 1);
@@ -88,6 +147,14 @@ async function main(): Promise<void> {
       const g = await load(gateway.port, 'gw');
       process.stdout.write(`${label}\n${row('bare Express (parse JSON, 202)', b)}\n${row('referral-gateway (SQLite)', g)}\n`);
       process.stdout.write(`  ratio gateway/bare: ${(g.rps / b.rps).toFixed(2)} (target >= 0.5)\n`);
+      const st = await stages(payload, dir);
+      const extra = st.slice(1).reduce((a, [, us]) => a + us, 0);
+      const bareUs = 1e6 / b.rps;
+      process.stdout.write(`  per submission, in process on one core (microseconds):\n`);
+      for (const [name, us] of st) process.stdout.write(`    ${name.padEnd(42)} ${us.toFixed(0).padStart(7)}\n`);
+      process.stdout.write(
+        `  the bare route costs ${bareUs.toFixed(0)} us a request; the gateway's own work adds ${extra.toFixed(0)} us, so its ratio cannot exceed ${(bareUs / (bareUs + extra)).toFixed(2)} on this machine\n`
+      );
     }
   } finally {
     bare.child.kill('SIGTERM');
