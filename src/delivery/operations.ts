@@ -1,10 +1,10 @@
-import type { Bundle, OperationOutcome, Reference, Resource, ServiceRequest, Task } from '@medplum/fhirtypes';
+import type { Bundle, OperationOutcome, Resource, ServiceRequest, Task } from '@medplum/fhirtypes';
 import type { Destination } from '../config/destinations';
 import { FhirRequestError } from '../fhir/client';
 import type { FhirClient } from '../fhir/client';
 import { classifyError, sendTransaction } from '../fhir/transaction';
 import type { TransactionLocation, TransactionResult } from '../fhir/transaction';
-import { mapAddedDocumentsToBundle, mapReferralToBundle } from '../mapping/bundle';
+import { mapAddedDocumentsToBundle, mapReferralToBundle, serviceRequestWithDocuments, taskWithDocuments } from '../mapping/bundle';
 import { DOCUMENT_IDENTIFIER_SYSTEM, documentIdentifierValue, REFERRAL_IDENTIFIER_SYSTEM } from '../mapping/constants';
 import { logger } from '../observability/logger';
 import type { Referral, ReferralDocument } from '../referral/schema';
@@ -126,7 +126,8 @@ function isDocumentsPayload(p: unknown): p is DocumentsPayload {
 /**
  * Documents added after submission: one transaction of conditional-create DocumentReferences (plus Binary
  * entries for large ones) linked to the centre's ServiceRequest; their refs are appended to the referral, and
- * the ServiceRequest's supportingInfo gets them too (read-modify-write with If-Match, best effort).
+ * the ServiceRequest's supportingInfo and the Task's input get them too (read-modify-write with If-Match; a
+ * server that refuses the update leaves a warning, the documents stay delivered).
  */
 export async function deliverDocuments(ctx: OperationContext): Promise<Outcome> {
   const { referral, destination, client, signal, entry } = ctx;
@@ -153,12 +154,12 @@ export async function deliverDocuments(ctx: OperationContext): Promise<Outcome> 
   });
   // Link first, record after: the referral lists the documents once the centre's ServiceRequest does too. A
   // retryable failure here retries the whole entry (the transaction resend matches what is there).
-  const linked = await linkToServiceRequest(client, refs.serviceRequest, added, signal);
+  const linked = await linkDocuments(client, refs, added, signal);
   if (linked.kind === 'retry') return linked;
   if (linked.kind === 'fail') {
     // The documents are at the centre and linked through DocumentReference.context.related; only the
-    // ServiceRequest's list could not be updated (e.g. the server does not let us update it).
-    logger.warn('documents delivered; ServiceRequest.supportingInfo not updated', {
+    // ServiceRequest's or Task's list could not be updated (e.g. the server does not let us update it).
+    logger.warn('documents delivered; ServiceRequest.supportingInfo or Task.input not updated', {
       referralId: referral.id,
       destination: destination.id,
       reason: linked.reason,
@@ -216,16 +217,25 @@ async function appendDocumentRefs(store: ReferralStore, referralId: string, adde
   return false;
 }
 
-async function linkToServiceRequest(client: FhirClient, srRef: string, added: string[], signal: AbortSignal): Promise<Outcome> {
-  const id = srRef.split('/')[1];
-  const result = await readModifyWrite<ServiceRequest>(client, 'ServiceRequest', id, signal, (sr) => {
-    const have = new Set((sr.supportingInfo ?? []).map((r) => r.reference));
-    const missing = added.filter((r) => !have.has(r));
-    if (missing.length === 0) return undefined;
-    const more: Reference[] = missing.map((reference) => ({ reference }));
-    return { ...sr, supportingInfo: [...(sr.supportingInfo ?? []), ...more] };
-  });
-  return result.kind === 'gone' ? { kind: 'fail', reason: 'the ServiceRequest no longer exists at the centre' } : result;
+/** Lists the added documents in the centre's ServiceRequest.supportingInfo and Task.input (If-Match writes). */
+async function linkDocuments(client: FhirClient, refs: FhirRefs, added: string[], signal: AbortSignal): Promise<Outcome> {
+  const targets: Array<['ServiceRequest' | 'Task', string | undefined]> = [
+    ['ServiceRequest', refs.serviceRequest],
+    ['Task', refs.task],
+  ];
+  const failures: string[] = [];
+  for (const [type, ref] of targets) {
+    if (!ref) continue;
+    const id = ref.split('/')[1];
+    const result =
+      type === 'ServiceRequest'
+        ? await readModifyWrite<ServiceRequest>(client, type, id, signal, (sr) => serviceRequestWithDocuments(sr, added))
+        : await readModifyWrite<Task>(client, type, id, signal, (task) => taskWithDocuments(task, added));
+    if (result.kind === 'retry') return result;
+    if (result.kind === 'gone') failures.push(`the ${type} no longer exists at the centre`);
+    if (result.kind === 'fail') failures.push(`${type}: ${result.reason}`);
+  }
+  return failures.length > 0 ? { kind: 'fail', reason: failures.join('; ') } : { kind: 'done' };
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -726,3 +726,27 @@ export function mapAddedDocumentsToBundle(input: MapAddedDocumentsInput): Bundle
   });
   return c.bundle();
 }
+
+/**
+ * The centre's ServiceRequest with `supportingInfo` references to documents added later, each once.
+ * Undefined when it already lists them all (nothing to write). Pure.
+ */
+export function serviceRequestWithDocuments(sr: ServiceRequest, documentRefs: ReadonlyArray<string>): ServiceRequest | undefined {
+  const have = new Set((sr.supportingInfo ?? []).map((r) => r.reference));
+  const missing = [...new Set(documentRefs)].filter((r) => !have.has(r));
+  if (missing.length === 0) return undefined;
+  return { ...sr, supportingInfo: [...(sr.supportingInfo ?? []), ...missing.map((reference) => ({ reference }))] };
+}
+
+/**
+ * The centre's Task with one `input` per document added later (typed as the submission's inputs are), each
+ * once. Undefined when it already lists them all. Everything else the centre set on the Task is kept. Pure.
+ */
+export function taskWithDocuments(task: Task, documentRefs: ReadonlyArray<string>): Task | undefined {
+  const have = new Set((task.input ?? []).map((i) => i.valueReference?.reference).filter(Boolean));
+  const missing = [...new Set(documentRefs)].filter((r) => !have.has(r));
+  if (missing.length === 0) return undefined;
+  const type = tableConcept(taskCodes().inputType);
+  return { ...task, input: [...(task.input ?? []), ...missing.map((reference) => ({ type, valueReference: { reference } }))] };
+}
+

@@ -4,7 +4,7 @@ import { createServer, request as httpRequest, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import type { Binary, Bundle, DocumentReference, ServiceRequest } from '@medplum/fhirtypes';
+import type { Binary, Bundle, DocumentReference, ServiceRequest, Task } from '@medplum/fhirtypes';
 import nock from 'nock';
 import { BINARY_DOCUMENT_TAG_SYSTEM } from '../../src/delivery/attachments';
 import { startSandboxServer } from '../../src/fhir/sandbox';
@@ -167,6 +167,8 @@ describe('large documents travel as Binary resources in the same transaction', (
     const sr = (await (await fetch(`${sandbox.url}/${sent.fhir.serviceRequest}`)).json()) as ServiceRequest;
     expect(sr.supportingInfo?.map((r) => r.reference)).toContain(v.fhir.documents[2]);
     expect(sr.supportingInfo?.filter((r) => r.reference === v.fhir.documents[2])).toHaveLength(1);
+    const task = (await (await fetch(`${sandbox.url}/${sent.fhir.task}`)).json()) as Task;
+    expect((task.input ?? []).filter((i) => i.valueReference?.reference === v.fhir.documents[2])).toHaveLength(1);
   });
 });
 

@@ -69,6 +69,12 @@ describe('cancel and added documents against the built-in sandbox', () => {
     });
     const sr = (await (await fetch(`${fhirBase}/${v.fhir.serviceRequest}`)).json()) as ServiceRequest;
     expect(sr.supportingInfo?.map((s) => s.reference)).toEqual(expect.arrayContaining(v.fhir.documents));
+    // The centre's Task lists every document as an input too, the added one once.
+    const task = (await (await fetch(`${fhirBase}/${v.fhir.task}`)).json()) as Task;
+    const inputs = (task.input ?? []).map((i) => i.valueReference?.reference);
+    expect(inputs).toEqual(expect.arrayContaining(v.fhir.documents));
+    expect(inputs.filter((r) => r === v.fhir.documents[2])).toHaveLength(1);
+    expect(task.status).toBe('requested');
     expect(v.history.map((h: any) => h.status)).toEqual(['queued', 'sent']); // appending refs is not a status change
   });
 });

@@ -26,6 +26,8 @@ import {
   inlineDocumentsOverLimit,
   mapAddedDocumentsToBundle,
   mapReferralToBundle,
+  serviceRequestWithDocuments,
+  taskWithDocuments,
 } from '../../src/mapping/bundle';
 import { routeReferral } from '../../src/mapping/routing';
 import { collectReferences, loadFhirDefinitions, validateBundle } from '../../src/mapping/validate';
@@ -550,6 +552,40 @@ describe('mapAddedDocumentsToBundle', () => {
     expect(() => mapAddedDocumentsToBundle({ ...input, serviceRequestRef: 'urn:uuid:x' })).toThrow(/serviceRequestRef/);
     expect(() => mapAddedDocumentsToBundle({ ...input, patientRef: 'Patient?identifier=x' })).toThrow(/patientRef/);
     expect(() => mapAddedDocumentsToBundle({ ...input, startIndex: -1 })).toThrow(/startIndex/);
+  });
+});
+
+describe('listing documents added later on the centre\'s ServiceRequest and Task', () => {
+  const bundle = mapFixture('breast-second-opinion');
+  const task = resources<Task>(bundle, 'Task')[0];
+  const sr = resources<ServiceRequest>(bundle, 'ServiceRequest')[0];
+  // As the centre holds them: server ids, and a status the centre set.
+  const atCentre: Task = { ...task, id: 't1', meta: { versionId: '3' }, status: 'in-progress', businessStatus: { text: 'Reviewing' } };
+
+  test('Task: one input per new document, typed like the original inputs, keeping what the centre set', () => {
+    const next = taskWithDocuments(atCentre, ['DocumentReference/9', 'DocumentReference/10', 'DocumentReference/9']) as Task;
+    const inputs = next.input ?? [];
+    expect(inputs).toHaveLength((task.input ?? []).length + 2);
+    expect(inputs.slice(-2).map((i) => i.valueReference?.reference)).toEqual(['DocumentReference/9', 'DocumentReference/10']);
+    expect(inputs.at(-1)?.type).toEqual(task.input?.[0].type);
+    expect(next).toMatchObject({ id: 't1', meta: { versionId: '3' }, status: 'in-progress', businessStatus: { text: 'Reviewing' } });
+    expect(atCentre.input).toHaveLength((task.input ?? []).length); // the input is not modified
+  });
+
+  test('nothing to write when every document is already listed (a resend)', () => {
+    const once = taskWithDocuments(atCentre, ['DocumentReference/9']) as Task;
+    expect(taskWithDocuments(once, ['DocumentReference/9'])).toBeUndefined();
+    const srOnce = serviceRequestWithDocuments(sr, ['DocumentReference/9']) as ServiceRequest;
+    expect(srOnce.supportingInfo?.at(-1)).toEqual({ reference: 'DocumentReference/9' });
+    expect(serviceRequestWithDocuments(srOnce, ['DocumentReference/9'])).toBeUndefined();
+  });
+
+  test('the updated Task still validates against R4', () => {
+    const next = taskWithDocuments(atCentre, ['DocumentReference/9']) as Task;
+    // At the centre, the bundle's urn:uuid references have become server ids.
+    const resolved = JSON.parse(JSON.stringify(next).replace(/urn:uuid:[0-9a-f-]+/g, 'DocumentReference/1')) as Task;
+    const entry = { fullUrl: 'urn:uuid:0b0f7b7e-1c1f-4b8e-9c52-2d4f5b1f0a11', resource: resolved, request: { method: 'PUT' as const, url: 'Task/t1' } };
+    expect(validateBundle({ resourceType: 'Bundle', type: 'batch', entry: [entry] })).toEqual([]);
   });
 });
 
