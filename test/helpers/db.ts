@@ -22,24 +22,53 @@ export async function freshSqlite(): Promise<Db> {
 
 let schemaCounter = 0;
 
-/** A PostgreSQL database in a schema of its own, so suites do not see each other's rows. */
-export async function freshPostgres(url: string): Promise<Db> {
+/**
+ * A DATABASE_URL for a PostgreSQL schema of its own (created here, empty: the service migrates it),
+ * and a function that drops it again.
+ */
+export async function freshPostgresUrl(url: string): Promise<{ url: string; drop: () => Promise<void> }> {
   const schema = `t_${process.pid}_${Date.now()}_${schemaCounter++}`;
   const admin = openDb(url);
   await sql.raw(`create schema ${schema}`).execute(admin.kysely);
   await admin.close();
   const u = new URL(url);
   u.searchParams.set('options', `-c search_path=${schema}`);
-  const db = openDb(u.toString());
+  const drop = async (): Promise<void> => {
+    const a = openDb(url);
+    await sql.raw(`drop schema ${schema} cascade`).execute(a.kysely);
+    await a.close();
+  };
+  return { url: u.toString(), drop };
+}
+
+/** A PostgreSQL database in a schema of its own, so suites do not see each other's rows. */
+export async function freshPostgres(url: string): Promise<Db> {
+  const fresh = await freshPostgresUrl(url);
+  const db = openDb(fresh.url);
   await migrate(db.kysely);
   const close = db.close;
   return {
     ...db,
     close: async () => {
       await close();
-      const a = openDb(url);
-      await sql.raw(`drop schema ${schema} cascade`).execute(a.kysely);
-      await a.close();
+      await fresh.drop();
     },
   };
+}
+
+/**
+ * DATABASE_URLs for running the whole service on each store: an in-memory SQLite database, and a fresh
+ * PostgreSQL schema when TEST_POSTGRES_URL is set (required in CI, as for the store suite).
+ */
+export function serviceDatabases(): Array<[string, () => Promise<{ url: string; drop: () => Promise<void> }>]> {
+  const list: Array<[string, () => Promise<{ url: string; drop: () => Promise<void> }>]> = [
+    ['sqlite', async () => ({ url: 'sqlite::memory:', drop: async () => undefined })],
+  ];
+  const pg = process.env.TEST_POSTGRES_URL;
+  if (pg) {
+    list.push(['postgres', () => freshPostgresUrl(pg)]);
+  } else if (process.env.CI || process.env.REQUIRE_POSTGRES) {
+    throw new Error('TEST_POSTGRES_URL is required in CI: the service loop must run on PostgreSQL too');
+  }
+  return list;
 }

@@ -1,5 +1,6 @@
 import type { Bundle, DocumentReference, Patient, ServiceRequest, Task } from '@medplum/fhirtypes';
 import type { Gateway } from '../../src/gateway';
+import { serviceDatabases } from '../helpers/db';
 import { eventually, fixture, KEY_A, startGateway } from '../helpers/gateway';
 
 /**
@@ -7,9 +8,10 @@ import { eventually, fixture, KEY_A, startGateway } from '../helpers/gateway';
  * server as one transaction, a centre works the Task with plain FHIR REST, and the status,
  * history and report come back through the API after a poll.
  */
-describe('the referral loop against the built-in sandbox', () => {
+describe.each(serviceDatabases())('the referral loop against the built-in sandbox, stored on %s', (_name, database) => {
   let gw: Gateway;
   let fhirBase: string;
+  let drop: () => Promise<void>;
 
   const api = (path: string, init: RequestInit = {}): Promise<Response> =>
     fetch(`${gw.url}${path}`, { ...init, headers: { Authorization: `Bearer ${KEY_A}`, 'Content-Type': 'application/json', ...(init.headers ?? {}) } });
@@ -20,11 +22,14 @@ describe('the referral loop against the built-in sandbox', () => {
   };
 
   beforeAll(async () => {
-    gw = await startGateway();
+    const db = await database();
+    drop = db.drop;
+    gw = await startGateway({ DATABASE_URL: db.url });
     fhirBase = `${gw.url}/sandbox/fhir/R4`;
   });
   afterAll(async () => {
     await gw.stop();
+    await drop();
   });
 
   test('submit, deliver, accept, complete with a report, and read it all back', async () => {
