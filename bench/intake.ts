@@ -16,6 +16,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import autocannon from 'autocannon';
 import { loadFhirDefinitions } from '../src/fhir/definitions';
+import { mapReferralToBundle } from '../src/mapping/bundle';
+import { checkCodes } from '../src/mapping/codes';
+import { routeReferral } from '../src/mapping/routing';
 import { validateBundle } from '../src/mapping/validate';
 import { checkReferral, destinationDirectory, sandboxDestination } from '../src/referral/check';
 import { referralSchema } from '../src/referral/schema';
@@ -87,7 +90,14 @@ async function stages(payload: Record<string, any>, dir: string): Promise<Array<
   const hash = await time(() => canonicalHash(payload));
   const schema = await time(() => referralSchema.safeParse(payload));
   const validate = await time(() => validateBundle(checked.bundle));
-  const check = await time(() => checkReferral(payload, directory, { withDocumentData: false }));
+  const parsed = referralSchema.parse(payload);
+  // As the intake check maps it: document bytes left out (they were checked as base64 by the schema).
+  const placeholder = { ...parsed, documents: parsed.documents.map((d) => (d.data !== undefined ? { ...d, data: 'AAAA' } : d)) };
+  const mapping = await time(() => {
+    checkCodes(parsed);
+    const route = routeReferral(parsed, directory.ids());
+    return mapReferralToBundle({ referralId: 'ref_bench', clientId: 'bench', referral: placeholder, destination: checked.destination, specialty: route?.specialty, createdAt: new Date().toISOString() });
+  });
   const write = await time((i) =>
     store.createReferral({
       id: `ref_stage_${i}`,
@@ -105,9 +115,9 @@ async function stages(payload: Record<string, any>, dir: string): Promise<Array<
     ['JSON.parse of the body (the bare route)', parse],
     ['idempotency hash (canonical SHA-256)', hash],
     ['schema (zod, incl. base64 check)', schema],
-    ['codes, routing, FHIR mapping', Math.max(0, check - schema - validate)],
+    ['codes, routing, FHIR mapping', mapping],
     ['FHIR R4 validation (@medplum/core)', validate],
-    ['SQLite transaction (4 rows)', write],
+    ['SQLite transaction (4 rows, synchronous=FULL)', write],
   ];
 }
 
@@ -151,7 +161,7 @@ async function main(): Promise<void> {
       const extra = st.slice(1).reduce((a, [, us]) => a + us, 0);
       const bareUs = 1e6 / b.rps;
       process.stdout.write(`  per submission, in process on one core (microseconds):\n`);
-      for (const [name, us] of st) process.stdout.write(`    ${name.padEnd(42)} ${us.toFixed(0).padStart(7)}\n`);
+      for (const [name, us] of st) process.stdout.write(`    ${name.padEnd(48)} ${us.toFixed(0).padStart(7)}\n`);
       process.stdout.write(
         `  the bare route costs ${bareUs.toFixed(0)} us a request; the gateway's own work adds ${extra.toFixed(0)} us, so its ratio cannot exceed ${(bareUs / (bareUs + extra)).toFixed(2)} on this machine\n`
       );

@@ -1,7 +1,7 @@
 import { mkdirSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { DatabaseSync, type StatementSync } from 'node:sqlite';
-import { Kysely, PostgresDialect, SqliteDialect, type SqliteDatabase, type SqliteStatement } from 'kysely';
+import { Kysely, PostgresDialect, sql, SqliteDialect, type SqliteDatabase, type SqliteStatement } from 'kysely';
 import { Pool } from 'pg';
 import type { Database } from './schema';
 
@@ -10,6 +10,14 @@ export type Dialect = 'sqlite' | 'postgres';
 export interface Db {
   kysely: Kysely<Database>;
   dialect: Dialect;
+  /**
+   * Runs `fn` for writes the gateway acknowledges to a client (a 202 after which the client will not resend):
+   * on SQLite they are committed with `synchronous = FULL`, so the WAL is on disk before the answer, even
+   * across a power loss. Every other write keeps `synchronous = NORMAL` (safe across a process crash): what
+   * it records can be redone idempotently (a resend matches by identifier, a poll reads the Task again).
+   * PostgreSQL commits durably anyway.
+   */
+  durably<T>(fn: (k: Kysely<Database>) => Promise<T>): Promise<T>;
   close(): Promise<void>;
 }
 
@@ -57,10 +65,21 @@ export function openDb(url: string): Db {
     const raw = new DatabaseSync(path);
     raw.exec('PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;');
     const kysely = new Kysely<Database>({ dialect: new SqliteDialect({ database: nodeSqliteAdapter(raw) }) });
-    return { kysely, dialect: 'sqlite', close: () => kysely.destroy() };
+    // The connection is held for the whole callback, so no other query runs with FULL by accident, and none
+    // of the callback's with NORMAL.
+    const durably = <T>(fn: (k: Kysely<Database>) => Promise<T>): Promise<T> =>
+      kysely.connection().execute(async (k) => {
+        await sql`PRAGMA synchronous = FULL`.execute(k);
+        try {
+          return await fn(k);
+        } finally {
+          await sql`PRAGMA synchronous = NORMAL`.execute(k);
+        }
+      });
+    return { kysely, dialect: 'sqlite', durably, close: () => kysely.destroy() };
   }
   const pool = new Pool({ connectionString: url, max: 10 });
   pool.on('error', () => undefined); // idle client errors surface on the next query
   const kysely = new Kysely<Database>({ dialect: new PostgresDialect({ pool }) });
-  return { kysely, dialect: 'postgres', close: () => kysely.destroy() };
+  return { kysely, dialect: 'postgres', durably: (fn) => fn(kysely), close: () => kysely.destroy() };
 }

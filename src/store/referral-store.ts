@@ -154,12 +154,13 @@ export class ReferralStore {
   }
 
   /**
-   * Stores a new referral, its first history entry and its delivery outbox entry in one transaction.
+   * Stores a new referral, its first history entry and its delivery outbox entry in one transaction,
+   * committed durably (see Db.durably): the client is told 202 and will not send it again.
    * Returns null when another referral with the same client+externalId or idempotency key exists.
    */
   async createReferral(r: NewReferral): Promise<StoredReferral | null> {
     try {
-      await this.k.transaction().execute(async (trx) => {
+      await this.db.durably((k) => k.transaction().execute(async (trx) => {
         await trx
           .insertInto('referrals')
           .values({
@@ -186,7 +187,7 @@ export class ReferralStore {
           .values({ id: newId('h'), referral_id: r.id, seq: 1, status: 'queued', reason: null, detail: null, at: r.at })
           .execute();
         await this.insertOutbox(trx, r.id, 'submit', null, r.at);
-      });
+      }));
     } catch (err) {
       if (isUniqueViolation(err)) {
         return null;
@@ -362,14 +363,14 @@ export class ReferralStore {
    * never share a number.
    */
   async addDocuments(referralId: string, documents: unknown[], baseCount: number): Promise<{ outboxId: string; startIndex: number }> {
-    return this.k.transaction().execute(async (trx) => {
+    return this.db.durably((k) => k.transaction().execute(async (trx) => {
       const earlier = await trx.selectFrom('outbox').select('payload').where('referral_id', '=', referralId).where('kind', '=', 'documents').execute();
       const added = earlier.reduce((n, e) => n + ((JSON.parse(e.payload ?? '{}') as { documents?: unknown[] }).documents?.length ?? 0), 0);
       const startIndex = baseCount + added;
       const outboxId = await this.insertOutbox(trx, referralId, 'documents', { documents, startIndex }, nowIso());
       await trx.updateTable('referrals').set({ updated_at: nowIso() }).where('id', '=', referralId).execute();
       return { outboxId, startIndex };
-    });
+    }));
   }
 
   /**
@@ -380,7 +381,7 @@ export class ReferralStore {
   async cancelBeforeDelivery(referralId: string, reason: string, now = new Date()): Promise<boolean> {
     const nowS = now.toISOString();
     let webhookQueued = false;
-    const cancelled = await this.k.transaction().execute(async (trx) => {
+    const cancelled = await this.db.durably((k) => k.transaction().execute(async (trx) => {
       const res = await trx
         .updateTable('outbox')
         .set({ state: 'done', last_error: `cancelled before delivery: ${reason}`.slice(0, 500), updated_at: nowS })
@@ -408,13 +409,14 @@ export class ReferralStore {
         webhookQueued = true;
       }
       return true;
-    });
+    }));
     if (webhookQueued) this.onWebhookQueued();
     return cancelled;
   }
 
+  /** Queues work a client asked for (a cancel): acknowledged with a 202, so committed durably. */
   async enqueue(referralId: string, kind: OutboxKind, payload: unknown): Promise<string> {
-    return this.k.transaction().execute((trx) => this.insertOutbox(trx, referralId, kind, payload, nowIso()));
+    return this.db.durably((k) => k.transaction().execute((trx) => this.insertOutbox(trx, referralId, kind, payload, nowIso())));
   }
 
   /**

@@ -1,6 +1,11 @@
-import { readFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { type Kysely, sql } from 'kysely';
 import { referralSchema } from '../../src/referral/schema';
+import { openDb } from '../../src/store/db';
 import { newReferralId, nowIso } from '../../src/store/ids';
+import { migrate } from '../../src/store/migrations';
 import { ReferralStore } from '../../src/store/referral-store';
 import { storeBackends } from '../helpers/db';
 
@@ -161,5 +166,45 @@ describe.each(storeBackends())('store on %s', (_name, open) => {
     await store.setWatermark('other', '2025-01-01T00:00:00.000Z');
     expect(await store.getWatermark('sandbox')).toBe('2026-01-02T00:00:00.000Z');
     expect(await store.getWatermark('other')).toBe('2025-01-01T00:00:00.000Z');
+  });
+});
+
+describe('durability of acknowledged writes (SQLite)', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'rg-durable-'));
+  const db = openDb(`sqlite:${join(dir, 'gateway.db')}`);
+  const level = async (k: Kysely<any> = db.kysely): Promise<number> =>
+    Number(((await sql<{ synchronous: number }>`PRAGMA synchronous`.execute(k)).rows[0] as { synchronous: number }).synchronous);
+  afterAll(async () => {
+    await db.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  test('writes acknowledged to a client commit with synchronous=FULL; bookkeeping stays NORMAL; nothing runs in between', async () => {
+    await migrate(db.kysely);
+    expect(await level()).toBe(1); // NORMAL
+    let inside = -1;
+    let release!: () => void;
+    const during = db.durably(async (k) => {
+      inside = await level(k);
+      await new Promise<void>((r) => (release = r));
+    });
+    // Another query issued meanwhile waits for the connection, so it never runs with FULL.
+    const other = level();
+    await new Promise((r) => setTimeout(r, 20));
+    release();
+    await during;
+    expect(inside).toBe(2); // FULL
+    expect(await other).toBe(1);
+  });
+
+  test('a new referral is committed through the durable path', async () => {
+    const store = new ReferralStore(db);
+    const seen: number[] = [];
+    const durably = db.durably.bind(db);
+    db.durably = (fn) => durably(async (k) => { seen.push(await level(k)); return fn(k); });
+    await store.createReferral({ id: newReferralId(), clientId: 'c', externalId: 'EHR-DURABLE', idempotencyKey: null, requestHash: 'h', destination: 'sandbox', payload: sample, at: nowIso() });
+    db.durably = durably;
+    expect(seen).toEqual([2]);
+    expect((await store.list('c', { limit: 5 })).items.map((r) => r.externalId)).toEqual(['EHR-DURABLE']);
   });
 });
