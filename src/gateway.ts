@@ -98,7 +98,9 @@ export class Gateway {
       pageSize: opts.pollPageSize ?? 100,
       sweepEveryMs: opts.pollSweepEveryMs,
     });
-    this.service = new ReferralService(this.store, this.destinations, () => this.worker.wake());
+    this.service = new ReferralService(this.store, this.destinations, () => this.worker.wake(), {
+      allowPrivateCallbacks: config.webhookAllowPrivateNetworks,
+    });
   }
 
   async start(): Promise<void> {

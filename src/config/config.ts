@@ -58,6 +58,7 @@ const envSchema = z.object({
     .min(16, 'must be at least 16 characters (or whsec_<base64>)')
     .refine((s) => !s.startsWith('whsec_') || /^[A-Za-z0-9+/]+={0,2}$/.test(s.slice(6)), 'starts with whsec_ but the rest is not base64')
     .optional(),
+  WEBHOOK_ALLOW_PRIVATE_NETWORKS: z.enum(['true', 'false'], { message: 'must be true or false' }).optional(),
   LOG_LEVEL: z.enum(['error', 'warn', 'info', 'http', 'verbose', 'debug', 'silly']).default('info'),
   MAX_BODY_BYTES: z.coerce.number().int().min(1024).max(1024 * 1024 * 1024).default(25 * 1024 * 1024),
   DELIVERY_MAX_ATTEMPTS: z.coerce.number().int().min(1).max(1000).default(12),
@@ -81,6 +82,8 @@ export interface Config {
   devKeys: boolean;
   adminApiKey?: string;
   webhookSecret?: string;
+  /** Whether callbacks may go to loopback/private/link-local addresses (WEBHOOK_ALLOW_PRIVATE_NETWORKS; default: not in production). */
+  webhookAllowPrivateNetworks: boolean;
   logLevel: string;
   maxBodyBytes: number;
   delivery: { maxAttempts: number; baseDelayMs: number; maxDelayMs: number; concurrency: number };
@@ -153,6 +156,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     devKeys,
     adminApiKey: e.ADMIN_API_KEY,
     webhookSecret: e.WEBHOOK_SECRET,
+    webhookAllowPrivateNetworks: e.WEBHOOK_ALLOW_PRIVATE_NETWORKS ? e.WEBHOOK_ALLOW_PRIVATE_NETWORKS === 'true' : e.NODE_ENV !== 'production',
     logLevel: e.LOG_LEVEL,
     maxBodyBytes: e.MAX_BODY_BYTES,
     delivery: {

@@ -13,6 +13,7 @@ import { documentSchema, type Referral } from './schema';
 import { cancellable, terminalStatuses } from '../tracking/state';
 import type { StoredReferral } from './types';
 import { type ReferralView, toView } from './view';
+import { literalCallbackProblem } from '../webhooks/callback-guard';
 
 const cancelSchema = z.strictObject({ reason: z.string().trim().min(1, 'a reason is required').max(1000) });
 const addDocumentsSchema = z.array(documentSchema).min(1, 'at least one document is required').max(100);
@@ -70,13 +71,20 @@ export class ReferralService {
   constructor(
     private readonly store: ReferralStore,
     private readonly destinations: DestinationDirectory,
-    private readonly onQueued: () => void = () => undefined
+    private readonly onQueued: () => void = () => undefined,
+    private readonly options: { allowPrivateCallbacks?: boolean } = {}
   ) {}
 
-  /** Checks a submission completely: schema, codes, routing and the FHIR content it maps to. */
+  /**
+   * Checks a submission completely: schema, codes, routing and the FHIR content it maps to; and, unless
+   * private networks are allowed, that its callbackUrl does not name a loopback/private address or local host.
+   */
   check(body: unknown): { referral: Referral; destination: Destination } {
     const r = checkReferral(body, this.destinations, { withDocumentData: false });
     if (!r.ok) throw new HttpError(422, r.issues.map(({ detail: _detail, ...i }) => i));
+    const callback = r.referral.callbackUrl;
+    const problem = callback && !this.options.allowPrivateCallbacks ? literalCallbackProblem(callback) : undefined;
+    if (problem) throw new HttpError(422, { code: 'invalid', expression: 'callbackUrl', message: `callbackUrl: ${problem}` });
     return { referral: r.referral, destination: r.destination };
   }
 

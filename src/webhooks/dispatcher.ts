@@ -7,6 +7,7 @@ import { logger } from '../observability/logger';
 import { metricsRegistry } from '../observability/metrics';
 import { ulid } from '../store/ids';
 import type { WebhookEntry, WebhookStore } from '../store/webhook-store';
+import { checkCallbackAddress, type Lookup } from './callback-guard';
 
 export interface WebhookDispatcherOptions {
   /**
@@ -31,6 +32,14 @@ export interface WebhookDispatcherOptions {
   concurrency: number;
   /** On stop, how long requests in flight may finish before they are aborted (default 2 s). */
   stopGraceMs: number;
+  /**
+   * WEBHOOK_ALLOW_PRIVATE_NETWORKS. When false (the default here; the service's default outside production is
+   * true), callbacks whose host is or resolves to a loopback, private, link-local or other non-public address
+   * are refused (dead-lettered with the reason) and never sent.
+   */
+  allowPrivateNetworks: boolean;
+  /** Resolves a callback host to its addresses (tests); default the system resolver. */
+  lookup?: Lookup;
 }
 
 export const WEBHOOK_DEFAULTS: Readonly<Omit<WebhookDispatcherOptions, 'secret'>> = Object.freeze({
@@ -42,6 +51,7 @@ export const WEBHOOK_DEFAULTS: Readonly<Omit<WebhookDispatcherOptions, 'secret'>
   idleMs: 1000,
   concurrency: 4,
   stopGraceMs: 2000,
+  allowPrivateNetworks: false,
 });
 
 const WHSEC = 'whsec_';
@@ -210,6 +220,10 @@ export class WebhookDispatcher extends LeasedQueueRunner<WebhookEntry> {
     }
     if (url.username || url.password) {
       return { kind: 'fail', reason: 'the callback URL carries credentials, which are not sent' };
+    }
+    if (!this.opts.allowPrivateNetworks) {
+      const check = await checkCallbackAddress(url, this.opts.lookup);
+      if (!check.ok) return check.permanent ? { kind: 'fail', reason: check.reason } : { kind: 'retry', reason: check.reason };
     }
     const now = new Date();
     const headers: Record<string, string> = {

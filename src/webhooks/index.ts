@@ -22,11 +22,11 @@ export interface AttachedWebhooks {
  */
 export function attachWebhooks(
   db: Db,
-  config: { webhookSecret?: string },
+  config: { webhookSecret?: string; webhookAllowPrivateNetworks?: boolean },
   overrides: Partial<WebhookDispatcherOptions> = {},
   fetchImpl: typeof fetch = fetch
 ): AttachedWebhooks {
   const store = new WebhookStore(db);
-  const dispatcher = new WebhookDispatcher(store, { secret: config.webhookSecret, ...overrides }, fetchImpl);
+  const dispatcher = new WebhookDispatcher(store, { secret: config.webhookSecret, allowPrivateNetworks: config.webhookAllowPrivateNetworks, ...overrides }, fetchImpl);
   return { store, dispatcher, adminRouter: webhooksAdminRouter(store, () => dispatcher.wake()) };
 }

@@ -351,3 +351,58 @@ describe('status webhooks across a restart', () => {
     expect(items.find((x) => x.id === row.id)).toMatchObject({ referralId: id, attempts: attemptsBefore + 1 });
   });
 });
+
+describe('callbacks to private networks (WEBHOOK_ALLOW_PRIVATE_NETWORKS=false, as in production)', () => {
+  let gw: WiredGateway;
+  let c: ReturnType<typeof client>;
+  const sent: string[] = [];
+
+  beforeAll(async () => {
+    // hooks.example.org resolves to a private address (as a hostile or misconfigured DNS name would);
+    // ehr.example.org to a public one, whose request the test's fetch answers.
+    const lookup = async (host: string): Promise<string[]> => (host === 'hooks.example.org' ? ['10.0.0.5'] : ['93.184.216.34']);
+    const webhookFetch: typeof fetch = async (input) => {
+      sent.push(String(input));
+      return new Response(null, { status: 204 });
+    };
+    gw = await startWired({ WEBHOOK_ALLOW_PRIVATE_NETWORKS: 'false', WEBHOOK_SECRET: RAW_SECRET }, { webhooks: { ...FAST, lookup }, webhookFetch });
+    c = client(gw);
+  });
+  afterAll(async () => {
+    await gw.stop();
+  });
+
+  test.each([
+    ['http://127.0.0.1:8080/admin', /non-public address \(127\.0\.0\.1\)/],
+    ['http://169.254.169.254/latest/meta-data/', /non-public address/],
+    ['http://[::1]:9000/hooks', /non-public address \(::1\)/],
+    ['http://localhost:3000/hooks', /local host name/],
+  ])('a submission with callbackUrl %s is refused with 422 naming callbackUrl; nothing is stored', async (callbackUrl, message) => {
+    const externalId = `EHR-SSRF-${Math.random().toString(36).slice(2)}`;
+    const res = await c.api('/referrals', { method: 'POST', body: JSON.stringify({ ...fixture('breast-second-opinion'), externalId, callbackUrl }) });
+    expect(res.status).toBe(422);
+    const outcome = (await res.json()) as { resourceType: string; issue: Array<{ expression?: string[]; diagnostics?: string; details?: { text?: string } }> };
+    expect(outcome.resourceType).toBe('OperationOutcome');
+    expect(outcome.issue[0].expression).toEqual(['callbackUrl']);
+    expect(JSON.stringify(outcome.issue[0])).toMatch(message);
+    const list = (await (await c.api(`/referrals?externalId=${externalId}`)).json()) as { items: unknown[] };
+    expect(list.items).toHaveLength(0);
+  });
+
+  test('a callback host that resolves to a private address is never called: the event is dead-lettered with the reason', async () => {
+    const id = await c.submit('EHR-SSRF-DNS', 'https://hooks.example.org/referrals');
+    const failed = await eventually(async () => {
+      const items = ((await (await c.admin('/admin/webhooks?state=failed')).json()) as { items: AdminItem[] }).items.filter((i) => i.referralId === id);
+      return items.length > 0 ? items : undefined;
+    });
+    expect(failed[0]).toMatchObject({ state: 'failed', attempts: 1, event: { status: 'sent', previousStatus: 'queued' } });
+    expect(failed[0].lastError).toMatch(/resolves to a non-public address \(10\.0\.0\.5\)/);
+    expect(sent.filter((u) => u.includes('hooks.example.org'))).toEqual([]);
+  });
+
+  test('a public callback host is called as usual', async () => {
+    const id = await c.submit('EHR-SSRF-OK', 'https://ehr.example.org/hooks/referrals');
+    await c.waitSent(id);
+    await eventually(async () => sent.some((u) => u === 'https://ehr.example.org/hooks/referrals'));
+  });
+});

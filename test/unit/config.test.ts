@@ -30,6 +30,7 @@ describe('configuration', () => {
     [{ FHIR_AUTH: 'magic' }, /^FHIR_AUTH /],
     [{ WEBHOOK_SECRET: 'whsec_not*base64!!' }, /^WEBHOOK_SECRET /],
     [{ WEBHOOK_SECRET: 'short' }, /^WEBHOOK_SECRET /],
+    [{ WEBHOOK_ALLOW_PRIVATE_NETWORKS: 'yes' }, /^WEBHOOK_ALLOW_PRIVATE_NETWORKS must be true or false/],
   ])('a bad value (%j) is one line naming the variable', (env, pattern) => {
     let err: unknown;
     try {
@@ -54,6 +55,14 @@ describe('configuration', () => {
   test('production refuses to start without keys, or on the sandbox', () => {
     expect(() => loadConfig({ ...base, NODE_ENV: 'production', FHIR_BASE_URL: 'https://c.example.org/fhir/R4', WEBHOOK_SECRET: 'x'.repeat(20) })).toThrow(/^API_KEYS /);
     expect(() => loadConfig({ ...base, NODE_ENV: 'production', API_KEYS: 'a:b', WEBHOOK_SECRET: 'x'.repeat(20) })).toThrow(/^FHIR_BASE_URL /);
+  });
+
+  test('callbacks to private networks are allowed in development and refused in production unless set', () => {
+    const prod = { ...base, NODE_ENV: 'production', API_KEYS: 'a:b', FHIR_BASE_URL: 'https://c.example.org/fhir/R4', WEBHOOK_SECRET: 'x'.repeat(20) };
+    expect(loadConfig({ ...base }).webhookAllowPrivateNetworks).toBe(true);
+    expect(loadConfig(prod).webhookAllowPrivateNetworks).toBe(false);
+    expect(loadConfig({ ...prod, WEBHOOK_ALLOW_PRIVATE_NETWORKS: 'true' }).webhookAllowPrivateNetworks).toBe(true);
+    expect(loadConfig({ ...base, WEBHOOK_ALLOW_PRIVATE_NETWORKS: 'false' }).webhookAllowPrivateNetworks).toBe(false);
   });
 
   test('FHIR_BASE_URL defines the destination "default" with its auth', () => {

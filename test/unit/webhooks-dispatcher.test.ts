@@ -39,7 +39,8 @@ function fakeFetch(respond: (call: Call, n: number) => Response | Promise<Respon
   return { calls, impl };
 }
 
-const FAST: Partial<WebhookDispatcherOptions> = { baseDelayMs: 5, maxDelayMs: 20, idleMs: 20, timeoutMs: 2000, stopGraceMs: 50 };
+// The receivers in these tests listen on 127.0.0.1.
+const FAST: Partial<WebhookDispatcherOptions> = { baseDelayMs: 5, maxDelayMs: 20, idleMs: 20, timeoutMs: 2000, stopGraceMs: 50, allowPrivateNetworks: true };
 
 beforeAll(() => setLogLevel('error'));
 
