@@ -154,6 +154,17 @@ export class ReferralStore {
   }
 
   /**
+   * Reads a referral (without its payload) inside a transaction that will change it. On PostgreSQL the row is
+   * locked (`FOR UPDATE`) until the transaction ends, so concurrent changes of one referral (two instances
+   * polling, a poll and a cancel, two additions of documents) run one after the other and never both read
+   * the same state or take the same history number. SQLite runs one transaction at a time anyway.
+   */
+  private lockReferral(trx: Transaction<Database>, id: string) {
+    const q = trx.selectFrom('referrals').select(LIGHT_COLUMNS).where('id', '=', id);
+    return (this.db.dialect === 'postgres' ? q.forUpdate() : q).executeTakeFirst();
+  }
+
+  /**
    * Stores a new referral, its first history entry and its delivery outbox entry in one transaction,
    * committed durably (see Db.durably): the client is told 202 and will not send it again.
    * Returns null when another referral with the same client+externalId or idempotency key exists.
@@ -274,7 +285,7 @@ export class ReferralStore {
     let webhookQueued = false;
     const result = await this.k.transaction().execute(async (trx) => {
       // Everything but the submission itself: it can be megabytes, and a status change needs none of it.
-      const row = await trx.selectFrom('referrals').select(LIGHT_COLUMNS).where('id', '=', id).executeTakeFirst();
+      const row = await this.lockReferral(trx, id);
       if (!row) return null;
       const before = toReferral({ ...row, payload: '' }, false);
       if (onlyIf && !onlyIf(before)) return null;
@@ -307,7 +318,10 @@ export class ReferralStore {
 
   /** Adds a warning or note to the history without changing the status. */
   async note(id: string, status: ReferralStatus, reason: string, detail?: Record<string, unknown>): Promise<void> {
-    await this.k.transaction().execute((trx) => this.insertHistory(trx, id, { status, at: nowIso(), reason, detail }));
+    await this.k.transaction().execute(async (trx) => {
+      await this.lockReferral(trx, id);
+      await this.insertHistory(trx, id, { status, at: nowIso(), reason, detail });
+    });
   }
 
   private async insertHistory(trx: Q, referralId: string, h: HistoryEntry): Promise<void> {
@@ -364,6 +378,7 @@ export class ReferralStore {
    */
   async addDocuments(referralId: string, documents: unknown[], baseCount: number): Promise<{ outboxId: string; startIndex: number }> {
     return this.db.durably((k) => k.transaction().execute(async (trx) => {
+      await this.lockReferral(trx, referralId);
       const earlier = await trx.selectFrom('outbox').select('payload').where('referral_id', '=', referralId).where('kind', '=', 'documents').execute();
       const added = earlier.reduce((n, e) => n + ((JSON.parse(e.payload ?? '{}') as { documents?: unknown[] }).documents?.length ?? 0), 0);
       const startIndex = baseCount + added;
@@ -382,6 +397,7 @@ export class ReferralStore {
     const nowS = now.toISOString();
     let webhookQueued = false;
     const cancelled = await this.db.durably((k) => k.transaction().execute(async (trx) => {
+      await this.lockReferral(trx, referralId);
       const res = await trx
         .updateTable('outbox')
         .set({ state: 'done', last_error: `cancelled before delivery: ${reason}`.slice(0, 500), updated_at: nowS })

@@ -85,6 +85,33 @@ describe.each(storeBackends())('store on %s', (_name, open) => {
     expect(got?.statusReason).toBe('tumour board intake');
   });
 
+  test('concurrent changes of one referral (two pollers, a poll and a cancel) apply once each: no duplicate history or webhook', async () => {
+    const r = { ...newReferral(), payload: { ...sample, callbackUrl: 'https://ehr.example.org/hooks' } };
+    await store.createReferral(r);
+    // Ten writers see the same Task change at once, as two instances polling the same centre would.
+    const results = await Promise.all(Array.from({ length: 10 }, () => store.changeStatus(r.id, { status: 'accepted', reason: 'seen by a poller' })));
+    expect(results.filter((x) => x && x.previous !== 'accepted')).toHaveLength(1);
+    // Notes and status changes racing each other still number the history without a gap or clash.
+    await Promise.all([
+      ...Array.from({ length: 5 }, (_, i) => store.note(r.id, 'accepted', `warning ${i}`)),
+      store.changeStatus(r.id, { status: 'in-progress' }),
+      store.changeStatus(r.id, { status: 'in-progress' }),
+    ]);
+    const h = await store.history(r.id);
+    expect(h).toHaveLength(1 + 1 + 5 + 1); // queued, accepted, five notes, in-progress
+    expect(h.filter((x) => x.status === 'in-progress')).toHaveLength(1);
+    const hooks = await store.db.kysely.selectFrom('webhook_outbox').select(['seq', 'payload']).where('referral_id', '=', r.id).orderBy('seq').execute();
+    expect(hooks.map((w) => (JSON.parse(w.payload) as { status: string }).status)).toEqual(['accepted', 'in-progress']);
+    expect(hooks.map((w) => w.seq)).toEqual([1, 2]);
+  });
+
+  test('documents added concurrently to one referral get distinct numbers', async () => {
+    const r = newReferral();
+    await store.createReferral(r);
+    const starts = await Promise.all(Array.from({ length: 6 }, () => store.addDocuments(r.id, [{ kind: 'other' }, { kind: 'other' }], 2)));
+    expect(starts.map((x) => x.startIndex).sort((a, b) => a - b)).toEqual([2, 4, 6, 8, 10, 12]);
+  });
+
   test('a conditional status change is not applied when its condition fails', async () => {
     const r = newReferral();
     await store.createReferral(r);
