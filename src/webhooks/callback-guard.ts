@@ -2,8 +2,10 @@
 // (the default outside production), the gateway refuses to POST to loopback, private, link-local and
 // other non-public addresses, so a client cannot make the gateway reach into the network it runs in
 // (its own admin API, a cloud metadata endpoint, a database).
+import type { LookupAddress } from 'node:dns';
 import { lookup as dnsLookup } from 'node:dns/promises';
 import { BlockList, isIP } from 'node:net';
+import { Agent, fetch as undiciFetch } from 'undici';
 
 /** Address ranges that are not the public internet (IANA special-purpose registries, RFC 6890 and successors). */
 const NON_PUBLIC = new BlockList();
@@ -85,9 +87,8 @@ export type CallbackCheck = { ok: true } | { ok: false; permanent: boolean; reas
 
 /**
  * Resolves the callback URL's host and checks every address it has. A name that does not resolve is a
- * temporary problem (DNS may be down); a non-public address is a permanent refusal. The request that
- * follows resolves the name again, so a DNS server that answers differently within seconds could still
- * steer it (DNS rebinding); the check stops every static misconfiguration and casual probing.
+ * temporary problem (DNS may be down); a non-public address is a permanent refusal. This gives the clear
+ * reason; `guardedFetch` checks again at connect time, on the addresses actually connected to.
  */
 export async function checkCallbackAddress(url: URL, lookup: Lookup = systemLookup): Promise<CallbackCheck> {
   const literal = literalCallbackProblem(url.toString());
@@ -104,4 +105,44 @@ export async function checkCallbackAddress(url: URL, lookup: Lookup = systemLook
   if (addresses.length === 0) return { ok: false, permanent: false, reason: 'the callback host has no address' };
   if (bad) return { ok: false, permanent: true, reason: `the callback host resolves to a non-public address (${bad}); callbacks must reach the public internet` };
   return { ok: true };
+}
+
+/** The error a guarded connection fails with when its host resolves to a non-public address. */
+export const NON_PUBLIC_CODE = 'ERR_CALLBACK_NON_PUBLIC';
+
+type NetLookupCallback = (err: NodeJS.ErrnoException | null, address: string | LookupAddress[], family?: number) => void;
+
+/**
+ * A `lookup` for net/tls.connect that resolves with `lookup` and fails the connection when any address is
+ * not public. Because the socket connects to exactly the addresses checked here, a DNS answer that changes
+ * between the check and the request (DNS rebinding) cannot steer the request into a private network.
+ */
+export function guardedNetLookup(lookup: Lookup = systemLookup, allowed: (ip: string) => boolean = isPublicAddress) {
+  return (hostname: string, options: { all?: boolean }, callback: NetLookupCallback): void => {
+    lookup(hostname).then(
+      (addresses) => {
+        const bad = addresses.find((a) => !allowed(a));
+        if (bad || addresses.length === 0) {
+          const err: NodeJS.ErrnoException = new Error(bad ? `callback host resolves to a non-public address (${bad})` : 'callback host has no address');
+          err.code = bad ? NON_PUBLIC_CODE : 'ENOTFOUND';
+          callback(err, '');
+          return;
+        }
+        const list = addresses.map((address) => ({ address, family: isIP(address) }));
+        if (options.all) callback(null, list);
+        else callback(null, list[0].address, list[0].family);
+      },
+      (err: NodeJS.ErrnoException) => callback(err, '')
+    );
+  };
+}
+
+/**
+ * `fetch` for callbacks that never connects to a non-public address: an undici Agent whose connections
+ * resolve through `guardedNetLookup` (IP literals are refused before, by `checkCallbackAddress`).
+ */
+export function guardedFetch(lookup: Lookup = systemLookup, allowed: (ip: string) => boolean = isPublicAddress): typeof fetch {
+  const agent = new Agent({ connect: { lookup: guardedNetLookup(lookup, allowed) as never } });
+  return ((input: string | URL, init?: RequestInit) =>
+    undiciFetch(input, { ...(init as object), dispatcher: agent } as Parameters<typeof undiciFetch>[1])) as unknown as typeof fetch;
 }

@@ -7,7 +7,7 @@ import { logger } from '../observability/logger';
 import { metricsRegistry } from '../observability/metrics';
 import { ulid } from '../store/ids';
 import type { WebhookEntry, WebhookStore } from '../store/webhook-store';
-import { checkCallbackAddress, type Lookup } from './callback-guard';
+import { checkCallbackAddress, guardedFetch, type Lookup, NON_PUBLIC_CODE } from './callback-guard';
 
 export interface WebhookDispatcherOptions {
   /**
@@ -98,6 +98,7 @@ type Attempt =
 export class WebhookDispatcher extends LeasedQueueRunner<WebhookEntry> {
   readonly workerId = `wh_${ulid()}`;
   private readonly opts: WebhookDispatcherOptions;
+  private readonly fetchImpl: typeof fetch;
   private readonly signer: Webhook | undefined;
   protected readonly kind = 'webhook';
   private shutdown = new AbortController();
@@ -105,11 +106,13 @@ export class WebhookDispatcher extends LeasedQueueRunner<WebhookEntry> {
   constructor(
     private readonly store: WebhookStore,
     opts: Partial<WebhookDispatcherOptions> = {},
-    private readonly fetchImpl: typeof fetch = fetch
+    fetchImpl?: typeof fetch
   ) {
     super();
     const defined = Object.fromEntries(Object.entries(opts).filter(([, v]) => v !== undefined)) as Partial<WebhookDispatcherOptions>;
     this.opts = { ...WEBHOOK_DEFAULTS, ...defined };
+    // Without private networks, connections are made only to addresses checked at connect time.
+    this.fetchImpl = fetchImpl ?? (this.opts.allowPrivateNetworks ? fetch : guardedFetch(this.opts.lookup));
     this.signer = this.opts.secret ? createSigner(this.opts.secret) : undefined;
   }
 
@@ -243,6 +246,9 @@ export class WebhookDispatcher extends LeasedQueueRunner<WebhookEntry> {
     } catch (err) {
       if (this.shutdown.signal.aborted) return { kind: 'aborted' };
       if (timeout.aborted) return { kind: 'retry', reason: `no response within ${this.opts.timeoutMs} ms` };
+      if (errorCode(err) === NON_PUBLIC_CODE) {
+        return { kind: 'fail', reason: `the callback host resolved to a non-public address when connecting; ${(err as { cause?: Error }).cause?.message ?? ''}`.trim() };
+      }
       return { kind: 'retry', reason: `network error: ${errorCode(err)}` };
     }
     // The receiver's body is not needed (nor logged): free the connection.

@@ -24,7 +24,7 @@ export function attachWebhooks(
   db: Db,
   config: { webhookSecret?: string; webhookAllowPrivateNetworks?: boolean },
   overrides: Partial<WebhookDispatcherOptions> = {},
-  fetchImpl: typeof fetch = fetch
+  fetchImpl?: typeof fetch
 ): AttachedWebhooks {
   const store = new WebhookStore(db);
   const dispatcher = new WebhookDispatcher(store, { secret: config.webhookSecret, allowPrivateNetworks: config.webhookAllowPrivateNetworks, ...overrides }, fetchImpl);

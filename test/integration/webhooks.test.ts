@@ -406,3 +406,35 @@ describe('callbacks to private networks (WEBHOOK_ALLOW_PRIVATE_NETWORKS=false, a
     await eventually(async () => sent.some((u) => u === 'https://ehr.example.org/hooks/referrals'));
   });
 });
+
+describe('a callback host that changes its DNS answer between the check and the request (DNS rebinding)', () => {
+  let gw: WiredGateway;
+  let receiver: Receiver;
+  let lookups = 0;
+
+  beforeAll(async () => {
+    receiver = await new Receiver(new Webhook(RAW_RECEIVER_KEY)).start();
+    // First answer public (the dispatcher's check), then the receiver's loopback address (the connection).
+    const lookup = async (host: string): Promise<string[]> => (host === 'rebind.example.org' && ++lookups > 1 ? ['127.0.0.1'] : ['93.184.216.34']);
+    // webhookFetch undefined: the service's own guarded HTTP client is used.
+    gw = await startWired({ WEBHOOK_ALLOW_PRIVATE_NETWORKS: 'false', WEBHOOK_SECRET: RAW_SECRET }, { webhooks: { ...FAST, lookup }, webhookFetch: undefined });
+  });
+  afterAll(async () => {
+    await gw.stop();
+    await receiver.stop();
+  });
+
+  test('the request is never made; the event is dead-lettered with the reason', async () => {
+    const c = client(gw);
+    const port = new URL(receiver.url).port;
+    const id = await c.submit('EHR-REBIND', `http://rebind.example.org:${port}/hook`);
+    const failed = await eventually(async () => {
+      const items = ((await (await c.admin('/admin/webhooks?state=failed')).json()) as { items: AdminItem[] }).items.filter((i) => i.referralId === id);
+      return items.length > 0 ? items : undefined;
+    });
+    expect(failed[0].attempts).toBe(1);
+    expect(failed[0].lastError).toMatch(/non-public address \(127\.0\.0\.1\)/);
+    expect(lookups).toBeGreaterThanOrEqual(2);
+    expect(receiver.received).toEqual([]);
+  });
+});

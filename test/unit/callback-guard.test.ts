@@ -1,4 +1,6 @@
-import { checkCallbackAddress, isPublicAddress, literalCallbackProblem } from '../../src/webhooks/callback-guard';
+import { createServer, type Server } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { checkCallbackAddress, guardedFetch, isPublicAddress, literalCallbackProblem, NON_PUBLIC_CODE } from '../../src/webhooks/callback-guard';
 
 /** Callbacks must not let an API client make the gateway reach into its own network. */
 describe('callback address guard', () => {
@@ -53,5 +55,40 @@ describe('callback address guard', () => {
     expect(await checkCallbackAddress(new URL('https://gone.example.org/h'), lookup)).toEqual({ ok: false, permanent: false, reason: expect.stringMatching(/ENOTFOUND/) });
     // Literals never reach the resolver.
     expect(await checkCallbackAddress(new URL('http://192.168.0.1/h'), lookup)).toMatchObject({ ok: false, permanent: true });
+  });
+});
+
+describe('guardedFetch: the check happens on the address actually connected to', () => {
+  let server: Server;
+  let port: number;
+  let hits = 0;
+  beforeAll(async () => {
+    server = createServer((_req, res) => {
+      hits++;
+      res.writeHead(204).end();
+    });
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+    port = (server.address() as AddressInfo).port;
+  });
+  afterAll(async () => {
+    server.closeAllConnections();
+    await new Promise((r) => server.close(r));
+  });
+
+  test('a name that resolves to a private address at connect time is never connected to (DNS rebinding)', async () => {
+    const before = hits;
+    const f = guardedFetch(async () => ['127.0.0.1']);
+    const err = (await f(`http://rebind.example.org:${port}/hook`, { method: 'POST', body: '{}' }).catch((e: unknown) => e)) as { cause?: { code?: string; message?: string } };
+    expect(err.cause?.code).toBe(NON_PUBLIC_CODE);
+    expect(err.cause?.message).toMatch(/non-public address \(127\.0\.0\.1\)/);
+    expect(hits).toBe(before);
+  });
+
+  test('an allowed address is connected to normally (the same plumbing, with a policy that allows loopback)', async () => {
+    const before = hits;
+    const f = guardedFetch(async () => ['127.0.0.1'], () => true);
+    const res = await f(`http://hooks.example.org:${port}/hook`, { method: 'POST', body: '{}', headers: { 'content-type': 'application/json' } });
+    expect(res.status).toBe(204);
+    expect(hits).toBe(before + 1);
   });
 });
