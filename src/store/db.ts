@@ -2,7 +2,7 @@ import { mkdirSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { DatabaseSync, type StatementSync } from 'node:sqlite';
 import { Kysely, PostgresDialect, sql, SqliteDialect, type SqliteDatabase, type SqliteStatement } from 'kysely';
-import { Pool } from 'pg';
+import { Client, Pool } from 'pg';
 import type { Database } from './schema';
 
 export type Dialect = 'sqlite' | 'postgres';
@@ -18,7 +18,60 @@ export interface Db {
    * PostgreSQL commits durably anyway.
    */
   durably<T>(fn: (k: Kysely<Database>) => Promise<T>): Promise<T>;
+  /**
+   * Takes (or confirms it holds) a lock that only one process sharing this database holds at a time, until
+   * it closes the store or dies: on PostgreSQL a session advisory lock on a connection of its own, released
+   * by the server when that connection ends. SQLite has one process per database file, so it is always true.
+   */
+  holdLock(name: string): Promise<boolean>;
   close(): Promise<void>;
+}
+
+/** Session advisory locks on one dedicated PostgreSQL connection (not from the pool, so they stay held). */
+function advisoryLocks(url: string): { hold(name: string): Promise<boolean>; close(): Promise<void> } {
+  // Locks are per database; the schema (tests and deployments sharing one database) is part of the key.
+  const scope = new URL(url).searchParams.get('options') ?? '';
+  let client: Client | undefined;
+  let connecting: Promise<Client> | undefined;
+  const held = new Set<string>();
+  const connection = (): Promise<Client> => {
+    if (client) return Promise.resolve(client);
+    connecting ??= (async () => {
+      const c = new Client({ connectionString: url });
+      // A lost connection has lost its locks too.
+      c.on('error', () => {
+        held.clear();
+        if (client === c) client = undefined;
+      });
+      c.on('end', () => {
+        held.clear();
+        if (client === c) client = undefined;
+      });
+      try {
+        await c.connect();
+        client = c;
+        return c;
+      } finally {
+        connecting = undefined;
+      }
+    })();
+    return connecting;
+  };
+  return {
+    async hold(name) {
+      if (held.has(name) && client) return true;
+      const c = await connection();
+      const r = await c.query<{ ok: boolean }>('select pg_try_advisory_lock(hashtextextended($1, 0)) as ok', [`referral-gateway|${scope}|${name}`]);
+      if (r.rows[0]?.ok) held.add(name);
+      return Boolean(r.rows[0]?.ok);
+    },
+    async close() {
+      held.clear();
+      const c = client;
+      client = undefined;
+      await c?.end().catch(() => undefined);
+    },
+  };
 }
 
 /**
@@ -76,10 +129,20 @@ export function openDb(url: string): Db {
           await sql`PRAGMA synchronous = NORMAL`.execute(k);
         }
       });
-    return { kysely, dialect: 'sqlite', durably, close: () => kysely.destroy() };
+    return { kysely, dialect: 'sqlite', durably, holdLock: async () => true, close: () => kysely.destroy() };
   }
   const pool = new Pool({ connectionString: url, max: 10 });
   pool.on('error', () => undefined); // idle client errors surface on the next query
   const kysely = new Kysely<Database>({ dialect: new PostgresDialect({ pool }) });
-  return { kysely, dialect: 'postgres', durably: (fn) => fn(kysely), close: () => kysely.destroy() };
+  const locks = advisoryLocks(url);
+  return {
+    kysely,
+    dialect: 'postgres',
+    durably: (fn) => fn(kysely),
+    holdLock: (name) => locks.hold(name),
+    close: async () => {
+      await locks.close();
+      await kysely.destroy();
+    },
+  };
 }

@@ -565,12 +565,18 @@ export class ReferralStore {
     return r?.watermark ?? null;
   }
 
+  /** Moves a destination's watermark forward; never back (a slower, older cycle finishing last does not rewind it). */
   async setWatermark(destination: string, watermark: string): Promise<void> {
     const at = nowIso();
     await this.k
       .insertInto('poll_state')
       .values({ destination, watermark, updated_at: at })
-      .onConflict((oc) => oc.column('destination').doUpdateSet({ watermark, updated_at: at }))
+      .onConflict((oc) =>
+        oc
+          .column('destination')
+          .doUpdateSet({ watermark, updated_at: at })
+          .where((eb) => eb.or([eb('poll_state.watermark', 'is', null), eb('poll_state.watermark', '<', watermark)]))
+      )
       .execute();
   }
 

@@ -36,6 +36,8 @@ export interface CycleStats {
   tasksSeen: number;
   changes: number;
   error?: string;
+  /** Why a cycle was skipped. */
+  reason?: string;
 }
 
 interface DestinationState {
@@ -126,6 +128,10 @@ export class Poller {
 
   private async cycle(dest: Destination, st: DestinationState): Promise<CycleStats> {
     const stats: CycleStats = { destination: dest.id, mode: st.idsOnly ? 'ids' : 'delta', searches: 0, tasksSeen: 0, changes: 0 };
+    // Several instances of the service on one PostgreSQL database: one of them polls each destination.
+    if (!(await this.store.db.holdLock(`poll:${dest.id}`))) {
+      return { ...stats, mode: 'skipped', reason: 'another instance polls this destination' };
+    }
     if (!st.idsOnly) {
       try {
         await this.deltaCycle(dest, stats);

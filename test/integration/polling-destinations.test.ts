@@ -4,6 +4,7 @@ import { join } from 'node:path';
 import nock from 'nock';
 import { startSandboxServer } from '../../src/fhir/sandbox';
 import type { Gateway } from '../../src/gateway';
+import { serviceDatabases } from '../helpers/db';
 import { startGateway } from '../helpers/gateway';
 
 /** Each destination is polled on its own: a slow or failing centre does not hold up the others, and is backed off. */
@@ -61,4 +62,42 @@ describe('polling several destinations', () => {
     expect(skipped.mode).toBe('skipped');
     expect(nock.pendingMocks()).toHaveLength(0);
   }, 20_000);
+});
+
+/** Two instances of the service on one database (a second replica for availability): each centre is polled by one. */
+describe.each(serviceDatabases())('two instances sharing a %s database', (name, database) => {
+  test('only one polls a destination; when it stops, the other takes over', async () => {
+    const { url, drop } = await database();
+    const sandbox = await startSandboxServer(0);
+    const dir = mkdtempSync(join(tmpdir(), 'rg-two-'));
+    const file = join(dir, 'destinations.json');
+    writeFileSync(
+      file,
+      JSON.stringify({ destinations: [{ id: 'centre', name: 'Centre', organization: { system: 'https://referral-gateway.dev/fhir/sid/destination', value: 'c' }, baseUrl: sandbox.url }] })
+    );
+    const a = await startGateway({ DATABASE_URL: url, DESTINATIONS_FILE: file });
+    const b = await startGateway({ DATABASE_URL: url, DESTINATIONS_FILE: file });
+    try {
+      for (const gw of [a, b]) await gw.store.setWatermark('centre', new Date(Date.now() - 60_000).toISOString());
+      const [first] = await a.poller.pollOnce();
+      expect(first).toMatchObject({ destination: 'centre', mode: 'delta' });
+      expect(first.searches).toBeGreaterThanOrEqual(2);
+      const [second] = await b.poller.pollOnce();
+      if (name === 'postgres') {
+        expect(second).toMatchObject({ mode: 'skipped', searches: 0, reason: 'another instance polls this destination' });
+      } else {
+        // In-memory SQLite: two separate databases, so each instance polls its own referrals.
+        expect(second.mode).toBe('delta');
+      }
+      await a.stop();
+      const [after] = await b.poller.pollOnce();
+      expect(after).toMatchObject({ destination: 'centre', mode: 'delta' });
+      expect(after.searches).toBeGreaterThanOrEqual(2);
+    } finally {
+      await a.stop().catch(() => undefined);
+      await b.stop();
+      await sandbox.close();
+      await drop();
+    }
+  });
 });

@@ -7,7 +7,7 @@ import { openDb } from '../../src/store/db';
 import { newReferralId, nowIso } from '../../src/store/ids';
 import { migrate } from '../../src/store/migrations';
 import { ReferralStore } from '../../src/store/referral-store';
-import { storeBackends } from '../helpers/db';
+import { serviceDatabases, storeBackends } from '../helpers/db';
 
 const sample = referralSchema.parse(JSON.parse(readFileSync('fixtures/referrals/breast-second-opinion.json', 'utf8')));
 
@@ -233,5 +233,26 @@ describe('durability of acknowledged writes (SQLite)', () => {
     db.durably = durably;
     expect(seen).toEqual([2]);
     expect((await store.list('c', { limit: 5 })).items.map((r) => r.externalId)).toEqual(['EHR-DURABLE']);
+  });
+});
+
+describe.each(serviceDatabases())('one poller per destination across instances sharing a database (%s)', (name, database) => {
+  test('only one instance holds a destination’s poll lock until it closes its store; then another takes it', async () => {
+    const { url, drop } = await database();
+    const a = openDb(url);
+    const b = openDb(url);
+    try {
+      expect(await a.holdLock('poll:centre-1')).toBe(true);
+      expect(await a.holdLock('poll:centre-1')).toBe(true); // still held, by the same instance
+      // On PostgreSQL the second instance is refused; SQLite has one process per database file.
+      expect(await b.holdLock('poll:centre-1')).toBe(name === 'sqlite');
+      expect(await b.holdLock('poll:centre-2')).toBe(true); // other destinations are independent
+      await a.close();
+      expect(await b.holdLock('poll:centre-1')).toBe(true);
+    } finally {
+      await a.close().catch(() => undefined);
+      await b.close();
+      await drop();
+    }
   });
 });
