@@ -19,7 +19,7 @@ export type TransactionResult =
 /**
  * Sends one transaction Bundle and classifies the answer for the delivery policy.
  *
- * - network error, timeout, 408, 429, 5xx: retry (Retry-After on 429/503 is passed on as `retryAfterMs`);
+ * - network error, timeout, 408, 409, 429, 5xx: retry (Retry-After on 429/503 is passed on as `retryAfterMs`);
  * - any other 3xx/4xx: fail, keeping the server's OperationOutcome;
  * - a 2xx is only `ok` when it is a `transaction-response` Bundle with one entry per request entry, every
  *   entry has a 2xx status, and every entry names its resource (`response.location`, or `resource` id);
@@ -55,7 +55,7 @@ export async function sendTransaction(
 
 /**
  * The delivery decision for a failed request (any interaction, not only a transaction): network errors,
- * timeouts, garbage answers, 408, 429 and 5xx are retries; other HTTP errors are failures.
+ * timeouts, garbage answers, 408, 409, 429 and 5xx are retries; other HTTP errors are failures.
  */
 export function classifyError(err: FhirRequestError): Exclude<TransactionResult, { kind: 'ok' }> {
   switch (err.kind) {
@@ -76,8 +76,13 @@ export function classifyError(err: FhirRequestError): Exclude<TransactionResult,
   }
 }
 
+/**
+ * Statuses worth another attempt: timeouts, throttling, server errors, and 409 Conflict, which FHIR servers
+ * answer when a concurrent write won a race (two conditional creates of one identifier, an optimistic-lock
+ * failure on HAPI): the resend's conditional creates then match what the winner wrote.
+ */
 export function isTransientStatus(status: number): boolean {
-  return status === 408 || status === 429 || status >= 500;
+  return status === 408 || status === 409 || status === 429 || status >= 500;
 }
 
 function classifyResponse(sent: BundleEntry[], response: Bundle): TransactionResult {

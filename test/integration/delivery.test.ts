@@ -95,6 +95,23 @@ describe('delivery failure paths against a fake destination (nock)', () => {
     expect(searches).toEqual([expect.stringContaining(`identifier=${REFERRAL_IDENTIFIER_SYSTEM}|${id}`)]);
   });
 
+  test('409 Conflict (a concurrent write won a race at the server) is retried, not failed', async () => {
+    const conflict = {
+      resourceType: 'OperationOutcome',
+      issue: [{ severity: 'error', code: 'conflict', diagnostics: 'HAPI-0550: could not execute statement; constraint violation' }],
+    };
+    const scope = nock(CENTRE)
+      .post(/^\/fhir\/R4\/?$/)
+      .reply(409, conflict, { 'Content-Type': 'application/fhir+json' })
+      .post(/^\/fhir\/R4\/?$/)
+      .reply(200, (_uri: string, body: nock.Body) => transactionResponse(body as unknown as Bundle));
+    const id = await submit(gw, 'EHR-409');
+    const v = await eventually(async () => ((await view(gw, id)).status === 'sent' ? view(gw, id) : undefined));
+    expect(scope.isDone()).toBe(true);
+    expect(v.delivery.attempts).toBe(2);
+    expect(v.history.map((h: any) => h.status)).toEqual(['queued', 'sent']);
+  });
+
   test('429 with Retry-After: 2: the next attempt waits at least 2 s', async () => {
     let firstAt = 0;
     let secondAt = 0;
