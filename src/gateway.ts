@@ -8,6 +8,7 @@ import { FhirClients } from './delivery/clients';
 import { DeliveryWorker } from './delivery/worker';
 import { createSandboxRouter } from './fhir/sandbox';
 import { logger, setLogLevel } from './observability/logger';
+import { type Backlog, clearBacklogSource, setBacklogSource } from './observability/metrics';
 import { type DestinationDirectory, ReferralService } from './referral/service';
 import { openDb } from './store/db';
 import { migrate } from './store/migrations';
@@ -62,6 +63,7 @@ export class Gateway {
   url = '';
   sandbox: ReturnType<typeof createSandboxRouter> | undefined;
   private shuttingDown = false;
+  private backlogSource: (() => Promise<Backlog>) | undefined;
   private readyCache: { at: number; value: { ready: boolean; checks: Record<string, string> } } | undefined;
 
   constructor(
@@ -140,6 +142,8 @@ export class Gateway {
     this.worker.start();
     this.webhooks.start();
     if (this.opts.startPoller !== false) this.poller.start();
+    this.backlogSource = async () => ({ ...(await this.store.backlog()), circuits: this.worker.circuitStates() });
+    setBacklogSource(this.backlogSource);
   }
 
   private async readiness(): Promise<{ ready: boolean; checks: Record<string, string> }> {
@@ -160,6 +164,7 @@ export class Gateway {
   async stop(): Promise<void> {
     if (this.shuttingDown) return;
     this.shuttingDown = true;
+    if (this.backlogSource) clearBacklogSource(this.backlogSource);
     const server = this.server;
     const closed = server ? new Promise<void>((resolve) => server.close(() => resolve())) : Promise.resolve();
     server?.closeIdleConnections();

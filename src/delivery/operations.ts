@@ -7,6 +7,7 @@ import type { TransactionLocation, TransactionResult } from '../fhir/transaction
 import { mapAddedDocumentsToBundle, mapReferralToBundle, serviceRequestWithDocuments, taskWithDocuments } from '../mapping/bundle';
 import { DOCUMENT_IDENTIFIER_SYSTEM, documentIdentifierValue, REFERRAL_IDENTIFIER_SYSTEM } from '../mapping/constants';
 import { logger } from '../observability/logger';
+import { deliveryLatency } from '../observability/metrics';
 import type { Referral, ReferralDocument } from '../referral/schema';
 import type { FhirRefs, StoredReferral } from '../referral/types';
 import { nowIso } from '../store/ids';
@@ -84,7 +85,10 @@ export async function deliverSubmit(ctx: OperationContext): Promise<Outcome> {
     task: fhir.task,
     binaries: sent.binaries,
   });
-  if (changed) ctx.emit({ referralId: referral.id, status: 'sent', previous: changed.previous });
+  if (changed) {
+    deliveryLatency.observe({ destination: destination.id }, Math.max(0, Date.now() - Date.parse(referral.createdAt)) / 1000);
+    ctx.emit({ referralId: referral.id, status: 'sent', previous: changed.previous });
+  }
   return { kind: 'done' };
 }
 

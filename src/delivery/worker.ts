@@ -88,6 +88,12 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
     return this.store.claim(this.workerId, free, this.leaseMs());
   }
 
+  /** Circuit state per destination that has had a delivery: 0 closed, 1 half-open, 2 open (for /metrics). */
+  circuitStates(): Array<{ destination: string; state: number }> {
+    const code = { closed: 0, 'half-open': 1, open: 2 } as const;
+    return [...this.breakers].map(([destination, b]) => ({ destination, state: code[b.currentState] }));
+  }
+
   /** The circuit breaker of a destination (created on first use). */
   circuit(destination: Destination): CircuitBreaker {
     let b = this.breakers.get(destination.id);

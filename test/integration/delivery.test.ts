@@ -198,6 +198,52 @@ describe('delivery failure paths against a fake destination (nock)', () => {
   });
 });
 
+describe('the backlog an operator watches at /metrics (nock)', () => {
+  let gw: Gateway;
+
+  beforeAll(async () => {
+    nock.disableNetConnect();
+    nock.enableNetConnect(/127\.0\.0\.1/);
+    gw = await startGateway({ FHIR_BASE_URL: BASE, DELIVERY_BASE_DELAY_MS: '2000', DELIVERY_MAX_DELAY_MS: '4000' });
+    nock(CENTRE).persist().get(/^\/fhir\/R4\/Task\?/).reply(200, EMPTY_SEARCH);
+  });
+  afterAll(async () => {
+    nock.cleanAll();
+    await gw.stop();
+    nock.enableNetConnect();
+  });
+
+  const gauge = (text: string, name: string, labels: string): number => {
+    const m = new RegExp(`^${name}\\{${labels}\\} ([0-9.e+-]+)$`, 'm').exec(text);
+    return m ? Number(m[1]) : NaN;
+  };
+
+  test('pending and dead-lettered deliveries, the oldest pending age, referrals by status, circuit state and delivery latency', async () => {
+    const ok = nock(CENTRE).post(/^\/fhir\/R4\/?$/).reply(200, (_uri: string, body: nock.Body) => transactionResponse(body as unknown as Bundle));
+    const sent = await submit(gw, 'EHR-METRICS-OK');
+    await eventually(async () => (await view(gw, sent)).status === 'sent');
+    expect(ok.isDone()).toBe(true);
+
+    nock(CENTRE).post(/^\/fhir\/R4\/?$/).reply(400, { resourceType: 'OperationOutcome', issue: [{ severity: 'error', code: 'invalid' }] });
+    const refused = await submit(gw, 'EHR-METRICS-400');
+    await eventually(async () => (await view(gw, refused)).status === 'delivery-failed');
+
+    nock(CENTRE).post(/^\/fhir\/R4\/?$/).reply(503, 'busy');
+    const waiting = await submit(gw, 'EHR-METRICS-503');
+    await eventually(async () => (await view(gw, waiting)).delivery.attempts === 1);
+
+    const text = await (await fetch(`${gw.url}/metrics`)).text();
+    expect(gauge(text, 'referral_outbox_entries', 'kind="submit",state="failed"')).toBe(1);
+    expect(gauge(text, 'referral_outbox_entries', 'kind="submit",state="pending"')).toBe(1);
+    expect(Number(/^referral_outbox_oldest_pending_seconds ([0-9.e+-]+)$/m.exec(text)?.[1])).toBeGreaterThan(0);
+    expect(gauge(text, 'referral_referrals', 'status="sent"')).toBe(1);
+    expect(gauge(text, 'referral_referrals', 'status="delivery-failed"')).toBe(1);
+    expect(gauge(text, 'referral_referrals', 'status="queued"')).toBe(1);
+    expect(gauge(text, 'referral_destination_circuit_state', 'destination="default"')).toBe(0);
+    expect(gauge(text, 'referral_delivery_latency_seconds_count', 'destination="default"')).toBeGreaterThanOrEqual(1);
+  });
+});
+
 describe('retries run out (nock)', () => {
   let gw: Gateway;
 

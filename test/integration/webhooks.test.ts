@@ -260,6 +260,9 @@ describe('status webhooks through the running service', () => {
       event: { status: 'sent', previousStatus: 'queued' },
     });
     expect(receiver.of(id).map((r) => [r.webhookId, r.answered, r.verified])).toEqual(Array(4).fill([failed.id, 500, true]));
+    // Operators see dead letters on /metrics too.
+    const metrics = await (await fetch(`${gw.url}/metrics`)).text();
+    expect(Number(/^referral_webhook_entries\{state="failed"\} (\d+)$/m.exec(metrics)?.[1])).toBeGreaterThanOrEqual(1);
 
     // The dead letter does not hold back the referral's later events.
     healthy = true;
