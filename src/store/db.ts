@@ -80,23 +80,23 @@ function advisoryLocks(url: string): { hold(name: string): Promise<boolean>; clo
  * need no native addon.
  */
 function nodeSqliteAdapter(db: DatabaseSync): SqliteDatabase {
-  const cache = new Map<string, StatementSync>();
+  const cache = new Map<string, { stmt: StatementSync; reader: boolean }>();
   return {
     close: () => db.close(),
     prepare(sql: string): SqliteStatement {
       // Kysely prepares every query anew; preparing is a large part of a small query's cost.
-      let stmt = cache.get(sql);
-      if (!stmt) {
-        stmt = db.prepare(sql);
+      let cached = cache.get(sql);
+      if (!cached) {
+        const prepared = db.prepare(sql);
+        cached = { stmt: prepared, reader: prepared.columns().length > 0 };
         if (cache.size >= 500) cache.delete(cache.keys().next().value as string);
-        cache.set(sql, stmt);
+        cache.set(sql, cached);
       }
+      const { stmt, reader } = cached;
       const params = (p: ReadonlyArray<unknown>): Array<null | number | bigint | string | Uint8Array> =>
         p.map((v) => (v === undefined ? null : typeof v === 'boolean' ? Number(v) : (v as string)));
       return {
-        get reader() {
-          return stmt.columns().length > 0;
-        },
+        reader,
         all: (p) => stmt.all(...params(p)),
         run: (p) => {
           const r = stmt.run(...params(p));

@@ -73,10 +73,12 @@ function freshQueueRow(at: string) {
   return { state: 'pending', attempts: 0, next_attempt_at: at, locked_by: null, locked_until: null, last_error: null, created_at: at, updated_at: at };
 }
 
-/** The next per-referral sequence number in a table with (referral_id, seq). */
-async function nextSeq(trx: Q, table: 'referral_history' | 'webhook_outbox', referralId: string): Promise<number> {
-  const max = await trx.selectFrom(table).select(sql<number>`coalesce(max(seq), 0)`.as('m')).where('referral_id', '=', referralId).executeTakeFirst();
-  return Number(max?.m ?? 0) + 1;
+/**
+ * The next per-referral sequence number in a table with (referral_id, seq), as a subquery of the insert
+ * (one statement instead of two; on PostgreSQL the caller holds the referral's row lock).
+ */
+function nextSeq(table: 'referral_history' | 'webhook_outbox', referralId: string) {
+  return sql<number>`(select coalesce(max(seq), 0) + 1 from ${sql.table(table)} where referral_id = ${referralId})`;
 }
 
 /** Every column of a referral but its payload. */
@@ -330,7 +332,7 @@ export class ReferralStore {
       .values({
         id: newId('h'),
         referral_id: referralId,
-        seq: await nextSeq(trx, 'referral_history', referralId),
+        seq: nextSeq('referral_history', referralId),
         status: h.status,
         reason: h.reason ?? null,
         detail: h.detail ? JSON.stringify(h.detail) : null,
@@ -346,7 +348,7 @@ export class ReferralStore {
       .values({
         id: newId('wh'),
         referral_id: referral.id,
-        seq: await nextSeq(trx, 'webhook_outbox', referral.id),
+        seq: nextSeq('webhook_outbox', referral.id),
         url,
         payload: JSON.stringify(event),
         ...freshQueueRow(nowIso()),
