@@ -33,6 +33,7 @@ async function main(): Promise<void> {
     say('Submit the sample referral:');
     say(`  curl -s -X POST ${gateway.url}/referrals -H 'Authorization: Bearer ${config.devKeys ? 'dev-key' : '<your api key>'}' -H 'Content-Type: application/json' --data-binary @${fixture}`);
     say(`Then look at it on the sandbox: curl -s '${gateway.url}/sandbox/fhir/R4/Task?_sort=-_lastUpdated'`);
+    say('To watch status webhooks, run `npm run webhooks:listen` and submit with "callbackUrl": "http://127.0.0.1:9000/hooks" (README, walk-through).');
     say('');
   }
 
