@@ -30,7 +30,12 @@ export interface Db {
 /** Session advisory locks on one dedicated PostgreSQL connection (not from the pool, so they stay held). */
 function advisoryLocks(url: string): { hold(name: string): Promise<boolean>; close(): Promise<void> } {
   // Locks are per database; the schema (tests and deployments sharing one database) is part of the key.
-  const scope = new URL(url).searchParams.get('options') ?? '';
+  let scope = '';
+  try {
+    scope = new URL(url).searchParams.get('options') ?? '';
+  } catch {
+    // a connection string URL cannot parse: pg reports it on connect
+  }
   let client: Client | undefined;
   let connecting: Promise<Client> | undefined;
   const held = new Set<string>();
