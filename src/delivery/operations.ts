@@ -234,7 +234,7 @@ async function linkDocuments(client: FhirClient, refs: FhirRefs, added: string[]
     const result =
       type === 'ServiceRequest'
         ? await readModifyWrite<ServiceRequest>(client, type, id, signal, (sr) => serviceRequestWithDocuments(sr, added))
-        : await readModifyWrite<Task>(client, type, id, signal, (task) => taskWithDocuments(task, added));
+        : await readModifyWrite<Task>(client, type, id, signal, (task) => taskWithDocuments(task, added, nowIso()));
     if (result.kind === 'retry') return result;
     if (result.kind === 'gone') failures.push(`the ${type} no longer exists at the centre`);
     if (result.kind === 'fail') failures.push(`${type}: ${result.reason}`);

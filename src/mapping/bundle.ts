@@ -740,13 +740,18 @@ export function serviceRequestWithDocuments(sr: ServiceRequest, documentRefs: Re
 
 /**
  * The centre's Task with one `input` per document added later (typed as the submission's inputs are), each
- * once. Undefined when it already lists them all. Everything else the centre set on the Task is kept. Pure.
+ * once, and `lastModified` set to `at` when given. Undefined when it already lists them all. Everything else
+ * the centre set on the Task is kept. Pure.
  */
-export function taskWithDocuments(task: Task, documentRefs: ReadonlyArray<string>): Task | undefined {
+export function taskWithDocuments(task: Task, documentRefs: ReadonlyArray<string>, at?: string): Task | undefined {
   const have = new Set((task.input ?? []).map((i) => i.valueReference?.reference).filter(Boolean));
   const missing = [...new Set(documentRefs)].filter((r) => !have.has(r));
   if (missing.length === 0) return undefined;
   const type = tableConcept(taskCodes().inputType);
-  return { ...task, input: [...(task.input ?? []), ...missing.map((reference) => ({ type, valueReference: { reference } }))] };
+  return {
+    ...task,
+    ...(at ? { lastModified: at } : {}),
+    input: [...(task.input ?? []), ...missing.map((reference) => ({ type, valueReference: { reference } }))],
+  };
 }
 

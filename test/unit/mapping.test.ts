@@ -569,6 +569,8 @@ describe('listing documents added later on the centre\'s ServiceRequest and Task
     expect(inputs.slice(-2).map((i) => i.valueReference?.reference)).toEqual(['DocumentReference/9', 'DocumentReference/10']);
     expect(inputs.at(-1)?.type).toEqual(task.input?.[0].type);
     expect(next).toMatchObject({ id: 't1', meta: { versionId: '3' }, status: 'in-progress', businessStatus: { text: 'Reviewing' } });
+    expect(next.lastModified).toBe(task.lastModified); // unchanged unless a time is given
+    expect(taskWithDocuments(atCentre, ['DocumentReference/9'], '2026-11-25T10:00:00.000Z')?.lastModified).toBe('2026-11-25T10:00:00.000Z');
     expect(atCentre.input).toHaveLength((task.input ?? []).length); // the input is not modified
   });
 
