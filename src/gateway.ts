@@ -85,7 +85,7 @@ export class Gateway {
       this.clients,
       {
         maxAttempts: config.delivery.maxAttempts,
-        maxAgeMs: 7 * 24 * 3600_000,
+        maxAgeMs: config.delivery.maxAgeMs,
         baseDelayMs: config.delivery.baseDelayMs,
         maxDelayMs: config.delivery.maxDelayMs,
         concurrency: config.delivery.concurrency,

@@ -65,6 +65,7 @@ const envSchema = z.object({
   DELIVERY_BASE_DELAY_MS: z.coerce.number().int().min(1).default(1000),
   DELIVERY_MAX_DELAY_MS: z.coerce.number().int().min(1).default(5 * 60_000),
   DELIVERY_CONCURRENCY: z.coerce.number().int().min(1).max(64).default(4),
+  DELIVERY_MAX_AGE_MS: z.coerce.number().int().min(1000).default(7 * 24 * 3600_000),
   SHUTDOWN_TIMEOUT_MS: z.coerce.number().int().min(0).default(15_000),
 });
 
@@ -86,7 +87,7 @@ export interface Config {
   webhookAllowPrivateNetworks: boolean;
   logLevel: string;
   maxBodyBytes: number;
-  delivery: { maxAttempts: number; baseDelayMs: number; maxDelayMs: number; concurrency: number };
+  delivery: { maxAttempts: number; maxAgeMs: number; baseDelayMs: number; maxDelayMs: number; concurrency: number };
   shutdownTimeoutMs: number;
 }
 
@@ -161,6 +162,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     maxBodyBytes: e.MAX_BODY_BYTES,
     delivery: {
       maxAttempts: e.DELIVERY_MAX_ATTEMPTS,
+      maxAgeMs: e.DELIVERY_MAX_AGE_MS,
       baseDelayMs: e.DELIVERY_BASE_DELAY_MS,
       maxDelayMs: e.DELIVERY_MAX_DELAY_MS,
       concurrency: e.DELIVERY_CONCURRENCY,

@@ -250,14 +250,21 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
     return { summary, stored };
   }
 
+  /** A retry time, but never later than the entry's age limit: the last look happens then, and dead-letters it. */
+  private notPastAgeLimit(entry: Entry, at: number): number {
+    const deadline = Date.parse(entry.createdAt) + this.opts.maxAgeMs;
+    return Math.min(at, Math.max(Date.now(), deadline));
+  }
+
   /** The circuit is open: put the entry off to the probe time, counting no attempt (unless it is too old). */
   private async deferForCircuit(entry: Entry, referral: ReferralSummary, destination: Destination, retryAt: number): Promise<void> {
     const lastError = entry.lastError ?? `destination ${destination.id} circuit open`;
     if (isExhausted(0, new Date(entry.createdAt), new Date(), { maxAttempts: Number.POSITIVE_INFINITY, maxAgeMs: this.opts.maxAgeMs })) {
-      await this.failPermanently(entry, referral, entry.attempts, `gave up after ${entry.attempts} attempts (destination circuit open); last error: ${lastError}`);
+      const age = Math.round((Date.now() - Date.parse(entry.createdAt)) / 1000);
+      await this.failPermanently(entry, referral, entry.attempts, `gave up after ${entry.attempts} attempts over ${age} s (the age limit; destination circuit open); last error: ${lastError}`);
       return;
     }
-    await this.store.rescheduleOutbox(entry.id, entry.attempts, new Date(retryAt).toISOString(), lastError);
+    await this.store.rescheduleOutbox(entry.id, entry.attempts, new Date(this.notPastAgeLimit(entry, retryAt)).toISOString(), lastError);
     deliveries.inc({ destination: destination.id, result: 'deferred' });
     logger.debug('delivery deferred: destination circuit open', { referralId: referral.id, destination: destination.id, until: new Date(retryAt).toISOString() });
   }
@@ -265,12 +272,14 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
   private async retryLater(entry: Entry, referral: ReferralSummary, attempts: number, outcome: Extract<Outcome, { kind: 'retry' }>): Promise<void> {
     const error = outcome.status ? `${outcome.status}: ${outcome.reason}` : outcome.reason;
     if (isExhausted(attempts, new Date(entry.createdAt), new Date(), { maxAttempts: this.opts.maxAttempts, maxAgeMs: this.opts.maxAgeMs })) {
+      const tooOld = attempts < this.opts.maxAttempts;
+      const why = tooOld ? `gave up after ${attempts} attempts over ${Math.round((Date.now() - Date.parse(entry.createdAt)) / 1000)} s (the age limit)` : `gave up after ${attempts} attempts`;
       // The dead letter keeps the server's last OperationOutcome, when it sent one.
-      await this.failPermanently(entry, referral, attempts, `gave up after ${attempts} attempts; last error: ${error}`, outcome.outcome);
+      await this.failPermanently(entry, referral, attempts, `${why}; last error: ${error}`, outcome.outcome);
       return;
     }
     const delay = nextDelay(attempts, { baseMs: this.opts.baseDelayMs, capMs: this.opts.maxDelayMs, retryAfterMs: outcome.retryAfterMs });
-    const next = new Date(Date.now() + delay).toISOString();
+    const next = new Date(this.notPastAgeLimit(entry, Date.now() + delay)).toISOString();
     await this.store.rescheduleOutbox(entry.id, attempts, next, error);
     logger.warn('delivery will be retried', { referralId: referral.id, destination: referral.destination, kind: entry.kind, attempts, delayMs: delay, reason: error });
   }

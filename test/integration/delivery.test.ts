@@ -280,6 +280,35 @@ describe('retries run out (nock)', () => {
   });
 });
 
+describe('retries run out by age (DELIVERY_MAX_AGE_MS)', () => {
+  let gw: Gateway;
+
+  beforeAll(async () => {
+    nock.disableNetConnect();
+    nock.enableNetConnect(/127\.0\.0\.1/);
+    gw = await startGateway({ FHIR_BASE_URL: BASE, DELIVERY_MAX_AGE_MS: '1500', DELIVERY_MAX_ATTEMPTS: '1000', DELIVERY_BASE_DELAY_MS: '50', DELIVERY_MAX_DELAY_MS: '200' });
+    nock(CENTRE).persist().get(/^\/fhir\/R4\/Task\?/).reply(200, EMPTY_SEARCH);
+  });
+  afterAll(async () => {
+    nock.cleanAll();
+    await gw.stop();
+    nock.enableNetConnect();
+  });
+
+  test('a centre that stays down past the age limit makes the referral delivery-failed, saying so', async () => {
+    const down = nock(CENTRE).persist().post(/^\/fhir\/R4\/?$/).reply(503, 'down for maintenance');
+    const started = Date.now();
+    const id = await submit(gw, 'EHR-TOO-OLD');
+    const v = await eventually(async () => ((await view(gw, id)).status === 'delivery-failed' ? view(gw, id) : undefined), 10_000);
+    down.persist(false);
+    expect(Date.now() - started).toBeGreaterThanOrEqual(1500);
+    expect(v.delivery.attempts).toBeGreaterThan(1);
+    expect(v.delivery.attempts).toBeLessThan(1000);
+    // Whether the circuit had opened by then (after five failures) or not, the age limit is the reason.
+    expect(v.statusReason).toMatch(/^gave up after \d+ attempts over \d+ s \(the age limit(; destination circuit open)?\); last error: 503/);
+  });
+});
+
 describe('a 401 with an expired token (client-credentials)', () => {
   const AUTH = 'https://auth.example.org';
   let gw: Gateway;

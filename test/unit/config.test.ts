@@ -31,6 +31,7 @@ describe('configuration', () => {
     [{ WEBHOOK_SECRET: 'whsec_not*base64!!' }, /^WEBHOOK_SECRET /],
     [{ WEBHOOK_SECRET: 'short' }, /^WEBHOOK_SECRET /],
     [{ WEBHOOK_ALLOW_PRIVATE_NETWORKS: 'yes' }, /^WEBHOOK_ALLOW_PRIVATE_NETWORKS must be true or false/],
+    [{ DELIVERY_MAX_AGE_MS: '10' }, /^DELIVERY_MAX_AGE_MS /],
   ])('a bad value (%j) is one line naming the variable', (env, pattern) => {
     let err: unknown;
     try {
