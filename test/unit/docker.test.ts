@@ -32,4 +32,14 @@ describe('docker files', () => {
     expect(dockerfile).toMatch(/HEALTHCHECK .*node -e .*\/healthz/);
     expect(dockerfile).not.toMatch(/curl|wget/);
   });
+
+  test('the unprivileged user can write the default SQLite store, kept in a volume', () => {
+    const dockerfile = readFileSync('docker/Dockerfile', 'utf8');
+    expect(loadConfig({ DESTINATIONS_FILE: '/nonexistent.json' }).databaseUrl).toBe('sqlite:./data/gateway.db');
+    expect(dockerfile).toMatch(/^WORKDIR \/app$/m);
+    expect(dockerfile).toMatch(/mkdir -p \/app\/data && chown node:node \/app\/data/);
+    expect(dockerfile).toMatch(/^VOLUME \/app\/data$/m);
+    // ...and the directory is made before the image switches to that user.
+    expect(dockerfile.indexOf('chown node:node /app/data')).toBeLessThan(dockerfile.indexOf('USER node'));
+  });
 });
