@@ -40,7 +40,7 @@ export function adminRouter(store: ReferralStore): Router {
     }
     for (const e of entries) {
       await store.requeueOutbox(e.id);
-      const referral = await store.getById(e.referralId);
+      const referral = await store.getById(e.referralId, { payload: false });
       if (referral?.status === 'delivery-failed') {
         await store.changeStatus(referral.id, { status: 'queued', reason: 'delivery re-queued by an operator' });
       }

@@ -204,7 +204,7 @@ async function sendDocumentsBundle(
 /** Appends refs to referral.fhir.documents without changing the status (compare-and-set on updatedAt). */
 async function appendDocumentRefs(store: ReferralStore, referralId: string, added: string[]): Promise<boolean> {
   for (let i = 0; i < 5; i++) {
-    const cur = await store.getById(referralId);
+    const cur = await store.getById(referralId, { payload: false });
     if (!cur?.fhir) return false;
     const documents = [...cur.fhir.documents];
     for (const ref of added) {
@@ -290,7 +290,7 @@ export async function deliverCancel(ctx: OperationContext): Promise<Outcome> {
   }
   if (taskResult.kind !== 'done') return taskResult;
   if (refusedBy) {
-    const cur = await store.getById(referral.id);
+    const cur = await store.getById(referral.id, { payload: false });
     await store.note(referral.id, (cur ?? referral).status, `cancel refused by state: Task is ${refusedBy}`);
     logger.info('cancel refused by the Task state', { referralId: referral.id, destination: destination.id, taskStatus: refusedBy });
     return { kind: 'done' };

@@ -294,7 +294,7 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
       const changed = await this.store.changeStatus(referral.id, { status: 'delivery-failed', reason: error, detail: outcome ? { outcome } : undefined }, (cur) => cur.status === 'queued');
       if (changed) this.onStatusChange({ referralId: referral.id, status: 'delivery-failed', previous: changed.previous, reason: error });
     } else {
-      const cur = await this.store.getById(referral.id);
+      const cur = await this.store.getById(referral.id, { payload: false });
       await this.store.note(referral.id, (cur ?? referral).status, `${entry.kind} could not be delivered: ${error}`, outcome ? { outcome } : undefined);
     }
     await this.store.finishOutbox(entry.id, 'failed', attempts, lastError);

@@ -174,12 +174,12 @@ export class ReferralService {
     if (pending.some((e) => e.kind === 'cancel' && e.state === 'pending')) return this.view(referral);
     if (referral.status === 'queued' && (await this.store.cancelBeforeDelivery(id, reason))) {
       logger.info('referral cancelled before delivery', { referralId: id });
-      return this.view((await this.store.getById(id)) as StoredReferral);
+      return this.view((await this.store.getById(id, { payload: false })) as StoredReferral);
     }
     await this.store.enqueue(id, 'cancel', { reason });
     logger.info('cancel queued for the centre', { referralId: id });
     this.onQueued();
-    return this.view((await this.store.getById(id)) as StoredReferral);
+    return this.view((await this.store.getById(id, { payload: false })) as StoredReferral);
   }
 
   /** Adds documents to a referral; they reach the centre as new DocumentReferences linked to its ServiceRequest. */
@@ -210,7 +210,7 @@ export class ReferralService {
     const { startIndex } = await this.store.addDocuments(id, parsed.data, referral.payload.documents.length);
     logger.info('documents queued', { referralId: id, count: parsed.data.length, startIndex });
     this.onQueued();
-    return this.view((await this.store.getById(id)) as StoredReferral);
+    return this.view((await this.store.getById(id, { payload: false })) as StoredReferral);
   }
 
   async get(clientId: string, id: string): Promise<StoredReferral> {
