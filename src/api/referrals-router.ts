@@ -61,7 +61,7 @@ export function referralsRouter(service: ReferralService, store: ReferralStore, 
   });
 
   r.get('/:id', async (req, res) => {
-    const referral = await service.get(req.clientId as string, req.params.id);
+    const referral = await service.get(req.clientId as string, req.params.id, { payload: false });
     res.json(await service.view(referral));
   });
 
@@ -76,7 +76,7 @@ export function referralsRouter(service: ReferralService, store: ReferralStore, 
   });
 
   r.get('/:id/report/content', async (req, res) => {
-    const referral = await service.get(req.clientId as string, req.params.id);
+    const referral = await service.get(req.clientId as string, req.params.id, { payload: false });
     if (!referral.report) {
       throw new HttpError(404, { code: 'not-found', message: `Referral ${referral.id} has no report yet (status ${referral.status})` });
     }

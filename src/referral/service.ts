@@ -161,7 +161,7 @@ export class ReferralService {
     const parsed = cancelSchema.safeParse(body ?? {});
     if (!parsed.success) throw new HttpError(422, zodIssues(parsed.error));
     const reason = parsed.data.reason;
-    const referral = await this.get(clientId, id);
+    const referral = await this.get(clientId, id, { payload: false });
     if (referral.status === 'cancelled') return this.view(referral);
     if (!cancellable(referral.status)) {
       throw new HttpError(409, {
@@ -213,8 +213,9 @@ export class ReferralService {
     return this.view((await this.store.getById(id, { payload: false })) as StoredReferral);
   }
 
-  async get(clientId: string, id: string): Promise<StoredReferral> {
-    const r = await this.store.get(clientId, id);
+  /** A client's referral or a 404; `{ payload: false }` leaves the submission (possibly megabytes) unread. */
+  async get(clientId: string, id: string, opts: { payload?: boolean } = {}): Promise<StoredReferral> {
+    const r = await this.store.get(clientId, id, opts);
     if (!r) throw new HttpError(404, { code: 'not-found', message: `Referral ${id} not found` });
     return r;
   }

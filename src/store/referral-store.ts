@@ -247,8 +247,12 @@ export class ReferralStore {
     return row ? toReferral(row) : null;
   }
 
-  /** A client's referral; another client's id is answered exactly as an unknown one. */
-  async get(clientId: string, id: string): Promise<StoredReferral | null> {
+  /** A client's referral (with `{ payload: false }` without its submission); another client's id is answered exactly as an unknown one. */
+  async get(clientId: string, id: string, opts: { payload?: boolean } = {}): Promise<StoredReferral | null> {
+    if (opts.payload === false) {
+      const light = await this.k.selectFrom('referrals').select(LIGHT_COLUMNS).where('id', '=', id).where('client_id', '=', clientId).executeTakeFirst();
+      return light ? toReferral({ ...light, payload: '' }, false) : null;
+    }
     const row = await this.withPayload().where('r.id', '=', id).where('r.client_id', '=', clientId).executeTakeFirst();
     return row ? toReferral(row) : null;
   }

@@ -68,6 +68,16 @@ describe.each(storeBackends())('store on %s', (_name, open) => {
     await store.createReferral(a);
     expect(await store.get('a', a.id)).not.toBeNull();
     expect(await store.get('b', a.id)).toBeNull();
+    expect(await store.get('b', a.id, { payload: false })).toBeNull();
+  });
+
+  test('a referral can be read without its submission (GET /referrals/{id} does not need megabytes of documents)', async () => {
+    const r = newReferral({ clientId: 'a' });
+    await store.createReferral(r);
+    const light = await store.get('a', r.id, { payload: false });
+    expect(light).toMatchObject({ id: r.id, externalId: r.externalId, status: 'queued', destination: 'sandbox' });
+    expect(() => light?.payload).toThrow(/without its payload/);
+    expect((await store.get('a', r.id))?.payload.patient.name.family).toBe('Rao');
   });
 
   test('status changes append to the history in order, and repeats do not', async () => {
