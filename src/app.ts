@@ -6,6 +6,7 @@ import type { Config } from './config/config';
 import type { ReferralService } from './referral/service';
 import type { ReferralStore } from './store/referral-store';
 import { adminRouter } from './api/admin-router';
+import { intakeBudget } from './api/intake-budget';
 import { metricsRegistry } from './observability/metrics';
 import { openapiRouter } from './api/openapi-router';
 
@@ -55,7 +56,8 @@ export function createApp(deps: AppDeps): Express {
   }
 
   const json = express.json({ limit: deps.config.maxBodyBytes, type: ['application/json', 'application/*+json'], strict: false });
-  app.use('/referrals', apiKeyAuth(deps.config.apiKeys), requireJson, json, referralsRouter(deps.service, deps.store, deps.reports));
+  const budget = intakeBudget({ maxBytesInFlight: deps.config.maxIntakeBytesInFlight, maxBodyBytes: deps.config.maxBodyBytes, waitMs: deps.config.intakeWaitMs });
+  app.use('/referrals', apiKeyAuth(deps.config.apiKeys), requireJson, budget, json, referralsRouter(deps.service, deps.store, deps.reports));
   app.use('/admin', adminAuth(deps.config.adminApiKey), requireJson, json, adminRouter(deps.store), ...(deps.webhooksAdmin ? [deps.webhooksAdmin] : []));
 
   app.use(notFoundHandler);

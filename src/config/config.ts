@@ -60,6 +60,8 @@ const envSchema = z.object({
   WEBHOOK_ALLOW_PRIVATE_NETWORKS: z.enum(['true', 'false'], { message: 'must be true or false' }).optional(),
   LOG_LEVEL: z.enum(['error', 'warn', 'info', 'http', 'verbose', 'debug', 'silly']).default('info'),
   MAX_BODY_BYTES: z.coerce.number().int().min(1024).max(1024 * 1024 * 1024).default(25 * 1024 * 1024),
+  MAX_INTAKE_BYTES_IN_FLIGHT: z.coerce.number().int().min(1024).default(256 * 1024 * 1024),
+  INTAKE_WAIT_MS: z.coerce.number().int().min(0).max(600_000).default(10_000),
   DELIVERY_MAX_ATTEMPTS: z.coerce.number().int().min(1).max(1000).default(12),
   DELIVERY_BASE_DELAY_MS: z.coerce.number().int().min(1).default(1000),
   DELIVERY_MAX_DELAY_MS: z.coerce.number().int().min(1).default(5 * 60_000),
@@ -85,6 +87,9 @@ export interface Config {
   webhookAllowPrivateNetworks: boolean;
   logLevel: string;
   maxBodyBytes: number;
+  /** Request body bytes received, parsed and stored at once; more wait up to intakeWaitMs, then 503. */
+  maxIntakeBytesInFlight: number;
+  intakeWaitMs: number;
   delivery: { maxAttempts: number; maxAgeMs: number; baseDelayMs: number; maxDelayMs: number; concurrency: number };
   shutdownTimeoutMs: number;
 }
@@ -157,6 +162,8 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     webhookAllowPrivateNetworks: e.WEBHOOK_ALLOW_PRIVATE_NETWORKS ? e.WEBHOOK_ALLOW_PRIVATE_NETWORKS === 'true' : e.NODE_ENV !== 'production',
     logLevel: e.LOG_LEVEL,
     maxBodyBytes: e.MAX_BODY_BYTES,
+    maxIntakeBytesInFlight: e.MAX_INTAKE_BYTES_IN_FLIGHT,
+    intakeWaitMs: e.INTAKE_WAIT_MS,
     delivery: {
       maxAttempts: e.DELIVERY_MAX_ATTEMPTS,
       maxAgeMs: e.DELIVERY_MAX_AGE_MS,

@@ -1,0 +1,83 @@
+import { request as httpRequest, type ClientRequest } from 'node:http';
+import type { Gateway } from '../../src/gateway';
+import { fixture, KEY_A, startGateway } from '../helpers/gateway';
+
+/**
+ * Concurrent uploads cannot exhaust the heap: request bodies in flight are bounded by
+ * MAX_INTAKE_BYTES_IN_FLIGHT; a request that does not fit waits, then gets a 503 with Retry-After.
+ */
+describe('the intake budget (MAX_INTAKE_BYTES_IN_FLIGHT)', () => {
+  let gw: Gateway;
+  beforeAll(async () => {
+    gw = await startGateway({ MAX_BODY_BYTES: String(1_000_000), MAX_INTAKE_BYTES_IN_FLIGHT: String(1_200_000), INTAKE_WAIT_MS: '300' });
+  });
+  afterAll(async () => {
+    await gw.stop();
+  });
+
+  /** A POST that declares `length` bytes and sends only the first few: it holds its share of the budget. */
+  function slowUpload(length: number): { req: ClientRequest; answered: Promise<number> } {
+    const url = new URL(`${gw.url}/referrals`);
+    let req!: ClientRequest;
+    const answered = new Promise<number>((resolve) => {
+      req = httpRequest(
+        { host: url.hostname, port: url.port, path: url.pathname, method: 'POST', headers: { Authorization: `Bearer ${KEY_A}`, 'Content-Type': 'application/json', 'Content-Length': String(length) } },
+        (res) => {
+          res.resume();
+          resolve(res.statusCode ?? 0);
+        }
+      );
+      req.on('error', () => resolve(-1));
+      req.write('{"externalId":');
+    });
+    return { req, answered };
+  }
+
+  const post = (body: string): Promise<Response> =>
+    fetch(`${gw.url}/referrals`, { method: 'POST', headers: { Authorization: `Bearer ${KEY_A}`, 'Content-Type': 'application/json' }, body });
+
+  test('a request that fits is served; one that does not waits, then gets 503 with Retry-After; room frees when the big one ends', async () => {
+    const big = slowUpload(1_000_000);
+    await new Promise((r) => setTimeout(r, 100)); // it has been admitted and is being received
+
+    // 1,000,000 + a 3 KB referral fits in 1,200,000: served at once.
+    const small = await post(JSON.stringify({ ...fixture(), externalId: 'EHR-BUDGET-SMALL' }));
+    expect(small.status).toBe(202);
+
+    // 1,000,000 + 400,000 does not: it waits INTAKE_WAIT_MS, then 503.
+    const started = Date.now();
+    const refused = await post(JSON.stringify({ ...fixture(), externalId: 'EHR-BUDGET-WAIT', questions: ['x'.repeat(400_000)] }));
+    expect(refused.status).toBe(503);
+    expect(Date.now() - started).toBeGreaterThanOrEqual(250);
+    expect(refused.headers.get('retry-after')).toBe('1');
+    const outcome = (await refused.json()) as { resourceType: string; issue: Array<{ code: string }> };
+    expect(outcome.resourceType).toBe('OperationOutcome');
+    expect(outcome.issue[0].code).toBe('transient');
+    expect((await gw.store.list('city-hospital', { limit: 100, externalId: 'EHR-BUDGET-WAIT' })).items).toHaveLength(0);
+
+    // While it waits, a request is served as soon as the big upload ends.
+    const waiting = post(JSON.stringify({ ...fixture(), externalId: 'EHR-BUDGET-LATER', questions: ['y'.repeat(400_000)] }));
+    await new Promise((r) => setTimeout(r, 50));
+    big.req.destroy();
+    const later = await waiting;
+    expect(later.status).not.toBe(503);
+    expect([202, 422]).toContain(later.status); // admitted and checked (the long question may be refused by the schema)
+
+    const metrics = await (await fetch(`${gw.url}/metrics`)).text();
+    expect(metrics).toMatch(/^referral_intake_bytes_in_flight 0$/m);
+  });
+
+  test('one body the size of MAX_BODY_BYTES is admitted when nothing else is in flight, even above the budget', async () => {
+    const g2 = await startGateway({ MAX_BODY_BYTES: String(2_000_000), MAX_INTAKE_BYTES_IN_FLIGHT: String(1_500_000), INTAKE_WAIT_MS: '100' });
+    try {
+      const res = await fetch(`${g2.url}/referrals`, {
+        method: 'POST',
+        headers: { Authorization: `Bearer ${KEY_A}`, 'Content-Type': 'application/json' },
+        body: JSON.stringify({ ...fixture(), externalId: 'EHR-BUDGET-ALONE', documents: [{ kind: 'pathology-report', title: 'Scan', contentType: 'application/pdf', data: Buffer.alloc(1_200_000, 1).toString('base64') }] }),
+      });
+      expect(res.status).toBe(202);
+    } finally {
+      await g2.stop();
+    }
+  });
+});
