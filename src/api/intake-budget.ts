@@ -81,12 +81,13 @@ export function intakeBudget(opts: IntakeBudgetOptions): RequestHandler {
     const timer = setTimeout(() => {
       leave();
       req.off('close', gone);
+      // Discard the body as it arrives (nothing is kept), so the client finishes sending and reads the 503.
+      req.resume();
       next(
         new HttpError(
           503,
           { code: 'transient', message: 'the service is receiving as many documents as it can hold at once; try again shortly' },
-          // The body was never read: close the connection instead of draining it.
-          { 'Retry-After': String(Math.max(1, Math.ceil(opts.waitMs / 1000))), Connection: 'close' }
+          { 'Retry-After': String(Math.max(1, Math.ceil(opts.waitMs / 1000))) }
         )
       );
     }, opts.waitMs);

@@ -1,4 +1,4 @@
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { createServer, request as httpRequest, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -8,6 +8,8 @@ import { startSandboxServer } from '../../src/fhir/sandbox';
 import type { Gateway } from '../../src/gateway';
 import { REFERRAL_IDENTIFIER_SYSTEM } from '../../src/mapping/constants';
 import { eventually, fixture, KEY_A, startGateway } from '../helpers/gateway';
+import { prng } from '../helpers/prng';
+import { writeDestinationsFile } from '../helpers/destinations';
 
 /**
  * The whole loop through a faulty network. Every request from the gateway to the centre's FHIR server
@@ -22,17 +24,6 @@ import { eventually, fixture, KEY_A, startGateway } from '../helpers/gateway';
 const REFERRALS = 40;
 jest.setTimeout(90_000);
 
-/** A small seeded PRNG (mulberry32), so a failing run can be replayed with the same faults. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 type Fault = 'none' | '503' | 'reset' | 'lost-answer' | 'html' | 'slow';
 
@@ -140,23 +131,13 @@ describe('the referral loop through a network that fails a third of the requests
     await new Promise<void>((r) => receiver.listen(0, '127.0.0.1', r));
     receiverUrl = `http://127.0.0.1:${(receiver.address() as AddressInfo).port}/hooks`;
     dir = mkdtempSync(join(tmpdir(), 'rg-chaos-'));
-    const file = join(dir, 'destinations.json');
-    writeFileSync(
-      file,
-      JSON.stringify({
-        destinations: [
-          {
-            id: 'centre',
-            name: 'Centre behind a faulty network',
-            organization: { system: 'https://referral-gateway.dev/fhir/sid/destination', value: 'centre' },
-            baseUrl: `${proxy.url}${target.pathname}`,
-            timeoutMs: 1000,
-            // Faults here are random, not an outage: keep the breaker from pausing the whole test.
-            circuitBreaker: { failureThreshold: 1000, cooldownMs: 100, maxCooldownMs: 200 },
-          },
-        ],
-      })
-    );
+    const file = writeDestinationsFile(dir, {
+      name: 'Centre behind a faulty network',
+      baseUrl: `${proxy.url}${target.pathname}`,
+      timeoutMs: 1000,
+      // Faults here are random, not an outage: keep the breaker from pausing the whole test.
+      circuitBreaker: { failureThreshold: 1000, cooldownMs: 100, maxCooldownMs: 200 },
+    });
     gw = await startGateway(
       { DESTINATIONS_FILE: file, DELIVERY_MAX_ATTEMPTS: '100', DELIVERY_BASE_DELAY_MS: '20', DELIVERY_MAX_DELAY_MS: '200' },
       { webhooks: { baseDelayMs: 20, maxDelayMs: 100, idleMs: 50 } }

@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { createServer, request as httpRequest, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -11,6 +11,7 @@ import { startSandboxServer } from '../../src/fhir/sandbox';
 import type { Gateway } from '../../src/gateway';
 import { REFERRAL_IDENTIFIER_SYSTEM } from '../../src/mapping/constants';
 import { eventually, fixture as sampleReferral, KEY_A, startGateway } from '../helpers/gateway';
+import { writeDestinationsFile } from '../helpers/destinations';
 
 /** The sample referral without its callbackUrl: no status webhook may leave this machine during the test. */
 function fixture(): Record<string, any> {
@@ -29,13 +30,8 @@ const api = async (gw: Gateway, path: string, init: RequestInit = {}): Promise<{
   return { status: res.status, body: await res.json() };
 };
 
-function writeDestinations(dir: string, destination: Record<string, unknown>): string {
-  const file = join(dir, 'destinations.json');
-  writeFileSync(
-    file,
-    JSON.stringify({ destinations: [{ id: 'centre', name: 'Centre', organization: { system: 'https://example.org/org', value: 'centre' }, maxInlineBytes: 4096, ...destination }] })
-  );
-  return file;
+function writeDestinations(dir: string, destination: Record<string, unknown> & { baseUrl: string }): string {
+  return writeDestinationsFile(dir, { maxInlineBytes: 4096, ...destination });
 }
 
 /**
@@ -222,4 +218,9 @@ describe("binaryMode 'conditional-create' (servers without client-assigned ids)"
     expect(doc.content[0].attachment.url).toBe(binary?.fullUrl);
     expect(binary?.fullUrl).toMatch(/^urn:uuid:[0-9a-f-]{36}$/);
   });
+});
+
+// nock patches Node's HTTP client for the whole jest worker: undo it for the test files that run after this one.
+afterAll(() => {
+  nock.restore();
 });

@@ -152,3 +152,8 @@ describe('cancel with If-Match against a centre that changes the Task in between
     expect(after.history.map((h: any) => h.status)).toEqual(['queued', 'sent', 'cancelled']);
   });
 });
+
+// nock patches Node's HTTP client for the whole jest worker: undo it for the test files that run after this one.
+afterAll(() => {
+  nock.restore();
+});

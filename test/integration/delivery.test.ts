@@ -1,4 +1,4 @@
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { createServer, request as httpRequest, type Server } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -11,6 +11,7 @@ import type { Gateway } from '../../src/gateway';
 import { startSandboxServer } from '../../src/fhir/sandbox';
 import { REFERRAL_IDENTIFIER_SYSTEM } from '../../src/mapping/constants';
 import { ADMIN_KEY, eventually, fixture as sampleReferral, KEY_A, startGateway } from '../helpers/gateway';
+import { writeDestinationsFile } from '../helpers/destinations';
 
 /** The sample referral without its callbackUrl: no status webhook may leave this machine during the test. */
 function fixture(): Record<string, any> {
@@ -363,22 +364,12 @@ describe('the per-destination circuit breaker (nock)', () => {
     nock.disableNetConnect();
     nock.enableNetConnect(/127\.0\.0\.1/);
     dir = mkdtempSync(join(tmpdir(), 'rg-circuit-'));
-    const file = join(dir, 'destinations.json');
-    writeFileSync(
-      file,
-      JSON.stringify({
-        destinations: [
-          {
-            id: 'centre',
-            name: 'Centre behind a breaker',
-            organization: { system: 'https://example.org/org', value: 'centre' },
-            baseUrl: BASE,
-            timeoutMs: 500,
-            circuitBreaker: { failureThreshold: 3, cooldownMs: 400, maxCooldownMs: 5000 },
-          },
-        ],
-      })
-    );
+    const file = writeDestinationsFile(dir, {
+      name: 'Centre behind a breaker',
+      baseUrl: BASE,
+      timeoutMs: 500,
+      circuitBreaker: { failureThreshold: 3, cooldownMs: 400, maxCooldownMs: 5000 },
+    });
     // One at a time, so the count of requests before the circuit opens is exact.
     gw = await startGateway(
       { DESTINATIONS_FILE: file, DELIVERY_CONCURRENCY: '1', DELIVERY_BASE_DELAY_MS: '10', DELIVERY_MAX_DELAY_MS: '30', DELIVERY_MAX_ATTEMPTS: '50' },
@@ -499,4 +490,9 @@ describe('a resend after a lost response creates no duplicate', () => {
     const patients = (await (await fetch(`${sandbox.url}/Patient`)).json()) as Bundle;
     expect(patients.entry ?? []).toHaveLength(1);
   });
+});
+
+// nock patches Node's HTTP client for the whole jest worker: undo it for the test files that run after this one.
+afterAll(() => {
+  nock.restore();
 });

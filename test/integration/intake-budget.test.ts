@@ -1,6 +1,6 @@
-import { request as httpRequest, type ClientRequest } from 'node:http';
+import { connect } from 'node:net';
 import type { Gateway } from '../../src/gateway';
-import { fixture, KEY_A, startGateway } from '../helpers/gateway';
+import { eventually, fixture, KEY_A, startGateway } from '../helpers/gateway';
 
 /**
  * Concurrent uploads cannot exhaust the heap: request bodies in flight are bounded by
@@ -15,22 +15,20 @@ describe('the intake budget (MAX_INTAKE_BYTES_IN_FLIGHT)', () => {
     await gw.stop();
   });
 
-  /** A POST that declares `length` bytes and sends only the first few: it holds its share of the budget. */
-  function slowUpload(length: number): { req: ClientRequest; answered: Promise<number> } {
-    const url = new URL(`${gw.url}/referrals`);
-    let req!: ClientRequest;
-    const answered = new Promise<number>((resolve) => {
-      req = httpRequest(
-        { host: url.hostname, port: url.port, path: url.pathname, method: 'POST', headers: { Authorization: `Bearer ${KEY_A}`, 'Content-Type': 'application/json', 'Content-Length': String(length) } },
-        (res) => {
-          res.resume();
-          resolve(res.statusCode ?? 0);
-        }
+  /**
+   * A POST that declares `length` bytes and sends only the first few: it holds its share of the budget. Written
+   * on a raw socket, so no HTTP client (nor a test library that patches them) buffers or holds it back.
+   */
+  function slowUpload(length: number): { destroy: () => void } {
+    const url = new URL(gw.url);
+    const socket = connect(Number(url.port), url.hostname, () => {
+      socket.write(
+        `POST /referrals HTTP/1.1\r\nHost: ${url.host}\r\nAuthorization: Bearer ${KEY_A}\r\nContent-Type: application/json\r\nContent-Length: ${length}\r\n\r\n{"externalId":`
       );
-      req.on('error', () => resolve(-1));
-      req.write('{"externalId":');
     });
-    return { req, answered };
+    socket.on('error', () => undefined);
+    socket.resume();
+    return { destroy: () => socket.destroy() };
   }
 
   const post = (body: string): Promise<Response> =>
@@ -38,7 +36,8 @@ describe('the intake budget (MAX_INTAKE_BYTES_IN_FLIGHT)', () => {
 
   test('a request that fits is served; one that does not waits, then gets 503 with Retry-After; room frees when the big one ends', async () => {
     const big = slowUpload(1_000_000);
-    await new Promise((r) => setTimeout(r, 100)); // it has been admitted and is being received
+    // Wait until the service has admitted it and is receiving its body.
+    await eventually(async () => /^referral_intake_bytes_in_flight 1000000$/m.test(await (await fetch(`${gw.url}/metrics`)).text()));
 
     // 1,000,000 + a 3 KB referral fits in 1,200,000: served at once.
     const small = await post(JSON.stringify({ ...fixture(), externalId: 'EHR-BUDGET-SMALL' }));
@@ -58,7 +57,7 @@ describe('the intake budget (MAX_INTAKE_BYTES_IN_FLIGHT)', () => {
     // While it waits, a request is served as soon as the big upload ends.
     const waiting = post(JSON.stringify({ ...fixture(), externalId: 'EHR-BUDGET-LATER', questions: ['y'.repeat(400_000)] }));
     await new Promise((r) => setTimeout(r, 50));
-    big.req.destroy();
+    big.destroy();
     const later = await waiting;
     expect(later.status).not.toBe(503);
     expect([202, 422]).toContain(later.status); // admitted and checked (the long question may be refused by the schema)

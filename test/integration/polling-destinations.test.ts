@@ -6,6 +6,7 @@ import { startSandboxServer } from '../../src/fhir/sandbox';
 import type { Gateway } from '../../src/gateway';
 import { serviceDatabases } from '../helpers/db';
 import { startGateway } from '../helpers/gateway';
+import { writeDestinationsFile } from '../helpers/destinations';
 
 /** Each destination is polled on its own: a slow or failing centre does not hold up the others, and is backed off. */
 describe('polling several destinations', () => {
@@ -70,11 +71,7 @@ describe.each(serviceDatabases())('two instances sharing a %s database', (name, 
     const { url, drop } = await database();
     const sandbox = await startSandboxServer(0);
     const dir = mkdtempSync(join(tmpdir(), 'rg-two-'));
-    const file = join(dir, 'destinations.json');
-    writeFileSync(
-      file,
-      JSON.stringify({ destinations: [{ id: 'centre', name: 'Centre', organization: { system: 'https://referral-gateway.dev/fhir/sid/destination', value: 'c' }, baseUrl: sandbox.url }] })
-    );
+    const file = writeDestinationsFile(dir, { baseUrl: sandbox.url });
     const a = await startGateway({ DATABASE_URL: url, DESTINATIONS_FILE: file });
     const b = await startGateway({ DATABASE_URL: url, DESTINATIONS_FILE: file });
     try {
@@ -100,4 +97,9 @@ describe.each(serviceDatabases())('two instances sharing a %s database', (name, 
       await drop();
     }
   });
+});
+
+// nock patches Node's HTTP client for the whole jest worker: undo it for the test files that run after this one.
+afterAll(() => {
+  nock.restore();
 });

@@ -8,22 +8,12 @@ import { startSandboxServer } from '../../src/fhir/sandbox';
 import type { SandboxServer } from '../../src/fhir/sandbox';
 import { loadFhirDefinitions } from '../../src/fhir/sandbox-defs';
 import { IndexedMemoryRepository } from '../../src/fhir/sandbox-repo';
+import { prng } from '../helpers/prng';
 
 const GW = 'https://referral-gateway.dev/fhir/CodeSystem/tags';
 const SYS = 'https://referral-gateway.dev/fhir/sid/referral';
 const FHIR_JSON = 'application/fhir+json';
 
-/** Deterministic PRNG (mulberry32) so a failure reproduces. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 const T0 = Date.parse('2025-03-01T10:00:00.000Z');
 const at = (ms: number): string => new Date(T0 + ms).toISOString();
