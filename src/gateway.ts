@@ -9,6 +9,7 @@ import { DeliveryWorker } from './delivery/worker';
 import { createSandboxRouter } from './fhir/sandbox';
 import { logger, setLogLevel } from './observability/logger';
 import { type Backlog, clearBacklogSource, setBacklogSource } from './observability/metrics';
+import { sandboxDestination } from './referral/check';
 import { type DestinationDirectory, ReferralService } from './referral/service';
 import { openDb } from './store/db';
 import { migrate } from './store/migrations';
@@ -17,7 +18,7 @@ import { Poller } from './tracking/poller';
 import { ReportContentReader } from './tracking/report';
 import { attachWebhooks, type AttachedWebhooks, type WebhookDispatcher, type WebhookDispatcherOptions } from './webhooks';
 
-export const SANDBOX_ID = 'sandbox';
+export { SANDBOX_ID } from './referral/check';
 export const SANDBOX_PATH = '/sandbox/fhir/R4';
 
 class Directory implements DestinationDirectory {
@@ -129,15 +130,7 @@ export class Gateway {
     const local = `http://${this.config.host === '0.0.0.0' || this.config.host === '::' ? '127.0.0.1' : this.config.host}:${port}`;
     this.url = local;
     if (this.config.useSandbox) {
-      this.destinations.add({
-        id: SANDBOX_ID,
-        name: 'Built-in sandbox cancer centre',
-        organization: { system: 'https://referral-gateway.dev/fhir/sid/destination', value: SANDBOX_ID },
-        baseUrl: `${local}${SANDBOX_PATH}`,
-        auth: { type: 'none' },
-        timeoutMs: 30_000,
-        maxInlineBytes: 1_048_576,
-      });
+      this.destinations.add(sandboxDestination(`${local}${SANDBOX_PATH}`));
     }
     this.worker.start();
     this.webhooks.start();

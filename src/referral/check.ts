@@ -129,12 +129,15 @@ export function checkReferral(body: unknown, destinations: DestinationDirectory,
   return { ok: true, referral: { ...referral, destination: route.destination }, destination, route, bundle };
 }
 
+/** The id of the built-in sandbox destination. */
+export const SANDBOX_ID = 'sandbox';
+
 /** The destination the gateway adds when none is configured (its built-in sandbox centre). */
 export function sandboxDestination(baseUrl: string): Destination {
   return {
-    id: 'sandbox',
+    id: SANDBOX_ID,
     name: 'Built-in sandbox cancer centre',
-    organization: { system: 'https://referral-gateway.dev/fhir/sid/destination', value: 'sandbox' },
+    organization: { system: 'https://referral-gateway.dev/fhir/sid/destination', value: SANDBOX_ID },
     baseUrl,
     auth: { type: 'none' },
     timeoutMs: 30_000,
