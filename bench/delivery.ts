@@ -37,6 +37,7 @@ import { join } from 'node:path';
 import { freePort, spawnTs as spawnChild, startSandboxProcess, waitForHealth } from '../test/helpers/processes';
 import { DatabaseSync } from 'node:sqlite';
 import type { Bundle } from '@medplum/fhirtypes';
+import { loadConfig } from '../src/config/config';
 import type { Destination } from '../src/config/destinations';
 import { mapReferralToBundle } from '../src/mapping/bundle';
 import { referralSchema } from '../src/referral/schema';
@@ -140,17 +141,10 @@ async function queueReferrals(dbFile: string, fhirBase: string, bodies: Record<s
   await store.db.close();
 }
 
-/** What src/config/config.ts builds from FHIR_BASE_URL. */
+/** The destination src/config/config.ts builds from FHIR_BASE_URL (as the gateway child does), with its inline limit. */
 function defaultDestination(baseUrl: string, maxInlineBytes = 1_048_576): Destination {
-  return {
-    id: 'default',
-    name: 'Default destination (FHIR_BASE_URL)',
-    organization: { system: 'https://referral-gateway.dev/fhir/sid/destination', value: 'default' },
-    baseUrl,
-    auth: { type: 'none' },
-    timeoutMs: 30_000,
-    maxInlineBytes,
-  };
+  const [destination] = loadConfig({ FHIR_BASE_URL: baseUrl, DESTINATIONS_FILE: join(tmpdir(), 'rg-bench-no-destinations', 'destinations.json') }).destinations;
+  return { ...destination, maxInlineBytes };
 }
 
 function sentCount(db: DatabaseSync): number {
