@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto';
 import { readdirSync, readFileSync } from 'node:fs';
-import { join, resolve } from 'node:path';
+import { join } from 'node:path';
 import { FhirRouter, MemoryRepository } from '@medplum/fhir-router';
 import type {
   Bundle,
@@ -29,48 +29,27 @@ import {
   serviceRequestWithDocuments,
   taskWithDocuments,
 } from '../../src/mapping/bundle';
-import { routeReferral } from '../../src/mapping/routing';
+import { bundleForFixture, bundlePath, FIXTURE_CREATED_AT, FIXTURE_DESTINATION, FIXTURES_DIR, fixtureNames } from '../../src/mapping/regenerate-fixtures';
 import { collectReferences, loadFhirDefinitions, validateBundle } from '../../src/mapping/validate';
 
-const ROOT = resolve(__dirname, '../..');
-const CREATED_AT = '2026-10-01T09:00:00.000Z';
-const SANDBOX: Destination = {
-  id: 'sandbox',
-  name: 'Sandbox cancer centre',
-  organization: { system: 'https://referral-gateway.dev/fhir/sid/destination', value: 'sandbox' },
-  baseUrl: 'http://localhost:8080/sandbox/fhir/R4',
-  auth: { type: 'none' },
-  timeoutMs: 30000,
-  maxInlineBytes: 1048576,
-};
+// The golden bundles in fixtures/fhir are written by src/mapping/regenerate-fixtures.ts: map the fixtures with
+// its destination, time and function, so the test and the generator cannot drift apart.
+const CREATED_AT = FIXTURE_CREATED_AT;
+const SANDBOX: Destination = FIXTURE_DESTINATION;
 const SCT = 'http://snomed.info/sct';
 const PLAC = { system: 'http://terminology.hl7.org/CodeSystem/v2-0203', code: 'PLAC', display: 'Placer Identifier' };
 
-const FIXTURE_NAMES = readdirSync(join(ROOT, 'fixtures/referrals'))
-  .filter((f) => f.endsWith('.json'))
-  .map((f) => f.slice(0, -5))
-  .sort();
+const FIXTURE_NAMES = fixtureNames();
 
 function loadReferral(name: string): Referral {
-  return referralSchema.parse(JSON.parse(readFileSync(join(ROOT, 'fixtures/referrals', `${name}.json`), 'utf8')));
+  return referralSchema.parse(JSON.parse(readFileSync(join(FIXTURES_DIR, 'referrals', `${name}.json`), 'utf8')));
 }
 
 function rawReferral(name: string): ReferralInput {
-  return JSON.parse(readFileSync(join(ROOT, 'fixtures/referrals', `${name}.json`), 'utf8')) as ReferralInput;
+  return JSON.parse(readFileSync(join(FIXTURES_DIR, 'referrals', `${name}.json`), 'utf8')) as ReferralInput;
 }
 
-function mapFixture(name: string): Bundle {
-  const referral = loadReferral(name);
-  const route = routeReferral(referral, [SANDBOX.id]);
-  return mapReferralToBundle({
-    referralId: `ref_fixture_${name}`,
-    clientId: 'dev',
-    referral,
-    destination: SANDBOX,
-    createdAt: CREATED_AT,
-    specialty: route?.specialty,
-  });
-}
+const mapFixture = bundleForFixture;
 
 function map(referral: Referral, referralId = 'ref_test'): Bundle {
   return mapReferralToBundle({ referralId, clientId: 'dev', referral, destination: SANDBOX, createdAt: CREATED_AT });
@@ -140,7 +119,7 @@ describe('fixtures', () => {
       'sarcoma-expert-opinion',
       'tumour-board-many-documents',
     ]);
-    const expected = readdirSync(join(ROOT, 'fixtures/fhir')).filter((f) => f.endsWith('.bundle.json'));
+    const expected = readdirSync(join(FIXTURES_DIR, 'fhir')).filter((f) => f.endsWith('.bundle.json'));
     expect(expected.sort()).toEqual(FIXTURE_NAMES.map((n) => `${n}.bundle.json`));
   });
 
@@ -178,7 +157,7 @@ describe.each(FIXTURE_NAMES)('bundle for %s', (name) => {
   });
 
   test('equals the golden bundle in fixtures/fhir', () => {
-    const expected = JSON.parse(readFileSync(join(ROOT, 'fixtures/fhir', `${name}.bundle.json`), 'utf8')) as Bundle;
+    const expected = JSON.parse(readFileSync(bundlePath(name), 'utf8')) as Bundle;
     expect(bundle).toEqual(expected);
   });
 
