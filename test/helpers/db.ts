@@ -1,6 +1,10 @@
 import { sql } from 'kysely';
 import { openDb, type Db } from '../../src/store/db';
 import { migrate } from '../../src/store/migrations';
+import type { Referral } from '../../src/referral/schema';
+import type { ReferralStatus } from '../../src/referral/types';
+import { newReferralId, nowIso } from '../../src/store/ids';
+import type { ReferralStore } from '../../src/store/referral-store';
 
 /** The store backends every store test runs on. PostgreSQL comes from TEST_POSTGRES_URL (.ci/run sets it). */
 export function storeBackends(): Array<[string, () => Promise<Db>]> {
@@ -71,4 +75,24 @@ export function serviceDatabases(): Array<[string, () => Promise<{ url: string; 
     throw new Error('TEST_POSTGRES_URL is required in CI: the service loop must run on PostgreSQL too');
   }
   return list;
+}
+
+/**
+ * Stores a new referral with `payload` (a unique externalId starting with `externalIdPrefix`) and moves it
+ * through `statuses`: with a callbackUrl in the payload, one status webhook is queued per change.
+ */
+export async function referralWithEvents(store: ReferralStore, payload: Referral, statuses: ReferralStatus[], externalIdPrefix = 'EHR-'): Promise<string> {
+  const id = newReferralId();
+  await store.createReferral({
+    id,
+    clientId: 'city-hospital',
+    externalId: externalIdPrefix + Math.random().toString(36).slice(2),
+    idempotencyKey: null,
+    requestHash: 'h',
+    destination: 'sandbox',
+    payload,
+    at: nowIso(),
+  });
+  for (const status of statuses) await store.changeStatus(id, { status });
+  return id;
 }

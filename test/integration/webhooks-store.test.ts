@@ -1,10 +1,9 @@
 import { readFileSync } from 'node:fs';
 import { referralSchema } from '../../src/referral/schema';
 import type { ReferralStatus } from '../../src/referral/types';
-import { newReferralId, nowIso } from '../../src/store/ids';
 import { ReferralStore } from '../../src/store/referral-store';
 import { WebhookStore } from '../../src/store/webhook-store';
-import { storeBackends } from '../helpers/db';
+import { storeBackends, referralWithEvents as storedReferralWithEvents } from '../helpers/db';
 
 const sample = referralSchema.parse({
   ...JSON.parse(readFileSync('fixtures/referrals/breast-second-opinion.json', 'utf8')),
@@ -28,21 +27,7 @@ describe.each(storeBackends())('webhook outbox on %s', (_name, open) => {
   });
 
   /** A referral with a callbackUrl moved through `statuses`: one queued webhook per change. */
-  async function referralWithEvents(...statuses: ReferralStatus[]): Promise<string> {
-    const id = newReferralId();
-    await referrals.createReferral({
-      id,
-      clientId: 'city-hospital',
-      externalId: `EHR-${Math.random().toString(36).slice(2)}`,
-      idempotencyKey: null,
-      requestHash: 'h',
-      destination: 'sandbox',
-      payload: sample,
-      at: nowIso(),
-    });
-    for (const status of statuses) await referrals.changeStatus(id, { status });
-    return id;
-  }
+  const referralWithEvents = (...statuses: ReferralStatus[]): Promise<string> => storedReferralWithEvents(referrals, sample, statuses);
 
   test('status changes queue events numbered in order, pending and due, with the exact body', async () => {
     const id = await referralWithEvents('sent', 'accepted');

@@ -4,11 +4,10 @@ import { logger, setLogLevel } from '../../src/observability/logger';
 import { referralSchema } from '../../src/referral/schema';
 import type { ReferralStatus } from '../../src/referral/types';
 import type { Db } from '../../src/store/db';
-import { newReferralId, nowIso } from '../../src/store/ids';
 import { ReferralStore } from '../../src/store/referral-store';
 import { WebhookStore } from '../../src/store/webhook-store';
 import { createSigner, receiverSecret, WebhookDispatcher, type WebhookDispatcherOptions } from '../../src/webhooks/dispatcher';
-import { freshSqlite } from '../helpers/db';
+import { freshSqlite, referralWithEvents as storedReferralWithEvents } from '../helpers/db';
 import { eventually } from '../helpers/gateway';
 
 const TOKEN = 'query-token-must-not-be-logged';
@@ -62,21 +61,7 @@ describe('webhook dispatcher', () => {
     await db.close();
   });
 
-  async function referralWithEvents(...statuses: ReferralStatus[]): Promise<string> {
-    const id = newReferralId();
-    await referrals.createReferral({
-      id,
-      clientId: 'city-hospital',
-      externalId: EXTERNAL_ID + Math.random().toString(36).slice(2),
-      idempotencyKey: null,
-      requestHash: 'h',
-      destination: 'sandbox',
-      payload: sample,
-      at: nowIso(),
-    });
-    for (const status of statuses) await referrals.changeStatus(id, { status });
-    return id;
-  }
+  const referralWithEvents = (...statuses: ReferralStatus[]): Promise<string> => storedReferralWithEvents(referrals, sample, statuses, EXTERNAL_ID);
 
   function start(opts: Partial<WebhookDispatcherOptions>, impl: typeof fetch): WebhookDispatcher {
     dispatcher = new WebhookDispatcher(hooks, { ...FAST, ...opts }, impl);
