@@ -77,7 +77,11 @@ export function intakeBudget(opts: IntakeBudgetOptions): RequestHandler {
       const i = waiting.indexOf(entry);
       if (i >= 0) waiting.splice(i, 1);
     };
-    const gone = (): void => leave(); // the client gave up while waiting
+    // The client gave up while waiting: nothing to answer.
+    const gone = (): void => {
+      clearTimeout(timer);
+      leave();
+    };
     const timer = setTimeout(() => {
       leave();
       req.off('close', gone);
