@@ -99,6 +99,11 @@ const LIGHT_COLUMNS = [
   'updated_at',
 ] as const;
 
+/** A referral read with LIGHT_COLUMNS, without its submission: reading `payload` throws. */
+function toLightReferral(row: ReferralsTable): StoredReferral {
+  return toReferral({ ...row, payload: '' }, false);
+}
+
 /** A stored referral; without `withPayload`, reading `payload` is a programming error and throws. */
 function toReferral(row: ReferralsTable & { payload: string }, withPayload = true): StoredReferral {
   // The submission can be megabytes of base64 documents: parse it only when someone reads it.
@@ -194,11 +199,7 @@ export class ReferralStore {
           })
           .execute();
         await trx.insertInto('referral_payloads').values({ referral_id: r.id, payload: JSON.stringify(r.payload) }).execute();
-        // A new referral's history starts at 1: no need to look up the last number.
-        await trx
-          .insertInto('referral_history')
-          .values({ id: newId('h'), referral_id: r.id, seq: 1, status: 'queued', reason: null, detail: null, at: r.at })
-          .execute();
+        await this.insertHistory(trx, r.id, { status: 'queued', at: r.at });
         await this.insertOutbox(trx, r.id, 'submit', null, r.at);
       }));
     } catch (err) {
@@ -229,7 +230,7 @@ export class ReferralStore {
     q = key ? q.where((eb) => eb.or([eb('idempotency_key', '=', key), eb('external_id', '=', externalId)])) : q.where('external_id', '=', externalId);
     const rows = await q.execute();
     const row = rows.find((x) => key !== null && x.idempotency_key === key) ?? rows[0];
-    return row ? Object.assign(toReferral({ ...row, payload: '' }, false), { requestHash: row.request_hash }) : undefined;
+    return row ? Object.assign(toLightReferral(row), { requestHash: row.request_hash }) : undefined;
   }
 
   /** A referral row with its submission, which lives in a table of its own (see migration 0004). */
@@ -238,22 +239,25 @@ export class ReferralStore {
   }
 
   /** A referral by id; with `{ payload: false }` the (possibly large) submission is not read. */
-  async getById(id: string, opts: { payload?: boolean } = {}): Promise<StoredReferral | null> {
-    if (opts.payload === false) {
-      const light = await this.k.selectFrom('referrals').select(LIGHT_COLUMNS).where('id', '=', id).executeTakeFirst();
-      return light ? toReferral({ ...light, payload: '' }, false) : null;
-    }
-    const row = await this.withPayload().where('r.id', '=', id).executeTakeFirst();
-    return row ? toReferral(row) : null;
+  getById(id: string, opts: { payload?: boolean } = {}): Promise<StoredReferral | null> {
+    return this.find(id, undefined, opts);
   }
 
   /** A client's referral (with `{ payload: false }` without its submission); another client's id is answered exactly as an unknown one. */
-  async get(clientId: string, id: string, opts: { payload?: boolean } = {}): Promise<StoredReferral | null> {
+  get(clientId: string, id: string, opts: { payload?: boolean } = {}): Promise<StoredReferral | null> {
+    return this.find(id, clientId, opts);
+  }
+
+  private async find(id: string, clientId: string | undefined, opts: { payload?: boolean }): Promise<StoredReferral | null> {
     if (opts.payload === false) {
-      const light = await this.k.selectFrom('referrals').select(LIGHT_COLUMNS).where('id', '=', id).where('client_id', '=', clientId).executeTakeFirst();
-      return light ? toReferral({ ...light, payload: '' }, false) : null;
+      let light = this.k.selectFrom('referrals').select(LIGHT_COLUMNS).where('id', '=', id);
+      if (clientId !== undefined) light = light.where('client_id', '=', clientId);
+      const row = await light.executeTakeFirst();
+      return row ? toLightReferral(row) : null;
     }
-    const row = await this.withPayload().where('r.id', '=', id).where('r.client_id', '=', clientId).executeTakeFirst();
+    let full = this.withPayload().where('r.id', '=', id);
+    if (clientId !== undefined) full = full.where('r.client_id', '=', clientId);
+    const row = await full.executeTakeFirst();
     return row ? toReferral(row) : null;
   }
 
@@ -267,7 +271,7 @@ export class ReferralStore {
       q = q.where((eb) => eb.or([eb('created_at', '<', c.createdAt), eb.and([eb('created_at', '=', c.createdAt), eb('id', '<', c.id)])]));
     }
     const rows = await q.orderBy('created_at', 'desc').orderBy('id', 'desc').limit(f.limit + 1).execute();
-    const items = rows.slice(0, f.limit).map((r) => toReferral({ ...r, payload: '' }, false));
+    const items = rows.slice(0, f.limit).map((r) => toLightReferral(r));
     const last = items[items.length - 1];
     return { items, next: rows.length > f.limit && last ? { createdAt: last.createdAt, id: last.id } : undefined };
   }
@@ -293,7 +297,7 @@ export class ReferralStore {
       // Everything but the submission itself: it can be megabytes, and a status change needs none of it.
       const row = await this.lockReferral(trx, id);
       if (!row) return null;
-      const before = toReferral({ ...row, payload: '' }, false);
+      const before = toLightReferral(row);
       if (onlyIf && !onlyIf(before)) return null;
       const update: Partial<ReferralsTable> = { status: change.status, updated_at: at };
       if (change.reason !== undefined) update.status_reason = change.reason;
@@ -316,7 +320,7 @@ export class ReferralStore {
           webhookQueued = true;
         }
       }
-      return { previous: before.status, current: toReferral({ ...row, ...update, payload: '' }, false) };
+      return { previous: before.status, current: toLightReferral({ ...row, ...update }) };
     });
     if (webhookQueued) this.onWebhookQueued();
     return result;
@@ -415,7 +419,7 @@ export class ReferralStore {
       if (Number(res.numUpdatedRows) !== 1) return false;
       await trx.updateTable('outbox').set({ state: 'done', updated_at: nowS }).where('referral_id', '=', referralId).where('state', '=', 'pending').execute();
       const row = await trx.selectFrom('referrals').select(LIGHT_COLUMNS).where('id', '=', referralId).executeTakeFirstOrThrow();
-      const before = toReferral({ ...row, payload: '' }, false);
+      const before = toLightReferral(row);
       await trx.updateTable('referrals').set({ status: 'cancelled', status_reason: reason, updated_at: nowS }).where('id', '=', referralId).execute();
       await this.insertHistory(trx, referralId, { status: 'cancelled', at: nowS, reason });
       if (row.callback_url) {
@@ -563,7 +567,7 @@ export class ReferralStore {
       .where('destination', '=', destination)
       .where('status', 'in', ['sent', 'received', 'accepted', 'on-hold', 'in-progress'])
       .execute();
-    return rows.map((r) => toReferral({ ...r, payload: '' }, false));
+    return rows.map((r) => toLightReferral(r));
   }
 
   async getWatermark(destination: string): Promise<string | null> {
