@@ -72,11 +72,23 @@ export function literalCallbackProblem(rawUrl: string): string | undefined {
   } catch {
     return 'is not a valid URL';
   }
-  const host = hostOf(url);
+  return literalHostProblem(hostOf(url));
+}
+
+function literalHostProblem(host: string): string | undefined {
   if (isIP(host)) {
     return isPublicAddress(host) ? undefined : `points at a non-public address (${host}); callbacks must reach the public internet`;
   }
   return LOCAL_NAMES.test(host) ? `points at a local host name (${host}); callbacks must reach the public internet` : undefined;
+}
+
+/** Why a host that resolved to `addresses` may not be called (none, or one not `allowed`); undefined when it may. */
+function addressesProblem(addresses: string[], allowed: (ip: string) => boolean): { code: string; reason: string; permanent: boolean } | undefined {
+  if (addresses.length === 0) return { code: 'ENOTFOUND', reason: 'the callback host has no address', permanent: false };
+  const bad = addresses.find((a) => !allowed(a));
+  return bad
+    ? { code: NON_PUBLIC_CODE, reason: `the callback host resolves to a non-public address (${bad}); callbacks must reach the public internet`, permanent: true }
+    : undefined;
 }
 
 export type Lookup = (hostname: string) => Promise<string[]>;
@@ -91,9 +103,9 @@ export type CallbackCheck = { ok: true } | { ok: false; permanent: boolean; reas
  * reason; `guardedFetch` checks again at connect time, on the addresses actually connected to.
  */
 export async function checkCallbackAddress(url: URL, lookup: Lookup = systemLookup): Promise<CallbackCheck> {
-  const literal = literalCallbackProblem(url.toString());
-  if (literal) return { ok: false, permanent: true, reason: `the callback URL ${literal}` };
   const host = hostOf(url);
+  const literal = literalHostProblem(host);
+  if (literal) return { ok: false, permanent: true, reason: `the callback URL ${literal}` };
   if (isIP(host)) return { ok: true };
   let addresses: string[];
   try {
@@ -101,10 +113,8 @@ export async function checkCallbackAddress(url: URL, lookup: Lookup = systemLook
   } catch (err) {
     return { ok: false, permanent: false, reason: `the callback host does not resolve (${(err as { code?: string }).code ?? 'DNS error'})` };
   }
-  const bad = addresses.find((a) => !isPublicAddress(a));
-  if (addresses.length === 0) return { ok: false, permanent: false, reason: 'the callback host has no address' };
-  if (bad) return { ok: false, permanent: true, reason: `the callback host resolves to a non-public address (${bad}); callbacks must reach the public internet` };
-  return { ok: true };
+  const problem = addressesProblem(addresses, isPublicAddress);
+  return problem ? { ok: false, permanent: problem.permanent, reason: problem.reason } : { ok: true };
 }
 
 /** The error a guarded connection fails with when its host resolves to a non-public address. */
@@ -121,10 +131,10 @@ export function guardedNetLookup(lookup: Lookup = systemLookup, allowed: (ip: st
   return (hostname: string, options: { all?: boolean }, callback: NetLookupCallback): void => {
     lookup(hostname).then(
       (addresses) => {
-        const bad = addresses.find((a) => !allowed(a));
-        if (bad || addresses.length === 0) {
-          const err: NodeJS.ErrnoException = new Error(bad ? `callback host resolves to a non-public address (${bad})` : 'callback host has no address');
-          err.code = bad ? NON_PUBLIC_CODE : 'ENOTFOUND';
+        const problem = addressesProblem(addresses, allowed);
+        if (problem) {
+          const err: NodeJS.ErrnoException = new Error(problem.reason);
+          err.code = problem.code;
           callback(err, '');
           return;
         }
