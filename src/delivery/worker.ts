@@ -57,6 +57,11 @@ export function entryBudgetMs(destination: Pick<Destination, 'timeoutMs'>): numb
  * (entries for an open circuit are put off to the probe time without an attempt being counted), and a dead
  * letter after `maxAttempts` or `maxAgeMs`.
  */
+/** How long ago an outbox entry was queued, in whole seconds. */
+function ageSeconds(entry: { createdAt: string }): number {
+  return Math.round((Date.now() - Date.parse(entry.createdAt)) / 1000);
+}
+
 export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
   private readonly workerId = `w_${ulid()}`;
   protected readonly kind = 'delivery';
@@ -260,8 +265,7 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
   private async deferForCircuit(entry: Entry, referral: ReferralSummary, destination: Destination, retryAt: number): Promise<void> {
     const lastError = entry.lastError ?? `destination ${destination.id} circuit open`;
     if (isExhausted(0, new Date(entry.createdAt), new Date(), { maxAttempts: Number.POSITIVE_INFINITY, maxAgeMs: this.opts.maxAgeMs })) {
-      const age = Math.round((Date.now() - Date.parse(entry.createdAt)) / 1000);
-      await this.failPermanently(entry, referral, entry.attempts, `gave up after ${entry.attempts} attempts over ${age} s (the age limit; destination circuit open); last error: ${lastError}`);
+      await this.failPermanently(entry, referral, entry.attempts, `gave up after ${entry.attempts} attempts over ${ageSeconds(entry)} s (the age limit; destination circuit open); last error: ${lastError}`);
       return;
     }
     await this.store.rescheduleOutbox(entry.id, entry.attempts, new Date(this.notPastAgeLimit(entry, retryAt)).toISOString(), lastError);
@@ -273,7 +277,7 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
     const error = outcome.status ? `${outcome.status}: ${outcome.reason}` : outcome.reason;
     if (isExhausted(attempts, new Date(entry.createdAt), new Date(), { maxAttempts: this.opts.maxAttempts, maxAgeMs: this.opts.maxAgeMs })) {
       const tooOld = attempts < this.opts.maxAttempts;
-      const why = tooOld ? `gave up after ${attempts} attempts over ${Math.round((Date.now() - Date.parse(entry.createdAt)) / 1000)} s (the age limit)` : `gave up after ${attempts} attempts`;
+      const why = tooOld ? `gave up after ${attempts} attempts over ${ageSeconds(entry)} s (the age limit)` : `gave up after ${attempts} attempts`;
       // The dead letter keeps the server's last OperationOutcome, when it sent one.
       await this.failPermanently(entry, referral, attempts, `${why}; last error: ${error}`, outcome.outcome);
       return;
