@@ -43,6 +43,14 @@ export function isExhausted(
   return attempts >= limits.maxAttempts || age >= limits.maxAgeMs;
 }
 
+/**
+ * A retry time `at`, but never later than the age limit of work queued at `queuedAt`: the last attempt happens
+ * at the deadline (where isExhausted then ends it), never after it. Never earlier than `now`.
+ */
+export function notPastAgeLimit(at: number, queuedAt: Date | number, maxAgeMs: number, now: number = Date.now()): number {
+  return Math.min(at, Math.max(now, toMs(queuedAt) + maxAgeMs));
+}
+
 function toMs(t: Date | number): number {
   return typeof t === 'number' ? t : t.getTime();
 }

@@ -13,7 +13,7 @@ import type { DeliveryEvent, OperationContext, Outcome, ReferralSummary } from '
 import type { StoredReferral } from '../referral/types';
 
 type Entry = Omit<OutboxEntry, 'payload'>;
-import { isExhausted, nextDelay } from './policy';
+import { isExhausted, nextDelay, notPastAgeLimit } from './policy';
 
 export { collectRefs } from './operations';
 export type { DeliveryEvent } from './operations';
@@ -255,12 +255,6 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
     return { summary, stored };
   }
 
-  /** A retry time, but never later than the entry's age limit: the last look happens then, and dead-letters it. */
-  private notPastAgeLimit(entry: Entry, at: number): number {
-    const deadline = Date.parse(entry.createdAt) + this.opts.maxAgeMs;
-    return Math.min(at, Math.max(Date.now(), deadline));
-  }
-
   /** The circuit is open: put the entry off to the probe time, counting no attempt (unless it is too old). */
   private async deferForCircuit(entry: Entry, referral: ReferralSummary, destination: Destination, retryAt: number): Promise<void> {
     const lastError = entry.lastError ?? `destination ${destination.id} circuit open`;
@@ -268,7 +262,7 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
       await this.failPermanently(entry, referral, entry.attempts, `gave up after ${entry.attempts} attempts over ${ageSeconds(entry)} s (the age limit; destination circuit open); last error: ${lastError}`);
       return;
     }
-    await this.store.rescheduleOutbox(entry.id, entry.attempts, new Date(this.notPastAgeLimit(entry, retryAt)).toISOString(), lastError);
+    await this.store.rescheduleOutbox(entry.id, entry.attempts, new Date(notPastAgeLimit(retryAt, new Date(entry.createdAt), this.opts.maxAgeMs)).toISOString(), lastError);
     deliveries.inc({ destination: destination.id, result: 'deferred' });
     logger.debug('delivery deferred: destination circuit open', { referralId: referral.id, destination: destination.id, until: new Date(retryAt).toISOString() });
   }
@@ -283,7 +277,7 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
       return;
     }
     const delay = nextDelay(attempts, { baseMs: this.opts.baseDelayMs, capMs: this.opts.maxDelayMs, retryAfterMs: outcome.retryAfterMs });
-    const next = new Date(this.notPastAgeLimit(entry, Date.now() + delay)).toISOString();
+    const next = new Date(notPastAgeLimit(Date.now() + delay, new Date(entry.createdAt), this.opts.maxAgeMs)).toISOString();
     await this.store.rescheduleOutbox(entry.id, attempts, next, error);
     logger.warn('delivery will be retried', { referralId: referral.id, destination: referral.destination, kind: entry.kind, attempts, delayMs: delay, reason: error });
   }

@@ -1,6 +1,6 @@
 import { Counter } from 'prom-client';
 import { Webhook } from 'standardwebhooks';
-import { isExhausted, nextDelay } from '../delivery/policy';
+import { isExhausted, nextDelay, notPastAgeLimit } from '../delivery/policy';
 import { errorCode, parseRetryAfterHeader } from '../fhir/auth';
 import { LeasedQueueRunner } from '../queue/leased-runner';
 import { logger } from '../observability/logger';
@@ -196,9 +196,7 @@ export class WebhookDispatcher extends LeasedQueueRunner<WebhookEntry> {
           break;
         }
         const delay = nextDelay(attempts, { baseMs: this.opts.baseDelayMs, capMs: this.opts.maxDelayMs, retryAfterMs: result.retryAfterMs });
-        // Never past the age limit: the last attempt happens at the deadline, then the event is dead-lettered.
-        const deadline = Date.parse(entry.createdAt) + this.opts.maxAgeMs;
-        const at = Math.min(now + delay, Math.max(now, deadline));
+        const at = notPastAgeLimit(now + delay, new Date(entry.createdAt), this.opts.maxAgeMs, now);
         applied = await this.store.reschedule(entry.id, this.workerId, attempts, new Date(at).toISOString(), result.reason);
         webhookAttempts.inc({ result: 'retry' });
         logger.warn('webhook will be retried', { ...ids, attempts, status: result.status, delayMs: at - now, reason: result.reason, durationMs });

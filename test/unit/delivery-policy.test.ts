@@ -1,4 +1,4 @@
-import { isExhausted, nextDelay } from '../../src/delivery/policy';
+import { isExhausted, nextDelay, notPastAgeLimit } from '../../src/delivery/policy';
 
 const opts = { baseMs: 1_000, capMs: 60_000 };
 const justBelowOne = () => 0.999_999;
@@ -74,5 +74,21 @@ describe('isExhausted', () => {
     const t = first.getTime();
     expect(isExhausted(1, t, t + 1_000, limits)).toBe(false);
     expect(isExhausted(1, t, t + limits.maxAgeMs + 1, limits)).toBe(true);
+  });
+});
+
+describe('notPastAgeLimit', () => {
+  const queued = Date.parse('2026-03-01T10:00:00Z');
+  const maxAgeMs = 60_000;
+
+  it('keeps a retry time before the deadline, and moves a later one back to the deadline', () => {
+    const now = queued + 10_000;
+    expect(notPastAgeLimit(now + 5_000, queued, maxAgeMs, now)).toBe(now + 5_000);
+    expect(notPastAgeLimit(now + 3_600_000, queued, maxAgeMs, now)).toBe(queued + maxAgeMs);
+  });
+
+  it('never goes back before now once the deadline has passed', () => {
+    const now = queued + 2 * maxAgeMs;
+    expect(notPastAgeLimit(now + 5_000, new Date(queued), maxAgeMs, now)).toBe(now);
   });
 });
