@@ -44,14 +44,12 @@ function advisoryLocks(url: string): { hold(name: string): Promise<boolean>; clo
     connecting ??= (async () => {
       const c = new Client({ connectionString: url });
       // A lost connection has lost its locks too.
-      c.on('error', () => {
+      const lost = (): void => {
         held.clear();
         if (client === c) client = undefined;
-      });
-      c.on('end', () => {
-        held.clear();
-        if (client === c) client = undefined;
-      });
+      };
+      c.on('error', lost);
+      c.on('end', lost);
       try {
         await c.connect();
         client = c;
