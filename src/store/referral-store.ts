@@ -3,7 +3,7 @@ import type { Referral } from '../referral/schema';
 import type { FhirRefs, ReferralStatus, ReportInfo, StoredReferral } from '../referral/types';
 import type { Db } from './db';
 import { newId, nowIso } from './ids';
-import type { Database, OutboxTable, ReferralsTable } from './schema';
+import type { Database, LeasedQueueColumns, OutboxTable, ReferralsTable } from './schema';
 
 export interface HistoryEntry {
   status: ReferralStatus;
@@ -69,7 +69,7 @@ export interface StatusChange {
 type Q = Kysely<Database> | Transaction<Database>;
 
 /** The bookkeeping columns of a new, unclaimed queue row (delivery outbox or webhook outbox). */
-function freshQueueRow(at: string) {
+function freshQueueRow(at: string): LeasedQueueColumns {
   return { state: 'pending', attempts: 0, next_attempt_at: at, locked_by: null, locked_until: null, last_error: null, created_at: at, updated_at: at };
 }
 

@@ -35,11 +35,8 @@ export interface HistoryTable {
   at: string;
 }
 
-export interface OutboxTable {
-  id: string;
-  referral_id: string;
-  kind: string;
-  payload: string | null;
+/** The bookkeeping columns of a leased queue (the delivery outbox and the webhook outbox). */
+export interface LeasedQueueColumns {
   state: string;
   attempts: number;
   next_attempt_at: string;
@@ -48,6 +45,13 @@ export interface OutboxTable {
   last_error: string | null;
   created_at: string;
   updated_at: string;
+}
+
+export interface OutboxTable extends LeasedQueueColumns {
+  id: string;
+  referral_id: string;
+  kind: string;
+  payload: string | null;
 }
 
 export interface PollStateTable {
@@ -56,7 +60,7 @@ export interface PollStateTable {
   updated_at: string;
 }
 
-export interface WebhookOutboxTable {
+export interface WebhookOutboxTable extends LeasedQueueColumns {
   id: string;
   referral_id: string;
   /** Order of the events of one referral; a receiver sees them in this order. */
@@ -64,14 +68,6 @@ export interface WebhookOutboxTable {
   url: string;
   /** The event body exactly as it is signed and sent. */
   payload: string;
-  state: string;
-  attempts: number;
-  next_attempt_at: string;
-  locked_by: string | null;
-  locked_until: string | null;
-  last_error: string | null;
-  created_at: string;
-  updated_at: string;
 }
 
 export interface MigrationsTable {
