@@ -135,7 +135,11 @@ export class Gateway {
     this.worker.start();
     this.webhooks.start();
     if (this.opts.startPoller !== false) this.poller.start();
-    this.backlogSource = async () => ({ ...(await this.store.backlog()), circuits: this.worker.circuitStates() });
+    this.backlogSource = async () => ({
+      ...(await this.store.backlog()),
+      webhooks: await this.webhooksAttached.store.openCounts(),
+      circuits: this.worker.circuitStates(),
+    });
     setBacklogSource(this.backlogSource);
   }
 

@@ -590,11 +590,10 @@ export class ReferralStore {
       .execute();
   }
 
-  /** Counts for the backlog gauges (/metrics): open work in both outboxes and referrals by status. */
+  /** Counts for the backlog gauges (/metrics): open work in the delivery outbox and referrals by status. */
   async backlog(now = new Date()): Promise<{
     outbox: Array<{ kind: string; state: string; count: number }>;
     oldestPendingSeconds: number;
-    webhooks: Array<{ state: string; count: number }>;
     referrals: Array<{ status: string; count: number }>;
   }> {
     const open = ['pending', 'failed'];
@@ -609,17 +608,10 @@ export class ReferralStore {
       .select((eb) => eb.fn.min<string>('created_at').as('at'))
       .where('state', '=', 'pending')
       .executeTakeFirst();
-    const webhooks = await this.k
-      .selectFrom('webhook_outbox')
-      .select(['state', (eb) => eb.fn.countAll<string>().as('n')])
-      .where('state', 'in', open)
-      .groupBy('state')
-      .execute();
     const referrals = await this.k.selectFrom('referrals').select(['status', (eb) => eb.fn.countAll<string>().as('n')]).groupBy('status').execute();
     return {
       outbox: outbox.map((r) => ({ kind: r.kind, state: r.state, count: Number(r.n) })),
       oldestPendingSeconds: oldest?.at ? Math.max(0, (now.getTime() - Date.parse(oldest.at)) / 1000) : 0,
-      webhooks: webhooks.map((r) => ({ state: r.state, count: Number(r.n) })),
       referrals: referrals.map((r) => ({ status: r.status, count: Number(r.n) })),
     };
   }

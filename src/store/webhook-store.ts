@@ -175,6 +175,17 @@ export class WebhookStore {
     return rows.map(toEntry);
   }
 
+  /** Rows still pending and dead-lettered (failed), for the backlog gauges (/metrics). */
+  async openCounts(): Promise<Array<{ state: string; count: number }>> {
+    const rows = await this.k
+      .selectFrom('webhook_outbox')
+      .select(['state', (eb) => eb.fn.countAll<string>().as('n')])
+      .where('state', 'in', ['pending', 'failed'])
+      .groupBy('state')
+      .execute();
+    return rows.map((r) => ({ state: r.state, count: Number(r.n) }));
+  }
+
   async pendingCount(): Promise<number> {
     const r = await this.k.selectFrom('webhook_outbox').select(sql<number>`count(*)`.as('n')).where('state', '=', 'pending').executeTakeFirst();
     return Number(r?.n ?? 0);
