@@ -16,6 +16,7 @@ import { migrate } from './store/migrations';
 import { ReferralStore } from './store/referral-store';
 import { Poller } from './tracking/poller';
 import { ReportContentReader } from './tracking/report';
+import { RetentionJob } from './retention/job';
 import { attachWebhooks, type AttachedWebhooks, type WebhookDispatcher, type WebhookDispatcherOptions } from './webhooks';
 
 export { SANDBOX_ID } from './referral/check';
@@ -59,6 +60,7 @@ export class Gateway {
   readonly poller: Poller;
   readonly service: ReferralService;
   readonly webhooks: WebhookDispatcher;
+  readonly retention: RetentionJob;
   private readonly webhooksAttached: AttachedWebhooks;
   server: Server | undefined;
   url = '';
@@ -101,6 +103,7 @@ export class Gateway {
       pageSize: opts.pollPageSize ?? 100,
       sweepEveryMs: opts.pollSweepEveryMs,
     });
+    this.retention = new RetentionJob(this.store, config.retention);
     this.service = new ReferralService(this.store, this.destinations, () => this.worker.wake(), {
       allowPrivateCallbacks: config.webhookAllowPrivateNetworks,
     });
@@ -135,6 +138,7 @@ export class Gateway {
     this.worker.start();
     this.webhooks.start();
     if (this.opts.startPoller !== false) this.poller.start();
+    this.retention.start();
     this.backlogSource = async () => ({
       ...(await this.store.backlog()),
       webhooks: await this.webhooksAttached.store.openCounts(),
@@ -167,7 +171,7 @@ export class Gateway {
     server?.closeIdleConnections();
     const force = setTimeout(() => server?.closeAllConnections(), this.config.shutdownTimeoutMs);
     force.unref();
-    await Promise.all([this.poller.stop(), this.worker.stop(), this.webhooks.stop()]);
+    await Promise.all([this.poller.stop(), this.worker.stop(), this.webhooks.stop(), this.retention.stop()]);
     await closed;
     clearTimeout(force);
     await this.store.db.close();

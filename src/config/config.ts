@@ -68,6 +68,9 @@ const envSchema = z.object({
   DELIVERY_CONCURRENCY: z.coerce.number().int().min(1).max(64).default(4),
   DELIVERY_MAX_AGE_MS: z.coerce.number().int().min(1000).default(7 * 24 * 3600_000),
   SHUTDOWN_TIMEOUT_MS: z.coerce.number().int().min(0).default(15_000),
+  DOCUMENT_RETENTION_DAYS: z.coerce.number().int().min(0).max(36_500).default(30),
+  REFERRAL_RETENTION_DAYS: z.coerce.number().int().min(0).max(36_500).default(0),
+  RETENTION_CRON: cron.default('17 3 * * *'),
 });
 
 export interface Config {
@@ -92,6 +95,8 @@ export interface Config {
   intakeWaitMs: number;
   delivery: { maxAttempts: number; maxAgeMs: number; baseDelayMs: number; maxDelayMs: number; concurrency: number };
   shutdownTimeoutMs: number;
+  /** Closed referrals lose their inline document bytes after `documentDays` and are deleted after `referralDays` (0: never). */
+  retention: { documentDays: number; referralDays: number; cron: string };
 }
 
 export class ConfigError extends Error {}
@@ -135,6 +140,11 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
   if (useSandbox && e.NODE_ENV === 'production') {
     throw new ConfigError('FHIR_BASE_URL (or DESTINATIONS_FILE) is required with NODE_ENV=production: the sandbox is for development only');
   }
+  if (e.REFERRAL_RETENTION_DAYS > 0 && e.DOCUMENT_RETENTION_DAYS > e.REFERRAL_RETENTION_DAYS) {
+    throw new ConfigError(
+      `DOCUMENT_RETENTION_DAYS (${e.DOCUMENT_RETENTION_DAYS}) is longer than REFERRAL_RETENTION_DAYS (${e.REFERRAL_RETENTION_DAYS}): referrals would be deleted with their documents first`
+    );
+  }
   let apiKeys = e.API_KEYS;
   let devKeys = false;
   if (!apiKeys) {
@@ -172,6 +182,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
       concurrency: e.DELIVERY_CONCURRENCY,
     },
     shutdownTimeoutMs: e.SHUTDOWN_TIMEOUT_MS,
+    retention: { documentDays: e.DOCUMENT_RETENTION_DAYS, referralDays: e.REFERRAL_RETENTION_DAYS, cron: e.RETENTION_CRON },
   };
 }
 

@@ -251,6 +251,7 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
       fhir: stored.fhir,
       report: stored.report,
       taskVersion: stored.taskVersion,
+      documentsRemovedAt: stored.documentsRemovedAt,
     };
     return { summary, stored };
   }

@@ -32,6 +32,13 @@ export const deliveryLatency = new Histogram({
   registers: [metricsRegistry],
 });
 
+export const retentionActions = new Counter({
+  name: 'referral_retention_total',
+  help: 'Closed referrals whose document bytes were removed, or that were deleted, by the retention job',
+  labelNames: ['action'] as const,
+  registers: [metricsRegistry],
+});
+
 /** What the backlog gauges read at each scrape (the running service registers it; see setBacklogSource). */
 export interface Backlog {
   /** Delivery outbox entries that are pending or failed, by kind. */

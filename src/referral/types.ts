@@ -48,4 +48,6 @@ export interface StoredReferral {
   report: ReportInfo | null;
   /** Task.meta.versionId last seen at the centre. */
   taskVersion: string | null;
+  /** When the retention job removed the inline document bytes of this closed referral; null while kept. */
+  documentsRemovedAt: string | null;
 }

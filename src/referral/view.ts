@@ -14,6 +14,8 @@ export interface ReferralView {
   history: Array<{ status: string; at: string; reason?: string }>;
   delivery: { attempts: number; lastError: string | null; nextAttemptAt: string | null };
   report: { reference: string; title?: string; contentType?: string; url: string } | null;
+  /** When the retention job removed the inline document bytes (DOCUMENT_RETENTION_DAYS after closing); null while kept. */
+  documentsRemovedAt: string | null;
 }
 
 export function toView(r: StoredReferral, history: HistoryEntry[], outbox: OutboxEntry[]): ReferralView {
@@ -43,5 +45,6 @@ export function toView(r: StoredReferral, history: HistoryEntry[], outbox: Outbo
       nextAttemptAt: pending ? pending.nextAttemptAt : null,
     },
     report: r.report ? { ...r.report, url: `/referrals/${r.id}/report/content` } : null,
+    documentsRemovedAt: r.documentsRemovedAt,
   };
 }

@@ -118,16 +118,37 @@ migrations['0004_payload_table'] = {
   },
 };
 
+migrations['0005_document_count_and_retention'] = {
+  async up(db: Kysely<any>): Promise<void> {
+    // How many documents were added after the submission, so numbering the next ones reads a counter
+    // instead of parsing every earlier "documents" outbox payload (which carries their base64 data).
+    await db.schema.alterTable('referrals').addColumn('documents_added', 'integer', (c) => c.notNull().defaultTo(0)).execute();
+    const rows = (await db.selectFrom('outbox').select(['referral_id', 'payload']).where('kind', '=', 'documents').execute()) as Array<{
+      referral_id: string;
+      payload: string | null;
+    }>;
+    const added = new Map<string, number>();
+    for (const r of rows) {
+      const n = (JSON.parse(r.payload ?? '{}') as { documents?: unknown[] }).documents?.length ?? 0;
+      added.set(r.referral_id, (added.get(r.referral_id) ?? 0) + n);
+    }
+    for (const [id, n] of added) await db.updateTable('referrals').set({ documents_added: n }).where('id', '=', id).execute();
+    // When the retention job removed the inline document bytes of a closed referral.
+    await db.schema.alterTable('referrals').addColumn('documents_removed_at', 'text').execute();
+    await db.schema.createIndex('referrals_status_updated_idx').on('referrals').columns(['status', 'updated_at']).execute();
+  },
+};
+
 class StaticProvider implements MigrationProvider {
   async getMigrations(): Promise<Record<string, Migration>> {
     return migrations;
   }
 }
 
-/** Runs pending migrations; throws with the failing migration's name. */
-export async function migrate(db: Kysely<any>): Promise<string[]> {
+/** Runs pending migrations (up to `target`, default all); throws with the failing migration's name. */
+export async function migrate(db: Kysely<any>, target?: string): Promise<string[]> {
   const migrator = new Migrator({ db, provider: new StaticProvider() });
-  const { error, results } = await migrator.migrateToLatest();
+  const { error, results } = target ? await migrator.migrateTo(target) : await migrator.migrateToLatest();
   if (error) {
     const failed = results?.find((r) => r.status === 'Error');
     throw new Error(`database migration ${failed?.migrationName ?? ''} failed: ${(error as Error).message}`);

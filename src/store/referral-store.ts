@@ -95,17 +95,20 @@ const LIGHT_COLUMNS = [
   'report',
   'task_version',
   'callback_url',
+  'documents_removed_at',
   'created_at',
   'updated_at',
 ] as const;
 
+type LightRow = Pick<ReferralsTable, (typeof LIGHT_COLUMNS)[number]>;
+
 /** A referral read with LIGHT_COLUMNS, without its submission: reading `payload` throws. */
-function toLightReferral(row: ReferralsTable): StoredReferral {
+function toLightReferral(row: LightRow): StoredReferral {
   return toReferral({ ...row, payload: '' }, false);
 }
 
 /** A stored referral; without `withPayload`, reading `payload` is a programming error and throws. */
-function toReferral(row: ReferralsTable & { payload: string }, withPayload = true): StoredReferral {
+function toReferral(row: LightRow & { payload: string }, withPayload = true): StoredReferral {
   // The submission can be megabytes of base64 documents: parse it only when someone reads it.
   let payload: Referral | undefined;
   const r = {
@@ -120,6 +123,7 @@ function toReferral(row: ReferralsTable & { payload: string }, withPayload = tru
     fhir: row.fhir ? (JSON.parse(row.fhir) as FhirRefs) : null,
     report: row.report ? (JSON.parse(row.report) as ReportInfo) : null,
     taskVersion: row.task_version,
+    documentsRemovedAt: row.documents_removed_at,
   };
   return Object.defineProperty(r, 'payload', {
     enumerable: true,
@@ -191,6 +195,8 @@ export class ReferralStore {
             status: 'queued',
             status_reason: null,
             callback_url: r.payload.callbackUrl ?? null,
+            documents_added: 0,
+            documents_removed_at: null,
             fhir: null,
             report: null,
             task_version: null,
@@ -222,6 +228,7 @@ export class ReferralStore {
       fhir: null,
       report: null,
       taskVersion: null,
+      documentsRemovedAt: null,
     };
   }
 
@@ -389,11 +396,14 @@ export class ReferralStore {
   async addDocuments(referralId: string, documents: unknown[], baseCount: number): Promise<{ outboxId: string; startIndex: number }> {
     return this.db.durably((k) => k.transaction().execute(async (trx) => {
       await this.lockReferral(trx, referralId);
-      const earlier = await trx.selectFrom('outbox').select('payload').where('referral_id', '=', referralId).where('kind', '=', 'documents').execute();
-      const added = earlier.reduce((n, e) => n + ((JSON.parse(e.payload ?? '{}') as { documents?: unknown[] }).documents?.length ?? 0), 0);
-      const startIndex = baseCount + added;
+      const { documents_added: added } = await trx.selectFrom('referrals').select('documents_added').where('id', '=', referralId).executeTakeFirstOrThrow();
+      const startIndex = baseCount + Number(added);
       const outboxId = await this.insertOutbox(trx, referralId, 'documents', { documents, startIndex }, nowIso());
-      await trx.updateTable('referrals').set({ updated_at: nowIso() }).where('id', '=', referralId).execute();
+      await trx
+        .updateTable('referrals')
+        .set({ updated_at: nowIso(), documents_added: Number(added) + documents.length })
+        .where('id', '=', referralId)
+        .execute();
       return { outboxId, startIndex };
     }));
   }
@@ -614,6 +624,74 @@ export class ReferralStore {
       oldestPendingSeconds: oldest?.at ? Math.max(0, (now.getTime() - Date.parse(oldest.at)) / 1000) : 0,
       referrals: referrals.map((r) => ({ status: r.status, count: Number(r.n) })),
     };
+  }
+
+  // ---- retention ----
+
+  /**
+   * Closed referrals (status in `statuses`, unchanged since before `cutoff`) with no delivery or webhook
+   * still pending, oldest first. `documentsKept` limits it to those whose document bytes are still stored;
+   * with `noFailedDelivery`, a referral with a dead-lettered delivery an operator may re-queue is left out.
+   */
+  async closedBefore(opts: { statuses: readonly string[]; cutoff: string; documentsKept?: boolean; noFailedDelivery?: boolean; limit: number; id?: string }, k: Kysely<Database> = this.k): Promise<string[]> {
+    const openOutbox = opts.noFailedDelivery ? ['pending', 'failed'] : ['pending'];
+    let q = k
+      .selectFrom('referrals as r')
+      .select('r.id')
+      .where('r.status', 'in', [...opts.statuses])
+      .where('r.updated_at', '<', opts.cutoff)
+      .where((eb) => eb.not(eb.exists(eb.selectFrom('outbox as o').select('o.id').whereRef('o.referral_id', '=', 'r.id').where('o.state', 'in', openOutbox))))
+      .where((eb) => eb.not(eb.exists(eb.selectFrom('webhook_outbox as w').select('w.id').whereRef('w.referral_id', '=', 'r.id').where('w.state', '=', 'pending'))));
+    if (opts.documentsKept) q = q.where('r.documents_removed_at', 'is', null);
+    if (opts.id) q = q.where('r.id', '=', opts.id);
+    const rows = await q.orderBy('r.updated_at').limit(opts.limit).execute();
+    return rows.map((r) => r.id);
+  }
+
+  /**
+   * Removes the inline document bytes of a closed referral, from its stored submission and from its
+   * "documents" outbox entries, leaving each document's size and digest. Rechecks under the referral's
+   * lock that it is still due (the same conditions as `closedBefore`); returns how many documents lost
+   * their bytes, or null when it was not due.
+   */
+  async removeDocumentBytes(
+    id: string,
+    due: { statuses: readonly string[]; cutoff: string },
+    strip: (documents: Array<Record<string, unknown>>, at: string) => { documents: Array<Record<string, unknown>>; removed: number },
+    at = nowIso()
+  ): Promise<number | null> {
+    return this.k.transaction().execute(async (trx) => {
+      if (!(await this.lockReferral(trx, id))) return null;
+      if ((await this.closedBefore({ ...due, documentsKept: true, noFailedDelivery: true, limit: 1, id }, trx)).length === 0) return null;
+      let removed = 0;
+      const p = await trx.selectFrom('referral_payloads').select('payload').where('referral_id', '=', id).executeTakeFirst();
+      if (p) {
+        const payload = JSON.parse(p.payload) as { documents?: Array<Record<string, unknown>> };
+        const r = strip(payload.documents ?? [], at);
+        removed += r.removed;
+        if (r.removed > 0) await trx.updateTable('referral_payloads').set({ payload: JSON.stringify({ ...payload, documents: r.documents }) }).where('referral_id', '=', id).execute();
+      }
+      const added = await trx.selectFrom('outbox').select(['id', 'payload']).where('referral_id', '=', id).where('kind', '=', 'documents').execute();
+      for (const e of added) {
+        const payload = JSON.parse(e.payload ?? '{}') as { documents?: Array<Record<string, unknown>> };
+        const r = strip(payload.documents ?? [], at);
+        removed += r.removed;
+        if (r.removed > 0) await trx.updateTable('outbox').set({ payload: JSON.stringify({ ...payload, documents: r.documents }) }).where('id', '=', e.id).execute();
+      }
+      // updated_at stays: the referral's retention keeps counting from when it closed.
+      await trx.updateTable('referrals').set({ documents_removed_at: at }).where('id', '=', id).execute();
+      return removed;
+    });
+  }
+
+  /** Deletes a closed referral and everything of it (history, outboxes, submission) if it is still due. */
+  async deleteClosed(id: string, due: { statuses: readonly string[]; cutoff: string }): Promise<boolean> {
+    return this.k.transaction().execute(async (trx) => {
+      if (!(await this.lockReferral(trx, id))) return false;
+      if ((await this.closedBefore({ ...due, limit: 1, id }, trx)).length === 0) return false;
+      const r = await trx.deleteFrom('referrals').where('id', '=', id).executeTakeFirst();
+      return Number(r.numDeletedRows) === 1;
+    });
   }
 
   async ping(): Promise<void> {

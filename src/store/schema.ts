@@ -15,6 +15,10 @@ export interface ReferralsTable {
   task_version: string | null;
   /** The referrer's webhook URL (also in the payload; here so status changes need not parse it). */
   callback_url: string | null;
+  /** Documents added after the submission (POST /referrals/{id}/documents); numbers the next ones. */
+  documents_added: number;
+  /** When the retention job removed the inline document bytes (see src/store/retention.ts). */
+  documents_removed_at: string | null;
   created_at: string;
   updated_at: string;
 }

@@ -7,6 +7,7 @@ import { openDb } from '../../src/store/db';
 import { newReferralId, nowIso } from '../../src/store/ids';
 import { migrate } from '../../src/store/migrations';
 import { ReferralStore } from '../../src/store/referral-store';
+import { closedStatuses, withoutDocumentBytes } from '../../src/retention/policy';
 import { serviceDatabases, storeBackends } from '../helpers/db';
 
 const sample = referralSchema.parse(JSON.parse(readFileSync('fixtures/referrals/breast-second-opinion.json', 'utf8')));
@@ -120,6 +121,75 @@ describe.each(storeBackends())('store on %s', (_name, open) => {
     await store.createReferral(r);
     const starts = await Promise.all(Array.from({ length: 6 }, () => store.addDocuments(r.id, [{ kind: 'other' }, { kind: 'other' }], 2)));
     expect(starts.map((x) => x.startIndex).sort((a, b) => a - b)).toEqual([2, 4, 6, 8, 10, 12]);
+  });
+
+  describe('retention', () => {
+    const due = { statuses: closedStatuses, cutoff: '2099-01-01T00:00:00.000Z' };
+    /** Everything for the referral sent: its deliveries and its status webhooks. */
+    const finishAll = async (id: string): Promise<void> => {
+      for (const e of await store.outboxFor(id)) await store.finishOutbox(e.id, 'done', 1, null);
+      await store.db.kysely.updateTable('webhook_outbox').set({ state: 'delivered' }).where('referral_id', '=', id).execute();
+    };
+    const storedDocuments = async (id: string): Promise<Array<Record<string, unknown>>> => {
+      const row = await store.db.kysely.selectFrom('referral_payloads').select('payload').where('referral_id', '=', id).executeTakeFirstOrThrow();
+      return (JSON.parse(row.payload) as { documents: Array<Record<string, unknown>> }).documents;
+    };
+
+    test('only closed referrals with nothing left to send lose their document bytes, in the submission and in added documents', async () => {
+      const open = newReferral();
+      const closed = newReferral();
+      const failedDelivery = newReferral();
+      for (const r of [open, closed, failedDelivery]) await store.createReferral(r);
+      const extra = { kind: 'other', title: 'Later note', contentType: 'text/plain', data: Buffer.from('added later').toString('base64') };
+      await store.addDocuments(closed.id, [extra], sample.documents.length);
+      await store.changeStatus(open.id, { status: 'sent' });
+      // The submission is still pending: not due even once completed.
+      await store.changeStatus(closed.id, { status: 'completed' });
+      expect(await store.closedBefore({ ...due, documentsKept: true, noFailedDelivery: true, limit: 10 })).toEqual([]);
+      await finishAll(closed.id);
+      await finishAll(open.id);
+      // A dead-lettered delivery an operator may re-queue keeps its bytes.
+      await store.changeStatus(failedDelivery.id, { status: 'cancelled' });
+      const [entry] = await store.outboxFor(failedDelivery.id);
+      await store.finishOutbox(entry.id, 'failed', 3, 'centre down');
+      expect(await store.closedBefore({ ...due, documentsKept: true, noFailedDelivery: true, limit: 10 })).toEqual([closed.id]);
+      // Not yet past its cut-off.
+      expect(await store.removeDocumentBytes(closed.id, { ...due, cutoff: '2000-01-01T00:00:00.000Z' }, withoutDocumentBytes)).toBeNull();
+
+      const inline = sample.documents.filter((d) => d.data !== undefined).length;
+      expect(await store.removeDocumentBytes(closed.id, due, withoutDocumentBytes, '2030-01-01T00:00:00.000Z')).toBe(inline + 1);
+      const docs = await storedDocuments(closed.id);
+      expect(docs.every((d) => d.data === undefined)).toBe(true);
+      expect(docs.filter((d) => d.dataRemoved)).toHaveLength(inline);
+      const [added] = (await store.outboxFor(closed.id)).filter((e) => e.kind === 'documents');
+      const addedPayload = added.payload as { documents: Array<Record<string, unknown>>; startIndex: number };
+      expect(addedPayload.startIndex).toBe(sample.documents.length);
+      expect(addedPayload.documents[0]).toMatchObject({ title: 'Later note', dataRemoved: { bytes: 'added later'.length } });
+      expect(addedPayload.documents[0].data).toBeUndefined();
+      const after = await store.getById(closed.id, { payload: false });
+      expect(after).toMatchObject({ status: 'completed', documentsRemovedAt: '2030-01-01T00:00:00.000Z', updatedAt: (await store.getById(closed.id, { payload: false }))?.updatedAt });
+      // Done once: not due again.
+      expect(await store.removeDocumentBytes(closed.id, due, withoutDocumentBytes)).toBeNull();
+      // The others kept theirs.
+      expect((await storedDocuments(open.id)).some((d) => typeof d.data === 'string')).toBe(true);
+      expect((await storedDocuments(failedDelivery.id)).some((d) => typeof d.data === 'string')).toBe(true);
+    });
+
+    test('deleting a closed referral removes its submission, history and outboxes; a pending webhook holds it back', async () => {
+      const r = { ...newReferral(), payload: { ...sample, callbackUrl: 'https://ehr.example.org/hooks' } };
+      await store.createReferral(r);
+      await finishAll(r.id);
+      await store.changeStatus(r.id, { status: 'rejected', reason: 'not our speciality' });
+      expect(await store.deleteClosed(r.id, due)).toBe(false); // its status webhook is still pending
+      await store.db.kysely.updateTable('webhook_outbox').set({ state: 'delivered' }).where('referral_id', '=', r.id).execute();
+      expect(await store.closedBefore({ ...due, limit: 10 })).toEqual([r.id]);
+      expect(await store.deleteClosed(r.id, due)).toBe(true);
+      expect(await store.getById(r.id)).toBeNull();
+      const k = store.db.kysely;
+      for (const table of ['referral_payloads', 'referral_history', 'outbox', 'webhook_outbox'] as const) {
+        expect(await k.selectFrom(table).select('referral_id').where('referral_id', '=', r.id).execute()).toEqual([]);
+      }
+    });
   });
 
   test('a conditional status change is not applied when its condition fails', async () => {
@@ -243,6 +313,31 @@ describe('durability of acknowledged writes (SQLite)', () => {
     db.durably = durably;
     expect(seen).toEqual([2]);
     expect((await store.list('c', { limit: 5 })).items.map((r) => r.externalId)).toEqual(['EHR-DURABLE']);
+  });
+});
+
+describe('migration 0005 (SQLite)', () => {
+  test('documents added before the counter existed are counted, so the next ones keep their numbers', async () => {
+    const db = openDb('sqlite::memory:');
+    await migrate(db.kysely, '0004_payload_table');
+    const k = db.kysely as Kysely<any>;
+    const at = nowIso();
+    await k
+      .insertInto('referrals')
+      .values({ id: 'ref_old', client_id: 'c', external_id: 'E', idempotency_key: null, request_hash: 'h', destination: 'sandbox', status: 'sent', status_reason: null, fhir: null, report: null, task_version: null, callback_url: null, created_at: at, updated_at: at })
+      .execute();
+    await k.insertInto('referral_payloads').values({ referral_id: 'ref_old', payload: JSON.stringify(sample) }).execute();
+    for (const [i, n] of [[1, 2], [2, 3]]) {
+      await k
+        .insertInto('outbox')
+        .values({ id: `ob_${i}`, referral_id: 'ref_old', kind: 'documents', payload: JSON.stringify({ documents: Array(n).fill({ kind: 'other' }), startIndex: 0 }), state: 'done', attempts: 1, next_attempt_at: at, created_at: at, updated_at: at })
+        .execute();
+    }
+    await migrate(db.kysely);
+    const store = new ReferralStore(db);
+    expect((await store.addDocuments('ref_old', [{ kind: 'other' }], sample.documents.length)).startIndex).toBe(sample.documents.length + 5);
+    expect((await store.getById('ref_old', { payload: false }))?.documentsRemovedAt).toBeNull();
+    await db.close();
   });
 });
 

@@ -16,6 +16,8 @@ describe('configuration', () => {
     expect([...c.apiKeys.entries()]).toEqual([['dev', 'dev-key']]);
     expect(c.port).toBe(8080);
     expect(c.maxBodyBytes).toBe(25 * 1024 * 1024);
+    // Closed referrals drop their document bytes after 30 days; referrals themselves are kept.
+    expect(c.retention).toEqual({ documentDays: 30, referralDays: 0, cron: '17 3 * * *' });
   });
 
   test.each([
@@ -32,6 +34,10 @@ describe('configuration', () => {
     [{ WEBHOOK_SECRET: 'short' }, /^WEBHOOK_SECRET /],
     [{ WEBHOOK_ALLOW_PRIVATE_NETWORKS: 'yes' }, /^WEBHOOK_ALLOW_PRIVATE_NETWORKS must be true or false/],
     [{ DELIVERY_MAX_AGE_MS: '10' }, /^DELIVERY_MAX_AGE_MS /],
+    [{ DOCUMENT_RETENTION_DAYS: '-1' }, /^DOCUMENT_RETENTION_DAYS /],
+    [{ REFERRAL_RETENTION_DAYS: 'forever' }, /^REFERRAL_RETENTION_DAYS /],
+    [{ RETENTION_CRON: 'nightly' }, /^RETENTION_CRON /],
+    [{ DOCUMENT_RETENTION_DAYS: '90', REFERRAL_RETENTION_DAYS: '30' }, /^DOCUMENT_RETENTION_DAYS \(90\) is longer than REFERRAL_RETENTION_DAYS \(30\)/],
   ])('a bad value (%j) is one line naming the variable', (env, pattern) => {
     let err: unknown;
     try {

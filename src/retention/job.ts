@@ -1,0 +1,85 @@
+import { schedule, type ScheduledTask } from 'node-cron';
+import { logger } from '../observability/logger';
+import { retentionActions } from '../observability/metrics';
+import type { ReferralStore } from '../store/referral-store';
+import { closedStatuses, cutoff, type RetentionPolicy, withoutDocumentBytes } from './policy';
+
+export interface RetentionRun {
+  /** Referrals whose inline document bytes were removed, and how many documents that was. */
+  referralsStripped: number;
+  documentsStripped: number;
+  referralsDeleted: number;
+  skipped?: string;
+}
+
+const BATCH = 100;
+
+/**
+ * Applies the retention policy on a schedule (RETENTION_CRON): closed referrals lose their inline
+ * document bytes after `documentDays`, and are deleted after `referralDays`. The gateway is a relay,
+ * not a record system: the EHR and the centre keep the documents. One instance runs it at a time.
+ */
+export class RetentionJob {
+  private task: ScheduledTask | undefined;
+  private running: Promise<RetentionRun> | undefined;
+
+  constructor(
+    private readonly store: ReferralStore,
+    private readonly policy: RetentionPolicy & { cron: string }
+  ) {}
+
+  start(): void {
+    if (this.policy.documentDays === 0 && this.policy.referralDays === 0) return;
+    this.task = schedule(this.policy.cron, () => this.run().then(() => undefined), { noOverlap: true, name: 'retention' });
+  }
+
+  async stop(): Promise<void> {
+    await this.task?.stop();
+    await this.running?.catch(() => undefined);
+  }
+
+  /** One pass over everything due at `now`; a second call while one runs joins it. */
+  run(now = new Date()): Promise<RetentionRun> {
+    this.running ??= this.pass(now).finally(() => (this.running = undefined));
+    return this.running;
+  }
+
+  private async pass(now: Date): Promise<RetentionRun> {
+    const result: RetentionRun = { referralsStripped: 0, documentsStripped: 0, referralsDeleted: 0 };
+    if (!(await this.store.db.holdLock('retention'))) return { ...result, skipped: 'another instance runs retention' };
+    try {
+      if (this.policy.referralDays > 0) {
+        const due = { statuses: closedStatuses, cutoff: cutoff(now, this.policy.referralDays) };
+        for (let ids = await this.store.closedBefore({ ...due, limit: BATCH }); ids.length > 0; ids = await this.store.closedBefore({ ...due, limit: BATCH })) {
+          let progress = 0;
+          for (const id of ids) if (await this.store.deleteClosed(id, due)) progress++;
+          result.referralsDeleted += progress;
+          if (progress === 0) break; // everything left changed under us; the next run sees it
+        }
+      }
+      if (this.policy.documentDays > 0) {
+        const due = { statuses: closedStatuses, cutoff: cutoff(now, this.policy.documentDays) };
+        const next = (): Promise<string[]> => this.store.closedBefore({ ...due, documentsKept: true, noFailedDelivery: true, limit: BATCH });
+        for (let ids = await next(); ids.length > 0; ids = await next()) {
+          let progress = 0;
+          for (const id of ids) {
+            const removed = await this.store.removeDocumentBytes(id, due, withoutDocumentBytes, now.toISOString());
+            if (removed === null) continue;
+            progress++;
+            result.documentsStripped += removed;
+          }
+          result.referralsStripped += progress;
+          if (progress === 0) break;
+        }
+      }
+    } catch (err) {
+      logger.error('retention run failed; the next run resumes', { error: (err as Error).message });
+      throw err;
+    } finally {
+      retentionActions.inc({ action: 'documents-removed' }, result.referralsStripped);
+      retentionActions.inc({ action: 'referral-deleted' }, result.referralsDeleted);
+    }
+    if (result.referralsStripped + result.referralsDeleted > 0) logger.info('retention applied', { ...result });
+    return result;
+  }
+}
