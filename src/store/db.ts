@@ -3,6 +3,8 @@ import { dirname } from 'node:path';
 import { DatabaseSync, type StatementSync } from 'node:sqlite';
 import { Kysely, PostgresDialect, sql, SqliteDialect, type SqliteDatabase, type SqliteStatement } from 'kysely';
 import { Client, Pool } from 'pg';
+import { logger } from '../observability/logger';
+import { type CheckpointStats, startCheckpointer } from './checkpointer';
 import type { Database } from './schema';
 
 export type Dialect = 'sqlite' | 'postgres';
@@ -24,8 +26,16 @@ export interface Db {
    * by the server when that connection ends. SQLite has one process per database file, so it is always true.
    */
   holdLock(name: string): Promise<boolean>;
+  /** SQLite file databases: what the background WAL checkpointer has done (see checkpointer.ts). */
+  checkpoints?: () => CheckpointStats;
   close(): Promise<void>;
 }
+
+/**
+ * With the background checkpointer, the main connection checkpoints by itself only when the log reaches
+ * this many pages (32 MiB at 4 KiB pages): a safety net for writes that never pause. SQLite's default is 1000.
+ */
+const SAFETY_NET_PAGES = 8000;
 
 /** Session advisory locks on one dedicated PostgreSQL connection (not from the pool, so they stay held). */
 function advisoryLocks(url: string): { hold(name: string): Promise<boolean>; close(): Promise<void> } {
@@ -120,6 +130,21 @@ export function openDb(url: string): Db {
     }
     const raw = new DatabaseSync(path);
     raw.exec('PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;');
+    // Checkpoints run on a worker thread, off the event loop; if it fails, SQLite's own auto-checkpoint is back.
+    const checkpointer =
+      path === ':memory:'
+        ? undefined
+        : startCheckpointer(path, {
+            onError: (message) => {
+              logger.warn('SQLite WAL checkpointer failed; checkpointing on the main thread again', { error: message });
+              try {
+                raw.exec('PRAGMA wal_autocheckpoint = 1000');
+              } catch {
+                // the database is already closed
+              }
+            },
+          });
+    if (checkpointer) raw.exec(`PRAGMA wal_autocheckpoint = ${SAFETY_NET_PAGES}`);
     const kysely = new Kysely<Database>({ dialect: new SqliteDialect({ database: nodeSqliteAdapter(raw) }) });
     // The connection is held for the whole callback, so no other query runs with FULL by accident, and none
     // of the callback's with NORMAL.
@@ -132,7 +157,17 @@ export function openDb(url: string): Db {
           await sql`PRAGMA synchronous = NORMAL`.execute(k);
         }
       });
-    return { kysely, dialect: 'sqlite', durably, holdLock: async () => true, close: () => kysely.destroy() };
+    return {
+      kysely,
+      dialect: 'sqlite',
+      durably,
+      holdLock: async () => true,
+      checkpoints: checkpointer?.stats,
+      close: async () => {
+        await checkpointer?.stop();
+        await kysely.destroy();
+      },
+    };
   }
   const pool = new Pool({ connectionString: url, max: 10 });
   pool.on('error', () => undefined); // idle client errors surface on the next query

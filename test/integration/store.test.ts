@@ -3,6 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { type Kysely, sql } from 'kysely';
 import { referralSchema } from '../../src/referral/schema';
+import { type CheckpointStats, startCheckpointer } from '../../src/store/checkpointer';
 import { openDb } from '../../src/store/db';
 import { newReferralId, nowIso } from '../../src/store/ids';
 import { migrate } from '../../src/store/migrations';
@@ -315,6 +316,57 @@ describe('durability of acknowledged writes (SQLite)', () => {
     expect((await store.list('c', { limit: 5 })).items.map((r) => r.externalId)).toEqual(['EHR-DURABLE']);
   });
 });
+
+describe('WAL checkpoints off the event loop (SQLite)', () => {
+  test('a worker thread copies the log into the database file; the main connection only keeps a safety net', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'rg-wal-'));
+    const db = openDb(`sqlite:${join(dir, 'gateway.db')}`);
+    try {
+      await migrate(db.kysely);
+      const autocheckpoint = (await sql<{ wal_autocheckpoint: number }>`PRAGMA wal_autocheckpoint`.execute(db.kysely)).rows[0].wal_autocheckpoint;
+      expect(Number(autocheckpoint)).toBe(8000);
+      const store = new ReferralStore(db);
+      // About 1,500 pages of submissions: past SQLite's default threshold (1,000), far below the safety net.
+      const big = { ...sample, documents: [{ ...sample.documents[0], data: Buffer.alloc(150_000, 7).toString('base64') }] };
+      for (let i = 0; i < 30; i++) {
+        await store.createReferral({ id: newReferralId(), clientId: 'c', externalId: `EHR-WAL-${i}`, idempotencyKey: null, requestHash: 'h', destination: 'sandbox', payload: big, at: nowIso() });
+      }
+      const stats = await eventuallyStats(() => db.checkpoints?.());
+      expect(stats.pages).toBeGreaterThan(1000);
+      expect(stats.lastError).toBeUndefined();
+      // What was checkpointed reads back whole.
+      expect((await store.list('c', { limit: 100 })).items).toHaveLength(30);
+    } finally {
+      await db.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test('a checkpointer that cannot open the database reports it (openDb then checkpoints on the main thread again)', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'rg-wal-'));
+    const errors: string[] = [];
+    const c = startCheckpointer(dir, { everyMs: 10, onError: (m) => errors.push(m) }); // a directory, not a database
+    try {
+      for (let i = 0; i < 100 && errors.length === 0; i++) await new Promise((r) => setTimeout(r, 20));
+      expect(errors.length).toBeGreaterThan(0);
+      expect(c.stats().lastError).toBeDefined();
+    } finally {
+      await c.stop();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+async function eventuallyStats(read: () => CheckpointStats | undefined): Promise<CheckpointStats> {
+  for (let i = 0; i < 200; i++) {
+    const s = read();
+    if (s && s.pages > 1000) return s;
+    await new Promise((r) => setTimeout(r, 25));
+  }
+  const s = read();
+  if (!s) throw new Error('no checkpoint stats: the checkpointer did not start');
+  return s;
+}
 
 describe('migration 0005 (SQLite)', () => {
   test('documents added before the counter existed are counted, so the next ones keep their numbers', async () => {
