@@ -15,17 +15,42 @@ import { Worker } from 'node:worker_threads';
 const WORKER_SOURCE = `
 const { parentPort, workerData } = require('node:worker_threads');
 const { DatabaseSync } = require('node:sqlite');
+const fs = require('node:fs');
+const os = require('node:os');
 const db = new DatabaseSync(workerData.path);
 db.exec('PRAGMA busy_timeout = 0');
 const checkpoint = db.prepare('PRAGMA wal_checkpoint(PASSIVE)');
+// Frames written but not yet copied, read from the WAL-index header in the -shm file (sqlite.org/walformat.html:
+// mxFrame at byte 16, nBackfill at byte 96, native byte order), as SQLite's own auto-checkpoint counts them.
+const header = Buffer.alloc(136);
+const le = os.endianness() === 'LE';
+let shm;
+const pendingFrames = () => {
+  try {
+    shm ??= fs.openSync(workerData.path + '-shm', 'r');
+    if (fs.readSync(shm, header, 0, 136, 0) < 136 || header.readUInt32LE(0) !== 3007000) return undefined;
+    const mxFrame = le ? header.readUInt32LE(16) : header.readUInt32BE(16);
+    const nBackfill = le ? header.readUInt32LE(96) : header.readUInt32BE(96);
+    return nBackfill <= mxFrame ? mxFrame - nBackfill : mxFrame;
+  } catch {
+    return undefined;
+  }
+};
 let stopped = false;
+let lastRun = 0;
 const tick = () => {
   if (stopped) return;
-  try {
-    const r = checkpoint.get();
-    parentPort.postMessage({ type: 'checkpoint', busy: Number(r.busy), log: Number(r.log), checkpointed: Number(r.checkpointed) });
-  } catch (err) {
-    parentPort.postMessage({ type: 'error', message: String(err && err.message || err) });
+  const pending = pendingFrames();
+  // Unknown (no header to read): checkpoint once a second instead.
+  const due = pending === undefined ? Date.now() - lastRun >= 1000 : pending >= workerData.frames;
+  if (due) {
+    lastRun = Date.now();
+    try {
+      const r = checkpoint.get();
+      parentPort.postMessage({ type: 'checkpoint', busy: Number(r.busy), log: Number(r.log), checkpointed: Number(r.checkpointed), counted: pending !== undefined });
+    } catch (err) {
+      parentPort.postMessage({ type: 'error', message: String(err && err.message || err) });
+    }
   }
   timer = setTimeout(tick, workerData.everyMs);
 };
@@ -34,6 +59,7 @@ parentPort.on('message', (m) => {
   if (m !== 'stop') return;
   stopped = true;
   clearTimeout(timer);
+  try { if (shm !== undefined) fs.closeSync(shm); } catch {}
   try { db.close(); } catch {}
   parentPort.close();
 });
@@ -46,6 +72,8 @@ export interface CheckpointStats {
   pages: number;
   /** Frames in the log at the last check. */
   lastLogFrames: number;
+  /** Whether the last checkpoint was started by counting frames in the WAL-index header (else by the 1 s fallback). */
+  counted?: boolean;
   lastError?: string;
 }
 
@@ -55,18 +83,24 @@ export interface Checkpointer {
   stop(): Promise<void>;
 }
 
-/** Starts checkpointing `path` every `everyMs` from a worker thread. `onError` hears a worker that failed. */
-export function startCheckpointer(path: string, opts: { everyMs?: number; onError?: (message: string) => void } = {}): Checkpointer {
+/**
+ * Starts checkpointing `path` from a worker thread: every `everyMs` (default 50) it checks the log and
+ * checkpoints once `frames` pages (default 1000, SQLite's own threshold) wait to be copied. Copying in
+ * batches matters: the pages a gateway rewrites most (outbox, referral rows) are copied once per batch.
+ * `onError` hears a worker that failed.
+ */
+export function startCheckpointer(path: string, opts: { everyMs?: number; frames?: number; onError?: (message: string) => void } = {}): Checkpointer {
   const stats: CheckpointStats = { runs: 0, pages: 0, lastLogFrames: 0 };
-  const worker = new Worker(WORKER_SOURCE, { eval: true, workerData: { path, everyMs: opts.everyMs ?? 100 } });
+  const worker = new Worker(WORKER_SOURCE, { eval: true, workerData: { path, everyMs: opts.everyMs ?? 50, frames: opts.frames ?? 1000 } });
   let backfilled = 0;
-  worker.on('message', (m: { type: 'checkpoint'; busy: number; log: number; checkpointed: number } | { type: 'error'; message: string }) => {
+  worker.on('message', (m: { type: 'checkpoint'; busy: number; log: number; checkpointed: number; counted: boolean } | { type: 'error'; message: string }) => {
     if (m.type === 'error') {
       stats.lastError = m.message;
       opts.onError?.(m.message);
       return;
     }
     stats.lastLogFrames = m.log;
+    stats.counted = m.counted;
     // `checkpointed` counts frames of the current log already copied; a restarted log starts again at 0.
     const copied = m.checkpointed >= backfilled ? m.checkpointed - backfilled : m.checkpointed;
     backfilled = m.checkpointed;
