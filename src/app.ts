@@ -9,6 +9,7 @@ import { adminRouter } from './api/admin-router';
 import { intakeBudget } from './api/intake-budget';
 import { metricsRegistry } from './observability/metrics';
 import { openapiRouter } from './api/openapi-router';
+import type { RetentionRun } from './retention/job';
 
 export interface AppDeps {
   config: Config;
@@ -20,6 +21,8 @@ export interface AppDeps {
   isShuttingDown: () => boolean;
   /** Status webhook operator endpoints (GET /webhooks, POST /webhooks/:id/retry), mounted under /admin. */
   webhooksAdmin?: Router;
+  /** Runs the retention job now (POST /admin/retention/run). */
+  runRetention?: () => Promise<RetentionRun>;
 }
 
 /** The HTTP composition root: headers, parsers, routers and the one error handler. */
@@ -58,7 +61,7 @@ export function createApp(deps: AppDeps): Express {
   const json = express.json({ limit: deps.config.maxBodyBytes, type: ['application/json', 'application/*+json'], strict: false });
   const budget = intakeBudget({ maxBytesInFlight: deps.config.maxIntakeBytesInFlight, maxBodyBytes: deps.config.maxBodyBytes, waitMs: deps.config.intakeWaitMs });
   app.use('/referrals', apiKeyAuth(deps.config.apiKeys), requireJson, budget, json, referralsRouter(deps.service, deps.store, deps.reports));
-  app.use('/admin', adminAuth(deps.config.adminApiKey), requireJson, json, adminRouter(deps.store), ...(deps.webhooksAdmin ? [deps.webhooksAdmin] : []));
+  app.use('/admin', adminAuth(deps.config.adminApiKey), requireJson, json, adminRouter(deps.store, deps.runRetention), ...(deps.webhooksAdmin ? [deps.webhooksAdmin] : []));
 
   app.use(notFoundHandler);
   app.use(errorHandler);

@@ -124,6 +124,7 @@ export class Gateway {
       isReady: () => this.readiness(),
       isShuttingDown: () => this.shuttingDown,
       webhooksAdmin: this.webhooksAttached.adminRouter,
+      runRetention: () => this.retention.run(),
     });
     const server = app.listen(this.config.port, this.config.host);
     this.server = server;

@@ -3,15 +3,22 @@ import { z } from 'zod';
 import type { ReferralStore } from '../store/referral-store';
 import { HttpError } from './outcome';
 import { zodIssues } from '../referral/service';
+import type { RetentionRun } from '../retention/job';
 
 const stateQuery = z.strictObject({
   state: z.enum(['pending', 'done', 'failed']).default('failed'),
   limit: z.coerce.number().int().min(1).max(500).default(100),
 });
 
-/** Operator endpoints (ADMIN_API_KEY): the delivery dead letter and its replay. */
-export function adminRouter(store: ReferralStore): Router {
+/** Operator endpoints (ADMIN_API_KEY): the delivery dead letter and its replay; retention on demand. */
+export function adminRouter(store: ReferralStore, runRetention?: () => Promise<RetentionRun>): Router {
   const r = Router();
+
+  /** Applies the retention policy now (as RETENTION_CRON would) and answers what it did. */
+  r.post('/retention/run', async (_req, res) => {
+    if (!runRetention) throw new HttpError(404, { code: 'not-found', message: 'retention is not available here' });
+    res.json(await runRetention());
+  });
 
   r.get('/deliveries', async (req, res) => {
     const q = stateQuery.safeParse(req.query);

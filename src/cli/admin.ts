@@ -1,0 +1,133 @@
+// Operator command line for a running gateway: `npm run admin -- <command>`. It calls the /admin API
+// (docs/openapi.json) with ADMIN_API_KEY, so it works the same against a local or a remote instance.
+//
+//   deliveries [failed|pending|done]    the delivery dead letter (default) or queue
+//   retry <referral id | outbox id>     re-queue a failed delivery
+//   webhooks [failed|pending|delivered] status webhooks that could not be delivered (default) or the queue
+//   webhook-retry <webhook id>          replay one
+//   retention                           apply the retention policy now
+//
+// GATEWAY_URL (default http://127.0.0.1:$PORT, PORT default 8080) names the instance. --json prints
+// the API's JSON instead of lines. Exit codes: 0 done, 1 the gateway refused or could not be reached, 2 usage.
+
+const USAGE = `usage: npm run admin -- <command> [--json]
+  deliveries [failed|pending|done]      list the delivery dead letter (default: failed) or queue
+  retry <referral id | outbox id>       re-queue a failed delivery
+  webhooks [failed|pending|delivered]   list status webhooks that could not be delivered (default: failed)
+  webhook-retry <webhook id>            replay one
+  retention                             apply the retention policy now
+environment: ADMIN_API_KEY (required), GATEWAY_URL (default http://127.0.0.1:8080)`;
+
+interface AdminCall {
+  method: 'GET' | 'POST';
+  path: string;
+  show: (body: any) => string[];
+}
+
+function parse(args: string[]): AdminCall | string {
+  const [command, arg, ...rest] = args.filter((a) => a !== '--json');
+  if (rest.length > 0) return `unexpected ${rest.join(' ')}`;
+  switch (command) {
+    case 'deliveries': {
+      const state = arg ?? 'failed';
+      if (!['failed', 'pending', 'done'].includes(state)) return `deliveries takes failed, pending or done, not ${state}`;
+      return {
+        method: 'GET',
+        path: `/admin/deliveries?state=${state}&limit=500`,
+        show: (b: { items: Array<{ id: string; referralId: string; kind: string; attempts: number; lastError: string | null; nextAttemptAt: string | null }> }) =>
+          b.items.length === 0
+            ? [`no ${state} deliveries`]
+            : b.items.map((e) => `${e.id}  ${e.referralId}  ${e.kind}  attempts=${e.attempts}${e.nextAttemptAt ? `  next=${e.nextAttemptAt}` : ''}${e.lastError ? `  ${oneLine(e.lastError)}` : ''}`),
+      };
+    }
+    case 'retry':
+      if (!arg) return 'retry needs a referral id (ref_...) or an outbox entry id';
+      return { method: 'POST', path: `/admin/deliveries/${encodeURIComponent(arg)}/retry`, show: (b: { requeued: string[] }) => [`re-queued ${b.requeued.join(', ')}`] };
+    case 'webhooks': {
+      const state = arg ?? 'failed';
+      if (!['failed', 'pending', 'delivered'].includes(state)) return `webhooks takes failed, pending or delivered, not ${state}`;
+      return {
+        method: 'GET',
+        path: `/admin/webhooks?state=${state}&limit=500`,
+        show: (b: { items: Array<{ id: string; referralId: string; attempts: number; lastError: string | null; event?: { status?: string } }> }) =>
+          b.items.length === 0
+            ? [`no ${state} webhooks`]
+            : b.items.map((e) => `${e.id}  ${e.referralId}  ${e.event?.status ?? ''}  attempts=${e.attempts}${e.lastError ? `  ${oneLine(e.lastError)}` : ''}`),
+      };
+    }
+    case 'webhook-retry':
+      if (!arg) return 'webhook-retry needs a webhook id (wh_...)';
+      return { method: 'POST', path: `/admin/webhooks/${encodeURIComponent(arg)}/retry`, show: (b: { requeued: string[] }) => [`re-queued ${b.requeued.join(', ')}`] };
+    case 'retention':
+      if (arg) return `retention takes no argument`;
+      return {
+        method: 'POST',
+        path: '/admin/retention/run',
+        show: (b: { referralsStripped: number; documentsStripped: number; referralsDeleted: number; skipped?: string }) => [
+          b.skipped ?? `document bytes removed from ${b.referralsStripped} referrals (${b.documentsStripped} documents); ${b.referralsDeleted} referrals deleted`,
+        ],
+      };
+    default:
+      return command ? `unknown command ${command}` : 'a command is required';
+  }
+}
+
+function oneLine(s: string): string {
+  const flat = s.replace(/\s+/g, ' ');
+  return flat.length > 200 ? `${flat.slice(0, 200)}…` : flat;
+}
+
+async function main(): Promise<number> {
+  const args = process.argv.slice(2);
+  if (args.includes('--help') || args.includes('-h')) {
+    process.stdout.write(`${USAGE}\n`);
+    return 0;
+  }
+  const req = parse(args);
+  if (typeof req === 'string') {
+    process.stderr.write(`${req}\n${USAGE}\n`);
+    return 2;
+  }
+  const key = process.env.ADMIN_API_KEY;
+  if (!key) {
+    process.stderr.write(`ADMIN_API_KEY is not set: it must be the key the gateway was started with\n`);
+    return 2;
+  }
+  const base = (process.env.GATEWAY_URL || `http://127.0.0.1:${process.env.PORT || 8080}`).replace(/\/+$/, '');
+  let res: Response;
+  try {
+    res = await fetch(`${base}${req.path}`, {
+      method: req.method,
+      headers: { Authorization: `Bearer ${key}`, 'Content-Type': 'application/json' },
+      ...(req.method === 'POST' ? { body: '{}' } : {}),
+      signal: AbortSignal.timeout(30_000),
+    });
+  } catch (err) {
+    process.stderr.write(`cannot reach the gateway at ${base}: ${(err as Error).cause instanceof Error ? ((err as Error).cause as Error).message : (err as Error).message}\n`);
+    return 1;
+  }
+  const text = await res.text();
+  let body: any;
+  try {
+    body = JSON.parse(text);
+  } catch {
+    body = undefined;
+  }
+  if (!res.ok) {
+    const issues: Array<{ details?: { text?: string } }> = body?.resourceType === 'OperationOutcome' ? body.issue : [];
+    const why = issues.map((i) => i.details?.text).filter(Boolean).join('; ') || text.slice(0, 200);
+    process.stderr.write(`${res.status}: ${why}\n`);
+    return 1;
+  }
+  process.stdout.write(args.includes('--json') ? `${JSON.stringify(body, null, 2)}\n` : `${req.show(body).join('\n')}\n`);
+  return 0;
+}
+
+main().then(
+  (code) => process.exit(code),
+  (err: Error) => {
+    process.stderr.write(`${err.message}\n`);
+    process.exit(1);
+  }
+);
+export {};
