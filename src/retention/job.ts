@@ -29,7 +29,13 @@ export class RetentionJob {
   ) {}
 
   start(): void {
-    if (this.policy.documentDays === 0 && this.policy.referralDays === 0) return;
+    const { documentDays, referralDays, cron } = this.policy;
+    logger.info('retention of closed referrals', {
+      documentBytes: documentDays > 0 ? `removed ${documentDays} days after closing` : 'kept',
+      referrals: referralDays > 0 ? `deleted ${referralDays} days after closing` : 'kept',
+      ...(documentDays > 0 || referralDays > 0 ? { schedule: cron } : {}),
+    });
+    if (documentDays === 0 && referralDays === 0) return;
     this.task = schedule(this.policy.cron, () => this.run().then(() => undefined), { noOverlap: true, name: 'retention' });
   }
 
