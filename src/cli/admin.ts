@@ -28,36 +28,16 @@ function parse(args: string[]): AdminCall | string {
   const [command, arg, ...rest] = args.filter((a) => a !== '--json');
   if (rest.length > 0) return `unexpected ${rest.join(' ')}`;
   switch (command) {
-    case 'deliveries': {
-      const state = arg ?? 'failed';
-      if (!['failed', 'pending', 'done'].includes(state)) return `deliveries takes failed, pending or done, not ${state}`;
-      return {
-        method: 'GET',
-        path: `/admin/deliveries?state=${state}&limit=500`,
-        show: (b: { items: Array<{ id: string; referralId: string; kind: string; attempts: number; lastError: string | null; nextAttemptAt: string | null }> }) =>
-          b.items.length === 0
-            ? [`no ${state} deliveries`]
-            : b.items.map((e) => `${e.id}  ${e.referralId}  ${e.kind}  attempts=${e.attempts}${e.nextAttemptAt ? `  next=${e.nextAttemptAt}` : ''}${e.lastError ? `  ${oneLine(e.lastError)}` : ''}`),
-      };
-    }
+    case 'deliveries':
+      return listing('deliveries', ['failed', 'pending', 'done'], arg, (e) => `${e.kind}  attempts=${e.attempts}${e.nextAttemptAt ? `  next=${e.nextAttemptAt}` : ''}`);
     case 'retry':
       if (!arg) return 'retry needs a referral id (ref_...) or an outbox entry id';
-      return { method: 'POST', path: `/admin/deliveries/${encodeURIComponent(arg)}/retry`, show: (b: { requeued: string[] }) => [`re-queued ${b.requeued.join(', ')}`] };
-    case 'webhooks': {
-      const state = arg ?? 'failed';
-      if (!['failed', 'pending', 'delivered'].includes(state)) return `webhooks takes failed, pending or delivered, not ${state}`;
-      return {
-        method: 'GET',
-        path: `/admin/webhooks?state=${state}&limit=500`,
-        show: (b: { items: Array<{ id: string; referralId: string; attempts: number; lastError: string | null; event?: { status?: string } }> }) =>
-          b.items.length === 0
-            ? [`no ${state} webhooks`]
-            : b.items.map((e) => `${e.id}  ${e.referralId}  ${e.event?.status ?? ''}  attempts=${e.attempts}${e.lastError ? `  ${oneLine(e.lastError)}` : ''}`),
-      };
-    }
+      return requeue(`/admin/deliveries/${encodeURIComponent(arg)}/retry`);
+    case 'webhooks':
+      return listing('webhooks', ['failed', 'pending', 'delivered'], arg, (e) => `${e.event?.status ?? ''}  attempts=${e.attempts}`);
     case 'webhook-retry':
       if (!arg) return 'webhook-retry needs a webhook id (wh_...)';
-      return { method: 'POST', path: `/admin/webhooks/${encodeURIComponent(arg)}/retry`, show: (b: { requeued: string[] }) => [`re-queued ${b.requeued.join(', ')}`] };
+      return requeue(`/admin/webhooks/${encodeURIComponent(arg)}/retry`);
     case 'retention':
       if (arg) return `retention takes no argument`;
       return {
@@ -70,6 +50,32 @@ function parse(args: string[]): AdminCall | string {
     default:
       return command ? `unknown command ${command}` : 'a command is required';
   }
+}
+
+interface ListedEntry {
+  id: string;
+  referralId: string;
+  kind?: string;
+  attempts: number;
+  lastError: string | null;
+  nextAttemptAt?: string | null;
+  event?: { status?: string };
+}
+
+/** GET /admin/{what}?state=: one line per entry (id, referral, `middle`, last error), or "no ..." when empty. */
+function listing(what: 'deliveries' | 'webhooks', states: string[], arg: string | undefined, middle: (e: ListedEntry) => string): AdminCall | string {
+  const state = arg ?? 'failed';
+  if (!states.includes(state)) return `${what} takes ${states.slice(0, -1).join(', ')} or ${states[states.length - 1]}, not ${state}`;
+  return {
+    method: 'GET',
+    path: `/admin/${what}?state=${state}&limit=500`,
+    show: (b: { items: ListedEntry[] }) =>
+      b.items.length === 0 ? [`no ${state} ${what}`] : b.items.map((e) => `${e.id}  ${e.referralId}  ${middle(e)}${e.lastError ? `  ${oneLine(e.lastError)}` : ''}`),
+  };
+}
+
+function requeue(path: string): AdminCall {
+  return { method: 'POST', path, show: (b: { requeued: string[] }) => [`re-queued ${b.requeued.join(', ')}`] };
 }
 
 function oneLine(s: string): string {
