@@ -2,7 +2,7 @@ import { schedule, type ScheduledTask } from 'node-cron';
 import { logger } from '../observability/logger';
 import { retentionActions } from '../observability/metrics';
 import type { ReferralStore } from '../store/referral-store';
-import { closedStatuses, cutoff, type RetentionPolicy, withoutDocumentBytes } from './policy';
+import { closedStatuses, cutoff, type RetentionPolicy } from './policy';
 
 export interface RetentionRun {
   /** Referrals whose inline document bytes were removed, and how many documents that was. */
@@ -13,6 +13,18 @@ export interface RetentionRun {
 }
 
 const BATCH = 100;
+
+/**
+ * Applies `apply` to the referrals `next` finds due, batch by batch, until none is left, or until a
+ * whole batch was no longer due when rechecked (it changed under us; the next run sees it).
+ */
+async function eachDue(next: () => Promise<string[]>, apply: (id: string) => Promise<boolean>): Promise<void> {
+  for (let ids = await next(); ids.length > 0; ids = await next()) {
+    let progress = 0;
+    for (const id of ids) if (await apply(id)) progress++;
+    if (progress === 0) return;
+  }
+}
 
 /**
  * Applies the retention policy on a schedule (RETENTION_CRON): closed referrals lose their inline
@@ -56,27 +68,27 @@ export class RetentionJob {
     try {
       if (this.policy.referralDays > 0) {
         const due = { statuses: closedStatuses, cutoff: cutoff(now, this.policy.referralDays) };
-        for (let ids = await this.store.closedBefore({ ...due, limit: BATCH }); ids.length > 0; ids = await this.store.closedBefore({ ...due, limit: BATCH })) {
-          let progress = 0;
-          for (const id of ids) if (await this.store.deleteClosed(id, due)) progress++;
-          result.referralsDeleted += progress;
-          if (progress === 0) break; // everything left changed under us; the next run sees it
-        }
+        await eachDue(
+          () => this.store.closedBefore({ ...due, limit: BATCH }),
+          async (id) => {
+            const deleted = await this.store.deleteClosed(id, due);
+            if (deleted) result.referralsDeleted++;
+            return deleted;
+          }
+        );
       }
       if (this.policy.documentDays > 0) {
         const due = { statuses: closedStatuses, cutoff: cutoff(now, this.policy.documentDays) };
-        const next = (): Promise<string[]> => this.store.closedBefore({ ...due, documentsKept: true, noFailedDelivery: true, limit: BATCH });
-        for (let ids = await next(); ids.length > 0; ids = await next()) {
-          let progress = 0;
-          for (const id of ids) {
-            const removed = await this.store.removeDocumentBytes(id, due, withoutDocumentBytes, now.toISOString());
-            if (removed === null) continue;
-            progress++;
+        await eachDue(
+          () => this.store.closedBefore({ ...due, documentsKept: true, noFailedDelivery: true, limit: BATCH }),
+          async (id) => {
+            const removed = await this.store.removeDocumentBytes(id, due, now.toISOString());
+            if (removed === null) return false;
+            result.referralsStripped++;
             result.documentsStripped += removed;
+            return true;
           }
-          result.referralsStripped += progress;
-          if (progress === 0) break;
-        }
+        );
       }
     } catch (err) {
       logger.error('retention run failed; the next run resumes', { error: (err as Error).message });

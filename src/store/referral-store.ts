@@ -3,6 +3,7 @@ import type { Referral } from '../referral/schema';
 import type { FhirRefs, ReferralStatus, ReportInfo, StoredReferral } from '../referral/types';
 import type { Db } from './db';
 import { newId, nowIso } from './ids';
+import { withoutDocumentBytes } from '../retention/policy';
 import type { Database, LeasedQueueColumns, OutboxTable, ReferralsTable } from './schema';
 
 export interface HistoryEntry {
@@ -654,29 +655,29 @@ export class ReferralStore {
    * lock that it is still due (the same conditions as `closedBefore`); returns how many documents lost
    * their bytes, or null when it was not due.
    */
-  async removeDocumentBytes(
-    id: string,
-    due: { statuses: readonly string[]; cutoff: string },
-    strip: (documents: Array<Record<string, unknown>>, at: string) => { documents: Array<Record<string, unknown>>; removed: number },
-    at = nowIso()
-  ): Promise<number | null> {
+  async removeDocumentBytes(id: string, due: { statuses: readonly string[]; cutoff: string }, at = nowIso()): Promise<number | null> {
     return this.k.transaction().execute(async (trx) => {
       if (!(await this.lockReferral(trx, id))) return null;
       if ((await this.closedBefore({ ...due, documentsKept: true, noFailedDelivery: true, limit: 1, id }, trx)).length === 0) return null;
+      /** A stored JSON text holding `documents`, without their bytes; undefined when it had none to remove. */
+      const stripped = (text: string | null): { text: string; removed: number } | undefined => {
+        const payload = JSON.parse(text ?? '{}') as { documents?: Array<Record<string, unknown>> };
+        const r = withoutDocumentBytes(payload.documents ?? [], at);
+        return r.removed > 0 ? { text: JSON.stringify({ ...payload, documents: r.documents }), removed: r.removed } : undefined;
+      };
       let removed = 0;
       const p = await trx.selectFrom('referral_payloads').select('payload').where('referral_id', '=', id).executeTakeFirst();
-      if (p) {
-        const payload = JSON.parse(p.payload) as { documents?: Array<Record<string, unknown>> };
-        const r = strip(payload.documents ?? [], at);
-        removed += r.removed;
-        if (r.removed > 0) await trx.updateTable('referral_payloads').set({ payload: JSON.stringify({ ...payload, documents: r.documents }) }).where('referral_id', '=', id).execute();
+      const submission = p && stripped(p.payload);
+      if (submission) {
+        removed += submission.removed;
+        await trx.updateTable('referral_payloads').set({ payload: submission.text }).where('referral_id', '=', id).execute();
       }
       const added = await trx.selectFrom('outbox').select(['id', 'payload']).where('referral_id', '=', id).where('kind', '=', 'documents').execute();
       for (const e of added) {
-        const payload = JSON.parse(e.payload ?? '{}') as { documents?: Array<Record<string, unknown>> };
-        const r = strip(payload.documents ?? [], at);
-        removed += r.removed;
-        if (r.removed > 0) await trx.updateTable('outbox').set({ payload: JSON.stringify({ ...payload, documents: r.documents }) }).where('id', '=', e.id).execute();
+        const entry = stripped(e.payload);
+        if (!entry) continue;
+        removed += entry.removed;
+        await trx.updateTable('outbox').set({ payload: entry.text }).where('id', '=', e.id).execute();
       }
       // updated_at stays: the referral's retention keeps counting from when it closed.
       await trx.updateTable('referrals').set({ documents_removed_at: at }).where('id', '=', id).execute();

@@ -8,7 +8,7 @@ import { openDb } from '../../src/store/db';
 import { newReferralId, nowIso } from '../../src/store/ids';
 import { migrate } from '../../src/store/migrations';
 import { ReferralStore } from '../../src/store/referral-store';
-import { closedStatuses, withoutDocumentBytes } from '../../src/retention/policy';
+import { closedStatuses } from '../../src/retention/policy';
 import { serviceDatabases, storeBackends } from '../helpers/db';
 
 const sample = referralSchema.parse(JSON.parse(readFileSync('fixtures/referrals/breast-second-opinion.json', 'utf8')));
@@ -155,10 +155,10 @@ describe.each(storeBackends())('store on %s', (_name, open) => {
       await store.finishOutbox(entry.id, 'failed', 3, 'centre down');
       expect(await store.closedBefore({ ...due, documentsKept: true, noFailedDelivery: true, limit: 10 })).toEqual([closed.id]);
       // Not yet past its cut-off.
-      expect(await store.removeDocumentBytes(closed.id, { ...due, cutoff: '2000-01-01T00:00:00.000Z' }, withoutDocumentBytes)).toBeNull();
+      expect(await store.removeDocumentBytes(closed.id, { ...due, cutoff: '2000-01-01T00:00:00.000Z' })).toBeNull();
 
       const inline = sample.documents.filter((d) => d.data !== undefined).length;
-      expect(await store.removeDocumentBytes(closed.id, due, withoutDocumentBytes, '2030-01-01T00:00:00.000Z')).toBe(inline + 1);
+      expect(await store.removeDocumentBytes(closed.id, due, '2030-01-01T00:00:00.000Z')).toBe(inline + 1);
       const docs = await storedDocuments(closed.id);
       expect(docs.every((d) => d.data === undefined)).toBe(true);
       expect(docs.filter((d) => d.dataRemoved)).toHaveLength(inline);
@@ -170,7 +170,7 @@ describe.each(storeBackends())('store on %s', (_name, open) => {
       const after = await store.getById(closed.id, { payload: false });
       expect(after).toMatchObject({ status: 'completed', documentsRemovedAt: '2030-01-01T00:00:00.000Z', updatedAt: (await store.getById(closed.id, { payload: false }))?.updatedAt });
       // Done once: not due again.
-      expect(await store.removeDocumentBytes(closed.id, due, withoutDocumentBytes)).toBeNull();
+      expect(await store.removeDocumentBytes(closed.id, due)).toBeNull();
       // The others kept theirs.
       expect((await storedDocuments(open.id)).some((d) => typeof d.data === 'string')).toBe(true);
       expect((await storedDocuments(failedDelivery.id)).some((d) => typeof d.data === 'string')).toBe(true);
