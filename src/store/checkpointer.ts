@@ -47,7 +47,7 @@ const tick = () => {
     lastRun = Date.now();
     try {
       const r = checkpoint.get();
-      parentPort.postMessage({ type: 'checkpoint', busy: Number(r.busy), log: Number(r.log), checkpointed: Number(r.checkpointed), counted: pending !== undefined });
+      parentPort.postMessage({ type: 'checkpoint', checkpointed: Number(r.checkpointed), counted: pending !== undefined });
     } catch (err) {
       parentPort.postMessage({ type: 'error', message: String(err && err.message || err) });
     }
@@ -66,12 +66,8 @@ parentPort.on('message', (m) => {
 `;
 
 export interface CheckpointStats {
-  /** Checkpoints that copied at least one page. */
-  runs: number;
   /** Pages copied into the database file. */
   pages: number;
-  /** Frames in the log at the last check. */
-  lastLogFrames: number;
   /** Whether the last checkpoint was started by counting frames in the WAL-index header (else by the 1 s fallback). */
   counted?: boolean;
   lastError?: string;
@@ -90,24 +86,20 @@ export interface Checkpointer {
  * `onError` hears a worker that failed.
  */
 export function startCheckpointer(path: string, opts: { everyMs?: number; frames?: number; onError?: (message: string) => void } = {}): Checkpointer {
-  const stats: CheckpointStats = { runs: 0, pages: 0, lastLogFrames: 0 };
+  const stats: CheckpointStats = { pages: 0 };
   const worker = new Worker(WORKER_SOURCE, { eval: true, workerData: { path, everyMs: opts.everyMs ?? 50, frames: opts.frames ?? 1000 } });
   let backfilled = 0;
-  worker.on('message', (m: { type: 'checkpoint'; busy: number; log: number; checkpointed: number; counted: boolean } | { type: 'error'; message: string }) => {
+  worker.on('message', (m: { type: 'checkpoint'; checkpointed: number; counted: boolean } | { type: 'error'; message: string }) => {
     if (m.type === 'error') {
       stats.lastError = m.message;
       opts.onError?.(m.message);
       return;
     }
-    stats.lastLogFrames = m.log;
     stats.counted = m.counted;
     // `checkpointed` counts frames of the current log already copied; a restarted log starts again at 0.
     const copied = m.checkpointed >= backfilled ? m.checkpointed - backfilled : m.checkpointed;
     backfilled = m.checkpointed;
-    if (copied > 0) {
-      stats.runs++;
-      stats.pages += copied;
-    }
+    stats.pages += copied;
   });
   worker.on('error', (err) => {
     stats.lastError = err.message;
