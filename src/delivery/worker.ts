@@ -71,7 +71,7 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
     private readonly store: ReferralStore,
     private readonly destinations: DestinationDirectory,
     private readonly clients: FhirClients,
-    private readonly opts: DeliveryOptions,
+    protected readonly opts: DeliveryOptions,
     private readonly onStatusChange: (e: DeliveryEvent) => void = () => undefined
   ) {
     super();
@@ -79,14 +79,6 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
 
   start(): void {
     this.startLoop();
-  }
-
-  protected concurrency(): number {
-    return this.opts.concurrency;
-  }
-
-  protected idleMs(): number {
-    return this.opts.idleMs;
   }
 
   protected claim(free: number): Promise<OutboxEntry[]> {

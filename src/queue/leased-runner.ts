@@ -15,8 +15,8 @@ export abstract class LeasedQueueRunner<E extends { id: string; referralId: stri
 
   /** `delivery` or `webhook`: names correlation ids and log lines. */
   protected abstract readonly kind: string;
-  protected abstract concurrency(): number;
-  protected abstract idleMs(): number;
+  /** At most `concurrency` entries in flight; look again after `idleMs` when not woken. */
+  protected abstract readonly opts: { readonly concurrency: number; readonly idleMs: number };
   protected abstract claim(free: number): Promise<E[]>;
   protected abstract process(entry: E): Promise<void>;
 
@@ -48,7 +48,7 @@ export abstract class LeasedQueueRunner<E extends { id: string; referralId: stri
       this.wake();
       return;
     }
-    this.timer = setTimeout(() => this.wake(), this.idleMs());
+    this.timer = setTimeout(() => this.wake(), this.opts.idleMs);
     this.timer.unref();
   }
 
@@ -57,7 +57,7 @@ export abstract class LeasedQueueRunner<E extends { id: string; referralId: stri
       this.wakeRequested = false;
       let claimed: E[] = [];
       try {
-        const free = this.concurrency() - this.inFlight.size;
+        const free = this.opts.concurrency - this.inFlight.size;
         if (free <= 0) {
           await Promise.race(this.inFlight);
           this.wakeRequested = true;

@@ -97,7 +97,7 @@ type Attempt =
  */
 export class WebhookDispatcher extends LeasedQueueRunner<WebhookEntry> {
   readonly workerId = `wh_${ulid()}`;
-  private readonly opts: WebhookDispatcherOptions;
+  protected readonly opts: WebhookDispatcherOptions;
   private readonly fetchImpl: typeof fetch;
   private readonly signer: Webhook | undefined;
   protected readonly kind = 'webhook';
@@ -127,14 +127,6 @@ export class WebhookDispatcher extends LeasedQueueRunner<WebhookEntry> {
       logger.warn('webhooks are unsigned: set WEBHOOK_SECRET so receivers can verify them');
     }
     this.startLoop();
-  }
-
-  protected concurrency(): number {
-    return this.opts.concurrency;
-  }
-
-  protected idleMs(): number {
-    return this.opts.idleMs;
   }
 
   protected claim(free: number): Promise<WebhookEntry[]> {
