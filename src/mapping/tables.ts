@@ -333,20 +333,30 @@ export interface DocumentKindCodes {
   readonly display: string;
 }
 
-const documentKindCache = new WeakMap<MappingTables, Map<string, DocumentKindCodes>>();
+/**
+ * `compute(tables, key)`, memoised per key for the tables loaded now (tables loaded again start afresh).
+ * A key `compute` throws for (unknown) is not remembered.
+ */
+function memoPerTables<V>(compute: (tables: MappingTables, key: string) => V): (key: string) => V {
+  const cache = new WeakMap<MappingTables, Map<string, V>>();
+  return (key) => {
+    const tables = loadTables();
+    let byKey = cache.get(tables);
+    if (!byKey) {
+      byKey = new Map();
+      cache.set(tables, byKey);
+    }
+    let value = byKey.get(key);
+    if (value === undefined) {
+      value = compute(tables, key);
+      byKey.set(key, value);
+    }
+    return value;
+  };
+}
 
 /** DocumentReference.type (LOINC + local code + text) and category for a contract document kind. Throws for an unknown kind. */
-export function documentKindCodes(kind: string): DocumentKindCodes {
-  const tables = loadTables();
-  let byKind = documentKindCache.get(tables);
-  if (!byKind) {
-    byKind = new Map();
-    documentKindCache.set(tables, byKind);
-  }
-  const known = byKind.get(kind);
-  if (known) {
-    return known;
-  }
+export const documentKindCodes = memoPerTables<DocumentKindCodes>((tables, kind) => {
   const t = tables.documentKinds;
   const e = must(entry<DeepReadonly<DocumentKindsTable['kinds'][keyof DocumentKindsTable['kinds']]>>(t.kinds, kind), 'document kind', kind, FILES.documentKinds.file);
   const coding: CodingOut[] = [];
@@ -354,10 +364,8 @@ export function documentKindCodes(kind: string): DocumentKindCodes {
     coding.push({ system: 'http://loinc.org', code: e.loinc.code, display: e.loinc.display });
   }
   coding.push({ system: t.localSystem, code: kind, display: e.display });
-  const codes = deepFreeze<DocumentKindCodes>({ type: { coding, text: e.display }, category: t.category, display: e.display });
-  byKind.set(kind, codes);
-  return codes;
-}
+  return deepFreeze<DocumentKindCodes>({ type: { coding, text: e.display }, category: t.category, display: e.display });
+});
 
 /** LOINC code a centre should use for its opinion report (11488-4 Consult note). */
 export function opinionReportType(): CodingOut {
@@ -419,29 +427,16 @@ export interface TreatmentTypeInfo {
   readonly category: ConceptOut;
 }
 
-const treatmentTypeCache = new WeakMap<MappingTables, Map<string, TreatmentTypeInfo>>();
-
 /** Which resource a treatment type becomes, and its category codes. Throws for an unknown type. */
-export function treatmentTypeInfo(type: string): TreatmentTypeInfo {
-  const tables = loadTables();
-  let byType = treatmentTypeCache.get(tables);
-  if (!byType) {
-    byType = new Map();
-    treatmentTypeCache.set(tables, byType);
-  }
-  const known = byType.get(type);
-  if (known) {
-    return known;
-  }
+export const treatmentTypeInfo = memoPerTables<TreatmentTypeInfo>((tables, type) => {
   const t = tables.treatmentTypes;
   const e = must(entry<DeepReadonly<TreatmentTypesTable['types'][keyof TreatmentTypesTable['types']]>>(t.types, type), 'treatment type', type, FILES.treatmentTypes.file);
   const info = deepFreeze<TreatmentTypeInfo>({
     resource: e.resource,
     category: { coding: [...(e.coding ?? []), { system: t.system, code: type, display: e.display }], text: e.display },
   });
-  byType.set(type, info);
   return info;
-}
+});
 
 export function cancerConditionCodes(): MappingTables['cancerCondition'] {
   return loadTables().cancerCondition;
