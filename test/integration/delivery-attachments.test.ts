@@ -12,6 +12,7 @@ import type { Gateway } from '../../src/gateway';
 import { REFERRAL_IDENTIFIER_SYSTEM } from '../../src/mapping/constants';
 import { eventually, fixture as sampleReferral, KEY_A, startGateway } from '../helpers/gateway';
 import { writeDestinationsFile } from '../helpers/destinations';
+import { allowAllNetwork, allowOnlyLoopback } from '../helpers/nock';
 
 /** The sample referral without its callbackUrl: no status webhook may leave this machine during the test. */
 function fixture(): Record<string, any> {
@@ -174,15 +175,13 @@ describe("binaryMode 'conditional-create' (servers without client-assigned ids)"
   const CENTRE = 'https://hapi.example.org';
 
   beforeAll(async () => {
-    nock.disableNetConnect();
-    nock.enableNetConnect(/127\.0\.0\.1/);
+    allowOnlyLoopback();
     dir = mkdtempSync(join(tmpdir(), 'rg-attach-cc-'));
     gw = await startGateway({ DESTINATIONS_FILE: writeDestinations(dir, { baseUrl: `${CENTRE}/fhir`, binaryMode: 'conditional-create' }) });
   });
   afterAll(async () => {
-    nock.cleanAll();
     await gw.stop();
-    nock.enableNetConnect();
+    allowAllNetwork();
     rmSync(dir, { recursive: true, force: true });
   });
 

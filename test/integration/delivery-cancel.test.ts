@@ -2,6 +2,7 @@ import type { Bundle, ServiceRequest, Task } from '@medplum/fhirtypes';
 import nock from 'nock';
 import type { Gateway } from '../../src/gateway';
 import { eventually, fixture as sampleReferral, KEY_A, startGateway } from '../helpers/gateway';
+import { allowAllNetwork, allowOnlyLoopback } from '../helpers/nock';
 
 /** The sample referral without its callbackUrl: no status webhook may leave this machine during the test. */
 function fixture(): Record<string, any> {
@@ -84,14 +85,12 @@ describe('cancel with If-Match against a centre that changes the Task in between
   let gw: Gateway;
 
   beforeAll(async () => {
-    nock.disableNetConnect();
-    nock.enableNetConnect(/127\.0\.0\.1/);
+    allowOnlyLoopback();
     gw = await startGateway({ FHIR_BASE_URL: `${CENTRE}/fhir/R4`, DELIVERY_BASE_DELAY_MS: '20' });
   });
   afterAll(async () => {
-    nock.cleanAll();
     await gw.stop();
-    nock.enableNetConnect();
+    allowAllNetwork();
   });
 
   test('a 412 on the Task re-reads and writes again; the ServiceRequest is revoked; the referral is cancelled', async () => {

@@ -12,6 +12,7 @@ import { startSandboxServer } from '../../src/fhir/sandbox';
 import { REFERRAL_IDENTIFIER_SYSTEM } from '../../src/mapping/constants';
 import { ADMIN_KEY, eventually, fixture as sampleReferral, KEY_A, startGateway } from '../helpers/gateway';
 import { writeDestinationsFile } from '../helpers/destinations';
+import { allowAllNetwork, allowOnlyLoopback } from '../helpers/nock';
 
 /** The sample referral without its callbackUrl: no status webhook may leave this machine during the test. */
 function fixture(): Record<string, any> {
@@ -56,8 +57,7 @@ describe('delivery failure paths against a fake destination (nock)', () => {
   let searches: string[] = [];
 
   beforeAll(async () => {
-    nock.disableNetConnect();
-    nock.enableNetConnect(/127\.0\.0\.1/);
+    allowOnlyLoopback();
     gw = await startGateway({ FHIR_BASE_URL: BASE, FHIR_TIMEOUT_MS: '300', DELIVERY_BASE_DELAY_MS: '20', DELIVERY_MAX_DELAY_MS: '200' });
   });
   beforeEach(() => {
@@ -76,7 +76,7 @@ describe('delivery failure paths against a fake destination (nock)', () => {
   });
   afterAll(async () => {
     await gw.stop();
-    nock.enableNetConnect();
+    allowAllNetwork();
   });
 
   test('503 then success: retried, then sent with the ids the server assigned; the resend was preceded by a search for the Task', async () => {
@@ -203,15 +203,13 @@ describe('the backlog an operator watches at /metrics (nock)', () => {
   let gw: Gateway;
 
   beforeAll(async () => {
-    nock.disableNetConnect();
-    nock.enableNetConnect(/127\.0\.0\.1/);
+    allowOnlyLoopback();
     gw = await startGateway({ FHIR_BASE_URL: BASE, DELIVERY_BASE_DELAY_MS: '2000', DELIVERY_MAX_DELAY_MS: '4000' });
     nock(CENTRE).persist().get(/^\/fhir\/R4\/Task\?/).reply(200, EMPTY_SEARCH);
   });
   afterAll(async () => {
-    nock.cleanAll();
     await gw.stop();
-    nock.enableNetConnect();
+    allowAllNetwork();
   });
 
   const gauge = (text: string, name: string, labels: string): number => {
@@ -249,15 +247,13 @@ describe('retries run out (nock)', () => {
   let gw: Gateway;
 
   beforeAll(async () => {
-    nock.disableNetConnect();
-    nock.enableNetConnect(/127\.0\.0\.1/);
+    allowOnlyLoopback();
     gw = await startGateway({ FHIR_BASE_URL: BASE, DELIVERY_MAX_ATTEMPTS: '3', DELIVERY_BASE_DELAY_MS: '10', DELIVERY_MAX_DELAY_MS: '20' });
     nock(CENTRE).persist().get(/^\/fhir\/R4\/Task\?/).reply(200, EMPTY_SEARCH);
   });
   afterAll(async () => {
-    nock.cleanAll();
     await gw.stop();
-    nock.enableNetConnect();
+    allowAllNetwork();
   });
 
   test('after the configured attempts the referral is delivery-failed, keeping the last OperationOutcome', async () => {
@@ -285,15 +281,13 @@ describe('retries run out by age (DELIVERY_MAX_AGE_MS)', () => {
   let gw: Gateway;
 
   beforeAll(async () => {
-    nock.disableNetConnect();
-    nock.enableNetConnect(/127\.0\.0\.1/);
+    allowOnlyLoopback();
     gw = await startGateway({ FHIR_BASE_URL: BASE, DELIVERY_MAX_AGE_MS: '1500', DELIVERY_MAX_ATTEMPTS: '1000', DELIVERY_BASE_DELAY_MS: '50', DELIVERY_MAX_DELAY_MS: '200' });
     nock(CENTRE).persist().get(/^\/fhir\/R4\/Task\?/).reply(200, EMPTY_SEARCH);
   });
   afterAll(async () => {
-    nock.cleanAll();
     await gw.stop();
-    nock.enableNetConnect();
+    allowAllNetwork();
   });
 
   test('a centre that stays down past the age limit makes the referral delivery-failed, saying so', async () => {
@@ -315,8 +309,7 @@ describe('a 401 with an expired token (client-credentials)', () => {
   let gw: Gateway;
 
   beforeAll(async () => {
-    nock.disableNetConnect();
-    nock.enableNetConnect(/127\.0\.0\.1/);
+    allowOnlyLoopback();
     const env = { FHIR_CLIENT_ID: 'gateway', FHIR_CLIENT_SECRET: 'cc-secret-1' };
     gw = await startGateway(
       { FHIR_BASE_URL: BASE, FHIR_AUTH: 'client-credentials', FHIR_TOKEN_URL: `${AUTH}/token`, ...env },
@@ -324,9 +317,8 @@ describe('a 401 with an expired token (client-credentials)', () => {
     );
   });
   afterAll(async () => {
-    nock.cleanAll();
     await gw.stop();
-    nock.enableNetConnect();
+    allowAllNetwork();
   });
 
   test('is answered by one re-authentication, and the referral is sent in the same attempt', async () => {
@@ -361,8 +353,7 @@ describe('the per-destination circuit breaker (nock)', () => {
   let healthy = false;
 
   beforeAll(async () => {
-    nock.disableNetConnect();
-    nock.enableNetConnect(/127\.0\.0\.1/);
+    allowOnlyLoopback();
     dir = mkdtempSync(join(tmpdir(), 'rg-circuit-'));
     const file = writeDestinationsFile(dir, {
       name: 'Centre behind a breaker',
@@ -389,9 +380,8 @@ describe('the per-destination circuit breaker (nock)', () => {
       });
   });
   afterAll(async () => {
-    nock.cleanAll();
     await gw.stop();
-    nock.enableNetConnect();
+    allowAllNetwork();
     rmSync(dir, { recursive: true, force: true });
   });
 

@@ -7,6 +7,7 @@ import type { Gateway } from '../../src/gateway';
 import { serviceDatabases } from '../helpers/db';
 import { startGateway } from '../helpers/gateway';
 import { writeDestinationsFile } from '../helpers/destinations';
+import { allowAllNetwork, allowOnlyLoopback } from '../helpers/nock';
 
 /** Each destination is polled on its own: a slow or failing centre does not hold up the others, and is backed off. */
 describe('polling several destinations', () => {
@@ -27,8 +28,7 @@ describe('polling several destinations', () => {
         ],
       })
     );
-    nock.disableNetConnect();
-    nock.enableNetConnect(/127\.0\.0\.1/);
+    allowOnlyLoopback();
     gw = await startGateway({ DESTINATIONS_FILE: file });
     // Both have something open, so both have something to poll.
     await gw.store.setWatermark('fast-centre', new Date(Date.now() - 60_000).toISOString());
@@ -37,8 +37,7 @@ describe('polling several destinations', () => {
   afterAll(async () => {
     await gw.stop();
     await sandbox.close();
-    nock.cleanAll();
-    nock.enableNetConnect();
+    allowAllNetwork();
   });
 
   test('a hanging centre does not delay the others, and a failing one is backed off', async () => {
