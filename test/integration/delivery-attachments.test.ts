@@ -1,7 +1,5 @@
 import { createHash } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
-import { createServer, request as httpRequest, type Server } from 'node:http';
-import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Binary, Bundle, DocumentReference, ServiceRequest, Task } from '@medplum/fhirtypes';
@@ -13,6 +11,7 @@ import { REFERRAL_IDENTIFIER_SYSTEM } from '../../src/mapping/constants';
 import { eventually, fixture as sampleReferral, KEY_A, startGateway } from '../helpers/gateway';
 import { writeDestinationsFile } from '../helpers/destinations';
 import { allowAllNetwork, allowOnlyLoopback } from '../helpers/nock';
+import { type LossyProxy, startLossyProxy } from '../helpers/lossy-proxy';
 
 /** The sample referral without its callbackUrl: no status webhook may leave this machine during the test. */
 function fixture(): Record<string, any> {
@@ -41,49 +40,19 @@ function writeDestinations(dir: string, destination: Record<string, unknown> & {
  */
 describe('large documents travel as Binary resources in the same transaction', () => {
   let sandbox: Awaited<ReturnType<typeof startSandboxServer>>;
-  let proxy: Server;
+  let proxy: LossyProxy;
   let gw: Gateway;
   let dir: string;
-  let dropped = 0;
-  const transactions: Bundle[] = [];
 
   beforeAll(async () => {
     sandbox = await startSandboxServer(0);
-    const target = new URL(sandbox.url);
-    proxy = createServer((req, res) => {
-      const chunks: Buffer[] = [];
-      req.on('data', (c: Buffer) => chunks.push(c));
-      req.on('end', () => {
-        const body = Buffer.concat(chunks);
-        const isTransaction = req.method === 'POST' && /^\/fhir\/R4\/?$/.test(req.url ?? '');
-        if (isTransaction) transactions.push(JSON.parse(body.toString('utf8')) as Bundle);
-        const path = req.url?.replace(/^\/fhir\/R4/, target.pathname) ?? '/';
-        const headers = { ...req.headers, host: target.host, 'content-length': String(body.length) };
-        delete headers['transfer-encoding'];
-        const fwd = httpRequest({ host: target.hostname, port: target.port, path, method: req.method, headers }, (up) => {
-          const out: Buffer[] = [];
-          up.on('data', (c: Buffer) => out.push(c));
-          up.on('end', () => {
-            if (isTransaction && dropped === 0) {
-              dropped++;
-              req.socket.destroy(); // applied at the server; the answer is lost
-              return;
-            }
-            res.writeHead(up.statusCode ?? 502, up.headers);
-            res.end(Buffer.concat(out));
-          });
-        });
-        fwd.end(body);
-      });
-    });
-    await new Promise<void>((r) => proxy.listen(0, '127.0.0.1', () => r()));
+    proxy = await startLossyProxy(sandbox.url);
     dir = mkdtempSync(join(tmpdir(), 'rg-attach-'));
-    const base = `http://127.0.0.1:${(proxy.address() as AddressInfo).port}/fhir/R4`;
-    gw = await startGateway({ DESTINATIONS_FILE: writeDestinations(dir, { baseUrl: base }), DELIVERY_BASE_DELAY_MS: '20' });
+    gw = await startGateway({ DESTINATIONS_FILE: writeDestinations(dir, { baseUrl: proxy.base }), DELIVERY_BASE_DELAY_MS: '20' });
   });
   afterAll(async () => {
     await gw.stop();
-    await new Promise<void>((r) => proxy.close(() => r()));
+    await proxy.close();
     await sandbox.close();
     rmSync(dir, { recursive: true, force: true });
   });
@@ -104,10 +73,11 @@ describe('large documents travel as Binary resources in the same transaction', (
       const r = (await api(gw, `/referrals/${id}`)).body;
       return r.status === 'sent' ? r : undefined;
     });
-    expect(dropped).toBe(1);
+    expect(proxy.dropped()).toBe(1);
     expect(v.delivery.attempts).toBe(2);
 
     // Both sends carried the Binary in the same transaction as the DocumentReference, as an idempotent PUT.
+    const transactions = proxy.transactions;
     expect(transactions).toHaveLength(2);
     for (const t of transactions) {
       const binaries = (t.entry ?? []).filter((e) => e.resource?.resourceType === 'Binary');

@@ -1,8 +1,6 @@
 import { mkdtempSync, rmSync } from 'node:fs';
-import { createServer, request as httpRequest, type Server } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import type { AddressInfo } from 'node:net';
 import type { Bundle } from '@medplum/fhirtypes';
 import nock from 'nock';
 import { FhirClients } from '../../src/delivery/clients';
@@ -13,6 +11,7 @@ import { REFERRAL_IDENTIFIER_SYSTEM } from '../../src/mapping/constants';
 import { ADMIN_KEY, eventually, fixture as sampleReferral, KEY_A, startGateway } from '../helpers/gateway';
 import { writeDestinationsFile } from '../helpers/destinations';
 import { allowAllNetwork, allowOnlyLoopback } from '../helpers/nock';
+import { type LossyProxy, startLossyProxy } from '../helpers/lossy-proxy';
 
 /** The sample referral without its callbackUrl: no status webhook may leave this machine during the test. */
 function fixture(): Record<string, any> {
@@ -428,48 +427,24 @@ describe('the per-destination circuit breaker (nock)', () => {
  */
 describe('a resend after a lost response creates no duplicate', () => {
   let sandbox: Awaited<ReturnType<typeof startSandboxServer>>;
-  let proxy: Server;
+  let proxy: LossyProxy;
   let gw: Gateway;
-  let dropped = 0;
 
   beforeAll(async () => {
     sandbox = await startSandboxServer(0);
-    const target = new URL(sandbox.url);
-    proxy = createServer((req, res) => {
-      const chunks: Buffer[] = [];
-      req.on('data', (c: Buffer) => chunks.push(c));
-      req.on('end', () => {
-        const path = req.url?.replace(/^\/fhir\/R4/, target.pathname) ?? '/';
-        const fwd = httpRequest({ host: target.hostname, port: target.port, path, method: req.method, headers: { ...req.headers, host: target.host } }, (up) => {
-          const body: Buffer[] = [];
-          up.on('data', (c: Buffer) => body.push(c));
-          up.on('end', () => {
-            if (req.method === 'POST' && dropped === 0) {
-              dropped++;
-              req.socket.destroy(); // applied at the server; the answer is lost
-              return;
-            }
-            res.writeHead(up.statusCode ?? 502, up.headers);
-            res.end(Buffer.concat(body));
-          });
-        });
-        fwd.end(Buffer.concat(chunks));
-      });
-    });
-    await new Promise<void>((r) => proxy.listen(0, '127.0.0.1', () => r()));
-    const port = (proxy.address() as AddressInfo).port;
-    gw = await startGateway({ FHIR_BASE_URL: `http://127.0.0.1:${port}/fhir/R4`, DELIVERY_BASE_DELAY_MS: '20' });
+    proxy = await startLossyProxy(sandbox.url);
+    gw = await startGateway({ FHIR_BASE_URL: proxy.base, DELIVERY_BASE_DELAY_MS: '20' });
   });
   afterAll(async () => {
     await gw.stop();
-    await new Promise<void>((r) => proxy.close(() => r()));
+    await proxy.close();
     await sandbox.close();
   });
 
   test('the server holds exactly one ServiceRequest and one Task', async () => {
     const id = await submit(gw, 'EHR-LOST-RESPONSE');
     const v = await eventually(async () => ((await view(gw, id)).status === 'sent' ? view(gw, id) : undefined));
-    expect(dropped).toBe(1);
+    expect(proxy.dropped()).toBe(1);
     expect(v.delivery.attempts).toBe(2);
     const q = encodeURIComponent(`${REFERRAL_IDENTIFIER_SYSTEM}|${id}`);
     const tasks = (await (await fetch(`${sandbox.url}/Task?identifier=${q}`)).json()) as Bundle;
