@@ -1,7 +1,7 @@
 import { z } from 'zod';
 import { validate as validateCron } from 'node-cron';
 import { loadPrivateKey } from '../fhir/auth';
-import { type Destination, loadDestinationsFile } from './destinations';
+import { type Destination, destinationSchema, loadDestinationsFile } from './destinations';
 
 const cron = z.string().refine((s) => validateCron(s), 'is not a valid cron expression (5 or 6 fields)');
 
@@ -71,6 +71,10 @@ const envSchema = z.object({
   DOCUMENT_RETENTION_DAYS: z.coerce.number().int().min(0).max(36_500).default(30),
   REFERRAL_RETENTION_DAYS: z.coerce.number().int().min(0).max(36_500).default(0),
   RETENTION_CRON: cron.default('17 3 * * *'),
+  /** How the built-in sandbox behaves: as today (`default`), or like a Medplum, HAPI or the strictest server. */
+  SANDBOX_PROFILE: z.enum(['default', 'medplum', 'hapi', 'strict']).default('default'),
+  /** Traits switched on or off over the profile, e.g. `nonAtomic=false,strictIsolationMaxEntries=8,-emptyMinimal`. */
+  SANDBOX_TRAITS: z.string().optional(),
 });
 
 export interface Config {
@@ -97,6 +101,8 @@ export interface Config {
   shutdownTimeoutMs: number;
   /** Closed referrals lose their inline document bytes after `documentDays` and are deleted after `referralDays` (0: never). */
   retention: { documentDays: number; referralDays: number; cron: string };
+  /** The built-in sandbox's server profile and trait overrides (SANDBOX_PROFILE, SANDBOX_TRAITS). */
+  sandbox: { profile: 'default' | 'medplum' | 'hapi' | 'strict'; traits?: string };
 }
 
 export class ConfigError extends Error {}
@@ -123,15 +129,20 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     if (destinations.some((d) => d.id === 'default')) {
       throw new ConfigError('FHIR_BASE_URL defines destination "default", which DESTINATIONS_FILE already has');
     }
-    destinations.push({
-      id: 'default',
-      name: 'Default destination (FHIR_BASE_URL)',
-      organization: { system: e.FHIR_ORGANIZATION_SYSTEM, value: e.FHIR_ORGANIZATION_VALUE },
-      baseUrl: e.FHIR_BASE_URL.replace(/\/+$/, ''),
-      auth: fhirAuthFromEnv(e, cleaned),
-      timeoutMs: e.FHIR_TIMEOUT_MS,
-      maxInlineBytes: 1_048_576,
-    });
+    destinations.push(
+      singleDestination(
+        {
+          id: 'default',
+          name: 'Default destination (FHIR_BASE_URL)',
+          organization: { system: e.FHIR_ORGANIZATION_SYSTEM, value: e.FHIR_ORGANIZATION_VALUE },
+          baseUrl: e.FHIR_BASE_URL.replace(/\/+$/, ''),
+          auth: fhirAuthFromEnv(e, cleaned),
+          timeoutMs: e.FHIR_TIMEOUT_MS,
+          maxInlineBytes: 1_048_576,
+        },
+        cleaned
+      )
+    );
   }
   for (const d of destinations) {
     checkSecretsPresent(d, cleaned);
@@ -183,6 +194,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     },
     shutdownTimeoutMs: e.SHUTDOWN_TIMEOUT_MS,
     retention: { documentDays: e.DOCUMENT_RETENTION_DAYS, referralDays: e.REFERRAL_RETENTION_DAYS, cron: e.RETENTION_CRON },
+    sandbox: { profile: e.SANDBOX_PROFILE, traits: e.SANDBOX_TRAITS },
   };
 }
 
@@ -238,4 +250,80 @@ function checkSecretsPresent(d: Destination, env: Record<string, string | undefi
       throw new ConfigError(`${a.privateKeyFile ? `FHIR private key file ${a.privateKeyFile}` : a.privateKeyEnv} for destination "${d.id}": ${(err as Error).message.split('\n')[0]}`);
     }
   }
+}
+
+/** Destination options with a variable of their own elsewhere (FHIR_BASE_URL, FHIR_AUTH..., FHIR_ORGANIZATION_*, FHIR_TIMEOUT_MS). */
+const OWN_VARIABLES = new Set(['id', 'baseUrl', 'auth', 'organization', 'timeoutMs']);
+
+/** `maxInlineBytes` -> `FHIR_MAX_INLINE_BYTES`. */
+export function destinationOptionVariable(option: string): string {
+  return `FHIR_${option.replace(/[A-Z]/g, (c) => `_${c}`).toUpperCase()}`;
+}
+
+/** Every destination option that FHIR_BASE_URL's destination takes from a FHIR_<OPTION> variable. */
+export function destinationOptionVariables(): Array<{ option: string; variable: string }> {
+  return Object.keys(destinationSchema.shape)
+    .filter((k) => !OWN_VARIABLES.has(k))
+    .map((option) => ({ option, variable: destinationOptionVariable(option) }));
+}
+
+/**
+ * The FHIR_BASE_URL destination: every other destination option can be set by a FHIR_<OPTION> variable
+ * (FHIR_PROFILE, FHIR_BINARY_MODE, FHIR_MAX_INLINE_BYTES, FHIR_CLIENT_IDS, FHIR_ATTACHMENT_ORIGINS as a comma
+ * list, FHIR_CIRCUIT_BREAKER as JSON...), checked by the same schema as a destinations file entry.
+ */
+function singleDestination(base: Record<string, unknown>, env: Record<string, string | undefined>): Destination {
+  const raw: Record<string, unknown> = { ...base };
+  const shape = destinationSchema.shape as Record<string, z.ZodType>;
+  for (const { option, variable } of destinationOptionVariables()) {
+    const value = env[variable];
+    if (value === undefined) continue;
+    raw[option] = envValue(shape[option], value);
+  }
+  const parsed = destinationSchema.safeParse(raw);
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0];
+    const option = String(issue.path[0] ?? '');
+    const name = OWN_VARIABLES.has(option) || option === '' ? 'FHIR_BASE_URL' : destinationOptionVariable(option);
+    const rest = issue.path.slice(1).join('.');
+    throw new ConfigError(`${name}${rest ? ` (${rest})` : ''} ${issue.message}`);
+  }
+  return parsed.data;
+}
+
+/** A variable's text as the option's type wants it: booleans, numbers, comma lists, JSON objects, else the text. */
+function envValue(schema: z.ZodType | undefined, text: string): unknown {
+  const kind = innerKind(schema);
+  const t = text.trim();
+  switch (kind) {
+    case 'boolean':
+    case 'union':
+      return t === 'true' ? true : t === 'false' ? false : t;
+    case 'number':
+      return t !== '' && Number.isFinite(Number(t)) ? Number(t) : t;
+    case 'array':
+      return t.split(',').map((x) => x.trim()).filter(Boolean);
+    case 'object':
+      try {
+        return JSON.parse(t) as unknown;
+      } catch {
+        return t;
+      }
+    default:
+      return t;
+  }
+}
+
+function innerKind(schema: z.ZodType | undefined): string | undefined {
+  let s: unknown = schema;
+  for (let i = 0; i < 5 && s; i++) {
+    const def = (s as { def?: { type?: string; innerType?: unknown } }).def;
+    if (!def) return undefined;
+    if (def.type === 'optional' || def.type === 'default' || def.type === 'nullable') {
+      s = def.innerType;
+      continue;
+    }
+    return def.type;
+  }
+  return undefined;
 }

@@ -63,15 +63,62 @@ export const destinationSchema = z.strictObject({
   /** Documents larger than this (decoded bytes) are sent as Binary resources instead of inline data. */
   maxInlineBytes: z.number().int().min(0).default(1_048_576),
   /**
-   * How a Binary for a large document is written inside the transaction:
-   * - `put` (default): `PUT Binary/<id>` with an id derived from referral + document number (update-as-create,
-   *   idempotent even under races; the DocumentReference points at `Binary/<id>`). Needs a server that accepts
-   *   client-assigned ids (HAPI, Firely, Azure, the sandbox).
-   * - `conditional-create`: `POST Binary` with a `meta.tag` unique to referral + document and
-   *   `ifNoneExist: _tag=system|code`; the DocumentReference points at the entry's urn:uuid, which the server
-   *   rewrites. Needs `_tag` search on Binary (HAPI; not the sandbox, whose Binary has no search parameters).
+   * Which kind of server this is. It fills in the defaults of the settings below that are not given
+   * (see `serverProfileDefaults`): `generic` (any R4 server, today's behaviour), `medplum` (Medplum: raw
+   * Binary uploads with server ids, no `Prefer: return=minimal`, conditional entries resolved by search
+   * first, JSON bodies under 1 MB, presigned attachment URLs), `hapi` (HAPI FHIR: raw Binary uploads with
+   * stable client ids).
    */
-  binaryMode: z.enum(['put', 'conditional-create']).optional(),
+  profile: z.enum(['generic', 'medplum', 'hapi']).optional(),
+  /**
+   * How a document larger than `maxInlineBytes` reaches the centre:
+   * - `raw`: uploaded before the transaction as a raw `Binary` (the document's own Content-Type, the bytes as
+   *   the body): `PUT Binary/<stable id>` when `clientIds` is true, otherwise `POST Binary` whose returned id is
+   *   recorded before the transaction is sent, so a resend reuses it. The DocumentReference points at
+   *   `Binary/<id>`. Works on Medplum, HAPI and any server that accepts raw Binary.
+   * - `put`: inside the transaction, `PUT Binary/<id>` with an id derived from referral + document number
+   *   (update-as-create). Needs a server that accepts client-assigned ids (HAPI, Firely, Azure, the sandbox).
+   * - `conditional-create`: inside the transaction, `POST Binary` with a `meta.tag` unique to referral +
+   *   document and `ifNoneExist: _tag=system|code`. Needs `_tag` search on Binary (HAPI; not Medplum).
+   */
+  binaryMode: z.enum(['raw', 'put', 'conditional-create']).optional(),
+  /** The server accepts client-assigned ids (`PUT Type/<id>` creating the resource). Default true; Medplum false. */
+  clientIds: z.boolean().optional(),
+  /**
+   * Largest JSON request body the server takes, in bytes (Medplum: `maxJsonSize`, 1 MB by default). The
+   * gateway uploads documents raw until the transaction fits, and fails clearly if it cannot.
+   */
+  maxJsonBytes: z.number().int().min(1024).optional(),
+  /**
+   * Send transactions with `Prefer: return=minimal`. Default true (generic); false for Medplum, which answers
+   * it with an empty 200. An empty answer is in any case confirmed by reading the resources back.
+   */
+  preferMinimal: z.boolean().optional(),
+  /**
+   * `conditional` (default): every entry of the referral's transaction is a conditional create (`ifNoneExist`
+   * on a business identifier). `resolve-first`: the gateway searches those identifiers first (one batch
+   * request), references what exists and creates the rest with plain POSTs, so the transaction has no
+   * conditional entries (Medplum projects with real transactions refuse conditional transactions of more
+   * than 8 entries) and a resend after a partial failure reuses what the centre already holds.
+   */
+  transactionMode: z.enum(['conditional', 'resolve-first']).optional(),
+  /**
+   * After a delivery, read back what the centre holds (the Task's focus and basedOn resolve to the recorded
+   * ServiceRequest; every DocumentReference has its data or a resolvable URL), repair what is broken, and
+   * never report `sent` over a broken referral. `true` (default): whenever the answer leaves any doubt, i.e.
+   * unless every entry answered `201 Created` in one transaction (an entry matched an existing resource, an
+   * earlier attempt failed part-way, the answer was empty, entries were resolved by search); `'always'`:
+   * after every delivery; `false`: never.
+   */
+  verifyDelivery: z.union([z.boolean(), z.literal('always')]).optional(),
+  /**
+   * Attachment URLs outside the FHIR base (presigned storage URLs, as Medplum returns) are fetched WITHOUT the
+   * gateway's credentials when their origin is listed here, or (with `presignedUrls`) when they are on the
+   * base's own host name. Anything else outside the base is refused.
+   */
+  attachmentOrigins: z.array(z.url()).optional(),
+  /** Fetch presigned attachment URLs on the base's host name without credentials. Default false; Medplum true. */
+  presignedUrls: z.boolean().optional(),
   /** node-cron expression for polling this destination's Tasks; the service default applies when absent. */
   pollCron: z.string().optional(),
   circuitBreaker: circuitBreakerSchema.optional(),
@@ -81,6 +128,70 @@ export type DestinationAuth = z.output<typeof destinationAuthSchema>;
 export type Destination = z.output<typeof destinationSchema>;
 export type SmartBackendAuth = z.output<typeof smartBackendAuthSchema>;
 export type CircuitBreakerSettings = z.output<typeof circuitBreakerSchema>;
+
+/** The settings a destination's profile fills in when the destination does not give them. */
+export interface DestinationSettings {
+  profile: NonNullable<Destination['profile']>;
+  binaryMode: NonNullable<Destination['binaryMode']>;
+  clientIds: boolean;
+  maxJsonBytes: number | undefined;
+  preferMinimal: boolean;
+  transactionMode: NonNullable<Destination['transactionMode']>;
+  verifyDelivery: boolean | 'always';
+  presignedUrls: boolean;
+  attachmentOrigins: string[];
+}
+
+type ProfileDefaults = Omit<DestinationSettings, 'profile' | 'attachmentOrigins'>;
+
+/** Defaults per server profile (docs/for-cancer-centres.md explains each). */
+export const serverProfileDefaults: Record<DestinationSettings['profile'], ProfileDefaults> = {
+  generic: {
+    binaryMode: 'put',
+    clientIds: true,
+    maxJsonBytes: undefined,
+    preferMinimal: true,
+    transactionMode: 'conditional',
+    verifyDelivery: true,
+    presignedUrls: false,
+  },
+  medplum: {
+    binaryMode: 'raw',
+    clientIds: false,
+    // Medplum's maxJsonSize default is '1mb' (1,048,576 bytes); stay a little under it.
+    maxJsonBytes: 1_000_000,
+    preferMinimal: false,
+    transactionMode: 'resolve-first',
+    verifyDelivery: true,
+    presignedUrls: true,
+  },
+  hapi: {
+    binaryMode: 'raw',
+    clientIds: true,
+    maxJsonBytes: undefined,
+    preferMinimal: true,
+    transactionMode: 'conditional',
+    verifyDelivery: true,
+    presignedUrls: false,
+  },
+};
+
+/** A destination's effective settings: what it sets, else its profile's default. */
+export function destinationSettings(d: Partial<Pick<Destination, keyof DestinationSettings>>): DestinationSettings {
+  const profile = d.profile ?? 'generic';
+  const base = serverProfileDefaults[profile];
+  return {
+    profile,
+    binaryMode: d.binaryMode ?? base.binaryMode,
+    clientIds: d.clientIds ?? base.clientIds,
+    maxJsonBytes: d.maxJsonBytes ?? base.maxJsonBytes,
+    preferMinimal: d.preferMinimal ?? base.preferMinimal,
+    transactionMode: d.transactionMode ?? base.transactionMode,
+    verifyDelivery: d.verifyDelivery ?? base.verifyDelivery,
+    presignedUrls: d.presignedUrls ?? base.presignedUrls,
+    attachmentOrigins: d.attachmentOrigins ?? [],
+  };
+}
 
 export const destinationsFileSchema = z.strictObject({
   destinations: z.array(destinationSchema),

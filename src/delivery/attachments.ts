@@ -1,4 +1,5 @@
 import type { Binary, BundleEntry } from '@medplum/fhirtypes';
+import { destinationSettings } from '../config/destinations';
 import type { Destination } from '../config/destinations';
 import { inlineDocumentsOverLimit } from '../mapping/bundle';
 import { documentIdentifierValue, GATEWAY_TAG } from '../mapping/constants';
@@ -15,6 +16,8 @@ export interface BinaryPlan {
   attachmentUrls: Record<number, string>;
   /** Binary entries to add to the same transaction. */
   entries: BundleEntry<Binary>[];
+  /** Documents (indexes in `documents`) to upload as raw Binary before the transaction (binaryMode raw). */
+  raw: number[];
 }
 
 /**
@@ -40,11 +43,19 @@ export function planBinaries(args: {
   documents: ReadonlyArray<ReferralDocument>;
   /** How many documents came before these (0 for the referral's own). */
   startIndex: number;
-  destination: Pick<Destination, 'maxInlineBytes' | 'baseUrl' | 'binaryMode'>;
+  destination: Pick<Destination, 'maxInlineBytes' | 'baseUrl' | 'binaryMode' | 'profile'>;
+  /** Documents already chosen for raw upload (e.g. to fit the server's JSON body cap), whatever their size. */
+  alsoRaw?: ReadonlyArray<number>;
 }): BinaryPlan {
-  const mode: BinaryMode = args.destination.binaryMode ?? 'put';
-  const plan: BinaryPlan = { attachmentUrls: {}, entries: [] };
+  const mode: BinaryMode = destinationSettings(args.destination).binaryMode;
+  const plan: BinaryPlan = { attachmentUrls: {}, entries: [], raw: [] };
+  const alsoRaw = new Set(args.alsoRaw ?? []);
   for (const i of inlineDocumentsOverLimit(args.documents, args.destination.maxInlineBytes)) {
+    if (mode === 'raw' || alsoRaw.has(i)) {
+      plan.raw.push(i);
+      alsoRaw.delete(i);
+      continue;
+    }
     const doc = args.documents[i];
     const n = args.startIndex + i + 1;
     const code = documentIdentifierValue(args.referralId, n);
@@ -72,7 +83,49 @@ export function planBinaries(args: {
       });
     }
   }
+  for (const i of alsoRaw) {
+    if (args.documents[i]?.data !== undefined) plan.raw.push(i);
+  }
+  plan.raw.sort((a, b) => a - b);
   return plan;
+}
+
+/**
+ * The size of `value` as JSON, in bytes, without building the whole string: long strings (base64 document
+ * data) are counted, not copied.
+ */
+export function estimateJsonBytes(value: unknown): number {
+  let long = 0;
+  const skeleton = JSON.stringify(value, (_key, v: unknown) => {
+    if (typeof v === 'string' && v.length >= 65_536) {
+      long += v.length;
+      return '';
+    }
+    return v;
+  });
+  return Buffer.byteLength(skeleton, 'utf8') + long;
+}
+
+/**
+ * Which more documents must leave the transaction (uploaded raw) for it to fit `maxJsonBytes`: the largest
+ * inline ones first, until the estimate fits. `undefined` when even without every inline document it would
+ * not fit.
+ */
+export function documentsToMoveOut(documents: ReadonlyArray<ReferralDocument>, alreadyOut: ReadonlySet<number>, bundleBytes: number, maxJsonBytes: number): number[] | undefined {
+  if (bundleBytes <= maxJsonBytes) return [];
+  const candidates = documents
+    .map((d, i) => ({ i, len: d.data?.length ?? 0 }))
+    .filter((c) => c.len > 0 && !alreadyOut.has(c.i))
+    .sort((a, b) => b.len - a.len);
+  const out: number[] = [];
+  let size = bundleBytes;
+  for (const c of candidates) {
+    if (size <= maxJsonBytes) break;
+    out.push(c.i);
+    // The data leaves; its Binary entry (put/conditional-create modes) would too. A URL of ~60 bytes replaces it.
+    size -= c.len;
+  }
+  return size <= maxJsonBytes ? out : undefined;
 }
 
 /** The client-assigned id of the Binary for document `n` of a referral: `rg-` + a name-based UUID (41 characters). */

@@ -1,9 +1,12 @@
-import type { Bundle, OperationOutcome, Resource, ServiceRequest, Task } from '@medplum/fhirtypes';
+import type { Bundle, BundleEntry, OperationOutcome, Resource, ServiceRequest, Task } from '@medplum/fhirtypes';
+import { destinationSettings } from '../config/destinations';
 import type { Destination } from '../config/destinations';
 import { FhirRequestError } from '../fhir/client';
 import type { FhirClient } from '../fhir/client';
-import { classifyError, sendTransaction } from '../fhir/transaction';
-import type { TransactionLocation, TransactionResult } from '../fhir/transaction';
+import { conditionalIndexes, searchCriteria, withoutConditionalEntries } from '../fhir/resolve';
+import type { Matches } from '../fhir/resolve';
+import { classifyError, parseLocation, sendTransaction } from '../fhir/transaction';
+import type { TransactionLocation } from '../fhir/transaction';
 import { mapAddedDocumentsToBundle, mapReferralToBundle, serviceRequestWithDocuments, taskWithDocuments } from '../mapping/bundle';
 import { DOCUMENT_IDENTIFIER_SYSTEM, documentIdentifierValue, REFERRAL_IDENTIFIER_SYSTEM } from '../mapping/constants';
 import { logger } from '../observability/logger';
@@ -12,7 +15,10 @@ import type { Referral, ReferralDocument } from '../referral/schema';
 import type { FhirRefs, StoredReferral } from '../referral/types';
 import { nowIso } from '../store/ids';
 import type { OutboxEntry, ReferralStore } from '../store/referral-store';
-import { planBinaries } from './attachments';
+import { documentsToMoveOut, estimateJsonBytes, planBinaries } from './attachments';
+import { uploadRawDocuments } from './raw-binaries';
+import { verifyDelivered } from './verify';
+import type { DeliveredRefs } from './verify';
 
 export type DeliveryEvent = { referralId: string; status: string; previous: string; reason?: string };
 
@@ -62,20 +68,39 @@ const IF_MATCH_TRIES = 3;
 // ------------------------------------------------------------------------------------------------
 // submit
 
-/** The referral's transaction: every entry a conditional create; large documents as Binary entries. */
+/**
+ * The referral's transaction: every entry a conditional create (or, with `transactionMode: resolve-first`,
+ * resolved by searching first); large documents uploaded raw before it or carried as Binary entries; then,
+ * with `verifyDelivery`, what the centre holds is read back and repaired before the referral is `sent`.
+ */
 export async function deliverSubmit(ctx: OperationContext): Promise<Outcome> {
   const { referral, destination, store } = ctx;
   if (ctx.entry.attempts > 0) {
     const failed = await readBeforeRetry(ctx, 'Task', REFERRAL_IDENTIFIER_SYSTEM, referral.id);
     if (failed) return failed;
   }
-  const sent = await sendReferralBundle(ctx);
-  if (sent.result.kind !== 'ok') return sent.result;
-  // From here on nothing refers to the payload or the bundle any more.
-  const fhir = collectRefs(destination, sent.types, sent.result.locations);
+  const payload = ctx.takePayload();
+  const written = await writeDocumentsBundle(ctx, payload.documents, 0, (attachmentUrls) =>
+    mapReferralToBundle({
+      referralId: referral.id,
+      clientId: referral.clientId,
+      referral: payload,
+      destination,
+      createdAt: referral.createdAt,
+      attachmentUrls,
+    })
+  );
+  if (written.kind !== 'ok') return written.outcome;
+  // From here on nothing refers to the payload or the bundle any more (the intended attachments aside).
+  const fhir = collectRefs(destination, written.types, written.locations);
+  if (mustVerify(ctx, written)) {
+    const verified = await verifyDelivered(ctx.client, { task: fhir.task, serviceRequest: fhir.serviceRequest, documents: written.documents }, ctx.signal);
+    if (verified.outcome.kind !== 'done') return verified.outcome;
+    if (verified.repaired.length > 0) written.repaired.push(...verified.repaired);
+  }
   const changed = await store.changeStatus(
     referral.id,
-    { status: 'sent', fhir, reason: null, detail: { attempts: ctx.attempt } },
+    { status: 'sent', fhir, reason: null, detail: { attempts: ctx.attempt, ...(written.repaired.length > 0 ? { repaired: written.repaired } : {}) } },
     (cur) => cur.status === 'queued' || cur.status === 'delivery-failed'
   );
   logger.info('referral delivered', {
@@ -83,7 +108,9 @@ export async function deliverSubmit(ctx: OperationContext): Promise<Outcome> {
     destination: destination.id,
     attempts: ctx.attempt,
     task: fhir.task,
-    binaries: sent.binaries,
+    binaries: written.binaries,
+    rawUploads: written.rawUploads,
+    ...(written.repaired.length > 0 ? { repaired: written.repaired } : {}),
   });
   if (changed) {
     deliveryLatency.observe({ destination: destination.id }, Math.max(0, Date.now() - Date.parse(referral.createdAt)) / 1000);
@@ -92,26 +119,213 @@ export async function deliverSubmit(ctx: OperationContext): Promise<Outcome> {
   return { kind: 'done' };
 }
 
-/** Maps and sends the referral's transaction; returns only what the caller needs afterwards (not the bundle). */
-async function sendReferralBundle(ctx: OperationContext): Promise<{ result: TransactionResult; types: Array<string | undefined>; binaries: number }> {
-  const { referral, destination, client, signal } = ctx;
-  const payload = ctx.takePayload();
-  const binaries = planBinaries({ referralId: referral.id, documents: payload.documents, startIndex: 0, destination });
-  const bundle = mapReferralToBundle({
-    referralId: referral.id,
-    clientId: referral.clientId,
-    referral: payload,
-    destination,
-    createdAt: referral.createdAt,
-    attachmentUrls: binaries.attachmentUrls,
-  });
-  bundle.entry = [...(bundle.entry ?? []), ...binaries.entries];
-  const result = await sendTransaction(client, bundle, { signal, preferMinimal: true });
-  return { result, types: entryTypes(bundle), binaries: binaries.entries.length };
+/**
+ * Whether to read back what the centre holds: with `verifyDelivery: true`, unless this very attempt's one
+ * transaction created every entry new (201 each), which leaves nothing half-written or stale to find.
+ */
+function mustVerify(ctx: OperationContext, written: Extract<Written, { kind: 'ok' }>): boolean {
+  const v = destinationSettings(ctx.destination).verifyDelivery;
+  if (v === false) return false;
+  if (v === 'always') return true;
+  return !(written.allCreated && ctx.entry.attempts === 0);
 }
 
 function entryTypes(bundle: Bundle): Array<string | undefined> {
   return (bundle.entry ?? []).map((e) => e.resource?.resourceType);
+}
+
+type Written =
+  | {
+      kind: 'ok';
+      /** Resource type of each entry of the bundle as mapped, and its server id (same index). */
+      types: Array<string | undefined>;
+      locations: TransactionLocation[];
+      /** The DocumentReferences written, each with the attachment it was meant to carry. */
+      documents: DeliveredRefs['documents'];
+      binaries: number;
+      rawUploads: number;
+      repaired: string[];
+      /** One transaction created every entry new (201 each) and nothing was resolved or confirmed by search. */
+      allCreated: boolean;
+    }
+  | { kind: 'not-ok'; outcome: Outcome };
+
+/**
+ * Plans the documents (raw uploads before the transaction, Binary entries in it, inline data), maps the
+ * bundle with `build`, moves more documents out while the bundle is over the server's `maxJsonBytes`, uploads
+ * the raw ones, and writes the bundle (writeBundle).
+ */
+async function writeDocumentsBundle(
+  ctx: OperationContext,
+  documents: ReadonlyArray<ReferralDocument>,
+  startIndex: number,
+  build: (attachmentUrls: Record<number, string>) => Bundle
+): Promise<Written> {
+  const { referral, destination, client, signal } = ctx;
+  const settings = destinationSettings(destination);
+  const out = new Set<number>();
+  let plan = planBinaries({ referralId: referral.id, documents, startIndex, destination });
+  if (settings.maxJsonBytes !== undefined) {
+    // Estimated as the bundle will be sent: raw documents as URLs, Binary entries with their data.
+    const estimate = build({ ...plan.attachmentUrls, ...placeholders(plan.raw) });
+    const withEntries = { ...estimate, entry: [...(estimate.entry ?? []), ...plan.entries] };
+    plan.raw.forEach((i) => out.add(i));
+    const more = documentsToMoveOut(documents, out, estimateJsonBytes(withEntries), settings.maxJsonBytes);
+    if (more === undefined) {
+      return {
+        kind: 'not-ok',
+        outcome: {
+          kind: 'fail',
+          reason: `the transaction does not fit the destination's maxJsonBytes (${settings.maxJsonBytes}) even with every document uploaded separately`,
+        },
+      };
+    }
+    if (more.length > 0) {
+      more.forEach((i) => out.add(i));
+      plan = planBinaries({ referralId: referral.id, documents, startIndex, destination, alsoRaw: [...out] });
+    }
+  }
+  let raw: { urls: Record<number, string>; uploaded: number; reused: number };
+  try {
+    raw = await uploadRawDocuments({
+      db: ctx.store.db,
+      client,
+      destinationId: destination.id,
+      settings,
+      referralId: referral.id,
+      documents,
+      startIndex,
+      indexes: plan.raw,
+      signal,
+    });
+  } catch (err) {
+    return { kind: 'not-ok', outcome: fromRequestError(err) };
+  }
+  const bundle = build({ ...plan.attachmentUrls, ...raw.urls });
+  bundle.entry = [...(bundle.entry ?? []), ...plan.entries];
+  const result = await writeBundle(ctx, bundle);
+  if (result.kind !== 'ok') return { kind: 'not-ok', outcome: result };
+  const types = entryTypes(bundle);
+  return {
+    kind: 'ok',
+    types,
+    locations: result.locations,
+    documents: intendedAttachments(bundle, result.locations),
+    binaries: plan.entries.length,
+    rawUploads: raw.uploaded,
+    repaired: [],
+    allCreated: result.allCreated,
+  };
+}
+
+/** Stand-in URLs while estimating the size of a bundle whose raw uploads have not happened yet. */
+function placeholders(indexes: ReadonlyArray<number>): Record<number, string> {
+  return Object.fromEntries(indexes.map((i) => [i, 'Binary/00000000-0000-0000-0000-000000000000']));
+}
+
+/** For each DocumentReference entry: its server ref and the attachment it was sent with (placeholders resolved). */
+function intendedAttachments(bundle: Bundle, locations: TransactionLocation[]): DeliveredRefs['documents'] {
+  const entries = bundle.entry ?? [];
+  const byFullUrl = new Map<string, string>();
+  entries.forEach((e, i) => {
+    const loc = locations[i];
+    if (e.fullUrl && loc) byFullUrl.set(e.fullUrl, `${loc.resourceType}/${loc.id}`);
+  });
+  return entries.flatMap((e, i) => {
+    const loc = locations[i];
+    if (e.resource?.resourceType !== 'DocumentReference' || !loc) return [];
+    const attachment = e.resource.content?.[0]?.attachment ?? {};
+    const url = attachment.url && byFullUrl.get(attachment.url);
+    return [{ ref: `DocumentReference/${loc.id}`, intended: url ? { ...attachment, url } : attachment }];
+  });
+}
+
+type WriteResult = { kind: 'ok'; locations: TransactionLocation[]; allCreated: boolean } | Exclude<Outcome, { kind: 'done' }>;
+
+/**
+ * Writes a bundle of conditional creates as the destination wants it, and returns the server id of every
+ * entry (same indexes as `bundle.entry`):
+ * - `conditional`: sent as it is;
+ * - `resolve-first`: the conditional criteria are searched first (one batch request), what exists is left
+ *   out and referenced by id, the rest is sent as plain creates (no conditional entries, so no
+ *   strict-isolation entry limit; a resend after a partial write creates only what is missing).
+ * An empty 2xx answer (Prefer: return=minimal on Medplum) is confirmed by searching every entry's criteria.
+ */
+async function writeBundle(ctx: OperationContext, bundle: Bundle): Promise<WriteResult> {
+  const { client, signal, destination } = ctx;
+  const settings = destinationSettings(destination);
+  const entries = bundle.entry ?? [];
+  let toSend = bundle;
+  let sentIndexes = entries.map((_, i) => i);
+  let matches: Matches = new Map();
+  if (settings.transactionMode === 'resolve-first') {
+    const found = await searchOrOutcome(client, entries, conditionalIndexes(entries), signal);
+    if (found.kind !== 'ok') return found;
+    matches = found.matches;
+    const resolved = withoutConditionalEntries(bundle, matches);
+    toSend = resolved.bundle;
+    sentIndexes = resolved.sent;
+  }
+  const locations: TransactionLocation[] = new Array(entries.length);
+  for (const [i, loc] of matches) locations[i] = loc;
+  let allCreated = matches.size === 0;
+  if (sentIndexes.length > 0) {
+    let created = false;
+    const result = await sendTransaction(client, toSend, {
+      signal,
+      preferMinimal: settings.preferMinimal,
+      onEntryStatuses: (statuses) => {
+        created = statuses.length > 0 && statuses.every((st) => st === 201);
+      },
+    });
+    if (result.kind === 'unconfirmed') {
+      return confirmBySearch(ctx, bundle, result.reason);
+    }
+    if (result.kind !== 'ok') return result;
+    sentIndexes.forEach((orig, k) => {
+      locations[orig] = result.locations[k];
+    });
+    allCreated = allCreated && created;
+  }
+  return { kind: 'ok', locations, allCreated };
+}
+
+async function searchOrOutcome(client: FhirClient, entries: ReadonlyArray<BundleEntry>, indexes: number[], signal: AbortSignal): Promise<{ kind: 'ok'; matches: Matches } | Exclude<Outcome, { kind: 'done' }>> {
+  let found: Awaited<ReturnType<typeof searchCriteria>>;
+  try {
+    found = await searchCriteria(client, entries, indexes, signal);
+  } catch (err) {
+    const o = fromRequestError(err);
+    return o.kind === 'done' ? { kind: 'retry', reason: 'search failed' } : o;
+  }
+  if (found.kind === 'multiple') {
+    return { kind: 'fail', reason: `the centre holds ${found.count} ${found.type} resources with the identifier of bundle entry ${found.index}; resolve the duplicates at the centre` };
+  }
+  return found;
+}
+
+/**
+ * The server accepted the transaction without saying what it wrote: find every entry by its criteria (PUT
+ * entries by their URL). All found is a success; anything missing is a retry (the resend creates it).
+ */
+async function confirmBySearch(ctx: OperationContext, bundle: Bundle, why: string): Promise<WriteResult> {
+  const entries = bundle.entry ?? [];
+  const found = await searchOrOutcome(ctx.client, entries, conditionalIndexes(entries), ctx.signal);
+  if (found.kind !== 'ok') return found;
+  const locations: TransactionLocation[] = new Array(entries.length);
+  let missing = 0;
+  entries.forEach((e, i) => {
+    const m = found.matches.get(i);
+    const put = e.request?.method === 'PUT' && e.request.url ? parseLocation(e.request.url) : undefined;
+    if (m) locations[i] = m;
+    else if (put) locations[i] = put;
+    else missing++;
+  });
+  if (missing > 0) {
+    return { kind: 'retry', reason: `${why}, and ${missing} of ${entries.length} entries are not at the centre; sending again` };
+  }
+  logger.info('transaction confirmed by reading back (the server answered with an empty body)', { referralId: ctx.referral.id, destination: ctx.destination.id, entries: entries.length });
+  return { kind: 'ok', locations, allCreated: false };
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -128,10 +342,11 @@ function isDocumentsPayload(p: unknown): p is DocumentsPayload {
 }
 
 /**
- * Documents added after submission: one transaction of conditional-create DocumentReferences (plus Binary
- * entries for large ones) linked to the centre's ServiceRequest; their refs are appended to the referral, and
- * the ServiceRequest's supportingInfo and the Task's input get them too (read-modify-write with If-Match; a
- * server that refuses the update leaves a warning, the documents stay delivered).
+ * Documents added after submission: one transaction of conditional-create DocumentReferences (large ones
+ * uploaded raw first, or as Binary entries) linked to the centre's ServiceRequest, checked at the centre; their
+ * refs are appended to the referral, and the ServiceRequest's supportingInfo and the Task's input get them too
+ * (read-modify-write with If-Match; a server that refuses the update leaves a warning, the documents stay
+ * delivered).
  */
 export async function deliverDocuments(ctx: OperationContext): Promise<Outcome> {
   const { referral, destination, client, signal, entry } = ctx;
@@ -148,12 +363,31 @@ export async function deliverDocuments(ctx: OperationContext): Promise<Outcome> 
     const failed = await readBeforeRetry(ctx, 'DocumentReference', DOCUMENT_IDENTIFIER_SYSTEM, documentIdentifierValue(referral.id, payload.startIndex + 1));
     if (failed) return failed;
   }
-  const sent = await sendDocumentsBundle(ctx, payload, refs.serviceRequest, refs.patient);
-  const result = sent.result;
-  if (result.kind !== 'ok') return result;
+  const referralPayload = ctx.takePayload();
+  const serviceRequestRef = refs.serviceRequest;
+  const patientRef = refs.patient;
+  const written = await writeDocumentsBundle(ctx, payload.documents, payload.startIndex, (attachmentUrls) =>
+    mapAddedDocumentsToBundle({
+      referralId: referral.id,
+      referral: referralPayload,
+      documents: payload.documents,
+      startIndex: payload.startIndex,
+      serviceRequestRef,
+      patientRef,
+      destination,
+      attachmentUrls,
+      // The entry's own time, so a resend is the same bundle.
+      addedAt: entry.createdAt,
+    })
+  );
+  if (written.kind !== 'ok') return written.outcome;
+  if (mustVerify(ctx, written)) {
+    const verified = await verifyDelivered(client, { documents: written.documents }, signal);
+    if (verified.outcome.kind !== 'done') return verified.outcome;
+  }
 
-  const added = sent.types.flatMap((type, i) => {
-    const loc = result.locations[i];
+  const added = written.types.flatMap((type, i) => {
+    const loc = written.locations[i];
     return type === 'DocumentReference' && loc ? [`DocumentReference/${loc.id}`] : [];
   });
   // Link first, record after: the referral lists the documents once the centre's ServiceRequest does too. A
@@ -171,34 +405,8 @@ export async function deliverDocuments(ctx: OperationContext): Promise<Outcome> 
   }
   const stored = await appendDocumentRefs(ctx.store, referral.id, added);
   if (!stored) return { kind: 'retry', reason: 'the referral changed too often while its document refs were saved', neutral: true };
-  logger.info('documents delivered', { referralId: referral.id, destination: destination.id, attempts: ctx.attempt, documents: added.length });
+  logger.info('documents delivered', { referralId: referral.id, destination: destination.id, attempts: ctx.attempt, documents: added.length, rawUploads: written.rawUploads });
   return { kind: 'done' };
-}
-
-async function sendDocumentsBundle(
-  ctx: OperationContext,
-  payload: DocumentsPayload,
-  serviceRequestRef: string,
-  patientRef: string
-): Promise<{ result: TransactionResult; types: Array<string | undefined> }> {
-  const { referral, destination, client, signal, entry } = ctx;
-  const { documents, startIndex } = payload;
-  const binaries = planBinaries({ referralId: referral.id, documents, startIndex, destination });
-  const bundle = mapAddedDocumentsToBundle({
-    referralId: referral.id,
-    referral: ctx.takePayload(),
-    documents,
-    startIndex,
-    serviceRequestRef,
-    patientRef,
-    destination,
-    attachmentUrls: binaries.attachmentUrls,
-    // The entry's own time, so a resend is the same bundle.
-    addedAt: entry.createdAt,
-  });
-  bundle.entry = [...(bundle.entry ?? []), ...binaries.entries];
-  const result = await sendTransaction(client, bundle, { signal, preferMinimal: true });
-  return { result, types: entryTypes(bundle) };
 }
 
 /** Appends refs to referral.fhir.documents without changing the status (compare-and-set on updatedAt). */
@@ -353,7 +561,8 @@ export async function readModifyWrite<T extends Resource>(
       await client.update<T>(next, version, { signal });
       return { kind: 'done' };
     } catch (err) {
-      if (err instanceof FhirRequestError && err.kind === 'http' && err.status === 412 && i < IF_MATCH_TRIES) {
+      // 412 Precondition Failed, or 409 Conflict as HAPI answers a stale If-Match (ResourceVersionConflictException).
+      if (err instanceof FhirRequestError && err.kind === 'http' && (err.status === 412 || err.status === 409) && i < IF_MATCH_TRIES) {
         logger.info('If-Match conflict; reading again', { type, try: i });
         continue;
       }

@@ -1,6 +1,7 @@
 import { AsyncLocalStorage } from 'node:async_hooks';
 import { ClientStorage, MedplumClient, MemoryStorage } from '@medplum/core';
 import type { Bundle, OperationOutcome, Resource, ResourceType } from '@medplum/fhirtypes';
+import { destinationSettings } from '../config/destinations';
 import type { Destination } from '../config/destinations';
 import { logger as defaultLogger } from '../observability/logger';
 import {
@@ -75,6 +76,8 @@ export interface TransactionOptions {
   signal?: AbortSignal;
   /** Send `Prefer: return=minimal`: entries answer with status and location only. */
   preferMinimal?: boolean;
+  /** sendTransaction: called with each answer entry's HTTP status (0 when it has none) before it is classified. */
+  onEntryStatuses?: (statuses: number[]) => void;
 }
 
 export interface SearchAllOptions extends SearchOptions {
@@ -113,9 +116,10 @@ export interface FhirClient {
    * POSTs a transaction Bundle to the base. Returns the response Bundle after checking only that it is a Bundle.
    * The body is serialized once; strings of 64 KiB or more (base64 document data) are streamed in slices
    * rather than copied into one request string, and the answer is asked for as `Prefer: return=minimal` when
-   * `preferMinimal` is set (so a server does not echo a large Binary back).
+   * `preferMinimal` is set (so a server does not echo a large Binary back). A 2xx with an empty body (what
+   * Medplum answers to `Prefer: return=minimal`) is `null`: the caller must confirm what was written.
    */
-  transaction(bundle: Bundle, opts?: TransactionOptions): Promise<Bundle>;
+  transaction(bundle: Bundle, opts?: TransactionOptions): Promise<Bundle | null>;
   read<T extends Resource = Resource>(type: T['resourceType'], id: string, opts?: SearchOptions): Promise<T>;
   /** PUT; with `ifMatchVersion` sends `If-Match: W/"<version>"` (a mismatch is an http 412 error). */
   update<T extends Resource>(resource: T, ifMatchVersion?: string, opts?: SearchOptions): Promise<T>;
@@ -135,6 +139,31 @@ export interface FhirClient {
    * JSON content types are parsed; anything else is returned as bytes. Absolute URLs elsewhere are refused.
    */
   readUrl(url: string, opts?: { accept?: string; signal?: AbortSignal }): Promise<ReadUrlResult>;
+  /**
+   * POSTs a `batch` Bundle to the base (e.g. several searches or reads in one request) and returns the
+   * batch-response Bundle (each entry with its own status).
+   */
+  batch(bundle: Bundle, opts?: SearchOptions): Promise<Bundle>;
+  /**
+   * Uploads raw bytes as a Binary: `PUT Binary/<id>` when `id` is given (a client-assigned id), else
+   * `POST Binary`. The body is the bytes with their own Content-Type (not FHIR JSON, no base64). Returns the
+   * Binary's id and version from the Location header (or the answer's body).
+   */
+  uploadBinary(contentType: string, bytes: Uint8Array, opts?: { id?: string; signal?: AbortSignal }): Promise<{ id: string; versionId?: string }>;
+  /**
+   * One request as it is, for probes (the doctor): a path relative to the base (or an absolute URL under it),
+   * the gateway's auth, the per-attempt deadline. Never throws for an HTTP status; network errors and timeouts
+   * throw FhirRequestError.
+   */
+  raw(method: string, url: string, opts?: { headers?: Record<string, string>; body?: string | Uint8Array; signal?: AbortSignal; auth?: boolean }): Promise<RawResult>;
+}
+
+export interface RawResult {
+  status: number;
+  headers: Headers;
+  body: Buffer;
+  /** Milliseconds from sending to the whole body. */
+  durationMs: number;
 }
 
 type RawResponse = TimedResponse;
@@ -163,6 +192,7 @@ export function createFhirClient(dest: Destination, opts: FhirClientOptions = {}
     now: opts.now,
   });
 
+  const settings = destinationSettings(dest);
   const base = new URL(dest.baseUrl);
   const basePath = base.pathname.replace(/\/+$/, '');
   const baseUrl = base.origin + basePath;
@@ -382,7 +412,7 @@ export function createFhirClient(dest: Destination, opts: FhirClientOptions = {}
     baseUrl,
     medplum,
 
-    async transaction(bundle: Bundle, o: TransactionOptions = {}): Promise<Bundle> {
+    async transaction(bundle: Bundle, o: TransactionOptions = {}): Promise<Bundle | null> {
       if (bundle?.resourceType !== 'Bundle' || bundle.type !== 'transaction') {
         throw new Error('transaction(): expected a Bundle of type "transaction"');
       }
@@ -400,6 +430,9 @@ export function createFhirClient(dest: Destination, opts: FhirClientOptions = {}
       const res = await exchange(baseUrl, { method: 'POST', headers, body, signal: o.signal });
       if (res.status < 200 || res.status >= 300) {
         throw httpError(res, target);
+      }
+      if (res.bytes.length === 0) {
+        return null;
       }
       const parsed = parseJsonObject(res.bytes);
       if (parsed === undefined) {
@@ -507,17 +540,22 @@ export function createFhirClient(dest: Destination, opts: FhirClientOptions = {}
 
     async readUrl(url: string, o: { accept?: string; signal?: AbortSignal } = {}): Promise<ReadUrlResult> {
       const resolved = resolveUnderBase(url);
-      if (!resolved) {
-        // Typically an attachment URL the server rewrote to other storage: not sent, credentials included.
-        throw new FhirRequestError('invalid-response', 'GET (url): URL is not under the destination base');
+      const accept = o.accept ?? '*/*';
+      let res: RawResponse;
+      let target: string;
+      if (resolved) {
+        target = describeTarget('GET', resolved);
+        // Straight through the wrapper: MedplumClient would decode binary content as text.
+        res = await exchange(resolved, { method: 'GET', headers: { Accept: accept }, signal: o.signal });
+      } else {
+        const external = credentialFreeUrl(url);
+        if (!external) {
+          // Typically an attachment URL the server rewrote to other storage: not sent, credentials included.
+          throw new FhirRequestError('invalid-response', 'GET (url): URL is not under the destination base (list its origin in attachmentOrigins, or set presignedUrls)');
+        }
+        target = 'GET (presigned url)';
+        res = await attemptWithoutCredentials(external, accept, o.signal, target);
       }
-      const target = describeTarget('GET', resolved);
-      // Straight through the wrapper: MedplumClient would decode binary content as text.
-      const res = await exchange(resolved, {
-        method: 'GET',
-        headers: { Accept: o.accept ?? '*/*' },
-        signal: o.signal,
-      });
       if (res.status < 200 || res.status >= 300) {
         throw httpError(res, target);
       }
@@ -535,7 +573,137 @@ export function createFhirClient(dest: Destination, opts: FhirClientOptions = {}
         });
       }
     },
+
+    async batch(bundle: Bundle, o: SearchOptions = {}): Promise<Bundle> {
+      if (bundle?.resourceType !== 'Bundle' || bundle.type !== 'batch') {
+        throw new Error('batch(): expected a Bundle of type "batch"');
+      }
+      const target = 'POST (base, batch)';
+      const res = await exchange(baseUrl, {
+        method: 'POST',
+        headers: { 'Content-Type': 'application/fhir+json', Accept: 'application/fhir+json' },
+        body: JSON.stringify(bundle),
+        signal: o.signal,
+      });
+      if (res.status < 200 || res.status >= 300) {
+        throw httpError(res, target);
+      }
+      const parsed = parseJsonObject(res.bytes);
+      if (parsed?.resourceType !== 'Bundle' || (parsed.type !== 'batch-response' && parsed.type !== 'transaction-response')) {
+        throw new FhirRequestError('invalid-response', `${target}: HTTP ${res.status} answer is not a batch-response Bundle`, { status: res.status });
+      }
+      return parsed as unknown as Bundle;
+    },
+
+    async uploadBinary(contentType: string, bytes: Uint8Array, o: { id?: string; signal?: AbortSignal } = {}): Promise<{ id: string; versionId?: string }> {
+      if (o.id !== undefined) {
+        assertId(o.id);
+      }
+      const url = o.id === undefined ? `${baseUrl}/Binary` : `${baseUrl}/Binary/${o.id}`;
+      const method = o.id === undefined ? 'POST' : 'PUT';
+      const target = `${method} Binary${o.id === undefined ? '' : '/…'} (raw)`;
+      const res = await exchange(url, {
+        method,
+        headers: { 'Content-Type': contentType, Accept: 'application/fhir+json' },
+        body: bytes as Uint8Array<ArrayBuffer>,
+        signal: o.signal,
+      });
+      if (res.status < 200 || res.status >= 300) {
+        throw httpError(res, target);
+      }
+      const location = res.headers.get('location') ?? res.headers.get('content-location');
+      const fromLocation = location ? parseBinaryLocation(location) : undefined;
+      if (fromLocation) {
+        return fromLocation;
+      }
+      const body = res.bytes.length > 0 ? parseJsonObject(res.bytes) : undefined;
+      if (body?.resourceType === 'Binary' && typeof body.id === 'string' && FHIR_ID.test(body.id)) {
+        const meta = body.meta as { versionId?: unknown } | undefined;
+        return typeof meta?.versionId === 'string' ? { id: body.id, versionId: meta.versionId } : { id: body.id };
+      }
+      if (o.id !== undefined) {
+        return { id: o.id };
+      }
+      throw new FhirRequestError('invalid-response', `${target}: HTTP ${res.status} names no Binary id`, { status: res.status });
+    },
+
+    async raw(method: string, url: string, o: { headers?: Record<string, string>; body?: string | Uint8Array; signal?: AbortSignal; auth?: boolean } = {}): Promise<RawResult> {
+      const resolved = resolveUnderBase(url);
+      if (!resolved) {
+        throw new Error('raw(): URL is not under the destination base');
+      }
+      const started = Date.now();
+      const init: ExchangeInit = {
+        method: method.toUpperCase(),
+        headers: o.headers ?? {},
+        body: o.body as BodyInit | undefined,
+        signal: o.signal,
+      };
+      const res =
+        o.auth === false
+          ? await attemptWithoutCredentials(resolved, o.headers?.Accept ?? '*/*', o.signal, describeTarget(method.toUpperCase(), resolved), init)
+          : await exchange(resolved, init);
+      return {
+        status: res.status,
+        headers: res.headers,
+        body: Buffer.from(res.bytes.buffer, res.bytes.byteOffset, res.bytes.byteLength),
+        durationMs: Date.now() - started,
+      };
+    },
   };
+
+  /**
+   * An attachment URL outside the base that may be fetched without credentials: its origin is in
+   * `attachmentOrigins`, or `presignedUrls` is set and it is on the base's host name. http(s) only.
+   */
+  function credentialFreeUrl(link: string): string | undefined {
+    let u: URL;
+    try {
+      u = new URL(link);
+    } catch {
+      return undefined;
+    }
+    if (u.protocol !== 'http:' && u.protocol !== 'https:') {
+      return undefined;
+    }
+    if (u.username || u.password) {
+      return undefined;
+    }
+    const origins = new Set(settings.attachmentOrigins.map((o) => new URL(o).origin));
+    if (origins.has(u.origin)) {
+      return u.toString();
+    }
+    if (settings.presignedUrls && u.hostname === base.hostname && (base.protocol === 'http:' || u.protocol === 'https:')) {
+      return u.toString();
+    }
+    return undefined;
+  }
+
+  /** One GET with no Authorization header (a presigned URL carries its own signature), within the deadline. */
+  async function attemptWithoutCredentials(url: string, accept: string, signal: AbortSignal | undefined, target: string, init?: ExchangeInit): Promise<RawResponse> {
+    const started = Date.now();
+    const headers = new Headers(init?.headers);
+    headers.delete('authorization');
+    if (!headers.has('accept')) headers.set('Accept', accept);
+    try {
+      const res = await fetchWithDeadline(
+        fetchImpl,
+        url,
+        { method: init?.method ?? 'GET', headers, ...requestBody(init?.body), signal, redirect: 'manual' },
+        dest.timeoutMs
+      );
+      log.debug('fhir request', { destination: dest.id, target, status: res.status, durationMs: Date.now() - started, credentials: false });
+      return res;
+    } catch (err) {
+      if (err instanceof DeadlineExceeded) {
+        throw new FhirRequestError('timeout', `${target}: no complete response within ${dest.timeoutMs} ms`);
+      }
+      if (signal?.aborted) {
+        throw err;
+      }
+      throw new FhirRequestError('network', `${target}: network error (${errorCode(err)})`);
+    }
+  }
 
   function resolveUnderBase(link: string): string | undefined {
     let u: URL;
@@ -577,6 +745,13 @@ function contentTypeOf(res: RawResponse): string {
 function parseEtag(etag: string | null | undefined): string | undefined {
   const m = etag ? /^(?:W\/)?"([^"]+)"$/.exec(etag.trim()) : null;
   return m && FHIR_ID.test(m[1]) ? m[1] : undefined;
+}
+
+/** `Binary/123/_history/1` (relative or absolute) -> its id and version. */
+function parseBinaryLocation(location: string): { id: string; versionId?: string } | undefined {
+  const m = /(?:^|\/)Binary\/([A-Za-z0-9\-.]{1,64})(?:\/_history\/([A-Za-z0-9\-.]{1,64}))?\/?(?:[?#].*)?$/.exec(location.trim());
+  if (!m) return undefined;
+  return m[2] ? { id: m[1], versionId: m[2] } : { id: m[1] };
 }
 
 function assertType(type: string): void {

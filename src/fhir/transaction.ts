@@ -14,7 +14,12 @@ export type TransactionResult =
   /** Worth sending again later (after `retryAfterMs` if the server said so); `outcome` if the server sent one. */
   | { kind: 'retry'; reason: string; retryAfterMs?: number; status?: number; outcome?: OperationOutcome }
   /** Sending the same bundle again will not help. `status` is the HTTP status, or the failing entry's status. */
-  | { kind: 'fail'; reason: string; outcome?: OperationOutcome; status: number };
+  | { kind: 'fail'; reason: string; outcome?: OperationOutcome; status: number }
+  /**
+   * The server answered 2xx with an empty body (Medplum's answer to `Prefer: return=minimal`): it accepted the
+   * transaction, but what it wrote must be confirmed by reading it back.
+   */
+  | { kind: 'unconfirmed'; reason: string; status: number };
 
 /**
  * Sends one transaction Bundle and classifies the answer for the delivery policy.
@@ -41,7 +46,7 @@ export async function sendTransaction(
     throw new Error('sendTransaction(): expected a Bundle of type "transaction"');
   }
   const sent = bundle.entry ?? [];
-  let response: Bundle;
+  let response: Bundle | null;
   try {
     response = opts === undefined ? await client.transaction(bundle) : await client.transaction(bundle, opts);
   } catch (err) {
@@ -50,6 +55,10 @@ export async function sendTransaction(
     }
     throw err;
   }
+  if (response === null) {
+    return { kind: 'unconfirmed', reason: 'the server answered the transaction with an empty body', status: 200 };
+  }
+  opts?.onEntryStatuses?.((response.entry ?? []).map((e) => parseStatus(e.response?.status) ?? 0));
   return classifyResponse(sent, response);
 }
 
@@ -57,7 +66,7 @@ export async function sendTransaction(
  * The delivery decision for a failed request (any interaction, not only a transaction): network errors,
  * timeouts, garbage answers, 408, 409, 429 and 5xx are retries; other HTTP errors are failures.
  */
-export function classifyError(err: FhirRequestError): Exclude<TransactionResult, { kind: 'ok' }> {
+export function classifyError(err: FhirRequestError): Exclude<TransactionResult, { kind: 'ok' } | { kind: 'unconfirmed' }> {
   switch (err.kind) {
     case 'network':
     case 'timeout':

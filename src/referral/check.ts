@@ -132,9 +132,14 @@ export function checkReferral(body: unknown, destinations: DestinationDirectory,
 /** The id of the built-in sandbox destination. */
 export const SANDBOX_ID = 'sandbox';
 
-/** The destination the gateway adds when none is configured (its built-in sandbox centre). */
-export function sandboxDestination(baseUrl: string): Destination {
+/** The destination profile that fits each sandbox server profile (the `strict` sandbox needs Medplum's settings and more). */
+const PROFILE_FOR_SANDBOX: Record<string, Destination['profile']> = { medplum: 'medplum', hapi: 'hapi', strict: 'medplum' };
+
+/** The destination the gateway adds when none is configured (its built-in sandbox centre), with the settings its profile needs. */
+export function sandboxDestination(baseUrl: string, sandboxProfile = 'default'): Destination {
+  const profile = PROFILE_FOR_SANDBOX[sandboxProfile];
   return {
+    ...(profile ? { profile } : {}),
     id: SANDBOX_ID,
     name: 'Built-in sandbox cancer centre',
     organization: { system: 'https://referral-gateway.dev/fhir/sid/destination', value: SANDBOX_ID },

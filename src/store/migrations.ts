@@ -139,6 +139,27 @@ migrations['0005_document_count_and_retention'] = {
   },
 };
 
+migrations['0006_binary_uploads'] = {
+  async up(db: Kysely<any>): Promise<void> {
+    // Documents uploaded to a centre as raw Binary before the referral's transaction (binaryMode raw). The id
+    // a server assigned is recorded before the transaction is sent, so a resend reuses it; `lost_uploads`
+    // counts uploads whose answer never came (each may have left an unreferenced Binary at the centre).
+    await db.schema
+      .createTable('binary_uploads')
+      .addColumn('referral_id', 'text', (c) => c.notNull().references('referrals.id').onDelete('cascade'))
+      .addColumn('destination', 'text', (c) => c.notNull())
+      .addColumn('document_n', 'integer', (c) => c.notNull())
+      .addColumn('binary_id', 'text')
+      .addColumn('state', 'text', (c) => c.notNull())
+      .addColumn('lost_uploads', 'integer', (c) => c.notNull().defaultTo(0))
+      .addColumn('created_at', 'text', (c) => c.notNull())
+      .addColumn('updated_at', 'text', (c) => c.notNull())
+      .addPrimaryKeyConstraint('binary_uploads_pk', ['referral_id', 'destination', 'document_n'])
+      .execute();
+    await db.schema.createIndex('binary_uploads_dest_lost_idx').on('binary_uploads').columns(['destination', 'lost_uploads']).execute();
+  },
+};
+
 class StaticProvider implements MigrationProvider {
   async getMigrations(): Promise<Record<string, Migration>> {
     return migrations;

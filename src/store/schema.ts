@@ -80,7 +80,24 @@ export interface MigrationsTable {
   seq: Generated<number>;
 }
 
+/** A document uploaded to a centre as a raw Binary (binaryMode raw); src/store/binary-uploads.ts. */
+export interface BinaryUploadsTable {
+  referral_id: string;
+  destination: string;
+  /** The document's number in the referral (1-based, as in the document identifier). */
+  document_n: number;
+  /** The Binary's id at the centre, once known. */
+  binary_id: string | null;
+  /** `pending`: an upload was sent and its answer not yet recorded; `done`: `binary_id` is at the centre. */
+  state: 'pending' | 'done';
+  /** Uploads whose answer was lost (each may have left an unreferenced Binary at the centre). */
+  lost_uploads: number;
+  created_at: string;
+  updated_at: string;
+}
+
 export interface Database {
+  binary_uploads: BinaryUploadsTable;
   referrals: ReferralsTable;
   referral_payloads: ReferralPayloadsTable;
   referral_history: HistoryTable;

@@ -26,8 +26,10 @@ export async function startLossyProxy(target: string): Promise<LossyProxy> {
     req.on('data', (c: Buffer) => chunks.push(c));
     req.on('end', () => {
       const body = Buffer.concat(chunks);
-      const isTransaction = req.method === 'POST' && /^\/fhir\/R4\/?$/.test(req.url ?? '');
-      if (isTransaction) transactions.push(JSON.parse(body.toString('utf8')) as Bundle);
+      // Only transactions count (and lose their answer): a batch of searches or reads passes through.
+      const posted = req.method === 'POST' && /^\/fhir\/R4\/?$/.test(req.url ?? '') ? parseBundle(body) : undefined;
+      const isTransaction = posted?.type === 'transaction';
+      if (posted && isTransaction) transactions.push(posted);
       const path = req.url?.replace(/^\/fhir\/R4/, to.pathname) ?? '/';
       const headers = { ...req.headers, host: to.host, 'content-length': String(body.length) };
       delete headers['transfer-encoding'];
@@ -54,4 +56,12 @@ export async function startLossyProxy(target: string): Promise<LossyProxy> {
     dropped: () => dropped,
     close: () => new Promise<void>((r) => server.close(() => r())),
   };
+}
+
+function parseBundle(body: Buffer): Bundle | undefined {
+  try {
+    return JSON.parse(body.toString('utf8')) as Bundle;
+  } catch {
+    return undefined;
+  }
 }

@@ -57,7 +57,7 @@ describe('delivery failure paths against a fake destination (nock)', () => {
 
   beforeAll(async () => {
     allowOnlyLoopback();
-    gw = await startGateway({ FHIR_BASE_URL: BASE, FHIR_TIMEOUT_MS: '300', DELIVERY_BASE_DELAY_MS: '20', DELIVERY_MAX_DELAY_MS: '200' });
+    gw = await startGateway({ FHIR_BASE_URL: BASE, FHIR_VERIFY_DELIVERY: 'false', FHIR_TIMEOUT_MS: '300', DELIVERY_BASE_DELAY_MS: '20', DELIVERY_MAX_DELAY_MS: '200' });
   });
   beforeEach(() => {
     searches = [];
@@ -203,7 +203,7 @@ describe('the backlog an operator watches at /metrics (nock)', () => {
 
   beforeAll(async () => {
     allowOnlyLoopback();
-    gw = await startGateway({ FHIR_BASE_URL: BASE, DELIVERY_BASE_DELAY_MS: '2000', DELIVERY_MAX_DELAY_MS: '4000' });
+    gw = await startGateway({ FHIR_BASE_URL: BASE, FHIR_VERIFY_DELIVERY: 'false', DELIVERY_BASE_DELAY_MS: '2000', DELIVERY_MAX_DELAY_MS: '4000' });
     nock(CENTRE).persist().get(/^\/fhir\/R4\/Task\?/).reply(200, EMPTY_SEARCH);
   });
   afterAll(async () => {
@@ -247,7 +247,7 @@ describe('retries run out (nock)', () => {
 
   beforeAll(async () => {
     allowOnlyLoopback();
-    gw = await startGateway({ FHIR_BASE_URL: BASE, DELIVERY_MAX_ATTEMPTS: '3', DELIVERY_BASE_DELAY_MS: '10', DELIVERY_MAX_DELAY_MS: '20' });
+    gw = await startGateway({ FHIR_BASE_URL: BASE, FHIR_VERIFY_DELIVERY: 'false', DELIVERY_MAX_ATTEMPTS: '3', DELIVERY_BASE_DELAY_MS: '10', DELIVERY_MAX_DELAY_MS: '20' });
     nock(CENTRE).persist().get(/^\/fhir\/R4\/Task\?/).reply(200, EMPTY_SEARCH);
   });
   afterAll(async () => {
@@ -281,7 +281,7 @@ describe('retries run out by age (DELIVERY_MAX_AGE_MS)', () => {
 
   beforeAll(async () => {
     allowOnlyLoopback();
-    gw = await startGateway({ FHIR_BASE_URL: BASE, DELIVERY_MAX_AGE_MS: '1500', DELIVERY_MAX_ATTEMPTS: '1000', DELIVERY_BASE_DELAY_MS: '50', DELIVERY_MAX_DELAY_MS: '200' });
+    gw = await startGateway({ FHIR_BASE_URL: BASE, FHIR_VERIFY_DELIVERY: 'false', DELIVERY_MAX_AGE_MS: '1500', DELIVERY_MAX_ATTEMPTS: '1000', DELIVERY_BASE_DELAY_MS: '50', DELIVERY_MAX_DELAY_MS: '200' });
     nock(CENTRE).persist().get(/^\/fhir\/R4\/Task\?/).reply(200, EMPTY_SEARCH);
   });
   afterAll(async () => {
@@ -311,7 +311,7 @@ describe('a 401 with an expired token (client-credentials)', () => {
     allowOnlyLoopback();
     const env = { FHIR_CLIENT_ID: 'gateway', FHIR_CLIENT_SECRET: 'cc-secret-1' };
     gw = await startGateway(
-      { FHIR_BASE_URL: BASE, FHIR_AUTH: 'client-credentials', FHIR_TOKEN_URL: `${AUTH}/token`, ...env },
+      { FHIR_BASE_URL: BASE, FHIR_VERIFY_DELIVERY: 'false', FHIR_AUTH: 'client-credentials', FHIR_TOKEN_URL: `${AUTH}/token`, ...env },
       { clients: new FhirClients((d) => createFhirClient(d, { env })) }
     );
   });
@@ -358,6 +358,7 @@ describe('the per-destination circuit breaker (nock)', () => {
       name: 'Centre behind a breaker',
       baseUrl: BASE,
       timeoutMs: 500,
+      verifyDelivery: false,
       circuitBreaker: { failureThreshold: 3, cooldownMs: 400, maxCooldownMs: 5000 },
     });
     // One at a time, so the count of requests before the circuit opens is exact.

@@ -95,7 +95,7 @@ describe('transaction() with a large Binary', () => {
     const client = createFhirClient(destination, { env: { CID: 'gw', CS: 'secret' }, logger: { debug: () => undefined, warn: () => undefined } });
     const v = bundleWith(big);
     const answer = await client.transaction(v, { preferMinimal: true });
-    expect(answer.type).toBe('transaction-response');
+    expect(answer?.type).toBe('transaction-response');
     expect(scope.isDone()).toBe(true);
     expect(received).toHaveLength(2);
     for (const r of received) expect(JSON.parse(r)).toEqual(v);

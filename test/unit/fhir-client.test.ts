@@ -675,7 +675,7 @@ describe('read, update, search, searchAll, readUrl', () => {
     const c = client();
     await expect(c.readUrl('https://storage.example.net/bucket/report.pdf')).rejects.toMatchObject({
       kind: 'invalid-response',
-      message: 'GET (url): URL is not under the destination base',
+      message: 'GET (url): URL is not under the destination base (list its origin in attachmentOrigins, or set presignedUrls)',
     });
     await expect(c.readUrl(`${ORIGIN}/other/Binary/1`)).rejects.toThrow('not under the destination base');
     await expect(c.readUrl(`${ORIGIN}${BASE_PATH}-evil/Binary/1`)).rejects.toThrow('not under the destination base');
