@@ -5,7 +5,12 @@
 // GET /_sandbox/stats answers request and search counters as JSON.
 // SANDBOX_SEARCH_INDEX=conditional: only conditional creates/updates use the search index, other
 // searches scan the store, as before the index (for comparisons); =off: nothing uses it.
+// SANDBOX_PROFILE=default|medplum|hapi|strict: behave like that server (docs/sandbox-profiles.md);
+// SANDBOX_TRAITS="nonAtomic=false,strictIsolationMaxEntries=8,-emptyMinimal": trait overrides.
+// SANDBOX_STORAGE_PORT: port of the presigned storage server (profiles with presignedBinaryUrls; default any).
+// POST /_sandbox/faults {"failNextEntry":{"resourceType":"ServiceRequest","status":409}} injects a failure.
 import { startSandboxServer } from '../fhir/sandbox';
+import { describeTraitOverrides, resolveSandboxTraits } from '../fhir/sandbox-profiles';
 
 function parsePort(raw: string | undefined): number {
   const value = raw === undefined || raw.trim() === '' ? 8090 : Number(raw);
@@ -18,12 +23,26 @@ function parsePort(raw: string | undefined): number {
 async function main(): Promise<void> {
   const port = parsePort(process.env.PORT);
   const host = process.env.HOST || '127.0.0.1';
+  // Checked before anything starts: an unknown profile or trait is a one-line error, exit code 1.
+  const profile = process.env.SANDBOX_PROFILE;
+  const overrides = process.env.SANDBOX_TRAITS;
+  const traits = resolveSandboxTraits(profile, overrides);
+  const storagePort = process.env.SANDBOX_STORAGE_PORT ? parsePort(process.env.SANDBOX_STORAGE_PORT) : undefined;
   const started = performance.now();
   const setting = (process.env.SANDBOX_SEARCH_INDEX ?? '').trim().toLowerCase();
   const searchIndex = setting === 'conditional' ? 'conditional' : !['off', 'false', '0', 'no'].includes(setting);
-  const sandbox = await startSandboxServer(port, { host, searchIndex });
-  process.stderr.write(`sandbox ready in ${Math.round(performance.now() - started)} ms\n`);
-  process.stdout.write(JSON.stringify({ event: 'sandbox-listening', url: sandbox.url }) + '\n');
+  const sandbox = await startSandboxServer(port, { host, searchIndex, profile, traits: overrides, storage: { port: storagePort } });
+  const changed = describeTraitOverrides(traits);
+  process.stderr.write(`sandbox ready in ${Math.round(performance.now() - started)} ms (profile ${traits.profile}${changed ? `, ${changed}` : ''})\n`);
+  process.stdout.write(
+    JSON.stringify({
+      event: 'sandbox-listening',
+      url: sandbox.url,
+      profile: sandbox.traits.profile,
+      ...(changed ? { traits: changed } : {}),
+      ...(sandbox.storageUrl ? { storageUrl: sandbox.storageUrl } : {}),
+    }) + '\n'
+  );
 
   let stopping = false;
   const stop = (signal: NodeJS.Signals): void => {

@@ -2,23 +2,40 @@
 // integration tests and benchmarks. In-memory (@medplum/fhir-router MemoryRepository); data is
 // lost on restart.
 //
-// Mount it before any global body parser (it parses application/fhir+json itself, 50 MB limit):
-//   const sandbox = createSandboxRouter();
+// Mount it before any global body parser (it parses application/fhir+json itself, 50 MB limit, and
+// raw Binary bodies):
+//   const sandbox = createSandboxRouter({ profile: 'medplum' });
+//   await sandbox.ready;                 // the presigned storage server of some profiles listens
 //   app.use('/sandbox/fhir/R4', sandbox.router);
+//   ...
+//   await sandbox.close();
+//
+// Server profiles (`profile`, `traits`) make it behave like Medplum or HAPI where a gateway depends on
+// it: see ./sandbox-profiles.ts and docs/sandbox-profiles.md.
 import { FhirRouter } from '@medplum/fhir-router';
 import type { MemoryRepository } from '@medplum/fhir-router';
 import express from 'express';
 import type { NextFunction, Request, Response, Router } from 'express';
 import { createServer } from 'node:http';
+import type { IncomingMessage } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { loadFhirDefinitions } from './sandbox-defs';
 import { SandboxEngine } from './sandbox-engine';
+import { SandboxFaults } from './sandbox-faults';
+import { resolveSandboxTraits } from './sandbox-profiles';
+import type { SandboxProfileName, SandboxTraits } from './sandbox-profiles';
 import { IndexedMemoryRepository } from './sandbox-repo';
+import { BinaryBlobStore, PresignedStorage } from './sandbox-storage';
+import type { PresignedStorageOptions } from './sandbox-storage';
 import type { RestRequest, RestResponse, SandboxEngineOptions, SandboxStats } from './sandbox-engine';
 import { outcome, parseETag } from './sandbox-support';
 
 export type { SandboxStats, SandboxEngineOptions } from './sandbox-engine';
 export { loadFhirDefinitions } from './sandbox-defs';
+export { SANDBOX_PROFILES, resolveSandboxTraits } from './sandbox-profiles';
+export type { SandboxProfileName, SandboxTraits } from './sandbox-profiles';
+export { SandboxFaults } from './sandbox-faults';
+export type { FailNextEntryOptions } from './sandbox-faults';
 
 export interface SandboxRouterOptions extends SandboxEngineOptions {
   /**
@@ -38,12 +55,30 @@ export interface SandboxRouterOptions extends SandboxEngineOptions {
    * can; 'conditional': only conditional-interaction matching, as before the index; false: nothing).
    */
   searchIndex?: boolean | 'conditional';
+  /** Server profile: 'default' (the sandbox as it always was), 'medplum', 'hapi' or 'strict'. */
+  profile?: string;
+  /** Trait overrides on top of the profile (an object, or a string like "nonAtomic=false,-emptyMinimal"). */
+  traits?: Partial<SandboxTraits> | string;
+  /** Where the presigned storage server of the presignedBinaryUrls trait listens (default 127.0.0.1, any port). */
+  storage?: PresignedStorageOptions;
 }
+
+export type ResolvedSandboxTraits = SandboxTraits & { profile: SandboxProfileName };
 
 export interface SandboxRouter {
   router: Router;
   repo: MemoryRepository;
   stats: SandboxStats;
+  /** The profile's traits with the overrides applied. */
+  traits: ResolvedSandboxTraits;
+  /** Fault injection for tests (failNextEntry). */
+  faults: SandboxFaults;
+  /** Resolves when the sandbox is ready to serve (the presigned storage server listens; immediate otherwise). */
+  ready: Promise<void>;
+  /** Base URL of the presigned storage server, once ready (presignedBinaryUrls only). */
+  storageUrl(): string | undefined;
+  /** Closes what the router started (the presigned storage server). The router itself is the caller's to unmount. */
+  close(): Promise<void>;
 }
 
 export interface SandboxServer {
@@ -57,6 +92,10 @@ export interface SandboxServer {
   close(): Promise<void>;
   stats: SandboxStats;
   repo: MemoryRepository;
+  traits: ResolvedSandboxTraits;
+  faults: SandboxFaults;
+  /** Base URL of the presigned storage server (presignedBinaryUrls only). */
+  storageUrl?: string;
 }
 
 export interface StartSandboxOptions extends SandboxRouterOptions {
@@ -66,20 +105,46 @@ export interface StartSandboxOptions extends SandboxRouterOptions {
 
 const FHIR_JSON_TYPES = ['application/fhir+json', 'application/json', 'application/json+fhir', 'application/json-patch+json'];
 const FHIR_CONTENT_TYPE = 'application/fhir+json; charset=utf-8';
+/** Limit of raw (non-JSON) Binary bodies: POST Binary / PUT Binary/<id> with e.g. application/pdf. */
+const RAW_BINARY_LIMIT = 1024 * 1024 * 1024;
+
+/** A body of POST Binary / PUT Binary/<id> whose Content-Type is not FHIR JSON is the Binary's raw content. */
+function isRawBinaryBody(req: IncomingMessage): boolean {
+  const type = (req.headers['content-type'] ?? '').split(';')[0].trim().toLowerCase();
+  return !FHIR_JSON_TYPES.includes(type);
+}
 
 export function createSandboxRouter(options: SandboxRouterOptions = {}): SandboxRouter {
+  const traits = resolveSandboxTraits(options.profile, options.traits);
   loadFhirDefinitions();
   const repo = options.repo ?? new IndexedMemoryRepository({ index: options.searchIndex });
   const stats: SandboxStats = { requests: 0, searches: {}, byType: {}, interactions: {} };
-  const engine = new SandboxEngine(repo, new FhirRouter(), stats, options);
+  const faults = new SandboxFaults();
+  const blobs = new BinaryBlobStore();
+  let engine: SandboxEngine | undefined;
+  const storage = traits.presignedBinaryUrls
+    ? new PresignedStorage(async (id, versionId) => {
+        try {
+          const binary = await repo.readVersion('Binary', id, versionId);
+          return engine?.binaryContent(binary);
+        } catch {
+          return undefined;
+        }
+      }, options.storage)
+    : undefined;
+  engine = new SandboxEngine(repo, new FhirRouter(), stats, options, { traits, faults, blobs, storage });
   const baseUrl = options.baseUrl ?? ((req: Request) => `${req.protocol}://${req.get('host')}${req.baseUrl}`);
+  const jsonLimit = traits.maxJsonBytes ?? '50mb';
 
   const router = express.Router();
   router.use((_req, _res, next) => {
     stats.requests++;
     next();
   });
-  router.use(express.json({ type: FHIR_JSON_TYPES, limit: '50mb', strict: true }));
+  const raw = express.raw({ type: isRawBinaryBody, limit: RAW_BINARY_LIMIT });
+  router.post('/Binary', raw);
+  router.put('/Binary/:id', raw);
+  router.use(express.json({ type: FHIR_JSON_TYPES, limit: jsonLimit, strict: true }));
   router.post('/:type/_search', express.urlencoded({ extended: false, limit: '1mb' }));
   router.use(async (req: Request, res: Response) => {
     const base = baseUrl(req).replace(/\/+$/, '');
@@ -90,25 +155,47 @@ export function createSandboxRouter(options: SandboxRouterOptions = {}): Sandbox
       send(res, { status: 400, body: outcome(400, `Malformed request path: ${req.path}`) }, base);
       return;
     }
-    send(res, await engine.handle(rest), base);
+    send(res, await (engine as SandboxEngine).handle(rest), base);
   });
   router.use((err: unknown, req: Request, res: Response, next: NextFunction) => {
     if (res.headersSent) {
       next(err);
       return;
     }
-    const e = err as { status?: number; statusCode?: number; type?: string; message?: string };
+    const e = err as { status?: number; statusCode?: number; type?: string; message?: string; limit?: number };
+    if (e.type === 'entity.too.large' && e.limit !== RAW_BINARY_LIMIT && traits.maxJsonBytes !== undefined) {
+      // Medplum: body-parser's 413 becomes a 400 "File too large"
+      send(res, { status: 400, body: outcome(400, 'File too large', 'invalid') }, baseUrl(req));
+      return;
+    }
     const status = e.status ?? e.statusCode ?? 500;
     const text =
       e.type === 'entity.parse.failed'
         ? `Malformed JSON request body: ${e.message ?? ''}`.trim()
         : e.type === 'entity.too.large'
-          ? 'Request body exceeds the 50 MB limit'
+          ? e.limit === RAW_BINARY_LIMIT
+            ? 'Raw Binary body exceeds the 1 GB limit'
+            : 'Request body exceeds the 50 MB limit'
           : (e.message ?? 'Internal error');
     send(res, { status, body: outcome(status, text) }, baseUrl(req));
   });
 
-  return { router, repo, stats };
+  return {
+    router,
+    repo,
+    stats,
+    traits,
+    faults,
+    ready: storage ? storage.ready : Promise.resolve(),
+    storageUrl: () => {
+      try {
+        return storage?.url;
+      } catch {
+        return undefined;
+      }
+    },
+    close: () => (storage ? storage.close() : Promise.resolve()),
+  };
 }
 
 function hasBody(req: Request): boolean {
@@ -120,7 +207,13 @@ function toRestRequest(req: Request, base: string): RestRequest {
   const url = new URL(req.url, 'http://sandbox.invalid');
   const segments = url.pathname.split('/').filter(Boolean).map(decodeURIComponent);
   // body-parser turns an empty (Content-Length: 0) JSON body into {}; treat it as no body
-  const body: unknown = hasBody(req) ? req.body : undefined;
+  let body: unknown = hasBody(req) ? req.body : undefined;
+  let raw: RestRequest['raw'];
+  if (Buffer.isBuffer(body)) {
+    const contentType = (req.get('content-type') ?? '').trim() || 'application/octet-stream';
+    raw = { contentType, bytes: body };
+    body = undefined;
+  }
   return {
     method: req.method,
     segments,
@@ -129,9 +222,11 @@ function toRestRequest(req: Request, base: string): RestRequest {
       ifMatch: parseETag(req.get('if-match')),
       ifNoneExist: req.get('if-none-exist'),
       prefer: req.get('prefer'),
+      accept: req.get('accept'),
     },
     body,
-    unsupportedMediaType: body === undefined && hasBody(req),
+    raw,
+    unsupportedMediaType: body === undefined && raw === undefined && hasBody(req),
     base,
   };
 }
@@ -146,6 +241,12 @@ function send(res: Response, response: RestResponse, base: string): void {
   }
   if (response.lastModified) {
     res.setHeader('Last-Modified', new Date(response.lastModified).toUTCString());
+  }
+  if (response.raw) {
+    res.setHeader('Content-Type', response.raw.contentType);
+    res.setHeader('Content-Length', response.raw.bytes.length);
+    res.end(response.raw.bytes);
+    return;
   }
   if (response.body === undefined) {
     res.end();
@@ -163,7 +264,13 @@ function send(res: Response, response: RestResponse, base: string): void {
  */
 export async function startSandboxServer(port: number, options: StartSandboxOptions = {}): Promise<SandboxServer> {
   const host = options.host ?? '127.0.0.1';
-  const sandbox = createSandboxRouter(options);
+  const sandbox = createSandboxRouter({ ...options, storage: { host, ...options.storage } });
+  try {
+    await sandbox.ready;
+  } catch (err) {
+    await sandbox.close().catch(() => undefined);
+    throw err;
+  }
   const app = express();
   app.disable('x-powered-by');
   app.set('etag', false);
@@ -171,7 +278,23 @@ export async function startSandboxServer(port: number, options: StartSandboxOpti
   app.use('/sandbox/fhir/R4', sandbox.router);
   app.get('/_sandbox/stats', (_req: Request, res: Response) => {
     const search = sandbox.repo instanceof IndexedMemoryRepository ? { search: sandbox.repo.searchCounts } : {};
-    res.json({ ...sandbox.stats, ...search });
+    res.json({ ...sandbox.stats, ...search, profile: sandbox.traits.profile });
+  });
+  app.get('/_sandbox/faults', (_req: Request, res: Response) => {
+    res.json({ failNextEntry: sandbox.faults.pending() });
+  });
+  app.delete('/_sandbox/faults', (_req: Request, res: Response) => {
+    sandbox.faults.clear();
+    res.status(204).end();
+  });
+  app.post('/_sandbox/faults', express.json({ limit: '64kb' }), (req: Request, res: Response) => {
+    try {
+      sandbox.faults.applyJson(req.body);
+    } catch (err) {
+      res.status(400).json(outcome(400, `Invalid fault: ${(err as Error).message}`));
+      return;
+    }
+    res.status(204).end();
   });
   app.use((req: Request, res: Response) => {
     res
@@ -181,13 +304,18 @@ export async function startSandboxServer(port: number, options: StartSandboxOpti
   });
 
   const server = createServer(app);
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', reject);
-    server.listen(port, host, () => {
-      server.off('error', reject);
-      resolve();
+  try {
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(port, host, () => {
+        server.off('error', reject);
+        resolve();
+      });
     });
-  });
+  } catch (err) {
+    await sandbox.close().catch(() => undefined);
+    throw err;
+  }
   const actualPort = (server.address() as AddressInfo).port;
   const urlHost = host === '0.0.0.0' || host === '::' ? '127.0.0.1' : host.includes(':') ? `[${host}]` : host;
 
@@ -197,11 +325,17 @@ export async function startSandboxServer(port: number, options: StartSandboxOpti
     port: actualPort,
     repo: sandbox.repo,
     stats: sandbox.stats,
+    traits: sandbox.traits,
+    faults: sandbox.faults,
+    storageUrl: sandbox.storageUrl(),
     close: () => {
-      closing ??= new Promise<void>((resolve, reject) => {
-        server.close((err) => (err ? reject(err) : resolve()));
-        server.closeAllConnections();
-      });
+      closing ??= Promise.all([
+        new Promise<void>((resolve, reject) => {
+          server.close((err) => (err ? reject(err) : resolve()));
+          server.closeAllConnections();
+        }),
+        sandbox.close(),
+      ]).then(() => undefined);
       return closing;
     },
   };
