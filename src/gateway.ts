@@ -113,7 +113,9 @@ export class Gateway {
     const applied = await migrate(this.store.db.kysely);
     if (applied.length > 0) logger.info('database migrated', { applied });
     if (this.config.useSandbox) {
-      this.sandbox = createSandboxRouter();
+      // SANDBOX_PROFILE makes the built-in centre behave like a Medplum, HAPI or the strictest server.
+      this.sandbox = createSandboxRouter({ profile: this.config.sandbox.profile, traits: this.config.sandbox.traits });
+      await this.sandbox.ready;
     }
     const app = createApp({
       config: this.config,
@@ -134,7 +136,7 @@ export class Gateway {
     const local = `http://${this.config.host === '0.0.0.0' || this.config.host === '::' ? '127.0.0.1' : this.config.host}:${port}`;
     this.url = local;
     if (this.config.useSandbox) {
-      this.destinations.add(sandboxDestination(`${local}${SANDBOX_PATH}`));
+      this.destinations.add(sandboxDestination(`${local}${SANDBOX_PATH}`, this.config.sandbox.profile));
     }
     this.worker.start();
     this.webhooks.start();
@@ -175,6 +177,7 @@ export class Gateway {
     await Promise.all([this.poller.stop(), this.worker.stop(), this.webhooks.stop(), this.retention.stop()]);
     await closed;
     clearTimeout(force);
+    await this.sandbox?.close();
     await this.store.db.close();
   }
 }

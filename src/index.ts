@@ -29,6 +29,7 @@ async function main(): Promise<void> {
     const fixture = resolve('fixtures/referrals/breast-second-opinion.json');
     say('');
     say(`No destination configured: the built-in sandbox FHIR R4 server is the destination "${SANDBOX_ID}" (no authentication, development only):`);
+    if (config.sandbox.profile !== 'default') say(`  (SANDBOX_PROFILE=${config.sandbox.profile}${config.sandbox.traits ? `, SANDBOX_TRAITS=${config.sandbox.traits}` : ''}: it behaves as that server does)`);
     say(`  ${gateway.url}/sandbox/fhir/R4`);
     say('Submit the sample referral:');
     say(`  curl -s -X POST ${gateway.url}/referrals -H 'Authorization: Bearer ${config.devKeys ? 'dev-key' : '<your api key>'}' -H 'Content-Type: application/json' --data-binary @${fixture}`);
