@@ -64,7 +64,7 @@ async function round(row: (typeof ROWS)[number]): Promise<Round> {
     const before = sandbox.stats.requests;
     const submitted: Array<{ id: string; at: number }> = [];
     for (let i = 0; i < N; i++) {
-      const body = { ...fixture(), externalId: `BENCH-${row.sandbox}-${i}-${Date.now()}` };
+      const body: Record<string, any> = { ...fixture(), externalId: `BENCH-${row.sandbox}-${i}-${Date.now()}` };
       delete (body as { callbackUrl?: string }).callbackUrl;
       if (i % 4 === 0) body.documents = [...body.documents, { kind: 'pathology-report', title: 'Slide scan', contentType: 'application/pdf', data: big }];
       const at = performance.now();

@@ -6,6 +6,7 @@ import type { Config } from './config/config';
 import type { ReferralService } from './referral/service';
 import type { ReferralStore } from './store/referral-store';
 import { adminRouter } from './api/admin-router';
+import type { AdminDoctorDeps } from './api/admin-router';
 import { intakeBudget } from './api/intake-budget';
 import { metricsRegistry } from './observability/metrics';
 import { openapiRouter } from './api/openapi-router';
@@ -23,6 +24,8 @@ export interface AppDeps {
   webhooksAdmin?: Router;
   /** Runs the retention job now (POST /admin/retention/run). */
   runRetention?: () => Promise<RetentionRun>;
+  /** The destination doctor (GET /admin/destinations/:id/doctor): the destinations and the store's lost raw Binary uploads. */
+  doctor?: AdminDoctorDeps;
 }
 
 /** The HTTP composition root: headers, parsers, routers and the one error handler. */
@@ -61,7 +64,7 @@ export function createApp(deps: AppDeps): Express {
   const json = express.json({ limit: deps.config.maxBodyBytes, type: ['application/json', 'application/*+json'], strict: false });
   const budget = intakeBudget({ maxBytesInFlight: deps.config.maxIntakeBytesInFlight, maxBodyBytes: deps.config.maxBodyBytes, waitMs: deps.config.intakeWaitMs });
   app.use('/referrals', apiKeyAuth(deps.config.apiKeys), requireJson, budget, json, referralsRouter(deps.service, deps.store, deps.reports));
-  app.use('/admin', adminAuth(deps.config.adminApiKey), requireJson, json, adminRouter(deps.store, deps.runRetention), ...(deps.webhooksAdmin ? [deps.webhooksAdmin] : []));
+  app.use('/admin', adminAuth(deps.config.adminApiKey), requireJson, json, adminRouter(deps.store, deps.runRetention, deps.doctor), ...(deps.webhooksAdmin ? [deps.webhooksAdmin] : []));
 
   app.use(notFoundHandler);
   app.use(errorHandler);

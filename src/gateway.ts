@@ -11,6 +11,7 @@ import { logger, setLogLevel } from './observability/logger';
 import { type Backlog, clearBacklogSource, setBacklogSource } from './observability/metrics';
 import { sandboxDestination } from './referral/check';
 import { type DestinationDirectory, ReferralService } from './referral/service';
+import { possiblyOrphanedUploads } from './store/binary-uploads';
 import { openDb } from './store/db';
 import { migrate } from './store/migrations';
 import { ReferralStore } from './store/referral-store';
@@ -127,6 +128,11 @@ export class Gateway {
       isShuttingDown: () => this.shuttingDown,
       webhooksAdmin: this.webhooksAttached.adminRouter,
       runRetention: () => this.retention.run(),
+      doctor: {
+        destinations: this.destinations,
+        orphanedBinaries: async (destinationId) =>
+          (await possiblyOrphanedUploads(this.store.db, destinationId)).map((u) => ({ referralId: u.referralId, document: u.document, since: u.since })),
+      },
     });
     const server = app.listen(this.config.port, this.config.host);
     this.server = server;

@@ -4,15 +4,49 @@ import type { ReferralStore } from '../store/referral-store';
 import { HttpError } from './outcome';
 import { zodIssues } from '../referral/service';
 import type { RetentionRun } from '../retention/job';
+import type { Destination } from '../config/destinations';
+import { type OrphanedBinary, QUICK_SIZES, runDoctor } from '../doctor';
+
+/** What GET /admin/destinations/:id/doctor needs: the destinations (e.g. the gateway's DestinationDirectory). */
+export interface AdminDoctorDeps {
+  destinations: { get(id: string): Destination | undefined };
+  /** Environment holding the destinations' secrets (default process.env). */
+  env?: NodeJS.ProcessEnv;
+  /** Raw Binary uploads of this destination whose answer was lost (shown as a warn line). */
+  orphanedBinaries?: (destinationId: string) => Promise<OrphanedBinary[]>;
+}
 
 const stateQuery = z.strictObject({
   state: z.enum(['pending', 'done', 'failed']).default('failed'),
   limit: z.coerce.number().int().min(1).max(500).default(100),
 });
 
-/** Operator endpoints (ADMIN_API_KEY): the delivery dead letter and its replay; retention on demand. */
-export function adminRouter(store: ReferralStore, runRetention?: () => Promise<RetentionRun>): Router {
+/**
+ * Operator endpoints (ADMIN_API_KEY): the delivery dead letter and its replay; retention on demand; the
+ * destination doctor (with `doctor`).
+ */
+export function adminRouter(store: ReferralStore, runRetention?: () => Promise<RetentionRun>, doctor?: AdminDoctorDeps): Router {
   const r = Router();
+
+  /**
+   * Probes the destination's FHIR server (tagged test resources, deleted afterwards): 200 with the report, even
+   * when it cannot work; 404 for an unknown destination. ?quick=true: smaller size probes (JSON up to 4 MiB,
+   * raw Binary 1 MiB).
+   */
+  r.get('/destinations/:id/doctor', async (req, res) => {
+    if (!doctor) throw new HttpError(404, { code: 'not-found', message: 'the destination doctor is not available here' });
+    const destination = doctor.destinations.get(req.params.id);
+    if (!destination) throw new HttpError(404, { code: 'not-found', message: `no destination ${req.params.id}` });
+    const orphans = doctor.orphanedBinaries;
+    const quick = req.query.quick === 'true' || req.query.quick === '1';
+    res.json(
+      await runDoctor(destination, {
+        env: doctor.env,
+        ...(quick ? { sizes: QUICK_SIZES } : {}),
+        ...(orphans ? { orphanedBinaries: () => orphans(destination.id) } : {}),
+      })
+    );
+  });
 
   /** Applies the retention policy now (as RETENTION_CRON would) and answers what it did. */
   r.post('/retention/run', async (_req, res) => {

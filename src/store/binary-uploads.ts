@@ -1,6 +1,8 @@
 // Raw Binary uploads to a centre (binaryMode raw): which Binary id holds which document of a referral at
 // which destination. Repository functions take the database first (the Kysely example's style).
+import type { Selectable } from 'kysely';
 import type { Db } from './db';
+import type { BinaryUploadsTable } from './schema';
 import { nowIso } from './ids';
 
 export interface BinaryUpload {
@@ -92,16 +94,7 @@ export async function possiblyOrphanedUploads(db: Db, destination: string, limit
   return rows.map((r) => ({ referralId: r.referral_id, document: r.document_n, since: r.updated_at, lost: r.lost_uploads + (r.state === 'pending' ? 1 : 0) }));
 }
 
-function toUpload(r: {
-  referral_id: string;
-  destination: string;
-  document_n: number;
-  binary_id: string | null;
-  state: 'pending' | 'done';
-  lost_uploads: number;
-  created_at: string;
-  updated_at: string;
-}): BinaryUpload {
+function toUpload(r: Selectable<BinaryUploadsTable>): BinaryUpload {
   return {
     referralId: r.referral_id,
     destination: r.destination,
