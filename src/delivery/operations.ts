@@ -3,7 +3,7 @@ import { destinationSettings } from '../config/destinations';
 import type { Destination } from '../config/destinations';
 import { FhirRequestError } from '../fhir/client';
 import type { FhirClient } from '../fhir/client';
-import { conditionalIndexes, searchCriteria, withoutConditionalEntries } from '../fhir/resolve';
+import { conditionalIndexes, KeyedMutex, searchCriteria, withoutConditionalEntries } from '../fhir/resolve';
 import type { Matches } from '../fhir/resolve';
 import { classifyError, parseLocation, sendTransaction } from '../fhir/transaction';
 import type { TransactionLocation } from '../fhir/transaction';
@@ -112,6 +112,10 @@ export async function deliverSubmit(ctx: OperationContext): Promise<Outcome> {
     rawUploads: written.rawUploads,
     ...(written.repaired.length > 0 ? { repaired: written.repaired } : {}),
   });
+  if (changed && written.repaired.length > 0) {
+    // The operator sees in the timeline that the centre held a broken referral and what was mended.
+    await store.note(referral.id, 'sent', `repaired at the centre before it was reported sent: ${written.repaired.join(', ')}`);
+  }
   if (changed) {
     deliveryLatency.observe({ destination: destination.id }, Math.max(0, Date.now() - Date.parse(referral.createdAt)) / 1000);
     ctx.emit({ referralId: referral.id, status: 'sent', previous: changed.previous });
@@ -121,7 +125,8 @@ export async function deliverSubmit(ctx: OperationContext): Promise<Outcome> {
 
 /**
  * Whether to read back what the centre holds: with `verifyDelivery: true`, unless this very attempt's one
- * transaction created every entry new (201 each), which leaves nothing half-written or stale to find.
+ * transaction created every one of the referral's own entries new (201 each; the shared Patient,
+ * Practitioner and Organizations may match what is there), which leaves nothing half-written or stale to find.
  */
 function mustVerify(ctx: OperationContext, written: Extract<Written, { kind: 'ok' }>): boolean {
   const v = destinationSettings(ctx.destination).verifyDelivery;
@@ -252,6 +257,19 @@ type WriteResult = { kind: 'ok'; locations: TransactionLocation[]; allCreated: b
  * An empty 2xx answer (Prefer: return=minimal on Medplum) is confirmed by searching every entry's criteria.
  */
 async function writeBundle(ctx: OperationContext, bundle: Bundle): Promise<WriteResult> {
+  if (destinationSettings(ctx.destination).transactionMode !== 'resolve-first') return writeResolved(ctx, bundle);
+  // Search and create under one lock per shared identifier, so two referrals from one hospital do not both
+  // find "no such Practitioner" and both create one (within this process; across replicas a duplicate is
+  // tolerated: the oldest is used).
+  const keys = (bundle.entry ?? []).flatMap((e) => (e.resource && SHARED_TYPES.has(e.resource.resourceType) && e.request?.ifNoneExist ? [`${ctx.destination.id} ${e.resource.resourceType}?${e.request.ifNoneExist}`] : []));
+  return sharedEntries.run(keys, () => writeResolved(ctx, bundle));
+}
+
+/** Resources other referrals share (not ours alone): a racing writer may have created a duplicate. */
+const SHARED_TYPES: ReadonlySet<string> = new Set(['Patient', 'Practitioner', 'PractitionerRole', 'Organization']);
+const sharedEntries = new KeyedMutex();
+
+async function writeResolved(ctx: OperationContext, bundle: Bundle): Promise<WriteResult> {
   const { client, signal, destination } = ctx;
   const settings = destinationSettings(destination);
   const entries = bundle.entry ?? [];
@@ -259,7 +277,7 @@ async function writeBundle(ctx: OperationContext, bundle: Bundle): Promise<Write
   let sentIndexes = entries.map((_, i) => i);
   let matches: Matches = new Map();
   if (settings.transactionMode === 'resolve-first') {
-    const found = await searchOrOutcome(client, entries, conditionalIndexes(entries), signal);
+    const found = await searchOrOutcome(ctx, entries, conditionalIndexes(entries));
     if (found.kind !== 'ok') return found;
     matches = found.matches;
     const resolved = withoutConditionalEntries(bundle, matches);
@@ -268,14 +286,17 @@ async function writeBundle(ctx: OperationContext, bundle: Bundle): Promise<Write
   }
   const locations: TransactionLocation[] = new Array(entries.length);
   for (const [i, loc] of matches) locations[i] = loc;
-  let allCreated = matches.size === 0;
+  // A shared resource (the Patient, the referring Practitioner...) found or matched is the normal case; one of
+  // the referral's own resources found or matched means an earlier attempt got part-way.
+  const own = (i: number): boolean => !SHARED_TYPES.has(entries[i]?.resource?.resourceType ?? '');
+  let allCreated = ![...matches.keys()].some(own);
   if (sentIndexes.length > 0) {
     let created = false;
     const result = await sendTransaction(client, toSend, {
       signal,
       preferMinimal: settings.preferMinimal,
       onEntryStatuses: (statuses) => {
-        created = statuses.length > 0 && statuses.every((st) => st === 201);
+        created = statuses.length === sentIndexes.length && statuses.every((st, k) => st === 201 || (st === 200 && !own(sentIndexes[k])));
       },
     });
     if (result.kind === 'unconfirmed') {
@@ -290,16 +311,19 @@ async function writeBundle(ctx: OperationContext, bundle: Bundle): Promise<Write
   return { kind: 'ok', locations, allCreated };
 }
 
-async function searchOrOutcome(client: FhirClient, entries: ReadonlyArray<BundleEntry>, indexes: number[], signal: AbortSignal): Promise<{ kind: 'ok'; matches: Matches } | Exclude<Outcome, { kind: 'done' }>> {
+async function searchOrOutcome(ctx: OperationContext, entries: ReadonlyArray<BundleEntry>, indexes: number[]): Promise<{ kind: 'ok'; matches: Matches } | Exclude<Outcome, { kind: 'done' }>> {
   let found: Awaited<ReturnType<typeof searchCriteria>>;
   try {
-    found = await searchCriteria(client, entries, indexes, signal);
+    found = await searchCriteria(ctx.client, entries, indexes, ctx.signal, SHARED_TYPES);
   } catch (err) {
     const o = fromRequestError(err);
     return o.kind === 'done' ? { kind: 'retry', reason: 'search failed' } : o;
   }
   if (found.kind === 'multiple') {
     return { kind: 'fail', reason: `the centre holds ${found.count} ${found.type} resources with the identifier of bundle entry ${found.index}; resolve the duplicates at the centre` };
+  }
+  for (const d of found.duplicates) {
+    logger.warn('the centre holds duplicates of a shared resource; the oldest is referenced', { referralId: ctx.referral.id, destination: ctx.destination.id, type: d.type, count: d.count });
   }
   return found;
 }
@@ -310,7 +334,7 @@ async function searchOrOutcome(client: FhirClient, entries: ReadonlyArray<Bundle
  */
 async function confirmBySearch(ctx: OperationContext, bundle: Bundle, why: string): Promise<WriteResult> {
   const entries = bundle.entry ?? [];
-  const found = await searchOrOutcome(ctx.client, entries, conditionalIndexes(entries), ctx.signal);
+  const found = await searchOrOutcome(ctx, entries, conditionalIndexes(entries));
   if (found.kind !== 'ok') return found;
   const locations: TransactionLocation[] = new Array(entries.length);
   let missing = 0;

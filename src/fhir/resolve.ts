@@ -9,7 +9,7 @@ import type { TransactionLocation } from './transaction';
 export type Matches = Map<number, TransactionLocation>;
 
 export type SearchOutcome =
-  | { kind: 'ok'; matches: Matches }
+  | { kind: 'ok'; matches: Matches; duplicates: Array<{ index: number; type: string; count: number }> }
   /** A criterion matched more than one resource: the centre holds duplicates (a conditional create would answer 412). */
   | { kind: 'multiple'; index: number; type: string; count: number };
 
@@ -18,9 +18,17 @@ export type SearchOutcome =
  * a server that refuses the batch (4xx) is asked one search at a time. Network errors, timeouts and 5xx are
  * thrown (FhirRequestError) for the caller's retry policy.
  */
-export async function searchCriteria(client: FhirClient, entries: ReadonlyArray<BundleEntry>, indexes: number[], signal?: AbortSignal): Promise<SearchOutcome> {
+export async function searchCriteria(
+  client: FhirClient,
+  entries: ReadonlyArray<BundleEntry>,
+  indexes: number[],
+  signal?: AbortSignal,
+  /** Types whose duplicates are tolerated: the oldest id is used (shared resources another writer may have raced). */
+  tolerate: ReadonlySet<string> = new Set()
+): Promise<SearchOutcome> {
   const matches: Matches = new Map();
-  if (indexes.length === 0) return { kind: 'ok', matches };
+  const duplicates: Array<{ index: number; type: string; count: number }> = [];
+  if (indexes.length === 0) return { kind: 'ok', matches, duplicates };
   const urls = indexes.map((i) => criteriaUrl(entries[i]));
   let pages: Array<Bundle | undefined>;
   try {
@@ -40,10 +48,14 @@ export async function searchCriteria(client: FhirClient, entries: ReadonlyArray<
     const i = indexes[k];
     const type = typeOf(entries[i]);
     const found = (pages[k]?.entry ?? []).flatMap((e) => (e.resource?.resourceType === type && e.search?.mode !== 'include' && e.resource.id ? [e.resource] : []));
-    if (found.length > 1) return { kind: 'multiple', index: i, type, count: found.length };
-    if (found.length === 1) matches.set(i, locationOf(found[0]));
+    if (found.length > 1 && !tolerate.has(type)) return { kind: 'multiple', index: i, type, count: found.length };
+    if (found.length > 1) {
+      duplicates.push({ index: i, type, count: found.length });
+      found.sort((a, b) => String(a.meta?.lastUpdated ?? '').localeCompare(String(b.meta?.lastUpdated ?? '')) || String(a.id).localeCompare(String(b.id)));
+    }
+    if (found.length >= 1) matches.set(i, locationOf(found[0]));
   }
-  return { kind: 'ok', matches };
+  return { kind: 'ok', matches, duplicates };
 }
 
 async function oneByOne(client: FhirClient, entries: ReadonlyArray<BundleEntry>, indexes: number[], signal?: AbortSignal): Promise<Bundle[]> {
@@ -130,4 +142,35 @@ export function rewriteReferences<T>(value: T, identities: ReadonlyMap<string, s
     out[k] = k === 'data' ? v : rewriteReferences(v, identities, depth + 1);
   }
   return out as T;
+}
+
+/**
+ * Mutual exclusion by key within this process: `run(keys, fn)` waits until no other run holds any of `keys`.
+ * Resolve-first deliveries take the criteria of their shared entries (Patient, Practitioner, Organization...)
+ * so that two referrals from one hospital do not both find "no Practitioner" and both create one.
+ */
+export class KeyedMutex {
+  private readonly tails = new Map<string, Promise<void>>();
+
+  async run<T>(keys: ReadonlyArray<string>, fn: () => Promise<T>): Promise<T> {
+    const sorted = [...new Set(keys)].sort();
+    const releases: Array<() => void> = [];
+    for (const key of sorted) {
+      const previous = this.tails.get(key) ?? Promise.resolve();
+      let release!: () => void;
+      const mine = new Promise<void>((r) => (release = r));
+      const tail = previous.then(() => mine);
+      this.tails.set(key, tail);
+      releases.push(() => {
+        release();
+        if (this.tails.get(key) === tail) this.tails.delete(key);
+      });
+      await previous;
+    }
+    try {
+      return await fn();
+    } finally {
+      for (const r of releases.reverse()) r();
+    }
+  }
 }
