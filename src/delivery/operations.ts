@@ -168,14 +168,12 @@ async function writeDocumentsBundle(
 ): Promise<Written> {
   const { referral, destination, client, signal } = ctx;
   const settings = destinationSettings(destination);
-  const out = new Set<number>();
   let plan = planBinaries({ referralId: referral.id, documents, startIndex, destination });
   if (settings.maxJsonBytes !== undefined) {
     // Estimated as the bundle will be sent: raw documents as URLs, Binary entries with their data.
     const estimate = build({ ...plan.attachmentUrls, ...placeholders(plan.raw) });
     const withEntries = { ...estimate, entry: [...(estimate.entry ?? []), ...plan.entries] };
-    plan.raw.forEach((i) => out.add(i));
-    const more = documentsToMoveOut(documents, out, estimateJsonBytes(withEntries), settings.maxJsonBytes);
+    const more = documentsToMoveOut(documents, new Set(plan.raw), estimateJsonBytes(withEntries), settings.maxJsonBytes);
     if (more === undefined) {
       return {
         kind: 'not-ok',
@@ -186,11 +184,10 @@ async function writeDocumentsBundle(
       };
     }
     if (more.length > 0) {
-      more.forEach((i) => out.add(i));
-      plan = planBinaries({ referralId: referral.id, documents, startIndex, destination, alsoRaw: [...out] });
+      plan = planBinaries({ referralId: referral.id, documents, startIndex, destination, alsoRaw: [...plan.raw, ...more] });
     }
   }
-  let raw: { urls: Record<number, string>; uploaded: number; reused: number };
+  let raw: Awaited<ReturnType<typeof uploadRawDocuments>>;
   try {
     raw = await uploadRawDocuments({
       db: ctx.store.db,
@@ -257,26 +254,26 @@ type WriteResult = { kind: 'ok'; locations: TransactionLocation[]; allCreated: b
  * An empty 2xx answer (Prefer: return=minimal on Medplum) is confirmed by searching every entry's criteria.
  */
 async function writeBundle(ctx: OperationContext, bundle: Bundle): Promise<WriteResult> {
-  if (destinationSettings(ctx.destination).transactionMode !== 'resolve-first') return writeResolved(ctx, bundle);
+  if (destinationSettings(ctx.destination).transactionMode !== 'resolve-first') return writeResolved(ctx, bundle, false);
   // Search and create under one lock per shared identifier, so two referrals from one hospital do not both
   // find "no such Practitioner" and both create one (within this process; across replicas a duplicate is
   // tolerated: the oldest is used).
   const keys = (bundle.entry ?? []).flatMap((e) => (e.resource && SHARED_TYPES.has(e.resource.resourceType) && e.request?.ifNoneExist ? [`${ctx.destination.id} ${e.resource.resourceType}?${e.request.ifNoneExist}`] : []));
-  return sharedEntries.run(keys, () => writeResolved(ctx, bundle));
+  return sharedEntries.run(keys, () => writeResolved(ctx, bundle, true));
 }
 
 /** Resources other referrals share (not ours alone): a racing writer may have created a duplicate. */
 const SHARED_TYPES: ReadonlySet<string> = new Set(['Patient', 'Practitioner', 'PractitionerRole', 'Organization']);
 const sharedEntries = new KeyedMutex();
 
-async function writeResolved(ctx: OperationContext, bundle: Bundle): Promise<WriteResult> {
+async function writeResolved(ctx: OperationContext, bundle: Bundle, resolveFirst: boolean): Promise<WriteResult> {
   const { client, signal, destination } = ctx;
   const settings = destinationSettings(destination);
   const entries = bundle.entry ?? [];
   let toSend = bundle;
   let sentIndexes = entries.map((_, i) => i);
   let matches: Matches = new Map();
-  if (settings.transactionMode === 'resolve-first') {
+  if (resolveFirst) {
     const found = await searchOrOutcome(ctx, entries, conditionalIndexes(entries));
     if (found.kind !== 'ok') return found;
     matches = found.matches;
@@ -316,8 +313,7 @@ async function searchOrOutcome(ctx: OperationContext, entries: ReadonlyArray<Bun
   try {
     found = await searchCriteria(ctx.client, entries, indexes, ctx.signal, SHARED_TYPES);
   } catch (err) {
-    const o = fromRequestError(err);
-    return o.kind === 'done' ? { kind: 'retry', reason: 'search failed' } : o;
+    return fromRequestError(err);
   }
   if (found.kind === 'multiple') {
     return { kind: 'fail', reason: `the centre holds ${found.count} ${found.type} resources with the identifier of bundle entry ${found.index}; resolve the duplicates at the centre` };
@@ -596,7 +592,7 @@ export async function readModifyWrite<T extends Resource>(
 }
 
 /** Maps a request failure to an Outcome; anything that is not a FhirRequestError is rethrown. */
-export function fromRequestError(err: unknown): Outcome {
+export function fromRequestError(err: unknown): Exclude<Outcome, { kind: 'done' }> {
   if (err instanceof FhirRequestError) {
     const r = classifyError(err);
     return r.kind === 'retry' ? r : { kind: 'fail', reason: r.reason, status: r.status, outcome: r.outcome };

@@ -30,12 +30,11 @@ export interface RawUploadArgs {
  * counted as lost (see possiblyOrphanedUploads), since a server without search on Binary cannot find it.
  * Request failures are thrown (FhirRequestError) for the caller's retry policy.
  */
-export async function uploadRawDocuments(a: RawUploadArgs): Promise<{ urls: Record<number, string>; uploaded: number; reused: number }> {
+export async function uploadRawDocuments(a: RawUploadArgs): Promise<{ urls: Record<number, string>; uploaded: number }> {
   const urls: Record<number, string> = {};
-  if (a.indexes.length === 0) return { urls, uploaded: 0, reused: 0 };
+  if (a.indexes.length === 0) return { urls, uploaded: 0 };
   const recorded = await binaryUploadsOf(a.db, a.referralId, a.destinationId);
   let uploaded = 0;
-  let reused = 0;
   for (const i of a.indexes) {
     const doc = a.documents[i];
     if (doc?.data === undefined) continue;
@@ -44,7 +43,6 @@ export async function uploadRawDocuments(a: RawUploadArgs): Promise<{ urls: Reco
     const earlier = recorded.get(n);
     if (earlier?.state === 'done' && earlier.binaryId) {
       urls[i] = `Binary/${earlier.binaryId}`;
-      reused++;
       continue;
     }
     const bytes = Buffer.from(doc.data, 'base64');
@@ -66,5 +64,5 @@ export async function uploadRawDocuments(a: RawUploadArgs): Promise<{ urls: Reco
     urls[i] = `Binary/${id}`;
     uploaded++;
   }
-  return { urls, uploaded, reused };
+  return { urls, uploaded };
 }

@@ -554,7 +554,8 @@ export function createFhirClient(dest: Destination, opts: FhirClientOptions = {}
           throw new FhirRequestError('invalid-response', 'GET (url): URL is not under the destination base (list its origin in attachmentOrigins, or set presignedUrls)');
         }
         target = 'GET (presigned url)';
-        res = await attemptWithoutCredentials(external, accept, o.signal, target);
+        // No Authorization header: a presigned URL carries its own signature.
+        res = await attempt(external, { method: 'GET', headers: { Accept: accept }, signal: o.signal }, {}, target);
       }
       if (res.status < 200 || res.status >= 300) {
         throw httpError(res, target);
@@ -641,7 +642,7 @@ export function createFhirClient(dest: Destination, opts: FhirClientOptions = {}
       };
       const res =
         o.auth === false
-          ? await attemptWithoutCredentials(resolved, o.headers?.Accept ?? '*/*', o.signal, describeTarget(method.toUpperCase(), resolved), init)
+          ? await attempt(resolved, init, {}, describeTarget(method.toUpperCase(), resolved))
           : await exchange(resolved, init);
       return {
         status: res.status,
@@ -677,32 +678,6 @@ export function createFhirClient(dest: Destination, opts: FhirClientOptions = {}
       return u.toString();
     }
     return undefined;
-  }
-
-  /** One GET with no Authorization header (a presigned URL carries its own signature), within the deadline. */
-  async function attemptWithoutCredentials(url: string, accept: string, signal: AbortSignal | undefined, target: string, init?: ExchangeInit): Promise<RawResponse> {
-    const started = Date.now();
-    const headers = new Headers(init?.headers);
-    headers.delete('authorization');
-    if (!headers.has('accept')) headers.set('Accept', accept);
-    try {
-      const res = await fetchWithDeadline(
-        fetchImpl,
-        url,
-        { method: init?.method ?? 'GET', headers, ...requestBody(init?.body), signal, redirect: 'manual' },
-        dest.timeoutMs
-      );
-      log.debug('fhir request', { destination: dest.id, target, status: res.status, durationMs: Date.now() - started, credentials: false });
-      return res;
-    } catch (err) {
-      if (err instanceof DeadlineExceeded) {
-        throw new FhirRequestError('timeout', `${target}: no complete response within ${dest.timeoutMs} ms`);
-      }
-      if (signal?.aborted) {
-        throw err;
-      }
-      throw new FhirRequestError('network', `${target}: network error (${errorCode(err)})`);
-    }
   }
 
   function resolveUnderBase(link: string): string | undefined {
