@@ -17,10 +17,13 @@ async function main(): Promise<void> {
   setLogLevel(config.logLevel);
   const gateway = new Gateway(config);
   await gateway.start();
-  logger.info('referral-gateway listening', { url: gateway.url, destinations: gateway.destinations.ids(), database: config.databaseUrl.split(':')[0] });
+  logger.info('referral-gateway listening', { url: gateway.url, host: config.host, destinations: gateway.destinations.ids(), database: config.databaseUrl.split(':')[0] });
 
   const say = (s: string): void => void process.stdout.write(`${s}\n`);
-  say(`referral-gateway listening on ${gateway.url}`);
+  const bound = gateway.server?.address();
+  const where = bound && typeof bound === 'object' ? `${bound.family === 'IPv6' ? `[${bound.address}]` : bound.address}:${bound.port}` : config.host;
+  const everywhere = bound && typeof bound === 'object' && (bound.address === '0.0.0.0' || bound.address === '::');
+  say(`referral-gateway listening on ${gateway.url} (bound to ${where}${everywhere ? ': all interfaces, reachable from other machines' : ''})`);
   if (config.devKeys) {
     say('');
     say('!!! WARNING: API_KEYS is not set: using the single development client "dev" with key "dev-key". Never run like this with real patient data.');

@@ -17,6 +17,10 @@ const apiKeys = z
         ctx.addIssue({ code: 'custom', message: 'must be comma-separated clientId:key pairs' });
         return z.NEVER;
       }
+      if (out.has(clientId)) {
+        ctx.addIssue({ code: 'custom', message: `lists client ${clientId} twice: give each client one key` });
+        return z.NEVER;
+      }
       if ([...out.values()].includes(key)) {
         ctx.addIssue({ code: 'custom', message: `the key of ${clientId} is used by another client` });
         return z.NEVER;
@@ -33,7 +37,8 @@ const apiKeys = z
 const envSchema = z.object({
   NODE_ENV: z.enum(['development', 'production', 'test']).default('development'),
   PORT: z.coerce.number().int().min(0).max(65535).default(8080),
-  HOST: z.string().default('0.0.0.0'),
+  /** Default: 127.0.0.1 in development and test (the open sandbox stays on this machine), all interfaces in production. */
+  HOST: z.string().optional(),
   DATABASE_URL: z
     .string()
     .regex(/^(sqlite:.+|postgres(ql)?:\/\/.+)$/, 'must be sqlite:<path> or postgres://...')
@@ -62,6 +67,15 @@ const envSchema = z.object({
   MAX_BODY_BYTES: z.coerce.number().int().min(1024).max(1024 * 1024 * 1024).default(25 * 1024 * 1024),
   MAX_INTAKE_BYTES_IN_FLIGHT: z.coerce.number().int().min(1024).default(256 * 1024 * 1024),
   INTAKE_WAIT_MS: z.coerce.number().int().min(0).max(600_000).default(10_000),
+  MAX_JSON_DEPTH: z.coerce.number().int().min(8).max(512).default(64),
+  INTAKE_CLIENT_SHARE: z.coerce.number().gt(0).max(1).default(0.5),
+  INTAKE_BODY_TIMEOUT_MS: z.coerce.number().int().min(100).max(3_600_000).default(60_000),
+  HEADERS_TIMEOUT_MS: z.coerce.number().int().min(100).max(600_000).default(10_000),
+  REQUEST_TIMEOUT_MS: z.coerce.number().int().min(100).max(3_600_000).default(120_000),
+  MAX_CONNECTIONS_PER_ADDRESS: z.coerce.number().int().min(0).max(100_000).default(32),
+  STORE_BUSY_WAIT_MS: z.coerce.number().int().min(0).max(600_000).default(5_000),
+  STORE_PROBE_CACHE_MS: z.coerce.number().int().min(0).max(600_000).default(2_000),
+  CLIENT_IDENTIFIER_SYSTEMS: z.string().optional(),
   DELIVERY_MAX_ATTEMPTS: z.coerce.number().int().min(1).max(1000).default(12),
   DELIVERY_BASE_DELAY_MS: z.coerce.number().int().min(1).default(1000),
   DELIVERY_MAX_DELAY_MS: z.coerce.number().int().min(1).default(5 * 60_000),
@@ -97,6 +111,23 @@ export interface Config {
   /** Request body bytes received, parsed and stored at once; more wait up to intakeWaitMs, then 503. */
   maxIntakeBytesInFlight: number;
   intakeWaitMs: number;
+  /** Limits on what one request and one client may hold (issue 10: fair intake, slow clients, nesting). */
+  intake: {
+    /** MAX_JSON_DEPTH: deepest nesting of arrays and objects a body may have. */
+    maxJsonDepth: number;
+    /** INTAKE_CLIENT_SHARE: the fraction of maxIntakeBytesInFlight one client may hold while others wait. */
+    clientShare: number;
+    /** INTAKE_BODY_TIMEOUT_MS: from admission until the whole body has arrived; 408 after. */
+    bodyTimeoutMs: number;
+    headersTimeoutMs: number;
+    requestTimeoutMs: number;
+    /** MAX_CONNECTIONS_PER_ADDRESS: open connections one remote address may hold (0: no cap). */
+    maxConnectionsPerAddress: number;
+  };
+  /** STORE_BUSY_WAIT_MS: how long a store call waits (asynchronously) for a locked database; STORE_PROBE_CACHE_MS: readiness write probe cache. */
+  store: { busyWaitMs: number; probeCacheMs: number };
+  /** CLIENT_IDENTIFIER_SYSTEMS: the patient identifier systems each client may send (a system listed for one client is refused from the others). */
+  clientIdentifierSystems: Map<string, string[]>;
   delivery: { maxAttempts: number; maxAgeMs: number; baseDelayMs: number; maxDelayMs: number; concurrency: number };
   shutdownTimeoutMs: number;
   /** Closed referrals lose their inline document bytes after `documentDays` and are deleted after `referralDays` (0: never). */
@@ -162,8 +193,29 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     if (e.NODE_ENV === 'production') {
       throw new ConfigError('API_KEYS is required with NODE_ENV=production');
     }
-    apiKeys = new Map([['dev', 'dev-key']]);
+    apiKeys = new Map([['dev', DEV_KEY]]);
     devKeys = true;
+  }
+  if (e.NODE_ENV === 'production') {
+    for (const [clientId, key] of apiKeys) {
+      if (key === DEV_KEY) throw new ConfigError(`API_KEYS gives client ${clientId} the development key, which production refuses`);
+      if (key.length < MIN_PRODUCTION_KEY_LENGTH) {
+        throw new ConfigError(`API_KEYS: the key of client ${clientId} is shorter than ${MIN_PRODUCTION_KEY_LENGTH} characters, which production refuses`);
+      }
+    }
+    if (e.ADMIN_API_KEY !== undefined && e.ADMIN_API_KEY.length < MIN_PRODUCTION_KEY_LENGTH) {
+      throw new ConfigError(`ADMIN_API_KEY is shorter than ${MIN_PRODUCTION_KEY_LENGTH} characters, which production refuses`);
+    }
+  }
+  if (e.ADMIN_API_KEY !== undefined && [...apiKeys.values()].includes(e.ADMIN_API_KEY)) {
+    throw new ConfigError('ADMIN_API_KEY is also a client key in API_KEYS: give the admin a key of its own');
+  }
+  if (e.REQUEST_TIMEOUT_MS < e.INTAKE_BODY_TIMEOUT_MS) {
+    throw new ConfigError(`REQUEST_TIMEOUT_MS (${e.REQUEST_TIMEOUT_MS}) is shorter than INTAKE_BODY_TIMEOUT_MS (${e.INTAKE_BODY_TIMEOUT_MS}): bodies would be cut off before their deadline`);
+  }
+  const clientIdentifierSystems = parseClientIdentifierSystems(e.CLIENT_IDENTIFIER_SYSTEMS);
+  for (const clientId of clientIdentifierSystems.keys()) {
+    if (!apiKeys.has(clientId)) throw new ConfigError(`CLIENT_IDENTIFIER_SYSTEMS names client ${clientId}, which API_KEYS does not have`);
   }
   if (e.NODE_ENV === 'production' && !e.WEBHOOK_SECRET) {
     throw new ConfigError('WEBHOOK_SECRET is required with NODE_ENV=production');
@@ -171,7 +223,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
   return {
     nodeEnv: e.NODE_ENV,
     port: e.PORT,
-    host: e.HOST,
+    host: e.HOST ?? (e.NODE_ENV === 'production' ? '0.0.0.0' : '127.0.0.1'),
     databaseUrl: e.DATABASE_URL,
     destinations,
     useSandbox,
@@ -185,6 +237,16 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     maxBodyBytes: e.MAX_BODY_BYTES,
     maxIntakeBytesInFlight: e.MAX_INTAKE_BYTES_IN_FLIGHT,
     intakeWaitMs: e.INTAKE_WAIT_MS,
+    intake: {
+      maxJsonDepth: e.MAX_JSON_DEPTH,
+      clientShare: e.INTAKE_CLIENT_SHARE,
+      bodyTimeoutMs: e.INTAKE_BODY_TIMEOUT_MS,
+      headersTimeoutMs: e.HEADERS_TIMEOUT_MS,
+      requestTimeoutMs: e.REQUEST_TIMEOUT_MS,
+      maxConnectionsPerAddress: e.MAX_CONNECTIONS_PER_ADDRESS,
+    },
+    store: { busyWaitMs: e.STORE_BUSY_WAIT_MS, probeCacheMs: e.STORE_PROBE_CACHE_MS },
+    clientIdentifierSystems,
     delivery: {
       maxAttempts: e.DELIVERY_MAX_ATTEMPTS,
       maxAgeMs: e.DELIVERY_MAX_AGE_MS,
@@ -196,6 +258,39 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     retention: { documentDays: e.DOCUMENT_RETENTION_DAYS, referralDays: e.REFERRAL_RETENTION_DAYS, cron: e.RETENTION_CRON },
     sandbox: { profile: e.SANDBOX_PROFILE, traits: e.SANDBOX_TRAITS },
   };
+}
+
+/** The key `npm start` serves with no API_KEYS in development (README); production refuses it. */
+export const DEV_KEY = 'dev-key';
+const MIN_PRODUCTION_KEY_LENGTH = 24;
+
+/**
+ * CLIENT_IDENTIFIER_SYSTEMS: `a=http://a.org/mrn urn:oid:1.2;b=http://b.org/mrn` (clients separated by `;`,
+ * systems by spaces or commas). A system may belong to one client only.
+ */
+function parseClientIdentifierSystems(text: string | undefined): Map<string, string[]> {
+  const out = new Map<string, string[]>();
+  if (!text) return out;
+  const owner = new Map<string, string>();
+  for (const part of text.split(';').map((p) => p.trim()).filter(Boolean)) {
+    const i = part.indexOf('=');
+    const clientId = part.slice(0, i).trim();
+    const systems = part
+      .slice(i + 1)
+      .split(/[\s,]+/)
+      .filter(Boolean);
+    if (i <= 0 || !/^[\w.-]+$/.test(clientId) || systems.length === 0) {
+      throw new ConfigError('CLIENT_IDENTIFIER_SYSTEMS must be `clientId=system system;clientId=system` (got a part without a client id or systems)');
+    }
+    if (out.has(clientId)) throw new ConfigError(`CLIENT_IDENTIFIER_SYSTEMS lists client ${clientId} twice`);
+    for (const system of systems) {
+      const other = owner.get(system);
+      if (other) throw new ConfigError(`CLIENT_IDENTIFIER_SYSTEMS gives system ${system} to both ${other} and ${clientId}`);
+      owner.set(system, clientId);
+    }
+    out.set(clientId, systems);
+  }
+  return out;
 }
 
 function fhirAuthFromEnv(e: z.output<typeof envSchema>, env: Record<string, string | undefined>): Destination['auth'] {

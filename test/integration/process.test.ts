@@ -41,6 +41,23 @@ describe('the service process', () => {
     expect(stderr).toMatch(/API_KEYS/);
   });
 
+  test('production refuses the development key with one line, before listening', async () => {
+    const { done } = run({ NODE_ENV: 'production', API_KEYS: 'dev:dev-key', FHIR_BASE_URL: 'https://centre.example.org/fhir/R4', WEBHOOK_SECRET: 'x'.repeat(24) });
+    const { code, stdout, stderr } = await done;
+    expect(code).toBe(1);
+    expect(stderr.trim().split('\n')).toEqual(['referral-gateway: configuration error: API_KEYS gives client dev the development key, which production refuses']);
+    expect(stdout).not.toMatch(/listening/);
+  });
+
+  test('in development it binds to loopback unless HOST says otherwise, and prints the address it bound', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'rg-proc-'));
+    const { child, done, ready } = run({ PORT: '0', DATABASE_URL: `sqlite:${join(dir, 'gateway.db')}`, LOG_LEVEL: 'warn' });
+    await ready;
+    child.kill('SIGTERM');
+    const { stdout } = await done;
+    expect(stdout).toMatch(/listening on http:\/\/127\.0\.0\.1:\d+ \(bound to 127\.0\.0\.1:\d+\)/);
+  });
+
   test('on embedded defaults it prints the sandbox URL and a curl; SIGTERM finishes the work and exits 0', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'rg-proc-'));
     const db = join(dir, 'gateway.db');

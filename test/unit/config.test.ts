@@ -64,8 +64,49 @@ describe('configuration', () => {
     expect(() => loadConfig({ ...base, NODE_ENV: 'production', API_KEYS: 'a:b', WEBHOOK_SECRET: 'x'.repeat(20) })).toThrow(/^FHIR_BASE_URL /);
   });
 
+  test('production refuses the development key, keys shorter than 24 characters and a client listed twice', () => {
+    const prod = { ...base, NODE_ENV: 'production', FHIR_BASE_URL: 'https://c.example.org/fhir/R4', WEBHOOK_SECRET: 'x'.repeat(20) };
+    const long = 'k'.repeat(24);
+    expect(() => loadConfig({ ...prod, API_KEYS: 'dev:dev-key' })).toThrow(/^API_KEYS gives client dev the development key/);
+    expect(() => loadConfig({ ...prod, API_KEYS: 'a:short' })).toThrow(/^API_KEYS: the key of client a is shorter than 24 characters/);
+    expect(() => loadConfig({ ...prod, API_KEYS: `a:${long}`, ADMIN_API_KEY: 'adminkey1' })).toThrow(/^ADMIN_API_KEY is shorter than 24/);
+    expect(loadConfig({ ...prod, API_KEYS: `a:${long}` }).apiKeys.get('a')).toBe(long);
+    // A client id listed twice stops start-up in every environment, with one line.
+    expect(() => loadConfig({ ...base, API_KEYS: `a:${long},a:${'j'.repeat(24)}` })).toThrow(/^API_KEYS lists client a twice/);
+    expect(() => loadConfig({ ...base, API_KEYS: `a:${long}`, ADMIN_API_KEY: long })).toThrow(/^ADMIN_API_KEY is also a client key/);
+  });
+
+  test('HOST defaults to loopback in development and test, all interfaces in production', () => {
+    expect(loadConfig({ ...base }).host).toBe('127.0.0.1');
+    expect(loadConfig({ ...base, NODE_ENV: 'test' }).host).toBe('127.0.0.1');
+    expect(loadConfig({ ...base, HOST: '0.0.0.0' }).host).toBe('0.0.0.0');
+    const prod = { ...base, NODE_ENV: 'production', API_KEYS: `a:${'k'.repeat(24)}`, FHIR_BASE_URL: 'https://c.example.org/fhir/R4', WEBHOOK_SECRET: 'x'.repeat(20) };
+    expect(loadConfig(prod).host).toBe('0.0.0.0');
+  });
+
+  test('CLIENT_IDENTIFIER_SYSTEMS gives each system to one client', () => {
+    const keys = { API_KEYS: 'a:key-aaaaaaaa,b:key-bbbbbbbb' };
+    const c = loadConfig({ ...base, ...keys, CLIENT_IDENTIFIER_SYSTEMS: 'a=http://a.org/mrn urn:oid:1.2.3; b=http://b.org/mrn' });
+    expect([...c.clientIdentifierSystems.entries()]).toEqual([
+      ['a', ['http://a.org/mrn', 'urn:oid:1.2.3']],
+      ['b', ['http://b.org/mrn']],
+    ]);
+    expect(() => loadConfig({ ...base, ...keys, CLIENT_IDENTIFIER_SYSTEMS: 'a=http://x.org/mrn;b=http://x.org/mrn' })).toThrow(/^CLIENT_IDENTIFIER_SYSTEMS gives system http:\/\/x\.org\/mrn to both a and b/);
+    expect(() => loadConfig({ ...base, ...keys, CLIENT_IDENTIFIER_SYSTEMS: 'c=http://c.org/mrn' })).toThrow(/^CLIENT_IDENTIFIER_SYSTEMS names client c, which API_KEYS does not have/);
+    expect(() => loadConfig({ ...base, ...keys, CLIENT_IDENTIFIER_SYSTEMS: 'a' })).toThrow(/^CLIENT_IDENTIFIER_SYSTEMS must be/);
+    expect(loadConfig({ ...base }).clientIdentifierSystems.size).toBe(0);
+  });
+
+  test('intake and store limits have deliberate defaults and are checked together', () => {
+    const c = loadConfig({ ...base });
+    expect(c.intake).toEqual({ maxJsonDepth: 64, clientShare: 0.5, bodyTimeoutMs: 60_000, headersTimeoutMs: 10_000, requestTimeoutMs: 120_000, maxConnectionsPerAddress: 32 });
+    expect(c.store).toEqual({ busyWaitMs: 5000, probeCacheMs: 2000 });
+    expect(() => loadConfig({ ...base, INTAKE_BODY_TIMEOUT_MS: '200000' })).toThrow(/^REQUEST_TIMEOUT_MS \(120000\) is shorter than INTAKE_BODY_TIMEOUT_MS/);
+    expect(() => loadConfig({ ...base, INTAKE_CLIENT_SHARE: '0' })).toThrow(/^INTAKE_CLIENT_SHARE /);
+  });
+
   test('callbacks to private networks are allowed in development and refused in production unless set', () => {
-    const prod = { ...base, NODE_ENV: 'production', API_KEYS: 'a:b', FHIR_BASE_URL: 'https://c.example.org/fhir/R4', WEBHOOK_SECRET: 'x'.repeat(20) };
+    const prod = { ...base, NODE_ENV: 'production', API_KEYS: `a:${'k'.repeat(24)}`, FHIR_BASE_URL: 'https://c.example.org/fhir/R4', WEBHOOK_SECRET: 'x'.repeat(20) };
     expect(loadConfig({ ...base }).webhookAllowPrivateNetworks).toBe(true);
     expect(loadConfig(prod).webhookAllowPrivateNetworks).toBe(false);
     expect(loadConfig({ ...prod, WEBHOOK_ALLOW_PRIVATE_NETWORKS: 'true' }).webhookAllowPrivateNetworks).toBe(true);
