@@ -26,6 +26,31 @@ function decodeCursor(cursor: string): { createdAt: string; id: string } {
 
 const encodeCursor = (c: { createdAt: string; id: string }): string => Buffer.from(JSON.stringify([c.createdAt, c.id])).toString('base64url');
 
+/** Report types a browser may show inline; anything else (HTML, SVG, scripts, unknown) is served as a download. */
+export const INLINE_REPORT_TYPES: ReadonlySet<string> = new Set(['application/pdf', 'text/plain', 'image/png', 'image/jpeg', 'image/gif', 'image/webp']);
+
+const EXTENSIONS: Record<string, string> = { 'application/pdf': 'pdf', 'text/plain': 'txt', 'image/png': 'png', 'image/jpeg': 'jpg', 'image/gif': 'gif', 'image/webp': 'webp', 'text/html': 'html' };
+
+/**
+ * The headers a centre-supplied report is served with. The type is the centre's, so it is not trusted:
+ * only the inline allow-list is shown in the browser, everything else is an attachment; the browser may
+ * not sniff another type; and the document runs sandboxed with no scripts, frames or fetches (a PDF keeps
+ * the viewer it needs: no sandbox token, which would stop Chromium's viewer, but still no scripts or fetches).
+ */
+export function reportHeaders(referralId: string, contentType: string | undefined): Record<string, string> {
+  const type = contentType?.split(';')[0].trim().toLowerCase() || 'application/octet-stream';
+  const inline = INLINE_REPORT_TYPES.has(type);
+  const filename = `report-${referralId.replace(/[^\w.-]/g, '_')}.${EXTENSIONS[type] ?? 'bin'}`;
+  return {
+    'Content-Type': type === 'text/plain' ? 'text/plain; charset=utf-8' : type,
+    'Content-Disposition': `${inline ? 'inline' : 'attachment'}; filename="${filename}"`,
+    'X-Content-Type-Options': 'nosniff',
+    'Content-Security-Policy':
+      type === 'application/pdf' ? "default-src 'none'; object-src 'self'; frame-ancestors 'none'" : "sandbox; default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; frame-ancestors 'none'",
+    'Cache-Control': 'private, no-store',
+  };
+}
+
 export interface ReportReader {
   /** The report's bytes and content type, read from the destination. */
   read(referral: import('../referral/types').StoredReferral): Promise<{ contentType: string; body: Buffer }>;
@@ -81,7 +106,8 @@ export function referralsRouter(service: ReferralService, store: ReferralStore, 
       throw new HttpError(404, { code: 'not-found', message: `Referral ${referral.id} has no report yet (status ${referral.status})` });
     }
     const content = await reports.read(referral);
-    res.status(200).type(content.contentType).send(content.body);
+    for (const [name, value] of Object.entries(reportHeaders(referral.id, content.contentType))) res.setHeader(name, value);
+    res.status(200).send(content.body);
   });
 
   return r;

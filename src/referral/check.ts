@@ -55,18 +55,38 @@ export interface CheckOptions {
    * is the one the worker would send).
    */
   withDocumentData?: boolean;
-  /** Cap on the issues returned per stage (the API answers at most 50). Default 50. */
+  /** Cap on the issues returned per stage; past it one more issue gives the count left out. Default 100. */
   maxIssues?: number;
 }
 
+/** At most this many unknown keys are named in one issue, each cut to KEY_CHARS characters. */
+const LISTED_KEYS = 20;
+const KEY_CHARS = 64;
+
+/** The first `max` issues, and when more were found one more issue that says how many were left out. */
+export function capIssues(issues: CheckIssue[], max: number): CheckIssue[] {
+  return issues.length <= max ? issues : [...issues.slice(0, max), leftOut(issues.length - max, max)];
+}
+
+function leftOut(left: number, max: number): CheckIssue {
+  const detail = `${left} more issue${left === 1 ? '' : 's'} not listed (at most ${max} are)`;
+  return { code: 'too-costly', severity: 'information', expression: '$', message: `$: ${detail}`, detail };
+}
+
+function unknownKeys(keys: string[]): string {
+  const shown = keys.slice(0, LISTED_KEYS).map((k) => (k.length > KEY_CHARS ? `${k.slice(0, KEY_CHARS)}…` : k));
+  return `: ${shown.join(', ')}${keys.length > LISTED_KEYS ? ` and ${keys.length - LISTED_KEYS} more` : ''}`;
+}
+
 /** Zod issues as CheckIssues, with FHIRPath-like expressions such as `patient.identifiers[0].value`. */
-export function zodCheckIssues(error: z.ZodError, prefix: ReadonlyArray<PropertyKey> = [], maxIssues = 50): CheckIssue[] {
-  return error.issues.slice(0, maxIssues).map((i) => {
+export function zodCheckIssues(error: z.ZodError, prefix: ReadonlyArray<PropertyKey> = [], maxIssues = 100): CheckIssue[] {
+  const issues = error.issues.slice(0, maxIssues).map((i): CheckIssue => {
     const expression = pathToExpression([...prefix, ...i.path]);
-    const keys = i.code === 'unrecognized_keys' ? ` (${(i as { keys: string[] }).keys.join(', ')})` : '';
-    const detail = `${i.message}${keys}`;
+    // zod's own message lists every unknown key: name at most LISTED_KEYS of them instead.
+    const detail = i.code === 'unrecognized_keys' ? `Unrecognized key${i.keys.length === 1 ? '' : 's'}${unknownKeys(i.keys)}` : i.message;
     return { code: i.code === 'unrecognized_keys' ? 'structure' : 'invalid', expression, message: `${expression}: ${detail}`, detail };
   });
+  return error.issues.length > maxIssues ? [...issues, leftOut(error.issues.length - maxIssues, maxIssues)] : issues;
 }
 
 /**
@@ -76,7 +96,7 @@ export function zodCheckIssues(error: z.ZodError, prefix: ReadonlyArray<Property
  * Throws only on an internal error of the mapper or validator, never for bad input.
  */
 export function checkReferral(body: unknown, destinations: DestinationDirectory, options: CheckOptions = {}): CheckResult {
-  const maxIssues = options.maxIssues ?? 50;
+  const maxIssues = options.maxIssues ?? 100;
   const parsed = referralSchema.safeParse(body);
   if (!parsed.success) {
     return { ok: false, stage: 'schema', issues: zodCheckIssues(parsed.error, [], maxIssues) };
@@ -88,7 +108,10 @@ export function checkReferral(body: unknown, destinations: DestinationDirectory,
     return {
       ok: false,
       stage: 'codes',
-      issues: codeIssues.slice(0, maxIssues).map((i) => ({ code: 'code-invalid', expression: i.path, message: `${i.path}: ${i.message}`, detail: i.message })),
+      issues: capIssues(
+        codeIssues.map((i) => ({ code: 'code-invalid', expression: i.path, message: `${i.path}: ${i.message}`, detail: i.message })),
+        maxIssues
+      ),
     };
   }
 
@@ -121,9 +144,10 @@ export function checkReferral(body: unknown, destinations: DestinationDirectory,
       ok: false,
       stage: 'fhir',
       bundle,
-      issues: fhirIssues
-        .slice(0, maxIssues)
-        .map((i) => ({ code: 'invariant', expression: i.path, message: `FHIR content: ${i.path}: ${i.message}`, detail: i.message })),
+      issues: capIssues(
+        fhirIssues.map((i) => ({ code: 'invariant', expression: i.path, message: `FHIR content: ${i.path}: ${i.message}`, detail: i.message })),
+        maxIssues
+      ),
     };
   }
   return { ok: true, referral: { ...referral, destination: route.destination }, destination, route, bundle };

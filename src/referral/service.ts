@@ -8,7 +8,7 @@ import { logger } from '../observability/logger';
 import { submissions } from '../observability/metrics';
 import { newReferralId, nowIso } from '../store/ids';
 import type { ReferralStore } from '../store/referral-store';
-import { checkReferral, zodCheckIssues } from './check';
+import { capIssues, checkReferral, zodCheckIssues } from './check';
 import { documentSchema, type Referral } from './schema';
 import { cancellable, terminalStatuses } from '../tracking/state';
 import type { StoredReferral } from './types';
@@ -17,6 +17,9 @@ import { literalCallbackProblem } from '../webhooks/callback-guard';
 
 const cancelSchema = z.strictObject({ reason: z.string().trim().min(1, 'a reason is required').max(1000) });
 const addDocumentsSchema = z.array(documentSchema).min(1, 'at least one document is required').max(100);
+
+/** An error answer lists at most this many issues, then one that counts the rest. */
+const MAX_ISSUES = 100;
 
 export type { DestinationDirectory } from './check';
 import type { DestinationDirectory } from './check';
@@ -135,7 +138,9 @@ export class ReferralService {
     const existing = await this.store.findForIdempotency(clientId, externalId, key);
     if (!existing) return null;
     if (existing.requestHash !== hash) {
-      const byKey = key !== null;
+      // Found by the key when the stored referral has another externalId; by externalId otherwise (even with
+      // a new key, which was never used: the conflict is the externalId).
+      const byKey = key !== null && existing.externalId !== externalId;
       throw new HttpError(409, {
         code: 'conflict',
         expression: byKey ? 'Idempotency-Key' : 'externalId',
@@ -191,6 +196,10 @@ export class ReferralService {
     if (terminalStatuses.has(referral.status)) {
       throw new HttpError(409, { code: 'business-rule', expression: 'status', message: `referral ${id} is ${referral.status}: documents can no longer be added` });
     }
+    const cancel = (await this.store.outboxFor(id)).find((e) => e.kind === 'cancel');
+    if (cancel) {
+      throw new HttpError(409, { code: 'business-rule', expression: 'status', message: `referral ${id} has a cancel accepted: documents can no longer be added` });
+    }
     const destination = this.destinations.get(referral.destination);
     if (!destination) throw new HttpError(409, { code: 'business-rule', message: `destination ${referral.destination} is no longer configured` });
     const bundle = mapAddedDocumentsToBundle({
@@ -205,7 +214,13 @@ export class ReferralService {
     });
     const fhirIssues = validateBundle(bundle);
     if (fhirIssues.length > 0) {
-      throw new HttpError(422, fhirIssues.slice(0, 50).map((i) => ({ code: 'invariant', message: `FHIR content: ${i.path}: ${i.message}`, expression: i.path })));
+      throw new HttpError(
+        422,
+        capIssues(
+          fhirIssues.map((i) => ({ code: 'invariant', message: `FHIR content: ${i.path}: ${i.message}`, expression: i.path, detail: i.message })),
+          MAX_ISSUES
+        ).map(({ detail: _detail, ...i }) => i)
+      );
     }
     const { startIndex } = await this.store.addDocuments(id, parsed.data, referral.payload.documents.length);
     logger.info('documents queued', { referralId: id, count: parsed.data.length, startIndex });

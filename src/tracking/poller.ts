@@ -10,6 +10,7 @@ import { pollCycles } from '../observability/metrics';
 import type { DestinationDirectory } from '../referral/service';
 import type { ReferralStatus, ReportInfo, StoredReferral } from '../referral/types';
 import type { ReferralStore } from '../store/referral-store';
+import { centreContentType, centreText, MAX_REPORT_TITLE_CHARS, MAX_STATUS_REASON_CHARS } from './centre-text';
 import { decideTransition, terminalStatuses } from './state';
 
 export interface PollerOptions {
@@ -325,6 +326,11 @@ export class Poller {
    * or an inline attachment; without outputs, a DocumentReference related to the ServiceRequest.
    */
   private async readReport(dest: Destination, task: Task, referral: StoredReferral): Promise<ReportInfo | null> {
+    const report = await this.findReport(dest, task, referral);
+    return report && { ...report, title: centreText(report.title, MAX_REPORT_TITLE_CHARS), contentType: centreContentType(report.contentType) };
+  }
+
+  private async findReport(dest: Destination, task: Task, referral: StoredReferral): Promise<ReportInfo | null> {
     const client = this.clients.get(dest);
     const outputs = task.output ?? [];
     const ref = outputs
@@ -362,5 +368,5 @@ function statusReasonOf(task: Task): string | undefined {
   const parts = [task.businessStatus?.text ?? task.businessStatus?.coding?.[0]?.display, task.statusReason?.text ?? task.statusReason?.coding?.[0]?.display].filter(
     (s): s is string => typeof s === 'string' && s.length > 0
   );
-  return parts.length > 0 ? parts.join(' — ') : undefined;
+  return parts.length > 0 ? centreText(parts.join(' — '), MAX_STATUS_REASON_CHARS) : undefined;
 }

@@ -40,17 +40,52 @@ for (const [net, prefix] of [
   NON_PUBLIC.addSubnet(net, prefix, 'ipv6');
 }
 
-/** True when `ip` (IPv4 or IPv6, IPv4-mapped included) is a public internet address. */
+/** The eight 16-bit groups of an IPv6 address (a trailing dotted IPv4 part included), or undefined. */
+function ipv6Groups(ip: string): number[] | undefined {
+  let text = ip.toLowerCase().replace(/%.*$/, '');
+  const dotted = /(\d+\.\d+\.\d+\.\d+)$/.exec(text);
+  if (dotted) {
+    if (isIP(dotted[1]) !== 4) return undefined;
+    const [a, b, c, d] = dotted[1].split('.').map(Number);
+    text = `${text.slice(0, dotted.index)}${((a << 8) | b).toString(16)}:${((c << 8) | d).toString(16)}`;
+  }
+  const halves = text.split('::');
+  if (halves.length > 2) return undefined;
+  const part = (h: string): number[] => (h === '' ? [] : h.split(':').map((g) => parseInt(g, 16)));
+  const head = part(halves[0]);
+  const tail = halves.length === 2 ? part(halves[1]) : [];
+  const fill = 8 - head.length - tail.length;
+  if (halves.length === 1 ? head.length !== 8 : fill < 1) return undefined;
+  const groups = [...head, ...new Array<number>(halves.length === 2 ? fill : 0).fill(0), ...tail];
+  return groups.every((g) => Number.isInteger(g) && g >= 0 && g <= 0xffff) ? groups : undefined;
+}
+
+const v4Of = (hi: number, lo: number): string => [hi >> 8, hi & 255, lo >> 8, lo & 255].join('.');
+
+/**
+ * The IPv4 address an IPv6 address reaches or carries, for the forms that embed one: IPv4-compatible
+ * (::a.b.c.d), IPv4-mapped (::ffff:a.b.c.d), IPv4-translated (::ffff:0:a.b.c.d), NAT64 (64:ff9b::/96)
+ * and 6to4 (2002::/16). Judging these by their IPv4 part stops `[::127.0.0.1]` and friends.
+ */
+function embeddedIpv4(g: number[]): string | undefined {
+  const zeros = (from: number, to: number): boolean => g.slice(from, to).every((x) => x === 0);
+  if (zeros(0, 5) && (g[5] === 0 || g[5] === 0xffff)) return v4Of(g[6], g[7]); // ::/96 and ::ffff:0:0/96
+  if (zeros(0, 4) && g[4] === 0xffff && g[5] === 0) return v4Of(g[6], g[7]); // ::ffff:0:0:0/96
+  if (g[0] === 0x64 && g[1] === 0xff9b && zeros(2, 6)) return v4Of(g[6], g[7]); // 64:ff9b::/96
+  if (g[0] === 0x2002) return v4Of(g[1], g[2]); // 6to4
+  return undefined;
+}
+
+/** True when `ip` (IPv4 or IPv6, forms embedding an IPv4 address included) is a public internet address. */
 export function isPublicAddress(ip: string): boolean {
   const family = isIP(ip);
   if (family === 4) return !NON_PUBLIC.check(ip, 'ipv4');
   if (family !== 6) return false;
-  // ::ffff:a.b.c.d and ::ffff:XXXX:XXXX reach the IPv4 address: judge that one.
-  const mapped = /^::ffff:(?:(\d+\.\d+\.\d+\.\d+)|([0-9a-f]{1,4}):([0-9a-f]{1,4}))$/i.exec(ip);
-  if (mapped) {
-    const v4 = mapped[1] ?? [parseInt(mapped[2], 16) >> 8, parseInt(mapped[2], 16) & 255, parseInt(mapped[3], 16) >> 8, parseInt(mapped[3], 16) & 255].join('.');
-    return isPublicAddress(v4);
-  }
+  const groups = ipv6Groups(ip);
+  if (!groups) return false;
+  const v4 = embeddedIpv4(groups);
+  if (v4) return isPublicAddress(v4);
+  if (groups[0] === 0x2001 && groups[1] === 0) return false; // Teredo: the client address is obfuscated; not a callback target
   return !NON_PUBLIC.check(ip, 'ipv6');
 }
 

@@ -25,6 +25,19 @@ describe('callback address guard', () => {
     ['2606:4700::1111', true],
     ['::ffff:8.8.8.8', true],
     ['not-an-ip', false],
+    // IPv6 forms that embed an IPv4 address are judged by it (issue 10).
+    ['::127.0.0.1', false], // IPv4-compatible
+    ['::7f00:1', false],
+    ['::ffff:0:127.0.0.1', false], // IPv4-translated
+    ['::ffff:0:a9fe:a9fe', false],
+    ['64:ff9b::127.0.0.1', false], // NAT64
+    ['64:ff9b::a00:1', false], // NAT64 of 10.0.0.1
+    ['64:ff9b::8.8.8.8', true],
+    ['2002:7f00:1::', false], // 6to4 of 127.0.0.1
+    ['2002:c0a8:101::1', false], // 6to4 of 192.168.1.1
+    ['2002:808:808::1', true],
+    ['2001:0:4136:e378:8000:63bf:3fff:fdd2', false], // Teredo
+    ['::', false],
   ])('%s is public: %s', (ip, expected) => {
     expect(isPublicAddress(ip)).toBe(expected);
   });
@@ -32,6 +45,10 @@ describe('callback address guard', () => {
   test('literal hosts and local names are refused without resolving; public names pass', () => {
     expect(literalCallbackProblem('http://127.0.0.1:8080/hook')).toMatch(/non-public address \(127\.0\.0\.1\)/);
     expect(literalCallbackProblem('http://[::1]/hook')).toMatch(/non-public address \(::1\)/);
+    expect(literalCallbackProblem('http://[::127.0.0.1]/hook')).toMatch(/non-public address/);
+    expect(literalCallbackProblem('http://[::ffff:0:127.0.0.1]/hook')).toMatch(/non-public address/);
+    expect(literalCallbackProblem('http://[64:ff9b::7f00:1]/hook')).toMatch(/non-public address/);
+    expect(literalCallbackProblem('http://[2002:7f00:1::]/hook')).toMatch(/non-public address/);
     expect(literalCallbackProblem('http://169.254.169.254/latest/meta-data')).toMatch(/non-public/);
     expect(literalCallbackProblem('http://localhost:3000/hook')).toMatch(/local host name \(localhost\)/);
     expect(literalCallbackProblem('https://api.LOCALHOST./x')).toMatch(/local host name/);
