@@ -1,10 +1,12 @@
 import { mkdirSync } from 'node:fs';
 import { dirname } from 'node:path';
-import { DatabaseSync, type StatementSync } from 'node:sqlite';
-import { Kysely, PostgresDialect, sql, SqliteDialect, type SqliteDatabase, type SqliteStatement } from 'kysely';
+import { DatabaseSync } from 'node:sqlite';
+import { type CompiledQuery, type DatabaseConnection, type Driver, Kysely, PostgresDialect, type QueryCompiler, type QueryResult, sql, type TransactionSettings } from 'kysely';
 import { Client, Pool } from 'pg';
 import { logger } from '../observability/logger';
 import { type CheckpointStats, startCheckpointer } from './checkpointer';
+import { classifyStoreError, errorMessage } from './errors';
+import { NodeSqliteDialect } from './sqlite-driver';
 import type { Database } from './schema';
 
 export type Dialect = 'sqlite' | 'postgres';
@@ -88,48 +90,129 @@ function advisoryLocks(url: string): { hold(name: string): Promise<boolean>; clo
 }
 
 /**
- * Kysely's SqliteDialect expects better-sqlite3's statement API (parameters as one array, `reader`);
- * node:sqlite spreads parameters and tells readers by their columns. This adapter bridges them so we
- * need no native addon.
+ * Wraps a driver (PostgreSQL's) so every store call reports a store that cannot take requests (connection
+ * refused or lost, server shutting down, too many connections, disk full, read-only) as StoreUnavailableError,
+ * and a ROLLBACK that fails after a failed statement (on a connection that is gone, usually) never replaces
+ * the statement's error.
  */
-function nodeSqliteAdapter(db: DatabaseSync): SqliteDatabase {
-  const cache = new Map<string, { stmt: StatementSync; reader: boolean }>();
-  return {
-    close: () => db.close(),
-    prepare(sql: string): SqliteStatement {
-      // Kysely prepares every query anew; preparing is a large part of a small query's cost.
-      let cached = cache.get(sql);
-      if (!cached) {
-        const prepared = db.prepare(sql);
-        cached = { stmt: prepared, reader: prepared.columns().length > 0 };
-        if (cache.size >= 500) cache.delete(cache.keys().next().value as string);
-        cache.set(sql, cached);
-      }
-      const { stmt, reader } = cached;
-      const params = (p: ReadonlyArray<unknown>): Array<null | number | bigint | string | Uint8Array> =>
-        p.map((v) => (v === undefined ? null : typeof v === 'boolean' ? Number(v) : (v as string)));
-      return {
-        reader,
-        all: (p) => stmt.all(...params(p)),
-        run: (p) => {
-          const r = stmt.run(...params(p));
-          return { changes: r.changes, lastInsertRowid: r.lastInsertRowid };
-        },
-        iterate: (p) => stmt.iterate(...params(p)) as IterableIterator<unknown>,
-      };
-    },
-  };
+class StoreErrorsDriver implements Driver {
+  readonly #inner: Driver;
+  readonly #wrapped = new WeakMap<DatabaseConnection, WrappedConnection>();
+
+  constructor(inner: Driver) {
+    this.#inner = inner;
+  }
+
+  #unwrap(c: DatabaseConnection): DatabaseConnection {
+    return c instanceof WrappedConnection ? c.inner : c;
+  }
+
+  async #call<T>(fn: () => Promise<T>): Promise<T> {
+    try {
+      return await fn();
+    } catch (err) {
+      throw classifyStoreError(err);
+    }
+  }
+
+  init(): Promise<void> {
+    return this.#call(() => this.#inner.init());
+  }
+
+  async acquireConnection(): Promise<DatabaseConnection> {
+    const c = await this.#call(() => this.#inner.acquireConnection());
+    let w = this.#wrapped.get(c);
+    if (!w) {
+      w = new WrappedConnection(c);
+      this.#wrapped.set(c, w);
+    }
+    return w;
+  }
+
+  beginTransaction(c: DatabaseConnection, settings: TransactionSettings): Promise<void> {
+    return this.#call(() => this.#inner.beginTransaction(this.#unwrap(c), settings));
+  }
+
+  commitTransaction(c: DatabaseConnection): Promise<void> {
+    return this.#call(() => this.#inner.commitTransaction(this.#unwrap(c)));
+  }
+
+  async rollbackTransaction(c: DatabaseConnection): Promise<void> {
+    try {
+      await this.#inner.rollbackTransaction(this.#unwrap(c));
+    } catch (err) {
+      logger.warn('ROLLBACK failed after a failed statement; the statement error is reported', {
+        error: errorMessage(err),
+        code: (err as { code?: unknown })?.code,
+      });
+    }
+  }
+
+  savepoint(c: DatabaseConnection, name: string, compile: QueryCompiler['compileQuery']): Promise<void> {
+    return this.#call(() => this.#inner.savepoint!(this.#unwrap(c), name, compile));
+  }
+
+  rollbackToSavepoint(c: DatabaseConnection, name: string, compile: QueryCompiler['compileQuery']): Promise<void> {
+    return this.#call(() => this.#inner.rollbackToSavepoint!(this.#unwrap(c), name, compile));
+  }
+
+  releaseSavepoint(c: DatabaseConnection, name: string, compile: QueryCompiler['compileQuery']): Promise<void> {
+    return this.#call(() => this.#inner.releaseSavepoint!(this.#unwrap(c), name, compile));
+  }
+
+  releaseConnection(c: DatabaseConnection): Promise<void> {
+    return this.#inner.releaseConnection(this.#unwrap(c));
+  }
+
+  destroy(): Promise<void> {
+    return this.#inner.destroy();
+  }
+}
+
+class WrappedConnection implements DatabaseConnection {
+  constructor(readonly inner: DatabaseConnection) {}
+
+  async executeQuery<R>(q: CompiledQuery): Promise<QueryResult<R>> {
+    try {
+      return await this.inner.executeQuery<R>(q);
+    } catch (err) {
+      throw classifyStoreError(err);
+    }
+  }
+
+  async *streamQuery<R>(q: CompiledQuery, chunkSize?: number): AsyncIterableIterator<QueryResult<R>> {
+    try {
+      yield* this.inner.streamQuery<R>(q, chunkSize);
+    } catch (err) {
+      throw classifyStoreError(err);
+    }
+  }
+}
+
+/** PostgresDialect whose driver reports store failures as StoreUnavailableError (see StoreErrorsDriver). */
+class StoreErrorsPostgresDialect extends PostgresDialect {
+  override createDriver(): Driver {
+    return new StoreErrorsDriver(super.createDriver());
+  }
+}
+
+export interface OpenDbOptions {
+  /** STORE_BUSY_WAIT_MS: how long a SQLite statement waits, asynchronously, for a locked database (default 5000). */
+  busyWaitMs?: number;
 }
 
 /** Opens the store named by DATABASE_URL: `sqlite:<path>` (or `sqlite::memory:`) or `postgres://...`. */
-export function openDb(url: string): Db {
+export function openDb(url: string, opts: OpenDbOptions = {}): Db {
+  const busyWaitMs = opts.busyWaitMs ?? 5000;
   if (url.startsWith('sqlite:')) {
     const path = url.slice('sqlite:'.length);
     if (path !== ':memory:') {
       mkdirSync(dirname(path), { recursive: true });
     }
     const raw = new DatabaseSync(path);
-    raw.exec('PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;');
+    // The busy timeout is set short by the driver: a locked database is waited for asynchronously (sqlite-driver.ts).
+    raw.exec('PRAGMA busy_timeout = 5000');
+    raw.exec('PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;');
     // Checkpoints run on a worker thread, off the event loop; if it fails, SQLite's own auto-checkpoint is back.
     const checkpointer =
       path === ':memory:'
@@ -145,7 +228,7 @@ export function openDb(url: string): Db {
             },
           });
     if (checkpointer) raw.exec(`PRAGMA wal_autocheckpoint = ${SAFETY_NET_PAGES}`);
-    const kysely = new Kysely<Database>({ dialect: new SqliteDialect({ database: nodeSqliteAdapter(raw) }) });
+    const kysely = new Kysely<Database>({ dialect: new NodeSqliteDialect({ database: raw, busyWaitMs }) });
     // The connection is held for the whole callback, so no other query runs with FULL by accident, and none
     // of the callback's with NORMAL.
     const durably = <T>(fn: (k: Kysely<Database>) => Promise<T>): Promise<T> =>
@@ -154,7 +237,12 @@ export function openDb(url: string): Db {
         try {
           return await fn(k);
         } finally {
-          await sql`PRAGMA synchronous = NORMAL`.execute(k);
+          try {
+            await sql`PRAGMA synchronous = NORMAL`.execute(k);
+          } catch (err) {
+            // Never in place of fn's own error; the connection stays at FULL (slower, never less safe) until it works.
+            logger.warn('SQLite: could not set synchronous = NORMAL again', { error: errorMessage(err) });
+          }
         }
       });
     return {
@@ -169,9 +257,18 @@ export function openDb(url: string): Db {
       },
     };
   }
-  const pool = new Pool({ connectionString: url, max: 10 });
+  // A host that drops packets fails a checkout in 10 s (a 503 store-unavailable) instead of holding the request.
+  const pool = new Pool({ connectionString: url, max: 10, connectionTimeoutMillis: 10_000 });
   pool.on('error', () => undefined); // idle client errors surface on the next query
-  const kysely = new Kysely<Database>({ dialect: new PostgresDialect({ pool }) });
+  // pg-pool listens for errors on idle clients only: a connection the server ends while it is checked out
+  // (between two statements of a transaction) would emit an 'error' nobody hears, and that ends the process.
+  // The statement in progress, or the next one, fails instead (StoreUnavailableError), and the pool drops it.
+  pool.on('connect', (client) => {
+    client.on('error', (err) => {
+      logger.warn('PostgreSQL connection lost while in use', { error: err.message, code: (err as { code?: unknown }).code });
+    });
+  });
+  const kysely = new Kysely<Database>({ dialect: new StoreErrorsPostgresDialect({ pool }) });
   const locks = advisoryLocks(url);
   return {
     kysely,

@@ -160,6 +160,18 @@ migrations['0006_binary_uploads'] = {
   },
 };
 
+migrations['0007_store_probe'] = {
+  async up(db: Kysely<any>): Promise<void> {
+    // One row per name, rewritten by the readiness probe (store/health.ts): a real write, so /readyz fails
+    // while the store cannot take writes (read-only, full, locked, unreachable).
+    await db.schema
+      .createTable('store_probe')
+      .addColumn('id', 'text', (c) => c.primaryKey())
+      .addColumn('at', 'text', (c) => c.notNull())
+      .execute();
+  },
+};
+
 class StaticProvider implements MigrationProvider {
   async getMigrations(): Promise<Record<string, Migration>> {
     return migrations;

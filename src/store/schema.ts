@@ -96,6 +96,12 @@ export interface BinaryUploadsTable {
   updated_at: string;
 }
 
+/** The readiness probe's row (store/health.ts): rewritten to prove the store takes writes. */
+export interface StoreProbeTable {
+  id: string;
+  at: string;
+}
+
 export interface Database {
   binary_uploads: BinaryUploadsTable;
   referrals: ReferralsTable;
@@ -104,4 +110,5 @@ export interface Database {
   outbox: OutboxTable;
   poll_state: PollStateTable;
   webhook_outbox: WebhookOutboxTable;
+  store_probe: StoreProbeTable;
 }
