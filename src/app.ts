@@ -8,6 +8,7 @@ import type { ReferralStore } from './store/referral-store';
 import { adminRouter } from './api/admin-router';
 import type { AdminDoctorDeps } from './api/admin-router';
 import { intakeBudget } from './api/intake-budget';
+import { bodyPrecheck, jsonBody } from './api/json-body';
 import { metricsRegistry } from './observability/metrics';
 import { openapiRouter } from './api/openapi-router';
 import type { RetentionRun } from './retention/job';
@@ -61,10 +62,27 @@ export function createApp(deps: AppDeps): Express {
     app.use('/sandbox/fhir/R4', deps.sandbox);
   }
 
-  const json = express.json({ limit: deps.config.maxBodyBytes, type: ['application/json', 'application/*+json'], strict: false });
-  const budget = intakeBudget({ maxBytesInFlight: deps.config.maxIntakeBytesInFlight, maxBodyBytes: deps.config.maxBodyBytes, waitMs: deps.config.intakeWaitMs });
-  app.use('/referrals', apiKeyAuth(deps.config.apiKeys), requireJson, budget, json, referralsRouter(deps.service, deps.store, deps.reports));
-  app.use('/admin', adminAuth(deps.config.adminApiKey), requireJson, json, adminRouter(deps.store, deps.runRetention, deps.doctor), ...(deps.webhooksAdmin ? [deps.webhooksAdmin] : []));
+  // Headers first (declared length, encoding, charset: refused before any byte is read or the budget waited
+  // for), then the intake budget, then the body (decoded size, deadline, depth, duplicate keys, Unicode).
+  const limits = { maxBodyBytes: deps.config.maxBodyBytes, maxDepth: deps.config.intake.maxJsonDepth, bodyTimeoutMs: deps.config.intake.bodyTimeoutMs };
+  const precheck = bodyPrecheck(limits);
+  const json = jsonBody(limits);
+  const budget = intakeBudget({
+    maxBytesInFlight: deps.config.maxIntakeBytesInFlight,
+    maxBodyBytes: deps.config.maxBodyBytes,
+    waitMs: deps.config.intakeWaitMs,
+    clientShare: deps.config.intake.clientShare,
+  });
+  app.use('/referrals', apiKeyAuth(deps.config.apiKeys), requireJson, precheck, budget, json, referralsRouter(deps.service, deps.store, deps.reports));
+  app.use(
+    '/admin',
+    adminAuth(deps.config.adminApiKey),
+    requireJson,
+    precheck,
+    json,
+    adminRouter(deps.store, deps.runRetention, deps.doctor),
+    ...(deps.webhooksAdmin ? [deps.webhooksAdmin] : [])
+  );
 
   app.use(notFoundHandler);
   app.use(errorHandler);

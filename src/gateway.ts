@@ -2,6 +2,7 @@ import { once } from 'node:events';
 import type { Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { createApp } from './app';
+import { createLimitedServer } from './api/server-limits';
 import type { Config } from './config/config';
 import type { Destination } from './config/destinations';
 import { FhirClients } from './delivery/clients';
@@ -13,6 +14,7 @@ import { sandboxDestination } from './referral/check';
 import { type DestinationDirectory, ReferralService } from './referral/service';
 import { possiblyOrphanedUploads } from './store/binary-uploads';
 import { openDb } from './store/db';
+import { createStoreProbe, type StoreProbeResult } from './store/health';
 import { migrate } from './store/migrations';
 import { ReferralStore } from './store/referral-store';
 import { Poller } from './tracking/poller';
@@ -68,14 +70,15 @@ export class Gateway {
   sandbox: ReturnType<typeof createSandboxRouter> | undefined;
   private shuttingDown = false;
   private backlogSource: (() => Promise<Backlog>) | undefined;
-  private readyCache: { at: number; value: { ready: boolean; checks: Record<string, string> } } | undefined;
+  private readonly storeProbe: () => Promise<StoreProbeResult>;
 
   constructor(
     readonly config: Config,
     private readonly opts: GatewayOptions = {}
   ) {
     setLogLevel(config.logLevel);
-    this.store = new ReferralStore(openDb(config.databaseUrl));
+    this.store = new ReferralStore(openDb(config.databaseUrl, { busyWaitMs: config.store.busyWaitMs }));
+    this.storeProbe = createStoreProbe(this.store.db, { cacheMs: config.store.probeCacheMs });
     this.destinations = new Directory(config.destinations);
     this.clients = opts.clients ?? new FhirClients();
     this.webhooksAttached = attachWebhooks(this.store.db, config, opts.webhooks, opts.webhookFetch);
@@ -107,6 +110,7 @@ export class Gateway {
     this.retention = new RetentionJob(this.store, config.retention);
     this.service = new ReferralService(this.store, this.destinations, () => this.worker.wake(), {
       allowPrivateCallbacks: config.webhookAllowPrivateNetworks,
+      clientIdentifierSystems: config.clientIdentifierSystems,
     });
   }
 
@@ -134,10 +138,11 @@ export class Gateway {
           (await possiblyOrphanedUploads(this.store.db, destinationId)).map((u) => ({ referralId: u.referralId, document: u.document, since: u.since })),
       },
     });
-    const server = app.listen(this.config.port, this.config.host);
+    // Headers and request deadlines, and the cap on connections per address (src/api/server-limits.ts).
+    const server = createLimitedServer(app, { ...this.config.intake, keepAliveTimeoutMs: 65_000 });
+    server.listen(this.config.port, this.config.host);
     this.server = server;
     await once(server, 'listening');
-    server.keepAliveTimeout = 65_000;
     const port = (server.address() as AddressInfo).port;
     const local = `http://${this.config.host === '0.0.0.0' || this.config.host === '::' ? '127.0.0.1' : this.config.host}:${port}`;
     this.url = local;
@@ -156,18 +161,10 @@ export class Gateway {
     setBacklogSource(this.backlogSource);
   }
 
+  /** Ready while the store takes a real write (a probe row rewritten at most every STORE_PROBE_CACHE_MS). */
   private async readiness(): Promise<{ ready: boolean; checks: Record<string, string> }> {
-    if (this.readyCache && Date.now() - this.readyCache.at < 5000) return this.readyCache.value;
-    const checks: Record<string, string> = {};
-    try {
-      await this.store.ping();
-      checks.store = 'ok';
-    } catch (err) {
-      checks.store = `error: ${(err as Error).message}`;
-    }
-    const value = { ready: checks.store === 'ok', checks };
-    this.readyCache = { at: Date.now(), value };
-    return value;
+    const store = await this.storeProbe();
+    return { ready: store.ok, checks: { store: store.ok ? 'ok' : `error: ${store.detail}` } };
   }
 
   /** Stops taking requests, finishes the work in flight, closes the store. */

@@ -2,6 +2,7 @@ import { createHash, randomUUID, timingSafeEqual } from 'node:crypto';
 import type { NextFunction, Request, Response } from 'express';
 import { requestContext } from '../observability/context';
 import { logger } from '../observability/logger';
+import { isStoreUnavailable } from '../store/errors';
 import { HttpError, outcome } from './outcome';
 
 declare module 'express-serve-static-core' {
@@ -109,6 +110,19 @@ export function errorHandler(err: unknown, req: Request, res: Response, _next: N
   };
   if (err instanceof HttpError) {
     send(err.status, err.outcome, err.headers);
+    return;
+  }
+  if (isStoreUnavailable(err)) {
+    // The original error (locked, read-only, out of space, unreachable), never a stack, in the log only.
+    const cause = (err as Error).cause;
+    logger.warn('store unavailable', {
+      correlationId: req.correlationId,
+      error: (err as Error).message,
+      ...(cause instanceof Error && cause.message !== (err as Error).message ? { cause: cause.message } : {}),
+    });
+    send(503, outcome([{ code: 'transient', message: 'the referral store is unavailable; try again shortly' }]), {
+      'Retry-After': String(Math.max(1, Math.ceil(err.retryAfterSeconds))),
+    });
     return;
   }
   const e = err as { type?: string; status?: number; statusCode?: number; limit?: number; message?: string };

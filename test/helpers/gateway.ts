@@ -23,6 +23,8 @@ export async function startGateway(env: Record<string, string> = {}, opts: Gatew
     LOG_LEVEL: 'error',
     DELIVERY_BASE_DELAY_MS: '50',
     DELIVERY_MAX_DELAY_MS: '500',
+    // Tests open many connections from one address; the cap has its own test (intake-hardening).
+    MAX_CONNECTIONS_PER_ADDRESS: '0',
     ...env,
   });
   // Webhooks go to local receivers only: the fixture's example.org callback is answered here.

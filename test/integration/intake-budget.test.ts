@@ -1,6 +1,6 @@
 import { connect } from 'node:net';
 import type { Gateway } from '../../src/gateway';
-import { eventually, fixture, KEY_A, startGateway } from '../helpers/gateway';
+import { eventually, fixture, KEY_A, KEY_B, startGateway } from '../helpers/gateway';
 
 /**
  * Concurrent uploads cannot exhaust the heap: request bodies in flight are bounded by
@@ -31,8 +31,10 @@ describe('the intake budget (MAX_INTAKE_BYTES_IN_FLIGHT)', () => {
     return { destroy: () => socket.destroy() };
   }
 
-  const post = (body: string): Promise<Response> =>
-    fetch(`${gw.url}/referrals`, { method: 'POST', headers: { Authorization: `Bearer ${KEY_A}`, 'Content-Type': 'application/json' }, body });
+  // Client b (other-clinic): client a's slow upload holds more than a's share (INTAKE_CLIENT_SHARE), so a's own
+  // next requests wait for it; another client's are measured against the whole budget.
+  const post = (body: string, key = KEY_B): Promise<Response> =>
+    fetch(`${gw.url}/referrals`, { method: 'POST', headers: { Authorization: `Bearer ${key}`, 'Content-Type': 'application/json' }, body });
 
   test('a request that fits is served; one that does not waits, then gets 503 with Retry-After; room frees when the big one ends', async () => {
     const big = slowUpload(1_000_000);
@@ -52,7 +54,7 @@ describe('the intake budget (MAX_INTAKE_BYTES_IN_FLIGHT)', () => {
     const outcome = (await refused.json()) as { resourceType: string; issue: Array<{ code: string }> };
     expect(outcome.resourceType).toBe('OperationOutcome');
     expect(outcome.issue[0].code).toBe('transient');
-    expect((await gw.store.list('city-hospital', { limit: 100, externalId: 'EHR-BUDGET-WAIT' })).items).toHaveLength(0);
+    expect((await gw.store.list('other-clinic', { limit: 100, externalId: 'EHR-BUDGET-WAIT' })).items).toHaveLength(0);
 
     // While it waits, a request is served as soon as the big upload ends.
     const waiting = post(JSON.stringify({ ...fixture(), externalId: 'EHR-BUDGET-LATER', questions: ['y'.repeat(400_000)] }));

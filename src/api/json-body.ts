@@ -1,0 +1,538 @@
+import type { Transform } from 'node:stream';
+import { createBrotliDecompress, createGunzip, createInflate } from 'node:zlib';
+import type { Request, RequestHandler, Response } from 'express';
+import { Counter } from 'prom-client';
+import { metricsRegistry } from '../observability/metrics';
+import { releaseIntake } from './intake-budget';
+import { HttpError, type IssueInput, pathToExpression } from './outcome';
+
+/**
+ * The JSON body reader of /referrals and /admin (in place of express.json). It refuses what a hostile
+ * client could use to take memory, time or a stack from the service, before anything else sees the body:
+ *
+ *   - a Content-Length over MAX_BODY_BYTES: 413 before a byte is read (and the connection is closed);
+ *   - Content-Encoding other than identity, gzip, deflate or br, and a charset other than UTF-8: 415;
+ *   - more than MAX_BODY_BYTES after decoding (a zip bomb is cut off there, never inflated whole): 413;
+ *   - a body not fully received INTAKE_BODY_TIMEOUT_MS after it was admitted: 408;
+ *   - bytes that are not UTF-8: 400; JSON nested deeper than MAX_JSON_DEPTH, or an object with a key twice: 400
+ *     (one iterative scan before JSON.parse, so nothing recursive ever meets an unbounded depth);
+ *   - strings, values or keys, that are not well-formed Unicode (a lone UTF-16 surrogate): 422 naming the field.
+ *
+ * The body is held once at a time: the received bytes until they are decoded to text, the text until it is
+ * parsed; the parsed value (req.body) is all that is left when the router runs.
+ */
+
+export interface JsonBodyOptions {
+  /** MAX_BODY_BYTES: the largest body, counted after Content-Encoding is undone. */
+  maxBodyBytes: number;
+  /** MAX_JSON_DEPTH: the deepest nesting of arrays and objects. */
+  maxDepth: number;
+  /** INTAKE_BODY_TIMEOUT_MS: from the start of reading (admission) until the last byte has arrived. */
+  bodyTimeoutMs: number;
+}
+
+const JSON_TYPES = ['application/json', 'application/*+json'];
+const ENCODINGS = new Set(['identity', 'gzip', 'x-gzip', 'deflate', 'br']);
+/** Issues of one kind named in one answer (a body full of bad strings gets a short answer). */
+const MAX_ISSUES = 20;
+/** Characters of a key kept in a path or message. */
+const KEY_CHARS = 64;
+
+const refusedCounter = new Counter({
+  name: 'referral_body_refused_total',
+  help: 'Request bodies refused by the JSON body reader, by reason',
+  labelNames: ['reason'] as const,
+  registers: [metricsRegistry],
+});
+
+type Reason = 'too-large' | 'encoding' | 'charset' | 'timeout' | 'aborted' | 'decompress' | 'utf8' | 'syntax' | 'depth' | 'duplicate-key' | 'unicode';
+
+function refused(reason: Reason, err: HttpError): HttpError {
+  refusedCounter.inc({ reason });
+  return err;
+}
+
+/** The request says it has a body (Node gives a request without either header none). */
+export function hasBody(req: Request): boolean {
+  return req.headers['transfer-encoding'] !== undefined || (req.headers['content-length'] !== undefined && req.headers['content-length'] !== '0');
+}
+
+function declaredLength(req: Request): number | undefined {
+  const v = req.headers['content-length'];
+  if (v === undefined) return undefined;
+  const n = Number(v);
+  return Number.isSafeInteger(n) && n >= 0 ? n : Number.POSITIVE_INFINITY;
+}
+
+/** The body's Content-Encoding, lower-cased; `identity` when none. */
+export function contentEncoding(req: Request): string {
+  const v = req.headers['content-encoding'];
+  return (v ?? 'identity').trim().toLowerCase() || 'identity';
+}
+
+function charsetOf(req: Request): string | undefined {
+  const type = req.headers['content-type'];
+  if (!type) return undefined;
+  for (const param of type.split(';').slice(1)) {
+    const i = param.indexOf('=');
+    if (i < 0) continue;
+    if (param.slice(0, i).trim().toLowerCase() === 'charset') {
+      return param
+        .slice(i + 1)
+        .trim()
+        .replace(/^"(.*)"$/, '$1')
+        .toLowerCase();
+    }
+  }
+  return undefined;
+}
+
+const tooLarge = (maxBodyBytes: number): HttpError =>
+  refused(
+    'too-large',
+    new HttpError(413, { code: 'too-costly', message: `the body is larger than the limit of ${maxBodyBytes} bytes (MAX_BODY_BYTES)`, expression: '$' }, { Connection: 'close' })
+  );
+
+/**
+ * What can be refused from the headers alone, before the intake budget is waited for: a declared length over
+ * MAX_BODY_BYTES (413, and the connection is closed so the client stops sending), an unknown Content-Encoding
+ * or a charset other than UTF-8 (415).
+ */
+export function bodyPrecheck(opts: Pick<JsonBodyOptions, 'maxBodyBytes'>): RequestHandler {
+  return (req, res, next) => {
+    if (!hasBody(req)) {
+      next();
+      return;
+    }
+    const declared = declaredLength(req);
+    if (declared !== undefined && declared > opts.maxBodyBytes) {
+      closeAfterAnswer(req, res);
+      next(tooLarge(opts.maxBodyBytes));
+      return;
+    }
+    const encoding = contentEncoding(req);
+    if (!ENCODINGS.has(encoding)) {
+      next(
+        refused(
+          'encoding',
+          new HttpError(415, { code: 'not-supported', message: 'unsupported Content-Encoding: send identity, gzip, deflate or br', expression: 'Content-Encoding' })
+        )
+      );
+      return;
+    }
+    const charset = charsetOf(req);
+    if (charset !== undefined && charset !== 'utf-8' && charset !== 'utf8') {
+      next(refused('charset', new HttpError(415, { code: 'not-supported', message: 'unsupported charset: the body must be UTF-8', expression: 'Content-Type' })));
+      return;
+    }
+    next();
+  };
+}
+
+/** The rest of the body is not read: answer with Connection: close, discard what still arrives until the socket closes. */
+function closeAfterAnswer(req: Request, res: Response): void {
+  res.setHeader('Connection', 'close');
+  req.resume();
+}
+
+/** The JSON body reader; mount it after bodyPrecheck (and after the intake budget where there is one). */
+export function jsonBody(opts: JsonBodyOptions): RequestHandler {
+  return (req, res, next) => {
+    if (!hasBody(req) || req.readableEnded || !req.is(JSON_TYPES)) {
+      // No body, or not JSON (requireJson has refused those with a body): nothing to read.
+      next();
+      return;
+    }
+    readBody(req, res, opts).then(
+      (text) => {
+        if (text === undefined) return; // the reader answered (next(err)) already
+        parseChecked(text, opts.maxDepth).then(
+          (value) => {
+            req.body = value;
+            next();
+          },
+          (err: unknown) => next(err)
+        );
+      },
+      (err: unknown) => next(err)
+    );
+  };
+}
+
+/**
+ * Receives the body, undoing Content-Encoding, within MAX_BODY_BYTES (decoded, and the bytes on the wire too)
+ * and INTAKE_BODY_TIMEOUT_MS, and decodes it as UTF-8. Rejects with the HttpError to answer; on any failure
+ * the intake budget is released at once and the connection is closed after the answer.
+ */
+function readBody(req: Request, res: Response, opts: JsonBodyOptions): Promise<string> {
+  return new Promise<string>((resolve, reject) => {
+    const encoding = contentEncoding(req);
+    const declared = declaredLength(req);
+    let decoder: Transform | undefined;
+    if (encoding === 'gzip' || encoding === 'x-gzip') decoder = createGunzip();
+    else if (encoding === 'deflate') decoder = createInflate();
+    else if (encoding === 'br') decoder = createBrotliDecompress();
+    else if (encoding !== 'identity') {
+      reject(refused('encoding', new HttpError(415, { code: 'not-supported', message: 'unsupported Content-Encoding: send identity, gzip, deflate or br', expression: 'Content-Encoding' })));
+      return;
+    }
+    if (declared !== undefined && declared > opts.maxBodyBytes) {
+      closeAfterAnswer(req, res);
+      reject(tooLarge(opts.maxBodyBytes));
+      return;
+    }
+
+    // An identity body of known length is copied into one buffer of that length as it arrives; otherwise the
+    // chunks are kept and joined once at the end.
+    let whole: Buffer | undefined = decoder === undefined && declared !== undefined ? Buffer.allocUnsafe(declared) : undefined;
+    let chunks: Buffer[] = [];
+    let decoded = 0;
+    let wire = 0;
+    let settled = false;
+
+    const cleanup = (): void => {
+      settled = true;
+      clearTimeout(timer);
+      req.off('data', onWire);
+      req.off('end', onWireEnd);
+      req.off('error', onAborted);
+      req.off('close', onClose);
+      if (decoder) {
+        decoder.off('data', onDecoded);
+        decoder.off('end', onDone);
+        decoder.off('error', onDecodeError);
+        req.unpipe(decoder);
+        decoder.destroy();
+        decoder.on('error', () => undefined);
+      }
+    };
+    const fail = (err: HttpError): void => {
+      if (settled) return;
+      cleanup();
+      whole = undefined;
+      chunks = [];
+      releaseIntake(req);
+      closeAfterAnswer(req, res);
+      reject(err);
+    };
+
+    const onDecoded = (chunk: Buffer): void => {
+      if (settled) return;
+      decoded += chunk.length;
+      if (decoded > opts.maxBodyBytes) {
+        fail(tooLarge(opts.maxBodyBytes));
+        return;
+      }
+      if (whole) {
+        if (decoded > whole.length) {
+          fail(tooLarge(opts.maxBodyBytes)); // more than declared: Node's parser does not allow it, but never overrun
+          return;
+        }
+        chunk.copy(whole, decoded - chunk.length);
+      } else {
+        chunks.push(chunk);
+      }
+    };
+    const onWire = (chunk: Buffer): void => {
+      wire += chunk.length;
+      if (decoder && wire > opts.maxBodyBytes) fail(tooLarge(opts.maxBodyBytes));
+      else if (!decoder) onDecoded(chunk);
+    };
+    const onDone = (): void => {
+      if (settled) return;
+      cleanup();
+      let bytes: Buffer;
+      // Only a buffer allocated here may be freed at once (a chunk may share memory with others).
+      let owned = true;
+      if (whole) {
+        bytes = decoded === whole.length ? whole : whole.subarray(0, decoded);
+      } else if (chunks.length === 1) {
+        bytes = chunks[0];
+        owned = false;
+      } else {
+        bytes = Buffer.concat(chunks, decoded);
+      }
+      whole = undefined;
+      chunks = [];
+      let text: string;
+      try {
+        text = utf8.decode(bytes);
+      } catch {
+        reject(refused('utf8', new HttpError(400, { code: 'structure', message: 'the body is not valid UTF-8', expression: '$' })));
+        return;
+      } finally {
+        if (owned) freeNow(bytes);
+      }
+      resolve(text);
+    };
+    const onWireEnd = (): void => {
+      if (!decoder) onDone();
+    };
+    const onDecodeError = (): void => {
+      const name = encoding === 'br' ? 'brotli' : encoding === 'deflate' ? 'deflate' : 'gzip';
+      fail(refused('decompress', new HttpError(400, { code: 'structure', message: `the body is not valid ${name} data (Content-Encoding: ${encoding})`, expression: '$' })));
+    };
+    const onAborted = (): void => {
+      fail(refused('aborted', new HttpError(400, { code: 'incomplete', message: 'the request was aborted' })));
+    };
+    const onClose = (): void => {
+      if (!req.complete) onAborted();
+    };
+
+    const timer = setTimeout(() => {
+      fail(
+        refused(
+          'timeout',
+          new HttpError(
+            408,
+            { code: 'timeout', message: `the body did not arrive within ${opts.bodyTimeoutMs} ms (INTAKE_BODY_TIMEOUT_MS)`, expression: '$' },
+            { Connection: 'close' }
+          )
+        )
+      );
+    }, opts.bodyTimeoutMs);
+
+    req.on('data', onWire);
+    req.on('end', onWireEnd);
+    req.on('error', onAborted);
+    req.on('close', onClose);
+    if (decoder) {
+      decoder.on('data', onDecoded);
+      decoder.on('end', onDone);
+      decoder.on('error', onDecodeError);
+      req.pipe(decoder);
+    }
+  });
+}
+
+const utf8 = new TextDecoder('utf-8', { fatal: true });
+
+/**
+ * Gives a large buffer's memory back at once instead of at the next garbage collection (which may come after
+ * JSON.parse has made the parsed copy): detaching its ArrayBuffer frees the bytes. Only a buffer that is the
+ * whole of its ArrayBuffer (not a slice of Node's shared pool or of a socket read) is detached.
+ */
+function freeNow(buf: Buffer): void {
+  const ab = buf.buffer as ArrayBuffer & { transfer?: (length?: number) => ArrayBuffer };
+  if (buf.byteLength >= 64 * 1024 && buf.byteOffset === 0 && buf.byteLength === ab.byteLength && typeof ab.transfer === 'function' && !ab.detached) {
+    ab.transfer(0);
+  }
+}
+
+/** Lets other callbacks (a /healthz probe) run between the heavy synchronous steps of a large body. */
+const yieldToLoop = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));
+const LARGE_TEXT = 256 * 1024;
+
+/** Scan (depth, duplicate keys), JSON.parse, then the Unicode walk. The text is dropped as soon as it is parsed. */
+async function parseChecked(text: string, maxDepth: number): Promise<unknown> {
+  if (text.length === 0) return {}; // as express.json: an empty JSON body is an empty object
+  const large = text.length > LARGE_TEXT;
+  if (large) await yieldToLoop();
+  const problem = scanJson(text, maxDepth);
+  if (problem) throw problemError(problem, maxDepth);
+  if (large) await yieldToLoop();
+  let value: unknown;
+  try {
+    value = JSON.parse(text);
+  } catch {
+    refusedCounter.inc({ reason: 'syntax' });
+    throw new HttpError(400, { code: 'structure', message: 'the body is not valid JSON', expression: '$' });
+  }
+  text = '';
+  if (large) await yieldToLoop();
+  const bad = illFormedStrings(value, MAX_ISSUES);
+  if (bad.length > 0) {
+    refusedCounter.inc({ reason: 'unicode' });
+    throw new HttpError(
+      422,
+      bad.map((b): IssueInput => {
+        const expression = expressionOf(b.path);
+        return {
+          code: 'invalid',
+          expression,
+          message: b.inKey
+            ? `${expression}: a property name is not well-formed Unicode (a lone UTF-16 surrogate)`
+            : `${expression}: the text is not well-formed Unicode (a lone UTF-16 surrogate); FHIR strings must be valid Unicode`,
+        };
+      })
+    );
+  }
+  return value;
+}
+
+export type PathSegment = string | number;
+
+export type ScanProblem = { kind: 'depth'; path: PathSegment[] } | { kind: 'duplicate'; key: string; path: PathSegment[] } | { kind: 'syntax' };
+
+const shortKey = (k: string): string => (k.length > KEY_CHARS ? `${k.slice(0, KEY_CHARS)}…` : k);
+
+/** A FHIRPath-like expression (patient.identifiers[0].value) with each key cut to KEY_CHARS characters. */
+export function expressionOf(path: ReadonlyArray<PathSegment>): string {
+  return pathToExpression(path.map((p) => (typeof p === 'string' ? shortKey(p) : p)));
+}
+
+function problemError(p: ScanProblem, maxDepth: number): HttpError {
+  if (p.kind === 'depth') {
+    const expression = expressionOf(p.path);
+    refusedCounter.inc({ reason: 'depth' });
+    return new HttpError(400, {
+      code: 'too-costly',
+      expression,
+      message: `${expression}: the JSON nests arrays and objects deeper than the limit of ${maxDepth} levels (MAX_JSON_DEPTH)`,
+    });
+  }
+  if (p.kind === 'duplicate') {
+    const where = expressionOf(p.path);
+    const expression = expressionOf([...p.path, p.key]);
+    refusedCounter.inc({ reason: 'duplicate-key' });
+    return new HttpError(400, {
+      code: 'structure',
+      expression,
+      message: `${expression}: the key ${JSON.stringify(shortKey(p.key))} appears more than once in ${where === '$' ? 'the body' : where}; each key may appear once`,
+    });
+  }
+  refusedCounter.inc({ reason: 'syntax' });
+  return new HttpError(400, { code: 'structure', message: 'the body is not valid JSON', expression: '$' });
+}
+
+interface ScanFrame {
+  /** An object (keys seen so far) or an array (undefined). */
+  keys: Set<string> | undefined;
+  /** Object: the last key read. */
+  key: string;
+  /** Array: the index of the element being read. */
+  index: number;
+  /** Object: the next string is a key. */
+  expectKey: boolean;
+}
+
+function framePath(frames: ReadonlyArray<ScanFrame>, upTo = frames.length): PathSegment[] {
+  const out: PathSegment[] = [];
+  for (let i = 0; i < upTo; i++) {
+    const f = frames[i];
+    out.push(f.keys ? f.key : f.index);
+  }
+  return out;
+}
+
+/** Index of the quote that closes the string opening at `start`, or -1. Skips the string's body with indexOf. */
+function stringEnd(text: string, start: number): number {
+  let from = start + 1;
+  for (;;) {
+    const q = text.indexOf('"', from);
+    if (q < 0) return -1;
+    // Escaped when preceded by an odd number of backslashes.
+    let b = q - 1;
+    while (b > start && text.charCodeAt(b) === 0x5c) b--;
+    if ((q - 1 - b) % 2 === 0) return q;
+    from = q + 1;
+  }
+}
+
+/**
+ * One pass over JSON text, without recursion, that finds the first place nesting goes deeper than `maxDepth`
+ * or an object repeats a key (keys compared after their escapes are decoded). String bodies are skipped with
+ * indexOf, so a 20 MB base64 string costs one native search. Syntax errors it notices are reported as
+ * `syntax` (JSON.parse would refuse the text); it does not validate everything JSON.parse does.
+ */
+export function scanJson(text: string, maxDepth: number): ScanProblem | undefined {
+  const frames: ScanFrame[] = [];
+  const n = text.length;
+  let i = 0;
+  while (i < n) {
+    const c = text.charCodeAt(i);
+    if (c === 0x22) {
+      const end = stringEnd(text, i);
+      if (end < 0) return { kind: 'syntax' };
+      const top = frames.length > 0 ? frames[frames.length - 1] : undefined;
+      if (top?.keys && top.expectKey) {
+        let key = text.slice(i + 1, end);
+        if (key.includes('\\')) {
+          try {
+            key = JSON.parse(text.slice(i, end + 1)) as string;
+          } catch {
+            return { kind: 'syntax' };
+          }
+        }
+        if (top.keys.has(key)) return { kind: 'duplicate', key, path: framePath(frames, frames.length - 1) };
+        top.keys.add(key);
+        top.key = key;
+        top.expectKey = false;
+      }
+      i = end + 1;
+      continue;
+    }
+    if (c === 0x7b || c === 0x5b) {
+      if (frames.length >= maxDepth) return { kind: 'depth', path: framePath(frames) };
+      frames.push(c === 0x7b ? { keys: new Set(), key: '', index: 0, expectKey: true } : { keys: undefined, key: '', index: 0, expectKey: false });
+    } else if (c === 0x7d || c === 0x5d) {
+      const top = frames.pop();
+      if (top === undefined || (c === 0x7d) !== (top.keys !== undefined)) return { kind: 'syntax' };
+    } else if (c === 0x2c) {
+      const top = frames.length > 0 ? frames[frames.length - 1] : undefined;
+      if (top === undefined) return { kind: 'syntax' };
+      if (top.keys) top.expectKey = true;
+      else top.index++;
+    }
+    i++;
+  }
+  return undefined;
+}
+
+/**
+ * The strings (values, and keys: `inKey`, with the path of their object) that are not well-formed Unicode,
+ * at most `max`, in document order. Iterative; the depth is bounded by the scan anyway.
+ */
+export function illFormedStrings(root: unknown, max: number): Array<{ path: PathSegment[]; inKey: boolean }> {
+  const out: Array<{ path: PathSegment[]; inKey: boolean }> = [];
+  if (typeof root === 'string') {
+    if (!root.isWellFormed()) out.push({ path: [], inKey: false });
+    return out;
+  }
+  if (root === null || typeof root !== 'object') return out;
+  interface Frame {
+    node: Record<string, unknown> | unknown[];
+    keys: string[] | undefined;
+    i: number;
+    name: PathSegment;
+  }
+  const frameOf = (node: object, name: PathSegment): Frame =>
+    Array.isArray(node) ? { node, keys: undefined, i: 0, name } : { node: node as Record<string, unknown>, keys: Object.keys(node), i: 0, name };
+  const stack: Frame[] = [frameOf(root, '')];
+  const pathHere = (extra?: PathSegment): PathSegment[] => {
+    const p = stack.slice(1).map((f) => f.name);
+    if (extra !== undefined) p.push(extra);
+    return p;
+  };
+  while (stack.length > 0) {
+    const f = stack[stack.length - 1];
+    const length = f.keys ? f.keys.length : (f.node as unknown[]).length;
+    if (f.i >= length) {
+      stack.pop();
+      continue;
+    }
+    const at = f.i++;
+    let name: PathSegment;
+    let child: unknown;
+    if (f.keys) {
+      name = f.keys[at];
+      if (!name.isWellFormed()) {
+        out.push({ path: pathHere(), inKey: true });
+        if (out.length >= max) return out;
+      }
+      child = (f.node as Record<string, unknown>)[name];
+    } else {
+      name = at;
+      child = (f.node as unknown[])[at];
+    }
+    if (typeof child === 'string') {
+      if (!child.isWellFormed()) {
+        out.push({ path: pathHere(name), inKey: false });
+        if (out.length >= max) return out;
+      }
+    } else if (child !== null && typeof child === 'object') {
+      stack.push(frameOf(child, name));
+    }
+  }
+  return out;
+}
