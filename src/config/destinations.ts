@@ -119,6 +119,18 @@ export const destinationSchema = z.strictObject({
   attachmentOrigins: z.array(z.url()).optional(),
   /** Fetch presigned attachment URLs on the base's host name without credentials. Default false; Medplum true. */
   presignedUrls: z.boolean().optional(),
+  /**
+   * What delivery does when the centre already holds a Patient with the referral's identifier (the one its
+   * Patient entry is matched on) whose birth date, administrative gender or family name differs from the
+   * referral's (src/delivery/patient-match.ts has the comparison rules):
+   * - `hold` (default): nothing is written at the centre; the referral becomes `delivery-failed` with a reason
+   *   naming the fields that differ (not their values), is not retried, and can be re-queued by an operator
+   *   (POST /admin/deliveries/{id}/retry) once the identifier or the centre's Patient is put right;
+   * - `new-patient`: the referral is sent with a Patient of its own, created without the colliding
+   *   identifier and matched instead on a gateway identifier scoped to the sending client (so the sender's
+   *   later referrals for the same patient reuse it); a warning is logged and the referral's history says so.
+   */
+  patientMismatch: z.enum(['hold', 'new-patient']).optional(),
   /** node-cron expression for polling this destination's Tasks; the service default applies when absent. */
   pollCron: z.string().optional(),
   circuitBreaker: circuitBreakerSchema.optional(),
@@ -140,6 +152,7 @@ export interface DestinationSettings {
   verifyDelivery: boolean | 'always';
   presignedUrls: boolean;
   attachmentOrigins: string[];
+  patientMismatch: NonNullable<Destination['patientMismatch']>;
 }
 
 type ProfileDefaults = Omit<DestinationSettings, 'profile' | 'attachmentOrigins'>;
@@ -154,6 +167,7 @@ export const serverProfileDefaults: Record<DestinationSettings['profile'], Profi
     transactionMode: 'conditional',
     verifyDelivery: true,
     presignedUrls: false,
+    patientMismatch: 'hold',
   },
   medplum: {
     binaryMode: 'raw',
@@ -164,6 +178,7 @@ export const serverProfileDefaults: Record<DestinationSettings['profile'], Profi
     transactionMode: 'resolve-first',
     verifyDelivery: true,
     presignedUrls: true,
+    patientMismatch: 'hold',
   },
   hapi: {
     binaryMode: 'raw',
@@ -173,6 +188,7 @@ export const serverProfileDefaults: Record<DestinationSettings['profile'], Profi
     transactionMode: 'conditional',
     verifyDelivery: true,
     presignedUrls: false,
+    patientMismatch: 'hold',
   },
 };
 
@@ -190,6 +206,7 @@ export function destinationSettings(d: Partial<Pick<Destination, keyof Destinati
     verifyDelivery: d.verifyDelivery ?? base.verifyDelivery,
     presignedUrls: d.presignedUrls ?? base.presignedUrls,
     attachmentOrigins: d.attachmentOrigins ?? [],
+    patientMismatch: d.patientMismatch ?? base.patientMismatch,
   };
 }
 

@@ -3,7 +3,7 @@ import { destinationSettings } from '../config/destinations';
 import type { Destination } from '../config/destinations';
 import { FhirRequestError } from '../fhir/client';
 import type { FhirClient } from '../fhir/client';
-import { conditionalIndexes, KeyedMutex, searchCriteria, withoutConditionalEntries } from '../fhir/resolve';
+import { conditionalIndexes, KeyedMutex, locationOf, searchCriteria, withoutConditionalEntries } from '../fhir/resolve';
 import type { Matches } from '../fhir/resolve';
 import { classifyError, parseLocation, sendTransaction } from '../fhir/transaction';
 import type { TransactionLocation } from '../fhir/transaction';
@@ -16,6 +16,8 @@ import type { FhirRefs, StoredReferral } from '../referral/types';
 import { nowIso } from '../store/ids';
 import type { OutboxEntry, ReferralStore } from '../store/referral-store';
 import { documentsToMoveOut, estimateJsonBytes, planBinaries } from './attachments';
+import { checkPatient, patientEntryIndex } from './patient-match';
+import type { PatientCheck } from './patient-match';
 import { uploadRawDocuments } from './raw-binaries';
 import { verifyDelivered } from './verify';
 import type { DeliveredRefs } from './verify';
@@ -116,6 +118,8 @@ export async function deliverSubmit(ctx: OperationContext): Promise<Outcome> {
     // The operator sees in the timeline that the centre held a broken referral and what was mended.
     await store.note(referral.id, 'sent', `repaired at the centre before it was reported sent: ${written.repaired.join(', ')}`);
   }
+  // ...and that the referral was given a Patient of its own (patientMismatch: new-patient).
+  if (changed) for (const note of written.notes) await store.note(referral.id, 'sent', note);
   if (changed) {
     deliveryLatency.observe({ destination: destination.id }, Math.max(0, Date.now() - Date.parse(referral.createdAt)) / 1000);
     ctx.emit({ referralId: referral.id, status: 'sent', previous: changed.previous });
@@ -152,13 +156,16 @@ type Written =
       repaired: string[];
       /** One transaction created every entry new (201 each) and nothing was resolved or confirmed by search. */
       allCreated: boolean;
+      /** For the referral's history once it is sent (the patient check's decision). */
+      notes: string[];
     }
   | { kind: 'not-ok'; outcome: Outcome };
 
 /**
  * Plans the documents (raw uploads before the transaction, Binary entries in it, inline data), maps the
  * bundle with `build`, moves more documents out while the bundle is over the server's `maxJsonBytes`, uploads
- * the raw ones, and writes the bundle (writeBundle).
+ * the raw ones, and writes the bundle (writeBundle). A referral's Patient is checked (patient-match.ts) before
+ * anything is written: before the raw uploads when there are any, else as part of the write.
  */
 async function writeDocumentsBundle(
   ctx: OperationContext,
@@ -169,9 +176,12 @@ async function writeDocumentsBundle(
   const { referral, destination, client, signal } = ctx;
   const settings = destinationSettings(destination);
   let plan = planBinaries({ referralId: referral.id, documents, startIndex, destination });
+  /** The bundle mapped with stand-ins for the raw uploads, while it is the one the plan gives. */
+  let draft: Bundle | undefined;
   if (settings.maxJsonBytes !== undefined) {
     // Estimated as the bundle will be sent: raw documents as URLs, Binary entries with their data.
     const estimate = build({ ...plan.attachmentUrls, ...placeholders(plan.raw) });
+    draft = estimate;
     const withEntries = { ...estimate, entry: [...(estimate.entry ?? []), ...plan.entries] };
     const more = documentsToMoveOut(documents, new Set(plan.raw), estimateJsonBytes(withEntries), settings.maxJsonBytes);
     if (more === undefined) {
@@ -185,27 +195,56 @@ async function writeDocumentsBundle(
     }
     if (more.length > 0) {
       plan = planBinaries({ referralId: referral.id, documents, startIndex, destination, alsoRaw: [...plan.raw, ...more] });
+      draft = undefined;
     }
   }
-  let raw: Awaited<ReturnType<typeof uploadRawDocuments>>;
-  try {
-    raw = await uploadRawDocuments({
-      db: ctx.store.db,
-      client,
-      destinationId: destination.id,
-      settings,
-      referralId: referral.id,
-      documents,
-      startIndex,
-      indexes: plan.raw,
-      signal,
+  const resolveFirst = settings.transactionMode === 'resolve-first';
+  const finalPlan = plan;
+  /** Uploads the raw documents, builds the bundle and writes it (under the caller's locks). */
+  const uploadAndWrite = async (prechecked?: Prechecked): Promise<{ bundle: Bundle; raw: { uploaded: number }; result: WriteResult }> => {
+    let raw: Awaited<ReturnType<typeof uploadRawDocuments>>;
+    try {
+      raw = await uploadRawDocuments({
+        db: ctx.store.db,
+        client,
+        destinationId: destination.id,
+        settings,
+        referralId: referral.id,
+        documents,
+        startIndex,
+        indexes: finalPlan.raw,
+        signal,
+      });
+    } catch (err) {
+      return { bundle: { resourceType: 'Bundle', type: 'transaction' }, raw: { uploaded: 0 }, result: fromRequestError(err) };
+    }
+    const bundle = build({ ...finalPlan.attachmentUrls, ...raw.urls });
+    bundle.entry = [...(bundle.entry ?? []), ...finalPlan.entries];
+    // The patient check's decision, taken before the uploads, applies to the bundle as sent.
+    if (prechecked?.entry) bundle.entry[prechecked.index] = prechecked.entry;
+    // With a pre-check the caller holds the locks already (KeyedMutex is not reentrant).
+    return { bundle, raw, result: prechecked ? await writeResolved(ctx, bundle, resolveFirst, prechecked) : await writeBundle(ctx, bundle, resolveFirst) };
+  };
+  let written: Awaited<ReturnType<typeof uploadAndWrite>>;
+  if (finalPlan.raw.length > 0) draft ??= build({ ...finalPlan.attachmentUrls, ...placeholders(finalPlan.raw) });
+  else draft = undefined;
+  const patientIndex = draft ? patientEntryIndex(draft.entry ?? []) : undefined;
+  if (draft && patientIndex !== undefined) {
+    // Raw uploads are writes at the centre: the Patient is checked before them, so that a held referral
+    // leaves nothing there. The lock covers the check, the uploads and the transaction.
+    written = await sharedEntries.run(lockKeys(ctx, draft, resolveFirst), async () => {
+      const checked = await guardPatient(ctx, draft, patientIndex);
+      if (checked.kind !== 'ok') return { bundle: draft, raw: { uploaded: 0 }, result: checked };
+      return uploadAndWrite({
+        index: patientIndex,
+        entry: checked.newPatient ? checked.bundle.entry?.[patientIndex] : undefined,
+        notes: checked.newPatient ? [checked.newPatient.note] : [],
+      });
     });
-  } catch (err) {
-    return { kind: 'not-ok', outcome: fromRequestError(err) };
+  } else {
+    written = await uploadAndWrite();
   }
-  const bundle = build({ ...plan.attachmentUrls, ...raw.urls });
-  bundle.entry = [...(bundle.entry ?? []), ...plan.entries];
-  const result = await writeBundle(ctx, bundle);
+  const { bundle, raw, result } = written;
   if (result.kind !== 'ok') return { kind: 'not-ok', outcome: result };
   const types = entryTypes(bundle);
   return {
@@ -217,6 +256,7 @@ async function writeDocumentsBundle(
     rawUploads: raw.uploaded,
     repaired: [],
     allCreated: result.allCreated,
+    notes: result.notes,
   };
 }
 
@@ -242,7 +282,7 @@ function intendedAttachments(bundle: Bundle, locations: TransactionLocation[]): 
   });
 }
 
-type WriteResult = { kind: 'ok'; locations: TransactionLocation[]; allCreated: boolean } | Exclude<Outcome, { kind: 'done' }>;
+type WriteResult = { kind: 'ok'; locations: TransactionLocation[]; allCreated: boolean; notes: string[] } | Exclude<Outcome, { kind: 'done' }>;
 
 /**
  * Writes a bundle of conditional creates as the destination wants it, and returns the server id of every
@@ -253,30 +293,72 @@ type WriteResult = { kind: 'ok'; locations: TransactionLocation[]; allCreated: b
  *   strict-isolation entry limit; a resend after a partial write creates only what is missing).
  * An empty 2xx answer (Prefer: return=minimal on Medplum) is confirmed by searching every entry's criteria.
  */
-async function writeBundle(ctx: OperationContext, bundle: Bundle): Promise<WriteResult> {
-  if (destinationSettings(ctx.destination).transactionMode !== 'resolve-first') return writeResolved(ctx, bundle, false);
-  // Search and create under one lock per shared identifier, so two referrals from one hospital do not both
-  // find "no such Practitioner" and both create one (within this process; across replicas a duplicate is
-  // tolerated: the oldest is used).
-  const keys = (bundle.entry ?? []).flatMap((e) => (e.resource && SHARED_TYPES.has(e.resource.resourceType) && e.request?.ifNoneExist ? [`${ctx.destination.id} ${e.resource.resourceType}?${e.request.ifNoneExist}`] : []));
-  return sharedEntries.run(keys, () => writeResolved(ctx, bundle, true));
+async function writeBundle(ctx: OperationContext, bundle: Bundle, resolveFirst: boolean, prechecked?: Prechecked): Promise<WriteResult> {
+  const keys = lockKeys(ctx, bundle, resolveFirst);
+  if (keys.length === 0) return writeResolved(ctx, bundle, resolveFirst, prechecked);
+  return sharedEntries.run(keys, () => writeResolved(ctx, bundle, resolveFirst, prechecked));
+}
+
+/**
+ * The locks a write takes: one per shared identifier in resolve-first mode, so two referrals from one hospital
+ * do not both find "no such Practitioner" and both create one (within this process; across replicas a
+ * duplicate is tolerated: the oldest is used). In conditional mode only the Patient's: its check (a search)
+ * and the transaction that links to what the search saw are not to be overtaken by another referral's.
+ */
+function lockKeys(ctx: OperationContext, bundle: Bundle, resolveFirst: boolean): string[] {
+  const locked = (type: string): boolean => (resolveFirst ? SHARED_TYPES.has(type) : type === 'Patient');
+  return (bundle.entry ?? []).flatMap((e) => (e.resource && locked(e.resource.resourceType) && e.request?.ifNoneExist ? [`${ctx.destination.id} ${e.resource.resourceType}?${e.request.ifNoneExist}`] : []));
+}
+
+/** The patient check done before raw uploads: its decision, already applied to the bundle (`entry` at `index`). */
+interface Prechecked {
+  index: number;
+  /** The Patient entry made a new Patient (patientMismatch: new-patient), or undefined when it stays as mapped. */
+  entry?: BundleEntry;
+  notes: string[];
 }
 
 /** Resources other referrals share (not ours alone): a racing writer may have created a duplicate. */
 const SHARED_TYPES: ReadonlySet<string> = new Set(['Patient', 'Practitioner', 'PractitionerRole', 'Organization']);
 const sharedEntries = new KeyedMutex();
 
-async function writeResolved(ctx: OperationContext, bundle: Bundle, resolveFirst: boolean): Promise<WriteResult> {
+async function writeResolved(ctx: OperationContext, mapped: Bundle, resolveFirst: boolean, prechecked?: Prechecked): Promise<WriteResult> {
   const { client, signal, destination } = ctx;
   const settings = destinationSettings(destination);
-  const entries = bundle.entry ?? [];
-  let toSend = bundle;
-  let sentIndexes = entries.map((_, i) => i);
+  let bundle = mapped;
+  let entries = bundle.entry ?? [];
+  const notes: string[] = [...(prechecked?.notes ?? [])];
+  const patientIndex = patientEntryIndex(entries);
   let matches: Matches = new Map();
   if (resolveFirst) {
     const found = await searchOrOutcome(ctx, entries, conditionalIndexes(entries));
     if (found.kind !== 'ok') return found;
     matches = found.matches;
+    if (patientIndex !== undefined) {
+      // What the batch search found for the Patient is checked as it is: no extra request.
+      const checked = await guardPatient(ctx, bundle, patientIndex, found.found.get(patientIndex) ?? []);
+      if (checked.kind !== 'ok') return checked;
+      if (checked.newPatient) {
+        bundle = checked.bundle;
+        entries = bundle.entry ?? [];
+        matches.delete(patientIndex);
+        if (checked.found[0]) matches.set(patientIndex, locationOf(checked.found[0]));
+        notes.push(checked.newPatient.note);
+      }
+    }
+  } else if (patientIndex !== undefined && !prechecked) {
+    // The conditional create would link to whatever Patient holds the identifier: look at it first.
+    const checked = await guardPatient(ctx, bundle, patientIndex);
+    if (checked.kind !== 'ok') return checked;
+    if (checked.newPatient) {
+      bundle = checked.bundle;
+      entries = bundle.entry ?? [];
+      notes.push(checked.newPatient.note);
+    }
+  }
+  let toSend = bundle;
+  let sentIndexes = entries.map((_, i) => i);
+  if (resolveFirst) {
     const resolved = withoutConditionalEntries(bundle, matches);
     toSend = resolved.bundle;
     sentIndexes = resolved.sent;
@@ -297,7 +379,8 @@ async function writeResolved(ctx: OperationContext, bundle: Bundle, resolveFirst
       },
     });
     if (result.kind === 'unconfirmed') {
-      return confirmBySearch(ctx, bundle, result.reason);
+      const confirmed = await confirmBySearch(ctx, bundle, result.reason);
+      return confirmed.kind === 'ok' ? { ...confirmed, notes } : confirmed;
     }
     if (result.kind !== 'ok') return result;
     sentIndexes.forEach((orig, k) => {
@@ -305,10 +388,29 @@ async function writeResolved(ctx: OperationContext, bundle: Bundle, resolveFirst
     });
     allCreated = allCreated && created;
   }
-  return { kind: 'ok', locations, allCreated };
+  return { kind: 'ok', locations, allCreated, notes };
 }
 
-async function searchOrOutcome(ctx: OperationContext, entries: ReadonlyArray<BundleEntry>, indexes: number[]): Promise<{ kind: 'ok'; matches: Matches } | Exclude<Outcome, { kind: 'done' }>> {
+/**
+ * The patient check (patient-match.ts) as a delivery outcome: a contradicting Patient at the centre is a
+ * permanent failure (`hold`: nothing written, not retried; an operator re-queues it once the identifier or
+ * the centre's Patient is put right), a failed search is retried or failed like any request.
+ */
+async function guardPatient(ctx: OperationContext, bundle: Bundle, index: number, found?: Resource[]): Promise<Extract<PatientCheck, { kind: 'ok' }> | Exclude<Outcome, { kind: 'done' }>> {
+  let checked: PatientCheck;
+  try {
+    checked = await checkPatient({ client: ctx.client, destination: ctx.destination, referralId: ctx.referral.id, clientId: ctx.referral.clientId, bundle, index, found, signal: ctx.signal });
+  } catch (err) {
+    return fromRequestError(err);
+  }
+  return checked.kind === 'hold' ? { kind: 'fail', reason: checked.reason } : checked;
+}
+
+async function searchOrOutcome(
+  ctx: OperationContext,
+  entries: ReadonlyArray<BundleEntry>,
+  indexes: number[]
+): Promise<{ kind: 'ok'; matches: Matches; found: Map<number, Resource[]> } | Exclude<Outcome, { kind: 'done' }>> {
   let found: Awaited<ReturnType<typeof searchCriteria>>;
   try {
     found = await searchCriteria(ctx.client, entries, indexes, ctx.signal, SHARED_TYPES);
@@ -345,7 +447,7 @@ async function confirmBySearch(ctx: OperationContext, bundle: Bundle, why: strin
     return { kind: 'retry', reason: `${why}, and ${missing} of ${entries.length} entries are not at the centre; sending again` };
   }
   logger.info('transaction confirmed by reading back (the server answered with an empty body)', { referralId: ctx.referral.id, destination: ctx.destination.id, entries: entries.length });
-  return { kind: 'ok', locations, allCreated: false };
+  return { kind: 'ok', locations, allCreated: false, notes: [] };
 }
 
 // ------------------------------------------------------------------------------------------------

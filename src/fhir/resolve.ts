@@ -9,7 +9,16 @@ import type { TransactionLocation } from './transaction';
 export type Matches = Map<number, TransactionLocation>;
 
 export type SearchOutcome =
-  | { kind: 'ok'; matches: Matches; duplicates: Array<{ index: number; type: string; count: number }> }
+  | {
+      kind: 'ok';
+      matches: Matches;
+      duplicates: Array<{ index: number; type: string; count: number }>;
+      /**
+       * Everything each criterion found, by entry index, oldest first (`matches` holds the first): the caller
+       * can look at what it is about to reference (the Patient's demographics) without another request.
+       */
+      found: Map<number, Resource[]>;
+    }
   /** A criterion matched more than one resource: the centre holds duplicates (a conditional create would answer 412). */
   | { kind: 'multiple'; index: number; type: string; count: number };
 
@@ -28,7 +37,8 @@ export async function searchCriteria(
 ): Promise<SearchOutcome> {
   const matches: Matches = new Map();
   const duplicates: Array<{ index: number; type: string; count: number }> = [];
-  if (indexes.length === 0) return { kind: 'ok', matches, duplicates };
+  const foundByIndex = new Map<number, Resource[]>();
+  if (indexes.length === 0) return { kind: 'ok', matches, duplicates, found: foundByIndex };
   const urls = indexes.map((i) => criteriaUrl(entries[i]));
   let pages: Array<Bundle | undefined>;
   try {
@@ -51,11 +61,19 @@ export async function searchCriteria(
     if (found.length > 1 && !tolerate.has(type)) return { kind: 'multiple', index: i, type, count: found.length };
     if (found.length > 1) {
       duplicates.push({ index: i, type, count: found.length });
-      found.sort((a, b) => String(a.meta?.lastUpdated ?? '').localeCompare(String(b.meta?.lastUpdated ?? '')) || String(a.id).localeCompare(String(b.id)));
+      oldestFirst(found);
     }
-    if (found.length >= 1) matches.set(i, locationOf(found[0]));
+    if (found.length >= 1) {
+      matches.set(i, locationOf(found[0]));
+      foundByIndex.set(i, found);
+    }
   }
-  return { kind: 'ok', matches, duplicates };
+  return { kind: 'ok', matches, duplicates, found: foundByIndex };
+}
+
+/** Sorts resources oldest first (meta.lastUpdated, then id): the one to reference among duplicates. */
+export function oldestFirst<T extends Resource>(resources: T[]): T[] {
+  return resources.sort((a, b) => String(a.meta?.lastUpdated ?? '').localeCompare(String(b.meta?.lastUpdated ?? '')) || String(a.id).localeCompare(String(b.id)));
 }
 
 async function oneByOne(client: FhirClient, entries: ReadonlyArray<BundleEntry>, indexes: number[], signal?: AbortSignal): Promise<Bundle[]> {
@@ -87,7 +105,8 @@ function okStatus(status: string | undefined): boolean {
   return typeof status === 'string' && /^\s*2\d\d/.test(status);
 }
 
-function locationOf(r: Resource): TransactionLocation {
+/** `Type/id` (and version) of a resource a search found, as a transaction answer would give it. */
+export function locationOf(r: Resource): TransactionLocation {
   return r.meta?.versionId ? { resourceType: r.resourceType, id: r.id as string, versionId: r.meta.versionId } : { resourceType: r.resourceType, id: r.id as string };
 }
 

@@ -9,6 +9,7 @@ import { submissions } from '../observability/metrics';
 import { newReferralId, nowIso } from '../store/ids';
 import type { ReferralStore } from '../store/referral-store';
 import { capIssues, checkReferral, zodCheckIssues } from './check';
+import { identifierPolicyIssues } from './identifier-policy';
 import { documentSchema, type Referral } from './schema';
 import { cancellable, terminalStatuses } from '../tracking/state';
 import type { StoredReferral } from './types';
@@ -75,16 +76,18 @@ export class ReferralService {
     private readonly store: ReferralStore,
     private readonly destinations: DestinationDirectory,
     private readonly onQueued: () => void = () => undefined,
-    private readonly options: { allowPrivateCallbacks?: boolean } = {}
+    private readonly options: { allowPrivateCallbacks?: boolean; clientIdentifierSystems?: ReadonlyMap<string, ReadonlyArray<string>> } = {}
   ) {}
 
   /**
    * Checks a submission completely: schema, codes, routing and the FHIR content it maps to; and, unless
    * private networks are allowed, that its callbackUrl does not name a loopback/private address or local host.
    */
-  check(body: unknown): { referral: Referral; destination: Destination } {
+  check(clientId: string, body: unknown): { referral: Referral; destination: Destination } {
     const r = checkReferral(body, this.destinations, { withDocumentData: false });
     if (!r.ok) throw new HttpError(422, r.issues.map(({ detail: _detail, ...i }) => i));
+    const foreign = identifierPolicyIssues(clientId, r.referral.patient.identifiers, this.options.clientIdentifierSystems ?? new Map());
+    if (foreign.length > 0) throw new HttpError(422, foreign.map(({ detail: _detail, ...i }) => i));
     const callback = r.referral.callbackUrl;
     const problem = callback && !this.options.allowPrivateCallbacks ? literalCallbackProblem(callback) : undefined;
     if (problem) throw new HttpError(422, { code: 'invalid', expression: 'callbackUrl', message: `callbackUrl: ${problem}` });
@@ -111,7 +114,7 @@ export class ReferralService {
       const replay = await this.replay(clientId, externalId ?? '', idempotencyKey, requestHash);
       if (replay) return replay;
     }
-    const { referral, destination } = this.check(body);
+    const { referral, destination } = this.check(clientId, body);
     const id = newReferralId();
     const created = await this.store.createReferral({
       id,
@@ -138,9 +141,8 @@ export class ReferralService {
     const existing = await this.store.findForIdempotency(clientId, externalId, key);
     if (!existing) return null;
     if (existing.requestHash !== hash) {
-      // Found by the key when the stored referral has another externalId; by externalId otherwise (even with
-      // a new key, which was never used: the conflict is the externalId).
-      const byKey = key !== null && existing.externalId !== externalId;
+      // Blame the key only when it was used before (a new key with a reused externalId is an externalId conflict).
+      const byKey = key !== null && (existing.externalId !== externalId || (await this.store.findForIdempotency(clientId, '', key)) !== undefined);
       throw new HttpError(409, {
         code: 'conflict',
         expression: byKey ? 'Idempotency-Key' : 'externalId',

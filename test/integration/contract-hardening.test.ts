@@ -1,7 +1,7 @@
 import type { DocumentReference, Task } from '@medplum/fhirtypes';
 import type { Gateway } from '../../src/gateway';
 import { MAX_STATUS_REASON_CHARS } from '../../src/tracking/centre-text';
-import { eventually, fixture, KEY_A, startGateway } from '../helpers/gateway';
+import { eventually, fixture, KEY_A, KEY_B, startGateway } from '../helpers/gateway';
 
 /**
  * Issue 10's contract slips and centre-supplied content, against the real service and its sandbox:
@@ -152,4 +152,33 @@ describe('callback URLs that embed an IPv4 address in IPv6 (private networks ref
       expect(oo.issue[0].details.text).toMatch(/non-public address/);
     }
   );
+});
+
+describe('patient identifier systems per client (CLIENT_IDENTIFIER_SYSTEMS)', () => {
+  let gw: Gateway;
+  const CITY_SYSTEM = 'urn:oid:2.16.840.1.113883.19.5';
+  const submit = (key: string, body: unknown): Promise<Response> =>
+    fetch(`${gw.url}/referrals`, { method: 'POST', headers: { Authorization: `Bearer ${key}`, 'Content-Type': 'application/json' }, body: JSON.stringify(body) });
+  beforeAll(async () => {
+    gw = await startGateway({ CLIENT_IDENTIFIER_SYSTEMS: `city-hospital=${CITY_SYSTEM};other-clinic=https://other-clinic.example.org/mrn` });
+  });
+  afterAll(() => gw.stop());
+
+  test("a second hospital sending the first hospital's identifier system is refused at intake, naming the field; nothing is stored", async () => {
+    const res = await submit(KEY_B, { ...fixture(), externalId: 'CLINIC-1' });
+    expect(res.status).toBe(422);
+    const oo = (await res.json()) as any;
+    expect(oo.issue[0]).toMatchObject({ code: 'business-rule', expression: ['patient.identifiers[0].system'] });
+    expect(oo.issue[0].details.text).toMatch(/belongs to another sender/);
+    expect(oo.issue[0].details.text).not.toMatch(/city-hospital|MRN-0042/);
+    const list = (await (await fetch(`${gw.url}/referrals`, { headers: { Authorization: `Bearer ${KEY_B}` } })).json()) as any;
+    expect(list.items).toEqual([]);
+  });
+
+  test('each hospital is served with its own systems', async () => {
+    expect((await submit(KEY_A, { ...fixture(), externalId: 'CITY-1' })).status).toBe(202);
+    const own = fixture();
+    own.patient.identifiers = [{ system: 'https://other-clinic.example.org/mrn', value: 'OC-7' }];
+    expect((await submit(KEY_B, { ...own, externalId: 'CLINIC-2' })).status).toBe(202);
+  });
 });

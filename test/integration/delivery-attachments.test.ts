@@ -157,6 +157,8 @@ describe("binaryMode 'conditional-create' (servers without client-assigned ids)"
 
   test('the Binary is a conditional create on its tag and the attachment points at its urn:uuid', async () => {
     let sent: Bundle | undefined;
+    // The patient check's search before the transaction (src/delivery/patient-match.ts): no Patient there yet.
+    nock(CENTRE).get(/^\/fhir\/Patient\?/).reply(200, { resourceType: 'Bundle', type: 'searchset', total: 0, entry: [] });
     const scope = nock(CENTRE)
       .post('/fhir', (b: Bundle) => {
         sent = b;

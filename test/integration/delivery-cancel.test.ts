@@ -94,6 +94,8 @@ describe('cancel with If-Match against a centre that changes the Task in between
   });
 
   test('a 412 on the Task re-reads and writes again; the ServiceRequest is revoked; the referral is cancelled', async () => {
+    // The patient check's search before the transaction (src/delivery/patient-match.ts): no Patient there yet.
+    nock(CENTRE).get(/^\/fhir\/R4\/Patient\?/).reply(200, { resourceType: 'Bundle', type: 'searchset', total: 0, entry: [] });
     nock(CENTRE)
       .post('/fhir/R4')
       .reply(200, (_uri: string, raw: nock.Body) => {

@@ -50,6 +50,14 @@ const view = async (gw: Gateway, id: string): Promise<any> =>
 /** An empty searchset: what the centre answers to the read-before-retry search when it has nothing yet. */
 const EMPTY_SEARCH: Bundle = { resourceType: 'Bundle', type: 'searchset', total: 0, entry: [] };
 
+/**
+ * The patient check's search before each transaction (src/delivery/patient-match.ts): the centre holds no
+ * Patient with the referral's identifier yet.
+ */
+function noPatientYet(): void {
+  nock(CENTRE).persist().get(/^\/fhir\/R4\/Patient\?/).reply(200, EMPTY_SEARCH);
+}
+
 describe('delivery failure paths against a fake destination (nock)', () => {
   let gw: Gateway;
   /** Read-before-retry searches the centre for the Task before every resend. */
@@ -68,6 +76,7 @@ describe('delivery failure paths against a fake destination (nock)', () => {
         searches.push(decodeURIComponent(uri));
         return [200, EMPTY_SEARCH];
       });
+    noPatientYet();
   });
   afterEach(() => {
     nock.abortPendingRequests();
@@ -205,6 +214,7 @@ describe('the backlog an operator watches at /metrics (nock)', () => {
     allowOnlyLoopback();
     gw = await startGateway({ FHIR_BASE_URL: BASE, FHIR_VERIFY_DELIVERY: 'false', DELIVERY_BASE_DELAY_MS: '2000', DELIVERY_MAX_DELAY_MS: '4000' });
     nock(CENTRE).persist().get(/^\/fhir\/R4\/Task\?/).reply(200, EMPTY_SEARCH);
+    noPatientYet();
   });
   afterAll(async () => {
     await gw.stop();
@@ -249,6 +259,7 @@ describe('retries run out (nock)', () => {
     allowOnlyLoopback();
     gw = await startGateway({ FHIR_BASE_URL: BASE, FHIR_VERIFY_DELIVERY: 'false', DELIVERY_MAX_ATTEMPTS: '3', DELIVERY_BASE_DELAY_MS: '10', DELIVERY_MAX_DELAY_MS: '20' });
     nock(CENTRE).persist().get(/^\/fhir\/R4\/Task\?/).reply(200, EMPTY_SEARCH);
+    noPatientYet();
   });
   afterAll(async () => {
     await gw.stop();
@@ -283,6 +294,7 @@ describe('retries run out by age (DELIVERY_MAX_AGE_MS)', () => {
     allowOnlyLoopback();
     gw = await startGateway({ FHIR_BASE_URL: BASE, FHIR_VERIFY_DELIVERY: 'false', DELIVERY_MAX_AGE_MS: '1500', DELIVERY_MAX_ATTEMPTS: '1000', DELIVERY_BASE_DELAY_MS: '50', DELIVERY_MAX_DELAY_MS: '200' });
     nock(CENTRE).persist().get(/^\/fhir\/R4\/Task\?/).reply(200, EMPTY_SEARCH);
+    noPatientYet();
   });
   afterAll(async () => {
     await gw.stop();
@@ -329,6 +341,7 @@ describe('a 401 with an expired token (client-credentials)', () => {
       .post('/token')
       .matchHeader('authorization', basic)
       .reply(200, { access_token: 'tok-fresh', token_type: 'Bearer', expires_in: 3600 });
+    noPatientYet();
     const fhir = nock(CENTRE)
       .post(/^\/fhir\/R4\/?$/)
       .matchHeader('authorization', 'Bearer tok-expired')
@@ -367,6 +380,7 @@ describe('the per-destination circuit breaker (nock)', () => {
       { deliveryIdleMs: 50 }
     );
     nock(CENTRE).persist().get(/^\/fhir\/R4\/Task\?/).reply(200, EMPTY_SEARCH);
+    noPatientYet();
     nock(CENTRE)
       .persist()
       .post(/^\/fhir\/R4\/?$/)
