@@ -50,7 +50,8 @@ async function main(): Promise<void> {
       return;
     }
     stopping = true;
-    const force = setTimeout(() => process.exit(1), 5000);
+    // Generous: on a loaded machine closing the storage server and idle connections can take seconds.
+    const force = setTimeout(() => process.exit(1), 15_000);
     force.unref();
     sandbox.close().then(
       () => {

@@ -21,7 +21,7 @@ function run(env: Record<string, string>): { done: Promise<{ code: number | null
     if (m) resolveReady(m[1]);
   });
   child.stderr?.on('data', (d: Buffer) => (stderr += d.toString()));
-  const done = new Promise<{ code: number | null; stdout: string; stderr: string }>((resolve) => child.on('exit', (code) => resolve({ code, stdout, stderr })));
+  const done = new Promise<{ code: number | null; stdout: string; stderr: string }>((resolve) => child.on('close', (code) => resolve({ code, stdout, stderr })));
   return { child, done, ready };
 }
 

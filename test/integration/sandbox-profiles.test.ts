@@ -634,7 +634,7 @@ describe('CLI', () => {
       const child = spawnTs('src/cli/sandbox.ts', { PORT: '0', HOST: '127.0.0.1', ...env });
       let stdout = '';
       let stderr = '';
-      const timer = setTimeout(() => child.kill('SIGKILL'), 20_000);
+      const timer = setTimeout(() => child.kill('SIGKILL'), 40_000);
       child.stdout?.on('data', (chunk: Buffer) => {
         stdout += chunk.toString();
         if (untilLine?.test(stdout)) {
@@ -643,7 +643,8 @@ describe('CLI', () => {
       });
       child.stderr?.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
       child.on('error', reject);
-      child.on('exit', (code) => {
+      // 'close', not 'exit': exit can come before the last stdout chunk (the sandbox-stopped line) is read.
+      child.on('close', (code) => {
         clearTimeout(timer);
         resolve({ code, stdout, stderr });
       });
@@ -664,5 +665,5 @@ describe('CLI', () => {
     expect(line.storageUrl).toMatch(/^http:\/\/127\.0\.0\.1:\d+$/);
     expect(medplum.stdout).toContain('"event":"sandbox-stopped"');
     expect(medplum.code).toBe(0);
-  }, 30_000);
+  }, 60_000);
 });
