@@ -17,6 +17,28 @@ async function main(): Promise<void> {
   setLogLevel(config.logLevel);
   const gateway = new Gateway(config);
   await gateway.start();
+  // Signal handlers before the banner: a supervisor that stops us on seeing it must find them.
+  let stopping = false;
+  const shutdown = (signal: string): void => {
+    if (stopping) return;
+    stopping = true;
+    logger.info('shutting down', { signal });
+    gateway
+      .stop()
+      .then(() => {
+        logger.info('stopped cleanly');
+        process.exit(0);
+      })
+      .catch((err: Error) => {
+        logger.error('shutdown failed', { error: err.message });
+        process.exit(1);
+      });
+  };
+  process.on('SIGTERM', () => shutdown('SIGTERM'));
+  process.on('SIGINT', () => shutdown('SIGINT'));
+  process.on('unhandledRejection', (reason) => {
+    logger.error('unhandled rejection', { error: (reason as Error)?.message ?? String(reason) });
+  });
   logger.info('referral-gateway listening', { url: gateway.url, host: config.host, destinations: gateway.destinations.ids(), database: config.databaseUrl.split(':')[0] });
 
   const say = (s: string): void => void process.stdout.write(`${s}\n`);
@@ -40,28 +62,6 @@ async function main(): Promise<void> {
     say('To watch status webhooks, run `npm run webhooks:listen` and submit with "callbackUrl": "http://127.0.0.1:9000/hooks" (README, walk-through).');
     say('');
   }
-
-  let stopping = false;
-  const shutdown = (signal: string): void => {
-    if (stopping) return;
-    stopping = true;
-    logger.info('shutting down', { signal });
-    gateway
-      .stop()
-      .then(() => {
-        logger.info('stopped cleanly');
-        process.exit(0);
-      })
-      .catch((err: Error) => {
-        logger.error('shutdown failed', { error: err.message });
-        process.exit(1);
-      });
-  };
-  process.on('SIGTERM', () => shutdown('SIGTERM'));
-  process.on('SIGINT', () => shutdown('SIGINT'));
-  process.on('unhandledRejection', (reason) => {
-    logger.error('unhandled rejection', { error: (reason as Error)?.message ?? String(reason) });
-  });
 }
 
 main().catch((err: Error) => {

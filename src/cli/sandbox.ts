@@ -34,16 +34,6 @@ async function main(): Promise<void> {
   const sandbox = await startSandboxServer(port, { host, searchIndex, profile, traits: overrides, storage: { port: storagePort } });
   const changed = describeTraitOverrides(traits);
   process.stderr.write(`sandbox ready in ${Math.round(performance.now() - started)} ms (profile ${traits.profile}${changed ? `, ${changed}` : ''})\n`);
-  process.stdout.write(
-    JSON.stringify({
-      event: 'sandbox-listening',
-      url: sandbox.url,
-      profile: sandbox.traits.profile,
-      ...(changed ? { traits: changed } : {}),
-      ...(sandbox.storageUrl ? { storageUrl: sandbox.storageUrl } : {}),
-    }) + '\n'
-  );
-
   let stopping = false;
   const stop = (signal: NodeJS.Signals): void => {
     if (stopping) {
@@ -66,6 +56,17 @@ async function main(): Promise<void> {
   };
   process.on('SIGTERM', stop);
   process.on('SIGINT', stop);
+  // Only now say it listens: a SIGTERM sent on this line must find the handlers (before them, the kernel's
+  // default action ends the process at once, without the sandbox-stopped line).
+  process.stdout.write(
+    JSON.stringify({
+      event: 'sandbox-listening',
+      url: sandbox.url,
+      profile: sandbox.traits.profile,
+      ...(changed ? { traits: changed } : {}),
+      ...(sandbox.storageUrl ? { storageUrl: sandbox.storageUrl } : {}),
+    }) + '\n'
+  );
 }
 
 main().catch((err: unknown) => {
