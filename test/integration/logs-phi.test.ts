@@ -1,20 +1,12 @@
-import Transport from 'winston-transport';
 import type { Gateway } from '../../src/gateway';
 import { logger } from '../../src/observability/logger';
 import { eventually, fixture, KEY_A, startGateway } from '../helpers/gateway';
-
-class Capture extends Transport {
-  lines: string[] = [];
-  override log(info: unknown, next: () => void): void {
-    this.lines.push(JSON.stringify(info));
-    next();
-  }
-}
+import { LogCapture } from '../helpers/log-capture';
 
 /** Logs are structured JSON with a correlation id, and carry no patient names, birth dates or identifiers at any level. */
 describe('logs', () => {
   let gw: Gateway;
-  const capture = new Capture({ level: 'silly' });
+  const capture = new LogCapture({ level: 'silly' });
 
   beforeAll(async () => {
     gw = await startGateway({ LOG_LEVEL: 'silly' });

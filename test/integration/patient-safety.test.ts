@@ -4,13 +4,13 @@
 // names the fields (not their values); with `new-patient` it is sent with a Patient of its own. Run on every
 // sandbox server profile (conditional transactions on default and hapi, resolve-first on medplum and strict).
 import type { Bundle, Patient, Resource, ServiceRequest } from '@medplum/fhirtypes';
-import Transport from 'winston-transport';
 import { demographicDifferences, describeFields, normaliseName } from '../../src/delivery/patient-match';
 import { startSandboxServer } from '../../src/fhir/sandbox';
 import type { SandboxServer } from '../../src/fhir/sandbox';
 import type { Gateway } from '../../src/gateway';
 import { logger } from '../../src/observability/logger';
 import { ADMIN_KEY, eventually, fixture, KEY_A, KEY_B, startGateway } from '../helpers/gateway';
+import { LogCapture } from '../helpers/log-capture';
 
 const SYSTEM = 'http://hospital-a.example.org/mrn';
 const MRN = 'MRN-X-4711';
@@ -18,14 +18,6 @@ const SMITH = { name: { given: ['Annabel'], family: 'Smith' }, birthDate: '1970-
 const JONES = { name: { given: ['Bartholomew'], family: 'Jones' }, birthDate: '1980-05-05', gender: 'male' };
 const JONES_EMAIL = 'bartholomew.jones@example.org';
 const SMITH_EMAIL = 'annabel.smith@example.org';
-
-class Capture extends Transport {
-  lines: string[] = [];
-  override log(info: unknown, next: () => void): void {
-    this.lines.push(JSON.stringify(info));
-    next();
-  }
-}
 
 /** The patient data of this file that must never reach a log line. */
 const PHI = [SMITH.name.family, JONES.name.family, ...SMITH.name.given, ...JONES.name.given, SMITH.birthDate, JONES.birthDate, MRN, JONES_EMAIL, SMITH_EMAIL];
@@ -67,7 +59,7 @@ const PROFILES: Array<[sandbox: string, destination: string, mode: string]> = [
 ];
 
 describe.each(PROFILES)('on the %s sandbox (destination profile %s, %s transactions)', (sandboxProfile, destinationProfile) => {
-  const capture = new Capture({ level: 'silly' });
+  const capture = new LogCapture({ level: 'silly' });
   let sandbox: SandboxServer;
   const gateways: Gateway[] = [];
 

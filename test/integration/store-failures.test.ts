@@ -5,10 +5,10 @@ import { join } from 'node:path';
 import { DatabaseSync } from 'node:sqlite';
 import { sql } from 'kysely';
 import { Client } from 'pg';
-import Transport from 'winston-transport';
 import type { Gateway } from '../../src/gateway';
 import { logger } from '../../src/observability/logger';
 import { eventually, fixture, KEY_A, startGateway } from '../helpers/gateway';
+import { LogCapture } from '../helpers/log-capture';
 
 /**
  * Issue 10 points 2 and 8: a store that cannot take writes (locked, read-only, immutable, refusing
@@ -17,15 +17,7 @@ import { eventually, fixture, KEY_A, startGateway } from '../helpers/gateway';
  * database never freezes the process (/healthz stays fast).
  */
 
-class Capture extends Transport {
-  lines: string[] = [];
-  override log(info: unknown, next: () => void): void {
-    this.lines.push(JSON.stringify(info));
-    next();
-  }
-}
-
-const capture = new Capture({ level: 'warn' });
+const capture = new LogCapture({ level: 'warn' });
 beforeAll(() => {
   logger.add(capture);
   for (const t of logger.transports) if (t !== capture) t.silent = true;
