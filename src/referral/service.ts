@@ -15,6 +15,7 @@ import { cancellable, terminalStatuses } from '../tracking/state';
 import type { StoredReferral } from './types';
 import { type ReferralView, toView } from './view';
 import { literalCallbackProblem } from '../webhooks/callback-guard';
+import { IntakeLane, type Pause } from './intake-lane';
 
 const cancelSchema = z.strictObject({ reason: z.string().trim().min(1, 'a reason is required').max(1000) });
 const addDocumentsSchema = z.array(documentSchema).min(1, 'at least one document is required').max(100);
@@ -30,39 +31,59 @@ export function zodIssues(error: z.ZodError, prefix: ReadonlyArray<PropertyKey> 
   return zodCheckIssues(error, prefix).map(({ detail: _detail, ...issue }) => issue);
 }
 
+/** Pieces of the canonical form of a JSON value, in order; strings longer than a slice come in slices. */
+function* canonicalPieces(value: unknown): Generator<string> {
+  if (Array.isArray(value)) {
+    yield '[';
+    for (let i = 0; i < value.length; i++) {
+      if (i > 0) yield ',';
+      yield* canonicalPieces(value[i]);
+    }
+    yield ']';
+  } else if (value && typeof value === 'object') {
+    yield '{';
+    const keys = Object.keys(value as object).sort();
+    for (let i = 0; i < keys.length; i++) {
+      if (i > 0) yield ',';
+      yield JSON.stringify(keys[i]);
+      yield ':';
+      yield* canonicalPieces((value as Record<string, unknown>)[keys[i]]);
+    }
+    yield '}';
+  } else if (typeof value === 'string' && value.length > 256) {
+    yield `"#${value.length}:`; // length-prefixed: unambiguous without escaping a large document
+    for (let at = 0; at < value.length; at += HASH_SLICE) yield value.slice(at, at + HASH_SLICE);
+  } else {
+    yield JSON.stringify(value) ?? 'null';
+  }
+}
+
+/** Characters hashed between two turns of the event loop (a 20 MB document hashes in ~20 slices). */
+const HASH_SLICE = 1 << 20;
+
 /**
- * A stable hash of a JSON value: object keys sorted, so field order does not matter. It streams
- * into the hash instead of building a canonical string, so a large inline document is not copied.
+ * A stable hash of a JSON value: object keys sorted, so field order does not matter. It streams into the
+ * hash instead of building a canonical string, so a large inline document is not copied. Nesting is bounded
+ * before this runs (the body reader refuses more than MAX_JSON_DEPTH levels).
  */
 export function canonicalHash(value: unknown): string {
   const h = createHash('sha256');
-  const walk = (v: unknown): void => {
-    if (Array.isArray(v)) {
-      h.update('[');
-      v.forEach((x, i) => {
-        if (i > 0) h.update(',');
-        walk(x);
-      });
-      h.update(']');
-    } else if (v && typeof v === 'object') {
-      h.update('{');
-      Object.keys(v as object)
-        .sort()
-        .forEach((k, i) => {
-          if (i > 0) h.update(',');
-          h.update(JSON.stringify(k));
-          h.update(':');
-          walk((v as Record<string, unknown>)[k]);
-        });
-      h.update('}');
-    } else if (typeof v === 'string' && v.length > 256) {
-      h.update(`"#${v.length}:`); // length-prefixed: unambiguous without escaping a large document
-      h.update(v);
-    } else {
-      h.update(JSON.stringify(v) ?? 'null');
+  for (const piece of canonicalPieces(value)) h.update(piece);
+  return h.digest('hex');
+}
+
+/** canonicalHash, letting the event loop take a turn after each HASH_SLICE characters hashed. */
+export async function canonicalHashYielding(value: unknown, pause: Pause): Promise<string> {
+  const h = createHash('sha256');
+  let since = 0;
+  for (const piece of canonicalPieces(value)) {
+    h.update(piece);
+    since += piece.length;
+    if (since >= HASH_SLICE) {
+      since = 0;
+      await pause();
     }
-  };
-  walk(value);
+  }
   return h.digest('hex');
 }
 
@@ -76,8 +97,18 @@ export class ReferralService {
     private readonly store: ReferralStore,
     private readonly destinations: DestinationDirectory,
     private readonly onQueued: () => void = () => undefined,
-    private readonly options: { allowPrivateCallbacks?: boolean; clientIdentifierSystems?: ReadonlyMap<string, ReadonlyArray<string>> } = {}
-  ) {}
+    private readonly options: {
+      allowPrivateCallbacks?: boolean;
+      clientIdentifierSystems?: ReadonlyMap<string, ReadonlyArray<string>>;
+      /** The lane submissions and added documents are hashed, checked and stored in (default: width 2). */
+      lane?: IntakeLane;
+    } = {}
+  ) {
+    this.lane = options.lane ?? new IntakeLane(2);
+  }
+
+  /** Keeps the event loop free for probes and other requests while many submissions arrive at once. */
+  private readonly lane: IntakeLane;
 
   /**
    * Checks a submission completely: schema, codes, routing and the FHIR content it maps to; and, unless
@@ -105,36 +136,40 @@ export class ReferralService {
     }
   }
 
-  private async submitInner(clientId: string, body: unknown, idempotencyKey: string | null): Promise<SubmitResult> {
-    const requestHash = canonicalHash(body);
-    const externalId = typeof (body as { externalId?: unknown })?.externalId === 'string' ? (body as { externalId: string }).externalId : null;
+  private submitInner(clientId: string, body: unknown, idempotencyKey: string | null): Promise<SubmitResult> {
+    return this.lane.run(async (pause) => {
+      const requestHash = await canonicalHashYielding(body, pause);
+      const externalId = typeof (body as { externalId?: unknown })?.externalId === 'string' ? (body as { externalId: string }).externalId : null;
 
-    // A replay is answered before validation work, so it is cheap and stable.
-    if (externalId || idempotencyKey) {
-      const replay = await this.replay(clientId, externalId ?? '', idempotencyKey, requestHash);
-      if (replay) return replay;
-    }
-    const { referral, destination } = this.check(clientId, body);
-    const id = newReferralId();
-    const created = await this.store.createReferral({
-      id,
-      clientId,
-      externalId: referral.externalId,
-      idempotencyKey,
-      requestHash,
-      destination: destination.id,
-      payload: referral,
-      at: nowIso(),
+      // A replay is answered before validation work, so it is cheap and stable.
+      if (externalId || idempotencyKey) {
+        const replay = await this.replay(clientId, externalId ?? '', idempotencyKey, requestHash);
+        if (replay) return replay;
+      }
+      await pause();
+      const { referral, destination } = this.check(clientId, body);
+      await pause();
+      const id = newReferralId();
+      const created = await this.store.createReferral({
+        id,
+        clientId,
+        externalId: referral.externalId,
+        idempotencyKey,
+        requestHash,
+        destination: destination.id,
+        payload: referral,
+        at: nowIso(),
+      });
+      if (!created) {
+        // Lost a race with an identical submission: answer as a replay.
+        const replay = await this.replay(clientId, referral.externalId, idempotencyKey, requestHash);
+        if (replay) return replay;
+        throw new HttpError(409, { code: 'conflict', message: 'a concurrent submission with this externalId is in progress', expression: 'externalId' });
+      }
+      logger.info('referral queued', { referralId: id, clientId, destination: destination.id, documents: referral.documents.length });
+      this.onQueued();
+      return { created: true, view: await this.view(created) };
     });
-    if (!created) {
-      // Lost a race with an identical submission: answer as a replay.
-      const replay = await this.replay(clientId, referral.externalId, idempotencyKey, requestHash);
-      if (replay) return replay;
-      throw new HttpError(409, { code: 'conflict', message: 'a concurrent submission with this externalId is in progress', expression: 'externalId' });
-    }
-    logger.info('referral queued', { referralId: id, clientId, destination: destination.id, documents: referral.documents.length });
-    this.onQueued();
-    return { created: true, view: await this.view(created) };
   }
 
   private async replay(clientId: string, externalId: string, key: string | null, hash: string): Promise<SubmitResult | null> {
@@ -204,30 +239,38 @@ export class ReferralService {
     }
     const destination = this.destinations.get(referral.destination);
     if (!destination) throw new HttpError(409, { code: 'business-rule', message: `destination ${referral.destination} is no longer configured` });
-    const bundle = mapAddedDocumentsToBundle({
-      referralId: id,
-      referral: referral.payload,
-      documents: parsed.data,
-      startIndex: referral.payload.documents.length,
-      serviceRequestRef: 'ServiceRequest/validation',
-      patientRef: 'Patient/validation',
-      destination,
-      addedAt: nowIso(),
+    // As at intake, the FHIR content is validated with the bytes left out: the schema checked them as base64,
+    // and @medplum/core's validator refuses any base64Binary over 1 MiB, which real documents exceed (the
+    // destination's settings decide how large ones travel).
+    const documents = parsed.data;
+    const view = await this.lane.run(async (pause) => {
+      const bundle = mapAddedDocumentsToBundle({
+        referralId: id,
+        referral: referral.payload,
+        documents: documents.map((d) => (d.data !== undefined ? { ...d, data: 'AAAA' } : d)),
+        startIndex: referral.payload.documents.length,
+        serviceRequestRef: 'ServiceRequest/validation',
+        patientRef: 'Patient/validation',
+        destination,
+        addedAt: nowIso(),
+      });
+      const fhirIssues = validateBundle(bundle);
+      if (fhirIssues.length > 0) {
+        throw new HttpError(
+          422,
+          capIssues(
+            fhirIssues.map((i) => ({ code: 'invariant', message: `FHIR content: ${i.path}: ${i.message}`, expression: i.path, detail: i.message })),
+            MAX_ISSUES
+          ).map(({ detail: _detail, ...i }) => i)
+        );
+      }
+      await pause();
+      const { startIndex } = await this.store.addDocuments(id, documents, referral.payload.documents.length);
+      logger.info('documents queued', { referralId: id, count: documents.length, startIndex });
+      this.onQueued();
+      return this.view((await this.store.getById(id, { payload: false })) as StoredReferral);
     });
-    const fhirIssues = validateBundle(bundle);
-    if (fhirIssues.length > 0) {
-      throw new HttpError(
-        422,
-        capIssues(
-          fhirIssues.map((i) => ({ code: 'invariant', message: `FHIR content: ${i.path}: ${i.message}`, expression: i.path, detail: i.message })),
-          MAX_ISSUES
-        ).map(({ detail: _detail, ...i }) => i)
-      );
-    }
-    const { startIndex } = await this.store.addDocuments(id, parsed.data, referral.payload.documents.length);
-    logger.info('documents queued', { referralId: id, count: parsed.data.length, startIndex });
-    this.onQueued();
-    return this.view((await this.store.getById(id, { payload: false })) as StoredReferral);
+    return view;
   }
 
   /** A client's referral or a 404; `{ payload: false }` leaves the submission (possibly megabytes) unread. */
