@@ -8,6 +8,7 @@ import type { ReferralStore } from './store/referral-store';
 import { adminRouter } from './api/admin-router';
 import type { AdminDoctorDeps } from './api/admin-router';
 import { intakeBudget } from './api/intake-budget';
+import type { MemoryBudget } from './memory';
 import { bodyPrecheck, jsonBody } from './api/json-body';
 import { metricsRegistry } from './observability/metrics';
 import { openapiRouter } from './api/openapi-router';
@@ -21,6 +22,8 @@ export interface AppDeps {
   sandbox?: Router;
   isReady: () => Promise<{ ready: boolean; checks: Record<string, string> }>;
   isShuttingDown: () => boolean;
+  /** The memory budget request bodies reserve before they are read (delivery's payloads draw from it too). */
+  memory: MemoryBudget;
   /** Status webhook operator endpoints (GET /webhooks, POST /webhooks/:id/retry), mounted under /admin. */
   webhooksAdmin?: Router;
   /** Runs the retention job now (POST /admin/retention/run). */
@@ -67,12 +70,7 @@ export function createApp(deps: AppDeps): Express {
   const limits = { maxBodyBytes: deps.config.maxBodyBytes, maxDepth: deps.config.intake.maxJsonDepth, bodyTimeoutMs: deps.config.intake.bodyTimeoutMs };
   const precheck = bodyPrecheck(limits);
   const json = jsonBody(limits);
-  const budget = intakeBudget({
-    maxBytesInFlight: deps.config.maxIntakeBytesInFlight,
-    maxBodyBytes: deps.config.maxBodyBytes,
-    waitMs: deps.config.intakeWaitMs,
-    clientShare: deps.config.intake.clientShare,
-  });
+  const budget = intakeBudget({ budget: deps.memory, maxBodyBytes: deps.config.maxBodyBytes, waitMs: deps.config.intakeWaitMs });
   app.use('/referrals', apiKeyAuth(deps.config.apiKeys), requireJson, precheck, budget, json, referralsRouter(deps.service, deps.store, deps.reports));
   app.use(
     '/admin',

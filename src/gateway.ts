@@ -8,6 +8,7 @@ import type { Destination } from './config/destinations';
 import { FhirClients } from './delivery/clients';
 import { DeliveryWorker } from './delivery/worker';
 import { createSandboxRouter } from './fhir/sandbox';
+import { MemoryBudget } from './memory';
 import { logger, setLogLevel } from './observability/logger';
 import { type Backlog, clearBacklogSource, setBacklogSource } from './observability/metrics';
 import { sandboxDestination } from './referral/check';
@@ -64,6 +65,8 @@ export class Gateway {
   readonly service: ReferralService;
   readonly webhooks: WebhookDispatcher;
   readonly retention: RetentionJob;
+  /** Bytes of request bodies and delivery payloads held at once (MAX_INTAKE_BYTES_IN_FLIGHT, INTAKE_CLIENT_SHARE). */
+  readonly memory: MemoryBudget;
   private readonly webhooksAttached: AttachedWebhooks;
   server: Server | undefined;
   url = '';
@@ -81,6 +84,7 @@ export class Gateway {
     this.storeProbe = createStoreProbe(this.store.db, { cacheMs: config.store.probeCacheMs });
     this.destinations = new Directory(config.destinations);
     this.clients = opts.clients ?? new FhirClients();
+    this.memory = new MemoryBudget({ maxBytes: config.maxIntakeBytesInFlight, holderShare: config.intake.clientShare });
     this.webhooksAttached = attachWebhooks(this.store.db, config, opts.webhooks, opts.webhookFetch);
     this.webhooks = this.webhooksAttached.dispatcher;
     // Status webhooks are queued by the store in the status change's own transaction; wake the
@@ -97,6 +101,7 @@ export class Gateway {
         maxDelayMs: config.delivery.maxDelayMs,
         concurrency: config.delivery.concurrency,
         idleMs: opts.deliveryIdleMs ?? 1000,
+        memory: { budget: this.memory, waitMs: config.intakeWaitMs },
       },
       (e) => logger.debug('status change', { ...e })
     );
@@ -130,6 +135,7 @@ export class Gateway {
       sandbox: this.sandbox?.router,
       isReady: () => this.readiness(),
       isShuttingDown: () => this.shuttingDown,
+      memory: this.memory,
       webhooksAdmin: this.webhooksAttached.adminRouter,
       runRetention: () => this.retention.run(),
       doctor: {

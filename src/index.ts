@@ -1,6 +1,7 @@
 import { resolve } from 'node:path';
 import { ConfigError, loadConfig } from './config/config';
 import { Gateway, SANDBOX_ID } from './gateway';
+import { allocatorTuned, GLIBC_TUNABLES_RECOMMENDED } from './memory';
 import { logger, setLogLevel } from './observability/logger';
 
 async function main(): Promise<void> {
@@ -40,6 +41,9 @@ async function main(): Promise<void> {
     logger.error('unhandled rejection', { error: (reason as Error)?.message ?? String(reason) });
   });
   logger.info('referral-gateway listening', { url: gateway.url, host: config.host, destinations: gateway.destinations.ids(), database: config.databaseUrl.split(':')[0] });
+  if (process.platform === 'linux' && !allocatorTuned()) {
+    logger.warn(`GLIBC_TUNABLES=${GLIBC_TUNABLES_RECOMMENDED} is not set: memory freed after large documents may stay with the process (docs/operations.md, memory)`);
+  }
 
   const say = (s: string): void => void process.stdout.write(`${s}\n`);
   const bound = gateway.server?.address();

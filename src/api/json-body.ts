@@ -4,6 +4,7 @@ import type { Request, RequestHandler, Response } from 'express';
 import { Counter } from 'prom-client';
 import { metricsRegistry } from '../observability/metrics';
 import { releaseIntake } from './intake-budget';
+import { freeNow, LARGE_BODY_CHARS, type LongString, NotUtf8Error, type PathSegment, parseBytes, type ScanProblem, scanJson, scanJsonBytes } from '../json';
 import { HttpError, type IssueInput, pathToExpression } from './outcome';
 
 /**
@@ -144,9 +145,8 @@ export function jsonBody(opts: JsonBodyOptions): RequestHandler {
       return;
     }
     readBody(req, res, opts).then(
-      (text) => {
-        if (text === undefined) return; // the reader answered (next(err)) already
-        parseChecked(text, opts.maxDepth).then(
+      (body) => {
+        parseChecked(body, opts.maxDepth).then(
           (value) => {
             req.body = value;
             next();
@@ -164,8 +164,8 @@ export function jsonBody(opts: JsonBodyOptions): RequestHandler {
  * and INTAKE_BODY_TIMEOUT_MS, and decodes it as UTF-8. Rejects with the HttpError to answer; on any failure
  * the intake budget is released at once and the connection is closed after the answer.
  */
-function readBody(req: Request, res: Response, opts: JsonBodyOptions): Promise<string> {
-  return new Promise<string>((resolve, reject) => {
+function readBody(req: Request, res: Response, opts: JsonBodyOptions): Promise<ReceivedBody> {
+  return new Promise<ReceivedBody>((resolve, reject) => {
     const encoding = contentEncoding(req);
     const declared = declaredLength(req);
     let decoder: Transform | undefined;
@@ -182,8 +182,10 @@ function readBody(req: Request, res: Response, opts: JsonBodyOptions): Promise<s
       return;
     }
 
-    // An identity body of known length is copied into one buffer of that length as it arrives; otherwise the
-    // chunks are kept and joined once at the end.
+    // An identity body of known length is copied into one buffer of that length as it arrives. Otherwise (a
+    // compressed or chunked body) the chunks are kept while they are few; past SMALL_UNKNOWN_BYTES they move into
+    // one buffer of MAX_BODY_BYTES, of which only the pages written take memory, so a large body is never held
+    // twice (chunks and their join).
     let whole: Buffer | undefined = decoder === undefined && declared !== undefined ? Buffer.allocUnsafe(declared) : undefined;
     let chunks: Buffer[] = [];
     let decoded = 0;
@@ -209,6 +211,7 @@ function readBody(req: Request, res: Response, opts: JsonBodyOptions): Promise<s
     const fail = (err: HttpError): void => {
       if (settled) return;
       cleanup();
+      if (whole) freeNow(whole);
       whole = undefined;
       chunks = [];
       releaseIntake(req);
@@ -222,6 +225,12 @@ function readBody(req: Request, res: Response, opts: JsonBodyOptions): Promise<s
       if (decoded > opts.maxBodyBytes) {
         fail(tooLarge(opts.maxBodyBytes));
         return;
+      }
+      if (!whole && decoded > SMALL_UNKNOWN_BYTES) {
+        whole = Buffer.allocUnsafe(opts.maxBodyBytes);
+        let at = 0;
+        for (const c of chunks) at += c.copy(whole, at);
+        chunks = [];
       }
       if (whole) {
         if (decoded > whole.length) {
@@ -241,29 +250,19 @@ function readBody(req: Request, res: Response, opts: JsonBodyOptions): Promise<s
     const onDone = (): void => {
       if (settled) return;
       cleanup();
-      let bytes: Buffer;
+      let body: ReceivedBody;
       // Only a buffer allocated here may be freed at once (a chunk may share memory with others).
-      let owned = true;
       if (whole) {
-        bytes = decoded === whole.length ? whole : whole.subarray(0, decoded);
+        body = { bytes: decoded === whole.length ? whole : whole.subarray(0, decoded), allocation: whole };
       } else if (chunks.length === 1) {
-        bytes = chunks[0];
-        owned = false;
+        body = { bytes: chunks[0], allocation: undefined };
       } else {
-        bytes = Buffer.concat(chunks, decoded);
+        const joined = Buffer.concat(chunks, decoded);
+        body = { bytes: joined, allocation: joined };
       }
       whole = undefined;
       chunks = [];
-      let text: string;
-      try {
-        text = utf8.decode(bytes);
-      } catch {
-        reject(refused('utf8', new HttpError(400, { code: 'structure', message: 'the body is not valid UTF-8', expression: '$' })));
-        return;
-      } finally {
-        if (owned) freeNow(bytes);
-      }
-      resolve(text);
+      resolve(body);
     };
     const onWireEnd = (): void => {
       if (!decoder) onDone();
@@ -307,38 +306,70 @@ function readBody(req: Request, res: Response, opts: JsonBodyOptions): Promise<s
 
 const utf8 = new TextDecoder('utf-8', { fatal: true });
 
-/**
- * Gives a large buffer's memory back at once instead of at the next garbage collection (which may come after
- * JSON.parse has made the parsed copy): detaching its ArrayBuffer frees the bytes. Only a buffer that is the
- * whole of its ArrayBuffer (not a slice of Node's shared pool or of a socket read) is detached.
- */
-function freeNow(buf: Buffer): void {
-  const ab = buf.buffer as ArrayBuffer & { transfer?: (length?: number) => ArrayBuffer };
-  if (buf.byteLength >= 64 * 1024 && buf.byteOffset === 0 && buf.byteLength === ab.byteLength && typeof ab.transfer === 'function' && !ab.detached) {
-    ab.transfer(0);
-  }
+/** Compressed or chunked bodies are kept as chunks up to this size, then in one buffer. */
+const SMALL_UNKNOWN_BYTES = 1024 * 1024;
+
+/** A body as received (Content-Encoding undone); `allocation`: the reader's own buffer it lies in, freed at once when done. */
+interface ReceivedBody {
+  bytes: Buffer;
+  allocation: Buffer | undefined;
 }
 
 /** Lets other callbacks (a /healthz probe) run between the heavy synchronous steps of a large body. */
 const yieldToLoop = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));
-const LARGE_TEXT = 256 * 1024;
 
-/** Scan (depth, duplicate keys), JSON.parse, then the Unicode walk. The text is dropped as soon as it is parsed. */
-async function parseChecked(text: string, maxDepth: number): Promise<unknown> {
-  if (text.length === 0) return {}; // as express.json: an empty JSON body is an empty object
-  const large = text.length > LARGE_TEXT;
-  if (large) await yieldToLoop();
-  const problem = scanJson(text, maxDepth);
-  if (problem) throw problemError(problem, maxDepth);
-  if (large) await yieldToLoop();
+const notUtf8 = (): HttpError => refused('utf8', new HttpError(400, { code: 'structure', message: 'the body is not valid UTF-8', expression: '$' }));
+const notJson = (): HttpError => refused('syntax', new HttpError(400, { code: 'structure', message: 'the body is not valid JSON', expression: '$' }));
+
+/**
+ * The body's bytes to a value: the scan (depth, duplicate keys), JSON.parse, then the Unicode walk. A large
+ * body with long strings (documents) is scanned and parsed as bytes (parseBytes: no string of the whole body,
+ * the documents' text outside the heap); any other is decoded to text first. The bytes are freed as soon as
+ * they are no longer needed.
+ */
+async function parseChecked(body: ReceivedBody, maxDepth: number): Promise<unknown> {
+  const { bytes } = body;
+  if (bytes.length === 0) return {}; // as express.json: an empty JSON body is an empty object
+  const large = bytes.length > LARGE_BODY_CHARS;
   let value: unknown;
+  let parsed = false;
   try {
-    value = JSON.parse(text);
-  } catch {
-    refusedCounter.inc({ reason: 'syntax' });
-    throw new HttpError(400, { code: 'structure', message: 'the body is not valid JSON', expression: '$' });
+    if (large) {
+      await yieldToLoop();
+      const longs: LongString[] = [];
+      const problem = scanJsonBytes(bytes, maxDepth, longs);
+      if (problem) throw problemError(problem, maxDepth);
+      if (longs.length > 0) {
+        await yieldToLoop();
+        try {
+          value = parseBytes(bytes, longs);
+          parsed = true;
+        } catch (err) {
+          throw err instanceof NotUtf8Error ? notUtf8() : notJson();
+        }
+      }
+    }
+    if (!parsed) {
+      let text: string;
+      try {
+        text = utf8.decode(bytes);
+      } catch {
+        throw notUtf8();
+      }
+      if (body.allocation) freeNow(body.allocation);
+      if (!large) {
+        const problem = scanJson(text, maxDepth);
+        if (problem) throw problemError(problem, maxDepth);
+      }
+      try {
+        value = JSON.parse(text);
+      } catch {
+        throw notJson();
+      }
+    }
+  } finally {
+    if (body.allocation) freeNow(body.allocation);
   }
-  text = '';
   if (large) await yieldToLoop();
   const bad = illFormedStrings(value, MAX_ISSUES);
   if (bad.length > 0) {
@@ -359,10 +390,6 @@ async function parseChecked(text: string, maxDepth: number): Promise<unknown> {
   }
   return value;
 }
-
-export type PathSegment = string | number;
-
-export type ScanProblem = { kind: 'depth'; path: PathSegment[] } | { kind: 'duplicate'; key: string; path: PathSegment[] } | { kind: 'syntax' };
 
 const shortKey = (k: string): string => (k.length > KEY_CHARS ? `${k.slice(0, KEY_CHARS)}…` : k);
 
@@ -393,90 +420,6 @@ function problemError(p: ScanProblem, maxDepth: number): HttpError {
   }
   refusedCounter.inc({ reason: 'syntax' });
   return new HttpError(400, { code: 'structure', message: 'the body is not valid JSON', expression: '$' });
-}
-
-interface ScanFrame {
-  /** An object (keys seen so far) or an array (undefined). */
-  keys: Set<string> | undefined;
-  /** Object: the last key read. */
-  key: string;
-  /** Array: the index of the element being read. */
-  index: number;
-  /** Object: the next string is a key. */
-  expectKey: boolean;
-}
-
-function framePath(frames: ReadonlyArray<ScanFrame>, upTo = frames.length): PathSegment[] {
-  const out: PathSegment[] = [];
-  for (let i = 0; i < upTo; i++) {
-    const f = frames[i];
-    out.push(f.keys ? f.key : f.index);
-  }
-  return out;
-}
-
-/** Index of the quote that closes the string opening at `start`, or -1. Skips the string's body with indexOf. */
-function stringEnd(text: string, start: number): number {
-  let from = start + 1;
-  for (;;) {
-    const q = text.indexOf('"', from);
-    if (q < 0) return -1;
-    // Escaped when preceded by an odd number of backslashes.
-    let b = q - 1;
-    while (b > start && text.charCodeAt(b) === 0x5c) b--;
-    if ((q - 1 - b) % 2 === 0) return q;
-    from = q + 1;
-  }
-}
-
-/**
- * One pass over JSON text, without recursion, that finds the first place nesting goes deeper than `maxDepth`
- * or an object repeats a key (keys compared after their escapes are decoded). String bodies are skipped with
- * indexOf, so a 20 MB base64 string costs one native search. Syntax errors it notices are reported as
- * `syntax` (JSON.parse would refuse the text); it does not validate everything JSON.parse does.
- */
-export function scanJson(text: string, maxDepth: number): ScanProblem | undefined {
-  const frames: ScanFrame[] = [];
-  const n = text.length;
-  let i = 0;
-  while (i < n) {
-    const c = text.charCodeAt(i);
-    if (c === 0x22) {
-      const end = stringEnd(text, i);
-      if (end < 0) return { kind: 'syntax' };
-      const top = frames.length > 0 ? frames[frames.length - 1] : undefined;
-      if (top?.keys && top.expectKey) {
-        let key = text.slice(i + 1, end);
-        if (key.includes('\\')) {
-          try {
-            key = JSON.parse(text.slice(i, end + 1)) as string;
-          } catch {
-            return { kind: 'syntax' };
-          }
-        }
-        if (top.keys.has(key)) return { kind: 'duplicate', key, path: framePath(frames, frames.length - 1) };
-        top.keys.add(key);
-        top.key = key;
-        top.expectKey = false;
-      }
-      i = end + 1;
-      continue;
-    }
-    if (c === 0x7b || c === 0x5b) {
-      if (frames.length >= maxDepth) return { kind: 'depth', path: framePath(frames) };
-      frames.push(c === 0x7b ? { keys: new Set(), key: '', index: 0, expectKey: true } : { keys: undefined, key: '', index: 0, expectKey: false });
-    } else if (c === 0x7d || c === 0x5d) {
-      const top = frames.pop();
-      if (top === undefined || (c === 0x7d) !== (top.keys !== undefined)) return { kind: 'syntax' };
-    } else if (c === 0x2c) {
-      const top = frames.length > 0 ? frames[frames.length - 1] : undefined;
-      if (top === undefined) return { kind: 'syntax' };
-      if (top.keys) top.expectKey = true;
-      else top.index++;
-    }
-    i++;
-  }
-  return undefined;
 }
 
 /**

@@ -2,6 +2,7 @@ import type { OperationOutcome } from '@medplum/fhirtypes';
 import type { Destination } from '../config/destinations';
 import { logger } from '../observability/logger';
 import { LeasedQueueRunner } from '../queue/leased-runner';
+import type { MemoryBudget, Release } from '../memory';
 import { deliveries } from '../observability/metrics';
 import type { DestinationDirectory } from '../referral/service';
 import { ulid } from '../store/ids';
@@ -33,7 +34,17 @@ export interface DeliveryOptions {
   leaseMs?: number;
   /** Clock for the circuit breakers (tests). */
   now?: () => number;
+  /**
+   * The process's memory budget (shared with intake): an entry reserves its referral's stored size before the
+   * payload is read, and waits up to `waitMs` for room; after that it is put off for a moment, no attempt counted.
+   */
+  memory?: { budget: MemoryBudget; waitMs: number };
 }
+
+/** The holder name delivery reserves memory under (an API client's id cannot contain parentheses). */
+export const DELIVERY_HOLDER = '(delivery)';
+/** How long an entry that found no room in the memory budget is put off. */
+const MEMORY_RETRY_MS = 1_000;
 
 /** Requests' worth of time one entry may take (a search, a token, the send and a re-authenticated resend). */
 const REQUESTS_PER_ENTRY = 3;
@@ -130,9 +141,31 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
   protected async process(claimed: OutboxEntry): Promise<void> {
     // The payloads (a referral's documents, documents added later) may be megabytes of base64: they are handed
     // to the operation once and not kept here, so they can be collected as soon as it has sent them.
-    let entryPayload: unknown = claimed.payload;
+    const entryPayload = { value: claimed.payload };
     const { payload: _entryPayload, ...entry } = claimed;
     claimed.payload = null; // the loop's copy of the entry no longer holds it either
+    // The referral's submission (megabytes of documents, read and parsed below) is held within the memory budget
+    // that request bodies draw from, so a backlog of large deliveries and a burst of large uploads together
+    // stay within MAX_INTAKE_BYTES_IN_FLIGHT.
+    let release: Release = () => undefined;
+    if (this.opts.memory) {
+      const granted = await this.opts.memory.budget.reserve(DELIVERY_HOLDER, await this.store.payloadBytes(entry.referralId), { waitMs: this.opts.memory.waitMs });
+      if (typeof granted !== 'function') {
+        await this.store.rescheduleOutbox(entry.id, entry.attempts, new Date(Date.now() + MEMORY_RETRY_MS).toISOString(), entry.lastError ?? 'waiting for room in the memory budget');
+        logger.debug('delivery put off: no room in the memory budget', { referralId: entry.referralId });
+        return;
+      }
+      release = granted;
+    }
+    try {
+      await this.deliver(entry, entryPayload);
+    } finally {
+      release();
+    }
+  }
+
+  /** One attempt at an entry; `entryPayload` is handed to the operation once (and emptied then). */
+  private async deliver(entry: Entry, entryPayload: { value: unknown }): Promise<void> {
     const loaded = await this.load(entry.referralId);
     if (!loaded) {
       await this.store.finishOutbox(entry.id, 'failed', entry.attempts, 'referral no longer exists');
@@ -189,8 +222,8 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
         return from.payload;
       },
       takeEntryPayload: () => {
-        const p = entryPayload;
-        entryPayload = undefined;
+        const p = entryPayload.value;
+        entryPayload.value = undefined;
         return p;
       },
     };

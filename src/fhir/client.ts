@@ -4,6 +4,7 @@ import type { Bundle, OperationOutcome, Resource, ResourceType } from '@medplum/
 import { destinationSettings } from '../config/destinations';
 import type { Destination } from '../config/destinations';
 import { logger as defaultLogger } from '../observability/logger';
+import { JSON_PLAIN_ASCII } from '../json';
 import {
   createAuthProvider,
   DeadlineExceeded,
@@ -757,8 +758,6 @@ function requestBody(body: ExchangeInit['body']): { body?: BodyInit | null; dupl
 /** Strings at least this long are streamed in slices instead of being copied into the request string. */
 const STREAM_STRING_MIN = 64 * 1024;
 const STREAM_SLICE = 1024 * 1024;
-/** JSON needs no escaping inside these strings (base64, plain ASCII text without quotes or backslashes). */
-const JSON_SAFE = /^[\x20\x21\x23-\x5b\x5d-\x7e]*$/;
 
 /**
  * A JSON request body for `value`. Small values become one string. When the value holds long strings that
@@ -773,7 +772,7 @@ export function jsonRequestBody(value: unknown): BodyInit | (() => BodyInit) {
   const longs: string[] = [];
   const marker = `\u0000long-string-${Math.random().toString(36).slice(2)}-`;
   const skeleton = JSON.stringify(value, (_key, v: unknown) => {
-    if (typeof v === 'string' && v.length >= STREAM_STRING_MIN && JSON_SAFE.test(v)) {
+    if (typeof v === 'string' && v.length >= STREAM_STRING_MIN && JSON_PLAIN_ASCII.test(v)) {
       longs.push(v);
       return `${marker}${longs.length - 1}`;
     }

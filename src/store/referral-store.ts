@@ -1,6 +1,6 @@
-import { randomUUID } from 'node:crypto';
 import { type Kysely, type RawBuilder, type Transaction, sql } from 'kysely';
-import { isBase64, type Referral } from '../referral/schema';
+import type { Referral } from '../referral/schema';
+import { freeNow, jsonBytes, parseStored, parseStoredBytes } from '../json';
 import type { FhirRefs, ReferralStatus, ReportInfo, StoredReferral } from '../referral/types';
 import type { Db } from './db';
 import { newId, nowIso } from './ids';
@@ -110,11 +110,11 @@ function toLightReferral(row: LightRow): StoredReferral {
 }
 
 /** A stored referral; without `withPayload`, reading `payload` is a programming error and throws. */
-function toReferral(row: LightRow & { payload: string }, withPayload = true): StoredReferral {
+function toReferral(row: LightRow & { payload: string | Uint8Array }, withPayload = true): StoredReferral {
   // The submission can be megabytes of base64 documents: parse it only when someone reads it, and then let the
   // text go (the getter's closure would otherwise keep a second copy alive as long as the referral object).
   let payload: Referral | undefined;
-  let text: string | undefined = row.payload;
+  let text: string | Uint8Array | undefined = row.payload;
   const r = {
     id: row.id,
     clientId: row.client_id,
@@ -134,8 +134,14 @@ function toReferral(row: LightRow & { payload: string }, withPayload = true): St
     get: () => {
       if (!withPayload) throw new Error('this referral was read without its payload');
       if (payload === undefined) {
-        payload = JSON.parse(text as string) as Referral;
+        const stored = text as string | Uint8Array;
         text = undefined;
+        if (typeof stored === 'string') {
+          payload = parseStored(stored) as Referral;
+        } else {
+          payload = parseStoredBytes(stored) as Referral;
+          freeNow(stored);
+        }
       }
       return payload;
     },
@@ -154,59 +160,6 @@ function toOutbox(row: OutboxTable): OutboxEntry {
     lastError: row.last_error,
     createdAt: row.created_at,
   };
-}
-
-/** Strings at least this long are copied byte for byte into a stored JSON text (see jsonBytes). */
-const LONG_STRING_CHARS = 64 * 1024;
-
-/**
- * The UTF-8 bytes of `JSON.stringify(value)`, built without a JavaScript string of the whole. Long base64
- * strings (a document's inline data: megabytes) are copied into one Buffer between the pieces of the rest,
- * which is stringified with a placeholder in their place; base64 needs no JSON escaping and is ASCII, so the
- * copy is a memcpy. Storing a 20 MB referral then holds its text once, outside the JavaScript heap (freed
- * with the Buffer), instead of as a 20 MB heap string that lingers until the next full GC, and takes
- * milliseconds instead of a JSON.stringify of 20 MB (about 140-400 ms on the event loop).
- */
-export function jsonBytes(value: unknown): Buffer {
-  const longs: string[] = [];
-  const nonce = randomUUID();
-  const text = JSON.stringify(value, (_key, v: unknown) => {
-    if (typeof v === 'string' && v.length >= LONG_STRING_CHARS && isBase64(v)) {
-      longs.push(v);
-      return `\u0000${nonce}:${longs.length - 1}`;
-    }
-    return v;
-  });
-  if (text === undefined) throw new TypeError('the value has no JSON text');
-  if (longs.length === 0) return Buffer.from(text, 'utf8');
-  // JSON.stringify wrote each placeholder's NUL as the six characters \u0000; the random nonce makes it unique.
-  const parts = text.split(new RegExp(`"\\\\u0000${nonce}:(\\d+)"`));
-  let total = 0;
-  for (let i = 0; i < parts.length; i++) total += i % 2 === 0 ? Buffer.byteLength(parts[i], 'utf8') : longs[Number(parts[i])].length + 2;
-  const out = Buffer.allocUnsafe(total);
-  let at = 0;
-  for (let i = 0; i < parts.length; i++) {
-    if (i % 2 === 0) {
-      at += out.write(parts[i], at, 'utf8');
-    } else {
-      out[at++] = 0x22; // the quotes around the string
-      at += out.write(longs[Number(parts[i])], at, 'latin1');
-      out[at++] = 0x22;
-    }
-  }
-  if (at !== total) throw new Error(`jsonBytes wrote ${at} of ${total} bytes`);
-  return out;
-}
-
-/**
- * Gives a large Buffer's memory back now instead of at a later garbage collection, by detaching its
- * ArrayBuffer; only a Buffer that is the whole of its own ArrayBuffer (not a slice of Node's pool) is detached.
- */
-function freeNow(buf: Buffer): void {
-  const ab = buf.buffer as ArrayBuffer & { transfer?: (length?: number) => ArrayBuffer; detached?: boolean };
-  if (buf.byteLength >= LONG_STRING_CHARS && buf.byteOffset === 0 && buf.byteLength === ab.byteLength && typeof ab.transfer === 'function' && !ab.detached) {
-    ab.transfer(0);
-  }
 }
 
 export function isUniqueViolation(err: unknown): boolean {
@@ -316,13 +269,28 @@ export class ReferralStore {
   }
 
   /** A referral row with its submission, which lives in a table of its own (see migration 0004). */
+  /**
+   * Referrals joined with their submission. SQLite hands the submission over as bytes (a BLOB: outside the
+   * JavaScript heap, freed once parsed) instead of a heap string of megabytes that would linger as garbage.
+   */
   private withPayload() {
-    return this.k.selectFrom('referrals as r').innerJoin('referral_payloads as p', 'p.referral_id', 'r.id').selectAll('r').select('p.payload');
+    const q = this.k.selectFrom('referrals as r').innerJoin('referral_payloads as p', 'p.referral_id', 'r.id').selectAll('r');
+    return this.db.dialect === 'sqlite' ? q.select(sql<string | Uint8Array>`cast(p.payload as blob)`.as('payload')) : q.select('p.payload');
   }
 
   /** A referral by id; with `{ payload: false }` the (possibly large) submission is not read. */
   getById(id: string, opts: { payload?: boolean } = {}): Promise<StoredReferral | null> {
     return this.find(id, undefined, opts);
+  }
+
+  /** The size in bytes of a referral's stored submission (read from the row's header, not the value), or 0 when there is none. */
+  async payloadBytes(id: string): Promise<number> {
+    const row = await this.k
+      .selectFrom('referral_payloads')
+      .select(sql<number | string>`octet_length(payload)`.as('n'))
+      .where('referral_id', '=', id)
+      .executeTakeFirst();
+    return row ? Number(row.n) : 0;
   }
 
   /** A client's referral (with `{ payload: false }` without its submission); another client's id is answered exactly as an unknown one. */

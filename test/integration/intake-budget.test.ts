@@ -82,3 +82,40 @@ describe('the intake budget (MAX_INTAKE_BYTES_IN_FLIGHT)', () => {
     }
   });
 });
+
+/**
+ * Delivery reads a referral's stored submission (megabytes of documents) within the same budget as request
+ * bodies, so uploads and a backlog of large deliveries together stay within MAX_INTAKE_BYTES_IN_FLIGHT.
+ */
+describe('delivery draws from the same memory budget', () => {
+  let gw: Gateway;
+  beforeAll(async () => {
+    gw = await startGateway({ MAX_BODY_BYTES: String(1_000_000), MAX_INTAKE_BYTES_IN_FLIGHT: String(1_200_000), INTAKE_WAIT_MS: '200' });
+  });
+  afterAll(async () => {
+    await gw.stop();
+  });
+
+  test('a referral waits for room before it is read for delivery, counting no attempt, and is delivered once there is room', async () => {
+    const { callbackUrl: _none, ...rest } = fixture();
+    const body = JSON.stringify({ ...rest, externalId: 'EHR-BUDGET-DELIVERY' });
+    // Everything but this body's own size is held elsewhere (another upload, another delivery): intake fits exactly.
+    const hold = await gw.memory.reserve('someone-else', gw.memory.maxBytes - Buffer.byteLength(body), { waitMs: 0 });
+    if (typeof hold !== 'function') throw new Error('the budget was not free');
+    const res = await fetch(`${gw.url}/referrals`, { method: 'POST', headers: { Authorization: `Bearer ${KEY_A}`, 'Content-Type': 'application/json' }, body });
+    expect(res.status).toBe(202);
+    const id = ((await res.json()) as { id: string }).id;
+    // The stored submission (routed: it names its destination) is larger than the body: delivery does not fit.
+    expect(await gw.store.payloadBytes(id)).toBeGreaterThan(Buffer.byteLength(body));
+
+    await new Promise((r) => setTimeout(r, 1_500));
+    expect((await gw.service.get('city-hospital', id, { payload: false })).status).toBe('queued');
+    const [entry] = await gw.store.outboxFor(id);
+    expect([entry.kind, entry.state, entry.attempts]).toEqual(['submit', 'pending', 0]);
+    expect(await (await fetch(`${gw.url}/metrics`)).text()).toMatch(/^referral_intake_wait_timeouts_total\{client="\(delivery\)"\} [1-9]/m);
+
+    hold();
+    await eventually(async () => (await gw.service.get('city-hospital', id, { payload: false })).status === 'sent', 10_000);
+    expect(gw.memory.held).toBe(0);
+  }, 20_000);
+});

@@ -1,6 +1,7 @@
 import { readFileSync } from 'node:fs';
 import { parse } from 'yaml';
 import { loadConfig } from '../../src/config/config';
+import { allocatorTuned, GLIBC_TUNABLES_RECOMMENDED } from '../../src/memory';
 
 interface Service {
   image?: string;
@@ -121,5 +122,15 @@ describe('docker files', () => {
     expect(dockerfile).toMatch(/^VOLUME \/app\/data$/m);
     // ...and the directory is made before the image switches to that user.
     expect(dockerfile.indexOf('chown node:node /app/data')).toBeLessThan(dockerfile.indexOf('USER node'));
+  });
+
+  test('npm start and the image start the service with the allocator setting that gives large documents back (README memory figures)', () => {
+    const dockerfile = readFileSync('docker/Dockerfile', 'utf8');
+    expect(dockerfile).toContain(`ENV GLIBC_TUNABLES=${GLIBC_TUNABLES_RECOMMENDED}`);
+    const start = (JSON.parse(readFileSync('package.json', 'utf8')) as { scripts: Record<string, string> }).scripts.start;
+    expect(start).toBe(`GLIBC_TUNABLES=\${GLIBC_TUNABLES:-${GLIBC_TUNABLES_RECOMMENDED}} tsx src/index.ts`);
+    expect(allocatorTuned({ GLIBC_TUNABLES: GLIBC_TUNABLES_RECOMMENDED })).toBe(true);
+    expect(allocatorTuned({ GLIBC_TUNABLES: 'glibc.malloc.arena_max=2' })).toBe(false);
+    expect(allocatorTuned({})).toBe(false);
   });
 });

@@ -1,4 +1,5 @@
-import { expressionOf, illFormedStrings, scanJson } from '../../src/api/json-body';
+import { expressionOf, illFormedStrings } from '../../src/api/json-body';
+import { scanJson } from '../../src/json';
 
 /** The checks the JSON body reader makes on the text before JSON.parse, and on the parsed value after. */
 describe('scanJson: nesting depth and duplicate keys, before anything recursive sees the body', () => {

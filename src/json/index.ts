@@ -1,0 +1,15 @@
+export { freeNow, JSON_PLAIN_ASCII, jsonBytes } from './bytes';
+export {
+  LARGE_BODY_CHARS,
+  LONG_STRING_CHARS,
+  type LongString,
+  NotUtf8Error,
+  parseBytes,
+  parseSharing,
+  parseStored,
+  parseStoredBytes,
+  type PathSegment,
+  type ScanProblem,
+  scanJson,
+  scanJsonBytes,
+} from './scan';
