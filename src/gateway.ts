@@ -2,6 +2,7 @@ import { once } from 'node:events';
 import type { Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { createApp } from './app';
+import { webhooksAdminRouter } from './api/webhooks-admin-router';
 import { createLimitedServer } from './api/server-limits';
 import type { Config } from './config/config';
 import type { Destination } from './config/destinations';
@@ -136,7 +137,7 @@ export class Gateway {
       isReady: () => this.readiness(),
       isShuttingDown: () => this.shuttingDown,
       memory: this.memory,
-      webhooksAdmin: this.webhooksAttached.adminRouter,
+      webhooksAdmin: webhooksAdminRouter(this.webhooksAttached.store, () => this.webhooks.wake()),
       runRetention: () => this.retention.run(),
       doctor: {
         destinations: this.destinations,

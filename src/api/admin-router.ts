@@ -1,7 +1,7 @@
 import { Router } from 'express';
 import { z } from 'zod';
 import type { ReferralStore } from '../store/referral-store';
-import { HttpError } from './outcome';
+import { Failure } from '../outcomes';
 import { zodIssues } from '../referral/service';
 import type { RetentionRun } from '../retention/job';
 import type { Destination } from '../config/destinations';
@@ -34,9 +34,9 @@ export function adminRouter(store: ReferralStore, runRetention?: () => Promise<R
    * raw Binary 1 MiB).
    */
   r.get('/destinations/:id/doctor', async (req, res) => {
-    if (!doctor) throw new HttpError(404, { code: 'not-found', message: 'the destination doctor is not available here' });
+    if (!doctor) throw new Failure('not-found', { code: 'not-found', message: 'the destination doctor is not available here' });
     const destination = doctor.destinations.get(req.params.id);
-    if (!destination) throw new HttpError(404, { code: 'not-found', message: `no destination ${req.params.id}` });
+    if (!destination) throw new Failure('not-found', { code: 'not-found', message: `no destination ${req.params.id}` });
     const orphans = doctor.orphanedBinaries;
     const quick = req.query.quick === 'true' || req.query.quick === '1';
     res.json(
@@ -50,13 +50,13 @@ export function adminRouter(store: ReferralStore, runRetention?: () => Promise<R
 
   /** Applies the retention policy now (as RETENTION_CRON would) and answers what it did. */
   r.post('/retention/run', async (_req, res) => {
-    if (!runRetention) throw new HttpError(404, { code: 'not-found', message: 'retention is not available here' });
+    if (!runRetention) throw new Failure('not-found', { code: 'not-found', message: 'retention is not available here' });
     res.json(await runRetention());
   });
 
   r.get('/deliveries', async (req, res) => {
     const q = stateQuery.safeParse(req.query);
-    if (!q.success) throw new HttpError(400, zodIssues(q.error));
+    if (!q.success) throw new Failure('malformed', zodIssues(q.error));
     const entries = await store.listOutbox(q.data.state, q.data.limit);
     res.json({
       items: entries.map((e) => ({
@@ -77,7 +77,7 @@ export function adminRouter(store: ReferralStore, runRetention?: () => Promise<R
     const id = req.params.id;
     const entries = id.startsWith('ref_') ? (await store.outboxFor(id)).filter((e) => e.state === 'failed') : (await store.listOutbox('failed', 10_000)).filter((e) => e.id === id);
     if (entries.length === 0) {
-      throw new HttpError(404, { code: 'not-found', message: `no failed delivery ${id}` });
+      throw new Failure('not-found', { code: 'not-found', message: `no failed delivery ${id}` });
     }
     for (const e of entries) {
       await store.requeueOutbox(e.id);

@@ -1,7 +1,7 @@
 import type { IncomingMessage } from 'node:http';
 import type { RequestHandler } from 'express';
 import type { MemoryBudget } from '../memory';
-import { HttpError } from './outcome';
+import { intakeBusy } from '../outcomes';
 
 export interface IntakeBudgetOptions {
   /** The process's memory budget (MAX_INTAKE_BYTES_IN_FLIGHT, shared with delivery; INTAKE_CLIENT_SHARE per client). */
@@ -71,11 +71,7 @@ export function intakeBudget(opts: IntakeBudgetOptions): RequestHandler {
           // Discard the body as it arrives (nothing is kept), so the client finishes sending and reads the 503.
           req.resume();
           next(
-            new HttpError(
-              503,
-              { code: 'transient', message: 'the service is receiving as many documents as it can hold at once; try again shortly' },
-              { 'Retry-After': String(Math.max(1, Math.ceil(opts.waitMs / 1000))) }
-            )
+            intakeBusy('the service is receiving as many documents as it can hold at once; try again shortly', opts.waitMs / 1000)
           );
           return;
         }

@@ -5,7 +5,7 @@ import { Counter } from 'prom-client';
 import { metricsRegistry } from '../observability/metrics';
 import { releaseIntake } from './intake-budget';
 import { freeNow, LARGE_BODY_CHARS, type LongString, NotUtf8Error, type PathSegment, parseBytes, type ScanProblem, scanJson, scanJsonBytes } from '../json';
-import { HttpError, type IssueInput, pathToExpression } from './outcome';
+import { Failure, type IssueInput, pathToExpression } from '../outcomes';
 
 /**
  * The JSON body reader of /referrals and /admin (in place of express.json). It refuses what a hostile
@@ -48,7 +48,7 @@ const refusedCounter = new Counter({
 
 type Reason = 'too-large' | 'encoding' | 'charset' | 'timeout' | 'aborted' | 'decompress' | 'utf8' | 'syntax' | 'depth' | 'duplicate-key' | 'unicode';
 
-function refused(reason: Reason, err: HttpError): HttpError {
+function refused(reason: Reason, err: Failure): Failure {
   refusedCounter.inc({ reason });
   return err;
 }
@@ -88,10 +88,10 @@ function charsetOf(req: Request): string | undefined {
   return undefined;
 }
 
-const tooLarge = (maxBodyBytes: number): HttpError =>
+const tooLarge = (maxBodyBytes: number): Failure =>
   refused(
     'too-large',
-    new HttpError(413, { code: 'too-costly', message: `the body is larger than the limit of ${maxBodyBytes} bytes (MAX_BODY_BYTES)`, expression: '$' }, { Connection: 'close' })
+    new Failure('too-large', { code: 'too-costly', message: `the body is larger than the limit of ${maxBodyBytes} bytes (MAX_BODY_BYTES)`, expression: '$' })
   );
 
 /**
@@ -116,14 +116,14 @@ export function bodyPrecheck(opts: Pick<JsonBodyOptions, 'maxBodyBytes'>): Reque
       next(
         refused(
           'encoding',
-          new HttpError(415, { code: 'not-supported', message: 'unsupported Content-Encoding: send identity, gzip, deflate or br', expression: 'Content-Encoding' })
+          new Failure('unsupported', { code: 'not-supported', message: 'unsupported Content-Encoding: send identity, gzip, deflate or br', expression: 'Content-Encoding' })
         )
       );
       return;
     }
     const charset = charsetOf(req);
     if (charset !== undefined && charset !== 'utf-8' && charset !== 'utf8') {
-      next(refused('charset', new HttpError(415, { code: 'not-supported', message: 'unsupported charset: the body must be UTF-8', expression: 'Content-Type' })));
+      next(refused('charset', new Failure('unsupported', { code: 'not-supported', message: 'unsupported charset: the body must be UTF-8', expression: 'Content-Type' })));
       return;
     }
     next();
@@ -161,7 +161,7 @@ export function jsonBody(opts: JsonBodyOptions): RequestHandler {
 
 /**
  * Receives the body, undoing Content-Encoding, within MAX_BODY_BYTES (decoded, and the bytes on the wire too)
- * and INTAKE_BODY_TIMEOUT_MS, and decodes it as UTF-8. Rejects with the HttpError to answer; on any failure
+ * and INTAKE_BODY_TIMEOUT_MS, and decodes it as UTF-8. Rejects with the Failure to answer; on any failure
  * the intake budget is released at once and the connection is closed after the answer.
  */
 function readBody(req: Request, res: Response, opts: JsonBodyOptions): Promise<ReceivedBody> {
@@ -173,7 +173,7 @@ function readBody(req: Request, res: Response, opts: JsonBodyOptions): Promise<R
     else if (encoding === 'deflate') decoder = createInflate();
     else if (encoding === 'br') decoder = createBrotliDecompress();
     else if (encoding !== 'identity') {
-      reject(refused('encoding', new HttpError(415, { code: 'not-supported', message: 'unsupported Content-Encoding: send identity, gzip, deflate or br', expression: 'Content-Encoding' })));
+      reject(refused('encoding', new Failure('unsupported', { code: 'not-supported', message: 'unsupported Content-Encoding: send identity, gzip, deflate or br', expression: 'Content-Encoding' })));
       return;
     }
     if (declared !== undefined && declared > opts.maxBodyBytes) {
@@ -208,7 +208,7 @@ function readBody(req: Request, res: Response, opts: JsonBodyOptions): Promise<R
         decoder.on('error', () => undefined);
       }
     };
-    const fail = (err: HttpError): void => {
+    const fail = (err: Failure): void => {
       if (settled) return;
       cleanup();
       if (whole) freeNow(whole);
@@ -269,10 +269,10 @@ function readBody(req: Request, res: Response, opts: JsonBodyOptions): Promise<R
     };
     const onDecodeError = (): void => {
       const name = encoding === 'br' ? 'brotli' : encoding === 'deflate' ? 'deflate' : 'gzip';
-      fail(refused('decompress', new HttpError(400, { code: 'structure', message: `the body is not valid ${name} data (Content-Encoding: ${encoding})`, expression: '$' })));
+      fail(refused('decompress', new Failure('malformed', { code: 'structure', message: `the body is not valid ${name} data (Content-Encoding: ${encoding})`, expression: '$' })));
     };
     const onAborted = (): void => {
-      fail(refused('aborted', new HttpError(400, { code: 'incomplete', message: 'the request was aborted' })));
+      fail(refused('aborted', new Failure('malformed', { code: 'incomplete', message: 'the request was aborted' })));
     };
     const onClose = (): void => {
       if (!req.complete) onAborted();
@@ -282,11 +282,7 @@ function readBody(req: Request, res: Response, opts: JsonBodyOptions): Promise<R
       fail(
         refused(
           'timeout',
-          new HttpError(
-            408,
-            { code: 'timeout', message: `the body did not arrive within ${opts.bodyTimeoutMs} ms (INTAKE_BODY_TIMEOUT_MS)`, expression: '$' },
-            { Connection: 'close' }
-          )
+          new Failure('timeout', { code: 'timeout', message: `the body did not arrive within ${opts.bodyTimeoutMs} ms (INTAKE_BODY_TIMEOUT_MS)`, expression: '$' })
         )
       );
     }, opts.bodyTimeoutMs);
@@ -318,8 +314,8 @@ interface ReceivedBody {
 /** Lets other callbacks (a /healthz probe) run between the heavy synchronous steps of a large body. */
 const yieldToLoop = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));
 
-const notUtf8 = (): HttpError => refused('utf8', new HttpError(400, { code: 'structure', message: 'the body is not valid UTF-8', expression: '$' }));
-const notJson = (): HttpError => refused('syntax', new HttpError(400, { code: 'structure', message: 'the body is not valid JSON', expression: '$' }));
+const notUtf8 = (): Failure => refused('utf8', new Failure('malformed', { code: 'structure', message: 'the body is not valid UTF-8', expression: '$' }));
+const notJson = (): Failure => refused('syntax', new Failure('malformed', { code: 'structure', message: 'the body is not valid JSON', expression: '$' }));
 
 /**
  * The body's bytes to a value: the scan (depth, duplicate keys), JSON.parse, then the Unicode walk. A large
@@ -374,9 +370,7 @@ async function parseChecked(body: ReceivedBody, maxDepth: number): Promise<unkno
   const bad = illFormedStrings(value, MAX_ISSUES);
   if (bad.length > 0) {
     refusedCounter.inc({ reason: 'unicode' });
-    throw new HttpError(
-      422,
-      bad.map((b): IssueInput => {
+    throw new Failure('invalid', bad.map((b): IssueInput => {
         const expression = expressionOf(b.path);
         return {
           code: 'invalid',
@@ -398,11 +392,11 @@ export function expressionOf(path: ReadonlyArray<PathSegment>): string {
   return pathToExpression(path.map((p) => (typeof p === 'string' ? shortKey(p) : p)));
 }
 
-function problemError(p: ScanProblem, maxDepth: number): HttpError {
+function problemError(p: ScanProblem, maxDepth: number): Failure {
   if (p.kind === 'depth') {
     const expression = expressionOf(p.path);
     refusedCounter.inc({ reason: 'depth' });
-    return new HttpError(400, {
+    return new Failure('malformed', {
       code: 'too-costly',
       expression,
       message: `${expression}: the JSON nests arrays and objects deeper than the limit of ${maxDepth} levels (MAX_JSON_DEPTH)`,
@@ -412,14 +406,14 @@ function problemError(p: ScanProblem, maxDepth: number): HttpError {
     const where = expressionOf(p.path);
     const expression = expressionOf([...p.path, p.key]);
     refusedCounter.inc({ reason: 'duplicate-key' });
-    return new HttpError(400, {
+    return new Failure('malformed', {
       code: 'structure',
       expression,
       message: `${expression}: the key ${JSON.stringify(shortKey(p.key))} appears more than once in ${where === '$' ? 'the body' : where}; each key may appear once`,
     });
   }
   refusedCounter.inc({ reason: 'syntax' });
-  return new HttpError(400, { code: 'structure', message: 'the body is not valid JSON', expression: '$' });
+  return new Failure('malformed', { code: 'structure', message: 'the body is not valid JSON', expression: '$' });
 }
 
 /**

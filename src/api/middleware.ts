@@ -3,7 +3,8 @@ import type { NextFunction, Request, Response } from 'express';
 import { requestContext } from '../observability/context';
 import { logger } from '../observability/logger';
 import { isStoreUnavailable } from '../store/errors';
-import { HttpError, outcome } from './outcome';
+import { Failure, operationOutcome, unauthenticated } from '../outcomes';
+import { httpAnswer } from './send-outcome';
 
 declare module 'express-serve-static-core' {
   interface Request {
@@ -59,9 +60,7 @@ export function apiKeyAuth(keys: Map<string, string>) {
     const clientId = token ? findClient(keys, token) : undefined;
     if (!clientId) {
       next(
-        new HttpError(401, { code: 'login', message: token ? 'the API key is not valid' : 'Authorization: Bearer <api key> is required' }, {
-          'WWW-Authenticate': 'Bearer realm="referral-gateway"',
-        })
+        unauthenticated(token ? 'the API key is not valid' : 'Authorization: Bearer <api key> is required', 'referral-gateway')
       );
       return;
     }
@@ -76,11 +75,11 @@ export function adminAuth(adminKey: string | undefined) {
   return (req: Request, _res: Response, next: NextFunction): void => {
     const token = bearer(req);
     if (!adminKey) {
-      next(new HttpError(403, { code: 'forbidden', message: 'admin endpoints are disabled: set ADMIN_API_KEY' }));
+      next(new Failure('forbidden', { code: 'forbidden', message: 'admin endpoints are disabled: set ADMIN_API_KEY' }));
       return;
     }
     if (!token || !timingSafeEqual(digest(token), digest(adminKey))) {
-      next(new HttpError(401, { code: 'login', message: 'the admin API key is required' }, { 'WWW-Authenticate': 'Bearer realm="referral-gateway-admin"' }));
+      next(unauthenticated('the admin API key is required', 'referral-gateway-admin'));
       return;
     }
     req.clientId = 'admin';
@@ -92,13 +91,13 @@ export function adminAuth(adminKey: string | undefined) {
 export function requireJson(req: Request, _res: Response, next: NextFunction): void {
   const hasBody = req.headers['transfer-encoding'] !== undefined || (req.headers['content-length'] !== undefined && req.headers['content-length'] !== '0');
   if ((req.method === 'POST' || req.method === 'PUT') && hasBody && !req.is(['application/json', 'application/*+json'])) {
-    next(new HttpError(415, { code: 'not-supported', message: 'the body must be JSON (Content-Type: application/json)' }));
+    next(new Failure('unsupported', { code: 'not-supported', message: 'the body must be JSON (Content-Type: application/json)' }));
     return;
   }
   next();
 }
 
-/** The one error handler: every failure becomes an OperationOutcome; unknown ones a bare 500. */
+/** The one error handler: every failure becomes an OperationOutcome with the status httpAnswer gives it; unknown ones a bare 500. */
 export function errorHandler(err: unknown, req: Request, res: Response, _next: NextFunction): void {
   if (res.headersSent) {
     res.end();
@@ -108,10 +107,6 @@ export function errorHandler(err: unknown, req: Request, res: Response, _next: N
     for (const [k, v] of Object.entries(headers)) res.setHeader(k, v);
     res.status(status).type('application/fhir+json').send(JSON.stringify(body));
   };
-  if (err instanceof HttpError) {
-    send(err.status, err.outcome, err.headers);
-    return;
-  }
   if (isStoreUnavailable(err)) {
     // The original error (locked, read-only, out of space, unreachable), never a stack, in the log only.
     const cause = (err as Error).cause;
@@ -120,36 +115,17 @@ export function errorHandler(err: unknown, req: Request, res: Response, _next: N
       error: (err as Error).message,
       ...(cause instanceof Error && cause.message !== (err as Error).message ? { cause: cause.message } : {}),
     });
-    send(503, outcome([{ code: 'transient', message: 'the referral store is unavailable; try again shortly' }]), {
-      'Retry-After': String(Math.max(1, Math.ceil(err.retryAfterSeconds))),
-    });
+  }
+  const answer = httpAnswer(err);
+  if (answer) {
+    send(answer.status, answer.outcome, answer.headers);
     return;
   }
-  const e = err as { type?: string; status?: number; statusCode?: number; limit?: number; message?: string };
-  switch (e?.type) {
-    case 'entity.parse.failed':
-      send(400, outcome([{ code: 'structure', message: 'the body is not valid JSON', expression: '$' }]));
-      return;
-    case 'entity.too.large':
-      send(413, outcome([{ code: 'too-costly', message: `the body is larger than the limit of ${e.limit} bytes (MAX_BODY_BYTES)`, expression: '$' }]));
-      return;
-    case 'encoding.unsupported':
-    case 'charset.unsupported':
-      send(415, outcome([{ code: 'not-supported', message: 'unsupported body encoding or charset', expression: '$' }]));
-      return;
-    case 'request.aborted':
-      send(400, outcome([{ code: 'incomplete', message: 'the request was aborted' }]));
-      return;
-  }
-  const status = e?.status ?? e?.statusCode;
-  if (typeof status === 'number' && status >= 400 && status < 500) {
-    send(status, outcome([{ code: 'invalid', message: 'the request could not be processed' }]));
-    return;
-  }
-  logger.error('unhandled error', { correlationId: req.correlationId, error: e?.message, stack: (err as Error)?.stack });
-  send(500, outcome([{ code: 'exception', message: `internal error; quote request id ${req.correlationId ?? ''}` }]));
+  const e = err as { message?: string; stack?: string };
+  logger.error('unhandled error', { correlationId: req.correlationId, error: e?.message, stack: e?.stack });
+  send(500, operationOutcome([{ code: 'exception', message: `internal error; quote request id ${req.correlationId ?? ''}` }]));
 }
 
 export function notFoundHandler(_req: Request, _res: Response, next: NextFunction): void {
-  next(new HttpError(404, { code: 'not-found', message: 'no such endpoint' }));
+  next(new Failure('not-found', { code: 'not-found', message: 'no such endpoint' }));
 }

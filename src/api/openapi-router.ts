@@ -2,7 +2,7 @@ import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { Router } from 'express';
 import { logger } from '../observability/logger';
-import { HttpError } from './outcome';
+import { Failure } from '../outcomes';
 
 /** Where docs/openapi.json lies: from src/api (tsx) and, as a fallback, from a build under dist/src/api. */
 const candidates = [path.resolve(__dirname, '../../docs/openapi.json'), path.resolve(__dirname, '../../../docs/openapi.json')];
@@ -35,7 +35,7 @@ export function openapiRouter(): Router {
   const r = Router();
   r.get('/openapi.json', (_req, res) => {
     if (!document) {
-      throw new HttpError(404, { code: 'not-found', message: 'the OpenAPI document is not installed with this service (docs/openapi.json)' });
+      throw new Failure('not-found', { code: 'not-found', message: 'the OpenAPI document is not installed with this service (docs/openapi.json)' });
     }
     res.status(200).type('application/json').set('Cache-Control', 'no-cache').send(document);
   });

@@ -1,10 +1,12 @@
 import { Router } from 'express';
 import { z } from 'zod';
 import { referralStatuses } from '../referral/types';
-import type { ReferralService } from '../referral/service';
+import type { ReferralService, SubmitResult } from '../referral/service';
+import { submissions } from '../observability/metrics';
+import { httpAnswer } from './send-outcome';
 import { zodIssues } from '../referral/service';
 import type { ReferralStore } from '../store/referral-store';
-import { HttpError } from './outcome';
+import { Failure } from '../outcomes';
 
 const listQuery = z.strictObject({
   status: z.enum(referralStatuses).optional(),
@@ -21,7 +23,7 @@ function decodeCursor(cursor: string): { createdAt: string; id: string } {
   } catch {
     // fall through
   }
-  throw new HttpError(400, { code: 'invalid', message: 'cursor: not a cursor this service issued', expression: 'cursor' });
+  throw new Failure('malformed', { code: 'invalid', message: 'cursor: not a cursor this service issued', expression: 'cursor' });
 }
 
 const encodeCursor = (c: { createdAt: string; id: string }): string => Buffer.from(JSON.stringify([c.createdAt, c.id])).toString('base64url');
@@ -62,18 +64,26 @@ export function referralsRouter(service: ReferralService, store: ReferralStore, 
   r.post('/', async (req, res) => {
     const key = req.get('idempotency-key') ?? null;
     if (key !== null && !/^[\x21-\x7e]{1,255}$/.test(key)) {
-      throw new HttpError(400, { code: 'invalid', message: 'Idempotency-Key must be 1-255 visible ASCII characters', expression: 'Idempotency-Key' });
+      throw new Failure('malformed', { code: 'invalid', message: 'Idempotency-Key must be 1-255 visible ASCII characters', expression: 'Idempotency-Key' });
     }
     if (req.body === undefined || req.body === null || typeof req.body !== 'object' || Array.isArray(req.body)) {
-      throw new HttpError(422, { code: 'structure', message: 'the body must be a JSON object', expression: '$' });
+      throw new Failure('invalid', { code: 'structure', message: 'the body must be a JSON object', expression: '$' });
     }
-    const result = await service.submit(req.clientId as string, req.body, key);
+    let result: SubmitResult;
+    try {
+      result = await service.submit(req.clientId as string, req.body, key);
+    } catch (err) {
+      const status = httpAnswer(err)?.status;
+      submissions.inc({ outcome: status !== undefined && status < 500 ? `refused-${status}` : 'error' });
+      throw err;
+    }
+    submissions.inc({ outcome: result.created ? 'accepted' : 'replayed' });
     res.status(result.created ? 202 : 200).location(`/referrals/${result.view.id}`).json(result.view);
   });
 
   r.get('/', async (req, res) => {
     const q = listQuery.safeParse(req.query);
-    if (!q.success) throw new HttpError(400, zodIssues(q.error));
+    if (!q.success) throw new Failure('malformed', zodIssues(q.error));
     const { items, next } = await store.list(req.clientId as string, {
       status: q.data.status,
       externalId: q.data.externalId,
@@ -103,7 +113,7 @@ export function referralsRouter(service: ReferralService, store: ReferralStore, 
   r.get('/:id/report/content', async (req, res) => {
     const referral = await service.get(req.clientId as string, req.params.id, { payload: false });
     if (!referral.report) {
-      throw new HttpError(404, { code: 'not-found', message: `Referral ${referral.id} has no report yet (status ${referral.status})` });
+      throw new Failure('not-found', { code: 'not-found', message: `Referral ${referral.id} has no report yet (status ${referral.status})` });
     }
     const content = await reports.read(referral);
     for (const [name, value] of Object.entries(reportHeaders(referral.id, content.contentType))) res.setHeader(name, value);

@@ -2,7 +2,7 @@ import { Router } from 'express';
 import { z } from 'zod';
 import { zodIssues } from '../referral/service';
 import type { WebhookEntry, WebhookStore } from '../store/webhook-store';
-import { HttpError } from './outcome';
+import { Failure } from '../outcomes';
 
 const stateQuery = z.strictObject({
   state: z.enum(['pending', 'delivered', 'failed']).default('failed'),
@@ -56,7 +56,7 @@ export function webhooksAdminRouter(store: WebhookStore, wake: () => void): Rout
 
   r.get('/webhooks', async (req, res) => {
     const q = stateQuery.safeParse(req.query);
-    if (!q.success) throw new HttpError(400, zodIssues(q.error));
+    if (!q.success) throw new Failure('malformed', zodIssues(q.error));
     const entries = await store.list(q.data.state, q.data.limit);
     res.json({ items: entries.map(view) });
   });
@@ -64,7 +64,7 @@ export function webhooksAdminRouter(store: WebhookStore, wake: () => void): Rout
   r.post('/webhooks/:id/retry', async (req, res) => {
     const id = req.params.id;
     if (!(await store.requeue(id))) {
-      throw new HttpError(404, { code: 'not-found', message: `no failed webhook ${id.slice(0, 100)}` });
+      throw new Failure('not-found', { code: 'not-found', message: `no failed webhook ${id.slice(0, 100)}` });
     }
     wake();
     res.status(202).json({ requeued: [id] });

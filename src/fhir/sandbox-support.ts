@@ -1,5 +1,6 @@
 // Small helpers for the FHIR sandbox: HTTP-status-carrying errors, urn:uuid placeholder
 // handling, ETag parsing and an undo journal for the in-memory repository.
+import { operationOutcome } from '../outcomes';
 import { OperationOutcomeError, getStatus, serverError } from '@medplum/core';
 import type { MemoryRepository } from '@medplum/fhir-router';
 import type { OperationOutcome, OperationOutcomeIssue, Resource } from '@medplum/fhirtypes';
@@ -30,18 +31,16 @@ const ISSUE_CODE_BY_STATUS: Record<number, IssueType> = {
   500: 'exception',
 };
 
+/** The sandbox answers as a FHIR server does: the status is part of its behaviour, the outcome is built as the gateway's are. */
 export function outcome(status: number, text: string, code?: IssueType, expression?: string): OperationOutcome {
-  return {
-    resourceType: 'OperationOutcome',
-    issue: [
-      {
-        severity: status >= 400 ? 'error' : 'information',
-        code: code ?? ISSUE_CODE_BY_STATUS[status] ?? (status >= 400 ? 'processing' : 'informational'),
-        details: { text },
-        ...(expression ? { expression: [expression] } : {}),
-      },
-    ],
-  };
+  return operationOutcome([
+    {
+      severity: status >= 400 ? 'error' : 'information',
+      code: code ?? ISSUE_CODE_BY_STATUS[status] ?? (status >= 400 ? 'processing' : 'informational'),
+      message: text,
+      expression,
+    },
+  ]);
 }
 
 export function fail(status: number, text: string, code?: IssueType, expression?: string): SandboxError {

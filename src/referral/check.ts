@@ -4,7 +4,7 @@
 // Pure apart from the clock (createdAt) and the lazily loaded FHIR definitions: sends nothing.
 import type { Bundle } from '@medplum/fhirtypes';
 import type { z } from 'zod';
-import { type IssueInput, pathToExpression } from '../api/outcome';
+import { type IssueInput, pathToExpression } from '../outcomes';
 import type { Destination } from '../config/destinations';
 import { mapReferralToBundle } from '../mapping/bundle';
 import { checkCodes } from '../mapping/codes';
@@ -24,7 +24,7 @@ export type CheckStage = 'schema' | 'codes' | 'routing' | 'fhir';
 /**
  * One problem. `code`, `expression` and `message` are exactly what the API puts in its 422
  * OperationOutcome (the message starts with the location, as clients see it today), so an array
- * of these can be given to `new HttpError(422, issues)` as is. `detail` is the message without the
+ * of these can be given to `invalidInput(issues)` as is. `detail` is the message without the
  * location, for output that shows the expression separately (the CLI).
  */
 export interface CheckIssue extends IssueInput {

@@ -1,11 +1,10 @@
 import { createHash } from 'node:crypto';
 import { z } from 'zod';
-import { HttpError, type IssueInput } from '../api/outcome';
+import { businessRule, Failure, idempotencyConflict, invalidInput, type IssueInput, notCancellable, referralNotFound } from '../outcomes';
 import type { Destination } from '../config/destinations';
 import { mapAddedDocumentsToBundle } from '../mapping/bundle';
 import { validateBundle } from '../mapping/validate';
 import { logger } from '../observability/logger';
-import { submissions } from '../observability/metrics';
 import { newReferralId, nowIso } from '../store/ids';
 import type { ReferralStore } from '../store/referral-store';
 import { capIssues, checkReferral, zodCheckIssues } from './check';
@@ -116,27 +115,17 @@ export class ReferralService {
    */
   check(clientId: string, body: unknown): { referral: Referral; destination: Destination } {
     const r = checkReferral(body, this.destinations, { withDocumentData: false });
-    if (!r.ok) throw new HttpError(422, r.issues.map(({ detail: _detail, ...i }) => i));
+    if (!r.ok) throw invalidInput(r.issues.map(({ detail: _detail, ...i }) => i));
     const foreign = identifierPolicyIssues(clientId, r.referral.patient.identifiers, this.options.clientIdentifierSystems ?? new Map());
-    if (foreign.length > 0) throw new HttpError(422, foreign.map(({ detail: _detail, ...i }) => i));
+    if (foreign.length > 0) throw invalidInput(foreign.map(({ detail: _detail, ...i }) => i));
     const callback = r.referral.callbackUrl;
     const problem = callback && !this.options.allowPrivateCallbacks ? literalCallbackProblem(callback) : undefined;
-    if (problem) throw new HttpError(422, { code: 'invalid', expression: 'callbackUrl', message: `callbackUrl: ${problem}` });
+    if (problem) throw invalidInput({ code: 'invalid', expression: 'callbackUrl', message: `callbackUrl: ${problem}` });
     return { referral: r.referral, destination: r.destination };
   }
 
-  async submit(clientId: string, body: unknown, idempotencyKey: string | null): Promise<SubmitResult> {
-    try {
-      const result = await this.submitInner(clientId, body, idempotencyKey);
-      submissions.inc({ outcome: result.created ? 'accepted' : 'replayed' });
-      return result;
-    } catch (err) {
-      submissions.inc({ outcome: err instanceof HttpError ? `refused-${err.status}` : 'error' });
-      throw err;
-    }
-  }
-
-  private submitInner(clientId: string, body: unknown, idempotencyKey: string | null): Promise<SubmitResult> {
+  /** Takes a submission: a replay is answered as the original; a new one is checked, stored and queued for delivery. */
+  submit(clientId: string, body: unknown, idempotencyKey: string | null): Promise<SubmitResult> {
     return this.lane.run(async (pause) => {
       const requestHash = await canonicalHashYielding(body, pause);
       const externalId = typeof (body as { externalId?: unknown })?.externalId === 'string' ? (body as { externalId: string }).externalId : null;
@@ -164,7 +153,7 @@ export class ReferralService {
         // Lost a race with an identical submission: answer as a replay.
         const replay = await this.replay(clientId, referral.externalId, idempotencyKey, requestHash);
         if (replay) return replay;
-        throw new HttpError(409, { code: 'conflict', message: 'a concurrent submission with this externalId is in progress', expression: 'externalId' });
+        throw idempotencyConflict('externalId', 'a concurrent submission with this externalId is in progress');
       }
       logger.info('referral queued', { referralId: id, clientId, destination: destination.id, documents: referral.documents.length });
       this.onQueued();
@@ -178,13 +167,9 @@ export class ReferralService {
     if (existing.requestHash !== hash) {
       // Blame the key only when it was used before (a new key with a reused externalId is an externalId conflict).
       const byKey = key !== null && (existing.externalId !== externalId || (await this.store.findForIdempotency(clientId, '', key)) !== undefined);
-      throw new HttpError(409, {
-        code: 'conflict',
-        expression: byKey ? 'Idempotency-Key' : 'externalId',
-        message: byKey
-          ? `Idempotency-Key was already used for referral ${existing.id} with a different body`
-          : `externalId ${externalId} was already submitted as referral ${existing.id} with a different body`,
-      });
+      throw byKey
+        ? idempotencyConflict('Idempotency-Key', `Idempotency-Key was already used for referral ${existing.id} with a different body`)
+        : idempotencyConflict('externalId', `externalId ${externalId} was already submitted as referral ${existing.id} with a different body`);
     }
     return { created: false, view: await this.view(existing) };
   }
@@ -201,16 +186,12 @@ export class ReferralService {
    */
   async cancel(clientId: string, id: string, body: unknown): Promise<ReferralView> {
     const parsed = cancelSchema.safeParse(body ?? {});
-    if (!parsed.success) throw new HttpError(422, zodIssues(parsed.error));
+    if (!parsed.success) throw invalidInput(zodIssues(parsed.error));
     const reason = parsed.data.reason;
     const referral = await this.get(clientId, id, { payload: false });
     if (referral.status === 'cancelled') return this.view(referral);
     if (!cancellable(referral.status)) {
-      throw new HttpError(409, {
-        code: 'business-rule',
-        expression: 'status',
-        message: `referral ${id} is ${referral.status}: it can no longer be cancelled directly${referral.status === 'in-progress' || referral.status === 'on-hold' ? '; ask the centre' : ''}`,
-      });
+      throw notCancellable(id, referral.status);
     }
     const pending = await this.store.outboxFor(id);
     if (pending.some((e) => e.kind === 'cancel' && e.state === 'pending')) return this.view(referral);
@@ -228,17 +209,17 @@ export class ReferralService {
   async addDocuments(clientId: string, id: string, body: unknown): Promise<ReferralView> {
     const list = Array.isArray(body) ? body : (body as { documents?: unknown })?.documents;
     const parsed = addDocumentsSchema.safeParse(list);
-    if (!parsed.success) throw new HttpError(422, zodIssues(parsed.error, Array.isArray(body) ? [] : ['documents']));
+    if (!parsed.success) throw invalidInput(zodIssues(parsed.error, Array.isArray(body) ? [] : ['documents']));
     const referral = await this.get(clientId, id);
     if (terminalStatuses.has(referral.status)) {
-      throw new HttpError(409, { code: 'business-rule', expression: 'status', message: `referral ${id} is ${referral.status}: documents can no longer be added` });
+      throw businessRule(`referral ${id} is ${referral.status}: documents can no longer be added`);
     }
     const cancel = (await this.store.outboxFor(id)).find((e) => e.kind === 'cancel');
     if (cancel) {
-      throw new HttpError(409, { code: 'business-rule', expression: 'status', message: `referral ${id} has a cancel accepted: documents can no longer be added` });
+      throw businessRule(`referral ${id} has a cancel accepted: documents can no longer be added`);
     }
     const destination = this.destinations.get(referral.destination);
-    if (!destination) throw new HttpError(409, { code: 'business-rule', message: `destination ${referral.destination} is no longer configured` });
+    if (!destination) throw new Failure('conflict', { code: 'business-rule', message: `destination ${referral.destination} is no longer configured` });
     // As at intake, the FHIR content is validated with the bytes left out: the schema checked them as base64,
     // and @medplum/core's validator refuses any base64Binary over 1 MiB, which real documents exceed (the
     // destination's settings decide how large ones travel).
@@ -256,8 +237,7 @@ export class ReferralService {
       });
       const fhirIssues = validateBundle(bundle);
       if (fhirIssues.length > 0) {
-        throw new HttpError(
-          422,
+        throw invalidInput(
           capIssues(
             fhirIssues.map((i) => ({ code: 'invariant', message: `FHIR content: ${i.path}: ${i.message}`, expression: i.path, detail: i.message })),
             MAX_ISSUES
@@ -276,7 +256,7 @@ export class ReferralService {
   /** A client's referral or a 404; `{ payload: false }` leaves the submission (possibly megabytes) unread. */
   async get(clientId: string, id: string, opts: { payload?: boolean } = {}): Promise<StoredReferral> {
     const r = await this.store.get(clientId, id, opts);
-    if (!r) throw new HttpError(404, { code: 'not-found', message: `Referral ${id} not found` });
+    if (!r) throw referralNotFound(id);
     return r;
   }
 }

@@ -1,5 +1,5 @@
 import type { Attachment, DiagnosticReport, DocumentReference, Task } from '@medplum/fhirtypes';
-import { HttpError } from '../api/outcome';
+import { centreUnavailable, notFound } from '../outcomes';
 import type { FhirClients } from '../delivery/clients';
 import type { DestinationDirectory } from '../referral/service';
 import type { StoredReferral } from '../referral/types';
@@ -14,7 +14,7 @@ export class ReportContentReader {
   async read(referral: StoredReferral): Promise<{ contentType: string; body: Buffer }> {
     const dest = this.destinations.get(referral.destination);
     if (!referral.report || !dest) {
-      throw new HttpError(404, { code: 'not-found', message: 'no report' });
+      throw notFound('no report');
     }
     const [type, id, , index] = referral.report.reference.split('/');
     const client = this.clients.get(dest);
@@ -29,10 +29,10 @@ export class ReportContentReader {
         attachment = res.resourceType === 'DocumentReference' ? res.content?.[0]?.attachment : (res as DiagnosticReport).presentedForm?.[0];
       }
     } catch (err) {
-      throw new HttpError(502, { code: 'transient', message: `the centre's server did not return the report: ${(err as Error).message}` });
+      throw centreUnavailable(`the centre's server did not return the report: ${(err as Error).message}`, err);
     }
     if (!attachment) {
-      throw new HttpError(404, { code: 'not-found', message: 'the report has no attachment' });
+      throw notFound('the report has no attachment');
     }
     const contentType = attachment.contentType ?? 'application/octet-stream';
     if (attachment.data) {
@@ -48,9 +48,9 @@ export class ReportContentReader {
         }
         return { contentType: got.contentType ?? contentType, body: got.body };
       } catch (err) {
-        throw new HttpError(502, { code: 'transient', message: `the report content could not be fetched: ${(err as Error).message}` });
+        throw centreUnavailable(`the report content could not be fetched: ${(err as Error).message}`, err);
       }
     }
-    throw new HttpError(404, { code: 'not-found', message: 'the report attachment has neither data nor url' });
+    throw notFound('the report attachment has neither data nor url');
   }
 }

@@ -1,5 +1,3 @@
-import type { Router } from 'express';
-import { webhooksAdminRouter } from '../api/webhooks-admin-router';
 import type { Db } from '../store/db';
 import { WebhookStore } from '../store/webhook-store';
 import { WebhookDispatcher, type WebhookDispatcherOptions } from './dispatcher';
@@ -11,13 +9,12 @@ export interface AttachedWebhooks {
   store: WebhookStore;
   /** start() after the server listens; stop() with the other workers; wake() after a status change. */
   dispatcher: WebhookDispatcher;
-  /** GET /webhooks, POST /webhooks/:id/retry — mount under /admin, behind the admin key. */
-  adminRouter: Router;
 }
 
 /**
  * Everything status webhooks need, on the service's Db: the outbox store, the dispatcher (signing
- * with WEBHOOK_SECRET when set) and the operator router. `overrides` are for tests (short delays) and
+ * with WEBHOOK_SECRET when set). The operator endpoints (src/api/webhooks-admin-router.ts) are built on the
+ * store by the composition root. `overrides` are for tests (short delays) and
  * tuning; `fetchImpl` replaces the HTTP client (tests).
  */
 export function attachWebhooks(
@@ -28,5 +25,5 @@ export function attachWebhooks(
 ): AttachedWebhooks {
   const store = new WebhookStore(db);
   const dispatcher = new WebhookDispatcher(store, { secret: config.webhookSecret, allowPrivateNetworks: config.webhookAllowPrivateNetworks, ...overrides }, fetchImpl);
-  return { store, dispatcher, adminRouter: webhooksAdminRouter(store, () => dispatcher.wake()) };
+  return { store, dispatcher };
 }
