@@ -10,7 +10,7 @@ async function main(): Promise<void> {
     config = loadConfig();
   } catch (err) {
     if (err instanceof ConfigError) {
-      process.stderr.write(`referral-gateway: configuration error: ${err.message}\n`);
+      for (const problem of err.problems) process.stderr.write(`referral-gateway: configuration error: ${problem}\n`);
       process.exit(1);
     }
     throw err;

@@ -61,8 +61,7 @@ function sandboxTarget(url: string, env: NodeJS.ProcessEnv): Destination {
   if (env.FHIR_TIMEOUT_MS && /^\d+$/.test(env.FHIR_TIMEOUT_MS.trim())) raw.timeoutMs = Number(env.FHIR_TIMEOUT_MS.trim());
   const parsed = destinationSchema.safeParse(raw);
   if (!parsed.success) {
-    const issue = parsed.error.issues[0];
-    throw new ConfigError(`${destinationOptionVariable(String(issue.path[0] ?? 'profile'))} ${issue.message}`);
+    throw new ConfigError(parsed.error.issues.map((issue) => `${destinationOptionVariable(String(issue.path[0] ?? 'profile'))} ${issue.message}`));
   }
   return parsed.data;
 }

@@ -100,7 +100,7 @@ export function main(argv: string[], env: NodeJS.ProcessEnv = process.env): numb
     if (e instanceof UsageError) {
       err(`validate: ${e.message}\n${USAGE}\n`);
     } else if (e instanceof ConfigError) {
-      err(`validate: configuration error: ${e.message}\n`);
+      for (const problem of e.problems) err(`validate: configuration error: ${problem}\n`);
     } else {
       throw e;
     }

@@ -1,95 +1,10 @@
-import { z } from 'zod';
-import { validate as validateCron } from 'node-cron';
+import type { z } from 'zod';
 import { loadPrivateKey } from '../fhir/auth';
+import { OWN_VARIABLES, destinationOptionVariable, destinationOptionVariables } from './destination-variables';
 import { type Destination, destinationSchema, loadDestinationsFile } from './destinations';
+import { type Env, type EnvName, envSchema } from './variables';
 
-const cron = z.string().refine((s) => validateCron(s), 'is not a valid cron expression (5 or 6 fields)');
-
-const apiKeys = z
-  .string()
-  .transform((s, ctx) => {
-    const out = new Map<string, string>();
-    for (const pair of s.split(',').map((p) => p.trim()).filter(Boolean)) {
-      const i = pair.indexOf(':');
-      const clientId = pair.slice(0, i);
-      const key = pair.slice(i + 1);
-      if (i <= 0 || !key || !/^[\w.-]+$/.test(clientId)) {
-        ctx.addIssue({ code: 'custom', message: 'must be comma-separated clientId:key pairs' });
-        return z.NEVER;
-      }
-      if (out.has(clientId)) {
-        ctx.addIssue({ code: 'custom', message: `lists client ${clientId} twice: give each client one key` });
-        return z.NEVER;
-      }
-      if ([...out.values()].includes(key)) {
-        ctx.addIssue({ code: 'custom', message: `the key of ${clientId} is used by another client` });
-        return z.NEVER;
-      }
-      out.set(clientId, key);
-    }
-    if (out.size === 0) {
-      ctx.addIssue({ code: 'custom', message: 'holds no clientId:key pair' });
-      return z.NEVER;
-    }
-    return out;
-  });
-
-const envSchema = z.object({
-  NODE_ENV: z.enum(['development', 'production', 'test']).default('development'),
-  PORT: z.coerce.number().int().min(0).max(65535).default(8080),
-  /** Default: 127.0.0.1 in development and test (the open sandbox stays on this machine), all interfaces in production. */
-  HOST: z.string().optional(),
-  DATABASE_URL: z
-    .string()
-    .regex(/^(sqlite:.+|postgres(ql)?:\/\/.+)$/, 'must be sqlite:<path> or postgres://...')
-    .default('sqlite:./data/gateway.db'),
-  DESTINATIONS_FILE: z.string().default('mappings/destinations.json'),
-  FHIR_BASE_URL: z.url().optional(),
-  FHIR_AUTH: z.enum(['none', 'basic', 'bearer', 'client-credentials', 'smart-backend']).default('none'),
-  FHIR_PRIVATE_KEY_FILE: z.string().optional(),
-  FHIR_JWT_ALG: z.enum(['RS384', 'ES384']).default('ES384'),
-  FHIR_JWT_KID: z.string().optional(),
-  FHIR_TOKEN_URL: z.url().optional(),
-  FHIR_SCOPE: z.string().optional(),
-  FHIR_ORGANIZATION_SYSTEM: z.string().default('https://referral-gateway.dev/fhir/sid/destination'),
-  FHIR_ORGANIZATION_VALUE: z.string().default('default'),
-  FHIR_TIMEOUT_MS: z.coerce.number().int().min(100).max(600_000).default(30_000),
-  POLL_CRON: cron.optional(),
-  API_KEYS: apiKeys.optional(),
-  ADMIN_API_KEY: z.string().min(8, 'must be at least 8 characters').optional(),
-  WEBHOOK_SECRET: z
-    .string()
-    .min(16, 'must be at least 16 characters (or whsec_<base64>)')
-    .refine((s) => !s.startsWith('whsec_') || /^[A-Za-z0-9+/]+={0,2}$/.test(s.slice(6)), 'starts with whsec_ but the rest is not base64')
-    .optional(),
-  WEBHOOK_ALLOW_PRIVATE_NETWORKS: z.enum(['true', 'false'], { message: 'must be true or false' }).optional(),
-  LOG_LEVEL: z.enum(['error', 'warn', 'info', 'http', 'verbose', 'debug', 'silly']).default('info'),
-  MAX_BODY_BYTES: z.coerce.number().int().min(1024).max(1024 * 1024 * 1024).default(25 * 1024 * 1024),
-  MAX_INTAKE_BYTES_IN_FLIGHT: z.coerce.number().int().min(1024).default(256 * 1024 * 1024),
-  INTAKE_WAIT_MS: z.coerce.number().int().min(0).max(600_000).default(10_000),
-  MAX_JSON_DEPTH: z.coerce.number().int().min(8).max(512).default(64),
-  INTAKE_CLIENT_SHARE: z.coerce.number().gt(0).max(1).default(0.5),
-  INTAKE_BODY_TIMEOUT_MS: z.coerce.number().int().min(100).max(3_600_000).default(60_000),
-  HEADERS_TIMEOUT_MS: z.coerce.number().int().min(100).max(600_000).default(10_000),
-  REQUEST_TIMEOUT_MS: z.coerce.number().int().min(100).max(3_600_000).default(120_000),
-  MAX_CONNECTIONS_PER_ADDRESS: z.coerce.number().int().min(0).max(100_000).default(32),
-  STORE_BUSY_WAIT_MS: z.coerce.number().int().min(0).max(600_000).default(5_000),
-  STORE_PROBE_CACHE_MS: z.coerce.number().int().min(0).max(600_000).default(2_000),
-  CLIENT_IDENTIFIER_SYSTEMS: z.string().optional(),
-  DELIVERY_MAX_ATTEMPTS: z.coerce.number().int().min(1).max(1000).default(12),
-  DELIVERY_BASE_DELAY_MS: z.coerce.number().int().min(1).default(1000),
-  DELIVERY_MAX_DELAY_MS: z.coerce.number().int().min(1).default(5 * 60_000),
-  DELIVERY_CONCURRENCY: z.coerce.number().int().min(1).max(64).default(4),
-  DELIVERY_MAX_AGE_MS: z.coerce.number().int().min(1000).default(7 * 24 * 3600_000),
-  SHUTDOWN_TIMEOUT_MS: z.coerce.number().int().min(0).default(15_000),
-  DOCUMENT_RETENTION_DAYS: z.coerce.number().int().min(0).max(36_500).default(30),
-  REFERRAL_RETENTION_DAYS: z.coerce.number().int().min(0).max(36_500).default(0),
-  RETENTION_CRON: cron.default('17 3 * * *'),
-  /** How the built-in sandbox behaves: as today (`default`), or like a Medplum, HAPI or the strictest server. */
-  SANDBOX_PROFILE: z.enum(['default', 'medplum', 'hapi', 'strict']).default('default'),
-  /** Traits switched on or off over the profile, e.g. `nonAtomic=false,strictIsolationMaxEntries=8,-emptyMinimal`. */
-  SANDBOX_TRAITS: z.string().optional(),
-});
+export { destinationOptionVariable, destinationOptionVariables } from './destination-variables';
 
 export interface Config {
   nodeEnv: 'development' | 'production' | 'test';
@@ -136,89 +51,115 @@ export interface Config {
   sandbox: { profile: 'default' | 'medplum' | 'hapi' | 'strict'; traits?: string };
 }
 
-export class ConfigError extends Error {}
+/**
+ * A configuration the gateway cannot run with. `problems` holds every problem found, one line each naming its
+ * variable; the message is those lines, so one bad value is still one line.
+ */
+export class ConfigError extends Error {
+  readonly problems: string[];
 
-/** Parses and checks the environment. Throws ConfigError whose message is one line naming the variable. */
-export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
-  const cleaned = Object.fromEntries(Object.entries(env).filter(([, v]) => v !== undefined && v !== ''));
-  const parsed = envSchema.safeParse(cleaned);
-  if (!parsed.success) {
-    const issue = parsed.error.issues[0];
-    const name = String(issue.path[0] ?? 'environment');
-    const shown = name in cleaned && !/KEY|SECRET|PASSWORD|TOKEN/.test(name) ? ` (got "${String(cleaned[name]).slice(0, 80)}")` : '';
-    throw new ConfigError(`${name} ${issue.message}${shown}`);
+  constructor(problems: string | string[]) {
+    const list = typeof problems === 'string' ? [problems] : problems;
+    super(list.join('\n'));
+    this.problems = list;
   }
-  const e = parsed.data;
+}
 
-  let destinations: Destination[];
+/** Values of these variables are never shown in an error. */
+const SECRET_NAME = /KEY|SECRET|PASSWORD|TOKEN/;
+
+/** The variables the FHIR_BASE_URL destination is built from: while one of them is bad, it is not built. */
+const FHIR_VARIABLES: EnvName[] = [
+  'FHIR_AUTH',
+  'FHIR_TOKEN_URL',
+  'FHIR_SCOPE',
+  'FHIR_PRIVATE_KEY_FILE',
+  'FHIR_JWT_ALG',
+  'FHIR_JWT_KID',
+  'FHIR_ORGANIZATION_SYSTEM',
+  'FHIR_ORGANIZATION_VALUE',
+  'FHIR_TIMEOUT_MS',
+];
+
+/**
+ * Parses and checks the environment. Every bad value and every broken rule between values is reported at once:
+ * one ConfigError listing them (`problems`), each one line naming the variable. A rule that needs a value which
+ * is itself bad is not checked (that value is already reported).
+ */
+export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
+  const cleaned = Object.fromEntries(Object.entries(env).filter((kv): kv is [string, string] => kv[1] !== undefined && kv[1] !== ''));
+  const problems: string[] = [];
+  const { e, failed } = parseEnv(cleaned, problems);
+  const ok = (...names: EnvName[]): boolean => names.every((n) => !failed.has(n));
+  const production = ok('NODE_ENV') && e.NODE_ENV === 'production';
+
+  let destinations: Destination[] = [];
+  // Whether the destinations are all known: if not, whether the sandbox would be used is not known either.
+  let destinationsKnown = ok('FHIR_BASE_URL');
   try {
     destinations = loadDestinationsFile(e.DESTINATIONS_FILE);
   } catch (err) {
-    throw new ConfigError((err as Error).message);
+    problems.push((err as Error).message);
+    destinationsKnown = false;
   }
   if (e.FHIR_BASE_URL) {
-    if (destinations.some((d) => d.id === 'default')) {
-      throw new ConfigError('FHIR_BASE_URL defines destination "default", which DESTINATIONS_FILE already has');
-    }
-    destinations.push(
-      singleDestination(
-        {
-          id: 'default',
-          name: 'Default destination (FHIR_BASE_URL)',
-          organization: { system: e.FHIR_ORGANIZATION_SYSTEM, value: e.FHIR_ORGANIZATION_VALUE },
-          baseUrl: e.FHIR_BASE_URL.replace(/\/+$/, ''),
-          auth: fhirAuthFromEnv(e, cleaned),
-          timeoutMs: e.FHIR_TIMEOUT_MS,
-          maxInlineBytes: 1_048_576,
-        },
-        cleaned
-      )
-    );
+    const single = fhirBaseUrlDestination(e, cleaned, destinations, ok(...FHIR_VARIABLES), problems);
+    if (single) destinations.push(single);
+    else destinationsKnown = false;
   }
   for (const d of destinations) {
-    checkSecretsPresent(d, cleaned);
+    checkSecretsPresent(d, cleaned, problems);
   }
   const useSandbox = destinations.length === 0;
-  if (useSandbox && e.NODE_ENV === 'production') {
-    throw new ConfigError('FHIR_BASE_URL (or DESTINATIONS_FILE) is required with NODE_ENV=production: the sandbox is for development only');
+  if (useSandbox && destinationsKnown && production) {
+    problems.push('FHIR_BASE_URL (or DESTINATIONS_FILE) is required with NODE_ENV=production: the sandbox is for development only');
   }
-  if (e.REFERRAL_RETENTION_DAYS > 0 && e.DOCUMENT_RETENTION_DAYS > e.REFERRAL_RETENTION_DAYS) {
-    throw new ConfigError(
+  if (ok('DOCUMENT_RETENTION_DAYS', 'REFERRAL_RETENTION_DAYS') && e.REFERRAL_RETENTION_DAYS > 0 && e.DOCUMENT_RETENTION_DAYS > e.REFERRAL_RETENTION_DAYS) {
+    problems.push(
       `DOCUMENT_RETENTION_DAYS (${e.DOCUMENT_RETENTION_DAYS}) is longer than REFERRAL_RETENTION_DAYS (${e.REFERRAL_RETENTION_DAYS}): referrals would be deleted with their documents first`
     );
   }
+  // The client keys; undefined while they are not known (API_KEYS bad, or missing in production), so no rule about them is checked.
   let apiKeys = e.API_KEYS;
   let devKeys = false;
-  if (!apiKeys) {
-    if (e.NODE_ENV === 'production') {
-      throw new ConfigError('API_KEYS is required with NODE_ENV=production');
+  if (!apiKeys && ok('API_KEYS', 'NODE_ENV')) {
+    if (production) {
+      problems.push('API_KEYS is required with NODE_ENV=production');
+    } else {
+      apiKeys = new Map([['dev', DEV_KEY]]);
+      devKeys = true;
     }
-    apiKeys = new Map([['dev', DEV_KEY]]);
-    devKeys = true;
   }
-  if (e.NODE_ENV === 'production') {
-    for (const [clientId, key] of apiKeys) {
-      if (key === DEV_KEY) throw new ConfigError(`API_KEYS gives client ${clientId} the development key, which production refuses`);
-      if (key.length < MIN_PRODUCTION_KEY_LENGTH) {
-        throw new ConfigError(`API_KEYS: the key of client ${clientId} is shorter than ${MIN_PRODUCTION_KEY_LENGTH} characters, which production refuses`);
+  if (production) {
+    for (const [clientId, key] of apiKeys ?? []) {
+      if (key === DEV_KEY) {
+        problems.push(`API_KEYS gives client ${clientId} the development key, which production refuses`);
+      } else if (key.length < MIN_PRODUCTION_KEY_LENGTH) {
+        problems.push(`API_KEYS: the key of client ${clientId} is shorter than ${MIN_PRODUCTION_KEY_LENGTH} characters, which production refuses`);
       }
     }
     if (e.ADMIN_API_KEY !== undefined && e.ADMIN_API_KEY.length < MIN_PRODUCTION_KEY_LENGTH) {
-      throw new ConfigError(`ADMIN_API_KEY is shorter than ${MIN_PRODUCTION_KEY_LENGTH} characters, which production refuses`);
+      problems.push(`ADMIN_API_KEY is shorter than ${MIN_PRODUCTION_KEY_LENGTH} characters, which production refuses`);
     }
   }
-  if (e.ADMIN_API_KEY !== undefined && [...apiKeys.values()].includes(e.ADMIN_API_KEY)) {
-    throw new ConfigError('ADMIN_API_KEY is also a client key in API_KEYS: give the admin a key of its own');
+  if (apiKeys && e.ADMIN_API_KEY !== undefined && [...apiKeys.values()].includes(e.ADMIN_API_KEY)) {
+    problems.push('ADMIN_API_KEY is also a client key in API_KEYS: give the admin a key of its own');
   }
-  if (e.REQUEST_TIMEOUT_MS < e.INTAKE_BODY_TIMEOUT_MS) {
-    throw new ConfigError(`REQUEST_TIMEOUT_MS (${e.REQUEST_TIMEOUT_MS}) is shorter than INTAKE_BODY_TIMEOUT_MS (${e.INTAKE_BODY_TIMEOUT_MS}): bodies would be cut off before their deadline`);
+  if (ok('REQUEST_TIMEOUT_MS', 'INTAKE_BODY_TIMEOUT_MS') && e.REQUEST_TIMEOUT_MS < e.INTAKE_BODY_TIMEOUT_MS) {
+    problems.push(`REQUEST_TIMEOUT_MS (${e.REQUEST_TIMEOUT_MS}) is shorter than INTAKE_BODY_TIMEOUT_MS (${e.INTAKE_BODY_TIMEOUT_MS}): bodies would be cut off before their deadline`);
   }
-  const clientIdentifierSystems = parseClientIdentifierSystems(e.CLIENT_IDENTIFIER_SYSTEMS);
-  for (const clientId of clientIdentifierSystems.keys()) {
-    if (!apiKeys.has(clientId)) throw new ConfigError(`CLIENT_IDENTIFIER_SYSTEMS names client ${clientId}, which API_KEYS does not have`);
+  const clientIdentifierSystems = parseClientIdentifierSystems(e.CLIENT_IDENTIFIER_SYSTEMS, problems);
+  if (apiKeys) {
+    for (const clientId of clientIdentifierSystems.keys()) {
+      if (!apiKeys.has(clientId)) problems.push(`CLIENT_IDENTIFIER_SYSTEMS names client ${clientId}, which API_KEYS does not have`);
+    }
   }
-  if (e.NODE_ENV === 'production' && !e.WEBHOOK_SECRET) {
-    throw new ConfigError('WEBHOOK_SECRET is required with NODE_ENV=production');
+  if (production && ok('WEBHOOK_SECRET') && !e.WEBHOOK_SECRET) {
+    problems.push('WEBHOOK_SECRET is required with NODE_ENV=production');
+  }
+  // With nothing reported every variable parsed, so `e` is whole and the keys are known.
+  if (problems.length > 0 || !apiKeys) {
+    throw new ConfigError([...new Set(problems)]);
   }
   return {
     nodeEnv: e.NODE_ENV,
@@ -265,10 +206,30 @@ export const DEV_KEY = 'dev-key';
 const MIN_PRODUCTION_KEY_LENGTH = 24;
 
 /**
+ * Each declared variable parsed on its own, so that one bad value neither hides another nor stops the rules between
+ * the good ones. A variable in `failed` has no value in `e` (rules about it check `failed` first).
+ */
+function parseEnv(cleaned: Record<string, string>, problems: string[]): { e: Env; failed: Set<EnvName> } {
+  const values: Record<string, unknown> = {};
+  const failed = new Set<EnvName>();
+  for (const [name, schema] of Object.entries(envSchema.shape) as Array<[EnvName, z.ZodType]>) {
+    const parsed = schema.safeParse(cleaned[name]);
+    if (parsed.success) {
+      if (parsed.data !== undefined) values[name] = parsed.data;
+      continue;
+    }
+    failed.add(name);
+    const shown = name in cleaned && !SECRET_NAME.test(name) ? ` (got "${cleaned[name].slice(0, 80)}")` : '';
+    for (const issue of parsed.error.issues) problems.push(`${name} ${issue.message}${shown}`);
+  }
+  return { e: values as Env, failed };
+}
+
+/**
  * CLIENT_IDENTIFIER_SYSTEMS: `a=http://a.org/mrn urn:oid:1.2;b=http://b.org/mrn` (clients separated by `;`,
  * systems by spaces or commas). A system may belong to one client only.
  */
-function parseClientIdentifierSystems(text: string | undefined): Map<string, string[]> {
+function parseClientIdentifierSystems(text: string | undefined, problems: string[]): Map<string, string[]> {
   const out = new Map<string, string[]>();
   if (!text) return out;
   const owner = new Map<string, string>();
@@ -280,20 +241,48 @@ function parseClientIdentifierSystems(text: string | undefined): Map<string, str
       .split(/[\s,]+/)
       .filter(Boolean);
     if (i <= 0 || !/^[\w.-]+$/.test(clientId) || systems.length === 0) {
-      throw new ConfigError('CLIENT_IDENTIFIER_SYSTEMS must be `clientId=system system;clientId=system` (got a part without a client id or systems)');
+      problems.push('CLIENT_IDENTIFIER_SYSTEMS must be `clientId=system system;clientId=system` (got a part without a client id or systems)');
+      continue;
     }
-    if (out.has(clientId)) throw new ConfigError(`CLIENT_IDENTIFIER_SYSTEMS lists client ${clientId} twice`);
+    if (out.has(clientId)) {
+      problems.push(`CLIENT_IDENTIFIER_SYSTEMS lists client ${clientId} twice`);
+      continue;
+    }
     for (const system of systems) {
       const other = owner.get(system);
-      if (other) throw new ConfigError(`CLIENT_IDENTIFIER_SYSTEMS gives system ${system} to both ${other} and ${clientId}`);
-      owner.set(system, clientId);
+      if (other) problems.push(`CLIENT_IDENTIFIER_SYSTEMS gives system ${system} to both ${other} and ${clientId}`);
+      else owner.set(system, clientId);
     }
     out.set(clientId, systems);
   }
   return out;
 }
 
-function fhirAuthFromEnv(e: z.output<typeof envSchema>, env: Record<string, string | undefined>): Destination['auth'] {
+/** The destination `default` from FHIR_BASE_URL and the FHIR_* variables; undefined (with its problems reported) when it cannot be built. */
+function fhirBaseUrlDestination(e: Env, env: Record<string, string>, fromFile: Destination[], variablesOk: boolean, problems: string[]): Destination | undefined {
+  if (fromFile.some((d) => d.id === 'default')) {
+    problems.push('FHIR_BASE_URL defines destination "default", which DESTINATIONS_FILE already has');
+    return undefined;
+  }
+  if (!e.FHIR_BASE_URL || !variablesOk) return undefined;
+  const auth = fhirAuthFromEnv(e, env, problems);
+  if (!auth) return undefined;
+  return singleDestination(
+    {
+      id: 'default',
+      name: 'Default destination (FHIR_BASE_URL)',
+      organization: { system: e.FHIR_ORGANIZATION_SYSTEM, value: e.FHIR_ORGANIZATION_VALUE },
+      baseUrl: e.FHIR_BASE_URL.replace(/\/+$/, ''),
+      auth,
+      timeoutMs: e.FHIR_TIMEOUT_MS,
+      maxInlineBytes: 1_048_576,
+    },
+    env,
+    problems
+  );
+}
+
+function fhirAuthFromEnv(e: Env, env: Record<string, string | undefined>, problems: string[]): Destination['auth'] | undefined {
   switch (e.FHIR_AUTH) {
     case 'none':
       return { type: 'none' };
@@ -303,12 +292,14 @@ function fhirAuthFromEnv(e: z.output<typeof envSchema>, env: Record<string, stri
       return { type: 'bearer', tokenEnv: 'FHIR_TOKEN' };
     case 'client-credentials':
       if (!e.FHIR_TOKEN_URL) {
-        throw new ConfigError('FHIR_TOKEN_URL is required when FHIR_AUTH=client-credentials');
+        problems.push('FHIR_TOKEN_URL is required when FHIR_AUTH=client-credentials');
+        return undefined;
       }
       return { type: 'client-credentials', tokenUrl: e.FHIR_TOKEN_URL, clientIdEnv: 'FHIR_CLIENT_ID', clientSecretEnv: 'FHIR_CLIENT_SECRET', scope: e.FHIR_SCOPE };
     case 'smart-backend':
       if (!e.FHIR_TOKEN_URL || !e.FHIR_SCOPE) {
-        throw new ConfigError('FHIR_TOKEN_URL and FHIR_SCOPE are required when FHIR_AUTH=smart-backend');
+        problems.push('FHIR_TOKEN_URL and FHIR_SCOPE are required when FHIR_AUTH=smart-backend');
+        return undefined;
       }
       return {
         type: 'smart-backend',
@@ -322,7 +313,7 @@ function fhirAuthFromEnv(e: z.output<typeof envSchema>, env: Record<string, stri
   }
 }
 
-function checkSecretsPresent(d: Destination, env: Record<string, string | undefined>): void {
+function checkSecretsPresent(d: Destination, env: Record<string, string | undefined>, problems: string[]): void {
   const names: string[] = [];
   const a = d.auth;
   if (a.type === 'basic') names.push(a.usernameEnv, a.passwordEnv);
@@ -332,34 +323,18 @@ function checkSecretsPresent(d: Destination, env: Record<string, string | undefi
     names.push(a.clientIdEnv);
     if (a.privateKeyEnv) names.push(a.privateKeyEnv);
   }
-  for (const n of names) {
-    if (!env[n]) {
-      throw new ConfigError(`${n} is required by destination "${d.id}" (auth ${a.type}) but is not set`);
-    }
+  const missing = names.filter((n) => !env[n]);
+  for (const n of missing) {
+    problems.push(`${n} is required by destination "${d.id}" (auth ${a.type}) but is not set`);
   }
-  if (a.type === 'smart-backend') {
+  if (a.type === 'smart-backend' && missing.length === 0) {
     // A wrong key type or an unreadable file should stop start-up, not the first delivery.
     try {
       loadPrivateKey(a, env);
     } catch (err) {
-      throw new ConfigError(`${a.privateKeyFile ? `FHIR private key file ${a.privateKeyFile}` : a.privateKeyEnv} for destination "${d.id}": ${(err as Error).message.split('\n')[0]}`);
+      problems.push(`${a.privateKeyFile ? `FHIR private key file ${a.privateKeyFile}` : a.privateKeyEnv} for destination "${d.id}": ${(err as Error).message.split('\n')[0]}`);
     }
   }
-}
-
-/** Destination options with a variable of their own elsewhere (FHIR_BASE_URL, FHIR_AUTH..., FHIR_ORGANIZATION_*, FHIR_TIMEOUT_MS). */
-const OWN_VARIABLES = new Set(['id', 'baseUrl', 'auth', 'organization', 'timeoutMs']);
-
-/** `maxInlineBytes` -> `FHIR_MAX_INLINE_BYTES`. */
-export function destinationOptionVariable(option: string): string {
-  return `FHIR_${option.replace(/[A-Z]/g, (c) => `_${c}`).toUpperCase()}`;
-}
-
-/** Every destination option that FHIR_BASE_URL's destination takes from a FHIR_<OPTION> variable. */
-export function destinationOptionVariables(): Array<{ option: string; variable: string }> {
-  return Object.keys(destinationSchema.shape)
-    .filter((k) => !OWN_VARIABLES.has(k))
-    .map((option) => ({ option, variable: destinationOptionVariable(option) }));
 }
 
 /**
@@ -367,7 +342,7 @@ export function destinationOptionVariables(): Array<{ option: string; variable: 
  * (FHIR_PROFILE, FHIR_BINARY_MODE, FHIR_MAX_INLINE_BYTES, FHIR_CLIENT_IDS, FHIR_ATTACHMENT_ORIGINS as a comma
  * list, FHIR_CIRCUIT_BREAKER as JSON...), checked by the same schema as a destinations file entry.
  */
-function singleDestination(base: Record<string, unknown>, env: Record<string, string | undefined>): Destination {
+function singleDestination(base: Record<string, unknown>, env: Record<string, string | undefined>, problems: string[]): Destination | undefined {
   const raw: Record<string, unknown> = { ...base };
   const shape = destinationSchema.shape as Record<string, z.ZodType>;
   for (const { option, variable } of destinationOptionVariables()) {
@@ -377,11 +352,13 @@ function singleDestination(base: Record<string, unknown>, env: Record<string, st
   }
   const parsed = destinationSchema.safeParse(raw);
   if (!parsed.success) {
-    const issue = parsed.error.issues[0];
-    const option = String(issue.path[0] ?? '');
-    const name = OWN_VARIABLES.has(option) || option === '' ? 'FHIR_BASE_URL' : destinationOptionVariable(option);
-    const rest = issue.path.slice(1).join('.');
-    throw new ConfigError(`${name}${rest ? ` (${rest})` : ''} ${issue.message}`);
+    for (const issue of parsed.error.issues) {
+      const option = String(issue.path[0] ?? '');
+      const name = OWN_VARIABLES.has(option) || option === '' ? 'FHIR_BASE_URL' : destinationOptionVariable(option);
+      const rest = issue.path.slice(1).join('.');
+      problems.push(`${name}${rest ? ` (${rest})` : ''} ${issue.message}`);
+    }
+    return undefined;
   }
   return parsed.data;
 }

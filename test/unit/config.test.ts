@@ -50,6 +50,66 @@ describe('configuration', () => {
     expect((err as Error).message).not.toContain('\n');
   });
 
+  /** The ConfigError loadConfig throws for `env`. */
+  const refused = (env: NodeJS.ProcessEnv): ConfigError => {
+    try {
+      loadConfig(env);
+    } catch (e) {
+      if (e instanceof ConfigError) return e;
+      throw e;
+    }
+    throw new Error('loadConfig accepted the configuration');
+  };
+
+  test('every problem is reported at once: two bad values are two lines of one error, each naming its variable', () => {
+    const err = refused({ ...base, PORT: 'abc', LOG_LEVEL: 'loud' });
+    expect(err.problems).toHaveLength(2);
+    expect(err.problems[0]).toMatch(/^PORT .*\(got "abc"\)$/);
+    expect(err.problems[1]).toMatch(/^LOG_LEVEL .*\(got "loud"\)$/);
+    expect(err.message.split('\n')).toEqual(err.problems);
+  });
+
+  test('bad values and broken rules between the other values are reported together, in the order of the checks', () => {
+    const retention = { DOCUMENT_RETENTION_DAYS: '90', REFERRAL_RETENTION_DAYS: '30' };
+    const err = refused({ ...base, ...retention, NODE_ENV: 'production', PORT: 'abc', API_KEYS: 'a:short', INTAKE_BODY_TIMEOUT_MS: '200000' });
+    expect(err.problems.map((p) => p.split(' ')[0])).toEqual([
+      'PORT',
+      'FHIR_BASE_URL',
+      'DOCUMENT_RETENTION_DAYS',
+      'API_KEYS:',
+      'REQUEST_TIMEOUT_MS',
+      'WEBHOOK_SECRET',
+    ]);
+  });
+
+  test('a rule that needs a bad value is not checked: only the bad value is reported', () => {
+    // API_KEYS unreadable: neither "required in production" nor "CLIENT_IDENTIFIER_SYSTEMS names an unknown client".
+    const prod = { ...base, NODE_ENV: 'production', FHIR_BASE_URL: 'https://c.example.org/fhir/R4', WEBHOOK_SECRET: 'x'.repeat(20) };
+    expect(refused({ ...prod, API_KEYS: 'no-colon', CLIENT_IDENTIFIER_SYSTEMS: 'c=http://c.org/mrn' }).problems).toEqual([
+      'API_KEYS must be comma-separated clientId:key pairs',
+    ]);
+    // A bad FHIR_BASE_URL: not also "the sandbox is refused in production".
+    expect(refused({ ...prod, API_KEYS: `a:${'k'.repeat(24)}`, FHIR_BASE_URL: 'not a url' }).problems).toHaveLength(1);
+    // A bad NODE_ENV: no production rule is guessed at.
+    expect(refused({ ...base, NODE_ENV: 'prod' }).problems).toEqual([expect.stringMatching(/^NODE_ENV /)]);
+  });
+
+  test('every missing secret of a destination is named, and the key of one is checked once it is set', () => {
+    const fhir = { ...base, FHIR_BASE_URL: 'https://c.example.org/fhir/R4' };
+    expect(refused({ ...fhir, FHIR_AUTH: 'basic' }).problems).toEqual([
+      'FHIR_USERNAME is required by destination "default" (auth basic) but is not set',
+      'FHIR_PASSWORD is required by destination "default" (auth basic) but is not set',
+    ]);
+    const smart = { ...fhir, FHIR_AUTH: 'smart-backend', FHIR_TOKEN_URL: 'https://c.example.org/token', FHIR_SCOPE: 'system/Task.rs' };
+    expect(refused(smart).problems.map((p) => p.split(' ')[0])).toEqual(['FHIR_CLIENT_ID', 'FHIR_PRIVATE_KEY']);
+  });
+
+  test('ConfigError keeps its problems, and a single problem is its whole message', () => {
+    expect(new ConfigError('X is bad').problems).toEqual(['X is bad']);
+    expect(new ConfigError('X is bad').message).toBe('X is bad');
+    expect(new ConfigError(['X is bad', 'Y is bad']).message).toBe('X is bad\nY is bad');
+  });
+
   test('secrets are never echoed in the error', () => {
     expect(() => loadConfig({ ...base, API_KEYS: 'supersecretvalue' })).toThrow(/^API_KEYS /);
     try {
