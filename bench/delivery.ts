@@ -18,7 +18,7 @@
  *  4. memory: one referral with a 20 MB document (a Binary in the transaction, the destination's maxInlineBytes
  *     being 1 MB), queued before the gateway starts and due 4 s later; idle RSS is read from /proc before it is
  *     due, the peak is the process's high-water mark (VmHWM) once it is sent. The sandbox validates, as in the
- *     other phases (its default): it validates a Binary with its data stubbed (src/fhir/sandbox-engine.ts), so
+ *     other phases (its default): it validates a Binary with its data stubbed (src/sandbox/engine.ts), so
  *     a Binary over the 1 MB that @medplum/core's validator allows a base64Binary is accepted.
  *
  * Phases 1 and 2 also give the CPU time (user + system, from /proc) each process used per referral: in phase 1

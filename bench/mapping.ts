@@ -65,7 +65,7 @@ async function coldLoad(): Promise<void> {
   const { validateBundle } = await import('../src/mapping/validate');
   const { mapReferralToBundle } = await import('../src/mapping/bundle');
   const { referralSchema } = await import('../src/referral/schema');
-  const { sandboxDestination } = await import('../src/referral/check');
+  const { sandboxDestination } = await import('../src/sandbox');
   const importMs = performance.now() - t0;
   gc();
   const before = process.memoryUsage();
@@ -158,7 +158,8 @@ async function throughput(): Promise<void> {
   const { routeReferral } = await import('../src/mapping/routing');
   const { mapReferralToBundle } = await import('../src/mapping/bundle');
   const { validateBundle } = await import('../src/mapping/validate');
-  const { checkReferral, destinationDirectory, sandboxDestination } = await import('../src/referral/check');
+  const { checkReferral, destinationDirectory } = await import('../src/referral/check');
+  const { sandboxDestination } = await import('../src/sandbox');
 
   loadFhirDefinitions();
   const files = payloads();

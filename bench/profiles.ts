@@ -17,7 +17,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Bundle, Task } from '@medplum/fhirtypes';
 import { loadConfig } from '../src/config/config';
-import { startSandboxServer } from '../src/fhir/sandbox';
+import { startSandboxServer } from '../src/sandbox/server';
 import { Gateway } from '../src/gateway';
 import { setLogLevel } from '../src/observability/logger';
 import { writeDestinationsFile } from '../test/helpers/destinations';

@@ -9,6 +9,7 @@ import { adminRouter } from './api/admin-router';
 import type { AdminDoctorDeps } from './api/admin-router';
 import { intakeBudget } from './api/intake-budget';
 import type { MemoryBudget } from './memory';
+import { SANDBOX_PATH } from './sandbox';
 import { bodyPrecheck, jsonBody } from './api/json-body';
 import { metricsRegistry } from './observability/metrics';
 import { openapiRouter } from './api/openapi-router';
@@ -62,7 +63,7 @@ export function createApp(deps: AppDeps): Express {
   app.use(openapiRouter());
 
   if (deps.sandbox) {
-    app.use('/sandbox/fhir/R4', deps.sandbox);
+    app.use(SANDBOX_PATH, deps.sandbox);
   }
 
   // Headers first (declared length, encoding, charset: refused before any byte is read or the budget waited

@@ -8,11 +8,10 @@ import type { Config } from './config/config';
 import type { Destination } from './config/destinations';
 import { FhirClients } from './delivery/clients';
 import { DeliveryWorker } from './delivery/worker';
-import { createSandboxRouter } from './fhir/sandbox';
+import { loadSandbox, SANDBOX_PATH, type SandboxRouter, sandboxDestination } from './sandbox';
 import { MemoryBudget } from './memory';
 import { logger, setLogLevel } from './observability/logger';
 import { type Backlog, clearBacklogSource, setBacklogSource } from './observability/metrics';
-import { sandboxDestination } from './referral/check';
 import { type DestinationDirectory, ReferralService } from './referral/service';
 import { possiblyOrphanedUploads } from './store/binary-uploads';
 import { openDb } from './store/db';
@@ -24,8 +23,6 @@ import { ReportContentReader } from './tracking/report';
 import { RetentionJob } from './retention/job';
 import { attachWebhooks, type AttachedWebhooks, type WebhookDispatcher, type WebhookDispatcherOptions } from './webhooks';
 
-export { SANDBOX_ID } from './referral/check';
-export const SANDBOX_PATH = '/sandbox/fhir/R4';
 
 class Directory implements DestinationDirectory {
   private readonly map = new Map<string, Destination>();
@@ -71,7 +68,7 @@ export class Gateway {
   private readonly webhooksAttached: AttachedWebhooks;
   server: Server | undefined;
   url = '';
-  sandbox: ReturnType<typeof createSandboxRouter> | undefined;
+  sandbox: SandboxRouter | undefined;
   private shuttingDown = false;
   private backlogSource: (() => Promise<Backlog>) | undefined;
   private readonly storeProbe: () => Promise<StoreProbeResult>;
@@ -125,6 +122,8 @@ export class Gateway {
     if (applied.length > 0) logger.info('database migrated', { applied });
     if (this.config.useSandbox) {
       // SANDBOX_PROFILE makes the built-in centre behave like a Medplum, HAPI or the strictest server.
+      // Loaded only here: a gateway with real destinations never loads the sandbox server.
+      const { createSandboxRouter } = await loadSandbox();
       this.sandbox = createSandboxRouter({ profile: this.config.sandbox.profile, traits: this.config.sandbox.traits });
       await this.sandbox.ready;
     }

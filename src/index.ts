@@ -1,6 +1,7 @@
 import { resolve } from 'node:path';
 import { ConfigError, loadConfig } from './config/config';
-import { Gateway, SANDBOX_ID } from './gateway';
+import { Gateway } from './gateway';
+import { SANDBOX_ID, SANDBOX_PATH } from './sandbox';
 import { allocatorTuned, GLIBC_TUNABLES_RECOMMENDED } from './memory';
 import { logger, setLogLevel } from './observability/logger';
 
@@ -59,10 +60,10 @@ async function main(): Promise<void> {
     say('');
     say(`No destination configured: the built-in sandbox FHIR R4 server is the destination "${SANDBOX_ID}" (no authentication, development only):`);
     if (config.sandbox.profile !== 'default') say(`  (SANDBOX_PROFILE=${config.sandbox.profile}${config.sandbox.traits ? `, SANDBOX_TRAITS=${config.sandbox.traits}` : ''}: it behaves as that server does)`);
-    say(`  ${gateway.url}/sandbox/fhir/R4`);
+    say(`  ${gateway.url}${SANDBOX_PATH}`);
     say('Submit the sample referral:');
     say(`  curl -s -X POST ${gateway.url}/referrals -H 'Authorization: Bearer ${config.devKeys ? 'dev-key' : '<your api key>'}' -H 'Content-Type: application/json' --data-binary @${fixture}`);
-    say(`Then look at it on the sandbox: curl -s '${gateway.url}/sandbox/fhir/R4/Task?_sort=-_lastUpdated'`);
+    say(`Then look at it on the sandbox: curl -s '${gateway.url}${SANDBOX_PATH}/Task?_sort=-_lastUpdated'`);
     say('To watch status webhooks, run `npm run webhooks:listen` and submit with "callbackUrl": "http://127.0.0.1:9000/hooks" (README, walk-through).');
     say('');
   }

@@ -19,8 +19,7 @@
 import { ConfigError, destinationOptionVariable, loadConfig } from '../config/config';
 import { type Destination, destinationSchema } from '../config/destinations';
 import { QUICK_SIZES, formatDoctorTable, runDoctor } from '../doctor';
-import { startSandboxServer } from '../fhir/sandbox';
-import { SANDBOX_ID, sandboxDestination } from '../referral/check';
+import { loadSandbox, SANDBOX_ID, type SandboxServer, sandboxDestination } from '../sandbox';
 
 const USAGE = 'usage: npm run doctor -- [<destination-id>] [--json] [--quick]';
 
@@ -92,9 +91,10 @@ async function main(argv: string[]): Promise<number> {
   }
 
   let destination: Destination | undefined;
-  let sandbox: Awaited<ReturnType<typeof startSandboxServer>> | undefined;
+  let sandbox: SandboxServer | undefined;
   if (config.useSandbox && (args.id === undefined || args.id === SANDBOX_ID)) {
     try {
+      const { startSandboxServer } = await loadSandbox();
       sandbox = await startSandboxServer(0, { profile: env.SANDBOX_PROFILE, traits: env.SANDBOX_TRAITS });
       destination = sandboxTarget(sandbox.url, env);
     } catch (err) {

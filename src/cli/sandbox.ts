@@ -9,8 +9,7 @@
 // SANDBOX_TRAITS="nonAtomic=false,strictIsolationMaxEntries=8,-emptyMinimal": trait overrides.
 // SANDBOX_STORAGE_PORT: port of the presigned storage server (profiles with presignedBinaryUrls; default any).
 // POST /_sandbox/faults {"failNextEntry":{"resourceType":"ServiceRequest","status":409}} injects a failure.
-import { startSandboxServer } from '../fhir/sandbox';
-import { describeTraitOverrides, resolveSandboxTraits } from '../fhir/sandbox-profiles';
+import { loadSandbox } from '../sandbox';
 
 function parsePort(raw: string | undefined): number {
   const value = raw === undefined || raw.trim() === '' ? 8090 : Number(raw);
@@ -21,6 +20,7 @@ function parsePort(raw: string | undefined): number {
 }
 
 async function main(): Promise<void> {
+  const { describeTraitOverrides, resolveSandboxTraits, startSandboxServer } = await loadSandbox();
   const port = parsePort(process.env.PORT);
   const host = process.env.HOST || '127.0.0.1';
   // Checked before anything starts: an unknown profile or trait is a one-line error, exit code 1.

@@ -19,7 +19,8 @@ import type { ServiceRequest } from '@medplum/fhirtypes';
 import { readFileSync } from 'node:fs';
 import { ConfigError, loadConfig } from '../config/config';
 import type { Destination } from '../config/destinations';
-import { type CheckIssue, type DestinationDirectory, checkReferral, destinationDirectory, sandboxDestination } from '../referral/check';
+import { type CheckIssue, type DestinationDirectory, checkReferral, destinationDirectory } from '../referral/check';
+import { sandboxDestination } from '../sandbox';
 
 const USAGE = 'usage: npm run validate -- <referral.json | -> [more.json ...] [--destination <id>] [--quiet]';
 

@@ -153,27 +153,6 @@ export function checkReferral(body: unknown, destinations: DestinationDirectory,
   return { ok: true, referral: { ...referral, destination: route.destination }, destination, route, bundle };
 }
 
-/** The id of the built-in sandbox destination. */
-export const SANDBOX_ID = 'sandbox';
-
-/** The destination profile that fits each sandbox server profile (the `strict` sandbox needs Medplum's settings and more). */
-const PROFILE_FOR_SANDBOX: Record<string, Destination['profile']> = { medplum: 'medplum', hapi: 'hapi', strict: 'medplum' };
-
-/** The destination the gateway adds when none is configured (its built-in sandbox centre), with the settings its profile needs. */
-export function sandboxDestination(baseUrl: string, sandboxProfile = 'default'): Destination {
-  const profile = PROFILE_FOR_SANDBOX[sandboxProfile];
-  return {
-    ...(profile ? { profile } : {}),
-    id: SANDBOX_ID,
-    name: 'Built-in sandbox cancer centre',
-    organization: { system: 'https://referral-gateway.dev/fhir/sid/destination', value: SANDBOX_ID },
-    baseUrl,
-    auth: { type: 'none' },
-    timeoutMs: 30_000,
-    maxInlineBytes: 1_048_576,
-  };
-}
-
 /** A read-only DestinationDirectory over a list. */
 export function destinationDirectory(list: ReadonlyArray<Destination>): DestinationDirectory {
   const map = new Map(list.map((d) => [d.id, d]));

@@ -31,12 +31,12 @@ import type {
   OperationOutcome,
   Resource,
 } from '@medplum/fhirtypes';
-import { SandboxFaults } from './sandbox-faults';
-import { resolveSandboxTraits } from './sandbox-profiles';
-import type { SandboxProfileName, SandboxTraits } from './sandbox-profiles';
-import { IndexedMemoryRepository } from './sandbox-repo';
-import { BinaryBlobStore } from './sandbox-storage';
-import type { BinaryContent, PresignedStorage } from './sandbox-storage';
+import { SandboxFaults } from './faults';
+import { resolveSandboxTraits } from './profiles';
+import type { SandboxProfileName, SandboxTraits } from './profiles';
+import { IndexedMemoryRepository } from './repo';
+import { BinaryBlobStore } from './storage';
+import type { BinaryContent, PresignedStorage } from './storage';
 import {
   FHIR_ID,
   Journal,
@@ -51,7 +51,7 @@ import {
   rewriteString,
   statusLine,
   toStatusAndOutcome,
-} from './sandbox-support';
+} from './support';
 
 export interface SandboxStats {
   /** Every HTTP request that reached the sandbox router (including failed ones). */

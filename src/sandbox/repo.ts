@@ -9,7 +9,7 @@
 import type { SearchRequest, WithId } from '@medplum/core';
 import { MemoryRepository } from '@medplum/fhir-router';
 import type { Bundle, Resource } from '@medplum/fhirtypes';
-import { SearchIndex } from './sandbox-index';
+import { SearchIndex } from './search-index';
 
 export interface IndexedMemoryRepositoryOptions {
   /**

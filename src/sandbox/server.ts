@@ -11,7 +11,7 @@
 //   await sandbox.close();
 //
 // Server profiles (`profile`, `traits`) make it behave like Medplum or HAPI where a gateway depends on
-// it: see ./sandbox-profiles.ts and docs/sandbox-profiles.md.
+// it: see ./profiles.ts and docs/sandbox-profiles.md.
 import { FhirRouter } from '@medplum/fhir-router';
 import type { MemoryRepository } from '@medplum/fhir-router';
 import express from 'express';
@@ -19,23 +19,23 @@ import type { NextFunction, Request, Response, Router } from 'express';
 import { createServer } from 'node:http';
 import type { IncomingMessage } from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { loadFhirDefinitions } from './sandbox-defs';
-import { SandboxEngine } from './sandbox-engine';
-import { SandboxFaults } from './sandbox-faults';
-import { resolveSandboxTraits } from './sandbox-profiles';
-import type { SandboxProfileName, SandboxTraits } from './sandbox-profiles';
-import { IndexedMemoryRepository } from './sandbox-repo';
-import { BinaryBlobStore, PresignedStorage } from './sandbox-storage';
-import type { PresignedStorageOptions } from './sandbox-storage';
-import type { RestRequest, RestResponse, SandboxEngineOptions, SandboxStats } from './sandbox-engine';
-import { outcome, parseETag } from './sandbox-support';
+import { loadFhirDefinitions } from './defs';
+import { SandboxEngine } from './engine';
+import { SandboxFaults } from './faults';
+import { resolveSandboxTraits } from './profiles';
+import type { SandboxProfileName, SandboxTraits } from './profiles';
+import { IndexedMemoryRepository } from './repo';
+import { BinaryBlobStore, PresignedStorage } from './storage';
+import type { PresignedStorageOptions } from './storage';
+import type { RestRequest, RestResponse, SandboxEngineOptions, SandboxStats } from './engine';
+import { outcome, parseETag } from './support';
 
-export type { SandboxStats, SandboxEngineOptions } from './sandbox-engine';
-export { loadFhirDefinitions } from './sandbox-defs';
-export { SANDBOX_PROFILES, resolveSandboxTraits } from './sandbox-profiles';
-export type { SandboxProfileName, SandboxTraits } from './sandbox-profiles';
-export { SandboxFaults } from './sandbox-faults';
-export type { FailNextEntryOptions } from './sandbox-faults';
+export type { SandboxStats, SandboxEngineOptions } from './engine';
+export { loadFhirDefinitions } from './defs';
+export { describeTraitOverrides, SANDBOX_PROFILES, resolveSandboxTraits } from './profiles';
+export type { SandboxProfileName, SandboxTraits } from './profiles';
+export { SandboxFaults } from './faults';
+export type { FailNextEntryOptions } from './faults';
 
 export interface SandboxRouterOptions extends SandboxEngineOptions {
   /**

@@ -4,7 +4,7 @@ import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Bundle, ServiceRequest, Task } from '@medplum/fhirtypes';
-import { startSandboxServer } from '../../src/fhir/sandbox';
+import { startSandboxServer } from '../../src/sandbox/server';
 import type { Gateway } from '../../src/gateway';
 import { REFERRAL_IDENTIFIER_SYSTEM } from '../../src/mapping/constants';
 import { eventually, fixture, KEY_A, startGateway } from '../helpers/gateway';

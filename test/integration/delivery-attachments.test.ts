@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import type { Binary, Bundle, DocumentReference, ServiceRequest, Task } from '@medplum/fhirtypes';
 import nock from 'nock';
 import { BINARY_DOCUMENT_TAG_SYSTEM } from '../../src/delivery/attachments';
-import { startSandboxServer } from '../../src/fhir/sandbox';
+import { startSandboxServer } from '../../src/sandbox/server';
 import type { Gateway } from '../../src/gateway';
 import { REFERRAL_IDENTIFIER_SYSTEM } from '../../src/mapping/constants';
 import { eventually, fixture as sampleReferral, KEY_A, startGateway } from '../helpers/gateway';

@@ -6,7 +6,7 @@ import nock from 'nock';
 import { FhirClients } from '../../src/delivery/clients';
 import { createFhirClient } from '../../src/fhir/client';
 import type { Gateway } from '../../src/gateway';
-import { startSandboxServer } from '../../src/fhir/sandbox';
+import { startSandboxServer } from '../../src/sandbox/server';
 import { REFERRAL_IDENTIFIER_SYSTEM } from '../../src/mapping/constants';
 import { ADMIN_KEY, eventually, fixture as sampleReferral, KEY_A, startGateway } from '../helpers/gateway';
 import { writeDestinationsFile } from '../helpers/destinations';

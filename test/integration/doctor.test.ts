@@ -7,8 +7,8 @@ import type { AddressInfo } from 'node:net';
 import { dirname } from 'node:path';
 import type { Destination } from '../../src/config/destinations';
 import { DOCTOR_TAG_CODE, DOCTOR_TAG_SYSTEM, type DoctorOptions, type DoctorReport, QUICK_SIZES, formatDoctorTable, runDoctor } from '../../src/doctor';
-import { type SandboxServer, startSandboxServer } from '../../src/fhir/sandbox';
-import { SANDBOX_ID, sandboxDestination } from '../../src/referral/check';
+import { type SandboxServer, startSandboxServer } from '../../src/sandbox/server';
+import { SANDBOX_ID, sandboxDestination } from '../../src/sandbox';
 import type { Gateway } from '../../src/gateway';
 import { ADMIN_KEY, startGateway } from '../helpers/gateway';
 

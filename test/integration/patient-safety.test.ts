@@ -5,8 +5,8 @@
 // sandbox server profile (conditional transactions on default and hapi, resolve-first on medplum and strict).
 import type { Bundle, Patient, Resource, ServiceRequest } from '@medplum/fhirtypes';
 import { demographicDifferences, describeFields, normaliseName } from '../../src/delivery/patient-match';
-import { startSandboxServer } from '../../src/fhir/sandbox';
-import type { SandboxServer } from '../../src/fhir/sandbox';
+import { startSandboxServer } from '../../src/sandbox/server';
+import type { SandboxServer } from '../../src/sandbox/server';
 import type { Gateway } from '../../src/gateway';
 import { logger } from '../../src/observability/logger';
 import { ADMIN_KEY, eventually, fixture, KEY_A, KEY_B, startGateway } from '../helpers/gateway';

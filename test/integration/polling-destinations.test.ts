@@ -2,7 +2,7 @@ import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import nock from 'nock';
-import { startSandboxServer } from '../../src/fhir/sandbox';
+import { startSandboxServer } from '../../src/sandbox/server';
 import type { Gateway } from '../../src/gateway';
 import { serviceDatabases } from '../helpers/db';
 import { startGateway } from '../helpers/gateway';

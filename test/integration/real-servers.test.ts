@@ -2,15 +2,15 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Bundle, DocumentReference, ServiceRequest, Task } from '@medplum/fhirtypes';
-import { startSandboxServer } from '../../src/fhir/sandbox';
-import type { SandboxServer } from '../../src/fhir/sandbox';
+import { startSandboxServer } from '../../src/sandbox/server';
+import type { SandboxServer } from '../../src/sandbox/server';
 import type { Gateway } from '../../src/gateway';
 import { REFERRAL_IDENTIFIER_SYSTEM } from '../../src/mapping/constants';
 import { writeDestinationsFile } from '../helpers/destinations';
 import { eventually, fixture, KEY_A, startGateway } from '../helpers/gateway';
 
 /**
- * The gateway against the sandbox in the profiles of the servers centres run (src/fhir/sandbox-profiles.ts):
+ * The gateway against the sandbox in the profiles of the servers centres run (src/sandbox/profiles.ts):
  * for each server trait, what it does to a referral when the destination's settings ignore it (stuck,
  * failed, half-written or broken at the centre), and the referral reaching `sent`, whole, with the settings
  * of its profile.

@@ -1,11 +1,11 @@
-// Server profiles of the FHIR sandbox (src/fhir/sandbox-profiles.ts, docs/sandbox-profiles.md): each
+// Server profiles of the FHIR sandbox (src/sandbox/profiles.ts, docs/sandbox-profiles.md): each
 // trait's behaviour when on, and the default behaviour when it is switched off by an override.
 import type { Bundle, BundleEntry, DocumentReference, OperationOutcome, Patient, Resource, Task } from '@medplum/fhirtypes';
 import { randomBytes, randomUUID } from 'node:crypto';
 import http from 'node:http';
-import { createSandboxRouter, startSandboxServer } from '../../src/fhir/sandbox';
-import type { SandboxServer } from '../../src/fhir/sandbox';
-import { SANDBOX_PROFILES, parseSandboxTraitOverrides, resolveSandboxTraits } from '../../src/fhir/sandbox-profiles';
+import { createSandboxRouter, startSandboxServer } from '../../src/sandbox/server';
+import type { SandboxServer } from '../../src/sandbox/server';
+import { SANDBOX_PROFILES, parseSandboxTraitOverrides, resolveSandboxTraits } from '../../src/sandbox/profiles';
 import { spawnTs } from '../helpers/processes';
 
 const SYS = 'https://ehr.example.org/ids';

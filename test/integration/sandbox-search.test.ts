@@ -1,13 +1,13 @@
-// The sandbox's search index (src/fhir/sandbox-index.ts) must give exactly what
+// The sandbox's search index (src/sandbox/search-index.ts) must give exactly what
 // MemoryRepository's scan gives: same matches, order, totals and pages. Every comparison below runs
 // the same SearchRequest through IndexedMemoryRepository.search (index) and .scanSearch (scan).
 import { Operator, parseSearchRequest } from '@medplum/core';
 import type { SearchRequest } from '@medplum/core';
 import type { Bundle, Coding, Identifier, OperationOutcome, Resource, Task } from '@medplum/fhirtypes';
-import { startSandboxServer } from '../../src/fhir/sandbox';
-import type { SandboxServer } from '../../src/fhir/sandbox';
-import { loadFhirDefinitions } from '../../src/fhir/sandbox-defs';
-import { IndexedMemoryRepository } from '../../src/fhir/sandbox-repo';
+import { startSandboxServer } from '../../src/sandbox/server';
+import type { SandboxServer } from '../../src/sandbox/server';
+import { loadFhirDefinitions } from '../../src/sandbox/defs';
+import { IndexedMemoryRepository } from '../../src/sandbox/repo';
 import { prng } from '../helpers/prng';
 
 const GW = 'https://referral-gateway.dev/fhir/CodeSystem/tags';

@@ -2,8 +2,8 @@ import type { Bundle, BundleEntry, OperationOutcome, Patient, Resource, Task } f
 import { randomUUID } from 'node:crypto';
 import express from 'express';
 import request from 'supertest';
-import { createSandboxRouter, startSandboxServer } from '../../src/fhir/sandbox';
-import type { SandboxServer } from '../../src/fhir/sandbox';
+import { createSandboxRouter, startSandboxServer } from '../../src/sandbox/server';
+import type { SandboxServer } from '../../src/sandbox/server';
 
 const SYS = 'https://ehr.example.org/ids';
 const FHIR_JSON = 'application/fhir+json';
