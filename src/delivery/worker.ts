@@ -1,7 +1,7 @@
 import type { OperationOutcome } from '@medplum/fhirtypes';
 import type { Destination } from '../config/destinations';
 import { logger } from '../observability/logger';
-import { LeasedQueueRunner } from '../queue/leased-runner';
+import { ageSeconds, isExhausted, LeasedQueueRunner, notPastAgeLimit, settleRetry } from '../queue';
 import type { MemoryBudget, Release } from '../memory';
 import { deliveries } from '../observability/metrics';
 import type { DestinationDirectory } from '../referral/service';
@@ -14,7 +14,6 @@ import type { DeliveryEvent, OperationContext, Outcome, ReferralSummary } from '
 import type { StoredReferral } from '../referral/types';
 
 type Entry = Omit<OutboxEntry, 'payload'>;
-import { isExhausted, nextDelay, notPastAgeLimit } from './policy';
 
 export { collectRefs } from './operations';
 export type { DeliveryEvent } from './operations';
@@ -68,10 +67,6 @@ export function entryBudgetMs(destination: Pick<Destination, 'timeoutMs'>): numb
  * (entries for an open circuit are put off to the probe time without an attempt being counted), and a dead
  * letter after `maxAttempts` or `maxAgeMs`.
  */
-/** How long ago an outbox entry was queued, in whole seconds. */
-function ageSeconds(entry: { createdAt: string }): number {
-  return Math.round((Date.now() - Date.parse(entry.createdAt)) / 1000);
-}
 
 export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
   private readonly workerId = `w_${ulid()}`;
@@ -285,7 +280,7 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
   private async deferForCircuit(entry: Entry, referral: ReferralSummary, destination: Destination, retryAt: number): Promise<void> {
     const lastError = entry.lastError ?? `destination ${destination.id} circuit open`;
     if (isExhausted(0, new Date(entry.createdAt), new Date(), { maxAttempts: Number.POSITIVE_INFINITY, maxAgeMs: this.opts.maxAgeMs })) {
-      await this.failPermanently(entry, referral, entry.attempts, `gave up after ${entry.attempts} attempts over ${ageSeconds(entry)} s (the age limit; destination circuit open); last error: ${lastError}`);
+      await this.failPermanently(entry, referral, entry.attempts, `gave up after ${entry.attempts} attempts over ${ageSeconds(Date.parse(entry.createdAt))} s (the age limit; destination circuit open); last error: ${lastError}`);
       return;
     }
     await this.store.rescheduleOutbox(entry.id, entry.attempts, new Date(notPastAgeLimit(retryAt, new Date(entry.createdAt), this.opts.maxAgeMs)).toISOString(), lastError);
@@ -295,17 +290,14 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
 
   private async retryLater(entry: Entry, referral: ReferralSummary, attempts: number, outcome: Extract<Outcome, { kind: 'retry' }>): Promise<void> {
     const error = outcome.status ? `${outcome.status}: ${outcome.reason}` : outcome.reason;
-    if (isExhausted(attempts, new Date(entry.createdAt), new Date(), { maxAttempts: this.opts.maxAttempts, maxAgeMs: this.opts.maxAgeMs })) {
-      const tooOld = attempts < this.opts.maxAttempts;
-      const why = tooOld ? `gave up after ${attempts} attempts over ${ageSeconds(entry)} s (the age limit)` : `gave up after ${attempts} attempts`;
+    const settled = settleRetry(attempts, Date.parse(entry.createdAt), error, this.opts, { retryAfterMs: outcome.retryAfterMs, mentionAge: true });
+    if (settled.kind === 'dead-letter') {
       // The dead letter keeps the server's last OperationOutcome, when it sent one.
-      await this.failPermanently(entry, referral, attempts, `${why}; last error: ${error}`, outcome.outcome);
+      await this.failPermanently(entry, referral, attempts, settled.reason, outcome.outcome);
       return;
     }
-    const delay = nextDelay(attempts, { baseMs: this.opts.baseDelayMs, capMs: this.opts.maxDelayMs, retryAfterMs: outcome.retryAfterMs });
-    const next = new Date(notPastAgeLimit(Date.now() + delay, new Date(entry.createdAt), this.opts.maxAgeMs)).toISOString();
-    await this.store.rescheduleOutbox(entry.id, attempts, next, error);
-    logger.warn('delivery will be retried', { referralId: referral.id, destination: referral.destination, kind: entry.kind, attempts, delayMs: delay, reason: error });
+    await this.store.rescheduleOutbox(entry.id, attempts, new Date(settled.at).toISOString(), error);
+    logger.warn('delivery will be retried', { referralId: referral.id, destination: referral.destination, kind: entry.kind, attempts, delayMs: settled.delayMs, reason: error });
   }
 
   /**

@@ -2,7 +2,7 @@ import type { Attachment, DiagnosticReport, DocumentReference, Reference, Servic
 import { schedule, type ScheduledTask } from 'node-cron';
 import type { Destination } from '../config/destinations';
 import type { FhirClients } from '../delivery/clients';
-import { nextDelay } from '../delivery/policy';
+import { nextDelay } from '../queue';
 import { FhirRequestError } from '../fhir/client';
 import { GATEWAY_TAG_SEARCH, REFERRAL_IDENTIFIER_SYSTEM } from '../mapping/constants';
 import { logger } from '../observability/logger';

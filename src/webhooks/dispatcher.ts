@@ -1,8 +1,7 @@
 import { Counter } from 'prom-client';
 import { Webhook } from 'standardwebhooks';
-import { isExhausted, nextDelay, notPastAgeLimit } from '../delivery/policy';
 import { errorCode, parseRetryAfterHeader } from '../fhir/auth';
-import { LeasedQueueRunner } from '../queue/leased-runner';
+import { LeasedQueueRunner, settleRetry } from '../queue';
 import { logger } from '../observability/logger';
 import { metricsRegistry } from '../observability/metrics';
 import { ulid } from '../store/ids';
@@ -179,19 +178,16 @@ export class WebhookDispatcher extends LeasedQueueRunner<WebhookEntry> {
         logger.error('webhook failed permanently', { ...ids, attempts, reason: result.reason });
         break;
       case 'retry': {
-        const now = Date.now();
-        if (isExhausted(attempts, new Date(entry.createdAt), now, { maxAttempts: this.opts.maxAttempts, maxAgeMs: this.opts.maxAgeMs })) {
-          const reason = `gave up after ${attempts} attempts; last error: ${result.reason}`;
-          applied = await this.store.markFailed(entry.id, this.workerId, attempts, reason);
+        const settled = settleRetry(attempts, Date.parse(entry.createdAt), result.reason, this.opts, { retryAfterMs: result.retryAfterMs });
+        if (settled.kind === 'dead-letter') {
+          applied = await this.store.markFailed(entry.id, this.workerId, attempts, settled.reason);
           webhookAttempts.inc({ result: 'failed' });
-          logger.error('webhook failed permanently', { ...ids, attempts, status: result.status, reason });
+          logger.error('webhook failed permanently', { ...ids, attempts, status: result.status, reason: settled.reason });
           break;
         }
-        const delay = nextDelay(attempts, { baseMs: this.opts.baseDelayMs, capMs: this.opts.maxDelayMs, retryAfterMs: result.retryAfterMs });
-        const at = notPastAgeLimit(now + delay, new Date(entry.createdAt), this.opts.maxAgeMs, now);
-        applied = await this.store.reschedule(entry.id, this.workerId, attempts, new Date(at).toISOString(), result.reason);
+        applied = await this.store.reschedule(entry.id, this.workerId, attempts, new Date(settled.at).toISOString(), result.reason);
         webhookAttempts.inc({ result: 'retry' });
-        logger.warn('webhook will be retried', { ...ids, attempts, status: result.status, delayMs: at - now, reason: result.reason, durationMs });
+        logger.warn('webhook will be retried', { ...ids, attempts, status: result.status, delayMs: settled.delayMs, reason: result.reason, durationMs });
         break;
       }
     }

@@ -1,4 +1,4 @@
-import { isExhausted, nextDelay, notPastAgeLimit } from '../../src/delivery/policy';
+import { isExhausted, nextDelay, notPastAgeLimit } from '../../src/queue';
 
 const opts = { baseMs: 1_000, capMs: 60_000 };
 const justBelowOne = () => 0.999_999;

@@ -58,3 +58,51 @@ function toMs(t: Date | number): number {
 function nonNegative(v: number): number {
   return Number.isFinite(v) && v > 0 ? v : 0;
 }
+
+/** How a queue retries a failed attempt and when it gives up: the same for every leased queue. */
+export interface RetryPolicy extends ExhaustionLimits {
+  baseDelayMs: number;
+  maxDelayMs: number;
+}
+
+/** What to do with an entry whose attempt failed with a reason worth retrying. */
+export type Settlement =
+  /** Try again at `at` (ms since the epoch), `delayMs` from now. */
+  | { kind: 'retry'; at: number; delayMs: number }
+  /** Give up: the dead letter, with the reason to record. */
+  | { kind: 'dead-letter'; reason: string; byAge: boolean };
+
+export interface SettleOptions {
+  /** The server's Retry-After, in ms (a floor for the delay). */
+  retryAfterMs?: number;
+  now?: number;
+  random?: () => number;
+  /**
+   * Say in the reason when the age limit, not the attempts, ended it ("over 90 s (the age limit)"). The delivery
+   * dead letter says so; the webhook dead letter keeps its shorter wording.
+   */
+  mentionAge?: boolean;
+}
+
+/**
+ * The one retry decision of the leased queues (delivery outbox, webhook outbox): after `attempts` attempts of an
+ * entry queued at `queuedAt`, the last of which failed with `lastError`, either give up (the attempts are spent,
+ * or the entry is as old as the age limit) or retry after a jittered exponential delay that honours Retry-After
+ * and never goes past the age limit (the last attempt happens at the deadline).
+ */
+export function settleRetry(attempts: number, queuedAt: Date | number, lastError: string, policy: RetryPolicy, opts: SettleOptions = {}): Settlement {
+  const now = opts.now ?? Date.now();
+  if (isExhausted(attempts, queuedAt, now, policy)) {
+    const byAge = attempts < policy.maxAttempts;
+    const why = byAge && opts.mentionAge ? `gave up after ${attempts} attempts over ${ageSeconds(queuedAt, now)} s (the age limit)` : `gave up after ${attempts} attempts`;
+    return { kind: 'dead-letter', reason: `${why}; last error: ${lastError}`, byAge };
+  }
+  const delay = nextDelay(attempts, { baseMs: policy.baseDelayMs, capMs: policy.maxDelayMs, retryAfterMs: opts.retryAfterMs }, opts.random);
+  const at = notPastAgeLimit(now + delay, queuedAt, policy.maxAgeMs, now);
+  return { kind: 'retry', at, delayMs: at - now };
+}
+
+/** How long ago an entry was queued, in whole seconds. */
+export function ageSeconds(queuedAt: Date | number, now: number = Date.now()): number {
+  return Math.round((now - toMs(queuedAt)) / 1000);
+}

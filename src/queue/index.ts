@@ -1,0 +1,2 @@
+export { LeasedQueueRunner } from './leased-runner';
+export { ageSeconds, type BackoffOptions, type ExhaustionLimits, isExhausted, nextDelay, notPastAgeLimit, type RetryPolicy, type Settlement, type SettleOptions, settleRetry } from './policy';
