@@ -16,7 +16,8 @@ export interface AdminDoctorDeps {
   orphanedBinaries?: (destinationId: string) => Promise<OrphanedBinary[]>;
 }
 
-const stateQuery = z.strictObject({
+/** The query of GET /admin/deliveries. */
+export const deliveriesQuery = z.strictObject({
   state: z.enum(['pending', 'done', 'failed']).default('failed'),
   limit: z.coerce.number().int().min(1).max(500).default(100),
 });
@@ -55,7 +56,7 @@ export function adminRouter(store: ReferralStore, runRetention?: () => Promise<R
   });
 
   r.get('/deliveries', async (req, res) => {
-    const q = stateQuery.safeParse(req.query);
+    const q = deliveriesQuery.safeParse(req.query);
     if (!q.success) throw new Failure('malformed', zodIssues(q.error));
     const entries = await store.listOutbox(q.data.state, q.data.limit);
     res.json({

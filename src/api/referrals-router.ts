@@ -1,6 +1,7 @@
 import { Router } from 'express';
 import { z } from 'zod';
-import { referralStatuses } from '../referral/types';
+import { referralStatusSchema } from '../referral/view';
+import type { StoredReferral } from '../referral/types';
 import type { ReferralService, SubmitResult } from '../referral/service';
 import { submissions } from '../observability/metrics';
 import { httpAnswer } from './send-outcome';
@@ -8,8 +9,9 @@ import { zodIssues } from '../referral/service';
 import type { ReferralStore } from '../store/referral-store';
 import { Failure } from '../outcomes';
 
-const listQuery = z.strictObject({
-  status: z.enum(referralStatuses).optional(),
+/** The query of GET /referrals. */
+export const listQuery = z.strictObject({
+  status: referralStatusSchema.optional(),
   externalId: z.string().min(1).max(128).optional(),
   updatedSince: z.iso.datetime({ offset: true }).transform((s) => new Date(s).toISOString()).optional(),
   limit: z.coerce.number().int().min(1).max(200).default(50),
@@ -55,7 +57,7 @@ export function reportHeaders(referralId: string, contentType: string | undefine
 
 export interface ReportReader {
   /** The report's bytes and content type, read from the destination. */
-  read(referral: import('../referral/types').StoredReferral): Promise<{ contentType: string; body: Buffer }>;
+  read(referral: StoredReferral): Promise<{ contentType: string; body: Buffer }>;
 }
 
 export function referralsRouter(service: ReferralService, store: ReferralStore, reports: ReportReader): Router {

@@ -4,7 +4,8 @@ import { zodIssues } from '../referral/service';
 import type { WebhookEntry, WebhookStore } from '../store/webhook-store';
 import { Failure } from '../outcomes';
 
-const stateQuery = z.strictObject({
+/** The query of GET /admin/webhooks. */
+export const webhooksQuery = z.strictObject({
   state: z.enum(['pending', 'delivered', 'failed']).default('failed'),
   limit: z.coerce.number().int().min(1).max(500).default(100),
 });
@@ -55,7 +56,7 @@ export function webhooksAdminRouter(store: WebhookStore, wake: () => void): Rout
   const r = Router();
 
   r.get('/webhooks', async (req, res) => {
-    const q = stateQuery.safeParse(req.query);
+    const q = webhooksQuery.safeParse(req.query);
     if (!q.success) throw new Failure('malformed', zodIssues(q.error));
     const entries = await store.list(q.data.state, q.data.limit);
     res.json({ items: entries.map(view) });

@@ -16,8 +16,10 @@ import { type ReferralView, toView } from './view';
 import { literalCallbackProblem } from '../webhooks/callback-guard';
 import { IntakeLane, type Pause } from './intake-lane';
 
-const cancelSchema = z.strictObject({ reason: z.string().trim().min(1, 'a reason is required').max(1000) });
-const addDocumentsSchema = z.array(documentSchema).min(1, 'at least one document is required').max(100);
+/** The body of POST /referrals/{id}/cancel. */
+export const cancelSchema = z.strictObject({ reason: z.string().trim().min(1, 'a reason is required').max(1000) });
+/** The documents of POST /referrals/{id}/documents (bare, or as `{ documents }`). */
+export const addDocumentsSchema = z.array(documentSchema).min(1, 'at least one document is required').max(100);
 
 /** An error answer lists at most this many issues, then one that counts the rest. */
 const MAX_ISSUES = 100;

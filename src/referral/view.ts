@@ -1,22 +1,68 @@
+import { z } from 'zod';
 import type { HistoryEntry, OutboxEntry } from '../store/referral-store';
-import type { StoredReferral } from './types';
+import { referralStatuses, type StoredReferral } from './types';
 
-/** The referral as the public API shows it (shared/api-contract.md, GET /referrals/{id}). */
-export interface ReferralView {
-  id: string;
-  externalId: string;
-  status: string;
-  statusReason: string | null;
-  destination: string;
-  createdAt: string;
-  updatedAt: string;
-  fhir: { baseUrl: string; serviceRequest: string | null; task: string | null; documents: string[] } | null;
-  history: Array<{ status: string; at: string; reason?: string }>;
-  delivery: { attempts: number; lastError: string | null; nextAttemptAt: string | null };
-  report: { reference: string; title?: string; contentType?: string; url: string } | null;
-  /** When the retention job removed the inline document bytes (DOCUMENT_RETENTION_DAYS after closing); null while kept. */
-  documentsRemovedAt: string | null;
-}
+/** A public referral status (shared/api-contract.md); the OpenAPI document's ReferralStatus. */
+export const referralStatusSchema = z.enum(referralStatuses).meta({
+  description:
+    "queued (stored, not yet at the centre), sent (delivered; the centre's Task is requested), received, accepted, rejected, on-hold, in-progress, completed, " +
+    "cancelled, failed (the centre's Task failed), delivery-failed (the centre refused the transaction permanently; see delivery.lastError).",
+});
+
+const dateTime = z.iso.datetime();
+
+/**
+ * The referral as the public API shows it (shared/api-contract.md, GET /referrals/{id}). Never parsed: it
+ * types toView and is the OpenAPI document's Referral, so the two cannot drift.
+ */
+export const referralViewSchema = z
+  .object({
+    id: z
+      .string()
+      .regex(/^ref_/)
+      .meta({ examples: ['ref_01JD3QW7Z8K2M4N6P8R0S2T4V6'] }),
+    externalId: z.string(),
+    status: referralStatusSchema,
+    statusReason: z.string().nullable().meta({ description: "The centre's Task.businessStatus / statusReason text." }),
+    destination: z.string(),
+    createdAt: dateTime,
+    updatedAt: dateTime,
+    fhir: z
+      .object({
+        baseUrl: z.url(),
+        serviceRequest: z
+          .string()
+          .nullable()
+          .meta({ examples: ['ServiceRequest/123'] }),
+        task: z
+          .string()
+          .nullable()
+          .meta({ examples: ['Task/124'] }),
+        documents: z.array(z.string().meta({ examples: ['DocumentReference/125'] })),
+      })
+      .nullable()
+      .meta({ description: "What the centre's FHIR server holds for the referral; null until delivered (the contract shows it as always present)." }),
+    history: z.array(z.object({ status: referralStatusSchema, at: dateTime, reason: z.string().optional() })),
+    delivery: z.object({ attempts: z.int().min(0), lastError: z.string().nullable(), nextAttemptAt: dateTime.nullable() }),
+    report: z
+      .object({
+        reference: z.string().meta({ examples: ['DocumentReference/200'] }),
+        title: z.string().optional(),
+        contentType: z.string().optional(),
+        url: z.string().meta({ description: '/referrals/{id}/report/content' }),
+      })
+      .nullable()
+      .meta({ description: 'The opinion the centre returned (from Task.output) once the Task is completed; null before.' }),
+    /** When the retention job removed the inline document bytes (DOCUMENT_RETENTION_DAYS after closing); null while kept. */
+    documentsRemovedAt: dateTime.nullable().meta({
+      description:
+        'Extension: when the retention job removed the inline document bytes (DOCUMENT_RETENTION_DAYS after the referral closed: completed, rejected, failed or ' +
+        'cancelled). Null while the gateway keeps them. The centre and the EHR keep their copies.',
+    }),
+  })
+  .meta({ description: 'A referral as GET /referrals/{id} shows it.' });
+
+export type ReferralView = z.output<typeof referralViewSchema>;
 
 export function toView(r: StoredReferral, history: HistoryEntry[], outbox: OutboxEntry[]): ReferralView {
   const submit = outbox.find((o) => o.kind === 'submit');
