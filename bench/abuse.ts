@@ -490,7 +490,10 @@ async function uploads(svc: Service, mode: 'plain' | 'gzip', all: UploadBodies):
 
 // ---- report ----
 
-const ms = (x: number): string => (Number.isFinite(x) ? (x >= 100 ? x.toFixed(0) : x.toFixed(1)) : '-');
+const ms = (x: number): string => {
+  if (!Number.isFinite(x)) return '-';
+  return x >= 100 ? x.toFixed(0) : x.toFixed(1);
+};
 const mb = (x: number): string => `${(x / MiB).toFixed(0)} MiB`;
 const range = (xs: number[], f: (x: number) => string): string => {
   const lo = Math.min(...xs);

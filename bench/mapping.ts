@@ -279,8 +279,18 @@ function parent(): void {
   if (colds.some((c) => !c.loadedHere)) process.stdout.write('WARNING: a child found the definitions already loaded\n');
 }
 
-const mode = process.argv[2];
-const job = mode === '--cold-load' ? coldLoad() : mode === '--throughput' ? throughput() : Promise.resolve(parent());
+function run(mode: string | undefined): Promise<void> {
+  switch (mode) {
+    case '--cold-load':
+      return coldLoad();
+    case '--throughput':
+      return throughput();
+    default:
+      return Promise.resolve(parent());
+  }
+}
+
+const job = run(process.argv[2]);
 job.catch((err: unknown) => {
   process.stderr.write(`bench/mapping failed: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
   process.exit(1);

@@ -268,7 +268,9 @@ function readBody(req: Request, res: Response, opts: JsonBodyOptions): Promise<R
       if (!decoder) onDone();
     };
     const onDecodeError = (): void => {
-      const name = encoding === 'br' ? 'brotli' : encoding === 'deflate' ? 'deflate' : 'gzip';
+      let name = 'gzip';
+      if (encoding === 'br') name = 'brotli';
+      else if (encoding === 'deflate') name = 'deflate';
       fail(refused('decompress', new Failure('malformed', { code: 'structure', message: `the body is not valid ${name} data (Content-Encoding: ${encoding})`, expression: '$' })));
     };
     const onAborted = (): void => {

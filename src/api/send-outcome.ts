@@ -55,6 +55,8 @@ export function httpAnswer(err: unknown): HttpAnswer | undefined {
       return plain(415, { code: 'not-supported', message: 'unsupported body encoding or charset', expression: '$' });
     case 'request.aborted':
       return plain(400, { code: 'incomplete', message: 'the request was aborted' });
+    default:
+      break; // other errors: answered by their status below, if any
   }
   const status = e?.status ?? e?.statusCode;
   if (typeof status === 'number' && status >= 400 && status < 500) return plain(status, { code: 'invalid', message: 'the request could not be processed' });

@@ -21,7 +21,9 @@ environment: ADMIN_API_KEY (required), GATEWAY_URL (default http://127.0.0.1:808
 interface AdminCall {
   method: 'GET' | 'POST';
   path: string;
-  show: (body: any) => string[];
+  /** The lines for the API's parsed JSON answer. Each command declares the shape docs/openapi.json gives it
+   * (a method, so that its narrower parameter type is accepted). */
+  show(body: unknown): string[];
 }
 
 function parse(args: string[]): AdminCall | string {
@@ -113,14 +115,15 @@ async function main(): Promise<number> {
     return 1;
   }
   const text = await res.text();
-  let body: any;
+  let body: unknown;
   try {
     body = JSON.parse(text);
   } catch {
     body = undefined;
   }
   if (!res.ok) {
-    const issues: Array<{ details?: { text?: string } }> = body?.resourceType === 'OperationOutcome' ? body.issue : [];
+    const outcome = body as { resourceType?: unknown; issue: Array<{ details?: { text?: string } }> } | null | undefined;
+    const issues: Array<{ details?: { text?: string } }> = outcome?.resourceType === 'OperationOutcome' ? outcome.issue : [];
     const why = issues.map((i) => i.details?.text).filter(Boolean).join('; ') || text.slice(0, 200);
     process.stderr.write(`${res.status}: ${why}\n`);
     return 1;

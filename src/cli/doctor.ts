@@ -54,8 +54,7 @@ function sandboxTarget(url: string, env: NodeJS.ProcessEnv): Destination {
     const variable = destinationOptionVariable(option);
     const text = env[variable]?.trim();
     if (!text) continue;
-    raw[option] =
-      text === 'true' ? true : text === 'false' ? false : /^\d+$/.test(text) ? Number(text) : option === 'attachmentOrigins' ? text.split(',').map((s) => s.trim()).filter(Boolean) : text;
+    raw[option] = optionValue(option, text);
   }
   if (env.FHIR_TIMEOUT_MS && /^\d+$/.test(env.FHIR_TIMEOUT_MS.trim())) raw.timeoutMs = Number(env.FHIR_TIMEOUT_MS.trim());
   const parsed = destinationSchema.safeParse(raw);
@@ -63,6 +62,15 @@ function sandboxTarget(url: string, env: NodeJS.ProcessEnv): Destination {
     throw new ConfigError(parsed.error.issues.map((issue) => `${destinationOptionVariable(String(issue.path[0] ?? 'profile'))} ${issue.message}`));
   }
   return parsed.data;
+}
+
+/** A FHIR_<OPTION> variable's value: a boolean, a whole number, a comma list (attachmentOrigins), else the text. */
+function optionValue(option: (typeof SANDBOX_OPTIONS)[number], text: string): unknown {
+  if (text === 'true') return true;
+  if (text === 'false') return false;
+  if (/^\d+$/.test(text)) return Number(text);
+  if (option === 'attachmentOrigins') return text.split(',').map((s) => s.trim()).filter(Boolean);
+  return text;
 }
 
 function write(text: string): Promise<void> {

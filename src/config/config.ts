@@ -370,7 +370,9 @@ function envValue(schema: z.ZodType | undefined, text: string): unknown {
   switch (kind) {
     case 'boolean':
     case 'union':
-      return t === 'true' ? true : t === 'false' ? false : t;
+      if (t === 'true') return true;
+      if (t === 'false') return false;
+      return t;
     case 'number':
       return t !== '' && Number.isFinite(Number(t)) ? Number(t) : t;
     case 'array':

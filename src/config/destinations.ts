@@ -223,7 +223,7 @@ export function loadDestinationsFile(path: string): Destination[] {
   try {
     raw = JSON.parse(readFileSync(path, 'utf8'));
   } catch (err) {
-    throw new Error(`DESTINATIONS_FILE ${path}: not valid JSON (${(err as Error).message})`);
+    throw new Error(`DESTINATIONS_FILE ${path}: not valid JSON (${(err as Error).message})`, { cause: err });
   }
   const parsed = destinationsFileSchema.safeParse(raw);
   if (!parsed.success) {

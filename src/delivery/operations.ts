@@ -763,6 +763,9 @@ export function collectRefs(destination: Destination, types: ReadonlyArray<strin
       case 'DocumentReference':
         refs.documents.push(ref);
         break;
+      default:
+        // Patient-side and shared entries (Practitioner, Organization, Condition, Binary...) are not recorded.
+        break;
     }
   });
   return refs;

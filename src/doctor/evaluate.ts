@@ -325,7 +325,9 @@ export function evaluate(facts: Facts, dest: Destination, input: SettingsInput =
     const numeric = is2xx(cf.numeric.status)
       ? ''
       : `; purely numeric ids are refused (${cf.numeric.answer}): the gateway never uses them`;
-    const relevant = s.binaryMode === 'put' ? { how: 'FHIR JSON', ...cf.json } : s.binaryMode === 'raw' && s.clientIds ? { how: 'raw', ...cf.raw } : undefined;
+    let relevant: { how: string; status: number; answer: string } | undefined;
+    if (s.binaryMode === 'put') relevant = { how: 'FHIR JSON', ...cf.json };
+    else if (s.binaryMode === 'raw' && s.clientIds) relevant = { how: 'raw', ...cf.raw };
     if (!relevant) {
       add(line('client-id-form', cfl, 'ok', `not used (binaryMode ${s.binaryMode}${s.binaryMode === 'raw' ? ', clientIds false' : ''}); PUT Binary/rg-<uuid> answered ${cf.json.answer} (JSON), ${cf.raw.answer} (raw)${numeric}`));
     } else if (is2xx(relevant.status)) {
@@ -361,7 +363,9 @@ export function evaluate(facts: Facts, dest: Destination, input: SettingsInput =
     if (s.binaryMode === 'raw') {
       const putOk = ran(ua) && is2xx(ua.status) && ran(cf) && is2xx(cf.json.status);
       const tagOk = ran(bt) && is2xx(bt.status);
-      const fix: SettingsInput | undefined = putOk ? { binaryMode: 'put', clientIds: true } : tagOk ? { binaryMode: 'conditional-create' } : undefined;
+      let fix: SettingsInput | undefined;
+      if (putOk) fix = { binaryMode: 'put', clientIds: true };
+      else if (tagOk) fix = { binaryMode: 'conditional-create' };
       add(line('raw-binary-size', rbl, 'fail', `${what}: binaryMode raw needs it`, fix ? `set binaryMode ${fix.binaryMode}` : 'the centre must accept raw Binary uploads (the document bytes with their own Content-Type)', fix));
     } else if (s.maxJsonBytes !== undefined) {
       add(line('raw-binary-size', rbl, 'warn', `${what}: documents that do not fit maxJsonBytes cannot be uploaded raw`, 'the centre should accept raw Binary uploads'));
@@ -389,8 +393,8 @@ export function evaluate(facts: Facts, dest: Destination, input: SettingsInput =
   if (!ran(rd)) {
     add(notRunLine('raw-binary', rdl, rd));
   } else {
-    const anyDesc = rd.anyAccept.kind === 'raw' ? `raw ${rd.anyAccept.contentType}` : rd.anyAccept.kind === 'json' ? 'FHIR JSON Binary' : `HTTP ${rd.anyAccept.status}`;
-    const jsonDesc = rd.jsonAccept.kind === 'json' ? 'FHIR JSON Binary' : rd.jsonAccept.kind === 'raw' ? 'raw bytes' : `HTTP ${rd.jsonAccept.status}`;
+    const anyDesc = readBackDesc(rd.anyAccept, `raw ${rd.anyAccept.contentType}`);
+    const jsonDesc = readBackDesc(rd.jsonAccept, 'raw bytes');
     const how = `GET Binary/<id>: Accept */* → ${anyDesc}${rd.anyAccept.identical ? ' (identical)' : ' (differs)'}; Accept application/fhir+json → ${jsonDesc}${rd.jsonAccept.identical ? ' (identical)' : ' (differs)'}`;
     if (rd.anyAccept.identical || rd.jsonAccept.identical) add(line('raw-binary', rdl, 'ok', `bytes identical; ${how}`));
     else add(line('raw-binary', rdl, 'fail', `the uploaded bytes did not come back; ${how}`, 'the centre must return a Binary as uploaded (raw for Accept */*, or base64 data in JSON)'));
@@ -505,6 +509,27 @@ function jsonLine(facts: Facts, dest: Destination, s: DestinationSettings): Line
   );
 }
 
+/** What a read back of the Binary answered: `raw` when the bytes came raw, the FHIR JSON Binary, else the HTTP status. */
+function readBackDesc(answer: { status: number; kind: 'raw' | 'json' | 'other' }, raw: string): string {
+  switch (answer.kind) {
+    case 'raw':
+      return raw;
+    case 'json':
+      return 'FHIR JSON Binary';
+    default:
+      return `HTTP ${answer.status}`;
+  }
+}
+
+/** What fetching the attachment URL without credentials gave. */
+function attachmentFetchText(f: { status?: number; identical?: boolean; error?: string } | undefined): string {
+  if (f?.error) return `fetching it without credentials failed: ${f.error}`;
+  if (f?.status === undefined) return 'not fetched';
+  let bytes = '';
+  if (is2xx(f.status)) bytes = f.identical ? ', bytes identical' : ', bytes differ';
+  return `fetched without credentials: HTTP ${f.status}${bytes}`;
+}
+
 function attachmentLine(facts: Facts, s: DestinationSettings): Line {
   const id = 'presigned-urls';
   const l = 'Attachment URLs';
@@ -519,7 +544,7 @@ function attachmentLine(facts: Facts, s: DestinationSettings): Line {
   const f = a.fetch;
   const fetched = f?.status !== undefined && is2xx(f.status) && f.identical === true;
   const what = `attachment url read back rewritten to ${a.url} (outside the base, presigned)`;
-  const fetchText = f?.error ? `fetching it without credentials failed: ${f.error}` : f?.status !== undefined ? `fetched without credentials: HTTP ${f.status}${is2xx(f.status) ? (f.identical ? ', bytes identical' : ', bytes differ') : ''}` : 'not fetched';
+  const fetchText = attachmentFetchText(f);
   if (!fetched) {
     return line(id, l, 'fail', `${what}; ${fetchText}`, "the centre's attachment URLs must be fetchable (the presigned URL without the FHIR credentials)");
   }
@@ -537,6 +562,9 @@ function attachmentLine(facts: Facts, s: DestinationSettings): Line {
   );
 }
 
+/** A next link's shape in the report; a link without a shape counts as outside the base. */
+const LINK_SHAPES = { relative: 'relative', absolute: 'absolute under the base', 'outside-base': 'outside the base' } as const;
+
 function pagingLine(facts: Facts, dest: Destination): Line {
   const id = 'paging';
   const l = 'Paging links';
@@ -550,7 +578,7 @@ function pagingLine(facts: Facts, dest: Destination): Line {
     }
     return line(id, l, 'warn', `no next link with _count=1 over ${p.total} Patients: the poller would read only the first page`, 'the centre must send Bundle.link next');
   }
-  const shape = p.shape === 'relative' ? 'relative' : p.shape === 'absolute' ? 'absolute under the base' : 'outside the base';
+  const shape = LINK_SHAPES[p.shape ?? 'outside-base'];
   const opaque = p.opaque ? ', opaque (a server-side search id, e.g. HAPI _getpages)' : '';
   if (p.shape === 'outside-base') {
     return line(id, l, 'fail', `next link ${p.next} points outside the base (${dest.baseUrl}): the gateway does not follow it`, 'set baseUrl to the base URL the server uses in its own links');

@@ -29,7 +29,7 @@ export async function runDoctor(destination: Destination, opts: DoctorOptions = 
   const jsonCandidates = [settings.maxJsonBytes, serverProfileDefaults.medplum.maxJsonBytes].filter((n): n is number => n !== undefined);
 
   let facts: Facts | undefined;
-  let cleanup: DoctorReport['cleanup'] = { deleted: 0, left: [] };
+  let cleanup: DoctorReport['cleanup'];
   try {
     facts = await runProbes(destination, http, {
       env,

@@ -8,7 +8,7 @@ import {
   BudgetExceeded,
   FHIR_JSON,
   type HttpAnswer,
-  ProbeHttp,
+  type ProbeHttp,
   type ResourceRef,
   bundleEntries,
   describeAnswer,
@@ -415,7 +415,7 @@ export async function runProbes(dest: Destination, http: ProbeHttp, o: ProbeOpti
         facts.minimal = {
           status: second.status,
           answer: describeAnswer(second),
-          body: second.body.length === 0 ? 'empty' : second.json?.resourceType === 'Bundle' ? 'bundle' : 'other',
+          body: minimalBody(second),
         };
         trackEntries(second);
       } catch (err) {
@@ -705,7 +705,7 @@ export async function runProbes(dest: Destination, http: ProbeHttp, o: ProbeOpti
       if (!next) return out;
       const where = classifyUrl(next, http.baseUrl);
       out.next = shortUrl(next);
-      out.shape = where === 'relative' ? 'relative' : where === 'under-base' ? 'absolute' : 'outside-base';
+      out.shape = where === 'under-base' ? 'absolute' : where;
       out.opaque = /[?&]_getpages=/.test(next) || !next.includes('_tag=');
       if (out.shape === 'outside-base') return out; // never sent: it would carry the credentials elsewhere
       const page = await http.get(next);
@@ -755,6 +755,12 @@ export function classifyUrl(url: string, baseUrl: string): 'relative' | 'under-b
   const base = new URL(baseUrl);
   const basePath = base.pathname.replace(/\/+$/, '');
   return u.origin === base.origin && (basePath === '' || u.pathname === basePath || u.pathname.startsWith(basePath + '/')) ? 'under-base' : 'outside-base';
+}
+
+/** What a `Prefer: return=minimal` answer's body held. */
+function minimalBody(answer: HttpAnswer): 'empty' | 'bundle' | 'other' {
+  if (answer.body.length === 0) return 'empty';
+  return answer.json?.resourceType === 'Bundle' ? 'bundle' : 'other';
 }
 
 /** A URL for the report without its query (presigned signatures, paging tokens). */

@@ -158,7 +158,7 @@ export function loadPrivateKey(auth: SmartBackendAuth, env: NodeJS.ProcessEnv = 
     try {
       pem = readFileSync(auth.privateKeyFile, 'utf8');
     } catch (err) {
-      throw new Error(`Destination auth: cannot read the private key ${source} (${errorCode(err)})`);
+      throw new Error(`Destination auth: cannot read the private key ${source} (${errorCode(err)})`, { cause: err });
     }
   } else if (auth.privateKeyEnv !== undefined) {
     source = `environment variable ${auth.privateKeyEnv}`;

@@ -59,6 +59,7 @@ interface ScanSource {
 }
 
 /** Characters that make a JSON string's text differ from its value (escapes), or make it invalid (controls). */
+// eslint-disable-next-line no-control-regex -- intended: JSON forbids raw U+0000–U+001F in strings, so they make a string not plain
 const NOT_PLAIN = /[\\\u0000-\u001f\u0080-\uffff]/;
 
 function textSource(text: string): ScanSource {
@@ -191,6 +192,7 @@ export function parseSharing(text: string, longs: ReadonlyArray<LongString>): un
   return putLongs(JSON.parse(pieces.join('')), longs, (l) => text.slice(l.start + 1, l.end));
 }
 
+// eslint-disable-next-line no-control-regex -- intended: JSON forbids raw U+0000–U+001F in strings, this finds them
 const CONTROL = /[\u0000-\u001f]/;
 const strictUtf8 = new TextDecoder('utf-8', { fatal: true });
 /** For the pieces after the first: a byte order mark there is content, not a mark to drop. */

@@ -202,8 +202,13 @@ function compact<T>(value: T): T {
 
 /** Decoded size in bytes of a base64 string, without decoding it. */
 export function base64ByteLength(data: string): number {
-  const padding = data.endsWith('==') ? 2 : data.endsWith('=') ? 1 : 0;
-  return (data.length / 4) * 3 - padding;
+  return (data.length / 4) * 3 - base64Padding(data);
+}
+
+/** The number of `=` padding characters that end a base64 string (0, 1 or 2). */
+function base64Padding(data: string): number {
+  if (data.endsWith('==')) return 2;
+  return data.endsWith('=') ? 1 : 0;
 }
 
 /** Base64 characters decoded per step when hashing a document: 4 MiB (a multiple of 4, so slices decode alone). */

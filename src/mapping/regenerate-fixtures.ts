@@ -76,13 +76,15 @@ function main(): void {
     const text = `${JSON.stringify(bundle, null, 2)}\n`;
     const path = bundlePath(name);
     const before = existsSync(path) ? readFileSync(path, 'utf8') : undefined;
+    let outcome = 'unchanged';
     if (before !== text) {
       changed++;
+      outcome = check ? 'WOULD CHANGE' : 'written';
       if (!check) {
         writeFileSync(path, text);
       }
     }
-    console.log(`${before === text ? 'unchanged' : check ? 'WOULD CHANGE' : 'written'}  ${path}  (${bundle.entry?.length ?? 0} entries)`);
+    console.log(`${outcome}  ${path}  (${bundle.entry?.length ?? 0} entries)`);
   }
   if (check && changed > 0) {
     process.exitCode = 1;

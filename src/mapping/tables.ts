@@ -212,7 +212,7 @@ function loadFile<K extends keyof MutableTables>(dir: string, key: K): MutableTa
   try {
     raw = JSON.parse(readFileSync(path, 'utf8'));
   } catch (err) {
-    throw new Error(`mapping table ${path}: ${(err as Error).message}`);
+    throw new Error(`mapping table ${path}: ${(err as Error).message}`, { cause: err });
   }
   const parsed = schema.safeParse(raw);
   if (!parsed.success) {

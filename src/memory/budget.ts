@@ -81,6 +81,7 @@ export class MemoryBudget {
     if (cost <= 0) return Promise.resolve(() => undefined);
     if (opts.signal?.aborted) return Promise.resolve('aborted');
     return new Promise((resolve) => {
+      // eslint-disable-next-line prefer-const -- leave/admit read it before it is set (#pump can admit synchronously): a const there would throw
       let timer: NodeJS.Timeout | undefined;
       const leave = (why: Refusal): void => {
         clearTimeout(timer);

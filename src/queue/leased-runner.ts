@@ -55,7 +55,7 @@ export abstract class LeasedQueueRunner<E extends { id: string; referralId: stri
   private async loop(): Promise<void> {
     while (this.running && this.wakeRequested) {
       this.wakeRequested = false;
-      let claimed: E[] = [];
+      let claimed: E[];
       try {
         const free = this.opts.concurrency - this.inFlight.size;
         if (free <= 0) {

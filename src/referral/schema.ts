@@ -79,10 +79,16 @@ export function isBase64(s: string): boolean {
   for (let start = 0; start < s.length; start += BASE64_SLICE_CHARS) {
     const slice = s.length <= BASE64_SLICE_CHARS ? s : s.slice(start, start + BASE64_SLICE_CHARS);
     const last = start + BASE64_SLICE_CHARS >= s.length;
-    const padding = last ? (slice.endsWith('==') ? 2 : slice.endsWith('=') ? 1 : 0) : 0;
+    const padding = last ? base64Padding(slice) : 0;
     if (base64Scratch.write(slice, 'base64') !== (slice.length / 4) * 3 - padding) return false;
   }
   return s.indexOf('-') < 0 && s.indexOf('_') < 0;
+}
+
+/** The number of `=` padding characters that end a base64 string (0, 1 or 2). */
+function base64Padding(s: string): number {
+  if (s.endsWith('==')) return 2;
+  return s.endsWith('=') ? 1 : 0;
 }
 
 const base64 = z.string().min(1, 'must not be empty').refine(isBase64, 'is not valid base64');

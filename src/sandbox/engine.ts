@@ -7,7 +7,7 @@
 //  - MemoryRepository.withTransaction() never rolls back;
 //  - it only rewrites lower-case urn:uuid references;
 //  - response.status is '201' (not '201 Created') and response.location lacks _history/vid.
-import type { WithId } from '@medplum/core';
+import type { SearchRequest, WithId } from '@medplum/core';
 import {
   getResourceTypes,
   getSearchParameter,
@@ -19,7 +19,6 @@ import {
   parseSearchRequest,
   validateResource,
 } from '@medplum/core';
-import type { SearchRequest } from '@medplum/core';
 import type { FhirRouter, HttpMethod, MemoryRepository } from '@medplum/fhir-router';
 import { randomUUID } from 'node:crypto';
 import type {
@@ -499,7 +498,8 @@ export class SandboxEngine {
       const out: Record<string, unknown> = {};
       for (const [key, item] of Object.entries(v)) {
         const id = key === 'url' && typeof item === 'string' ? storage.binaryIdOf(item) : undefined;
-        out[key] = id ? `Binary/${id}` : item !== null && typeof item === 'object' ? walk(item) : item;
+        if (id) out[key] = `Binary/${id}`;
+        else out[key] = item !== null && typeof item === 'object' ? walk(item) : item;
       }
       return out;
     };
@@ -1379,8 +1379,14 @@ function preferReturn(prefer: string | undefined): 'minimal' | 'representation' 
   if (!match) {
     return undefined;
   }
-  const value = match[1].toLowerCase();
-  return value === 'minimal' ? 'minimal' : value === 'operationoutcome' ? 'OperationOutcome' : 'representation';
+  switch (match[1].toLowerCase()) {
+    case 'minimal':
+      return 'minimal';
+    case 'operationoutcome':
+      return 'OperationOutcome';
+    default:
+      return 'representation';
+  }
 }
 
 function parseEntryUrl(url: string, base: string): { segments: string[]; search: string } {
@@ -1464,7 +1470,9 @@ function isBase64Binary(value: string): boolean {
   if (value.length === 0 || value.length % 4 !== 0) {
     return false;
   }
-  const padding = value.endsWith('==') ? 2 : value.endsWith('=') ? 1 : 0;
+  let padding = 0;
+  if (value.endsWith('==')) padding = 2;
+  else if (value.endsWith('=')) padding = 1;
   return /^[A-Za-z\d+/]+$/.test(padding > 0 ? value.slice(0, -padding) : value);
 }
 

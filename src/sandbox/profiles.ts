@@ -236,7 +236,9 @@ export function resolveSandboxTraits(
   if (!isSandboxProfileName(name)) {
     throw new Error(`Unknown sandbox profile "${profile}" (known: ${PROFILE_NAMES.join(', ')})`);
   }
-  const applied = overrides === undefined ? {} : typeof overrides === 'string' ? parseSandboxTraitOverrides(overrides) : checkPartial(overrides);
+  let applied: Partial<SandboxTraits> = {};
+  if (typeof overrides === 'string') applied = parseSandboxTraitOverrides(overrides);
+  else if (overrides !== undefined) applied = checkPartial(overrides);
   return { ...SANDBOX_PROFILES[name], ...applied, profile: name };
 }
 

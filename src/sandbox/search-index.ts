@@ -62,7 +62,9 @@ function canonicalInstant(value: unknown): string | undefined {
 function compareEntries(a: Entry, b: Entry): number {
   const ka = a.lastUpdated ?? '';
   const kb = b.lastUpdated ?? '';
-  return ka < kb ? -1 : ka > kb ? 1 : a.seq - b.seq;
+  if (ka < kb) return -1;
+  if (ka > kb) return 1;
+  return a.seq - b.seq;
 }
 
 /** Top-level Identifier elements filed in the key index (`DocumentReference?identifier=` also reads masterIdentifier). */
@@ -354,7 +356,8 @@ function isLastUpdatedParam(type: string, code: string): boolean {
 type TokenVisitor = (system: string | undefined, value: string | undefined) => boolean;
 
 function asList(value: unknown): unknown[] {
-  return Array.isArray(value) ? value : value === undefined || value === null ? [] : [value];
+  if (Array.isArray(value)) return value;
+  return value === undefined || value === null ? [] : [value];
 }
 
 function str(value: unknown): string | undefined {

@@ -25,7 +25,7 @@ import { SandboxFaults } from './faults';
 import { resolveSandboxTraits } from './profiles';
 import type { SandboxProfileName, SandboxTraits } from './profiles';
 import { IndexedMemoryRepository } from './repo';
-import { BinaryBlobStore, PresignedStorage } from './storage';
+import { BinaryBlobStore, PresignedStorage, urlHostOf } from './storage';
 import type { PresignedStorageOptions } from './storage';
 import type { RestRequest, RestResponse, SandboxEngineOptions, SandboxStats } from './engine';
 import { outcome, parseETag } from './support';
@@ -121,18 +121,17 @@ export function createSandboxRouter(options: SandboxRouterOptions = {}): Sandbox
   const stats: SandboxStats = { requests: 0, searches: {}, byType: {}, interactions: {} };
   const faults = new SandboxFaults();
   const blobs = new BinaryBlobStore();
-  let engine: SandboxEngine | undefined;
   const storage = traits.presignedBinaryUrls
     ? new PresignedStorage(async (id, versionId) => {
         try {
           const binary = await repo.readVersion('Binary', id, versionId);
-          return engine?.binaryContent(binary);
+          return engine.binaryContent(binary);
         } catch {
           return undefined;
         }
       }, options.storage)
     : undefined;
-  engine = new SandboxEngine(repo, new FhirRouter(), stats, options, { traits, faults, blobs, storage });
+  const engine: SandboxEngine = new SandboxEngine(repo, new FhirRouter(), stats, options, { traits, faults, blobs, storage });
   const baseUrl = options.baseUrl ?? ((req: Request) => `${req.protocol}://${req.get('host')}${req.baseUrl}`);
   const jsonLimit = traits.maxJsonBytes ?? '50mb';
 
@@ -155,7 +154,7 @@ export function createSandboxRouter(options: SandboxRouterOptions = {}): Sandbox
       send(res, { status: 400, body: outcome(400, `Malformed request path: ${req.path}`) }, base);
       return;
     }
-    send(res, await (engine as SandboxEngine).handle(rest), base);
+    send(res, await engine.handle(rest), base);
   });
   router.use((err: unknown, req: Request, res: Response, next: NextFunction) => {
     if (res.headersSent) {
@@ -169,14 +168,7 @@ export function createSandboxRouter(options: SandboxRouterOptions = {}): Sandbox
       return;
     }
     const status = e.status ?? e.statusCode ?? 500;
-    const text =
-      e.type === 'entity.parse.failed'
-        ? `Malformed JSON request body: ${e.message ?? ''}`.trim()
-        : e.type === 'entity.too.large'
-          ? e.limit === RAW_BINARY_LIMIT
-            ? 'Raw Binary body exceeds the 1 GB limit'
-            : 'Request body exceeds the 50 MB limit'
-          : (e.message ?? 'Internal error');
+    const text = errorText(e);
     send(res, { status, body: outcome(status, text) }, baseUrl(req));
   });
 
@@ -196,6 +188,18 @@ export function createSandboxRouter(options: SandboxRouterOptions = {}): Sandbox
     },
     close: () => (storage ? storage.close() : Promise.resolve()),
   };
+}
+
+/** The diagnostics of an error that reached the error handler (body-parser's, or a bug). */
+function errorText(e: { type?: string; message?: string; limit?: number }): string {
+  switch (e.type) {
+    case 'entity.parse.failed':
+      return `Malformed JSON request body: ${e.message ?? ''}`.trim();
+    case 'entity.too.large':
+      return e.limit === RAW_BINARY_LIMIT ? 'Raw Binary body exceeds the 1 GB limit' : 'Request body exceeds the 50 MB limit';
+    default:
+      return e.message ?? 'Internal error';
+  }
 }
 
 function hasBody(req: Request): boolean {
@@ -317,7 +321,7 @@ export async function startSandboxServer(port: number, options: StartSandboxOpti
     throw err;
   }
   const actualPort = (server.address() as AddressInfo).port;
-  const urlHost = host === '0.0.0.0' || host === '::' ? '127.0.0.1' : host.includes(':') ? `[${host}]` : host;
+  const urlHost = urlHostOf(host);
 
   let closing: Promise<void> | undefined;
   return {

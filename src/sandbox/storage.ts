@@ -88,7 +88,7 @@ export class PresignedStorage {
         // The storage server alone never keeps a process alive (the FHIR server it belongs to does).
         this.server.unref();
         const port = (this.server.address() as AddressInfo).port;
-        const urlHost = host === '0.0.0.0' || host === '::' ? '127.0.0.1' : host.includes(':') ? `[${host}]` : host;
+        const urlHost = urlHostOf(host);
         this.base = (options.publicUrl ?? `http://${urlHost}:${port}`).replace(/\/+$/, '');
         resolve();
       });
@@ -185,4 +185,10 @@ function text(res: ServerResponse, status: number, body: string): void {
   res.statusCode = status;
   res.setHeader('Content-Type', 'text/plain; charset=utf-8');
   res.end(body);
+}
+
+/** The host of a URL to a server listening on `host`: loopback for a wildcard address, an IPv6 address in brackets. */
+export function urlHostOf(host: string): string {
+  if (host === '0.0.0.0' || host === '::') return '127.0.0.1';
+  return host.includes(':') ? `[${host}]` : host;
 }

@@ -149,15 +149,24 @@ class StoreErrorsDriver implements Driver {
   }
 
   savepoint(c: DatabaseConnection, name: string, compile: QueryCompiler['compileQuery']): Promise<void> {
-    return this.#call(() => this.#inner.savepoint!(this.#unwrap(c), name, compile));
+    return this.#call(() => {
+      if (!this.#inner.savepoint) throw new Error('the database driver does not support savepoints (savepoint)');
+      return this.#inner.savepoint(this.#unwrap(c), name, compile);
+    });
   }
 
   rollbackToSavepoint(c: DatabaseConnection, name: string, compile: QueryCompiler['compileQuery']): Promise<void> {
-    return this.#call(() => this.#inner.rollbackToSavepoint!(this.#unwrap(c), name, compile));
+    return this.#call(() => {
+      if (!this.#inner.rollbackToSavepoint) throw new Error('the database driver does not support savepoints (rollbackToSavepoint)');
+      return this.#inner.rollbackToSavepoint(this.#unwrap(c), name, compile);
+    });
   }
 
   releaseSavepoint(c: DatabaseConnection, name: string, compile: QueryCompiler['compileQuery']): Promise<void> {
-    return this.#call(() => this.#inner.releaseSavepoint!(this.#unwrap(c), name, compile));
+    return this.#call(() => {
+      if (!this.#inner.releaseSavepoint) throw new Error('the database driver does not support savepoints (releaseSavepoint)');
+      return this.#inner.releaseSavepoint(this.#unwrap(c), name, compile);
+    });
   }
 
   releaseConnection(c: DatabaseConnection): Promise<void> {

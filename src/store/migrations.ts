@@ -1,9 +1,13 @@
 import { type Kysely, type Migration, type MigrationProvider, Migrator, sql } from 'kysely';
 
-/** One schema for SQLite and PostgreSQL: only portable column types (text, integer). */
+/**
+ * One schema for SQLite and PostgreSQL: only portable column types (text, integer). A migration's `db` types the
+ * tables as they were when it ran (not today's Database), with the columns its queries use; `unknown` when it
+ * only changes the schema (db.schema is untyped).
+ */
 const migrations: Record<string, Migration> = {
   '0001_initial': {
-    async up(db: Kysely<any>): Promise<void> {
+    async up(db: Kysely<unknown>): Promise<void> {
       await db.schema
         .createTable('referrals')
         .addColumn('id', 'text', (c) => c.primaryKey())
@@ -69,7 +73,7 @@ const migrations: Record<string, Migration> = {
 };
 
 migrations['0002_webhooks'] = {
-  async up(db: Kysely<any>): Promise<void> {
+  async up(db: Kysely<unknown>): Promise<void> {
     // Status webhooks to the referring EHR, written in the same transaction as the status change.
     await db.schema
       .createTable('webhook_outbox')
@@ -93,7 +97,7 @@ migrations['0002_webhooks'] = {
 };
 
 migrations['0003_callback_url'] = {
-  async up(db: Kysely<any>): Promise<void> {
+  async up(db: Kysely<{ referrals: { id: string; payload: string; callback_url: string | null } }>): Promise<void> {
     await db.schema.alterTable('referrals').addColumn('callback_url', 'text').execute();
     // Referrals stored before this column existed: copy the URL out of their payload.
     const rows = (await db.selectFrom('referrals').select(['id', 'payload']).execute()) as Array<{ id: string; payload: string }>;
@@ -105,7 +109,7 @@ migrations['0003_callback_url'] = {
 };
 
 migrations['0004_payload_table'] = {
-  async up(db: Kysely<any>): Promise<void> {
+  async up(db: Kysely<{ referrals: { id: string; payload: string }; referral_payloads: { referral_id: string; payload: string } }>): Promise<void> {
     // A status change rewrites the referral row; with the submission (megabytes of base64) in it,
     // every change copied the documents. The submission moves to a table that is written once.
     await db.schema
@@ -119,7 +123,7 @@ migrations['0004_payload_table'] = {
 };
 
 migrations['0005_document_count_and_retention'] = {
-  async up(db: Kysely<any>): Promise<void> {
+  async up(db: Kysely<{ referrals: { id: string; documents_added: number }; outbox: { referral_id: string; kind: string; payload: string | null } }>): Promise<void> {
     // How many documents were added after the submission, so numbering the next ones reads a counter
     // instead of parsing every earlier "documents" outbox payload (which carries their base64 data).
     await db.schema.alterTable('referrals').addColumn('documents_added', 'integer', (c) => c.notNull().defaultTo(0)).execute();
@@ -140,7 +144,7 @@ migrations['0005_document_count_and_retention'] = {
 };
 
 migrations['0006_binary_uploads'] = {
-  async up(db: Kysely<any>): Promise<void> {
+  async up(db: Kysely<unknown>): Promise<void> {
     // Documents uploaded to a centre as raw Binary before the referral's transaction (binaryMode raw). The id
     // a server assigned is recorded before the transaction is sent, so a resend reuses it; `lost_uploads`
     // counts uploads whose answer never came (each may have left an unreferenced Binary at the centre).
@@ -161,7 +165,7 @@ migrations['0006_binary_uploads'] = {
 };
 
 migrations['0007_store_probe'] = {
-  async up(db: Kysely<any>): Promise<void> {
+  async up(db: Kysely<unknown>): Promise<void> {
     // One row per name, rewritten by the readiness probe (store/health.ts): a real write, so /readyz fails
     // while the store cannot take writes (read-only, full, locked, unreachable).
     await db.schema
@@ -179,7 +183,7 @@ class StaticProvider implements MigrationProvider {
 }
 
 /** Runs pending migrations (up to `target`, default all); throws with the failing migration's name. */
-export async function migrate(db: Kysely<any>, target?: string): Promise<string[]> {
+export async function migrate<DB>(db: Kysely<DB>, target?: string): Promise<string[]> {
   const migrator = new Migrator({ db, provider: new StaticProvider() });
   const { error, results } = target ? await migrator.migrateTo(target) : await migrator.migrateToLatest();
   if (error) {

@@ -50,8 +50,13 @@ export interface NodeSqliteDriverOptions {
 
 type Param = null | number | bigint | string | Uint8Array;
 
-const toParams = (p: ReadonlyArray<unknown>): Param[] =>
-  p.map((v) => (v === undefined ? null : typeof v === 'boolean' ? Number(v) : (v as Param)));
+const toParam = (v: unknown): Param => {
+  if (v === undefined) return null;
+  if (typeof v === 'boolean') return Number(v);
+  return v as Param;
+};
+
+const toParams = (p: ReadonlyArray<unknown>): Param[] => p.map(toParam);
 
 const describe = (err: unknown): { error: string; code?: string } => {
   const code = sqliteErrcode(err);
@@ -342,7 +347,7 @@ export class NodeSqliteDialect implements Dialect {
     return new SqliteAdapter();
   }
 
-  createIntrospector(db: Kysely<any>): DatabaseIntrospector {
+  createIntrospector(db: Kysely<unknown>): DatabaseIntrospector {
     return new SqliteIntrospector(db);
   }
 }

@@ -71,7 +71,7 @@ export function createSigner(secret: string): Webhook {
   try {
     return new Webhook(receiverSecret(secret));
   } catch (err) {
-    throw new Error(`WEBHOOK_SECRET is not usable: ${(err as Error).message}`);
+    throw new Error(`WEBHOOK_SECRET is not usable: ${(err as Error).message}`, { cause: err });
   }
 }
 

@@ -22,7 +22,7 @@ function withValue(body: Json, path: Array<string | number>, value: Json | undef
   const last = path[path.length - 1];
   if (value === undefined) {
     if (Array.isArray(cur)) cur.splice(Number(last), 1);
-    else delete cur[last];
+    else Reflect.deleteProperty(cur, last);
   } else {
     cur[last] = value;
   }

@@ -48,8 +48,12 @@ function treePaths(v: Tree, path: Array<string | number> = []): Array<Array<stri
   return [path];
 }
 
-const getAt = (tree: Tree, path: ReadonlyArray<string | number>): Tree | undefined =>
-  path.reduce<Tree | undefined>((cur, k) => (Array.isArray(cur) ? cur[Number(k)] : isObject(cur) ? cur[k as string] : undefined), tree);
+const childAt = (cur: Tree | undefined, k: string | number): Tree | undefined => {
+  if (Array.isArray(cur)) return cur[Number(k)];
+  return isObject(cur) ? cur[k as string] : undefined;
+};
+
+const getAt = (tree: Tree, path: ReadonlyArray<string | number>): Tree | undefined => path.reduce<Tree | undefined>(childAt, tree);
 
 /** `tree` with `f` applied to the value at `path`, copying only the containers along it (undefined removes the value). */
 function update(tree: Tree, path: ReadonlyArray<string | number>, f: (old: Tree | undefined) => Tree | undefined): Tree {
@@ -66,7 +70,7 @@ function update(tree: Tree, path: ReadonlyArray<string | number>, f: (old: Tree 
   if (isObject(tree)) {
     const copy = { ...tree };
     const value = rest.length === 0 ? f(copy[head as string]) : update(copy[head as string] ?? null, rest, f);
-    if (value === undefined) delete copy[head as string];
+    if (value === undefined) Reflect.deleteProperty(copy, head as string);
     else copy[head as string] = value;
     return copy;
   }
@@ -167,7 +171,9 @@ function mutate(r: Rand, tree: Tree, sample: Tree): [Tree, string] {
       const keys = Object.keys(obj);
       if (keys.length === 0) return [tree, 'nothing'];
       const key = pick(r, keys);
-      const second: Tree = r() < 0.5 ? obj[key] : key === 'patientAgreed' ? false : pick(r, WRONG_TYPES);
+      let second: Tree;
+      if (r() < 0.5) second = obj[key];
+      else second = key === 'patientAgreed' ? false : pick(r, WRONG_TYPES);
       const pairs: Array<[string, Tree]> = Object.entries(obj);
       pairs.splice(int(r, 0, pairs.length), 0, [key, second]);
       return [update(tree, target, () => new Pairs(pairs)), `duplicate key ${key} in ${target.join('.') || '$'}`];

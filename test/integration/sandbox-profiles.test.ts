@@ -35,6 +35,12 @@ afterAll(async () => {
   await Promise.all([...servers.values()].map((s) => s.close()));
 });
 
+/** A request body as sent: text and bytes as they are, anything else as JSON. */
+function requestBody(body: unknown): string | Buffer | undefined {
+  if (body === undefined) return undefined;
+  return typeof body === 'string' || Buffer.isBuffer(body) ? body : JSON.stringify(body);
+}
+
 async function call<T = Resource>(
   server: SandboxServer,
   method: string,
@@ -46,7 +52,7 @@ async function call<T = Resource>(
   const res = await fetch(url, {
     method,
     headers: { accept: FHIR_JSON, ...(body !== undefined ? { 'content-type': FHIR_JSON } : {}), ...headers },
-    body: body === undefined ? undefined : typeof body === 'string' || Buffer.isBuffer(body) ? body : JSON.stringify(body),
+    body: requestBody(body),
   });
   const text = await res.text();
   let parsed: unknown;

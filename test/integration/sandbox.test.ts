@@ -16,6 +16,12 @@ interface FhirReply<T = Resource> {
   body: T;
 }
 
+/** A request body as sent: text as it is, anything else as JSON. */
+function requestBody(body: unknown): string | undefined {
+  if (body === undefined) return undefined;
+  return typeof body === 'string' ? body : JSON.stringify(body);
+}
+
 async function fhir<T = Resource>(
   method: string,
   pathOrUrl: string,
@@ -26,7 +32,7 @@ async function fhir<T = Resource>(
   const res = await fetch(url, {
     method,
     headers: { accept: FHIR_JSON, ...(body !== undefined ? { 'content-type': FHIR_JSON } : {}), ...headers },
-    body: body === undefined ? undefined : typeof body === 'string' ? body : JSON.stringify(body),
+    body: requestBody(body),
   });
   const text = await res.text();
   return { status: res.status, headers: res.headers, body: (text ? JSON.parse(text) : undefined) as T };

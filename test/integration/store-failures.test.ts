@@ -215,83 +215,85 @@ if (!pgUrl && (process.env.CI || process.env.REQUIRE_POSTGRES)) {
 }
 
 // Without TEST_POSTGRES_URL (outside CI) the PostgreSQL cases are not defined, as in test/helpers/db.ts.
-if (pgUrl) describe('PostgreSQL that stops taking writes (TEST_POSTGRES_URL)', () => {
-  const role = `store_fail_${process.pid}_${Date.now()}`;
-  let admin: Client;
-  let gw: Gateway;
+if (pgUrl) {
+  describe('PostgreSQL that stops taking writes (TEST_POSTGRES_URL)', () => {
+    const role = `store_fail_${process.pid}_${Date.now()}`;
+    let admin: Client;
+    let gw: Gateway;
 
-  /** Ends the role's sessions, so the next ones start with its new settings (the gateway reconnects at once). */
-  const terminate = async (): Promise<void> => {
-    const { rows } = await admin.query('select now() as t');
-    // Again on each look: a session still starting up at `t` shows its role only once it has logged in.
-    await eventually(async () => {
-      const r = await admin.query('select count(pg_terminate_backend(pid))::int as n from pg_stat_activity where usename = $1 and backend_start <= $2', [role, rows[0].t]);
-      return r.rows[0].n === 0;
-    }, 5000);
-  };
+    /** Ends the role's sessions, so the next ones start with its new settings (the gateway reconnects at once). */
+    const terminate = async (): Promise<void> => {
+      const { rows } = await admin.query('select now() as t');
+      // Again on each look: a session still starting up at `t` shows its role only once it has logged in.
+      await eventually(async () => {
+        const r = await admin.query('select count(pg_terminate_backend(pid))::int as n from pg_stat_activity where usename = $1 and backend_start <= $2', [role, rows[0].t]);
+        return r.rows[0].n === 0;
+      }, 5000);
+    };
 
-  beforeAll(async () => {
-    admin = new Client({ connectionString: pgUrl });
-    await admin.connect();
-    await admin.query(`create role ${role} login password 'store-fail'`);
-    await admin.query(`create schema ${role} authorization ${role}`);
-    const u = new URL(pgUrl!);
-    u.username = role;
-    u.password = 'store-fail';
-    u.searchParams.set('options', `-c search_path=${role}`);
-    gw = await startGateway({ DATABASE_URL: u.toString(), STORE_PROBE_CACHE_MS: '200' });
-  });
-  afterAll(async () => {
-    await gw?.stop();
-    await admin.query(`alter role ${role} reset all`);
-    await admin.query(`alter role ${role} connection limit -1`);
-    await admin.query('select pg_terminate_backend(pid) from pg_stat_activity where usename = $1', [role]);
-    await admin.query(`drop schema if exists ${role} cascade`);
-    await admin.query(`drop role if exists ${role}`);
-    await admin.end();
-  });
+    beforeAll(async () => {
+      admin = new Client({ connectionString: pgUrl });
+      await admin.connect();
+      await admin.query(`create role ${role} login password 'store-fail'`);
+      await admin.query(`create schema ${role} authorization ${role}`);
+      const u = new URL(pgUrl!);
+      u.username = role;
+      u.password = 'store-fail';
+      u.searchParams.set('options', `-c search_path=${role}`);
+      gw = await startGateway({ DATABASE_URL: u.toString(), STORE_PROBE_CACHE_MS: '200' });
+    });
+    afterAll(async () => {
+      await gw?.stop();
+      await admin.query(`alter role ${role} reset all`);
+      await admin.query(`alter role ${role} connection limit -1`);
+      await admin.query('select pg_terminate_backend(pid) from pg_stat_activity where usename = $1', [role]);
+      await admin.query(`drop schema if exists ${role} cascade`);
+      await admin.query(`drop role if exists ${role}`);
+      await admin.end();
+    });
 
-  beforeEach(async () => {
-    // Each case starts from a writable database that takes connections.
-    await admin.query(`alter role ${role} reset all`);
-    await admin.query(`alter role ${role} connection limit -1`);
-    await terminate();
-    await eventually(async () => (await submit(gw)).status === 202, 5000);
-    await eventually(async () => (await readyz(gw)).status === 200, 5000);
-  });
+    beforeEach(async () => {
+      // Each case starts from a writable database that takes connections.
+      await admin.query(`alter role ${role} reset all`);
+      await admin.query(`alter role ${role} connection limit -1`);
+      await terminate();
+      await eventually(async () => (await submit(gw)).status === 202, 5000);
+      await eventually(async () => (await readyz(gw)).status === 200, 5000);
+    });
 
-  test('a read-only database (default_transaction_read_only, sessions restarted): 503 and /readyz 503, recovering once writable', async () => {
-    capture.lines = [];
-    await admin.query(`alter role ${role} set default_transaction_read_only = on`);
-    await terminate();
-    // The pool may first hand out a connection the server just closed: that is a store failure too.
-    await expectStoreUnavailable(await submit(gw));
-    await expectStoreUnavailable(await submit(gw));
-    expect(capture.lines.join('\n')).toMatch(/25006|read-only transaction|Connection terminated|57P01/);
-    const notReady = await eventually(async () => {
-      const r = await readyz(gw);
-      return r.status === 503 ? r : undefined;
-    }, 3000);
-    expect(JSON.stringify(notReady.body)).toMatch(/read-only/);
-    await admin.query(`alter role ${role} reset default_transaction_read_only`);
-    await terminate();
-    await eventually(async () => (await readyz(gw)).status === 200, 5000);
-    await eventually(async () => (await submit(gw)).status === 202, 5000);
-  });
+    test('a read-only database (default_transaction_read_only, sessions restarted): 503 and /readyz 503, recovering once writable', async () => {
+      capture.lines = [];
+      await admin.query(`alter role ${role} set default_transaction_read_only = on`);
+      await terminate();
+      // The pool may first hand out a connection the server just closed: that is a store failure too.
+      await expectStoreUnavailable(await submit(gw));
+      await expectStoreUnavailable(await submit(gw));
+      expect(capture.lines.join('\n')).toMatch(/25006|read-only transaction|Connection terminated|57P01/);
+      const notReady = await eventually(async () => {
+        const r = await readyz(gw);
+        return r.status === 503 ? r : undefined;
+      }, 3000);
+      expect(JSON.stringify(notReady.body)).toMatch(/read-only/);
+      await admin.query(`alter role ${role} reset default_transaction_read_only`);
+      await terminate();
+      await eventually(async () => (await readyz(gw)).status === 200, 5000);
+      await eventually(async () => (await submit(gw)).status === 202, 5000);
+    });
 
-  test('connections refused (too many connections for the role) after sessions were terminated: 503, never 500, then 202 again', async () => {
-    await admin.query(`alter role ${role} connection limit 0`);
-    await terminate();
-    const statuses: number[] = [];
-    for (let i = 0; i < 3; i++) {
-      const r = await submit(gw);
-      statuses.push(r.status);
-      if (r.status === 503) await expectStoreUnavailable(r);
-    }
-    expect(statuses).toEqual([503, 503, 503]);
-    await eventually(async () => (await readyz(gw)).status === 503, 3000);
-    await admin.query(`alter role ${role} connection limit -1`);
-    await eventually(async () => (await readyz(gw)).status === 200, 5000);
-    expect((await submit(gw)).status).toBe(202);
+    test('connections refused (too many connections for the role) after sessions were terminated: 503, never 500, then 202 again', async () => {
+      await admin.query(`alter role ${role} connection limit 0`);
+      await terminate();
+      const statuses: number[] = [];
+      for (let i = 0; i < 3; i++) {
+        const r = await submit(gw);
+        statuses.push(r.status);
+        if (r.status === 503) await expectStoreUnavailable(r);
+      }
+      expect(statuses).toEqual([503, 503, 503]);
+      await eventually(async () => (await readyz(gw)).status === 503, 3000);
+      await admin.query(`alter role ${role} connection limit -1`);
+      await eventually(async () => (await readyz(gw)).status === 200, 5000);
+      expect((await submit(gw)).status).toBe(202);
+    });
   });
-});
+}

@@ -1,5 +1,5 @@
 import { mkdtempSync, rmSync } from 'node:fs';
-import { createServer, type IncomingMessage, type Server } from 'node:http';
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -57,7 +57,7 @@ class Receiver {
     return this;
   }
 
-  private async handle(req: IncomingMessage, res: import('node:http').ServerResponse): Promise<void> {
+  private async handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
     const chunks: Buffer[] = [];
     for await (const c of req) chunks.push(c as Buffer);
     const body = Buffer.concat(chunks).toString('utf8');
@@ -305,7 +305,7 @@ describe('status webhooks across a restart', () => {
   const SECRET = `whsec_${Buffer.from('restart-test-key-0123456789abcdef').toString('base64')}`;
   let dir: string;
   let receiver: Receiver;
-  let gateways: Gateway[] = [];
+  const gateways: Gateway[] = [];
 
   beforeAll(async () => {
     dir = mkdtempSync(join(tmpdir(), 'gw-webhooks-'));

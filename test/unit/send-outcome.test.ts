@@ -4,7 +4,7 @@ import {
   bodyTimeout,
   businessRule,
   centreUnavailable,
-  Failure,
+  type Failure,
   type FailureKind,
   forbidden,
   idempotencyConflict,

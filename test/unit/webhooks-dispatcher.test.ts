@@ -228,7 +228,11 @@ describe('webhook dispatcher', () => {
       }) as never);
     }
     const id = await referralWithEvents('sent', 'accepted');
-    const r = fakeFetch((_c, n) => new Response('body from receiver', { status: n === 1 ? 500 : n === 2 ? 302 : 200 }));
+    const statusOf = (n: number): number => {
+      if (n === 1) return 500;
+      return n === 2 ? 302 : 200;
+    };
+    const r = fakeFetch((_c, n) => new Response('body from receiver', { status: statusOf(n) }));
     start({ secret: RAW_SECRET }, r.impl);
     const rows = await settled(id, 2);
     expect(rows.every((x) => x.state === 'delivered')).toBe(true);
