@@ -11,7 +11,23 @@ import importX from 'eslint-plugin-import-x';
 import tseslint from 'typescript-eslint';
 
 const root = ['./src/app.ts', './src/gateway.ts', './src/index.ts'];
-const domain = ['./src/referral', './src/tracking', './src/mapping', './src/delivery', './src/store', './src/webhooks', './src/queue', './src/retention', './src/doctor', './src/fhir', './src/config', './src/observability', './src/outcomes', './src/json', './src/memory'];
+const domain = [
+  './src/referral',
+  './src/tracking',
+  './src/mapping',
+  './src/delivery',
+  './src/store',
+  './src/webhooks',
+  './src/queue',
+  './src/retention',
+  './src/doctor',
+  './src/fhir',
+  './src/config',
+  './src/observability',
+  './src/outcomes',
+  './src/json',
+  './src/memory',
+];
 
 export default tseslint.config(
   { ignores: ['node_modules/**', 'dist/**', 'data/**', 'coverage/**', 'docs/**', '**/*.cjs', '**/*.mjs'] },
@@ -25,7 +41,10 @@ export default tseslint.config(
       '@typescript-eslint/no-floating-promises': 'error',
       '@typescript-eslint/consistent-type-imports': ['error', { fixStyle: 'inline-type-imports' }],
       '@typescript-eslint/switch-exhaustiveness-check': ['error', { considerDefaultExhaustiveForUnions: true }],
-      '@typescript-eslint/no-unused-vars': ['error', { argsIgnorePattern: '^_', varsIgnorePattern: '^_', destructuredArrayIgnorePattern: '^_', ignoreRestSiblings: true }],
+      '@typescript-eslint/no-unused-vars': [
+        'error',
+        { argsIgnorePattern: '^_', varsIgnorePattern: '^_', destructuredArrayIgnorePattern: '^_', ignoreRestSiblings: true },
+      ],
       'no-nested-ternary': 'error',
       curly: ['error', 'multi-line'],
       'import-x/no-duplicates': 'error',

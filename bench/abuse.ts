@@ -108,7 +108,10 @@ interface Service {
 
 /** The standalone sandbox FHIR server (src/cli/sandbox.ts) in a process of its own, as a centre is in production. */
 async function startCentre(): Promise<{ url: string; stop(): Promise<void> }> {
-  const child = spawn(process.execPath, ['--import', 'tsx', 'src/cli/sandbox.ts'], { env: { ...process.env, PORT: '0', HOST: '127.0.0.1' }, stdio: ['ignore', 'pipe', 'ignore'] });
+  const child = spawn(process.execPath, ['--import', 'tsx', 'src/cli/sandbox.ts'], {
+    env: { ...process.env, PORT: '0', HOST: '127.0.0.1' },
+    stdio: ['ignore', 'pipe', 'ignore'],
+  });
   const url = await new Promise<string>((resolve, reject) => {
     let buf = '';
     child.stdout?.on('data', (d: Buffer) => {
@@ -458,7 +461,9 @@ async function uploads(svc: Service, mode: 'plain' | 'gzip', all: UploadBodies):
         const text = await res.body.text();
         statuses[res.statusCode] = (statuses[res.statusCode] ?? 0) + 1;
         if (res.statusCode === 202) accepted.push((JSON.parse(text) as { id: string }).id);
-        else if (res.statusCode >= 400 && res.statusCode !== 503 && process.env.BENCH_VERBOSE) process.stderr.write(`${res.statusCode}: ${text.slice(0, 300)}\n`);
+        else if (res.statusCode >= 400 && res.statusCode !== 503 && process.env.BENCH_VERBOSE) {
+          process.stderr.write(`${res.statusCode}: ${text.slice(0, 300)}\n`);
+        }
       } catch (err) {
         const k = `error ${(err as Error).message.slice(0, 40)}`;
         statuses[k] = (statuses[k] ?? 0) + 1;
@@ -527,7 +532,9 @@ async function main(): Promise<void> {
           const i = await idleHealthz(svc.url);
           idle.push(i);
           idleRss.push(procStatus(svc.pid).rss);
-          process.stdout.write(`run ${run} idle: healthz p50 ${ms(i.p50)} p95 ${ms(i.p95)} p99 ${ms(i.p99)} max ${ms(i.max)} ms; RSS ${mb(idleRss[idleRss.length - 1])}\n`);
+          process.stdout.write(
+            `run ${run} idle: healthz p50 ${ms(i.p50)} p95 ${ms(i.p95)} p99 ${ms(i.p99)} max ${ms(i.max)} ms; RSS ${mb(idleRss[idleRss.length - 1])}\n`
+          );
           if (ARGS.only.has('flood')) {
             const f = await flood(svc.url);
             floods.push(f);
@@ -564,25 +571,69 @@ async function main(): Promise<void> {
   process.stdout.write(`\nsummary over ${ARGS.runs} run(s) (min–max), ${((Date.now() - started) / 1000).toFixed(0)} s in all\n`);
   if (idle.length) {
     process.stdout.write(
-      `  idle   /healthz p50 ${range(idle.map((i) => i.p50), ms)}  p95 ${range(idle.map((i) => i.p95), ms)}  p99 ${range(idle.map((i) => i.p99), ms)}  max ${range(idle.map((i) => i.max), ms)} ms; RSS ${range(idleRss, mb)}\n`
+      `  idle   /healthz p50 ${range(
+        idle.map((i) => i.p50),
+        ms
+      )}  p95 ${range(
+        idle.map((i) => i.p95),
+        ms
+      )}  p99 ${range(
+        idle.map((i) => i.p99),
+        ms
+      )}  max ${range(
+        idle.map((i) => i.max),
+        ms
+      )} ms; RSS ${range(idleRss, mb)}\n`
     );
   }
   if (floods.length) {
     const h = floods.map((f) => f.healthz);
     process.stdout.write(
-      `  flood  /healthz p50 ${range(h.map((i) => i.p50), ms)}  p95 ${range(h.map((i) => i.p95), ms)}  p99 ${range(h.map((i) => i.p99), ms)}  max ${range(h.map((i) => i.max), ms)} ms` +
-        ` (target p95 < 100 ms); ${range(floods.map((f) => f.perSecond), (x) => x.toFixed(0))} submissions/s with ${SUBMITTERS} submitters\n`
+      `  flood  /healthz p50 ${range(
+        h.map((i) => i.p50),
+        ms
+      )}  p95 ${range(
+        h.map((i) => i.p95),
+        ms
+      )}  p99 ${range(
+        h.map((i) => i.p99),
+        ms
+      )}  max ${range(
+        h.map((i) => i.max),
+        ms
+      )} ms` +
+        ` (target p95 < 100 ms); ${range(
+          floods.map((f) => f.perSecond),
+          (x) => x.toFixed(0)
+        )} submissions/s with ${SUBMITTERS} submitters\n`
     );
     if (idle.length === floods.length) {
-      process.stdout.write(`         p95 flood / p95 idle: ${range(floods.map((f, i) => f.healthz.p95 / idle[i].p95), (x) => `${x.toFixed(0)}×`)}\n`);
+      process.stdout.write(
+        `         p95 flood / p95 idle: ${range(
+          floods.map((f, i) => f.healthz.p95 / idle[i].p95),
+          (x) => `${x.toFixed(0)}×`
+        )}\n`
+      );
     }
   }
   for (const mode of ['plain', 'gzip'] as const) {
     const u = ups.filter((x) => x.mode === mode);
     if (!u.length) continue;
     process.stdout.write(
-      `  ${mode.padEnd(6)} ${UPLOADS} x ${mb(u[0].bodyBytes)}: peak RSS above idle ${range(u.map((x) => x.peakAboveIdle), mb)} = ${range(u.map((x) => x.peakAboveIdle / x.budget), (x) => x.toFixed(2))} × budget (${mb(u[0].budget)}; target ≤ 1.5)` +
-        `; until answered ${range(u.map((x) => x.peakAboveIdleAnswered / x.budget), (x) => x.toFixed(2))} ×; healthz p95 ${range(u.map((x) => x.healthz.p95), ms)} ms; ${u.map((x) => statusText(x.statuses)).join(' | ')}\n`
+      `  ${mode.padEnd(6)} ${UPLOADS} x ${mb(u[0].bodyBytes)}: peak RSS above idle ${range(
+        u.map((x) => x.peakAboveIdle),
+        mb
+      )} = ${range(
+        u.map((x) => x.peakAboveIdle / x.budget),
+        (x) => x.toFixed(2)
+      )} × budget (${mb(u[0].budget)}; target ≤ 1.5)` +
+        `; until answered ${range(
+          u.map((x) => x.peakAboveIdleAnswered / x.budget),
+          (x) => x.toFixed(2)
+        )} ×; healthz p95 ${range(
+          u.map((x) => x.healthz.p95),
+          ms
+        )} ms; ${u.map((x) => statusText(x.statuses)).join(' | ')}\n`
     );
   }
 }

@@ -224,7 +224,11 @@ async function phaseGateway(dir: string): Promise<Rate> {
   const sandbox = await startSandbox();
   const dbFile = join(dir, `gateway-${++gatewayRuns}.db`);
   try {
-    await queueReferrals(dbFile, sandbox.url, Array.from({ length: WARMUP + N }, (_, i) => referral(i, 'gw')));
+    await queueReferrals(
+      dbFile,
+      sandbox.url,
+      Array.from({ length: WARMUP + N }, (_, i) => referral(i, 'gw'))
+    );
     const port = await freePort();
     const gw = await startGateway(gatewayEnv(dbFile, sandbox.url, port, dir));
     // The first WARMUP deliveries warm both processes up (as a long-running service is); the clock starts after them.
@@ -246,7 +250,14 @@ async function phaseGateway(dir: string): Promise<Rate> {
       const db = new DatabaseSync(dbFile, { readOnly: true });
       const rows = db.prepare(`select at from referral_history where status = 'sent' order by at`).all() as Array<{ at: string }>;
       db.close();
-      return { ...rates(N, t0, rows.slice(WARMUP).map((r) => Date.parse(r.at))), cpu };
+      return {
+        ...rates(
+          N,
+          t0,
+          rows.slice(WARMUP).map((r) => Date.parse(r.at))
+        ),
+        cpu,
+      };
     } finally {
       await gw.stop();
     }
@@ -261,7 +272,13 @@ async function phaseDirect(): Promise<Rate> {
     const destination = defaultDestination(sandbox.url);
     const createdAt = nowIso();
     const bundles = Array.from({ length: WARMUP + N }, (_, i) =>
-      mapReferralToBundle({ referralId: newReferralId(), clientId: CLIENT, referral: { ...referralSchema.parse(referral(i, 'direct')), destination: 'default' }, destination, createdAt })
+      mapReferralToBundle({
+        referralId: newReferralId(),
+        clientId: CLIENT,
+        referral: { ...referralSchema.parse(referral(i, 'direct')), destination: 'default' },
+        destination,
+        createdAt,
+      })
     );
     const post = async (bundle: Bundle): Promise<void> => {
       const res = await fetch(sandbox.url, {
@@ -301,7 +318,11 @@ async function phaseEndToEnd(dir: string): Promise<number> {
       const bodies = Array.from({ length: N }, (_, i) => JSON.stringify(referral(i, 'e2e')));
       const t0 = performance.now();
       await pool(bodies, CONCURRENCY, async (body) => {
-        const res = await fetch(`${gw.url}/referrals`, { method: 'POST', headers: { Authorization: `Bearer ${KEY}`, 'Content-Type': 'application/json' }, body });
+        const res = await fetch(`${gw.url}/referrals`, {
+          method: 'POST',
+          headers: { Authorization: `Bearer ${KEY}`, 'Content-Type': 'application/json' },
+          body,
+        });
         await res.arrayBuffer();
         if (res.status !== 202) throw new Error(`POST /referrals: HTTP ${res.status}`);
       });
@@ -328,7 +349,12 @@ async function phaseMemory(dir: string): Promise<{ docBytes: number; idle: numbe
   try {
     const body = referral(0, 'memory');
     body.documents = [
-      { kind: 'pathology-report', title: 'Whole-slide pathology report', contentType: 'application/pdf', data: Buffer.alloc(docBytes, 0x25).toString('base64') },
+      {
+        kind: 'pathology-report',
+        title: 'Whole-slide pathology report',
+        contentType: 'application/pdf',
+        data: Buffer.alloc(docBytes, 0x25).toString('base64'),
+      },
     ];
     await queueReferrals(dbFile, sandbox.url, [body]);
     // Due in 4 s: time for the gateway to start and settle, and for its idle RSS to be read.
@@ -363,7 +389,9 @@ async function main(): Promise<void> {
   const dir = mkdtempSync(join(tmpdir(), 'rg-bench-delivery-'));
   const mb = (b: number): string => `${(b / 1024 / 1024).toFixed(1)} MB`;
   try {
-    process.stdout.write(`bench/delivery: ${N} referrals (2 small documents each), concurrency ${CONCURRENCY}, after ${WARMUP} untimed warm-up referrals per side, Node ${process.version}\n`);
+    process.stdout.write(
+      `bench/delivery: ${N} referrals (2 small documents each), concurrency ${CONCURRENCY}, after ${WARMUP} untimed warm-up referrals per side, Node ${process.version}\n`
+    );
     let direct: Rate | undefined;
     const fmt = (r: Rate | undefined): string => {
       if (!r) return 'not run';
@@ -405,7 +433,9 @@ async function main(): Promise<void> {
       if (ratios.length > 1) {
         const sorted = [...ratios].sort((a, b) => a - b);
         const median = sorted[Math.floor(sorted.length / 2)];
-        process.stdout.write(`  median ratio over ${ratios.length} rounds: ${median.toFixed(2)} (range ${sorted[0].toFixed(2)}-${sorted[sorted.length - 1].toFixed(2)}; target >= 0.8)\n`);
+        process.stdout.write(
+          `  median ratio over ${ratios.length} rounds: ${median.toFixed(2)} (range ${sorted[0].toFixed(2)}-${sorted[sorted.length - 1].toFixed(2)}; target >= 0.8)\n`
+        );
       }
     }
     if (PHASES.has('e2e')) {

@@ -97,7 +97,14 @@ async function stages(payload: Record<string, any>, dir: string): Promise<Array<
   const mapping = await time(() => {
     checkCodes(parsed);
     const route = routeReferral(parsed, directory.ids());
-    return mapReferralToBundle({ referralId: 'ref_bench', clientId: 'bench', referral: placeholder, destination: checked.destination, specialty: route?.specialty, createdAt: new Date().toISOString() });
+    return mapReferralToBundle({
+      referralId: 'ref_bench',
+      clientId: 'bench',
+      referral: placeholder,
+      destination: checked.destination,
+      specialty: route?.specialty,
+      createdAt: new Date().toISOString(),
+    });
   });
   const write = await time((i) =>
     store.createReferral({

@@ -191,8 +191,9 @@ async function throughput(): Promise<void> {
     })
   );
   phases.push(
-    phase('  mapReferralToBundle only', (i) =>
-      mapReferralToBundle({ referralId: 'ref_bench', clientId: 'bench', referral: referrals[i % k], destination, createdAt }).entry?.length ?? 0
+    phase(
+      '  mapReferralToBundle only',
+      (i) => mapReferralToBundle({ referralId: 'ref_bench', clientId: 'bench', referral: referrals[i % k], destination, createdAt }).entry?.length ?? 0
     )
   );
   phases.push(phase('  validateBundle only', (i) => validateBundle(bundles[i % k]).length + 1));
@@ -235,7 +236,10 @@ function parent(): void {
 
   const colds: ColdLoad[] = [];
   for (let i = 0; i < COLD_RUNS; i++) colds.push(JSON.parse(runChild('--cold-load', pin)) as ColdLoad);
-  const t = JSON.parse(runChild('--throughput', pin)) as { phases: Phase[]; sizes: { payloadBytes: number; bundleBytes: number; entries: number; fixtures: string[] } };
+  const t = JSON.parse(runChild('--throughput', pin)) as {
+    phases: Phase[];
+    sizes: { payloadBytes: number; bundleBytes: number; entries: number; fixtures: string[] };
+  };
 
   const { phases, sizes } = t;
   const base = phases[0].ops / phases[0].seconds;

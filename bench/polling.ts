@@ -528,10 +528,14 @@ async function main(): Promise<void> {
     if (lat) {
       say('');
       say(`Latency from a Task update at the centre to the referrer, gateway child process, POLL_CRON='* * * * * *', ${lat.visible.length} referrals`);
-      say(`  update -> status visible (GET /referrals/{id} every 50 ms): p50 ${fmtMs(percentile(lat.visible, 50))}  p95 ${fmtMs(percentile(lat.visible, 95))}  max ${fmtMs(Math.max(...lat.visible))}`);
+      say(
+        `  update -> status visible (GET /referrals/{id} every 50 ms): p50 ${fmtMs(percentile(lat.visible, 50))}  p95 ${fmtMs(percentile(lat.visible, 95))}  max ${fmtMs(Math.max(...lat.visible))}`
+      );
       if (lat.webhooks.length > 0) {
         const p95 = percentile(lat.webhooks, 95);
-        say(`  update -> webhook received:                     p50 ${fmtMs(percentile(lat.webhooks, 50))}  p95 ${fmtMs(p95)}  max ${fmtMs(Math.max(...lat.webhooks))}  (${lat.webhooks.length}/${lat.visible.length} arrived, ${lat.badSignatures} of ${lat.webhookCount} received failed signature verification; target p95 < 2 s: ${p95 < 2000 ? 'met' : 'NOT met'})`);
+        say(
+          `  update -> webhook received:                     p50 ${fmtMs(percentile(lat.webhooks, 50))}  p95 ${fmtMs(p95)}  max ${fmtMs(Math.max(...lat.webhooks))}  (${lat.webhooks.length}/${lat.visible.length} arrived, ${lat.badSignatures} of ${lat.webhookCount} received failed signature verification; target p95 < 2 s: ${p95 < 2000 ? 'met' : 'NOT met'})`
+        );
       } else {
         const p95 = percentile(lat.visible, 95);
         say(

@@ -68,7 +68,11 @@ async function round(row: (typeof ROWS)[number]): Promise<Round> {
       delete (body as { callbackUrl?: string }).callbackUrl;
       if (i % 4 === 0) body.documents = [...body.documents, { kind: 'pathology-report', title: 'Slide scan', contentType: 'application/pdf', data: big }];
       const at = performance.now();
-      const res = await fetch(`${gw.url}/referrals`, { method: 'POST', headers: { Authorization: `Bearer ${KEY}`, 'Content-Type': 'application/json' }, body: JSON.stringify(body) });
+      const res = await fetch(`${gw.url}/referrals`, {
+        method: 'POST',
+        headers: { Authorization: `Bearer ${KEY}`, 'Content-Type': 'application/json' },
+        body: JSON.stringify(body),
+      });
       if (res.status !== 202) throw new Error(`submit answered ${res.status}: ${await res.text()}`);
       submitted.push({ id: ((await res.json()) as { id: string }).id, at });
     }
@@ -98,7 +102,11 @@ async function round(row: (typeof ROWS)[number]): Promise<Round> {
     const tasks = (await (await fetch(`${sandbox.url}/Task?_count=1000`, { headers: { Accept: 'application/fhir+json' } })).json()) as Bundle<Task>;
     for (const e of tasks.entry ?? []) {
       const t = e.resource as Task;
-      await fetch(`${sandbox.url}/Task/${t.id}`, { method: 'PUT', headers: { 'Content-Type': 'application/fhir+json' }, body: JSON.stringify({ ...t, status: 'accepted' }) });
+      await fetch(`${sandbox.url}/Task/${t.id}`, {
+        method: 'PUT',
+        headers: { 'Content-Type': 'application/fhir+json' },
+        body: JSON.stringify({ ...t, status: 'accepted' }),
+      });
     }
     const changedBefore = sandbox.stats.requests;
     await gw.poller.pollOnce();
@@ -118,7 +126,9 @@ const median = (xs: number[]): number => {
 const spread = (xs: number[], digits = 1): string => `${Math.min(...xs).toFixed(digits)}–${Math.max(...xs).toFixed(digits)}`;
 
 async function main(): Promise<void> {
-  process.stdout.write(`bench/profiles: N=${N} referrals per round (1 in 4 with a 2 MB PDF), ${ROUNDS} rounds per profile, ${new Date().toISOString().slice(0, 10)}\n\n`);
+  process.stdout.write(
+    `bench/profiles: N=${N} referrals per round (1 in 4 with a 2 MB PDF), ${ROUNDS} rounds per profile, ${new Date().toISOString().slice(0, 10)}\n\n`
+  );
   const results: Array<{ label: string; rounds: Round[] }> = [];
   for (const row of ROWS) {
     const rounds: Round[] = [];

@@ -23,7 +23,6 @@ import { ReportContentReader } from './tracking/report';
 import { RetentionJob } from './retention/job';
 import { attachWebhooks, type AttachedWebhooks, type WebhookDispatcher, type WebhookDispatcherOptions } from './webhooks';
 
-
 class Directory implements DestinationDirectory {
   private readonly map = new Map<string, Destination>();
   constructor(list: Destination[]) {

@@ -41,9 +41,16 @@ async function main(): Promise<void> {
   process.on('unhandledRejection', (reason) => {
     logger.error('unhandled rejection', { error: (reason as Error)?.message ?? String(reason) });
   });
-  logger.info('referral-gateway listening', { url: gateway.url, host: config.host, destinations: gateway.destinations.ids(), database: config.databaseUrl.split(':')[0] });
+  logger.info('referral-gateway listening', {
+    url: gateway.url,
+    host: config.host,
+    destinations: gateway.destinations.ids(),
+    database: config.databaseUrl.split(':')[0],
+  });
   if (process.platform === 'linux' && !allocatorTuned()) {
-    logger.warn(`GLIBC_TUNABLES=${GLIBC_TUNABLES_RECOMMENDED} is not set: memory freed after large documents may stay with the process (docs/operations.md, memory)`);
+    logger.warn(
+      `GLIBC_TUNABLES=${GLIBC_TUNABLES_RECOMMENDED} is not set: memory freed after large documents may stay with the process (docs/operations.md, memory)`
+    );
   }
 
   const say = (s: string): void => void process.stdout.write(`${s}\n`);
@@ -59,10 +66,16 @@ async function main(): Promise<void> {
     const fixture = resolve('fixtures/referrals/breast-second-opinion.json');
     say('');
     say(`No destination configured: the built-in sandbox FHIR R4 server is the destination "${SANDBOX_ID}" (no authentication, development only):`);
-    if (config.sandbox.profile !== 'default') say(`  (SANDBOX_PROFILE=${config.sandbox.profile}${config.sandbox.traits ? `, SANDBOX_TRAITS=${config.sandbox.traits}` : ''}: it behaves as that server does)`);
+    if (config.sandbox.profile !== 'default') {
+      say(
+        `  (SANDBOX_PROFILE=${config.sandbox.profile}${config.sandbox.traits ? `, SANDBOX_TRAITS=${config.sandbox.traits}` : ''}: it behaves as that server does)`
+      );
+    }
     say(`  ${gateway.url}${SANDBOX_PATH}`);
     say('Submit the sample referral:');
-    say(`  curl -s -X POST ${gateway.url}/referrals -H 'Authorization: Bearer ${config.devKeys ? 'dev-key' : '<your api key>'}' -H 'Content-Type: application/json' --data-binary @${fixture}`);
+    say(
+      `  curl -s -X POST ${gateway.url}/referrals -H 'Authorization: Bearer ${config.devKeys ? 'dev-key' : '<your api key>'}' -H 'Content-Type: application/json' --data-binary @${fixture}`
+    );
     say(`Then look at it on the sandbox: curl -s '${gateway.url}${SANDBOX_PATH}/Task?_sort=-_lastUpdated'`);
     say('To watch status webhooks, run `npm run webhooks:listen` and submit with "callbackUrl": "http://127.0.0.1:9000/hooks" (README, walk-through).');
     say('');

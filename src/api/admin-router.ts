@@ -76,7 +76,9 @@ export function adminRouter(store: ReferralStore, runRetention?: () => Promise<R
   /** Re-queues a failed delivery; {id} is the referral id or the outbox entry id. */
   r.post('/deliveries/:id/retry', async (req, res) => {
     const id = req.params.id;
-    const entries = id.startsWith('ref_') ? (await store.outboxFor(id)).filter((e) => e.state === 'failed') : (await store.listOutbox('failed', 10_000)).filter((e) => e.id === id);
+    const entries = id.startsWith('ref_')
+      ? (await store.outboxFor(id)).filter((e) => e.state === 'failed')
+      : (await store.listOutbox('failed', 10_000)).filter((e) => e.id === id);
     if (entries.length === 0) {
       throw new Failure('not-found', { code: 'not-found', message: `no failed delivery ${id}` });
     }

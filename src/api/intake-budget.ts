@@ -70,9 +70,7 @@ export function intakeBudget(opts: IntakeBudgetOptions): RequestHandler {
         if (granted === 'timeout') {
           // Discard the body as it arrives (nothing is kept), so the client finishes sending and reads the 503.
           req.resume();
-          next(
-            intakeBusy('the service is receiving as many documents as it can hold at once; try again shortly', opts.waitMs / 1000)
-          );
+          next(intakeBusy('the service is receiving as many documents as it can hold at once; try again shortly', opts.waitMs / 1000));
           return;
         }
         const release = (): void => {

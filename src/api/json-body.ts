@@ -116,14 +116,23 @@ export function bodyPrecheck(opts: Pick<JsonBodyOptions, 'maxBodyBytes'>): Reque
       next(
         refused(
           'encoding',
-          new Failure('unsupported', { code: 'not-supported', message: 'unsupported Content-Encoding: send identity, gzip, deflate or br', expression: 'Content-Encoding' })
+          new Failure('unsupported', {
+            code: 'not-supported',
+            message: 'unsupported Content-Encoding: send identity, gzip, deflate or br',
+            expression: 'Content-Encoding',
+          })
         )
       );
       return;
     }
     const charset = charsetOf(req);
     if (charset !== undefined && charset !== 'utf-8' && charset !== 'utf8') {
-      next(refused('charset', new Failure('unsupported', { code: 'not-supported', message: 'unsupported charset: the body must be UTF-8', expression: 'Content-Type' })));
+      next(
+        refused(
+          'charset',
+          new Failure('unsupported', { code: 'not-supported', message: 'unsupported charset: the body must be UTF-8', expression: 'Content-Type' })
+        )
+      );
       return;
     }
     next();
@@ -173,7 +182,16 @@ function readBody(req: Request, res: Response, opts: JsonBodyOptions): Promise<R
     else if (encoding === 'deflate') decoder = createInflate();
     else if (encoding === 'br') decoder = createBrotliDecompress();
     else if (encoding !== 'identity') {
-      reject(refused('encoding', new Failure('unsupported', { code: 'not-supported', message: 'unsupported Content-Encoding: send identity, gzip, deflate or br', expression: 'Content-Encoding' })));
+      reject(
+        refused(
+          'encoding',
+          new Failure('unsupported', {
+            code: 'not-supported',
+            message: 'unsupported Content-Encoding: send identity, gzip, deflate or br',
+            expression: 'Content-Encoding',
+          })
+        )
+      );
       return;
     }
     if (declared !== undefined && declared > opts.maxBodyBytes) {
@@ -271,7 +289,12 @@ function readBody(req: Request, res: Response, opts: JsonBodyOptions): Promise<R
       let name = 'gzip';
       if (encoding === 'br') name = 'brotli';
       else if (encoding === 'deflate') name = 'deflate';
-      fail(refused('decompress', new Failure('malformed', { code: 'structure', message: `the body is not valid ${name} data (Content-Encoding: ${encoding})`, expression: '$' })));
+      fail(
+        refused(
+          'decompress',
+          new Failure('malformed', { code: 'structure', message: `the body is not valid ${name} data (Content-Encoding: ${encoding})`, expression: '$' })
+        )
+      );
     };
     const onAborted = (): void => {
       fail(refused('aborted', new Failure('malformed', { code: 'incomplete', message: 'the request was aborted' })));
@@ -284,7 +307,11 @@ function readBody(req: Request, res: Response, opts: JsonBodyOptions): Promise<R
       fail(
         refused(
           'timeout',
-          new Failure('timeout', { code: 'timeout', message: `the body did not arrive within ${opts.bodyTimeoutMs} ms (INTAKE_BODY_TIMEOUT_MS)`, expression: '$' })
+          new Failure('timeout', {
+            code: 'timeout',
+            message: `the body did not arrive within ${opts.bodyTimeoutMs} ms (INTAKE_BODY_TIMEOUT_MS)`,
+            expression: '$',
+          })
         )
       );
     }, opts.bodyTimeoutMs);
@@ -372,7 +399,9 @@ async function parseChecked(body: ReceivedBody, maxDepth: number): Promise<unkno
   const bad = illFormedStrings(value, MAX_ISSUES);
   if (bad.length > 0) {
     refusedCounter.inc({ reason: 'unicode' });
-    throw new Failure('invalid', bad.map((b): IssueInput => {
+    throw new Failure(
+      'invalid',
+      bad.map((b): IssueInput => {
         const expression = expressionOf(b.path);
         return {
           code: 'invalid',

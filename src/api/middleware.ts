@@ -59,9 +59,7 @@ export function apiKeyAuth(keys: Map<string, string>) {
     const token = bearer(req);
     const clientId = token ? findClient(keys, token) : undefined;
     if (!clientId) {
-      next(
-        unauthenticated(token ? 'the API key is not valid' : 'Authorization: Bearer <api key> is required', 'referral-gateway')
-      );
+      next(unauthenticated(token ? 'the API key is not valid' : 'Authorization: Bearer <api key> is required', 'referral-gateway'));
       return;
     }
     req.clientId = clientId;

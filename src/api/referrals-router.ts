@@ -13,7 +13,10 @@ import { Failure } from '../outcomes';
 export const listQuery = z.strictObject({
   status: referralStatusSchema.optional(),
   externalId: z.string().min(1).max(128).optional(),
-  updatedSince: z.iso.datetime({ offset: true }).transform((s) => new Date(s).toISOString()).optional(),
+  updatedSince: z.iso
+    .datetime({ offset: true })
+    .transform((s) => new Date(s).toISOString())
+    .optional(),
   limit: z.coerce.number().int().min(1).max(200).default(50),
   cursor: z.string().max(200).optional(),
 });
@@ -33,7 +36,15 @@ const encodeCursor = (c: { createdAt: string; id: string }): string => Buffer.fr
 /** Report types a browser may show inline; anything else (HTML, SVG, scripts, unknown) is served as a download. */
 export const INLINE_REPORT_TYPES: ReadonlySet<string> = new Set(['application/pdf', 'text/plain', 'image/png', 'image/jpeg', 'image/gif', 'image/webp']);
 
-const EXTENSIONS: Record<string, string> = { 'application/pdf': 'pdf', 'text/plain': 'txt', 'image/png': 'png', 'image/jpeg': 'jpg', 'image/gif': 'gif', 'image/webp': 'webp', 'text/html': 'html' };
+const EXTENSIONS: Record<string, string> = {
+  'application/pdf': 'pdf',
+  'text/plain': 'txt',
+  'image/png': 'png',
+  'image/jpeg': 'jpg',
+  'image/gif': 'gif',
+  'image/webp': 'webp',
+  'text/html': 'html',
+};
 
 /**
  * The headers a centre-supplied report is served with. The type is the centre's, so it is not trusted:
@@ -50,7 +61,9 @@ export function reportHeaders(referralId: string, contentType: string | undefine
     'Content-Disposition': `${inline ? 'inline' : 'attachment'}; filename="${filename}"`,
     'X-Content-Type-Options': 'nosniff',
     'Content-Security-Policy':
-      type === 'application/pdf' ? "default-src 'none'; object-src 'self'; frame-ancestors 'none'" : "sandbox; default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; frame-ancestors 'none'",
+      type === 'application/pdf'
+        ? "default-src 'none'; object-src 'self'; frame-ancestors 'none'"
+        : "sandbox; default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; frame-ancestors 'none'",
     'Cache-Control': 'private, no-store',
   };
 }
@@ -80,7 +93,10 @@ export function referralsRouter(service: ReferralService, store: ReferralStore, 
       throw err;
     }
     submissions.inc({ outcome: result.created ? 'accepted' : 'replayed' });
-    res.status(result.created ? 202 : 200).location(`/referrals/${result.view.id}`).json(result.view);
+    res
+      .status(result.created ? 202 : 200)
+      .location(`/referrals/${result.view.id}`)
+      .json(result.view);
   });
 
   r.get('/', async (req, res) => {

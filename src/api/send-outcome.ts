@@ -63,4 +63,8 @@ export function httpAnswer(err: unknown): HttpAnswer | undefined {
   return undefined;
 }
 
-const plain = (status: number, issue: Parameters<typeof operationOutcome>[0][number]): HttpAnswer => ({ status, headers: {}, outcome: operationOutcome([issue]) });
+const plain = (status: number, issue: Parameters<typeof operationOutcome>[0][number]): HttpAnswer => ({
+  status,
+  headers: {},
+  outcome: operationOutcome([issue]),
+});

@@ -31,7 +31,12 @@ function parse(args: string[]): AdminCall | string {
   if (rest.length > 0) return `unexpected ${rest.join(' ')}`;
   switch (command) {
     case 'deliveries':
-      return listing('deliveries', ['failed', 'pending', 'done'], arg, (e) => `${e.kind}  attempts=${e.attempts}${e.nextAttemptAt ? `  next=${e.nextAttemptAt}` : ''}`);
+      return listing(
+        'deliveries',
+        ['failed', 'pending', 'done'],
+        arg,
+        (e) => `${e.kind}  attempts=${e.attempts}${e.nextAttemptAt ? `  next=${e.nextAttemptAt}` : ''}`
+      );
     case 'retry':
       if (!arg) return 'retry needs a referral id (ref_...) or an outbox entry id';
       return requeue(`/admin/deliveries/${encodeURIComponent(arg)}/retry`);
@@ -46,7 +51,8 @@ function parse(args: string[]): AdminCall | string {
         method: 'POST',
         path: '/admin/retention/run',
         show: (b: { referralsStripped: number; documentsStripped: number; referralsDeleted: number; skipped?: string }) => [
-          b.skipped ?? `document bytes removed from ${b.referralsStripped} referrals (${b.documentsStripped} documents); ${b.referralsDeleted} referrals deleted`,
+          b.skipped ??
+            `document bytes removed from ${b.referralsStripped} referrals (${b.documentsStripped} documents); ${b.referralsDeleted} referrals deleted`,
         ],
       };
     default:
@@ -72,7 +78,9 @@ function listing(what: 'deliveries' | 'webhooks', states: string[], arg: string 
     method: 'GET',
     path: `/admin/${what}?state=${state}&limit=500`,
     show: (b: { items: ListedEntry[] }) =>
-      b.items.length === 0 ? [`no ${state} ${what}`] : b.items.map((e) => `${e.id}  ${e.referralId}  ${middle(e)}${e.lastError ? `  ${oneLine(e.lastError)}` : ''}`),
+      b.items.length === 0
+        ? [`no ${state} ${what}`]
+        : b.items.map((e) => `${e.id}  ${e.referralId}  ${middle(e)}${e.lastError ? `  ${oneLine(e.lastError)}` : ''}`),
   };
 }
 
@@ -111,7 +119,9 @@ async function main(): Promise<number> {
       signal: AbortSignal.timeout(30_000),
     });
   } catch (err) {
-    process.stderr.write(`cannot reach the gateway at ${base}: ${(err as Error).cause instanceof Error ? ((err as Error).cause as Error).message : (err as Error).message}\n`);
+    process.stderr.write(
+      `cannot reach the gateway at ${base}: ${(err as Error).cause instanceof Error ? ((err as Error).cause as Error).message : (err as Error).message}\n`
+    );
     return 1;
   }
   const text = await res.text();
@@ -124,7 +134,11 @@ async function main(): Promise<number> {
   if (!res.ok) {
     const outcome = body as { resourceType?: unknown; issue: Array<{ details?: { text?: string } }> } | null | undefined;
     const issues: Array<{ details?: { text?: string } }> = outcome?.resourceType === 'OperationOutcome' ? outcome.issue : [];
-    const why = issues.map((i) => i.details?.text).filter(Boolean).join('; ') || text.slice(0, 200);
+    const why =
+      issues
+        .map((i) => i.details?.text)
+        .filter(Boolean)
+        .join('; ') || text.slice(0, 200);
     process.stderr.write(`${res.status}: ${why}\n`);
     return 1;
   }

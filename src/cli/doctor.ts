@@ -46,7 +46,18 @@ function parseArgs(argv: string[]): Args {
 }
 
 /** Settings of the standalone sandbox destination from FHIR_<OPTION> variables (FHIR_PROFILE, ...). */
-const SANDBOX_OPTIONS = ['profile', 'binaryMode', 'clientIds', 'maxJsonBytes', 'preferMinimal', 'transactionMode', 'verifyDelivery', 'presignedUrls', 'attachmentOrigins', 'maxInlineBytes'] as const;
+const SANDBOX_OPTIONS = [
+  'profile',
+  'binaryMode',
+  'clientIds',
+  'maxJsonBytes',
+  'preferMinimal',
+  'transactionMode',
+  'verifyDelivery',
+  'presignedUrls',
+  'attachmentOrigins',
+  'maxInlineBytes',
+] as const;
 
 function sandboxTarget(url: string, env: NodeJS.ProcessEnv): Destination {
   const raw: Record<string, unknown> = { ...sandboxDestination(url) };
@@ -69,7 +80,12 @@ function optionValue(option: (typeof SANDBOX_OPTIONS)[number], text: string): un
   if (text === 'true') return true;
   if (text === 'false') return false;
   if (/^\d+$/.test(text)) return Number(text);
-  if (option === 'attachmentOrigins') return text.split(',').map((s) => s.trim()).filter(Boolean);
+  if (option === 'attachmentOrigins') {
+    return text
+      .split(',')
+      .map((s) => s.trim())
+      .filter(Boolean);
+  }
   return text;
 }
 

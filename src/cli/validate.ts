@@ -66,9 +66,7 @@ function parseArgs(argv: string[]): Args {
 /** The destinations the gateway would route to with this environment. */
 function gatewayDestinations(env: NodeJS.ProcessEnv): DestinationDirectory {
   const config = loadConfig(env);
-  const list: Destination[] = config.useSandbox
-    ? [sandboxDestination(`http://localhost:${config.port || 8080}/sandbox/fhir/R4`)]
-    : config.destinations;
+  const list: Destination[] = config.useSandbox ? [sandboxDestination(`http://localhost:${config.port || 8080}/sandbox/fhir/R4`)] : config.destinations;
   return destinationDirectory(list);
 }
 

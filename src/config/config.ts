@@ -146,7 +146,9 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     problems.push('ADMIN_API_KEY is also a client key in API_KEYS: give the admin a key of its own');
   }
   if (ok('REQUEST_TIMEOUT_MS', 'INTAKE_BODY_TIMEOUT_MS') && e.REQUEST_TIMEOUT_MS < e.INTAKE_BODY_TIMEOUT_MS) {
-    problems.push(`REQUEST_TIMEOUT_MS (${e.REQUEST_TIMEOUT_MS}) is shorter than INTAKE_BODY_TIMEOUT_MS (${e.INTAKE_BODY_TIMEOUT_MS}): bodies would be cut off before their deadline`);
+    problems.push(
+      `REQUEST_TIMEOUT_MS (${e.REQUEST_TIMEOUT_MS}) is shorter than INTAKE_BODY_TIMEOUT_MS (${e.INTAKE_BODY_TIMEOUT_MS}): bodies would be cut off before their deadline`
+    );
   }
   const clientIdentifierSystems = parseClientIdentifierSystems(e.CLIENT_IDENTIFIER_SYSTEMS, problems);
   if (apiKeys) {
@@ -233,7 +235,10 @@ function parseClientIdentifierSystems(text: string | undefined, problems: string
   const out = new Map<string, string[]>();
   if (!text) return out;
   const owner = new Map<string, string>();
-  for (const part of text.split(';').map((p) => p.trim()).filter(Boolean)) {
+  for (const part of text
+    .split(';')
+    .map((p) => p.trim())
+    .filter(Boolean)) {
     const i = part.indexOf('=');
     const clientId = part.slice(0, i).trim();
     const systems = part
@@ -259,7 +264,13 @@ function parseClientIdentifierSystems(text: string | undefined, problems: string
 }
 
 /** The destination `default` from FHIR_BASE_URL and the FHIR_* variables; undefined (with its problems reported) when it cannot be built. */
-function fhirBaseUrlDestination(e: Env, env: Record<string, string>, fromFile: Destination[], variablesOk: boolean, problems: string[]): Destination | undefined {
+function fhirBaseUrlDestination(
+  e: Env,
+  env: Record<string, string>,
+  fromFile: Destination[],
+  variablesOk: boolean,
+  problems: string[]
+): Destination | undefined {
   if (fromFile.some((d) => d.id === 'default')) {
     problems.push('FHIR_BASE_URL defines destination "default", which DESTINATIONS_FILE already has');
     return undefined;
@@ -295,7 +306,13 @@ function fhirAuthFromEnv(e: Env, env: Record<string, string | undefined>, proble
         problems.push('FHIR_TOKEN_URL is required when FHIR_AUTH=client-credentials');
         return undefined;
       }
-      return { type: 'client-credentials', tokenUrl: e.FHIR_TOKEN_URL, clientIdEnv: 'FHIR_CLIENT_ID', clientSecretEnv: 'FHIR_CLIENT_SECRET', scope: e.FHIR_SCOPE };
+      return {
+        type: 'client-credentials',
+        tokenUrl: e.FHIR_TOKEN_URL,
+        clientIdEnv: 'FHIR_CLIENT_ID',
+        clientSecretEnv: 'FHIR_CLIENT_SECRET',
+        scope: e.FHIR_SCOPE,
+      };
     case 'smart-backend':
       if (!e.FHIR_TOKEN_URL || !e.FHIR_SCOPE) {
         problems.push('FHIR_TOKEN_URL and FHIR_SCOPE are required when FHIR_AUTH=smart-backend');
@@ -332,7 +349,9 @@ function checkSecretsPresent(d: Destination, env: Record<string, string | undefi
     try {
       loadPrivateKey(a, env);
     } catch (err) {
-      problems.push(`${a.privateKeyFile ? `FHIR private key file ${a.privateKeyFile}` : a.privateKeyEnv} for destination "${d.id}": ${(err as Error).message.split('\n')[0]}`);
+      problems.push(
+        `${a.privateKeyFile ? `FHIR private key file ${a.privateKeyFile}` : a.privateKeyEnv} for destination "${d.id}": ${(err as Error).message.split('\n')[0]}`
+      );
     }
   }
 }
@@ -376,7 +395,10 @@ function envValue(schema: z.ZodType | undefined, text: string): unknown {
     case 'number':
       return t !== '' && Number.isFinite(Number(t)) ? Number(t) : t;
     case 'array':
-      return t.split(',').map((x) => x.trim()).filter(Boolean);
+      return t
+        .split(',')
+        .map((x) => x.trim())
+        .filter(Boolean);
     case 'object':
       try {
         return JSON.parse(t) as unknown;

@@ -48,7 +48,12 @@ export const circuitBreakerSchema = z.strictObject({
   /** First open period; doubles after each failed probe. */
   cooldownMs: z.number().int().min(10).max(3_600_000).default(30_000),
   /** Longest open period. */
-  maxCooldownMs: z.number().int().min(10).max(24 * 3_600_000).default(600_000),
+  maxCooldownMs: z
+    .number()
+    .int()
+    .min(10)
+    .max(24 * 3_600_000)
+    .default(600_000),
 });
 
 export const destinationSchema = z.strictObject({

@@ -18,34 +18,35 @@ export interface Variable {
 
 const cron = z.string().refine((s) => validateCron(s), 'is not a valid cron expression (5 or 6 fields)');
 
-const apiKeys = z
-  .string()
-  .transform((s, ctx) => {
-    const out = new Map<string, string>();
-    for (const pair of s.split(',').map((p) => p.trim()).filter(Boolean)) {
-      const i = pair.indexOf(':');
-      const clientId = pair.slice(0, i);
-      const key = pair.slice(i + 1);
-      if (i <= 0 || !key || !/^[\w.-]+$/.test(clientId)) {
-        ctx.addIssue({ code: 'custom', message: 'must be comma-separated clientId:key pairs' });
-        return z.NEVER;
-      }
-      if (out.has(clientId)) {
-        ctx.addIssue({ code: 'custom', message: `lists client ${clientId} twice: give each client one key` });
-        return z.NEVER;
-      }
-      if ([...out.values()].includes(key)) {
-        ctx.addIssue({ code: 'custom', message: `the key of ${clientId} is used by another client` });
-        return z.NEVER;
-      }
-      out.set(clientId, key);
-    }
-    if (out.size === 0) {
-      ctx.addIssue({ code: 'custom', message: 'holds no clientId:key pair' });
+const apiKeys = z.string().transform((s, ctx) => {
+  const out = new Map<string, string>();
+  for (const pair of s
+    .split(',')
+    .map((p) => p.trim())
+    .filter(Boolean)) {
+    const i = pair.indexOf(':');
+    const clientId = pair.slice(0, i);
+    const key = pair.slice(i + 1);
+    if (i <= 0 || !key || !/^[\w.-]+$/.test(clientId)) {
+      ctx.addIssue({ code: 'custom', message: 'must be comma-separated clientId:key pairs' });
       return z.NEVER;
     }
-    return out;
-  });
+    if (out.has(clientId)) {
+      ctx.addIssue({ code: 'custom', message: `lists client ${clientId} twice: give each client one key` });
+      return z.NEVER;
+    }
+    if ([...out.values()].includes(key)) {
+      ctx.addIssue({ code: 'custom', message: `the key of ${clientId} is used by another client` });
+      return z.NEVER;
+    }
+    out.set(clientId, key);
+  }
+  if (out.size === 0) {
+    ctx.addIssue({ code: 'custom', message: 'holds no clientId:key pair' });
+    return z.NEVER;
+  }
+  return out;
+});
 
 const optionVariables = destinationOptionVariables()
   .map((v) => `\`${v.variable}\``)
@@ -181,13 +182,22 @@ export const variables = {
     doc: 'winston level',
   },
   MAX_BODY_BYTES: {
-    schema: z.coerce.number().int().min(1024).max(1024 * 1024 * 1024).default(25 * 1024 * 1024),
+    schema: z.coerce
+      .number()
+      .int()
+      .min(1024)
+      .max(1024 * 1024 * 1024)
+      .default(25 * 1024 * 1024),
     doc:
       'request body limit, after decoding `Content-Encoding: gzip`, `deflate` or `br` ' +
       '(413 above it; a `Content-Length` above it is refused before the body is read)',
   },
   MAX_INTAKE_BYTES_IN_FLIGHT: {
-    schema: z.coerce.number().int().min(1024).default(256 * 1024 * 1024),
+    schema: z.coerce
+      .number()
+      .int()
+      .min(1024)
+      .default(256 * 1024 * 1024),
     shownDefault: '268435456 (256 MiB)',
     doc:
       'the memory budget for referrals in hand: request bodies received, parsed and stored at once (each counted by its `Content-Length`; ' +
@@ -245,7 +255,11 @@ export const variables = {
     doc: 'the base of the exponential backoff, with full jitter, between delivery attempts',
   },
   DELIVERY_MAX_DELAY_MS: {
-    schema: z.coerce.number().int().min(1).default(5 * 60_000),
+    schema: z.coerce
+      .number()
+      .int()
+      .min(1)
+      .default(5 * 60_000),
     doc: 'the longest wait between delivery attempts (the cap of that backoff)',
   },
   DELIVERY_CONCURRENCY: {
@@ -253,11 +267,13 @@ export const variables = {
     doc: 'transactions in flight per process',
   },
   DELIVERY_MAX_AGE_MS: {
-    schema: z.coerce.number().int().min(1000).default(7 * 24 * 3600_000),
+    schema: z.coerce
+      .number()
+      .int()
+      .min(1000)
+      .default(7 * 24 * 3600_000),
     shownDefault: '604800000 (7 days)',
-    doc:
-      'a referral still not delivered this long after it was accepted becomes `delivery-failed` ' +
-      '(retries and circuit pauses never wait past it)',
+    doc: 'a referral still not delivered this long after it was accepted becomes `delivery-failed` ' + '(retries and circuit pauses never wait past it)',
   },
   SHUTDOWN_TIMEOUT_MS: {
     schema: z.coerce.number().int().min(0).default(15_000),

@@ -111,7 +111,12 @@ export function estimateJsonBytes(value: unknown): number {
  * inline ones first, until the estimate fits. `undefined` when even without every inline document it would
  * not fit.
  */
-export function documentsToMoveOut(documents: ReadonlyArray<ReferralDocument>, alreadyOut: ReadonlySet<number>, bundleBytes: number, maxJsonBytes: number): number[] | undefined {
+export function documentsToMoveOut(
+  documents: ReadonlyArray<ReferralDocument>,
+  alreadyOut: ReadonlySet<number>,
+  bundleBytes: number,
+  maxJsonBytes: number
+): number[] | undefined {
   if (bundleBytes <= maxJsonBytes) return [];
   const candidates = documents
     .map((d, i) => ({ i, len: d.data?.length ?? 0 }))

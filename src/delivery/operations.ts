@@ -307,7 +307,9 @@ async function writeBundle(ctx: OperationContext, bundle: Bundle, resolveFirst: 
  */
 function lockKeys(ctx: OperationContext, bundle: Bundle, resolveFirst: boolean): string[] {
   const locked = (type: string): boolean => (resolveFirst ? SHARED_TYPES.has(type) : type === 'Patient');
-  return (bundle.entry ?? []).flatMap((e) => (e.resource && locked(e.resource.resourceType) && e.request?.ifNoneExist ? [`${ctx.destination.id} ${e.resource.resourceType}?${e.request.ifNoneExist}`] : []));
+  return (bundle.entry ?? []).flatMap((e) =>
+    e.resource && locked(e.resource.resourceType) && e.request?.ifNoneExist ? [`${ctx.destination.id} ${e.resource.resourceType}?${e.request.ifNoneExist}`] : []
+  );
 }
 
 /** The patient check done before raw uploads: its decision, already applied to the bundle (`entry` at `index`). */
@@ -396,10 +398,24 @@ async function writeResolved(ctx: OperationContext, mapped: Bundle, resolveFirst
  * permanent failure (`hold`: nothing written, not retried; an operator re-queues it once the identifier or
  * the centre's Patient is put right), a failed search is retried or failed like any request.
  */
-async function guardPatient(ctx: OperationContext, bundle: Bundle, index: number, found?: Resource[]): Promise<Extract<PatientCheck, { kind: 'ok' }> | Exclude<Outcome, { kind: 'done' }>> {
+async function guardPatient(
+  ctx: OperationContext,
+  bundle: Bundle,
+  index: number,
+  found?: Resource[]
+): Promise<Extract<PatientCheck, { kind: 'ok' }> | Exclude<Outcome, { kind: 'done' }>> {
   let checked: PatientCheck;
   try {
-    checked = await checkPatient({ client: ctx.client, destination: ctx.destination, referralId: ctx.referral.id, clientId: ctx.referral.clientId, bundle, index, found, signal: ctx.signal });
+    checked = await checkPatient({
+      client: ctx.client,
+      destination: ctx.destination,
+      referralId: ctx.referral.id,
+      clientId: ctx.referral.clientId,
+      bundle,
+      index,
+      found,
+      signal: ctx.signal,
+    });
   } catch (err) {
     return fromRequestError(err);
   }
@@ -418,10 +434,18 @@ async function searchOrOutcome(
     return fromRequestError(err);
   }
   if (found.kind === 'multiple') {
-    return { kind: 'fail', reason: `the centre holds ${found.count} ${found.type} resources with the identifier of bundle entry ${found.index}; resolve the duplicates at the centre` };
+    return {
+      kind: 'fail',
+      reason: `the centre holds ${found.count} ${found.type} resources with the identifier of bundle entry ${found.index}; resolve the duplicates at the centre`,
+    };
   }
   for (const d of found.duplicates) {
-    logger.warn('the centre holds duplicates of a shared resource; the oldest is referenced', { referralId: ctx.referral.id, destination: ctx.destination.id, type: d.type, count: d.count });
+    logger.warn('the centre holds duplicates of a shared resource; the oldest is referenced', {
+      referralId: ctx.referral.id,
+      destination: ctx.destination.id,
+      type: d.type,
+      count: d.count,
+    });
   }
   return found;
 }
@@ -446,7 +470,11 @@ async function confirmBySearch(ctx: OperationContext, bundle: Bundle, why: strin
   if (missing > 0) {
     return { kind: 'retry', reason: `${why}, and ${missing} of ${entries.length} entries are not at the centre; sending again` };
   }
-  logger.info('transaction confirmed by reading back (the server answered with an empty body)', { referralId: ctx.referral.id, destination: ctx.destination.id, entries: entries.length });
+  logger.info('transaction confirmed by reading back (the server answered with an empty body)', {
+    referralId: ctx.referral.id,
+    destination: ctx.destination.id,
+    entries: entries.length,
+  });
   return { kind: 'ok', locations, allCreated: false, notes: [] };
 }
 
@@ -527,7 +555,13 @@ export async function deliverDocuments(ctx: OperationContext): Promise<Outcome> 
   }
   const stored = await appendDocumentRefs(ctx.store, referral.id, added);
   if (!stored) return { kind: 'retry', reason: 'the referral changed too often while its document refs were saved', neutral: true };
-  logger.info('documents delivered', { referralId: referral.id, destination: destination.id, attempts: ctx.attempt, documents: added.length, rawUploads: written.rawUploads });
+  logger.info('documents delivered', {
+    referralId: referral.id,
+    destination: destination.id,
+    attempts: ctx.attempt,
+    documents: added.length,
+    rawUploads: written.rawUploads,
+  });
   return { kind: 'done' };
 }
 
@@ -626,7 +660,10 @@ export async function deliverCancel(ctx: OperationContext): Promise<Outcome> {
     return { kind: 'done' };
   }
 
-  const srId = refId(referral.fhir?.serviceRequest, 'ServiceRequest') ?? refId(task?.focus?.reference, 'ServiceRequest') ?? refId(task?.basedOn?.[0]?.reference, 'ServiceRequest');
+  const srId =
+    refId(referral.fhir?.serviceRequest, 'ServiceRequest') ??
+    refId(task?.focus?.reference, 'ServiceRequest') ??
+    refId(task?.basedOn?.[0]?.reference, 'ServiceRequest');
   if (srId) {
     const srResult = await readModifyWrite<ServiceRequest>(client, 'ServiceRequest', srId, signal, (sr) =>
       CLOSED_REQUEST_STATES.has(sr.status) ? undefined : { ...sr, status: 'revoked' }
@@ -642,7 +679,11 @@ export async function deliverCancel(ctx: OperationContext): Promise<Outcome> {
 }
 
 async function cancelLocally(ctx: OperationContext, reason: string, why?: string): Promise<void> {
-  const changed = await ctx.store.changeStatus(ctx.referral.id, { status: 'cancelled', reason, detail: why ? { note: why } : undefined }, (cur) => cur.status !== 'cancelled');
+  const changed = await ctx.store.changeStatus(
+    ctx.referral.id,
+    { status: 'cancelled', reason, detail: why ? { note: why } : undefined },
+    (cur) => cur.status !== 'cancelled'
+  );
   if (changed) ctx.emit({ referralId: ctx.referral.id, status: 'cancelled', previous: changed.previous, reason });
 }
 
@@ -721,7 +762,13 @@ export async function findByIdentifier<T extends Resource>(
  * (the transaction would fail the same way); any other failure of it is logged and the send goes ahead.
  */
 export async function readBeforeRetry(ctx: OperationContext, type: 'Task' | 'DocumentReference', system: string, value: string): Promise<Outcome | undefined> {
-  const meta = { referralId: ctx.referral.id, outboxId: ctx.entry.id, kind: ctx.entry.kind, destination: ctx.destination.id, earlierAttempts: ctx.entry.attempts };
+  const meta = {
+    referralId: ctx.referral.id,
+    outboxId: ctx.entry.id,
+    kind: ctx.entry.kind,
+    destination: ctx.destination.id,
+    earlierAttempts: ctx.entry.attempts,
+  };
   let found: Resource[];
   try {
     found = await findByIdentifier(ctx.client, type, system, value, ctx.signal);
@@ -736,7 +783,11 @@ export async function readBeforeRetry(ctx: OperationContext, type: 'Task' | 'Doc
     logger.info('read-before-retry: nothing at the centre from an earlier attempt; sending', { ...meta, type });
   } else if (found.length === 1) {
     const status = safeToken((found[0] as { status?: unknown }).status);
-    logger.info('read-before-retry: the centre already holds it from an earlier attempt; resending (conditional creates match it)', { ...meta, found: ids, status });
+    logger.info('read-before-retry: the centre already holds it from an earlier attempt; resending (conditional creates match it)', {
+      ...meta,
+      found: ids,
+      status,
+    });
   } else {
     logger.warn('read-before-retry: the centre holds duplicates from earlier attempts', { ...meta, found: ids });
   }
@@ -779,4 +830,3 @@ function refId(ref: string | undefined, type: string): string | undefined {
 function safeToken(v: unknown): string {
   return typeof v === 'string' && /^[a-z][a-z-]{0,39}$/.test(v) ? v : 'unknown';
 }
-

@@ -127,7 +127,12 @@ export function asNewPatientEntry(entry: BundleEntry, clientId: string, contradi
   return {
     ...entry,
     resource: { ...patient, identifier: [scoped, ...kept] },
-    request: { ...entry.request, method: 'POST', url: entry.request?.url ?? 'Patient', ifNoneExist: identifierQuery(scoped.system as string, scoped.value as string) },
+    request: {
+      ...entry.request,
+      method: 'POST',
+      url: entry.request?.url ?? 'Patient',
+      ifNoneExist: identifierQuery(scoped.system as string, scoped.value as string),
+    },
   };
 }
 
@@ -205,10 +210,13 @@ export async function checkPatient(input: PatientCheckInput): Promise<PatientChe
       reason: `${which} a different ${describeFields(fields)}, and the Patient the gateway created for this sender's identifier (patientMismatch: new-patient) has a different ${describeFields(ownFields)}; check the identifier`,
     };
   }
-  logger.warn('patient mismatch at the centre: the Patient matched by the identifier has other demographics; the referral gets a Patient of its own (patientMismatch: new-patient)', {
-    ...meta,
-    reused: own.length > 0,
-  });
+  logger.warn(
+    'patient mismatch at the centre: the Patient matched by the identifier has other demographics; the referral gets a Patient of its own (patientMismatch: new-patient)',
+    {
+      ...meta,
+      reused: own.length > 0,
+    }
+  );
   const bundle = { ...input.bundle, entry: entries.map((e, i) => (i === input.index ? replaced : e)) };
   const note = `${which} a different ${describeFields(fields)}; the referral was linked to ${own.length > 0 ? 'the Patient created earlier' : 'a new Patient'} for this sender's identifier instead (patientMismatch: new-patient)`;
   return { kind: 'ok', bundle, found: own, newPatient: { fields, note } };
@@ -235,8 +243,14 @@ async function searchPatients(input: PatientCheckInput, criteria: string): Promi
   }
   const elements = !withoutElements.has(input.destination.id);
   try {
-    const bundle = await input.client.search<Patient>('Patient', { ...params, ...(elements ? { _elements: PATIENT_ELEMENTS } : {}), _count: SEARCH_COUNT }, { signal: input.signal });
-    const found = (bundle.entry ?? []).flatMap((e) => (e.resource?.resourceType === 'Patient' && e.search?.mode !== 'include' && e.resource.id ? [e.resource] : []));
+    const bundle = await input.client.search<Patient>(
+      'Patient',
+      { ...params, ...(elements ? { _elements: PATIENT_ELEMENTS } : {}), _count: SEARCH_COUNT },
+      { signal: input.signal }
+    );
+    const found = (bundle.entry ?? []).flatMap((e) =>
+      e.resource?.resourceType === 'Patient' && e.search?.mode !== 'include' && e.resource.id ? [e.resource] : []
+    );
     return oldestFirst(found);
   } catch (err) {
     if (elements && err instanceof FhirRequestError && err.kind === 'http' && err.status === 400) {

@@ -60,7 +60,9 @@ export async function verifyDelivered(client: FhirClient, refs: DeliveredRefs, s
       const r = await readModifyWrite<Task>(client, 'Task', id, signal, (cur) => (pointsAt(cur, sr) ? undefined : withServiceRequest(cur, sr)));
       requests += 2;
       if (r.kind === 'gone') return { outcome: { kind: 'retry', reason: 'verification: the Task disappeared while it was repaired' }, repaired, requests };
-      if (r.kind !== 'done') return { outcome: failLoudly(r, 'the Task points at a ServiceRequest the centre does not hold, and could not be repaired'), repaired, requests };
+      if (r.kind !== 'done') {
+        return { outcome: failLoudly(r, 'the Task points at a ServiceRequest the centre does not hold, and could not be repaired'), repaired, requests };
+      }
       repaired.push('Task.focus/basedOn');
     }
   }
@@ -73,7 +75,9 @@ export async function verifyDelivered(client: FhirClient, refs: DeliveredRefs, s
       hasContent(cur) ? undefined : { ...cur, content: [{ ...(cur.content?.[0] ?? {}), attachment: d.intended }, ...(cur.content ?? []).slice(1)] }
     );
     requests += 2;
-    if (r.kind === 'gone') return { outcome: { kind: 'retry', reason: 'verification: a DocumentReference disappeared while it was repaired' }, repaired, requests };
+    if (r.kind === 'gone') {
+      return { outcome: { kind: 'retry', reason: 'verification: a DocumentReference disappeared while it was repaired' }, repaired, requests };
+    }
     if (r.kind !== 'done') return { outcome: failLoudly(r, 'a DocumentReference at the centre has no content and could not be repaired'), repaired, requests };
     repaired.push(`${d.ref} content`);
   }

@@ -144,9 +144,16 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
     // stay within MAX_INTAKE_BYTES_IN_FLIGHT.
     let release: Release = () => undefined;
     if (this.opts.memory) {
-      const granted = await this.opts.memory.budget.reserve(DELIVERY_HOLDER, await this.store.payloadBytes(entry.referralId), { waitMs: this.opts.memory.waitMs });
+      const granted = await this.opts.memory.budget.reserve(DELIVERY_HOLDER, await this.store.payloadBytes(entry.referralId), {
+        waitMs: this.opts.memory.waitMs,
+      });
       if (typeof granted !== 'function') {
-        await this.store.rescheduleOutbox(entry.id, entry.attempts, new Date(Date.now() + MEMORY_RETRY_MS).toISOString(), entry.lastError ?? 'waiting for room in the memory budget');
+        await this.store.rescheduleOutbox(
+          entry.id,
+          entry.attempts,
+          new Date(Date.now() + MEMORY_RETRY_MS).toISOString(),
+          entry.lastError ?? 'waiting for room in the memory budget'
+        );
         logger.debug('delivery put off: no room in the memory budget', { referralId: entry.referralId });
         return;
       }
@@ -171,7 +178,11 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
     loaded.stored = undefined;
     const destination = this.destinations.get(referral.destination);
     if (!destination) {
-      await this.retryLater(entry, referral, entry.attempts + 1, { kind: 'retry', reason: `destination ${referral.destination} is not configured`, neutral: true });
+      await this.retryLater(entry, referral, entry.attempts + 1, {
+        kind: 'retry',
+        reason: `destination ${referral.destination} is not configured`,
+        neutral: true,
+      });
       return;
     }
     const operation = OPERATIONS[entry.kind];
@@ -280,12 +291,26 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
   private async deferForCircuit(entry: Entry, referral: ReferralSummary, destination: Destination, retryAt: number): Promise<void> {
     const lastError = entry.lastError ?? `destination ${destination.id} circuit open`;
     if (isExhausted(0, new Date(entry.createdAt), new Date(), { maxAttempts: Number.POSITIVE_INFINITY, maxAgeMs: this.opts.maxAgeMs })) {
-      await this.failPermanently(entry, referral, entry.attempts, `gave up after ${entry.attempts} attempts over ${ageSeconds(Date.parse(entry.createdAt))} s (the age limit; destination circuit open); last error: ${lastError}`);
+      await this.failPermanently(
+        entry,
+        referral,
+        entry.attempts,
+        `gave up after ${entry.attempts} attempts over ${ageSeconds(Date.parse(entry.createdAt))} s (the age limit; destination circuit open); last error: ${lastError}`
+      );
       return;
     }
-    await this.store.rescheduleOutbox(entry.id, entry.attempts, new Date(notPastAgeLimit(retryAt, new Date(entry.createdAt), this.opts.maxAgeMs)).toISOString(), lastError);
+    await this.store.rescheduleOutbox(
+      entry.id,
+      entry.attempts,
+      new Date(notPastAgeLimit(retryAt, new Date(entry.createdAt), this.opts.maxAgeMs)).toISOString(),
+      lastError
+    );
     deliveries.inc({ destination: destination.id, result: 'deferred' });
-    logger.debug('delivery deferred: destination circuit open', { referralId: referral.id, destination: destination.id, until: new Date(retryAt).toISOString() });
+    logger.debug('delivery deferred: destination circuit open', {
+      referralId: referral.id,
+      destination: destination.id,
+      until: new Date(retryAt).toISOString(),
+    });
   }
 
   private async retryLater(entry: Entry, referral: ReferralSummary, attempts: number, outcome: Extract<Outcome, { kind: 'retry' }>): Promise<void> {
@@ -297,7 +322,14 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
       return;
     }
     await this.store.rescheduleOutbox(entry.id, attempts, new Date(settled.at).toISOString(), error);
-    logger.warn('delivery will be retried', { referralId: referral.id, destination: referral.destination, kind: entry.kind, attempts, delayMs: settled.delayMs, reason: error });
+    logger.warn('delivery will be retried', {
+      referralId: referral.id,
+      destination: referral.destination,
+      kind: entry.kind,
+      attempts,
+      delayMs: settled.delayMs,
+      reason: error,
+    });
   }
 
   /**
@@ -307,7 +339,11 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
   private async failPermanently(entry: Entry, referral: ReferralSummary, attempts: number, error: string, outcome?: OperationOutcome): Promise<void> {
     const lastError = outcome ? `${error} ${JSON.stringify(outcome)}` : error;
     if (entry.kind === 'submit') {
-      const changed = await this.store.changeStatus(referral.id, { status: 'delivery-failed', reason: error, detail: outcome ? { outcome } : undefined }, (cur) => cur.status === 'queued');
+      const changed = await this.store.changeStatus(
+        referral.id,
+        { status: 'delivery-failed', reason: error, detail: outcome ? { outcome } : undefined },
+        (cur) => cur.status === 'queued'
+      );
       if (changed) this.onStatusChange({ referralId: referral.id, status: 'delivery-failed', previous: changed.previous, reason: error });
     } else {
       const cur = await this.store.getById(referral.id, { payload: false });

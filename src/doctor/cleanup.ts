@@ -41,7 +41,8 @@ export async function cleanupProbes(http: ProbeHttp, runId: string, maxRequests 
     for (const type of SWEEP_TYPES) {
       try {
         const res = await send('GET', `${type}?_tag=${tag}&_count=100`);
-        const entries = res && is2xx(res.status) && Array.isArray(res.json?.entry) ? (res.json.entry as Array<{ resource?: { resourceType?: unknown; id?: unknown } }>) : [];
+        const entries =
+          res && is2xx(res.status) && Array.isArray(res.json?.entry) ? (res.json.entry as Array<{ resource?: { resourceType?: unknown; id?: unknown } }>) : [];
         for (const e of entries) {
           if (e.resource?.resourceType === type && typeof e.resource.id === 'string') http.track({ type, id: e.resource.id });
         }

@@ -45,7 +45,13 @@ function line(id: string, label: string, status: DoctorStatus, detail: string, a
 
 function notRunLine(id: string, label: string, f: NotRun | undefined): Line {
   if (!f) return line(id, label, 'skip', 'not run');
-  return line(id, label, f.error ? 'warn' : 'skip', f.notRun, f.error ? 'run the doctor again; if it persists, check the server logs for this request' : undefined);
+  return line(
+    id,
+    label,
+    f.error ? 'warn' : 'skip',
+    f.notRun,
+    f.error ? 'run the doctor again; if it persists, check the server logs for this request' : undefined
+  );
 }
 
 function seconds(ms: number): string {
@@ -69,7 +75,9 @@ export function evaluate(facts: Facts, dest: Destination, input: SettingsInput =
         'Server reachable',
         'fail',
         `GET metadata got no answer: ${facts.unreachable.message}`,
-        facts.unreachable.tlsCode ? 'see the TLS line' : `check baseUrl (${facts.baseUrl}), DNS, firewall and that the server is running; timeoutMs is ${dest.timeoutMs} ms`
+        facts.unreachable.tlsCode
+          ? 'see the TLS line'
+          : `check baseUrl (${facts.baseUrl}), DNS, firewall and that the server is running; timeoutMs is ${dest.timeoutMs} ms`
       )
     );
   } else if (ran(facts.metadata)) {
@@ -90,7 +98,14 @@ export function evaluate(facts: Facts, dest: Destination, input: SettingsInput =
       )
     );
   } else if (facts.https) {
-    add(line('tls', 'TLS', facts.unreachable ? 'skip' : 'ok', facts.unreachable ? 'not checked: no answer' : `https; the certificate of ${host} is valid and trusted`));
+    add(
+      line(
+        'tls',
+        'TLS',
+        facts.unreachable ? 'skip' : 'ok',
+        facts.unreachable ? 'not checked: no answer' : `https; the certificate of ${host} is valid and trusted`
+      )
+    );
   } else if (facts.loopback) {
     add(line('tls', 'TLS', 'ok', `plain http to a loopback address (${host}): development only`));
   } else {
@@ -112,9 +127,25 @@ export function evaluate(facts: Facts, dest: Destination, input: SettingsInput =
       if (md.declaresTransaction === false) parts.push('; does not declare the transaction interaction');
       add(line('metadata', 'CapabilityStatement', 'ok', parts.join(' ')));
     } else if (md.status === 401 || md.status === 403) {
-      add(line('metadata', 'CapabilityStatement', 'warn', `GET metadata answered HTTP ${md.status}: it needs credentials`, 'FHIR servers should answer metadata; the gateway does not need it'));
+      add(
+        line(
+          'metadata',
+          'CapabilityStatement',
+          'warn',
+          `GET metadata answered HTTP ${md.status}: it needs credentials`,
+          'FHIR servers should answer metadata; the gateway does not need it'
+        )
+      );
     } else {
-      add(line('metadata', 'CapabilityStatement', 'fail', `GET metadata answered HTTP ${md.status} without a CapabilityStatement`, `check baseUrl: it must be the FHIR R4 base (e.g. https://host/fhir/R4), not ${facts.baseUrl}`));
+      add(
+        line(
+          'metadata',
+          'CapabilityStatement',
+          'fail',
+          `GET metadata answered HTTP ${md.status} without a CapabilityStatement`,
+          `check baseUrl: it must be the FHIR R4 base (e.g. https://host/fhir/R4), not ${facts.baseUrl}`
+        )
+      );
     }
     if (!md.isCapabilityStatement) {
       add(line('fhir-version', 'FHIR version', 'skip', 'not checked: no CapabilityStatement'));
@@ -123,7 +154,15 @@ export function evaluate(facts: Facts, dest: Destination, input: SettingsInput =
     } else if (!md.fhirVersion) {
       add(line('fhir-version', 'FHIR version', 'warn', 'the CapabilityStatement names no fhirVersion', 'the gateway needs FHIR 4.0.x (R4)'));
     } else {
-      add(line('fhir-version', 'FHIR version', 'fail', `the server speaks FHIR ${md.fhirVersion}; the gateway needs 4.0.x (R4)`, "use the centre's R4 endpoint as baseUrl"));
+      add(
+        line(
+          'fhir-version',
+          'FHIR version',
+          'fail',
+          `the server speaks FHIR ${md.fhirVersion}; the gateway needs 4.0.x (R4)`,
+          "use the centre's R4 endpoint as baseUrl"
+        )
+      );
     }
   }
   const clock = facts.clock;
@@ -147,9 +186,25 @@ export function evaluate(facts: Facts, dest: Destination, input: SettingsInput =
   if (!ran(tx)) {
     add(notRunLine('transaction', 'Transaction (urn:uuid refs)', tx));
   } else if (!is2xx(tx.status)) {
-    add(line('transaction', 'Transaction (urn:uuid refs)', 'fail', `a 2-entry transaction (Patient, Task) was refused: ${tx.answer}`, 'the centre must enable FHIR transactions (POST of a transaction Bundle to the base)'));
+    add(
+      line(
+        'transaction',
+        'Transaction (urn:uuid refs)',
+        'fail',
+        `a 2-entry transaction (Patient, Task) was refused: ${tx.answer}`,
+        'the centre must enable FHIR transactions (POST of a transaction Bundle to the base)'
+      )
+    );
   } else if (!tx.isResponseBundle) {
-    add(line('transaction', 'Transaction (urn:uuid refs)', 'fail', `${tx.answer} without a transaction-response Bundle`, 'the server must answer transactions with a transaction-response Bundle'));
+    add(
+      line(
+        'transaction',
+        'Transaction (urn:uuid refs)',
+        'fail',
+        `${tx.answer} without a transaction-response Bundle`,
+        'the server must answer transactions with a transaction-response Bundle'
+      )
+    );
   } else if (tx.entryStatuses.some((st) => !is2xx(st))) {
     add(
       line(
@@ -161,7 +216,15 @@ export function evaluate(facts: Facts, dest: Destination, input: SettingsInput =
       )
     );
   } else if (tx.referencesResolved === false) {
-    add(line('transaction', 'Transaction (urn:uuid refs)', 'fail', 'Task.for still names the urn:uuid placeholder after the transaction', 'the server must resolve urn:uuid references inside transactions'));
+    add(
+      line(
+        'transaction',
+        'Transaction (urn:uuid refs)',
+        'fail',
+        'Task.for still names the urn:uuid placeholder after the transaction',
+        'the server must resolve urn:uuid references inside transactions'
+      )
+    );
   } else {
     add(
       line(
@@ -191,7 +254,12 @@ export function evaluate(facts: Facts, dest: Destination, input: SettingsInput =
       if (s.verifyDelivery) add(line('atomicity', label, 'ok', `${what}; transactionMode resolve-first reuses what was written, verifyDelivery repairs`));
       else add(line('atomicity', label, 'warn', `${what}; verifyDelivery is off`, 'set verifyDelivery true', { verifyDelivery: true }));
     } else {
-      add(line('atomicity', label, 'fail', what, `set transactionMode resolve-first${MEDPLUM}`, { transactionMode: 'resolve-first', ...(s.verifyDelivery ? {} : { verifyDelivery: true }) }));
+      add(
+        line('atomicity', label, 'fail', what, `set transactionMode resolve-first${MEDPLUM}`, {
+          transactionMode: 'resolve-first',
+          ...(s.verifyDelivery ? {} : { verifyDelivery: true }),
+        })
+      );
     }
   }
 
@@ -201,16 +269,34 @@ export function evaluate(facts: Facts, dest: Destination, input: SettingsInput =
   if (!ran(mn)) {
     add(notRunLine('prefer-minimal', pm, mn));
   } else if (!is2xx(mn.status)) {
-    if (s.preferMinimal) add(line('prefer-minimal', pm, 'fail', `a transaction with Prefer: return=minimal was refused (${mn.answer})`, `set preferMinimal false${MEDPLUM}`, { preferMinimal: false }));
-    else add(line('prefer-minimal', pm, 'ok', `refused (${mn.answer}); preferMinimal is off`));
+    if (s.preferMinimal) {
+      add(
+        line('prefer-minimal', pm, 'fail', `a transaction with Prefer: return=minimal was refused (${mn.answer})`, `set preferMinimal false${MEDPLUM}`, {
+          preferMinimal: false,
+        })
+      );
+    } else add(line('prefer-minimal', pm, 'ok', `refused (${mn.answer}); preferMinimal is off`));
   } else if (mn.body === 'empty') {
-    if (s.preferMinimal) add(line('prefer-minimal', pm, 'fail', `answered ${mn.answer} with an EMPTY body (no transaction-response)`, `set preferMinimal false${MEDPLUM}`, { preferMinimal: false }));
-    else add(line('prefer-minimal', pm, 'ok', 'server answers minimal with an empty body; preferMinimal is off'));
+    if (s.preferMinimal) {
+      add(
+        line('prefer-minimal', pm, 'fail', `answered ${mn.answer} with an EMPTY body (no transaction-response)`, `set preferMinimal false${MEDPLUM}`, {
+          preferMinimal: false,
+        })
+      );
+    } else add(line('prefer-minimal', pm, 'ok', 'server answers minimal with an empty body; preferMinimal is off'));
   } else if (mn.body === 'bundle') {
-    add(line('prefer-minimal', pm, 'ok', `answered ${mn.answer} with a transaction-response (status and location per entry)${s.preferMinimal ? '' : '; preferMinimal is off (it could be on)'}`));
+    add(
+      line(
+        'prefer-minimal',
+        pm,
+        'ok',
+        `answered ${mn.answer} with a transaction-response (status and location per entry)${s.preferMinimal ? '' : '; preferMinimal is off (it could be on)'}`
+      )
+    );
   } else {
-    if (s.preferMinimal) add(line('prefer-minimal', pm, 'warn', `answered ${mn.answer} with something other than a Bundle`, 'set preferMinimal false', { preferMinimal: false }));
-    else add(line('prefer-minimal', pm, 'ok', `answered ${mn.answer} with something other than a Bundle; preferMinimal is off`));
+    if (s.preferMinimal) {
+      add(line('prefer-minimal', pm, 'warn', `answered ${mn.answer} with something other than a Bundle`, 'set preferMinimal false', { preferMinimal: false }));
+    } else add(line('prefer-minimal', pm, 'ok', `answered ${mn.answer} with something other than a Bundle; preferMinimal is off`));
   }
 
   // conditional create
@@ -220,10 +306,28 @@ export function evaluate(facts: Facts, dest: Destination, input: SettingsInput =
   if (!ran(cc)) {
     add(notRunLine('conditional-create', ccl, cc));
   } else if (!cc.firstOk) {
-    if (conditional) add(line('conditional-create', ccl, 'fail', `a one-entry conditional transaction was refused (${cc.firstAnswer})`, `set transactionMode resolve-first${MEDPLUM}`, { transactionMode: 'resolve-first' }));
-    else add(line('conditional-create', ccl, 'ok', `a conditional transaction was refused (${cc.firstAnswer}); transactionMode resolve-first sends none`));
+    if (conditional) {
+      add(
+        line(
+          'conditional-create',
+          ccl,
+          'fail',
+          `a one-entry conditional transaction was refused (${cc.firstAnswer})`,
+          `set transactionMode resolve-first${MEDPLUM}`,
+          { transactionMode: 'resolve-first' }
+        )
+      );
+    } else add(line('conditional-create', ccl, 'ok', `a conditional transaction was refused (${cc.firstAnswer}); transactionMode resolve-first sends none`));
   } else if (cc.matches === 0) {
-    add(line('conditional-create', ccl, 'warn', 'the created Patient was not found by an identifier search', 'the gateway finds its resources by identifier: the centre must support identifier search'));
+    add(
+      line(
+        'conditional-create',
+        ccl,
+        'warn',
+        'the created Patient was not found by an identifier search',
+        'the gateway finds its resources by identifier: the centre must support identifier search'
+      )
+    );
   } else if (cc.matches > 1) {
     const what = `the resend created a duplicate (${cc.matches} Patients with one identifier)`;
     if (conditional) add(line('conditional-create', ccl, 'fail', what, `set transactionMode resolve-first${MEDPLUM}`, { transactionMode: 'resolve-first' }));
@@ -272,9 +376,25 @@ export function evaluate(facts: Facts, dest: Destination, input: SettingsInput =
   } else {
     const fallback = 'nothing to set: the poller falls back to reading open Tasks by id (more requests per cycle)';
     if (lu.withoutSort !== undefined && is2xx(lu.withoutSort)) {
-      add(line('search-lastupdated', lul, 'warn', `_sort=_lastUpdated refused (HTTP ${lu.withSort}); _lastUpdated alone answered HTTP ${lu.withoutSort}`, fallback));
+      add(
+        line(
+          'search-lastupdated',
+          lul,
+          'warn',
+          `_sort=_lastUpdated refused (HTTP ${lu.withSort}); _lastUpdated alone answered HTTP ${lu.withoutSort}`,
+          fallback
+        )
+      );
     } else {
-      add(line('search-lastupdated', lul, 'warn', `_lastUpdated search refused (HTTP ${lu.withSort}${lu.withoutSort !== undefined ? `, without _sort HTTP ${lu.withoutSort}` : ''})`, fallback));
+      add(
+        line(
+          'search-lastupdated',
+          lul,
+          'warn',
+          `_lastUpdated search refused (HTTP ${lu.withSort}${lu.withoutSort !== undefined ? `, without _sort HTTP ${lu.withoutSort}` : ''})`,
+          fallback
+        )
+      );
     }
   }
 
@@ -286,14 +406,21 @@ export function evaluate(facts: Facts, dest: Destination, input: SettingsInput =
   } else if (is2xx(bt.status)) {
     add(line('binary-tag-search', btl, 'ok', `Binary?_tag=… answered ${bt.answer}`));
   } else if (s.binaryMode === 'conditional-create') {
-    add(line('binary-tag-search', btl, 'fail', `Binary?_tag=… refused (${bt.answer}): binaryMode conditional-create needs it`, `set binaryMode raw${MEDPLUM}`, { binaryMode: 'raw' }));
+    add(
+      line('binary-tag-search', btl, 'fail', `Binary?_tag=… refused (${bt.answer}): binaryMode conditional-create needs it`, `set binaryMode raw${MEDPLUM}`, {
+        binaryMode: 'raw',
+      })
+    );
   } else {
     add(line('binary-tag-search', btl, 'ok', `Binary?_tag=… refused (${bt.answer}); binaryMode ${s.binaryMode} does not search Binary`));
   }
 
   // client-assigned ids
   const rawWorks = ran(facts.rawBinary) && facts.rawBinary.tried.length > 0 && facts.rawBinary.tried[0].accepted;
-  const noClientIds: SettingsInput = { clientIds: false, binaryMode: rawWorks || !ran(facts.binaryTagSearch) || !is2xx(facts.binaryTagSearch.status) ? 'raw' : 'conditional-create' };
+  const noClientIds: SettingsInput = {
+    clientIds: false,
+    binaryMode: rawWorks || !ran(facts.binaryTagSearch) || !is2xx(facts.binaryTagSearch.status) ? 'raw' : 'conditional-create',
+  };
   const usesClientIds = s.binaryMode === 'put' || (s.binaryMode === 'raw' && s.clientIds);
   const ua = facts.updateAsCreate;
   const ual = 'PUT creates (client ids)';
@@ -314,7 +441,14 @@ export function evaluate(facts: Facts, dest: Destination, input: SettingsInput =
       )
     );
   } else {
-    add(line('update-as-create', ual, 'ok', `PUT Binary/<new uuid> refused (${ua.answer}); binaryMode ${s.binaryMode}${s.binaryMode === 'raw' ? ' with clientIds false' : ''} does not need it`));
+    add(
+      line(
+        'update-as-create',
+        ual,
+        'ok',
+        `PUT Binary/<new uuid> refused (${ua.answer}); binaryMode ${s.binaryMode}${s.binaryMode === 'raw' ? ' with clientIds false' : ''} does not need it`
+      )
+    );
   }
 
   const cf = facts.clientIdForm;
@@ -322,14 +456,19 @@ export function evaluate(facts: Facts, dest: Destination, input: SettingsInput =
   if (!ran(cf)) {
     add(notRunLine('client-id-form', cfl, cf));
   } else {
-    const numeric = is2xx(cf.numeric.status)
-      ? ''
-      : `; purely numeric ids are refused (${cf.numeric.answer}): the gateway never uses them`;
+    const numeric = is2xx(cf.numeric.status) ? '' : `; purely numeric ids are refused (${cf.numeric.answer}): the gateway never uses them`;
     let relevant: { how: string; status: number; answer: string } | undefined;
     if (s.binaryMode === 'put') relevant = { how: 'FHIR JSON', ...cf.json };
     else if (s.binaryMode === 'raw' && s.clientIds) relevant = { how: 'raw', ...cf.raw };
     if (!relevant) {
-      add(line('client-id-form', cfl, 'ok', `not used (binaryMode ${s.binaryMode}${s.binaryMode === 'raw' ? ', clientIds false' : ''}); PUT Binary/rg-<uuid> answered ${cf.json.answer} (JSON), ${cf.raw.answer} (raw)${numeric}`));
+      add(
+        line(
+          'client-id-form',
+          cfl,
+          'ok',
+          `not used (binaryMode ${s.binaryMode}${s.binaryMode === 'raw' ? ', clientIds false' : ''}); PUT Binary/rg-<uuid> answered ${cf.json.answer} (JSON), ${cf.raw.answer} (raw)${numeric}`
+        )
+      );
     } else if (is2xx(relevant.status)) {
       add(line('client-id-form', cfl, 'ok', `PUT Binary/rg-<uuid> (${relevant.how}, the gateway's id form) accepted (${relevant.answer})${numeric}`));
     } else if (uaRefused && ran(ua) && relevant.status === ua.status) {
@@ -366,9 +505,26 @@ export function evaluate(facts: Facts, dest: Destination, input: SettingsInput =
       let fix: SettingsInput | undefined;
       if (putOk) fix = { binaryMode: 'put', clientIds: true };
       else if (tagOk) fix = { binaryMode: 'conditional-create' };
-      add(line('raw-binary-size', rbl, 'fail', `${what}: binaryMode raw needs it`, fix ? `set binaryMode ${fix.binaryMode}` : 'the centre must accept raw Binary uploads (the document bytes with their own Content-Type)', fix));
+      add(
+        line(
+          'raw-binary-size',
+          rbl,
+          'fail',
+          `${what}: binaryMode raw needs it`,
+          fix ? `set binaryMode ${fix.binaryMode}` : 'the centre must accept raw Binary uploads (the document bytes with their own Content-Type)',
+          fix
+        )
+      );
     } else if (s.maxJsonBytes !== undefined) {
-      add(line('raw-binary-size', rbl, 'warn', `${what}: documents that do not fit maxJsonBytes cannot be uploaded raw`, 'the centre should accept raw Binary uploads'));
+      add(
+        line(
+          'raw-binary-size',
+          rbl,
+          'warn',
+          `${what}: documents that do not fit maxJsonBytes cannot be uploaded raw`,
+          'the centre should accept raw Binary uploads'
+        )
+      );
     } else {
       add(line('raw-binary-size', rbl, 'ok', `${what}; binaryMode ${s.binaryMode} does not use raw uploads`));
     }
@@ -397,7 +553,17 @@ export function evaluate(facts: Facts, dest: Destination, input: SettingsInput =
     const jsonDesc = readBackDesc(rd.jsonAccept, 'raw bytes');
     const how = `GET Binary/<id>: Accept */* → ${anyDesc}${rd.anyAccept.identical ? ' (identical)' : ' (differs)'}; Accept application/fhir+json → ${jsonDesc}${rd.jsonAccept.identical ? ' (identical)' : ' (differs)'}`;
     if (rd.anyAccept.identical || rd.jsonAccept.identical) add(line('raw-binary', rdl, 'ok', `bytes identical; ${how}`));
-    else add(line('raw-binary', rdl, 'fail', `the uploaded bytes did not come back; ${how}`, 'the centre must return a Binary as uploaded (raw for Accept */*, or base64 data in JSON)'));
+    else {
+      add(
+        line(
+          'raw-binary',
+          rdl,
+          'fail',
+          `the uploaded bytes did not come back; ${how}`,
+          'the centre must return a Binary as uploaded (raw for Accept */*, or base64 data in JSON)'
+        )
+      );
+    }
   }
 
   // attachment URLs
@@ -413,7 +579,15 @@ export function evaluate(facts: Facts, dest: Destination, input: SettingsInput =
   } else if (im.staleStatus === 409) {
     add(line('if-match', iml, 'ok', 'a stale If-Match was refused with 409 Conflict (as HAPI does); the gateway treats 409 and 412 alike'));
   } else if (is2xx(im.staleStatus)) {
-    add(line('if-match', iml, 'warn', `a stale If-Match was accepted (${im.answer}): the server ignores versions, so an update could overwrite a change made at the centre`, 'ask the centre to enforce If-Match on updates'));
+    add(
+      line(
+        'if-match',
+        iml,
+        'warn',
+        `a stale If-Match was accepted (${im.answer}): the server ignores versions, so an update could overwrite a change made at the centre`,
+        'ask the centre to enforce If-Match on updates'
+      )
+    );
   } else {
     add(line('if-match', iml, 'warn', `a stale If-Match answered ${im.answer} (expected 412 or 409)`));
   }
@@ -423,13 +597,38 @@ export function evaluate(facts: Facts, dest: Destination, input: SettingsInput =
   const tkl = 'Task read/update';
   if (!ran(tk)) {
     const noTask = tk?.notRun === 'not run: no Task could be created' && ran(facts.transaction);
-    add(noTask ? line('task', tkl, 'fail', 'no Task could be created (transaction and POST Task failed)', 'the centre must allow the gateway to create, read and update Task') : notRunLine('task', tkl, tk));
+    add(
+      noTask
+        ? line(
+            'task',
+            tkl,
+            'fail',
+            'no Task could be created (transaction and POST Task failed)',
+            'the centre must allow the gateway to create, read and update Task'
+          )
+        : notRunLine('task', tkl, tk)
+    );
   } else if (!is2xx(tk.readStatus)) {
     add(line('task', tkl, 'fail', `reading the created Task was refused (${tk.readAnswer})`, 'the centre must allow the gateway to read and update its Tasks'));
   } else if (tk.updateStatus === undefined || !is2xx(tk.updateStatus)) {
-    add(line('task', tkl, 'fail', `updating the Task was refused (${tk.updateAnswer ?? 'not sent'})`, 'the centre must allow the gateway to update its Tasks (cancel)'));
+    add(
+      line(
+        'task',
+        tkl,
+        'fail',
+        `updating the Task was refused (${tk.updateAnswer ?? 'not sent'})`,
+        'the centre must allow the gateway to update its Tasks (cancel)'
+      )
+    );
   } else {
-    add(line('task', tkl, 'ok', `created, read and updated a Task (status → cancelled${tk.versionId ? ', with If-Match' : ', no version to match'}; ${tk.updateAnswer})`));
+    add(
+      line(
+        'task',
+        tkl,
+        'ok',
+        `created, read and updated a Task (status → cancelled${tk.versionId ? ', with If-Match' : ', no version to match'}; ${tk.updateAnswer})`
+      )
+    );
   }
 
   // paging
@@ -444,13 +643,31 @@ function authLine(facts: Facts, dest: Destination): Line {
   if (facts.unreachable) return line('auth', l, 'skip', 'not checked: no answer');
   const tk = facts.token;
   if (ran(tk) && !tk.ok) {
-    return line('auth', l, 'fail', `token request failed: ${tk.message}`, 'check tokenUrl and the client id / secret or key registered at the centre (the variables named in auth)');
+    return line(
+      'auth',
+      l,
+      'fail',
+      `token request failed: ${tk.message}`,
+      'check tokenUrl and the client id / secret or key registered at the centre (the variables named in auth)'
+    );
   }
   const st = facts.authStatus;
   if (st === 401 || st === 403) {
     return type === 'none'
-      ? line('auth', l, 'fail', `the server wants credentials (HTTP ${st}); auth is none`, 'configure auth (basic, bearer, client-credentials or smart-backend) as the centre requires')
-      : line('auth', l, 'fail', `the server refused the gateway's credentials (HTTP ${st})`, st === 403 ? 'ask the centre to grant the gateway access (scopes/roles for Patient, Task, DocumentReference, Binary)' : 'check the credentials');
+      ? line(
+          'auth',
+          l,
+          'fail',
+          `the server wants credentials (HTTP ${st}); auth is none`,
+          'configure auth (basic, bearer, client-credentials or smart-backend) as the centre requires'
+        )
+      : line(
+          'auth',
+          l,
+          'fail',
+          `the server refused the gateway's credentials (HTTP ${st})`,
+          st === 403 ? 'ask the centre to grant the gateway access (scopes/roles for Patient, Task, DocumentReference, Binary)' : 'check the credentials'
+        );
   }
   if (!ran(st)) return notRunLine('auth', l, st);
   if (ran(tk) && tk.ok) {
@@ -481,7 +698,13 @@ function jsonLine(facts: Facts, dest: Destination, s: DestinationSettings): Line
   }
   const seen = `refused ${formatBytes(R)} (${refused?.answer ?? ''})${A !== undefined ? `, accepted ${formatBytes(A)}` : ''}`;
   if (A === undefined) {
-    return line(id, l, 'fail', `even the smallest JSON transaction tried was refused: ${seen}`, 'the centre must accept JSON transactions of a few hundred KiB');
+    return line(
+      id,
+      l,
+      'fail',
+      `even the smallest JSON transaction tried was refused: ${seen}`,
+      'the centre must accept JSON transactions of a few hundred KiB'
+    );
   }
   const advise = (value: number): string => `set maxJsonBytes ${value}${MEDPLUM}`;
   if (m !== undefined) {
@@ -536,7 +759,9 @@ function attachmentLine(facts: Facts, s: DestinationSettings): Line {
   const a = facts.attachment;
   if (!ran(a)) return notRunLine(id, l, a);
   if (a.where === 'missing') return line(id, l, 'warn', `a DocumentReference pointing at Binary/<id> could not be created or read back (${a.created})`);
-  if (a.where !== 'outside-base') return line(id, l, 'ok', `attachment url read back as ${a.where === 'relative' ? 'Binary/<id> (relative)' : `${a.url} (under the base)`}: not rewritten`);
+  if (a.where !== 'outside-base') {
+    return line(id, l, 'ok', `attachment url read back as ${a.where === 'relative' ? 'Binary/<id> (relative)' : `${a.url} (under the base)`}: not rewritten`);
+  }
   const base = new URL(facts.baseUrl);
   const origin = a.origin ?? '';
   const origins = new Set(s.attachmentOrigins.map((o) => new URL(o).origin));
@@ -573,19 +798,43 @@ function pagingLine(facts: Facts, dest: Destination): Line {
   if (!p.next) {
     if (p.follow && !is2xx(p.follow.status)) return line(id, l, 'warn', `the probe search answered ${p.follow.answer}`);
     if ((p.total ?? 0) < 2 && p.firstCount < 2) {
-      if (p.total === undefined) return line(id, l, 'warn', 'no next link with _count=1 (the search gave no total)', 'the poller follows Bundle.link next: the centre must send it');
+      if (p.total === undefined) {
+        return line(id, l, 'warn', 'no next link with _count=1 (the search gave no total)', 'the poller follows Bundle.link next: the centre must send it');
+      }
       return line(id, l, 'skip', `not checked: only ${p.total} probe Patient(s) to page over`);
     }
-    return line(id, l, 'warn', `no next link with _count=1 over ${p.total} Patients: the poller would read only the first page`, 'the centre must send Bundle.link next');
+    return line(
+      id,
+      l,
+      'warn',
+      `no next link with _count=1 over ${p.total} Patients: the poller would read only the first page`,
+      'the centre must send Bundle.link next'
+    );
   }
   const shape = LINK_SHAPES[p.shape ?? 'outside-base'];
   const opaque = p.opaque ? ', opaque (a server-side search id, e.g. HAPI _getpages)' : '';
   if (p.shape === 'outside-base') {
-    return line(id, l, 'fail', `next link ${p.next} points outside the base (${dest.baseUrl}): the gateway does not follow it`, 'set baseUrl to the base URL the server uses in its own links');
+    return line(
+      id,
+      l,
+      'fail',
+      `next link ${p.next} points outside the base (${dest.baseUrl}): the gateway does not follow it`,
+      'set baseUrl to the base URL the server uses in its own links'
+    );
   }
   if (!p.follow) return line(id, l, 'warn', `next link ${shape}${opaque}; not followed`);
-  if (!is2xx(p.follow.status)) return line(id, l, 'fail', `next link ${shape}${opaque}; following it answered ${p.follow.answer}`, 'the centre must serve its next links');
-  if (!p.follow.distinct) return line(id, l, 'warn', `next link ${shape}${opaque}; page 2 repeated page 1 (${p.follow.count} entries)`, 'the poller could loop or miss Tasks: ask the centre about stable paging');
+  if (!is2xx(p.follow.status)) {
+    return line(id, l, 'fail', `next link ${shape}${opaque}; following it answered ${p.follow.answer}`, 'the centre must serve its next links');
+  }
+  if (!p.follow.distinct) {
+    return line(
+      id,
+      l,
+      'warn',
+      `next link ${shape}${opaque}; page 2 repeated page 1 (${p.follow.count} entries)`,
+      'the poller could loop or miss Tasks: ask the centre about stable paging'
+    );
+  }
   return line(id, l, 'ok', `next link ${shape}${opaque}; page 2 held another Patient`);
 }
 
@@ -595,7 +844,8 @@ function pagingLine(facts: Facts, dest: Destination): Line {
  */
 export function suggestSettings(facts: Facts, dest: Destination): Record<string, unknown> {
   const explicit = explicitSettings(dest);
-  const fixable = (x: SettingsInput): Line[] => evaluate(facts, dest, { ...explicit, ...x }).filter((l) => l.fix && (l.status === 'fail' || l.status === 'warn'));
+  const fixable = (x: SettingsInput): Line[] =>
+    evaluate(facts, dest, { ...explicit, ...x }).filter((l) => l.fix && (l.status === 'fail' || l.status === 'warn'));
   const complete = (start: SettingsInput): SettingsInput | undefined => {
     let x: SettingsInput = { ...start };
     for (let round = 0; round < 5; round++) {
@@ -603,7 +853,9 @@ export function suggestSettings(facts: Facts, dest: Destination): Record<string,
       if (open.length === 0) return x;
       for (const l of open) {
         const fix = l.fix ?? {};
-        const origins = fix.attachmentOrigins ? [...new Set([...(x.attachmentOrigins ?? explicit.attachmentOrigins ?? []), ...fix.attachmentOrigins])] : undefined;
+        const origins = fix.attachmentOrigins
+          ? [...new Set([...(x.attachmentOrigins ?? explicit.attachmentOrigins ?? []), ...fix.attachmentOrigins])]
+          : undefined;
         x = { ...x, ...fix, ...(origins ? { attachmentOrigins: origins } : {}) };
       }
     }

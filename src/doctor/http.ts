@@ -150,9 +150,7 @@ export function describeAnswer(res: HttpAnswer): string {
 
 export function outcomeCodes(json: Record<string, unknown> | undefined): string[] {
   if (!json || json.resourceType !== 'OperationOutcome' || !Array.isArray(json.issue)) return [];
-  const codes = (json.issue as Array<{ code?: unknown }>)
-    .map((i) => i?.code)
-    .filter((c): c is string => typeof c === 'string' && /^[a-z-]{1,40}$/.test(c));
+  const codes = (json.issue as Array<{ code?: unknown }>).map((i) => i?.code).filter((c): c is string => typeof c === 'string' && /^[a-z-]{1,40}$/.test(c));
   return [...new Set(codes)];
 }
 

@@ -254,7 +254,10 @@ export async function runProbes(dest: Destination, http: ProbeHttp, o: ProbeOpti
       withAuth,
       isCapabilityStatement: isCs,
       fhirVersion: isCs && typeof cs.fhirVersion === 'string' ? cs.fhirVersion : undefined,
-      software: software && typeof software.name === 'string' ? `${software.name}${typeof software.version === 'string' ? ` ${software.version}` : ''}`.slice(0, 100) : undefined,
+      software:
+        software && typeof software.name === 'string'
+          ? `${software.name}${typeof software.version === 'string' ? ` ${software.version}` : ''}`.slice(0, 100)
+          : undefined,
       declaresTransaction: isCs ? rest.some((r) => (r.interaction ?? []).some((i) => i?.code === 'transaction')) : undefined,
       durationMs: res.durationMs,
     };
@@ -309,19 +312,17 @@ export async function runProbes(dest: Destination, http: ProbeHttp, o: ProbeOpti
     return skipRest(facts, http, 'not run: no access token');
   }
 
-  await probe('lastUpdated',
-    async () => {
-      const since = new Date(o.now() - 3600_000).toISOString();
-      const q = `${runTagQuery}&_lastUpdated=${encodeURIComponent(`gt${since}`)}&_count=1`;
-      const withSort = await http.get(`Task?${q}&_sort=_lastUpdated`);
-      facts.authStatus = withSort.status;
-      if (is2xx(withSort.status) || withSort.status === 401 || withSort.status === 403) {
-        return { withSort: withSort.status, withSortCodes: outcomeCodes(withSort.json) };
-      }
-      const without = await http.get(`Task?${q}`);
-      return { withSort: withSort.status, withSortCodes: outcomeCodes(withSort.json), withoutSort: without.status };
+  await probe('lastUpdated', async () => {
+    const since = new Date(o.now() - 3600_000).toISOString();
+    const q = `${runTagQuery}&_lastUpdated=${encodeURIComponent(`gt${since}`)}&_count=1`;
+    const withSort = await http.get(`Task?${q}&_sort=_lastUpdated`);
+    facts.authStatus = withSort.status;
+    if (is2xx(withSort.status) || withSort.status === 401 || withSort.status === 403) {
+      return { withSort: withSort.status, withSortCodes: outcomeCodes(withSort.json) };
     }
-  );
+    const without = await http.get(`Task?${q}`);
+    return { withSort: withSort.status, withSortCodes: outcomeCodes(withSort.json), withoutSort: without.status };
+  });
   if (facts.authStatus === undefined && !ran(facts.lastUpdated)) {
     facts.authStatus = notRun((facts.lastUpdated as NotRun | undefined)?.notRun ?? 'not run', true);
   }
@@ -332,140 +333,139 @@ export async function runProbes(dest: Destination, http: ProbeHttp, o: ProbeOpti
   // --- transaction with urn:uuid references (Patient + Task) ----------------------------------------------
   let patientA: ResourceRef | undefined;
   let task: ResourceRef | undefined;
-  await probe('transaction',
-    async () => {
-      const pUrn = urn();
-      const taskBody = {
-        resourceType: 'Task',
-        meta: meta(),
-        identifier: identifier('task'),
-        status: 'requested',
-        intent: 'order',
-        code: { coding: [{ system: 'http://hl7.org/fhir/CodeSystem/task-code', code: 'fulfill' }] },
-        description: 'referral-gateway doctor probe (test data)',
-        authoredOn: new Date(o.now()).toISOString(),
-      };
-      const res = await postBundle(transaction([post(pUrn, patient('a')), post(urn(), { ...taskBody, for: { reference: pUrn } })]));
-      const entries = bundleEntries(res.json);
-      trackEntries(res);
-      patientA = entries?.[0] && is2xx(entries[0].status) ? entries[0].ref : undefined;
-      task = entries?.[1] && is2xx(entries[1].status) ? entries[1].ref : undefined;
-      const out = {
-        status: res.status,
-        answer: describeAnswer(res),
-        isResponseBundle: res.json?.resourceType === 'Bundle' && res.json.type === 'transaction-response',
-        entryStatuses: entries?.map((e) => e.status) ?? [],
-        fallbackCreate: false,
-      };
-      if (!is2xx(res.status) || !task) {
-        // Still get a Task for the Task line: plain creates.
-        const p = await http.sendJson('POST', 'Patient', patient('a'));
-        patientA = is2xx(p.status) ? writtenRef(p, 'Patient') : undefined;
-        http.track(patientA);
-        const t = await http.sendJson('POST', 'Task', patientA ? { ...taskBody, for: { reference: `Patient/${patientA.id}` } } : taskBody);
-        task = is2xx(t.status) ? writtenRef(t, 'Task') : undefined;
-        http.track(task);
-        out.fallbackCreate = true;
-      }
-      return out;
+  await probe('transaction', async () => {
+    const pUrn = urn();
+    const taskBody = {
+      resourceType: 'Task',
+      meta: meta(),
+      identifier: identifier('task'),
+      status: 'requested',
+      intent: 'order',
+      code: { coding: [{ system: 'http://hl7.org/fhir/CodeSystem/task-code', code: 'fulfill' }] },
+      description: 'referral-gateway doctor probe (test data)',
+      authoredOn: new Date(o.now()).toISOString(),
+    };
+    const res = await postBundle(transaction([post(pUrn, patient('a')), post(urn(), { ...taskBody, for: { reference: pUrn } })]));
+    const entries = bundleEntries(res.json);
+    trackEntries(res);
+    patientA = entries?.[0] && is2xx(entries[0].status) ? entries[0].ref : undefined;
+    task = entries?.[1] && is2xx(entries[1].status) ? entries[1].ref : undefined;
+    const out = {
+      status: res.status,
+      answer: describeAnswer(res),
+      isResponseBundle: res.json?.resourceType === 'Bundle' && res.json.type === 'transaction-response',
+      entryStatuses: entries?.map((e) => e.status) ?? [],
+      fallbackCreate: false,
+    };
+    if (!is2xx(res.status) || !task) {
+      // Still get a Task for the Task line: plain creates.
+      const p = await http.sendJson('POST', 'Patient', patient('a'));
+      patientA = is2xx(p.status) ? writtenRef(p, 'Patient') : undefined;
+      http.track(patientA);
+      const t = await http.sendJson('POST', 'Task', patientA ? { ...taskBody, for: { reference: `Patient/${patientA.id}` } } : taskBody);
+      task = is2xx(t.status) ? writtenRef(t, 'Task') : undefined;
+      http.track(task);
+      out.fallbackCreate = true;
     }
-  );
+    return out;
+  });
 
   // --- atomicity: a transaction with one entry that must fail (stale If-Match) ----------------------------
-  await probe('atomicity',
-    async () => {
-      const target = patientA ?? { type: 'Patient', id: randomUUID() };
-      const res = await postBundle(
-        transaction([
-          post(urn(), patient('atomic')),
-          { fullUrl: `${http.baseUrl}/Patient/${target.id}`, resource: patient('a', target.id), request: { method: 'PUT', url: `Patient/${target.id}`, ifMatch: 'W/"999999"' } },
-        ])
-      );
-      const answer = describeAnswer(res);
-      const entries = bundleEntries(res.json);
-      if (is2xx(res.status) && entries) {
-        trackEntries(res);
-        const failed = entries.findIndex((e) => !is2xx(e.status));
-        if (failed >= 0) {
-          return { kind: 'non-atomic' as const, answer: `${answer}, entry ${failed + 1} HTTP ${entries[failed].status}`, failedEntry: failed, keptEntries: entries.filter((e) => is2xx(e.status)).length };
-        }
-        return { kind: 'not-provoked' as const, answer };
+  await probe('atomicity', async () => {
+    const target = patientA ?? { type: 'Patient', id: randomUUID() };
+    const res = await postBundle(
+      transaction([
+        post(urn(), patient('atomic')),
+        {
+          fullUrl: `${http.baseUrl}/Patient/${target.id}`,
+          resource: patient('a', target.id),
+          request: { method: 'PUT', url: `Patient/${target.id}`, ifMatch: 'W/"999999"' },
+        },
+      ])
+    );
+    const answer = describeAnswer(res);
+    const entries = bundleEntries(res.json);
+    if (is2xx(res.status) && entries) {
+      trackEntries(res);
+      const failed = entries.findIndex((e) => !is2xx(e.status));
+      if (failed >= 0) {
+        return {
+          kind: 'non-atomic' as const,
+          answer: `${answer}, entry ${failed + 1} HTTP ${entries[failed].status}`,
+          failedEntry: failed,
+          keptEntries: entries.filter((e) => is2xx(e.status)).length,
+        };
       }
-      if (is2xx(res.status)) {
-        // 2xx without a readable Bundle: look for what was written
-        const n = await findByIdentifier('Patient', 'atomic');
-        return n > 0 ? { kind: 'non-atomic' as const, answer, failedEntry: 1, keptEntries: n } : { kind: 'not-provoked' as const, answer };
-      }
-      const n = await findByIdentifier('Patient', 'atomic');
-      return n > 0 ? { kind: 'written-despite-error' as const, answer } : { kind: 'atomic' as const, answer };
+      return { kind: 'not-provoked' as const, answer };
     }
-  );
+    if (is2xx(res.status)) {
+      // 2xx without a readable Bundle: look for what was written
+      const n = await findByIdentifier('Patient', 'atomic');
+      return n > 0 ? { kind: 'non-atomic' as const, answer, failedEntry: 1, keptEntries: n } : { kind: 'not-provoked' as const, answer };
+    }
+    const n = await findByIdentifier('Patient', 'atomic');
+    return n > 0 ? { kind: 'written-despite-error' as const, answer } : { kind: 'atomic' as const, answer };
+  });
 
   // --- conditional create (ifNoneExist) and Prefer: return=minimal on its resend --------------------------
-  await probe('conditional',
-    async () => {
-      const bundle = (): Record<string, unknown> => transaction([post(urn(), patient('conditional'), `Patient?${identifierQuery('conditional')}`)]);
-      const first = await postBundle(bundle());
-      trackEntries(first);
-      const firstEntries = bundleEntries(first.json);
-      const firstOk = is2xx(first.status) && (firstEntries ?? []).every((e) => is2xx(e.status));
-      let second: HttpAnswer | undefined;
-      try {
-        second = await postBundle(bundle(), { Prefer: 'return=minimal' });
-        facts.minimal = {
-          status: second.status,
-          answer: describeAnswer(second),
-          body: minimalBody(second),
-        };
-        trackEntries(second);
-      } catch (err) {
-        facts.minimal = notRun(`probe failed: ${describeError(err)}`, !(err instanceof BudgetExceeded));
-      }
-      const secondEntries = second ? bundleEntries(second.json) : undefined;
-      const secondOk = second !== undefined && is2xx(second.status) && (secondEntries ?? []).every((e) => is2xx(e.status));
-      const matches = await findByIdentifier('Patient', 'conditional');
-      return { firstAnswer: describeAnswer(first), firstOk, secondAnswer: second ? describeAnswer(second) : 'not sent', secondOk, matches };
+  await probe('conditional', async () => {
+    const bundle = (): Record<string, unknown> => transaction([post(urn(), patient('conditional'), `Patient?${identifierQuery('conditional')}`)]);
+    const first = await postBundle(bundle());
+    trackEntries(first);
+    const firstEntries = bundleEntries(first.json);
+    const firstOk = is2xx(first.status) && (firstEntries ?? []).every((e) => is2xx(e.status));
+    let second: HttpAnswer | undefined;
+    try {
+      second = await postBundle(bundle(), { Prefer: 'return=minimal' });
+      facts.minimal = {
+        status: second.status,
+        answer: describeAnswer(second),
+        body: minimalBody(second),
+      };
+      trackEntries(second);
+    } catch (err) {
+      facts.minimal = notRun(`probe failed: ${describeError(err)}`, !(err instanceof BudgetExceeded));
     }
-  );
+    const secondEntries = second ? bundleEntries(second.json) : undefined;
+    const secondOk = second !== undefined && is2xx(second.status) && (secondEntries ?? []).every((e) => is2xx(e.status));
+    const matches = await findByIdentifier('Patient', 'conditional');
+    return { firstAnswer: describeAnswer(first), firstOk, secondAnswer: second ? describeAnswer(second) : 'not sent', secondOk, matches };
+  });
   if (facts.minimal === undefined) facts.minimal = notRun('not run: the conditional-create probe failed', true);
 
   // --- strict isolation: a conditional transaction of 9 entries --------------------------------------------
-  await probe('strictIsolation',
-    async () => {
-      const entries = Array.from({ length: STRICT_ISOLATION_ENTRIES }, (_, i) => post(urn(), patient(`isolation-${i + 1}`), `Patient?${identifierQuery(`isolation-${i + 1}`)}`));
-      const res = await postBundle(transaction(entries));
-      trackEntries(res);
-      if (is2xx(res.status) && !bundleEntries(res.json)) {
-        for (let i = 1; i <= STRICT_ISOLATION_ENTRIES && i <= 2; i++) await findByIdentifier('Patient', `isolation-${i}`);
-      }
-      return { status: res.status, answer: describeAnswer(res), refused: !is2xx(res.status), entries: STRICT_ISOLATION_ENTRIES };
+  await probe('strictIsolation', async () => {
+    const entries = Array.from({ length: STRICT_ISOLATION_ENTRIES }, (_, i) =>
+      post(urn(), patient(`isolation-${i + 1}`), `Patient?${identifierQuery(`isolation-${i + 1}`)}`)
+    );
+    const res = await postBundle(transaction(entries));
+    trackEntries(res);
+    if (is2xx(res.status) && !bundleEntries(res.json)) {
+      for (let i = 1; i <= STRICT_ISOLATION_ENTRIES && i <= 2; i++) await findByIdentifier('Patient', `isolation-${i}`);
     }
-  );
+    return { status: res.status, answer: describeAnswer(res), refused: !is2xx(res.status), entries: STRICT_ISOLATION_ENTRIES };
+  });
 
   // --- two transactions at once ------------------------------------------------------------------------------
-  await probe('concurrency',
-    async () => {
-      const results = await Promise.all([1, 2].map((i) => postBundle(transaction([post(urn(), patient(`concurrent-${i}`))]))));
-      let conflict = false;
-      const answers: string[] = [];
-      for (const res of results) {
-        trackEntries(res);
-        const entries = bundleEntries(res.json) ?? [];
-        const bad = entries.find((e) => !is2xx(e.status));
-        if (res.status === 409 || bad?.status === 409) conflict = true;
-        answers.push(bad && is2xx(res.status) ? `${describeAnswer(res)} with an entry HTTP ${bad.status}` : describeAnswer(res));
-      }
-      return { answers, conflict };
+  await probe('concurrency', async () => {
+    const results = await Promise.all([1, 2].map((i) => postBundle(transaction([post(urn(), patient(`concurrent-${i}`))]))));
+    let conflict = false;
+    const answers: string[] = [];
+    for (const res of results) {
+      trackEntries(res);
+      const entries = bundleEntries(res.json) ?? [];
+      const bad = entries.find((e) => !is2xx(e.status));
+      if (res.status === 409 || bad?.status === 409) conflict = true;
+      answers.push(bad && is2xx(res.status) ? `${describeAnswer(res)} with an entry HTTP ${bad.status}` : describeAnswer(res));
     }
-  );
+    return { answers, conflict };
+  });
 
   // --- _tag search on Binary -------------------------------------------------------------------------------
-  await probe('binaryTagSearch',
-    async () => {
-      const res = await http.get(`Binary?_tag=${encodeURIComponent(`${DOCTOR_TAG_SYSTEM}|${DOCTOR_TAG_CODE}`)}&_count=1`);
-      return { status: res.status, answer: describeAnswer(res) };
-    }
-  );
+  await probe('binaryTagSearch', async () => {
+    const res = await http.get(`Binary?_tag=${encodeURIComponent(`${DOCTOR_TAG_SYSTEM}|${DOCTOR_TAG_CODE}`)}&_count=1`);
+    return { status: res.status, answer: describeAnswer(res) };
+  });
 
   // --- client-assigned ids ------------------------------------------------------------------------------------
   const smallBinary = (id?: string): Record<string, unknown> => ({
@@ -475,177 +475,174 @@ export async function runProbes(dest: Destination, http: ProbeHttp, o: ProbeOpti
     contentType: 'text/plain',
     data: Buffer.from('referral-gateway doctor probe (test data)').toString('base64'),
   });
-  await probe('updateAsCreate',
-    async () => {
-      const id = randomUUID();
-      const res = await http.sendJson('PUT', `Binary/${id}`, smallBinary(id));
-      if (is2xx(res.status)) http.track({ type: 'Binary', id });
-      return { status: res.status, answer: describeAnswer(res) };
-    }
-  );
-  await probe('clientIdForm',
-    async () => {
-      const jsonId = `rg-${randomUUID()}`;
-      const json = await http.sendJson('PUT', `Binary/${jsonId}`, smallBinary(jsonId));
-      if (is2xx(json.status)) http.track({ type: 'Binary', id: jsonId });
-      const rawId = `rg-${randomUUID()}`;
-      const raw = await http.send('PUT', `Binary/${rawId}`, { headers: { 'Content-Type': 'text/plain', Accept: FHIR_JSON }, body: Buffer.from('referral-gateway doctor probe (test data)') });
-      if (is2xx(raw.status)) http.track({ type: 'Binary', id: rawId });
-      const numericId = String(9_000_000_000 + Math.floor(Math.random() * 999_999_999));
-      const numeric = await http.sendJson('PUT', `Patient/${numericId}`, patient('numeric-id', numericId));
-      if (is2xx(numeric.status)) http.track({ type: 'Patient', id: numericId });
-      return {
-        json: { status: json.status, answer: describeAnswer(json) },
-        raw: { status: raw.status, answer: describeAnswer(raw) },
-        numeric: { status: numeric.status, answer: describeAnswer(numeric) },
-      };
-    }
-  );
+  await probe('updateAsCreate', async () => {
+    const id = randomUUID();
+    const res = await http.sendJson('PUT', `Binary/${id}`, smallBinary(id));
+    if (is2xx(res.status)) http.track({ type: 'Binary', id });
+    return { status: res.status, answer: describeAnswer(res) };
+  });
+  await probe('clientIdForm', async () => {
+    const jsonId = `rg-${randomUUID()}`;
+    const json = await http.sendJson('PUT', `Binary/${jsonId}`, smallBinary(jsonId));
+    if (is2xx(json.status)) http.track({ type: 'Binary', id: jsonId });
+    const rawId = `rg-${randomUUID()}`;
+    const raw = await http.send('PUT', `Binary/${rawId}`, {
+      headers: { 'Content-Type': 'text/plain', Accept: FHIR_JSON },
+      body: Buffer.from('referral-gateway doctor probe (test data)'),
+    });
+    if (is2xx(raw.status)) http.track({ type: 'Binary', id: rawId });
+    const numericId = String(9_000_000_000 + Math.floor(Math.random() * 999_999_999));
+    const numeric = await http.sendJson('PUT', `Patient/${numericId}`, patient('numeric-id', numericId));
+    if (is2xx(numeric.status)) http.track({ type: 'Patient', id: numericId });
+    return {
+      json: { status: json.status, answer: describeAnswer(json) },
+      raw: { status: raw.status, answer: describeAnswer(raw) },
+      numeric: { status: numeric.status, answer: describeAnswer(numeric) },
+    };
+  });
 
   // --- largest JSON body (a transaction holding one Binary, padded to the exact size) ----------------------
-  await probe('jsonBody',
-    async () => {
-      const tried: Array<{ size: number; accepted: boolean; answer: string }> = [];
-      const bounds = (): { lo: number; hi?: number } => ({
-        lo: Math.max(0, ...tried.filter((t) => t.accepted).map((t) => t.size)),
-        hi: tried.some((t) => !t.accepted) ? Math.min(...tried.filter((t) => !t.accepted).map((t) => t.size)) : undefined,
-      });
-      const attempt = async (size: number): Promise<boolean> => {
-        const body = sizedTransaction(size, meta());
-        let accepted = false;
-        let answer: string;
-        try {
-          const res = await http.send('POST', http.baseUrl, { headers: { 'Content-Type': FHIR_JSON, Accept: FHIR_JSON, Prefer: 'return=OperationOutcome' }, body });
-          const entries = bundleEntries(res.json);
-          accepted = is2xx(res.status) && (entries === undefined || entries.every((e) => is2xx(e.status)));
-          answer = describeAnswer(res);
-          trackEntries(res);
-          if (is2xx(res.status) && !entries) http.untracked.push(`Binary of ${size} bytes (the answer named no id)`);
-        } catch (err) {
-          if (err instanceof BudgetExceeded) throw err; // a timeout or reset counts as a refusal of this size
-          answer = describeError(err); // a reset connection is how some servers refuse a large body
-        }
-        tried.push({ size, accepted, answer });
-        return accepted;
-      };
-      for (const size of o.jsonSizes) {
-        if (!(await attempt(size))) break;
+  await probe('jsonBody', async () => {
+    const tried: Array<{ size: number; accepted: boolean; answer: string }> = [];
+    const bounds = (): { lo: number; hi?: number } => ({
+      lo: Math.max(0, ...tried.filter((t) => t.accepted).map((t) => t.size)),
+      hi: tried.some((t) => !t.accepted) ? Math.min(...tried.filter((t) => !t.accepted).map((t) => t.size)) : undefined,
+    });
+    const attempt = async (size: number): Promise<boolean> => {
+      const body = sizedTransaction(size, meta());
+      let accepted = false;
+      let answer: string;
+      try {
+        const res = await http.send('POST', http.baseUrl, {
+          headers: { 'Content-Type': FHIR_JSON, Accept: FHIR_JSON, Prefer: 'return=OperationOutcome' },
+          body,
+        });
+        const entries = bundleEntries(res.json);
+        accepted = is2xx(res.status) && (entries === undefined || entries.every((e) => is2xx(e.status)));
+        answer = describeAnswer(res);
+        trackEntries(res);
+        if (is2xx(res.status) && !entries) http.untracked.push(`Binary of ${size} bytes (the answer named no id)`);
+      } catch (err) {
+        if (err instanceof BudgetExceeded) throw err; // a timeout or reset counts as a refusal of this size
+        answer = describeError(err); // a reset connection is how some servers refuse a large body
       }
-      for (const size of o.jsonCandidates) {
-        const { lo, hi } = bounds();
-        if (hi !== undefined && size > lo && size < hi) await attempt(size);
-      }
-      for (let step = 0; step < 2; step++) {
-        const { lo, hi } = bounds();
-        if (hi === undefined || (lo > 0 && hi / lo < 1.25)) break;
-        const mid = lo > 0 ? Math.round(Math.sqrt(lo * hi)) : Math.round(hi / 4);
-        if (mid < 1024) break;
-        await attempt(mid);
-      }
-      const { lo, hi } = bounds();
-      return { tried, largestAccepted: lo > 0 ? lo : undefined, smallestRefused: hi };
+      tried.push({ size, accepted, answer });
+      return accepted;
+    };
+    for (const size of o.jsonSizes) {
+      if (!(await attempt(size))) break;
     }
-  );
+    for (const size of o.jsonCandidates) {
+      const { lo, hi } = bounds();
+      if (hi !== undefined && size > lo && size < hi) await attempt(size);
+    }
+    for (let step = 0; step < 2; step++) {
+      const { lo, hi } = bounds();
+      if (hi === undefined || (lo > 0 && hi / lo < 1.25)) break;
+      const mid = lo > 0 ? Math.round(Math.sqrt(lo * hi)) : Math.round(hi / 4);
+      if (mid < 1024) break;
+      await attempt(mid);
+    }
+    const { lo, hi } = bounds();
+    return { tried, largestAccepted: lo > 0 ? lo : undefined, smallestRefused: hi };
+  });
 
   // --- largest raw Binary, and the first one read back -------------------------------------------------------
   const rawContentType = 'application/pdf';
   let firstRaw: { id: string; bytes: Buffer } | undefined;
-  await probe('rawBinary',
-    async () => {
-      const tried: Array<{ size: number; accepted: boolean; answer: string }> = [];
-      let firstId: string | undefined;
-      const chunk = randomBytes(Math.min(MiB, Math.max(1, ...o.rawSizes)));
-      for (const size of o.rawSizes) {
-        const bytes = repeatTo(chunk, size);
-        let accepted = false;
-        let answer: string;
-        try {
-          const res = await http.send('POST', 'Binary', { headers: { 'Content-Type': rawContentType, Accept: FHIR_JSON }, body: bytes });
-          accepted = is2xx(res.status);
-          answer = describeAnswer(res);
-          if (accepted) {
-            const ref = writtenRef(res, 'Binary');
-            if (ref) http.track(ref);
-            else http.untracked.push(`Binary of ${size} bytes (the answer named no id)`);
-            if (!firstRaw && ref) {
-              firstRaw = { id: ref.id, bytes };
-              firstId = ref.id;
-            }
+  await probe('rawBinary', async () => {
+    const tried: Array<{ size: number; accepted: boolean; answer: string }> = [];
+    let firstId: string | undefined;
+    const chunk = randomBytes(Math.min(MiB, Math.max(1, ...o.rawSizes)));
+    for (const size of o.rawSizes) {
+      const bytes = repeatTo(chunk, size);
+      let accepted = false;
+      let answer: string;
+      try {
+        const res = await http.send('POST', 'Binary', { headers: { 'Content-Type': rawContentType, Accept: FHIR_JSON }, body: bytes });
+        accepted = is2xx(res.status);
+        answer = describeAnswer(res);
+        if (accepted) {
+          const ref = writtenRef(res, 'Binary');
+          if (ref) http.track(ref);
+          else http.untracked.push(`Binary of ${size} bytes (the answer named no id)`);
+          if (!firstRaw && ref) {
+            firstRaw = { id: ref.id, bytes };
+            firstId = ref.id;
           }
-        } catch (err) {
-          if (err instanceof BudgetExceeded) throw err; // a timeout or reset counts as a refusal of this size
-          answer = describeError(err);
         }
-        tried.push({ size, accepted, answer });
-        if (!accepted) break;
+      } catch (err) {
+        if (err instanceof BudgetExceeded) throw err; // a timeout or reset counts as a refusal of this size
+        answer = describeError(err);
       }
-      const acc = tried.filter((t) => t.accepted).map((t) => t.size);
-      const ref = tried.find((t) => !t.accepted);
-      return { tried, largestAccepted: acc.length ? Math.max(...acc) : undefined, smallestRefused: ref?.size, firstId, contentType: rawContentType };
+      tried.push({ size, accepted, answer });
+      if (!accepted) break;
     }
-  );
+    const acc = tried.filter((t) => t.accepted).map((t) => t.size);
+    const ref = tried.find((t) => !t.accepted);
+    return { tried, largestAccepted: acc.length ? Math.max(...acc) : undefined, smallestRefused: ref?.size, firstId, contentType: rawContentType };
+  });
 
   if (firstRaw) {
     const uploaded = firstRaw;
-    await probe('readBack',
-      async () => {
-        const any = await http.get(`Binary/${uploaded.id}`, '*/*');
-        const json = await http.get(`Binary/${uploaded.id}`, FHIR_JSON);
-        const judge = (res: HttpAnswer): { kind: 'raw' | 'json' | 'other'; identical: boolean } => {
-          if (!is2xx(res.status)) return { kind: 'other', identical: false };
-          if (res.json?.resourceType === 'Binary') {
-            const data = typeof res.json.data === 'string' ? Buffer.from(res.json.data, 'base64') : undefined;
-            return { kind: 'json', identical: data !== undefined && data.equals(uploaded.bytes) };
-          }
-          return { kind: 'raw', identical: res.body.equals(uploaded.bytes) };
-        };
-        const a = judge(any);
-        const j = judge(json);
-        return {
-          anyAccept: { status: any.status, ...a, contentType: (any.headers.get('content-type') ?? 'none').split(';')[0].trim().slice(0, 80) },
-          jsonAccept: { status: json.status, ...j },
-        };
-      }
-    );
+    await probe('readBack', async () => {
+      const any = await http.get(`Binary/${uploaded.id}`, '*/*');
+      const json = await http.get(`Binary/${uploaded.id}`, FHIR_JSON);
+      const judge = (res: HttpAnswer): { kind: 'raw' | 'json' | 'other'; identical: boolean } => {
+        if (!is2xx(res.status)) return { kind: 'other', identical: false };
+        if (res.json?.resourceType === 'Binary') {
+          const data = typeof res.json.data === 'string' ? Buffer.from(res.json.data, 'base64') : undefined;
+          return { kind: 'json', identical: data !== undefined && data.equals(uploaded.bytes) };
+        }
+        return { kind: 'raw', identical: res.body.equals(uploaded.bytes) };
+      };
+      const a = judge(any);
+      const j = judge(json);
+      return {
+        anyAccept: { status: any.status, ...a, contentType: (any.headers.get('content-type') ?? 'none').split(';')[0].trim().slice(0, 80) },
+        jsonAccept: { status: json.status, ...j },
+      };
+    });
 
     // --- attachment URLs: a DocumentReference pointing at Binary/<id>, read back ---------------------------
-    await probe('attachment',
-      async () => {
-        const created = await http.sendJson('POST', 'DocumentReference', {
-          resourceType: 'DocumentReference',
-          meta: meta(),
-          identifier: identifier('document'),
-          status: 'current',
-          description: 'referral-gateway doctor probe (test data)',
-          content: [{ attachment: { contentType: rawContentType, url: `Binary/${uploaded.id}`, size: uploaded.bytes.length, title: 'Doctor probe attachment' } }],
-        });
-        const ref = is2xx(created.status) ? writtenRef(created, 'DocumentReference') : undefined;
-        if (!ref) {
-          if (is2xx(created.status)) http.untracked.push('DocumentReference (the answer named no id)');
-          return { created: describeAnswer(created), where: 'missing' as const };
-        }
-        http.track(ref);
-        const read = await http.get(`DocumentReference/${ref.id}`);
-        const content = (read.json?.content as Array<{ attachment?: { url?: unknown } }> | undefined) ?? [];
-        const url = typeof content[0]?.attachment?.url === 'string' ? content[0].attachment.url : undefined;
-        if (!is2xx(read.status) || url === undefined) {
-          return { created: `${describeAnswer(created)}; read ${describeAnswer(read)}`, where: 'missing' as const };
-        }
-        const where = classifyUrl(url, http.baseUrl);
-        if (where !== 'outside-base') return { created: describeAnswer(created), url: shortUrl(url), where };
-        const u = new URL(url);
-        const out = { created: describeAnswer(created), url: shortUrl(url), where, origin: u.origin, sameHost: u.hostname === base.hostname } as const;
-        try {
-          http.requests++;
-          // Presigned URLs carry their own signature: fetched WITHOUT the gateway's credentials.
-          const res = await fetchWithDeadline(o.fetchImpl, url, { method: 'GET', headers: { Accept: '*/*' }, redirect: 'manual' }, dest.timeoutMs);
-          const bytes = Buffer.from(res.bytes);
-          return { ...out, fetch: { status: res.status, identical: is2xx(res.status) && bytes.equals(uploaded.bytes) } };
-        } catch (err) {
-          return { ...out, fetch: { error: (err as Error).name === 'DeadlineExceeded' ? `no answer within ${dest.timeoutMs} ms` : `network error (${errorCodeOf(err)})` } };
-        }
+    await probe('attachment', async () => {
+      const created = await http.sendJson('POST', 'DocumentReference', {
+        resourceType: 'DocumentReference',
+        meta: meta(),
+        identifier: identifier('document'),
+        status: 'current',
+        description: 'referral-gateway doctor probe (test data)',
+        content: [{ attachment: { contentType: rawContentType, url: `Binary/${uploaded.id}`, size: uploaded.bytes.length, title: 'Doctor probe attachment' } }],
+      });
+      const ref = is2xx(created.status) ? writtenRef(created, 'DocumentReference') : undefined;
+      if (!ref) {
+        if (is2xx(created.status)) http.untracked.push('DocumentReference (the answer named no id)');
+        return { created: describeAnswer(created), where: 'missing' as const };
       }
-    );
+      http.track(ref);
+      const read = await http.get(`DocumentReference/${ref.id}`);
+      const content = (read.json?.content as Array<{ attachment?: { url?: unknown } }> | undefined) ?? [];
+      const url = typeof content[0]?.attachment?.url === 'string' ? content[0].attachment.url : undefined;
+      if (!is2xx(read.status) || url === undefined) {
+        return { created: `${describeAnswer(created)}; read ${describeAnswer(read)}`, where: 'missing' as const };
+      }
+      const where = classifyUrl(url, http.baseUrl);
+      if (where !== 'outside-base') return { created: describeAnswer(created), url: shortUrl(url), where };
+      const u = new URL(url);
+      const out = { created: describeAnswer(created), url: shortUrl(url), where, origin: u.origin, sameHost: u.hostname === base.hostname } as const;
+      try {
+        http.requests++;
+        // Presigned URLs carry their own signature: fetched WITHOUT the gateway's credentials.
+        const res = await fetchWithDeadline(o.fetchImpl, url, { method: 'GET', headers: { Accept: '*/*' }, redirect: 'manual' }, dest.timeoutMs);
+        const bytes = Buffer.from(res.bytes);
+        return { ...out, fetch: { status: res.status, identical: is2xx(res.status) && bytes.equals(uploaded.bytes) } };
+      } catch (err) {
+        return {
+          ...out,
+          fetch: { error: (err as Error).name === 'DeadlineExceeded' ? `no answer within ${dest.timeoutMs} ms` : `network error (${errorCodeOf(err)})` },
+        };
+      }
+    });
   } else {
     const why = notRun('not run: no raw Binary was stored');
     facts.readBack = why;
@@ -655,36 +652,48 @@ export async function runProbes(dest: Destination, http: ProbeHttp, o: ProbeOpti
   // --- Task read and update (If-Match), then a stale If-Match ------------------------------------------------
   if (task) {
     const t = task;
-    await probe('task',
-      async () => {
-        const read = await http.get(`Task/${t.id}`);
-        const resource = read.json;
-        const versionId = etagVersion(read.headers.get('etag')) ?? ((resource?.meta as { versionId?: unknown } | undefined)?.versionId as string | undefined);
-        if (ran(facts.transaction) && !facts.transaction.fallbackCreate && resource?.resourceType === 'Task') {
-          const forRef = (resource.for as { reference?: unknown } | undefined)?.reference;
-          facts.transaction.referencesResolved = typeof forRef === 'string' && /(^|\/)Patient\/[A-Za-z0-9\-.]{1,64}$/.test(forRef);
-        }
-        if (!is2xx(read.status) || resource?.resourceType !== 'Task') {
-          return { readStatus: read.status, readAnswer: describeAnswer(read), versionId };
-        }
-        const updated = { ...resource, status: 'cancelled' };
-        const headers: Record<string, string> = { Prefer: 'return=representation' };
-        if (versionId) headers['If-Match'] = `W/"${versionId}"`;
-        const upd = await http.sendJson('PUT', `Task/${t.id}`, updated, headers);
-        const newVersionId = etagVersion(upd.headers.get('etag')) ?? ((upd.json?.meta as { versionId?: unknown } | undefined)?.versionId as string | undefined);
-        return { readStatus: read.status, readAnswer: describeAnswer(read), versionId, updateStatus: upd.status, updateAnswer: describeAnswer(upd), newVersionId };
+    await probe('task', async () => {
+      const read = await http.get(`Task/${t.id}`);
+      const resource = read.json;
+      const versionId = etagVersion(read.headers.get('etag')) ?? ((resource?.meta as { versionId?: unknown } | undefined)?.versionId as string | undefined);
+      if (ran(facts.transaction) && !facts.transaction.fallbackCreate && resource?.resourceType === 'Task') {
+        const forRef = (resource.for as { reference?: unknown } | undefined)?.reference;
+        facts.transaction.referencesResolved = typeof forRef === 'string' && /(^|\/)Patient\/[A-Za-z0-9\-.]{1,64}$/.test(forRef);
       }
-    );
+      if (!is2xx(read.status) || resource?.resourceType !== 'Task') {
+        return { readStatus: read.status, readAnswer: describeAnswer(read), versionId };
+      }
+      const updated = { ...resource, status: 'cancelled' };
+      const headers: Record<string, string> = { Prefer: 'return=representation' };
+      if (versionId) headers['If-Match'] = `W/"${versionId}"`;
+      const upd = await http.sendJson('PUT', `Task/${t.id}`, updated, headers);
+      const newVersionId = etagVersion(upd.headers.get('etag')) ?? ((upd.json?.meta as { versionId?: unknown } | undefined)?.versionId as string | undefined);
+      return {
+        readStatus: read.status,
+        readAnswer: describeAnswer(read),
+        versionId,
+        updateStatus: upd.status,
+        updateAnswer: describeAnswer(upd),
+        newVersionId,
+      };
+    });
     if (ran(facts.task) && facts.task.versionId && facts.task.updateStatus !== undefined && is2xx(facts.task.updateStatus)) {
       const stale = facts.task.versionId;
-      await probe('ifMatch',
-        async () => {
-          const res = await http.sendJson('PUT', `Task/${t.id}`, { resourceType: 'Task', id: t.id, meta: meta(), identifier: identifier('task'), status: 'cancelled', intent: 'order' }, { 'If-Match': `W/"${stale}"` });
-          return { staleStatus: res.status, answer: describeAnswer(res) };
-        }
-      );
+      await probe('ifMatch', async () => {
+        const res = await http.sendJson(
+          'PUT',
+          `Task/${t.id}`,
+          { resourceType: 'Task', id: t.id, meta: meta(), identifier: identifier('task'), status: 'cancelled', intent: 'order' },
+          { 'If-Match': `W/"${stale}"` }
+        );
+        return { staleStatus: res.status, answer: describeAnswer(res) };
+      });
     } else {
-      facts.ifMatch = notRun(ran(facts.task) && !facts.task.versionId ? 'not run: the Task read named no version (no ETag, no meta.versionId)' : 'not run: the Task could not be updated');
+      facts.ifMatch = notRun(
+        ran(facts.task) && !facts.task.versionId
+          ? 'not run: the Task read named no version (no ETag, no meta.versionId)'
+          : 'not run: the Task could not be updated'
+      );
     }
   } else {
     const why = notRun('not run: no Task could be created');
@@ -693,28 +702,31 @@ export async function runProbes(dest: Destination, http: ProbeHttp, o: ProbeOpti
   }
 
   // --- paging: _count=1 over this run's Patients, follow next ------------------------------------------------
-  await probe('paging',
-    async () => {
-      const first = await http.get(`Patient?${runTagQuery}&_count=1`);
-      const firstEntries = searchEntries(first.json);
-      const total = typeof first.json?.total === 'number' ? first.json.total : undefined;
-      const links = Array.isArray(first.json?.link) ? (first.json.link as Array<{ relation?: unknown; url?: unknown }>) : [];
-      const next = links.find((l) => l.relation === 'next' && typeof l.url === 'string')?.url as string | undefined;
-      const out: NonNullable<Exclude<Facts['paging'], NotRun>> = { total, firstCount: firstEntries.length };
-      if (!is2xx(first.status)) return { ...out, follow: { status: first.status, answer: describeAnswer(first), distinct: false, count: 0 } };
-      if (!next) return out;
-      const where = classifyUrl(next, http.baseUrl);
-      out.next = shortUrl(next);
-      out.shape = where === 'under-base' ? 'absolute' : where;
-      out.opaque = /[?&]_getpages=/.test(next) || !next.includes('_tag=');
-      if (out.shape === 'outside-base') return out; // never sent: it would carry the credentials elsewhere
-      const page = await http.get(next);
-      const pageEntries = searchEntries(page.json);
-      const firstIds = new Set(firstEntries.map((r) => r.id));
-      out.follow = { status: page.status, answer: describeAnswer(page), count: pageEntries.length, distinct: pageEntries.length > 0 && pageEntries.every((r) => !firstIds.has(r.id)) };
-      return out;
-    }
-  );
+  await probe('paging', async () => {
+    const first = await http.get(`Patient?${runTagQuery}&_count=1`);
+    const firstEntries = searchEntries(first.json);
+    const total = typeof first.json?.total === 'number' ? first.json.total : undefined;
+    const links = Array.isArray(first.json?.link) ? (first.json.link as Array<{ relation?: unknown; url?: unknown }>) : [];
+    const next = links.find((l) => l.relation === 'next' && typeof l.url === 'string')?.url as string | undefined;
+    const out: NonNullable<Exclude<Facts['paging'], NotRun>> = { total, firstCount: firstEntries.length };
+    if (!is2xx(first.status)) return { ...out, follow: { status: first.status, answer: describeAnswer(first), distinct: false, count: 0 } };
+    if (!next) return out;
+    const where = classifyUrl(next, http.baseUrl);
+    out.next = shortUrl(next);
+    out.shape = where === 'under-base' ? 'absolute' : where;
+    out.opaque = /[?&]_getpages=/.test(next) || !next.includes('_tag=');
+    if (out.shape === 'outside-base') return out; // never sent: it would carry the credentials elsewhere
+    const page = await http.get(next);
+    const pageEntries = searchEntries(page.json);
+    const firstIds = new Set(firstEntries.map((r) => r.id));
+    out.follow = {
+      status: page.status,
+      answer: describeAnswer(page),
+      count: pageEntries.length,
+      distinct: pageEntries.length > 0 && pageEntries.every((r) => !firstIds.has(r.id)),
+    };
+    return out;
+  });
 
   facts.requests = http.requests;
   return facts;
@@ -795,7 +807,13 @@ export function sizedTransaction(size: number, meta: Record<string, unknown>): s
   const skeleton = JSON.stringify({
     resourceType: 'Bundle',
     type: 'transaction',
-    entry: [{ fullUrl, resource: { resourceType: 'Binary', meta, contentType: 'application/octet-stream', data: marker }, request: { method: 'POST', url: 'Binary' } }],
+    entry: [
+      {
+        fullUrl,
+        resource: { resourceType: 'Binary', meta, contentType: 'application/octet-stream', data: marker },
+        request: { method: 'POST', url: 'Binary' },
+      },
+    ],
   });
   const [head, tail] = skeleton.split(JSON.stringify(marker).slice(1, -1));
   const room = size - head.length - tail.length;

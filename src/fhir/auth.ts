@@ -29,11 +29,7 @@ export class TokenRequestError extends Error {
   readonly status?: number;
   readonly retryAfterMs?: number;
 
-  constructor(
-    kind: TokenRequestError['kind'],
-    message: string,
-    extra: { status?: number; retryAfterMs?: number; cause?: unknown } = {}
-  ) {
+  constructor(kind: TokenRequestError['kind'], message: string, extra: { status?: number; retryAfterMs?: number; cause?: unknown } = {}) {
     super(message, extra.cause === undefined ? undefined : { cause: extra.cause });
     this.name = 'TokenRequestError';
     this.kind = kind;
@@ -68,10 +64,7 @@ export function createAuthProvider(
 
     case 'basic': {
       const header = (): string =>
-        'Basic ' +
-        Buffer.from(`${requireEnv(env, auth.usernameEnv)}:${requireEnv(env, auth.passwordEnv)}`, 'utf8').toString(
-          'base64'
-        );
+        'Basic ' + Buffer.from(`${requireEnv(env, auth.usernameEnv)}:${requireEnv(env, auth.passwordEnv)}`, 'utf8').toString('base64');
       header(); // fail fast on a missing variable
       return { refreshable: false, getHeaders: async () => ({ Authorization: header() }), invalidate: () => undefined };
     }
@@ -313,11 +306,10 @@ class TokenProvider implements AuthProvider {
     if (status < 200 || status >= 300) {
       // The error body may echo credentials or be HTML: report the OAuth error code only.
       const oauthError = safeOAuthError(text);
-      throw new TokenRequestError(
-        'http',
-        `token endpoint returned HTTP ${status}${oauthError ? ` (${oauthError})` : ''}`,
-        { status, retryAfterMs: parseRetryAfterHeader(retryAfter, Date.now()) }
-      );
+      throw new TokenRequestError('http', `token endpoint returned HTTP ${status}${oauthError ? ` (${oauthError})` : ''}`, {
+        status,
+        retryAfterMs: parseRetryAfterHeader(retryAfter, Date.now()),
+      });
     }
 
     let body: unknown;
@@ -372,12 +364,7 @@ export class DeadlineExceeded extends Error {
  * the fetch implementation is slow to honour the abort (a stalled body, a mock that ignores signals).
  * An abort of `init.signal` by the caller rejects as the fetch implementation reports it.
  */
-export async function fetchWithDeadline(
-  fetchImpl: FetchImpl,
-  url: string,
-  init: RequestInit,
-  timeoutMs: number
-): Promise<TimedResponse> {
+export async function fetchWithDeadline(fetchImpl: FetchImpl, url: string, init: RequestInit, timeoutMs: number): Promise<TimedResponse> {
   const controller = new AbortController();
   const signal = init.signal ? AbortSignal.any([init.signal, controller.signal]) : controller.signal;
   let timer: NodeJS.Timeout | undefined;

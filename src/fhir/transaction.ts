@@ -37,11 +37,7 @@ export type TransactionResult =
  * Reasons name entry positions, resource types, statuses and OperationOutcome issue codes only; never
  * resource content. Programming and configuration errors (non-transaction bundle, missing secret) are thrown.
  */
-export async function sendTransaction(
-  client: Pick<FhirClient, 'transaction'>,
-  bundle: Bundle,
-  opts?: TransactionOptions
-): Promise<TransactionResult> {
+export async function sendTransaction(client: Pick<FhirClient, 'transaction'>, bundle: Bundle, opts?: TransactionOptions): Promise<TransactionResult> {
   if (bundle?.resourceType !== 'Bundle' || bundle.type !== 'transaction') {
     throw new Error('sendTransaction(): expected a Bundle of type "transaction"');
   }
@@ -162,7 +158,9 @@ function expectedTypeOf(request: BundleEntry): string | undefined {
   if (!url) {
     return undefined;
   }
-  const first = stripQuery(url).split('/').find((s) => s !== '');
+  const first = stripQuery(url)
+    .split('/')
+    .find((s) => s !== '');
   return first && isResourceType(first) ? first : undefined;
 }
 
@@ -232,9 +230,7 @@ function parseEtag(etag: string | undefined): string | undefined {
 }
 
 function issueCodes(outcome: OperationOutcome | undefined): string {
-  const codes = (outcome?.issue ?? [])
-    .map((i) => i.code)
-    .filter((c) => typeof c === 'string' && /^[a-z-]{1,40}$/.test(c));
+  const codes = (outcome?.issue ?? []).map((i) => i.code).filter((c) => typeof c === 'string' && /^[a-z-]{1,40}$/.test(c));
   return codes.length > 0 ? ` (OperationOutcome: ${[...new Set(codes)].join(', ')})` : '';
 }
 

@@ -53,4 +53,3 @@ export function freeNow(buf: Uint8Array): void {
     ab.transfer(0);
   }
 }
-

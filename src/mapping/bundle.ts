@@ -443,7 +443,13 @@ function stageParts(stage: NonNullable<Referral['diagnosis']['stage']>): StagePa
 }
 
 /** mCODE TNM stage-group Observation (domain.md 3.9): code = stage type, method = staging system, focus = Condition. */
-function stageObservation(args: { referralId: string; referral: Referral; parts: StageParts; subject: Reference<Patient>; condition: Reference<Condition> }): Observation {
+function stageObservation(args: {
+  referralId: string;
+  referral: Referral;
+  parts: StageParts;
+  subject: Reference<Patient>;
+  condition: Reference<Condition>;
+}): Observation {
   return {
     resourceType: 'Observation',
     meta: gatewayMeta(),
@@ -459,7 +465,13 @@ function stageObservation(args: { referralId: string; referral: Referral; parts:
 }
 
 /** Consent to share records with the centre (domain.md 6.1; BSeR SR.supportingInfo slice). */
-function consentResource(args: { referralId: string; referral: Referral; patient: Reference<Patient>; referrerOrg: Reference<Organization>; destinationOrg: Reference<Organization> }): Consent {
+function consentResource(args: {
+  referralId: string;
+  referral: Referral;
+  patient: Reference<Patient>;
+  referrerOrg: Reference<Organization>;
+  destinationOrg: Reference<Organization>;
+}): Consent {
   const codes = consentCodes();
   return {
     resourceType: 'Consent',
@@ -546,10 +558,7 @@ export function mapReferralToBundle(input: MapReferralInput): Bundle {
     identifier: p.identifiers.map((i) => ({ type: { coding: [systems.medicalRecordType] }, system: i.system, value: i.value })),
     active: true,
     name: [humanName(p.name)],
-    telecom: [
-      ...(p.phone ? [{ system: 'phone' as const, value: p.phone }] : []),
-      ...(p.email ? [{ system: 'email' as const, value: p.email }] : []),
-    ],
+    telecom: [...(p.phone ? [{ system: 'phone' as const, value: p.phone }] : []), ...(p.email ? [{ system: 'email' as const, value: p.email }] : [])],
     gender: p.gender,
     birthDate: p.birthDate,
   };
@@ -759,4 +768,3 @@ export function taskWithDocuments(task: Task, documentRefs: ReadonlyArray<string
     input: [...(task.input ?? []), ...missing.map((reference) => ({ type, valueReference: { reference } }))],
   };
 }
-

@@ -358,7 +358,12 @@ function memoPerTables<V>(compute: (tables: MappingTables, key: string) => V): (
 /** DocumentReference.type (LOINC + local code + text) and category for a contract document kind. Throws for an unknown kind. */
 export const documentKindCodes = memoPerTables<DocumentKindCodes>((tables, kind) => {
   const t = tables.documentKinds;
-  const e = must(entry<DeepReadonly<DocumentKindsTable['kinds'][keyof DocumentKindsTable['kinds']]>>(t.kinds, kind), 'document kind', kind, FILES.documentKinds.file);
+  const e = must(
+    entry<DeepReadonly<DocumentKindsTable['kinds'][keyof DocumentKindsTable['kinds']]>>(t.kinds, kind),
+    'document kind',
+    kind,
+    FILES.documentKinds.file
+  );
   const coding: CodingOut[] = [];
   if (e.loinc) {
     coding.push({ system: 'http://loinc.org', code: e.loinc.code, display: e.loinc.display });
@@ -430,7 +435,12 @@ export interface TreatmentTypeInfo {
 /** Which resource a treatment type becomes, and its category codes. Throws for an unknown type. */
 export const treatmentTypeInfo = memoPerTables<TreatmentTypeInfo>((tables, type) => {
   const t = tables.treatmentTypes;
-  const e = must(entry<DeepReadonly<TreatmentTypesTable['types'][keyof TreatmentTypesTable['types']]>>(t.types, type), 'treatment type', type, FILES.treatmentTypes.file);
+  const e = must(
+    entry<DeepReadonly<TreatmentTypesTable['types'][keyof TreatmentTypesTable['types']]>>(t.types, type),
+    'treatment type',
+    type,
+    FILES.treatmentTypes.file
+  );
   const info = deepFreeze<TreatmentTypeInfo>({
     resource: e.resource,
     category: { coding: [...(e.coding ?? []), { system: t.system, code: type, display: e.display }], text: e.display },

@@ -139,7 +139,7 @@ export class MemoryBudget {
       do {
         this.#again = false;
         let passedOver: Set<string> | undefined;
-        for (let i = 0; i < this.#waiting.length; ) {
+        for (let i = 0; i < this.#waiting.length;) {
           const w = this.#waiting[i];
           if (passedOver?.has(w.holder) || !this.#holderFits(w.holder, w.cost)) {
             (passedOver ??= new Set()).add(w.holder);

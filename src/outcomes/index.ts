@@ -101,19 +101,23 @@ export const invalidInput = (issues: ReadonlyArray<IssueInput> | IssueInput): Fa
 export const malformed = (issues: ReadonlyArray<IssueInput> | IssueInput): Failure => new Failure('malformed', issues);
 
 /** A referral (or another thing) that does not exist for this caller. */
-export const notFound = (message: string, expression?: string): Failure => new Failure('not-found', { code: 'not-found', message, ...(expression ? { expression } : {}) });
+export const notFound = (message: string, expression?: string): Failure =>
+  new Failure('not-found', { code: 'not-found', message, ...(expression ? { expression } : {}) });
 
 export const referralNotFound = (id: string): Failure => notFound(`Referral ${id} not found`);
 
 /** An idempotency key or externalId used before with a different body. */
-export const idempotencyConflict = (expression: 'Idempotency-Key' | 'externalId', message: string): Failure => new Failure('conflict', { code: 'conflict', expression, message });
+export const idempotencyConflict = (expression: 'Idempotency-Key' | 'externalId', message: string): Failure =>
+  new Failure('conflict', { code: 'conflict', expression, message });
 
 /** The referral's state does not allow this (cancel after work started, documents after a cancel...). */
 export const businessRule = (message: string, expression = 'status'): Failure => new Failure('conflict', { code: 'business-rule', expression, message });
 
 /** A referral in this status can no longer be cancelled by the referrer. */
 export const notCancellable = (id: string, status: string): Failure =>
-  businessRule(`referral ${id} is ${status}: it can no longer be cancelled directly${status === 'in-progress' || status === 'on-hold' ? '; ask the centre' : ''}`);
+  businessRule(
+    `referral ${id} is ${status}: it can no longer be cancelled directly${status === 'in-progress' || status === 'on-hold' ? '; ask the centre' : ''}`
+  );
 
 export const unauthenticated = (message: string, realm: string): Failure => new Failure('unauthenticated', { code: 'login', message }, { realm });
 
@@ -121,7 +125,8 @@ export const forbidden = (message: string): Failure => new Failure('forbidden', 
 
 export const tooLarge = (message: string, expression = '$'): Failure => new Failure('too-large', { code: 'too-costly', message, expression });
 
-export const unsupported = (message: string, expression?: string): Failure => new Failure('unsupported', { code: 'not-supported', message, ...(expression ? { expression } : {}) });
+export const unsupported = (message: string, expression?: string): Failure =>
+  new Failure('unsupported', { code: 'not-supported', message, ...(expression ? { expression } : {}) });
 
 export const bodyTimeout = (message: string): Failure => new Failure('timeout', { code: 'timeout', message, expression: '$' });
 

@@ -1,2 +1,13 @@
 export { LeasedQueueRunner } from './leased-runner';
-export { ageSeconds, type BackoffOptions, type ExhaustionLimits, isExhausted, nextDelay, notPastAgeLimit, type RetryPolicy, type Settlement, type SettleOptions, settleRetry } from './policy';
+export {
+  ageSeconds,
+  type BackoffOptions,
+  type ExhaustionLimits,
+  isExhausted,
+  nextDelay,
+  notPastAgeLimit,
+  type RetryPolicy,
+  type Settlement,
+  type SettleOptions,
+  settleRetry,
+} from './policy';

@@ -35,10 +35,12 @@ export abstract class LeasedQueueRunner<E extends { id: string; referralId: stri
       if (this.timer) clearTimeout(this.timer);
       this.timer = undefined;
       // The loop belongs to no request: leave the caller's correlation context.
-      this.loopPromise = requestContext.exit(() => this.loop()).finally(() => {
-        this.loopPromise = undefined;
-        this.schedule();
-      });
+      this.loopPromise = requestContext
+        .exit(() => this.loop())
+        .finally(() => {
+          this.loopPromise = undefined;
+          this.schedule();
+        });
     }
   }
 

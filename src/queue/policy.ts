@@ -33,12 +33,7 @@ export function nextDelay(attempt: number, opts: BackoffOptions, random: () => n
 }
 
 /** True once `attempts` reaches `maxAttempts` or the first attempt is at least `maxAgeMs` old. */
-export function isExhausted(
-  attempts: number,
-  firstAttemptAt: Date | number,
-  now: Date | number,
-  limits: ExhaustionLimits
-): boolean {
+export function isExhausted(attempts: number, firstAttemptAt: Date | number, now: Date | number, limits: ExhaustionLimits): boolean {
   const age = toMs(now) - toMs(firstAttemptAt);
   return attempts >= limits.maxAttempts || age >= limits.maxAgeMs;
 }
@@ -94,7 +89,10 @@ export function settleRetry(attempts: number, queuedAt: Date | number, lastError
   const now = opts.now ?? Date.now();
   if (isExhausted(attempts, queuedAt, now, policy)) {
     const byAge = attempts < policy.maxAttempts;
-    const why = byAge && opts.mentionAge ? `gave up after ${attempts} attempts over ${ageSeconds(queuedAt, now)} s (the age limit)` : `gave up after ${attempts} attempts`;
+    const why =
+      byAge && opts.mentionAge
+        ? `gave up after ${attempts} attempts over ${ageSeconds(queuedAt, now)} s (the age limit)`
+        : `gave up after ${attempts} attempts`;
     return { kind: 'dead-letter', reason: `${why}; last error: ${lastError}`, byAge };
   }
   const delay = nextDelay(attempts, { baseMs: policy.baseDelayMs, capMs: policy.maxDelayMs, retryAfterMs: opts.retryAfterMs }, opts.random);

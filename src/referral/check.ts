@@ -127,9 +127,10 @@ export function checkReferral(body: unknown, destinations: DestinationDirectory,
 
   // Inline document bytes were checked as base64 by the schema; validating the FHIR content does not
   // need them, and hashing and re-validating megabytes of base64 per submission costs more than all else.
-  const mapped = options.withDocumentData === false
-    ? { ...referral, documents: referral.documents.map((d) => (d.data !== undefined ? { ...d, data: 'AAAA' } : d)) }
-    : referral;
+  const mapped =
+    options.withDocumentData === false
+      ? { ...referral, documents: referral.documents.map((d) => (d.data !== undefined ? { ...d, data: 'AAAA' } : d)) }
+      : referral;
   const bundle = mapReferralToBundle({
     referralId: options.referralId ?? 'ref_validation',
     clientId: options.clientId ?? 'validation',

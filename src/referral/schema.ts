@@ -58,7 +58,16 @@ export const documentKinds = [
   'clinical-note',
   'other',
 ] as const;
-export const treatmentTypes = ['surgery', 'radiotherapy', 'chemotherapy', 'immunotherapy', 'targeted-therapy', 'hormone-therapy', 'stem-cell-transplant', 'other'] as const;
+export const treatmentTypes = [
+  'surgery',
+  'radiotherapy',
+  'chemotherapy',
+  'immunotherapy',
+  'targeted-therapy',
+  'hormone-therapy',
+  'stem-cell-transplant',
+  'other',
+] as const;
 
 /** Base64 characters checked per step (a multiple of 4, so every slice but the last decodes on its own). */
 const BASE64_SLICE_CHARS = 4 * 1024 * 1024;
@@ -99,7 +108,10 @@ export const documentSchema = z
     title: nonEmpty.max(300),
     date: pastDate.optional(),
     contentType: z.string().regex(/^[\w.+-]+\/[\w.+-]+(;.*)?$/, 'must be a MIME type such as application/pdf'),
-    language: z.string().regex(/^[a-z]{2,3}(-[A-Za-z0-9]{2,8})*$/).optional(),
+    language: z
+      .string()
+      .regex(/^[a-z]{2,3}(-[A-Za-z0-9]{2,8})*$/)
+      .optional(),
     data: base64.optional(),
     url: z.url({ protocol: /^https?$/, message: 'must be an http(s) URL' }).optional(),
   })
@@ -117,47 +129,51 @@ export const treatmentSchema = z.strictObject({
   end: pastDate.optional(),
 });
 
-export const referralSchema = z
-  .strictObject({
-    externalId: z.string().trim().min(1).max(128).regex(/^[\w.:/-]+$/, 'may hold letters, digits and . _ : / - only'),
-    kind: z.enum(referralKinds),
-    priority: z.enum(priorities).default('routine'),
-    destination: z.string().min(1).max(64).optional(),
-    reasons: z.array(z.enum(reasonCodes)).max(10).default([]),
-    reasonText: z.string().max(4000).optional(),
-    questions: z.array(z.string().trim().min(1).max(2000)).max(50).default([]),
-    patient: z.strictObject({
-      identifiers: z.array(identifierSchema).min(1, 'at least one identifier is required').max(10),
-      name: humanNameSchema,
-      birthDate: pastDate,
-      gender: z.enum(['male', 'female', 'other', 'unknown']),
-      phone: z.string().max(50).optional(),
-      email: z.email().optional(),
-    }),
-    referrer: z.strictObject({
-      practitioner: z.strictObject({ identifier: identifierSchema, name: humanNameSchema }),
-      organization: z.strictObject({ identifier: identifierSchema, name: nonEmpty }),
-    }),
-    diagnosis: z.strictObject({
-      code: codingSchema,
-      bodySite: codingSchema.optional(),
-      laterality: z.enum(['left', 'right', 'bilateral']).optional(),
-      histology: codingSchema.optional(),
-      stage: z
-        .strictObject({
-          system: z.enum(['AJCC-8', 'AJCC-7', 'AJCC-9']).default('AJCC-8'),
-          type: z.enum(['clinical', 'pathologic']).optional(),
-          value: z.string().trim().min(1).max(20),
-        })
-        .optional(),
-      clinicalStatus: z.enum(['active', 'recurrence', 'remission']).default('active'),
-      diagnosedOn: pastDate.optional(),
-    }),
-    treatmentHistory: z.array(treatmentSchema).max(100).default([]),
-    documents: z.array(documentSchema).max(100).default([]),
-    consent: z.strictObject({ patientAgreed: z.literal(true, { message: 'the patient must agree to share records (true)' }), date: pastDate }),
-    callbackUrl: z.url({ protocol: /^https?$/, message: 'must be an http(s) URL' }).optional(),
-  });
+export const referralSchema = z.strictObject({
+  externalId: z
+    .string()
+    .trim()
+    .min(1)
+    .max(128)
+    .regex(/^[\w.:/-]+$/, 'may hold letters, digits and . _ : / - only'),
+  kind: z.enum(referralKinds),
+  priority: z.enum(priorities).default('routine'),
+  destination: z.string().min(1).max(64).optional(),
+  reasons: z.array(z.enum(reasonCodes)).max(10).default([]),
+  reasonText: z.string().max(4000).optional(),
+  questions: z.array(z.string().trim().min(1).max(2000)).max(50).default([]),
+  patient: z.strictObject({
+    identifiers: z.array(identifierSchema).min(1, 'at least one identifier is required').max(10),
+    name: humanNameSchema,
+    birthDate: pastDate,
+    gender: z.enum(['male', 'female', 'other', 'unknown']),
+    phone: z.string().max(50).optional(),
+    email: z.email().optional(),
+  }),
+  referrer: z.strictObject({
+    practitioner: z.strictObject({ identifier: identifierSchema, name: humanNameSchema }),
+    organization: z.strictObject({ identifier: identifierSchema, name: nonEmpty }),
+  }),
+  diagnosis: z.strictObject({
+    code: codingSchema,
+    bodySite: codingSchema.optional(),
+    laterality: z.enum(['left', 'right', 'bilateral']).optional(),
+    histology: codingSchema.optional(),
+    stage: z
+      .strictObject({
+        system: z.enum(['AJCC-8', 'AJCC-7', 'AJCC-9']).default('AJCC-8'),
+        type: z.enum(['clinical', 'pathologic']).optional(),
+        value: z.string().trim().min(1).max(20),
+      })
+      .optional(),
+    clinicalStatus: z.enum(['active', 'recurrence', 'remission']).default('active'),
+    diagnosedOn: pastDate.optional(),
+  }),
+  treatmentHistory: z.array(treatmentSchema).max(100).default([]),
+  documents: z.array(documentSchema).max(100).default([]),
+  consent: z.strictObject({ patientAgreed: z.literal(true, { message: 'the patient must agree to share records (true)' }), date: pastDate }),
+  callbackUrl: z.url({ protocol: /^https?$/, message: 'must be an http(s) URL' }).optional(),
+});
 
 export type ReferralInput = z.input<typeof referralSchema>;
 export type Referral = z.output<typeof referralSchema>;

@@ -21,15 +21,7 @@ import {
 } from '@medplum/core';
 import type { FhirRouter, HttpMethod, MemoryRepository } from '@medplum/fhir-router';
 import { randomUUID } from 'node:crypto';
-import type {
-  Bundle,
-  BundleEntry,
-  BundleLink,
-  CapabilityStatement,
-  CapabilityStatementRestResource,
-  OperationOutcome,
-  Resource,
-} from '@medplum/fhirtypes';
+import type { Bundle, BundleEntry, BundleLink, CapabilityStatement, CapabilityStatementRestResource, OperationOutcome, Resource } from '@medplum/fhirtypes';
 import { SandboxFaults } from './faults';
 import { resolveSandboxTraits } from './profiles';
 import type { SandboxProfileName, SandboxTraits } from './profiles';
@@ -913,7 +905,11 @@ export class SandboxEngine {
           injected.push({
             index,
             status: 409,
-            outcome: outcome(409, 'could not serialize access due to concurrent update (another transaction was in progress); retry the transaction', 'conflict'),
+            outcome: outcome(
+              409,
+              'could not serialize access due to concurrent update (another transaction was in progress); retry the transaction',
+              'conflict'
+            ),
           });
         }
       }
@@ -1164,9 +1160,7 @@ export class SandboxEngine {
         const key = `${plan.type}/${plan.id}`;
         const existed = !this.tombstones.has(key) && (await this.exists(plan.type, plan.id));
         if (plan.ifMatch !== undefined && !existed) {
-          throw this.tombstones.has(key)
-            ? fail(410, `${key} has been deleted`, 'deleted')
-            : fail(404, `${key} not found (If-Match given)`, 'not-found');
+          throw this.tombstones.has(key) ? fail(410, `${key} has been deleted`, 'deleted') : fail(404, `${key} not found (If-Match given)`, 'not-found');
         }
         await journal.before(plan.type, plan.id);
         let updated: Resource;
@@ -1320,10 +1314,7 @@ function createsNew(plan: Plan): plan is CreatePlan | UpdatePlan {
 
 /** A conditional create, update or delete (what makes Medplum ask for a serializable transaction). */
 function isConditionalEntry(input: EntryInput): boolean {
-  return (
-    (input.method === 'POST' && input.ifNoneExist !== undefined) ||
-    ((input.method === 'PUT' || input.method === 'DELETE') && input.url.includes('?'))
-  );
+  return (input.method === 'POST' && input.ifNoneExist !== undefined) || ((input.method === 'PUT' || input.method === 'DELETE') && input.url.includes('?'));
 }
 
 const FHIR_JSON_MEDIA = new Set(['application/fhir+json', 'application/json', 'application/json+fhir', 'json']);
@@ -1521,4 +1512,3 @@ function prefixOutcome(failure: OperationOutcome, index: number): OperationOutco
     })),
   };
 }
-

@@ -157,7 +157,9 @@ function parseNumber(name: keyof SandboxTraits, raw: string): number | undefined
   const match = /^(\d+(?:\.\d+)?)\s*([a-z]*)$/.exec(value.replace(/_/g, ''));
   const unit = match ? BYTE_UNITS[match[2]] : undefined;
   if (!match || unit === undefined || (name !== 'maxJsonBytes' && unit !== 1)) {
-    throw new Error(`Invalid value "${raw}" for sandbox trait ${name} (expected a non-negative integer${name === 'maxJsonBytes' ? ', e.g. 1048576 or 1mb' : ''}, or "none")`);
+    throw new Error(
+      `Invalid value "${raw}" for sandbox trait ${name} (expected a non-negative integer${name === 'maxJsonBytes' ? ', e.g. 1048576 or 1mb' : ''}, or "none")`
+    );
   }
   const n = Math.floor(Number(match[1]) * unit);
   if (!Number.isSafeInteger(n) || n < 0) {
@@ -184,7 +186,10 @@ function parseBoolean(name: keyof SandboxTraits, raw: string): boolean {
 export function parseSandboxTraitOverrides(overrides: string): Partial<SandboxTraits> {
   const out: Partial<SandboxTraits> = {};
   const set = out as Record<string, unknown>;
-  for (const token of overrides.split(',').map((t) => t.trim()).filter(Boolean)) {
+  for (const token of overrides
+    .split(',')
+    .map((t) => t.trim())
+    .filter(Boolean)) {
     const eq = token.indexOf('=');
     if (eq >= 0) {
       const name = traitName(token.slice(0, eq).trim());
@@ -228,10 +233,7 @@ function checkPartial(partial: Partial<SandboxTraits>): Partial<SandboxTraits> {
  * +noBinarySearch,maxJsonBytes=2000000" or an object of traits. Throws an Error with a clear message on
  * an unknown profile, trait or value.
  */
-export function resolveSandboxTraits(
-  profile?: string,
-  overrides?: string | Partial<SandboxTraits>
-): SandboxTraits & { profile: SandboxProfileName } {
+export function resolveSandboxTraits(profile?: string, overrides?: string | Partial<SandboxTraits>): SandboxTraits & { profile: SandboxProfileName } {
   const name = (profile ?? '').trim().toLowerCase() || 'default';
   if (!isSandboxProfileName(name)) {
     throw new Error(`Unknown sandbox profile "${profile}" (known: ${PROFILE_NAMES.join(', ')})`);

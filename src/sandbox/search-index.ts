@@ -368,7 +368,7 @@ function str(value: unknown): string | undefined {
 function visitToken(visit: TokenVisitor, system: unknown, value: unknown): boolean {
   const s = typeof system === 'string' ? system : undefined;
   const v = str(value);
-  return (s || v) ? visit(s, v) : false;
+  return s || v ? visit(s, v) : false;
 }
 
 /** core ir.ts buildCodingToken (no text-search system): display, then system|code. */
@@ -560,10 +560,7 @@ function compileFilter(type: string, filter: Filter): CompiledFilter | undefined
   }
   const filterValues = splitSearchOnComma(filter.value);
   const matcher = tokenMatcher(filterValues);
-  const tokenFilter = (
-    visitTokens: (resource: Resource, visit: TokenVisitor) => boolean,
-    candidates?: (index: TypeIndex) => Entry[]
-  ): CompiledFilter => ({
+  const tokenFilter = (visitTokens: (resource: Resource, visit: TokenVisitor) => boolean, candidates?: (index: TypeIndex) => Entry[]): CompiledFilter => ({
     evaluate: (entry) => visitTokens(entry.resource, matcher) !== negated,
     cheap: true,
     usesLastUpdated: false,
@@ -578,18 +575,12 @@ function compileFilter(type: string, filter: Filter): CompiledFilter | undefined
   }
   if (isExpression(type, param, 'id')) {
     const keys = tokenKeys(filterValues, false);
-    return tokenFilter(
-      (r, visit) => visitToken(visit, undefined, r.id),
-      keys && ((index) => keys.flatMap((key) => index.byId(key)))
-    );
+    return tokenFilter((r, visit) => visitToken(visit, undefined, r.id), keys && ((index) => keys.flatMap((key) => index.byId(key))));
   }
   const elements = identifierElements(type, param);
   if (elements) {
     const keys = elements.every((e) => (INDEXED_IDENTIFIER_ELEMENTS as readonly string[]).includes(e)) ? tokenKeys(filterValues, true) : undefined;
-    return tokenFilter(
-      (r, visit) => visitIdentifiers(r, elements, visit),
-      keys && ((index) => keys.flatMap((key) => index.byIdentifier(key)))
-    );
+    return tokenFilter((r, visit) => visitIdentifiers(r, elements, visit), keys && ((index) => keys.flatMap((key) => index.byIdentifier(key))));
   }
   return generic;
 }
@@ -692,9 +683,7 @@ export class SearchIndex {
     if (request.count !== undefined) {
       ordered = ordered.slice(0, request.count);
     }
-    const entry = ordered.map(
-      (e): BundleEntry<WithId<T>> => ({ search: { mode: 'match' }, resource: deepClone(e.resource) as WithId<T> })
-    );
+    const entry = ordered.map((e): BundleEntry<WithId<T>> => ({ search: { mode: 'match' }, resource: deepClone(e.resource) as WithId<T> }));
     return { resourceType: 'Bundle', type: 'searchset', entry: entry.length ? entry : undefined, total };
   }
 

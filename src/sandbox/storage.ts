@@ -152,7 +152,11 @@ export class PresignedStorage {
     }
     if (req.headers.authorization !== undefined) {
       // S3 refuses a presigned URL sent with credentials as well.
-      text(res, 400, 'InvalidArgument: Only one auth mechanism allowed; only the X-Amz-Algorithm query parameter, Signature query string parameter or the Authorization header should be specified');
+      text(
+        res,
+        400,
+        'InvalidArgument: Only one auth mechanism allowed; only the X-Amz-Algorithm query parameter, Signature query string parameter or the Authorization header should be specified'
+      );
       return;
     }
     const [id, versionId] = [decodeURIComponent(match[1]), decodeURIComponent(match[2])];

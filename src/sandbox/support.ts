@@ -151,9 +151,7 @@ interface MemoryInternals {
 
 function getInternals(repo: MemoryRepository): MemoryInternals | undefined {
   const candidate = repo as unknown as { resources?: unknown; history?: unknown };
-  return candidate.resources instanceof Map && candidate.history instanceof Map
-    ? (candidate as MemoryInternals)
-    : undefined;
+  return candidate.resources instanceof Map && candidate.history instanceof Map ? (candidate as MemoryInternals) : undefined;
 }
 
 interface JournalRecord {

@@ -20,12 +20,7 @@ type Key = { referralId: string; destination: string; documentN: number };
 
 /** The recorded uploads of a referral's documents at a destination, by document number. */
 export async function binaryUploadsOf(db: Db, referralId: string, destination: string): Promise<Map<number, BinaryUpload>> {
-  const rows = await db.kysely
-    .selectFrom('binary_uploads')
-    .selectAll()
-    .where('referral_id', '=', referralId)
-    .where('destination', '=', destination)
-    .execute();
+  const rows = await db.kysely.selectFrom('binary_uploads').selectAll().where('referral_id', '=', referralId).where('destination', '=', destination).execute();
   return new Map(rows.map((r) => [r.document_n, toUpload(r)]));
 }
 
@@ -49,7 +44,12 @@ export async function markUploadPending(db: Db, key: Key): Promise<void> {
     })
     .onConflict((oc) =>
       oc.columns(['referral_id', 'destination', 'document_n']).doUpdateSet((eb) => ({
-        lost_uploads: eb.case().when('binary_uploads.state', '=', 'pending').then(eb('binary_uploads.lost_uploads', '+', 1)).else(eb.ref('binary_uploads.lost_uploads')).end(),
+        lost_uploads: eb
+          .case()
+          .when('binary_uploads.state', '=', 'pending')
+          .then(eb('binary_uploads.lost_uploads', '+', 1))
+          .else(eb.ref('binary_uploads.lost_uploads'))
+          .end(),
         state: 'pending',
         updated_at: now,
       }))
@@ -82,7 +82,11 @@ export async function markUploadDone(db: Db, key: Key, binaryId: string): Promis
  * Uploads whose answer was lost (or is still outstanding): each may have left a Binary at the centre that no
  * DocumentReference points at. Servers without search on Binary (Medplum) cannot find them any other way.
  */
-export async function possiblyOrphanedUploads(db: Db, destination: string, limit = 100): Promise<Array<{ referralId: string; document: number; since: string; lost: number }>> {
+export async function possiblyOrphanedUploads(
+  db: Db,
+  destination: string,
+  limit = 100
+): Promise<Array<{ referralId: string; document: number; since: string; lost: number }>> {
   const rows = await db.kysely
     .selectFrom('binary_uploads')
     .select(['referral_id', 'document_n', 'created_at', 'updated_at', 'lost_uploads', 'state'])

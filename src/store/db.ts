@@ -1,7 +1,17 @@
 import { mkdirSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { DatabaseSync } from 'node:sqlite';
-import { type CompiledQuery, type DatabaseConnection, type Driver, Kysely, PostgresDialect, type QueryCompiler, type QueryResult, sql, type TransactionSettings } from 'kysely';
+import {
+  type CompiledQuery,
+  type DatabaseConnection,
+  type Driver,
+  Kysely,
+  PostgresDialect,
+  type QueryCompiler,
+  type QueryResult,
+  sql,
+  type TransactionSettings,
+} from 'kysely';
 import { Client, Pool } from 'pg';
 import { logger } from '../observability/logger';
 import { type CheckpointStats, startCheckpointer } from './checkpointer';

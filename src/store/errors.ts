@@ -91,7 +91,11 @@ export function isSqliteBusy(err: unknown): boolean {
 
 /** The name of a SQLite result code, e.g. `SQLITE_IOERR_WRITE`, or `SQLITE_IOERR (4874)` for one not listed. */
 export function sqliteCodeName(code: number): string {
-  return SQLITE_EXTENDED[code] ?? SQLITE_UNAVAILABLE[code] ?? (SQLITE_UNAVAILABLE[code & 0xff] ? `${SQLITE_UNAVAILABLE[code & 0xff]} (${code})` : `SQLite error ${code}`);
+  return (
+    SQLITE_EXTENDED[code] ??
+    SQLITE_UNAVAILABLE[code] ??
+    (SQLITE_UNAVAILABLE[code & 0xff] ? `${SQLITE_UNAVAILABLE[code & 0xff]} (${code})` : `SQLite error ${code}`)
+  );
 }
 
 /** Socket-level failures reaching PostgreSQL (Node's errno codes). */

@@ -117,16 +117,25 @@ migrations['0004_payload_table'] = {
       .addColumn('referral_id', 'text', (c) => c.primaryKey().references('referrals.id').onDelete('cascade'))
       .addColumn('payload', 'text', (c) => c.notNull())
       .execute();
-    await db.insertInto('referral_payloads').columns(['referral_id', 'payload']).expression(db.selectFrom('referrals').select(['id', 'payload'])).execute();
+    await db
+      .insertInto('referral_payloads')
+      .columns(['referral_id', 'payload'])
+      .expression(db.selectFrom('referrals').select(['id', 'payload']))
+      .execute();
     await db.schema.alterTable('referrals').dropColumn('payload').execute();
   },
 };
 
 migrations['0005_document_count_and_retention'] = {
-  async up(db: Kysely<{ referrals: { id: string; documents_added: number }; outbox: { referral_id: string; kind: string; payload: string | null } }>): Promise<void> {
+  async up(
+    db: Kysely<{ referrals: { id: string; documents_added: number }; outbox: { referral_id: string; kind: string; payload: string | null } }>
+  ): Promise<void> {
     // How many documents were added after the submission, so numbering the next ones reads a counter
     // instead of parsing every earlier "documents" outbox payload (which carries their base64 data).
-    await db.schema.alterTable('referrals').addColumn('documents_added', 'integer', (c) => c.notNull().defaultTo(0)).execute();
+    await db.schema
+      .alterTable('referrals')
+      .addColumn('documents_added', 'integer', (c) => c.notNull().defaultTo(0))
+      .execute();
     const rows = (await db.selectFrom('outbox').select(['referral_id', 'payload']).where('kind', '=', 'documents').execute()) as Array<{
       referral_id: string;
       payload: string | null;

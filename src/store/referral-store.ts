@@ -205,37 +205,42 @@ export class ReferralStore {
    */
   async createReferral(r: NewReferral): Promise<StoredReferral | null> {
     try {
-      await this.db.durably((k) => k.transaction().execute(async (trx) => {
-        await trx
-          .insertInto('referrals')
-          .values({
-            id: r.id,
-            client_id: r.clientId,
-            external_id: r.externalId,
-            idempotency_key: r.idempotencyKey,
-            request_hash: r.requestHash,
-            destination: r.destination,
-            status: 'queued',
-            status_reason: null,
-            callback_url: r.payload.callbackUrl ?? null,
-            documents_added: 0,
-            documents_removed_at: null,
-            fhir: null,
-            report: null,
-            task_version: null,
-            created_at: r.at,
-            updated_at: r.at,
-          })
-          .execute();
-        const payload = jsonBytes(r.payload);
-        try {
-          await trx.insertInto('referral_payloads').values({ referral_id: r.id, payload: this.jsonValue(payload) }).execute();
-        } finally {
-          freeNow(payload); // the statement has run: its bytes are in the database's pages
-        }
-        await this.insertHistory(trx, r.id, { status: 'queued', at: r.at });
-        await this.insertOutbox(trx, r.id, 'submit', null, r.at);
-      }));
+      await this.db.durably((k) =>
+        k.transaction().execute(async (trx) => {
+          await trx
+            .insertInto('referrals')
+            .values({
+              id: r.id,
+              client_id: r.clientId,
+              external_id: r.externalId,
+              idempotency_key: r.idempotencyKey,
+              request_hash: r.requestHash,
+              destination: r.destination,
+              status: 'queued',
+              status_reason: null,
+              callback_url: r.payload.callbackUrl ?? null,
+              documents_added: 0,
+              documents_removed_at: null,
+              fhir: null,
+              report: null,
+              task_version: null,
+              created_at: r.at,
+              updated_at: r.at,
+            })
+            .execute();
+          const payload = jsonBytes(r.payload);
+          try {
+            await trx
+              .insertInto('referral_payloads')
+              .values({ referral_id: r.id, payload: this.jsonValue(payload) })
+              .execute();
+          } finally {
+            freeNow(payload); // the statement has run: its bytes are in the database's pages
+          }
+          await this.insertHistory(trx, r.id, { status: 'queued', at: r.at });
+          await this.insertOutbox(trx, r.id, 'submit', null, r.at);
+        })
+      );
     } catch (err) {
       if (isUniqueViolation(err)) {
         return null;
@@ -320,7 +325,11 @@ export class ReferralStore {
       const c = f.cursor;
       q = q.where((eb) => eb.or([eb('created_at', '<', c.createdAt), eb.and([eb('created_at', '=', c.createdAt), eb('id', '<', c.id)])]));
     }
-    const rows = await q.orderBy('created_at', 'desc').orderBy('id', 'desc').limit(f.limit + 1).execute();
+    const rows = await q
+      .orderBy('created_at', 'desc')
+      .orderBy('id', 'desc')
+      .limit(f.limit + 1)
+      .execute();
     const items = rows.slice(0, f.limit).map((r) => toLightReferral(r));
     const last = items[items.length - 1];
     return { items, next: rows.length > f.limit && last ? { createdAt: last.createdAt, id: last.id } : undefined };
@@ -340,7 +349,11 @@ export class ReferralStore {
    * Records a status change (and what came with it) and appends it to the history, atomically.
    * A change to the status it already has only updates the attached data.
    */
-  async changeStatus(id: string, change: StatusChange, onlyIf?: (current: StoredReferral) => boolean): Promise<{ previous: ReferralStatus; current: StoredReferral } | null> {
+  async changeStatus(
+    id: string,
+    change: StatusChange,
+    onlyIf?: (current: StoredReferral) => boolean
+  ): Promise<{ previous: ReferralStatus; current: StoredReferral } | null> {
     const at = change.at ?? nowIso();
     let webhookQueued = false;
     const result = await this.k.transaction().execute(async (trx) => {
@@ -442,18 +455,20 @@ export class ReferralStore {
    * never share a number.
    */
   async addDocuments(referralId: string, documents: unknown[], baseCount: number): Promise<{ outboxId: string; startIndex: number }> {
-    return this.db.durably((k) => k.transaction().execute(async (trx) => {
-      await this.lockReferral(trx, referralId);
-      const { documents_added: added } = await trx.selectFrom('referrals').select('documents_added').where('id', '=', referralId).executeTakeFirstOrThrow();
-      const startIndex = baseCount + Number(added);
-      const outboxId = await this.insertOutbox(trx, referralId, 'documents', { documents, startIndex }, nowIso());
-      await trx
-        .updateTable('referrals')
-        .set({ updated_at: nowIso(), documents_added: Number(added) + documents.length })
-        .where('id', '=', referralId)
-        .execute();
-      return { outboxId, startIndex };
-    }));
+    return this.db.durably((k) =>
+      k.transaction().execute(async (trx) => {
+        await this.lockReferral(trx, referralId);
+        const { documents_added: added } = await trx.selectFrom('referrals').select('documents_added').where('id', '=', referralId).executeTakeFirstOrThrow();
+        const startIndex = baseCount + Number(added);
+        const outboxId = await this.insertOutbox(trx, referralId, 'documents', { documents, startIndex }, nowIso());
+        await trx
+          .updateTable('referrals')
+          .set({ updated_at: nowIso(), documents_added: Number(added) + documents.length })
+          .where('id', '=', referralId)
+          .execute();
+        return { outboxId, startIndex };
+      })
+    );
   }
 
   /**
@@ -464,36 +479,38 @@ export class ReferralStore {
   async cancelBeforeDelivery(referralId: string, reason: string, now = new Date()): Promise<boolean> {
     const nowS = now.toISOString();
     let webhookQueued = false;
-    const cancelled = await this.db.durably((k) => k.transaction().execute(async (trx) => {
-      await this.lockReferral(trx, referralId);
-      const res = await trx
-        .updateTable('outbox')
-        .set({ state: 'done', last_error: `cancelled before delivery: ${reason}`.slice(0, 500), updated_at: nowS })
-        .where('referral_id', '=', referralId)
-        .where('kind', '=', 'submit')
-        .where('state', '=', 'pending')
-        .where((eb) => eb.or([eb('locked_until', 'is', null), eb('locked_until', '<', nowS)]))
-        .executeTakeFirst();
-      if (Number(res.numUpdatedRows) !== 1) return false;
-      await trx.updateTable('outbox').set({ state: 'done', updated_at: nowS }).where('referral_id', '=', referralId).where('state', '=', 'pending').execute();
-      const row = await trx.selectFrom('referrals').select(LIGHT_COLUMNS).where('id', '=', referralId).executeTakeFirstOrThrow();
-      const before = toLightReferral(row);
-      await trx.updateTable('referrals').set({ status: 'cancelled', status_reason: reason, updated_at: nowS }).where('id', '=', referralId).execute();
-      await this.insertHistory(trx, referralId, { status: 'cancelled', at: nowS, reason });
-      if (row.callback_url) {
-        await this.insertWebhook(trx, before, row.callback_url, {
-          type: 'referral.status-changed',
-          referralId,
-          externalId: before.externalId,
-          status: 'cancelled',
-          previousStatus: before.status,
-          at: nowS,
-          reason,
-        });
-        webhookQueued = true;
-      }
-      return true;
-    }));
+    const cancelled = await this.db.durably((k) =>
+      k.transaction().execute(async (trx) => {
+        await this.lockReferral(trx, referralId);
+        const res = await trx
+          .updateTable('outbox')
+          .set({ state: 'done', last_error: `cancelled before delivery: ${reason}`.slice(0, 500), updated_at: nowS })
+          .where('referral_id', '=', referralId)
+          .where('kind', '=', 'submit')
+          .where('state', '=', 'pending')
+          .where((eb) => eb.or([eb('locked_until', 'is', null), eb('locked_until', '<', nowS)]))
+          .executeTakeFirst();
+        if (Number(res.numUpdatedRows) !== 1) return false;
+        await trx.updateTable('outbox').set({ state: 'done', updated_at: nowS }).where('referral_id', '=', referralId).where('state', '=', 'pending').execute();
+        const row = await trx.selectFrom('referrals').select(LIGHT_COLUMNS).where('id', '=', referralId).executeTakeFirstOrThrow();
+        const before = toLightReferral(row);
+        await trx.updateTable('referrals').set({ status: 'cancelled', status_reason: reason, updated_at: nowS }).where('id', '=', referralId).execute();
+        await this.insertHistory(trx, referralId, { status: 'cancelled', at: nowS, reason });
+        if (row.callback_url) {
+          await this.insertWebhook(trx, before, row.callback_url, {
+            type: 'referral.status-changed',
+            referralId,
+            externalId: before.externalId,
+            status: 'cancelled',
+            previousStatus: before.status,
+            at: nowS,
+            reason,
+          });
+          webhookQueued = true;
+        }
+        return true;
+      })
+    );
     if (webhookQueued) this.onWebhookQueued();
     return cancelled;
   }
@@ -599,7 +616,11 @@ export class ReferralStore {
   }
 
   async pendingCount(): Promise<number> {
-    const r = await this.k.selectFrom('outbox').select(sql<number>`count(*)`.as('n')).where('state', '=', 'pending').executeTakeFirst();
+    const r = await this.k
+      .selectFrom('outbox')
+      .select(sql<number>`count(*)`.as('n'))
+      .where('state', '=', 'pending')
+      .executeTakeFirst();
     return Number(r?.n ?? 0);
   }
 
@@ -666,7 +687,11 @@ export class ReferralStore {
       .select((eb) => eb.fn.min<string>('created_at').as('at'))
       .where('state', '=', 'pending')
       .executeTakeFirst();
-    const referrals = await this.k.selectFrom('referrals').select(['status', (eb) => eb.fn.countAll<string>().as('n')]).groupBy('status').execute();
+    const referrals = await this.k
+      .selectFrom('referrals')
+      .select(['status', (eb) => eb.fn.countAll<string>().as('n')])
+      .groupBy('status')
+      .execute();
     return {
       outbox: outbox.map((r) => ({ kind: r.kind, state: r.state, count: Number(r.n) })),
       oldestPendingSeconds: oldest?.at ? Math.max(0, (now.getTime() - Date.parse(oldest.at)) / 1000) : 0,
@@ -681,7 +706,10 @@ export class ReferralStore {
    * still pending, oldest first. `documentsKept` limits it to those whose document bytes are still stored;
    * with `noFailedDelivery`, a referral with a dead-lettered delivery an operator may re-queue is left out.
    */
-  async closedBefore(opts: { statuses: readonly string[]; cutoff: string; documentsKept?: boolean; noFailedDelivery?: boolean; limit: number; id?: string }, k: Kysely<Database> = this.k): Promise<string[]> {
+  async closedBefore(
+    opts: { statuses: readonly string[]; cutoff: string; documentsKept?: boolean; noFailedDelivery?: boolean; limit: number; id?: string },
+    k: Kysely<Database> = this.k
+  ): Promise<string[]> {
     const openOutbox = opts.noFailedDelivery ? ['pending', 'failed'] : ['pending'];
     let q = k
       .selectFrom('referrals as r')
@@ -689,7 +717,9 @@ export class ReferralStore {
       .where('r.status', 'in', [...opts.statuses])
       .where('r.updated_at', '<', opts.cutoff)
       .where((eb) => eb.not(eb.exists(eb.selectFrom('outbox as o').select('o.id').whereRef('o.referral_id', '=', 'r.id').where('o.state', 'in', openOutbox))))
-      .where((eb) => eb.not(eb.exists(eb.selectFrom('webhook_outbox as w').select('w.id').whereRef('w.referral_id', '=', 'r.id').where('w.state', '=', 'pending'))));
+      .where((eb) =>
+        eb.not(eb.exists(eb.selectFrom('webhook_outbox as w').select('w.id').whereRef('w.referral_id', '=', 'r.id').where('w.state', '=', 'pending')))
+      );
     if (opts.documentsKept) q = q.where('r.documents_removed_at', 'is', null);
     if (opts.id) q = q.where('r.id', '=', opts.id);
     const rows = await q.orderBy('r.updated_at').limit(opts.limit).execute();

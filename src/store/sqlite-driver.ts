@@ -137,7 +137,7 @@ export class NodeSqliteConnection implements DatabaseConnection {
         if (left <= 0) {
           throw new StoreUnavailableError(
             `store unavailable: the database stayed locked for ${waited} ms (STORE_BUSY_WAIT_MS=${this.#busyWaitMs}) at ${what}, ${tries} attempts: ${sqliteCodeName(sqliteErrcode(err) ?? 5)}: ${errorMessage(err)}`,
-            { cause: err, retryAfterSeconds: Math.max(1, Math.ceil(this.#busyWaitMs / 1000)) },
+            { cause: err, retryAfterSeconds: Math.max(1, Math.ceil(this.#busyWaitMs / 1000)) }
           );
         }
         await sleep(Math.min(left, pause / 2 + Math.random() * (pause / 2)));
@@ -153,7 +153,9 @@ export class NodeSqliteConnection implements DatabaseConnection {
       try {
         this.#db.exec('ROLLBACK');
       } catch (err) {
-        throw new StoreUnavailableError(`store unavailable: an earlier transaction cannot be rolled back: ${errorMessage(err)}`, { cause: classifyStoreError(err) });
+        throw new StoreUnavailableError(`store unavailable: an earlier transaction cannot be rolled back: ${errorMessage(err)}`, {
+          cause: classifyStoreError(err),
+        });
       }
     }
     this.#mustRollback = false;

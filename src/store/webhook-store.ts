@@ -61,7 +61,11 @@ function toEntry(row: WebhookOutboxTable): WebhookEntry {
 function noEarlierPending({ not, exists, selectFrom }: ExpressionBuilder<Database & { w: WebhookOutboxTable }, 'w'>) {
   return not(
     exists(
-      selectFrom('webhook_outbox as p').select('p.id').whereRef('p.referral_id', '=', 'w.referral_id').where('p.state', '=', 'pending').whereRef('p.seq', '<', 'w.seq')
+      selectFrom('webhook_outbox as p')
+        .select('p.id')
+        .whereRef('p.referral_id', '=', 'w.referral_id')
+        .where('p.state', '=', 'pending')
+        .whereRef('p.seq', '<', 'w.seq')
     )
   );
 }
@@ -187,7 +191,11 @@ export class WebhookStore {
   }
 
   async pendingCount(): Promise<number> {
-    const r = await this.k.selectFrom('webhook_outbox').select(sql<number>`count(*)`.as('n')).where('state', '=', 'pending').executeTakeFirst();
+    const r = await this.k
+      .selectFrom('webhook_outbox')
+      .select(sql<number>`count(*)`.as('n'))
+      .where('state', '=', 'pending')
+      .executeTakeFirst();
     return Number(r?.n ?? 0);
   }
 

@@ -186,7 +186,11 @@ export class Poller {
    * When the client's page cap stops a long walk, it resumes from the last time seen instead of
    * starting over next cycle (repeats at that instant are skipped by their version).
    */
-  private async delta<T extends Task | ServiceRequest>(dest: Destination, type: T['resourceType'], since: string): Promise<{ resources: T[]; requests: number }> {
+  private async delta<T extends Task | ServiceRequest>(
+    dest: Destination,
+    type: T['resourceType'],
+    since: string
+  ): Promise<{ resources: T[]; requests: number }> {
     const client = this.clients.get(dest);
     let bound = `gt${since}`;
     const resources: T[] = [];
@@ -267,7 +271,13 @@ export class Poller {
     return referral && referral.destination === dest.id ? referral : null;
   }
 
-  private async move(referral: StoredReferral, to: ReferralStatus, reason: string | null, detail: Record<string, unknown>, extra: { taskVersion?: string | null; report?: ReportInfo | null } = {}): Promise<boolean> {
+  private async move(
+    referral: StoredReferral,
+    to: ReferralStatus,
+    reason: string | null,
+    detail: Record<string, unknown>,
+    extra: { taskVersion?: string | null; report?: ReportInfo | null } = {}
+  ): Promise<boolean> {
     const changed = await this.store.changeStatus(referral.id, { status: to, reason, detail, ...extra }, (cur) => cur.status === referral.status);
     if (!changed) return false;
     logger.info('referral status changed', { referralId: referral.id, from: changed.previous, to, ...detail });
@@ -316,7 +326,9 @@ export class Poller {
     const referral = await this.findReferral(dest, sr.identifier);
     if (!referral || referral.status === 'queued' || terminalStatuses.has(referral.status)) return false;
     if (sr.status === 'revoked' || sr.status === 'entered-in-error') {
-      return this.move(referral, 'cancelled', `the centre ${sr.status === 'revoked' ? 'revoked' : 'voided'} the ServiceRequest`, { serviceRequestStatus: sr.status });
+      return this.move(referral, 'cancelled', `the centre ${sr.status === 'revoked' ? 'revoked' : 'voided'} the ServiceRequest`, {
+        serviceRequestStatus: sr.status,
+      });
     }
     return false;
   }
@@ -365,8 +377,9 @@ function describe(reference: string, res: DocumentReference | DiagnosticReport):
 }
 
 function statusReasonOf(task: Task): string | undefined {
-  const parts = [task.businessStatus?.text ?? task.businessStatus?.coding?.[0]?.display, task.statusReason?.text ?? task.statusReason?.coding?.[0]?.display].filter(
-    (s): s is string => typeof s === 'string' && s.length > 0
-  );
+  const parts = [
+    task.businessStatus?.text ?? task.businessStatus?.coding?.[0]?.display,
+    task.statusReason?.text ?? task.statusReason?.coding?.[0]?.display,
+  ].filter((s): s is string => typeof s === 'string' && s.length > 0);
   return parts.length > 0 ? centreText(parts.join(' — '), MAX_STATUS_REASON_CHARS) : undefined;
 }

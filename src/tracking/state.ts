@@ -63,10 +63,7 @@ const rank: Partial<Record<ReferralStatus, number>> = {
 };
 
 export type Transition =
-  | { kind: 'same' }
-  | { kind: 'move'; to: ReferralStatus }
-  | { kind: 'impossible'; to: ReferralStatus; why: string }
-  | { kind: 'unknown'; why: string };
+  { kind: 'same' } | { kind: 'move'; to: ReferralStatus } | { kind: 'impossible'; to: ReferralStatus; why: string } | { kind: 'unknown'; why: string };
 
 /**
  * Decides what a newly seen Task status does to a referral. Tolerant: skipped states are accepted,

@@ -122,7 +122,11 @@ function addressesProblem(addresses: string[], allowed: (ip: string) => boolean)
   if (addresses.length === 0) return { code: 'ENOTFOUND', reason: 'the callback host has no address', permanent: false };
   const bad = addresses.find((a) => !allowed(a));
   return bad
-    ? { code: NON_PUBLIC_CODE, reason: `the callback host resolves to a non-public address (${bad}); callbacks must reach the public internet`, permanent: true }
+    ? {
+        code: NON_PUBLIC_CODE,
+        reason: `the callback host resolves to a non-public address (${bad}); callbacks must reach the public internet`,
+        permanent: true,
+      }
     : undefined;
 }
 

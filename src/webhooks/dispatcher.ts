@@ -233,7 +233,10 @@ export class WebhookDispatcher extends LeasedQueueRunner<WebhookEntry> {
       if (this.shutdown.signal.aborted) return { kind: 'aborted' };
       if (timeout.aborted) return { kind: 'retry', reason: `no response within ${this.opts.timeoutMs} ms` };
       if (errorCode(err) === NON_PUBLIC_CODE) {
-        return { kind: 'fail', reason: `when connecting, ${(err as { cause?: Error }).cause?.message ?? 'the callback host resolves to a non-public address'}` };
+        return {
+          kind: 'fail',
+          reason: `when connecting, ${(err as { cause?: Error }).cause?.message ?? 'the callback host resolves to a non-public address'}`,
+        };
       }
       return { kind: 'retry', reason: `network error: ${errorCode(err)}` };
     }

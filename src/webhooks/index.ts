@@ -24,6 +24,10 @@ export function attachWebhooks(
   fetchImpl?: typeof fetch
 ): AttachedWebhooks {
   const store = new WebhookStore(db);
-  const dispatcher = new WebhookDispatcher(store, { secret: config.webhookSecret, allowPrivateNetworks: config.webhookAllowPrivateNetworks, ...overrides }, fetchImpl);
+  const dispatcher = new WebhookDispatcher(
+    store,
+    { secret: config.webhookSecret, allowPrivateNetworks: config.webhookAllowPrivateNetworks, ...overrides },
+    fetchImpl
+  );
   return { store, dispatcher };
 }

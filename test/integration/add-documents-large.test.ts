@@ -35,7 +35,9 @@ describe('documents added later', () => {
 
     const pdf = Buffer.alloc(3_000_000);
     for (let i = 0; i < pdf.length; i++) pdf[i] = (i * 7919) % 251;
-    const added = await api(`/referrals/${id}/documents`, { documents: [{ kind: 'imaging-report', title: 'PET-CT report', contentType: 'application/pdf', data: pdf.toString('base64') }] });
+    const added = await api(`/referrals/${id}/documents`, {
+      documents: [{ kind: 'imaging-report', title: 'PET-CT report', contentType: 'application/pdf', data: pdf.toString('base64') }],
+    });
     expect([added.status, added.body.issue]).toEqual([202, undefined]);
 
     const view = await eventually(async () => {

@@ -57,10 +57,16 @@ describe('admin command line (src/cli/admin.ts)', () => {
     expect(await admin(['retry', 'ref_unknown'])).toMatchObject({ code: 1, stderr: '404: no failed delivery ref_unknown\n' });
     expect(await admin(['webhook-retry', 'wh_unknown'])).toMatchObject({ code: 1, stderr: expect.stringContaining('404: no failed webhook wh_unknown') });
     expect(await admin(['deliveries'], { ADMIN_API_KEY: 'wrong-key-000' })).toMatchObject({ code: 1, stderr: expect.stringMatching(/^401: /) });
-    expect(await admin(['deliveries', 'lost'])).toMatchObject({ code: 2, stderr: expect.stringContaining('deliveries takes failed, pending or done, not lost') });
+    expect(await admin(['deliveries', 'lost'])).toMatchObject({
+      code: 2,
+      stderr: expect.stringContaining('deliveries takes failed, pending or done, not lost'),
+    });
     expect(await admin([])).toMatchObject({ code: 2, stderr: expect.stringContaining('usage: npm run admin') });
     expect(await admin(['deliveries'], { ADMIN_API_KEY: '' })).toMatchObject({ code: 2, stderr: expect.stringContaining('ADMIN_API_KEY is not set') });
-    expect(await admin(['deliveries'], { GATEWAY_URL: 'http://127.0.0.1:9' })).toMatchObject({ code: 1, stderr: expect.stringContaining('cannot reach the gateway at http://127.0.0.1:9') });
+    expect(await admin(['deliveries'], { GATEWAY_URL: 'http://127.0.0.1:9' })).toMatchObject({
+      code: 1,
+      stderr: expect.stringContaining('cannot reach the gateway at http://127.0.0.1:9'),
+    });
   });
 
   test('webhooks and retention: what the dispatcher gave up on, replayed, and retention run on demand', async () => {
@@ -76,7 +82,11 @@ describe('admin command line (src/cli/admin.ts)', () => {
 
     const r = await admin(['retention']);
     expect(r).toMatchObject({ code: 0, stdout: 'document bytes removed from 0 referrals (0 documents); 0 referrals deleted\n' });
-    const api = await fetch(`${gw.url}/admin/retention/run`, { method: 'POST', headers: { Authorization: `Bearer ${ADMIN_KEY}`, 'Content-Type': 'application/json' }, body: '{}' });
+    const api = await fetch(`${gw.url}/admin/retention/run`, {
+      method: 'POST',
+      headers: { Authorization: `Bearer ${ADMIN_KEY}`, 'Content-Type': 'application/json' },
+      body: '{}',
+    });
     expect(await api.json()).toEqual({ referralsStripped: 0, documentsStripped: 0, referralsDeleted: 0 });
   });
 });

@@ -13,7 +13,11 @@ describe('API errors', () => {
   });
 
   const post = (body: unknown, key = KEY_A) =>
-    request(gw.url).post('/referrals').set('Authorization', `Bearer ${key}`).set('Content-Type', 'application/json').send(typeof body === 'string' ? body : JSON.stringify(body));
+    request(gw.url)
+      .post('/referrals')
+      .set('Authorization', `Bearer ${key}`)
+      .set('Content-Type', 'application/json')
+      .send(typeof body === 'string' ? body : JSON.stringify(body));
 
   const expectOutcome = (res: request.Response, status: number, expression?: string): void => {
     expect(res.status).toBe(status);

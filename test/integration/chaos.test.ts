@@ -24,7 +24,6 @@ import { writeDestinationsFile } from '../helpers/destinations';
 const REFERRALS = 40;
 jest.setTimeout(90_000);
 
-
 type Fault = 'none' | '503' | 'reset' | 'lost-answer' | 'html' | 'slow';
 
 class FaultyProxy {

@@ -36,13 +36,21 @@ describe('contract slips and centre content', () => {
   test('the same externalId with another body and a new Idempotency-Key is a 409 that names externalId, not the key', async () => {
     const body = { ...fixture(), externalId: 'EHR-409-NAMING' };
     expect((await api('/referrals', { method: 'POST', body: JSON.stringify(body), headers: { 'Idempotency-Key': 'first-key' } })).status).toBe(202);
-    const res = await api('/referrals', { method: 'POST', body: JSON.stringify({ ...body, questions: ['Another question?'] }), headers: { 'Idempotency-Key': 'never-used-key' } });
+    const res = await api('/referrals', {
+      method: 'POST',
+      body: JSON.stringify({ ...body, questions: ['Another question?'] }),
+      headers: { 'Idempotency-Key': 'never-used-key' },
+    });
     expect(res.status).toBe(409);
     const oo = (await res.json()) as any;
     expect(oo.issue[0].expression).toEqual(['externalId']);
     expect(oo.issue[0].details.text).toMatch(/^externalId EHR-409-NAMING was already submitted as referral ref_\w+ with a different body$/);
     // The key itself, reused for another referral, is still blamed on the key.
-    const reused = await api('/referrals', { method: 'POST', body: JSON.stringify({ ...body, externalId: 'EHR-409-OTHER' }), headers: { 'Idempotency-Key': 'first-key' } });
+    const reused = await api('/referrals', {
+      method: 'POST',
+      body: JSON.stringify({ ...body, externalId: 'EHR-409-OTHER' }),
+      headers: { 'Idempotency-Key': 'first-key' },
+    });
     expect(reused.status).toBe(409);
     expect(((await reused.json()) as any).issue[0].expression).toEqual(['Idempotency-Key']);
   });
@@ -52,7 +60,9 @@ describe('contract slips and centre content', () => {
     // Hold the worker so the cancel stays queued: the window in which main accepted (and later delivered) documents.
     await gw.worker.stop();
     try {
-      expect((await api(`/referrals/${sent.id}/cancel`, { method: 'POST', body: JSON.stringify({ reason: 'Patient chose another centre' }) })).status).toBe(202);
+      expect((await api(`/referrals/${sent.id}/cancel`, { method: 'POST', body: JSON.stringify({ reason: 'Patient chose another centre' }) })).status).toBe(
+        202
+      );
       const doc = { kind: 'pathology-report', title: 'Late addendum', contentType: 'text/plain', data: Buffer.from('addendum').toString('base64') };
       const res = await api(`/referrals/${sent.id}/documents`, { method: 'POST', body: JSON.stringify({ documents: [doc] }) });
       expect(res.status).toBe(409);
@@ -118,7 +128,9 @@ describe('contract slips and centre content', () => {
       body: JSON.stringify({
         ...task,
         status: 'completed',
-        output: [{ type: { text: 'opinion report' }, valueAttachment: { contentType: 'text/plain', data: Buffer.from('Agree with the plan.').toString('base64') } }],
+        output: [
+          { type: { text: 'opinion report' }, valueAttachment: { contentType: 'text/plain', data: Buffer.from('Agree with the plan.').toString('base64') } },
+        ],
       }),
     });
     await gw.poller.pollOnce();
@@ -138,27 +150,33 @@ describe('callback URLs that embed an IPv4 address in IPv6 (private networks ref
   });
   afterAll(() => gw.stop());
 
-  test.each(['http://[::127.0.0.1]:9000/hooks', 'http://[::ffff:0:127.0.0.1]/hooks', 'http://[64:ff9b::169.254.169.254]/latest', 'http://[2002:a00:1::]/hooks'])(
-    '%s is refused at submission, naming callbackUrl',
-    async (callbackUrl) => {
-      const res = await fetch(`${gw.url}/referrals`, {
-        method: 'POST',
-        headers: { Authorization: `Bearer ${KEY_A}`, 'Content-Type': 'application/json' },
-        body: JSON.stringify({ ...fixture(), callbackUrl }),
-      });
-      expect(res.status).toBe(422);
-      const oo = (await res.json()) as any;
-      expect(oo.issue[0].expression).toEqual(['callbackUrl']);
-      expect(oo.issue[0].details.text).toMatch(/non-public address/);
-    }
-  );
+  test.each([
+    'http://[::127.0.0.1]:9000/hooks',
+    'http://[::ffff:0:127.0.0.1]/hooks',
+    'http://[64:ff9b::169.254.169.254]/latest',
+    'http://[2002:a00:1::]/hooks',
+  ])('%s is refused at submission, naming callbackUrl', async (callbackUrl) => {
+    const res = await fetch(`${gw.url}/referrals`, {
+      method: 'POST',
+      headers: { Authorization: `Bearer ${KEY_A}`, 'Content-Type': 'application/json' },
+      body: JSON.stringify({ ...fixture(), callbackUrl }),
+    });
+    expect(res.status).toBe(422);
+    const oo = (await res.json()) as any;
+    expect(oo.issue[0].expression).toEqual(['callbackUrl']);
+    expect(oo.issue[0].details.text).toMatch(/non-public address/);
+  });
 });
 
 describe('patient identifier systems per client (CLIENT_IDENTIFIER_SYSTEMS)', () => {
   let gw: Gateway;
   const CITY_SYSTEM = 'urn:oid:2.16.840.1.113883.19.5';
   const submit = (key: string, body: unknown): Promise<Response> =>
-    fetch(`${gw.url}/referrals`, { method: 'POST', headers: { Authorization: `Bearer ${key}`, 'Content-Type': 'application/json' }, body: JSON.stringify(body) });
+    fetch(`${gw.url}/referrals`, {
+      method: 'POST',
+      headers: { Authorization: `Bearer ${key}`, 'Content-Type': 'application/json' },
+      body: JSON.stringify(body),
+    });
   beforeAll(async () => {
     gw = await startGateway({ CLIENT_IDENTIFIER_SYSTEMS: `city-hospital=${CITY_SYSTEM};other-clinic=https://other-clinic.example.org/mrn` });
   });

@@ -27,8 +27,6 @@ const KEY = 'crash-test-key-0001';
 
 jest.setTimeout(60_000);
 
-
-
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 describe('SIGKILL during delivery', () => {
@@ -103,7 +101,11 @@ describe('SIGKILL during delivery', () => {
     const body = JSON.stringify({ ...fixture(), externalId: `EHR-CRASH-${i}` });
     for (;;) {
       try {
-        const res = await fetch(`${gatewayUrl}/referrals`, { method: 'POST', headers: { Authorization: `Bearer ${KEY}`, 'Content-Type': 'application/json' }, body });
+        const res = await fetch(`${gatewayUrl}/referrals`, {
+          method: 'POST',
+          headers: { Authorization: `Bearer ${KEY}`, 'Content-Type': 'application/json' },
+          body,
+        });
         if (res.status === 202 || res.status === 200) return ((await res.json()) as { id: string }).id;
       } catch {
         // killed in between: try again

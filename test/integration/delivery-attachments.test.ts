@@ -96,7 +96,7 @@ describe('large documents travel as Binary resources in the same transaction', (
     expect(binaries[0].data).toBe(LARGE_B64);
     expect(binaries[0].contentType).toBe('application/pdf');
     expect(v.fhir.documents).toHaveLength(3);
-    const doc = await (await fetch(`${sandbox.url}/${v.fhir.documents[2]}`)).json() as DocumentReference;
+    const doc = (await (await fetch(`${sandbox.url}/${v.fhir.documents[2]}`)).json()) as DocumentReference;
     const att = doc.content[0].attachment;
     expect(att.url).toBe(`Binary/${binaries[0].id}`);
     expect(att.data).toBeUndefined();
@@ -158,7 +158,9 @@ describe("binaryMode 'conditional-create' (servers without client-assigned ids)"
   test('the Binary is a conditional create on its tag and the attachment points at its urn:uuid', async () => {
     let sent: Bundle | undefined;
     // The patient check's search before the transaction (src/delivery/patient-match.ts): no Patient there yet.
-    nock(CENTRE).get(/^\/fhir\/Patient\?/).reply(200, { resourceType: 'Bundle', type: 'searchset', total: 0, entry: [] });
+    nock(CENTRE)
+      .get(/^\/fhir\/Patient\?/)
+      .reply(200, { resourceType: 'Bundle', type: 'searchset', total: 0, entry: [] });
     const scope = nock(CENTRE)
       .post('/fhir', (b: Bundle) => {
         sent = b;

@@ -41,7 +41,11 @@ describe('cancel and added documents against the built-in sandbox', () => {
     const taskUrl = `${fhirBase}/${v.fhir.task}`;
     const task = (await (await fetch(taskUrl)).json()) as Task;
     // The centre starts work; the gateway has not polled yet, so it still sees "sent" and accepts the cancel.
-    const put = await fetch(taskUrl, { method: 'PUT', headers: { 'Content-Type': 'application/fhir+json' }, body: JSON.stringify({ ...task, status: 'in-progress' }) });
+    const put = await fetch(taskUrl, {
+      method: 'PUT',
+      headers: { 'Content-Type': 'application/fhir+json' },
+      body: JSON.stringify({ ...task, status: 'in-progress' }),
+    });
     expect(put.ok).toBe(true);
     expect((await api(gw, `/referrals/${v.id}/cancel`, { method: 'POST', body: JSON.stringify({ reason: 'Patient moved away' }) })).status).toBe(202);
 
@@ -61,7 +65,9 @@ describe('cancel and added documents against the built-in sandbox', () => {
     const { body } = await api(gw, '/referrals', { method: 'POST', body: JSON.stringify({ ...fixture(), externalId: 'EHR-DOCS-EARLY' }) });
     const added = await api(gw, `/referrals/${body.id}/documents`, {
       method: 'POST',
-      body: JSON.stringify({ documents: [{ kind: 'genomic-report', title: 'NGS panel', contentType: 'text/plain', data: Buffer.from('BRCA2 negative').toString('base64') }] }),
+      body: JSON.stringify({
+        documents: [{ kind: 'genomic-report', title: 'NGS panel', contentType: 'text/plain', data: Buffer.from('BRCA2 negative').toString('base64') }],
+      }),
     });
     expect(added.status).toBe(202);
     const v = await eventually(async () => {
@@ -95,7 +101,9 @@ describe('cancel with If-Match against a centre that changes the Task in between
 
   test('a 412 on the Task re-reads and writes again; the ServiceRequest is revoked; the referral is cancelled', async () => {
     // The patient check's search before the transaction (src/delivery/patient-match.ts): no Patient there yet.
-    nock(CENTRE).get(/^\/fhir\/R4\/Patient\?/).reply(200, { resourceType: 'Bundle', type: 'searchset', total: 0, entry: [] });
+    nock(CENTRE)
+      .get(/^\/fhir\/R4\/Patient\?/)
+      .reply(200, { resourceType: 'Bundle', type: 'searchset', total: 0, entry: [] });
     nock(CENTRE)
       .post('/fhir/R4')
       .reply(200, (_uri: string, raw: nock.Body) => {
@@ -133,7 +141,14 @@ describe('cancel with If-Match against a centre that changes the Task in between
         return [200, { ...json(body), meta: { versionId: '3' } }];
       })
       .get('/fhir/R4/ServiceRequest/sr1')
-      .reply(200, { resourceType: 'ServiceRequest', id: 'sr1', meta: { versionId: '4' }, status: 'active', intent: 'order', subject: { reference: 'Patient/p' } })
+      .reply(200, {
+        resourceType: 'ServiceRequest',
+        id: 'sr1',
+        meta: { versionId: '4' },
+        status: 'active',
+        intent: 'order',
+        subject: { reference: 'Patient/p' },
+      })
       .put('/fhir/R4/ServiceRequest/sr1')
       .reply(function (_uri, body) {
         puts.push({ ifMatch: String(this.req.headers['if-match']), body: json(body) });

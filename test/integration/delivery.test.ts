@@ -55,7 +55,10 @@ const EMPTY_SEARCH: Bundle = { resourceType: 'Bundle', type: 'searchset', total:
  * Patient with the referral's identifier yet.
  */
 function noPatientYet(): void {
-  nock(CENTRE).persist().get(/^\/fhir\/R4\/Patient\?/).reply(200, EMPTY_SEARCH);
+  nock(CENTRE)
+    .persist()
+    .get(/^\/fhir\/R4\/Patient\?/)
+    .reply(200, EMPTY_SEARCH);
 }
 
 describe('delivery failure paths against a fake destination (nock)', () => {
@@ -65,7 +68,13 @@ describe('delivery failure paths against a fake destination (nock)', () => {
 
   beforeAll(async () => {
     allowOnlyLoopback();
-    gw = await startGateway({ FHIR_BASE_URL: BASE, FHIR_VERIFY_DELIVERY: 'false', FHIR_TIMEOUT_MS: '300', DELIVERY_BASE_DELAY_MS: '20', DELIVERY_MAX_DELAY_MS: '200' });
+    gw = await startGateway({
+      FHIR_BASE_URL: BASE,
+      FHIR_VERIFY_DELIVERY: 'false',
+      FHIR_TIMEOUT_MS: '300',
+      DELIVERY_BASE_DELAY_MS: '20',
+      DELIVERY_MAX_DELAY_MS: '200',
+    });
   });
   beforeEach(() => {
     searches = [];
@@ -187,7 +196,9 @@ describe('delivery failure paths against a fake destination (nock)', () => {
       resourceType: 'OperationOutcome',
       issue: [{ severity: 'error', code: 'business-rule', details: { text: 'Referrals to this service need a pathology report' } }],
     };
-    nock(CENTRE).post(/^\/fhir\/R4\/?$/).reply(400, refusal, { 'Content-Type': 'application/fhir+json' });
+    nock(CENTRE)
+      .post(/^\/fhir\/R4\/?$/)
+      .reply(400, refusal, { 'Content-Type': 'application/fhir+json' });
     const id = await submit(gw, 'EHR-400');
     const v = await eventually(async () => ((await view(gw, id)).status === 'delivery-failed' ? view(gw, id) : undefined));
     expect(v.delivery.lastError).toContain('Referrals to this service need a pathology report');
@@ -197,7 +208,9 @@ describe('delivery failure paths against a fake destination (nock)', () => {
     const failed: any = await (await fetch(`${gw.url}/admin/deliveries?state=failed`, { headers: { Authorization: `Bearer ${ADMIN_KEY}` } })).json();
     expect(failed.items.map((i: any) => i.referralId)).toContain(id);
 
-    const scope = nock(CENTRE).post(/^\/fhir\/R4\/?$/).reply(200, (_uri: string, body: nock.Body) => transactionResponse(body as unknown as Bundle));
+    const scope = nock(CENTRE)
+      .post(/^\/fhir\/R4\/?$/)
+      .reply(200, (_uri: string, body: nock.Body) => transactionResponse(body as unknown as Bundle));
     const retry = await fetch(`${gw.url}/admin/deliveries/${id}/retry`, { method: 'POST', headers: { Authorization: `Bearer ${ADMIN_KEY}` } });
     expect(retry.status).toBe(202);
     gw.worker.wake();
@@ -213,7 +226,10 @@ describe('the backlog an operator watches at /metrics (nock)', () => {
   beforeAll(async () => {
     allowOnlyLoopback();
     gw = await startGateway({ FHIR_BASE_URL: BASE, FHIR_VERIFY_DELIVERY: 'false', DELIVERY_BASE_DELAY_MS: '2000', DELIVERY_MAX_DELAY_MS: '4000' });
-    nock(CENTRE).persist().get(/^\/fhir\/R4\/Task\?/).reply(200, EMPTY_SEARCH);
+    nock(CENTRE)
+      .persist()
+      .get(/^\/fhir\/R4\/Task\?/)
+      .reply(200, EMPTY_SEARCH);
     noPatientYet();
   });
   afterAll(async () => {
@@ -227,16 +243,22 @@ describe('the backlog an operator watches at /metrics (nock)', () => {
   };
 
   test('pending and dead-lettered deliveries, the oldest pending age, referrals by status, circuit state and delivery latency', async () => {
-    const ok = nock(CENTRE).post(/^\/fhir\/R4\/?$/).reply(200, (_uri: string, body: nock.Body) => transactionResponse(body as unknown as Bundle));
+    const ok = nock(CENTRE)
+      .post(/^\/fhir\/R4\/?$/)
+      .reply(200, (_uri: string, body: nock.Body) => transactionResponse(body as unknown as Bundle));
     const sent = await submit(gw, 'EHR-METRICS-OK');
     await eventually(async () => (await view(gw, sent)).status === 'sent');
     expect(ok.isDone()).toBe(true);
 
-    nock(CENTRE).post(/^\/fhir\/R4\/?$/).reply(400, { resourceType: 'OperationOutcome', issue: [{ severity: 'error', code: 'invalid' }] });
+    nock(CENTRE)
+      .post(/^\/fhir\/R4\/?$/)
+      .reply(400, { resourceType: 'OperationOutcome', issue: [{ severity: 'error', code: 'invalid' }] });
     const refused = await submit(gw, 'EHR-METRICS-400');
     await eventually(async () => (await view(gw, refused)).status === 'delivery-failed');
 
-    nock(CENTRE).post(/^\/fhir\/R4\/?$/).reply(503, 'busy');
+    nock(CENTRE)
+      .post(/^\/fhir\/R4\/?$/)
+      .reply(503, 'busy');
     const waiting = await submit(gw, 'EHR-METRICS-503');
     await eventually(async () => (await view(gw, waiting)).delivery.attempts === 1);
 
@@ -257,8 +279,17 @@ describe('retries run out (nock)', () => {
 
   beforeAll(async () => {
     allowOnlyLoopback();
-    gw = await startGateway({ FHIR_BASE_URL: BASE, FHIR_VERIFY_DELIVERY: 'false', DELIVERY_MAX_ATTEMPTS: '3', DELIVERY_BASE_DELAY_MS: '10', DELIVERY_MAX_DELAY_MS: '20' });
-    nock(CENTRE).persist().get(/^\/fhir\/R4\/Task\?/).reply(200, EMPTY_SEARCH);
+    gw = await startGateway({
+      FHIR_BASE_URL: BASE,
+      FHIR_VERIFY_DELIVERY: 'false',
+      DELIVERY_MAX_ATTEMPTS: '3',
+      DELIVERY_BASE_DELAY_MS: '10',
+      DELIVERY_MAX_DELAY_MS: '20',
+    });
+    nock(CENTRE)
+      .persist()
+      .get(/^\/fhir\/R4\/Task\?/)
+      .reply(200, EMPTY_SEARCH);
     noPatientYet();
   });
   afterAll(async () => {
@@ -292,8 +323,18 @@ describe('retries run out by age (DELIVERY_MAX_AGE_MS)', () => {
 
   beforeAll(async () => {
     allowOnlyLoopback();
-    gw = await startGateway({ FHIR_BASE_URL: BASE, FHIR_VERIFY_DELIVERY: 'false', DELIVERY_MAX_AGE_MS: '1500', DELIVERY_MAX_ATTEMPTS: '1000', DELIVERY_BASE_DELAY_MS: '50', DELIVERY_MAX_DELAY_MS: '200' });
-    nock(CENTRE).persist().get(/^\/fhir\/R4\/Task\?/).reply(200, EMPTY_SEARCH);
+    gw = await startGateway({
+      FHIR_BASE_URL: BASE,
+      FHIR_VERIFY_DELIVERY: 'false',
+      DELIVERY_MAX_AGE_MS: '1500',
+      DELIVERY_MAX_ATTEMPTS: '1000',
+      DELIVERY_BASE_DELAY_MS: '50',
+      DELIVERY_MAX_DELAY_MS: '200',
+    });
+    nock(CENTRE)
+      .persist()
+      .get(/^\/fhir\/R4\/Task\?/)
+      .reply(200, EMPTY_SEARCH);
     noPatientYet();
   });
   afterAll(async () => {
@@ -302,7 +343,10 @@ describe('retries run out by age (DELIVERY_MAX_AGE_MS)', () => {
   });
 
   test('a centre that stays down past the age limit makes the referral delivery-failed, saying so', async () => {
-    const down = nock(CENTRE).persist().post(/^\/fhir\/R4\/?$/).reply(503, 'down for maintenance');
+    const down = nock(CENTRE)
+      .persist()
+      .post(/^\/fhir\/R4\/?$/)
+      .reply(503, 'down for maintenance');
     const started = Date.now();
     const id = await submit(gw, 'EHR-TOO-OLD');
     const v = await eventually(async () => ((await view(gw, id)).status === 'delivery-failed' ? view(gw, id) : undefined), 10_000);
@@ -379,7 +423,10 @@ describe('the per-destination circuit breaker (nock)', () => {
       { DESTINATIONS_FILE: file, DELIVERY_CONCURRENCY: '1', DELIVERY_BASE_DELAY_MS: '10', DELIVERY_MAX_DELAY_MS: '30', DELIVERY_MAX_ATTEMPTS: '50' },
       { deliveryIdleMs: 50 }
     );
-    nock(CENTRE).persist().get(/^\/fhir\/R4\/Task\?/).reply(200, EMPTY_SEARCH);
+    nock(CENTRE)
+      .persist()
+      .get(/^\/fhir\/R4\/Task\?/)
+      .reply(200, EMPTY_SEARCH);
     noPatientYet();
     nock(CENTRE)
       .persist()
@@ -417,10 +464,14 @@ describe('the per-destination circuit breaker (nock)', () => {
 
     // The centre recovers; the next probe (800 ms after the first) succeeds and closes the circuit.
     healthy = true;
-    const sent = await eventually(async () => {
-      const views = await Promise.all(ids.map((id) => view(gw, id)));
-      return views.every((v) => v.status === 'sent') ? views : undefined;
-    }, 10_000, 20);
+    const sent = await eventually(
+      async () => {
+        const views = await Promise.all(ids.map((id) => view(gw, id)));
+        return views.every((v) => v.status === 'sent') ? views : undefined;
+      },
+      10_000,
+      20
+    );
     expect(breaker.currentState).toBe('closed');
     const secondProbe = posts[4];
     expect(secondProbe.status).toBe(200);

@@ -69,7 +69,10 @@ function check(r: DoctorReport, id: string): DoctorReport['checks'][number] {
 }
 
 function failing(r: DoctorReport): string[] {
-  return r.checks.filter((c) => c.status === 'fail').map((c) => c.id).sort();
+  return r.checks
+    .filter((c) => c.status === 'fail')
+    .map((c) => c.id)
+    .sort();
 }
 
 describe('doctor against the sandbox profiles', () => {
@@ -177,7 +180,13 @@ describe('doctor against the sandbox profiles', () => {
     await once(server, 'listening');
     try {
       const tokenUrl = `http://127.0.0.1:${(server.address() as AddressInfo).port}/token`;
-      const auth = { type: 'client-credentials' as const, tokenUrl, clientIdEnv: 'DOC_CLIENT_ID', clientSecretEnv: 'DOC_CLIENT_SECRET', scope: 'system/Patient.cu system/Task.cruds system/Binary.c' };
+      const auth = {
+        type: 'client-credentials' as const,
+        tokenUrl,
+        clientIdEnv: 'DOC_CLIENT_ID',
+        clientSecretEnv: 'DOC_CLIENT_SECRET',
+        scope: 'system/Patient.cu system/Task.cruds system/Binary.c',
+      };
       const { report } = await doctor('default', { auth }, undefined, false, { env: { DOC_CLIENT_ID: 'gateway', DOC_CLIENT_SECRET: 'secret-0003' } });
       const line = check(report, 'auth');
       expect(line.status).toBe('warn');
@@ -213,7 +222,12 @@ describe('each medplum trait switched off changes exactly its line to ok', () =>
   const baselines = new Map<string, Promise<DoctorReport>>();
   const baseline = (traits: string | undefined, settings: Partial<Destination>): Promise<DoctorReport> => {
     const key = `${traits ?? ''}|${JSON.stringify(settings)}`;
-    if (!baselines.has(key)) baselines.set(key, doctor('medplum', settings, traits).then((r) => r.report));
+    if (!baselines.has(key)) {
+      baselines.set(
+        key,
+        doctor('medplum', settings, traits).then((r) => r.report)
+      );
+    }
     return baselines.get(key) as Promise<DoctorReport>;
   };
 
@@ -223,7 +237,9 @@ describe('each medplum trait switched off changes exactly its line to ok', () =>
     const expected = typeof lines === 'function' ? lines() : lines;
     const a = statuses(before);
     const b = statuses(after);
-    const changed = Object.keys(a).filter((id) => a[id] !== b[id]).sort();
+    const changed = Object.keys(a)
+      .filter((id) => a[id] !== b[id])
+      .sort();
     expect(changed).toEqual([...expected].sort());
     for (const id of expected) {
       expect(a[id]).not.toBe('ok');
@@ -235,7 +251,14 @@ describe('each medplum trait switched off changes exactly its line to ok', () =>
 describe('doctor CLI', () => {
   const env = (extra: Record<string, string>): NodeJS.ProcessEnv => {
     const clean = Object.fromEntries(Object.entries(process.env).filter(([k]) => !/^(FHIR_|SANDBOX_|DESTINATIONS_FILE$|API_KEYS$|ADMIN_API_KEY$)/.test(k)));
-    return { ...clean, PATH: `${dirname(process.execPath)}:${process.env.PATH ?? ''}`, NODE_ENV: 'test', LOG_LEVEL: 'error', DESTINATIONS_FILE: 'test/does-not-exist.json', ...extra };
+    return {
+      ...clean,
+      PATH: `${dirname(process.execPath)}:${process.env.PATH ?? ''}`,
+      NODE_ENV: 'test',
+      LOG_LEVEL: 'error',
+      DESTINATIONS_FILE: 'test/does-not-exist.json',
+      ...extra,
+    };
   };
   const run = (args: string[], extra: Record<string, string>): Promise<{ code: number | null; stdout: string; stderr: string }> =>
     new Promise((resolve, reject) => {

@@ -35,11 +35,16 @@ function serialise(v: Tree): string {
   if (v instanceof Raw) return v.text;
   if (v instanceof Pairs) return `{${v.pairs.map(([k, x]) => `${JSON.stringify(k)}:${serialise(x)}`).join(',')}}`;
   if (Array.isArray(v)) return `[${v.map(serialise).join(',')}]`;
-  if (v !== null && typeof v === 'object') return `{${Object.keys(v).map((k) => `${JSON.stringify(k)}:${serialise(v[k])}`).join(',')}}`;
+  if (v !== null && typeof v === 'object') {
+    return `{${Object.keys(v)
+      .map((k) => `${JSON.stringify(k)}:${serialise(v[k])}`)
+      .join(',')}}`;
+  }
   return JSON.stringify(v);
 }
 
-const isObject = (v: Tree | undefined): v is { [k: string]: Tree } => v !== null && typeof v === 'object' && !Array.isArray(v) && !(v instanceof Raw) && !(v instanceof Pairs);
+const isObject = (v: Tree | undefined): v is { [k: string]: Tree } =>
+  v !== null && typeof v === 'object' && !Array.isArray(v) && !(v instanceof Raw) && !(v instanceof Pairs);
 
 /** Every path in the tree, containers included (the root is `[]`); Raw and Pairs are leaves. */
 function treePaths(v: Tree, path: Array<string | number> = []): Array<Array<string | number>> {
@@ -138,7 +143,23 @@ function mutate(r: Rand, tree: Tree, sample: Tree): [Tree, string] {
   const paths = treePaths(tree);
   const path = pick(r, paths.length > 1 ? paths.slice(1) : paths);
   const at = path.join('.') || '$';
-  const kind = pick(r, ['nest', 'nest', 'nest', 'array', 'type', 'type', 'unicode', 'unicode', 'dup', 'number', 'proto', 'long', 'repeat', 'remove', 'self'] as const);
+  const kind = pick(r, [
+    'nest',
+    'nest',
+    'nest',
+    'array',
+    'type',
+    'type',
+    'unicode',
+    'unicode',
+    'dup',
+    'number',
+    'proto',
+    'long',
+    'repeat',
+    'remove',
+    'self',
+  ] as const);
   switch (kind) {
     case 'nest': {
       const depth = pick(r, [63, 64, 65, 100, 1000, 5000, 20_000]);
@@ -238,7 +259,11 @@ function damage(r: Rand, c: Case): Case {
       const at = m ? m.index + 1 : int(r, 0, t.length);
       const buf = Buffer.from(t, 'utf8');
       const byteAt = Buffer.byteLength(t.slice(0, at), 'utf8');
-      return { ...c, bytes: Buffer.concat([buf.subarray(0, byteAt), bad, buf.subarray(byteAt)]), what: `${c.what}; invalid UTF-8 ${bad.toString('hex')} at ${at}` };
+      return {
+        ...c,
+        bytes: Buffer.concat([buf.subarray(0, byteAt), bad, buf.subarray(byteAt)]),
+        what: `${c.what}; invalid UTF-8 ${bad.toString('hex')} at ${at}`,
+      };
     }
     case 'bom':
       return { ...c, text: `\ufeff${t}`, what: `${c.what}; byte order mark` };
@@ -279,9 +304,22 @@ function* cases(seed: number, n: number, sample: Tree): Generator<Case> {
       tree = next;
       what.push(did);
     }
-    const endpoint = pick(r, ['referrals', 'referrals', 'referrals', 'referrals', 'referrals', 'referrals', 'referrals', 'referrals', 'documents', 'cancel'] as const);
+    const endpoint = pick(r, [
+      'referrals',
+      'referrals',
+      'referrals',
+      'referrals',
+      'referrals',
+      'referrals',
+      'referrals',
+      'referrals',
+      'documents',
+      'cancel',
+    ] as const);
     let body: Tree = tree;
-    if (endpoint === 'documents') body = r() < 0.5 ? ((tree as { [k: string]: Tree }).documents ?? tree) : { documents: (tree as { [k: string]: Tree }).documents ?? null };
+    if (endpoint === 'documents') {
+      body = r() < 0.5 ? ((tree as { [k: string]: Tree }).documents ?? tree) : { documents: (tree as { [k: string]: Tree }).documents ?? null };
+    }
     if (endpoint === 'cancel') body = r() < 0.5 ? { reason: (tree as { [k: string]: Tree }).reasonText ?? pick(r, ODD_STRINGS) } : tree;
     let c: Case = { what: `#${i} ${endpoint}: ${what.join('; ')}`, text: serialise(body), endpoint };
     if (r() < 0.2) c = damage(r, c);

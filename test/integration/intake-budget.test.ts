@@ -74,7 +74,11 @@ describe('the intake budget (MAX_INTAKE_BYTES_IN_FLIGHT)', () => {
       const res = await fetch(`${g2.url}/referrals`, {
         method: 'POST',
         headers: { Authorization: `Bearer ${KEY_A}`, 'Content-Type': 'application/json' },
-        body: JSON.stringify({ ...fixture(), externalId: 'EHR-BUDGET-ALONE', documents: [{ kind: 'pathology-report', title: 'Scan', contentType: 'application/pdf', data: Buffer.alloc(1_200_000, 1).toString('base64') }] }),
+        body: JSON.stringify({
+          ...fixture(),
+          externalId: 'EHR-BUDGET-ALONE',
+          documents: [{ kind: 'pathology-report', title: 'Scan', contentType: 'application/pdf', data: Buffer.alloc(1_200_000, 1).toString('base64') }],
+        }),
       });
       expect(res.status).toBe(202);
     } finally {

@@ -153,12 +153,17 @@ describe('JSON bodies: depth, duplicate keys, Unicode, charset', () => {
   });
 
   test('only UTF-8: bytes that are not UTF-8 answer 400, another charset 415, an unknown Content-Encoding 415', async () => {
-    const bytes = Buffer.from(JSON.stringify({ ...fixture(), externalId: 'EHR-LATIN1', patient: { ...fixture().patient, name: { given: ['Zoë'], family: 'Müller' } } }), 'latin1');
+    const bytes = Buffer.from(
+      JSON.stringify({ ...fixture(), externalId: 'EHR-LATIN1', patient: { ...fixture().patient, name: { given: ['Zoë'], family: 'Müller' } } }),
+      'latin1'
+    );
     const res = await submit(gw, bytes);
     expect(res.status).toBe(400);
     expect(texts((await res.json()) as Outcome)).toMatch(/not valid UTF-8/);
 
-    const utf16 = await submit(gw, Buffer.from(JSON.stringify({ ...fixture(), externalId: 'EHR-UTF16' }), 'utf16le'), { 'Content-Type': 'application/json; charset=utf-16le' });
+    const utf16 = await submit(gw, Buffer.from(JSON.stringify({ ...fixture(), externalId: 'EHR-UTF16' }), 'utf16le'), {
+      'Content-Type': 'application/json; charset=utf-16le',
+    });
     expect(utf16.status).toBe(415);
     expect(((await utf16.json()) as Outcome).resourceType).toBe('OperationOutcome');
 
@@ -175,7 +180,12 @@ describe('compressed bodies and declared lengths', () => {
   let gw: Gateway;
   beforeAll(async () => {
     // The share is the whole budget here: this is about what a body costs, not about fairness.
-    gw = await startGateway({ MAX_BODY_BYTES: String(1_000_000), MAX_INTAKE_BYTES_IN_FLIGHT: String(2_000_000), INTAKE_WAIT_MS: '300', INTAKE_CLIENT_SHARE: '1' });
+    gw = await startGateway({
+      MAX_BODY_BYTES: String(1_000_000),
+      MAX_INTAKE_BYTES_IN_FLIGHT: String(2_000_000),
+      INTAKE_WAIT_MS: '300',
+      INTAKE_CLIENT_SHARE: '1',
+    });
   });
   afterAll(async () => {
     await gw.stop();
@@ -186,7 +196,10 @@ describe('compressed bodies and declared lengths', () => {
 
   test('a 15 KB gzip body that inflates past MAX_BODY_BYTES answers 413 before the client has sent it all', async () => {
     expect(bomb.length).toBeLessThan(20_000);
-    const c = await raw(gw, head(gw, { Authorization: `Bearer ${KEY_A}`, 'Content-Type': 'application/json', 'Content-Encoding': 'gzip', 'Content-Length': bomb.length }));
+    const c = await raw(
+      gw,
+      head(gw, { Authorization: `Bearer ${KEY_A}`, 'Content-Type': 'application/json', 'Content-Encoding': 'gzip', 'Content-Length': bomb.length })
+    );
     // A third of it inflates to about 5 MB: the service must stop there, not wait for (and inflate) the rest.
     c.socket.write(bomb.subarray(0, Math.floor(bomb.length / 3)));
     try {
@@ -203,7 +216,10 @@ describe('compressed bodies and declared lengths', () => {
   test('gzip bodies are budgeted at MAX_BODY_BYTES, not at their compressed length; a valid gzip referral is accepted', async () => {
     const partial = gzipSync(Buffer.from(JSON.stringify({ ...fixture(), externalId: 'EHR-GZ-SLOW' })));
     const slow = async (): Promise<Raw> => {
-      const c = await raw(gw, head(gw, { Authorization: `Bearer ${KEY_A}`, 'Content-Type': 'application/json', 'Content-Encoding': 'gzip', 'Content-Length': partial.length }));
+      const c = await raw(
+        gw,
+        head(gw, { Authorization: `Bearer ${KEY_A}`, 'Content-Type': 'application/json', 'Content-Encoding': 'gzip', 'Content-Length': partial.length })
+      );
       c.socket.write(partial.subarray(0, 10)); // the gzip header, then nothing
       return c;
     };
@@ -233,7 +249,9 @@ describe('compressed bodies and declared lengths', () => {
     const holders: Raw[] = [];
     try {
       for (let i = 0; i < 2; i++) {
-        holders.push(await raw(gw, head(gw, { Authorization: `Bearer ${KEY_B}`, 'Content-Type': 'application/json', 'Content-Length': 1_000_000 }) + '{"externalId":'));
+        holders.push(
+          await raw(gw, head(gw, { Authorization: `Bearer ${KEY_B}`, 'Content-Type': 'application/json', 'Content-Length': 1_000_000 }) + '{"externalId":')
+        );
       }
       await eventually(async () => (await inFlight(gw)) === 2_000_000, 3000);
 

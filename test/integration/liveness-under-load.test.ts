@@ -60,7 +60,12 @@ describe('liveness under a submission flood', () => {
     const sample = fixture();
     delete sample.callbackUrl;
     const submit = (pool: Pool, externalId: string) =>
-      pool.request({ method: 'POST', path: '/referrals', headers: { 'content-type': 'application/json', authorization: `Bearer ${KEY}` }, body: JSON.stringify({ ...sample, externalId }) });
+      pool.request({
+        method: 'POST',
+        path: '/referrals',
+        headers: { 'content-type': 'application/json', authorization: `Bearer ${KEY}` },
+        body: JSON.stringify({ ...sample, externalId }),
+      });
     const pool = new Pool(url, { connections: SUBMITTERS });
     // Warm-up: the first referral loads the FHIR definitions.
     const first = await submit(pool, 'LOAD-warm-up');
@@ -97,7 +102,9 @@ describe('liveness under a submission flood', () => {
 
     const sorted = [...probes].sort((a, b) => a - b);
     const p95 = sorted[Math.floor(0.95 * (sorted.length - 1))];
-    process.stdout.write(`liveness: ${probes.length} probes, p50 ${sorted[Math.floor(sorted.length / 2)].toFixed(1)} ms, p95 ${p95.toFixed(1)} ms, max ${sorted[sorted.length - 1].toFixed(1)} ms; submissions ${JSON.stringify(Object.fromEntries(statuses))}\n`);
+    process.stdout.write(
+      `liveness: ${probes.length} probes, p50 ${sorted[Math.floor(sorted.length / 2)].toFixed(1)} ms, p95 ${p95.toFixed(1)} ms, max ${sorted[sorted.length - 1].toFixed(1)} ms; submissions ${JSON.stringify(Object.fromEntries(statuses))}\n`
+    );
     // The flood was real: every submission accepted, many of them.
     expect([...statuses.keys()]).toEqual([202]);
     expect(statuses.get(202)).toBeGreaterThan(SUBMITTERS * 2);

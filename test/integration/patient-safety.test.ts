@@ -33,7 +33,11 @@ function body(externalId: string, who: typeof SMITH, extra: Record<string, unkno
 }
 
 async function submit(gw: Gateway, key: string, b: Record<string, unknown>): Promise<string> {
-  const res = await fetch(`${gw.url}/referrals`, { method: 'POST', headers: { Authorization: `Bearer ${key}`, 'Content-Type': 'application/json' }, body: JSON.stringify(b) });
+  const res = await fetch(`${gw.url}/referrals`, {
+    method: 'POST',
+    headers: { Authorization: `Bearer ${key}`, 'Content-Type': 'application/json' },
+    body: JSON.stringify(b),
+  });
   expect(res.status).toBe(202);
   return ((await res.json()) as { id: string }).id;
 }
@@ -106,12 +110,19 @@ describe.each(PROFILES)('on the %s sandbox (destination profile %s, %s transacti
     const binaryRequestsBefore = sandbox.stats.byType.Binary ?? 0;
 
     // b's referral carries a 2 MB scan as well: on a raw-upload profile it would be uploaded before the transaction.
-    const scan = { kind: 'pathology-report', title: 'Slide scan', contentType: 'application/pdf', data: Buffer.alloc(2 * 1024 * 1024, 0x25).toString('base64') };
+    const scan = {
+      kind: 'pathology-report',
+      title: 'Slide scan',
+      contentType: 'application/pdf',
+      data: Buffer.alloc(2 * 1024 * 1024, 0x25).toString('base64'),
+    };
     const bBody = body('B-1', JONES);
     const bId = await submit(gw, KEY_B, { ...bBody, documents: [...(bBody.documents as unknown[]), scan] });
     const b = await settled(gw, bId);
     expect(b.status).toBe('delivery-failed');
-    expect(b.statusReason).toBe("the centre's Patient with this identifier has a different birth date, sex and family name; check the identifier (or set patientMismatch: new-patient)");
+    expect(b.statusReason).toBe(
+      "the centre's Patient with this identifier has a different birth date, sex and family name; check the identifier (or set patientMismatch: new-patient)"
+    );
     expect(b.fhir?.serviceRequest).toBeUndefined();
     // A permanent failure: one attempt, the entry dead-lettered (an operator re-queues it).
     const [entry] = await gw.store.outboxFor(bId);
@@ -166,7 +177,9 @@ describe.each(PROFILES)('on the %s sandbox (destination profile %s, %s transacti
     const bPatient = (await search<Patient>(sandbox, `Patient?_id=${bPatientId}`))[0];
     expect(bPatient).toMatchObject({ birthDate: JONES.birthDate, gender: JONES.gender, name: [{ family: JONES.name.family }] });
     // The sender's identifier stays readable, scoped to the sender.
-    expect(bPatient.identifier).toEqual([expect.objectContaining({ system: 'https://referral-gateway.dev/fhir/sid/client/other-clinic/patient', value: `${SYSTEM} ${MRN}` })]);
+    expect(bPatient.identifier).toEqual([
+      expect.objectContaining({ system: 'https://referral-gateway.dev/fhir/sid/client/other-clinic/patient', value: `${SYSTEM} ${MRN}` }),
+    ]);
     const bRequest = await search<ServiceRequest>(sandbox, `ServiceRequest?subject=Patient/${bPatientId}`);
     expect(bRequest).toHaveLength(1);
 
@@ -194,7 +207,12 @@ describe('the comparison rules', () => {
 
   test('a value missing on either side, or sex unknown, is not a difference', () => {
     expect(demographicDifferences(p({}), p({ birthDate: '1970-01-01', gender: 'female', name: [{ family: 'Smith' }] }))).toEqual([]);
-    expect(demographicDifferences(p({ birthDate: '1970-01-01', gender: 'unknown', name: [{ given: ['A'] }] }), p({ birthDate: '1970-01-01', gender: 'male', name: [{ family: 'Smith' }] }))).toEqual([]);
+    expect(
+      demographicDifferences(
+        p({ birthDate: '1970-01-01', gender: 'unknown', name: [{ given: ['A'] }] }),
+        p({ birthDate: '1970-01-01', gender: 'male', name: [{ family: 'Smith' }] })
+      )
+    ).toEqual([]);
   });
 
   test('birth dates agree at the precision both have', () => {
@@ -207,7 +225,17 @@ describe('the comparison rules', () => {
     expect(normaliseName("O'Brien-Müller")).toBe(normaliseName('obrien muller'));
     expect(normaliseName('Straße')).toBe(normaliseName('STRASSE'));
     expect(demographicDifferences(p({ name: [{ family: 'García' }] }), p({ name: [{ family: 'GARCIA' }] }))).toEqual([]);
-    expect(demographicDifferences(p({ name: [{ use: 'official', family: 'Jones' }, { use: 'maiden', family: 'Smith' }] }), p({ name: [{ family: 'smith' }] }))).toEqual([]);
+    expect(
+      demographicDifferences(
+        p({
+          name: [
+            { use: 'official', family: 'Jones' },
+            { use: 'maiden', family: 'Smith' },
+          ],
+        }),
+        p({ name: [{ family: 'smith' }] })
+      )
+    ).toEqual([]);
     expect(demographicDifferences(p({ name: [{ family: 'Smyth' }] }), p({ name: [{ family: 'Smith' }] }))).toEqual(['family']);
   });
 

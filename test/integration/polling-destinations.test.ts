@@ -24,7 +24,14 @@ describe('polling several destinations', () => {
       JSON.stringify({
         destinations: [
           { id: 'fast-centre', name: 'Fast', organization: org('fast'), baseUrl: sandbox.url, pollCron: '*/5 * * * * *' },
-          { id: 'slow-centre', name: 'Slow', organization: org('slow'), baseUrl: 'https://slow.example.org/fhir/R4', timeoutMs: 3000, pollCron: '*/7 * * * * *' },
+          {
+            id: 'slow-centre',
+            name: 'Slow',
+            organization: org('slow'),
+            baseUrl: 'https://slow.example.org/fhir/R4',
+            timeoutMs: 3000,
+            pollCron: '*/7 * * * * *',
+          },
         ],
       })
     );
@@ -41,7 +48,10 @@ describe('polling several destinations', () => {
   });
 
   test('a hanging centre does not delay the others, and a failing one is backed off', async () => {
-    const slow = nock('https://slow.example.org').get(/\/fhir\/R4\/Task.*/).delay(2500).reply(503, 'busy');
+    const slow = nock('https://slow.example.org')
+      .get(/\/fhir\/R4\/Task.*/)
+      .delay(2500)
+      .reply(503, 'busy');
     const fast = gw.destinations.get('fast-centre');
     const slowDest = gw.destinations.get('slow-centre');
     if (!fast || !slowDest) throw new Error('destinations expected');

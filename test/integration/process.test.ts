@@ -6,7 +6,11 @@ import { DatabaseSync } from 'node:sqlite';
 import { fixture } from '../helpers/gateway';
 
 /** The service as users run it: `npm start` is `tsx src/index.ts`. */
-function run(env: Record<string, string>): { done: Promise<{ code: number | null; stdout: string; stderr: string }>; child: ReturnType<typeof spawn>; ready: Promise<string> } {
+function run(env: Record<string, string>): {
+  done: Promise<{ code: number | null; stdout: string; stderr: string }>;
+  child: ReturnType<typeof spawn>;
+  ready: Promise<string>;
+} {
   const child = spawn(process.execPath, ['--import', 'tsx', 'src/index.ts'], {
     env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '', DESTINATIONS_FILE: '/nonexistent.json', ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
@@ -21,7 +25,9 @@ function run(env: Record<string, string>): { done: Promise<{ code: number | null
     if (m) resolveReady(m[1]);
   });
   child.stderr?.on('data', (d: Buffer) => (stderr += d.toString()));
-  const done = new Promise<{ code: number | null; stdout: string; stderr: string }>((resolve) => child.on('close', (code) => resolve({ code, stdout, stderr })));
+  const done = new Promise<{ code: number | null; stdout: string; stderr: string }>((resolve) =>
+    child.on('close', (code) => resolve({ code, stdout, stderr }))
+  );
   return { child, done, ready };
 }
 
@@ -42,10 +48,17 @@ describe('the service process', () => {
   });
 
   test('production refuses the development key with one line, before listening', async () => {
-    const { done } = run({ NODE_ENV: 'production', API_KEYS: 'dev:dev-key', FHIR_BASE_URL: 'https://centre.example.org/fhir/R4', WEBHOOK_SECRET: 'x'.repeat(24) });
+    const { done } = run({
+      NODE_ENV: 'production',
+      API_KEYS: 'dev:dev-key',
+      FHIR_BASE_URL: 'https://centre.example.org/fhir/R4',
+      WEBHOOK_SECRET: 'x'.repeat(24),
+    });
     const { code, stdout, stderr } = await done;
     expect(code).toBe(1);
-    expect(stderr.trim().split('\n')).toEqual(['referral-gateway: configuration error: API_KEYS gives client dev the development key, which production refuses']);
+    expect(stderr.trim().split('\n')).toEqual([
+      'referral-gateway: configuration error: API_KEYS gives client dev the development key, which production refuses',
+    ]);
     expect(stdout).not.toMatch(/listening/);
   });
 

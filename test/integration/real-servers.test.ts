@@ -70,7 +70,10 @@ async function settled(gw: Gateway, id: string, timeoutMs = 20_000): Promise<any
 }
 
 async function fhir<T>(base: string, path: string, init: RequestInit = {}): Promise<{ status: number; body: T }> {
-  const res = await fetch(`${base}/${path}`, { ...init, headers: { 'Content-Type': 'application/fhir+json', Accept: 'application/fhir+json', ...(init.headers ?? {}) } });
+  const res = await fetch(`${base}/${path}`, {
+    ...init,
+    headers: { 'Content-Type': 'application/fhir+json', Accept: 'application/fhir+json', ...(init.headers ?? {}) },
+  });
   const text = await res.text();
   return { status: res.status, body: (text ? JSON.parse(text) : undefined) as T };
 }
@@ -81,7 +84,11 @@ async function byIdentifier<T>(base: string, type: string, id: string): Promise<
 }
 
 /** The referral as the centre holds it: one Task and one ServiceRequest, the Task pointing at it, every document with content. */
-async function expectWholeAtCentre(base: string, referralId: string, documents: number): Promise<{ task: Task; sr: ServiceRequest; docs: DocumentReference[] }> {
+async function expectWholeAtCentre(
+  base: string,
+  referralId: string,
+  documents: number
+): Promise<{ task: Task; sr: ServiceRequest; docs: DocumentReference[] }> {
   const tasks = await byIdentifier<Task>(base, 'Task', referralId);
   const srs = await byIdentifier<ServiceRequest>(base, 'ServiceRequest', referralId);
   expect(tasks).toHaveLength(1);
@@ -165,7 +172,10 @@ describe('Medplum: ids are server-assigned UUIDs, no update-as-create, no search
   });
 
   test('handled (binaryMode raw, no client ids): POST Binary with the bytes, its server id recorded, the DocumentReference points at it', async () => {
-    e = await setUp({ profile: 'default', traits: 'uuidIdsOnly,noUpdateAsCreate,noBinarySearch,nonAtomic' }, { binaryMode: 'raw', clientIds: false, maxInlineBytes: 100_000 });
+    e = await setUp(
+      { profile: 'default', traits: 'uuidIdsOnly,noUpdateAsCreate,noBinarySearch,nonAtomic' },
+      { binaryMode: 'raw', clientIds: false, maxInlineBytes: 100_000 }
+    );
     const bytes = pdf(300_000, 5);
     const id = await submit(e.gw, withDocument('RAW-1', bytes));
     expect((await settled(e.gw, id)).status).toBe('sent');
@@ -173,7 +183,9 @@ describe('Medplum: ids are server-assigned UUIDs, no update-as-create, no search
     expect(docs[DOCS].content[0].attachment.url).toMatch(/^Binary\/[0-9a-f-]{36}$/);
     expect((await attachmentBytes(e.sandbox.url, docs[DOCS])).equals(bytes)).toBe(true);
     const rows = await e.gw.store.db.kysely.selectFrom('binary_uploads').selectAll().where('referral_id', '=', id).execute();
-    expect(rows).toEqual([expect.objectContaining({ document_n: DOCS + 1, state: 'done', lost_uploads: 0, binary_id: docs[DOCS].content[0].attachment.url?.split('/')[1] })]);
+    expect(rows).toEqual([
+      expect.objectContaining({ document_n: DOCS + 1, state: 'done', lost_uploads: 0, binary_id: docs[DOCS].content[0].attachment.url?.split('/')[1] }),
+    ]);
   });
 });
 
@@ -277,13 +289,19 @@ describe('a DocumentReference matched by a conditional create but without conten
     expect((await settled(e.gw, id)).status).toBe('delivery-failed');
     // The centre holds the documents; break the first one as Medplum left it (the urn:uuid placeholder of a
     // Binary that was never written).
-    const found = (await fhir<Bundle>(e.sandbox.url, `DocumentReference?identifier=${encodeURIComponent(`https://referral-gateway.dev/fhir/sid/document|${id}/document/1`)}`)).body;
+    const found = (
+      await fhir<Bundle>(e.sandbox.url, `DocumentReference?identifier=${encodeURIComponent(`https://referral-gateway.dev/fhir/sid/document|${id}/document/1`)}`)
+    ).body;
     const doc = found.entry?.[0]?.resource as DocumentReference;
     const broken = { ...doc, content: [{ attachment: { contentType: 'application/pdf', url: 'urn:uuid:0f7d1a52-1111-4000-8000-000000000000' } }] };
     expect((await fhir(e.sandbox.url, `DocumentReference/${doc.id}`, { method: 'PUT', body: JSON.stringify(broken) })).status).toBe(200);
 
     // An operator re-queues; the resend's conditional create matches the broken DocumentReference.
-    const requeue = await fetch(`${e.gw.url}/admin/deliveries/${id}/retry`, { method: 'POST', headers: { Authorization: 'Bearer admin-key-0003', 'Content-Type': 'application/json' }, body: '{}' });
+    const requeue = await fetch(`${e.gw.url}/admin/deliveries/${id}/retry`, {
+      method: 'POST',
+      headers: { Authorization: 'Bearer admin-key-0003', 'Content-Type': 'application/json' },
+      body: '{}',
+    });
     expect(requeue.status).toBe(202);
     const r = await settled(e.gw, id);
     expect(r.status).toBe('sent');
@@ -336,7 +354,11 @@ describe.each([
     const current = (await fhir<Task>(sandbox.url, `Task/${task.id}`)).body;
     const done = await fhir<Task>(sandbox.url, `Task/${task.id}`, {
       method: 'PUT',
-      body: JSON.stringify({ ...current, status: 'completed', output: [{ type: { text: 'opinion' }, valueReference: { reference: `DocumentReference/${opinion.body.id}` } }] }),
+      body: JSON.stringify({
+        ...current,
+        status: 'completed',
+        output: [{ type: { text: 'opinion' }, valueReference: { reference: `DocumentReference/${opinion.body.id}` } }],
+      }),
     });
     expect(done.status).toBe(200);
     await gw.poller.pollOnce();

@@ -48,13 +48,18 @@ describe.each(serviceDatabases())('retention of closed referrals, stored on %s',
     const put = await fetch(`${fhirBase}/Task/${task.id}`, {
       method: 'PUT',
       headers: { 'Content-Type': 'application/fhir+json' },
-      body: JSON.stringify({ ...task, status: 'completed', output: [{ type: { text: 'opinion report' }, valueReference: { reference: sent.fhir.documents[0] } }] }),
+      body: JSON.stringify({
+        ...task,
+        status: 'completed',
+        output: [{ type: { text: 'opinion report' }, valueReference: { reference: sent.fhir.documents[0] } }],
+      }),
     });
     expect(put.status).toBe(200);
     await gw.poller.pollOnce();
     expect((await view(closed.id)).status).toBe('completed');
     // Its status webhooks go out first: retention waits for them.
-    const pendingWebhooks = () => gw.store.db.kysely.selectFrom('webhook_outbox').select('id').where('referral_id', '=', closed.id).where('state', '=', 'pending').execute();
+    const pendingWebhooks = () =>
+      gw.store.db.kysely.selectFrom('webhook_outbox').select('id').where('referral_id', '=', closed.id).where('state', '=', 'pending').execute();
     await eventually(async () => (await pendingWebhooks()).length === 0);
 
     // Nothing is due yet.

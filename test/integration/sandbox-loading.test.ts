@@ -9,8 +9,17 @@ const run = promisify(execFile);
  */
 describe('the sandbox is loaded only when it is used', () => {
   const loaded = async (env: Record<string, string>): Promise<string[]> => {
-    const base = { NODE_ENV: 'test', PORT: '0', HOST: '127.0.0.1', DATABASE_URL: 'sqlite::memory:', DESTINATIONS_FILE: 'test/does-not-exist.json', LOG_LEVEL: 'error' };
-    const { stdout } = await run(process.execPath, ['--import', 'tsx', 'test/helpers/loaded-modules.cjs', JSON.stringify({ ...base, ...env })], { timeout: 60_000 });
+    const base = {
+      NODE_ENV: 'test',
+      PORT: '0',
+      HOST: '127.0.0.1',
+      DATABASE_URL: 'sqlite::memory:',
+      DESTINATIONS_FILE: 'test/does-not-exist.json',
+      LOG_LEVEL: 'error',
+    };
+    const { stdout } = await run(process.execPath, ['--import', 'tsx', 'test/helpers/loaded-modules.cjs', JSON.stringify({ ...base, ...env })], {
+      timeout: 60_000,
+    });
     return JSON.parse(stdout.trim().split('\n').pop() as string) as string[];
   };
 

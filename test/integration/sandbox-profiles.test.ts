@@ -160,18 +160,44 @@ describe('resolveSandboxTraits', () => {
     });
     const hapi = resolveSandboxTraits(' HAPI ');
     expect(hapi.profile).toBe('hapi');
-    expect([hapi.refuseNumericClientIds, hapi.opaquePagingLinks, hapi.versionConflictAs409, hapi.nonAtomic, hapi.maxJsonBytes]).toEqual([true, true, true, false, undefined]);
+    expect([hapi.refuseNumericClientIds, hapi.opaquePagingLinks, hapi.versionConflictAs409, hapi.nonAtomic, hapi.maxJsonBytes]).toEqual([
+      true,
+      true,
+      true,
+      false,
+      undefined,
+    ]);
     const strict = resolveSandboxTraits('strict');
-    expect(strict).toMatchObject({ ...SANDBOX_PROFILES.medplum, nonAtomic: false, strictIsolationMaxEntries: 8, refuseNumericClientIds: true, opaquePagingLinks: true, versionConflictAs409: true });
+    expect(strict).toMatchObject({
+      ...SANDBOX_PROFILES.medplum,
+      nonAtomic: false,
+      strictIsolationMaxEntries: 8,
+      refuseNumericClientIds: true,
+      opaquePagingLinks: true,
+      versionConflictAs409: true,
+    });
   });
 
   test('override strings and objects', () => {
-    const t = resolveSandboxTraits('medplum', 'nonAtomic=false,strictIsolationMaxEntries=8,-emptyMinimal,+noBinarySearch,maxJsonBytes=2000000,opaquePagingLinks');
-    expect(t).toMatchObject({ nonAtomic: false, strictIsolationMaxEntries: 8, emptyMinimal: false, noBinarySearch: true, maxJsonBytes: 2_000_000, opaquePagingLinks: true });
+    const t = resolveSandboxTraits(
+      'medplum',
+      'nonAtomic=false,strictIsolationMaxEntries=8,-emptyMinimal,+noBinarySearch,maxJsonBytes=2000000,opaquePagingLinks'
+    );
+    expect(t).toMatchObject({
+      nonAtomic: false,
+      strictIsolationMaxEntries: 8,
+      emptyMinimal: false,
+      noBinarySearch: true,
+      maxJsonBytes: 2_000_000,
+      opaquePagingLinks: true,
+    });
     expect(resolveSandboxTraits('medplum', 'maxJsonBytes=1mb,-presignedBinaryUrls').maxJsonBytes).toBe(1_048_576);
     expect(resolveSandboxTraits('medplum', 'maxJsonBytes=none').maxJsonBytes).toBeUndefined();
     expect(resolveSandboxTraits('medplum', ' NONATOMIC = off , ').nonAtomic).toBe(false);
-    expect(resolveSandboxTraits('hapi', { versionConflictAs409: false, maxJsonBytes: 5000 })).toMatchObject({ versionConflictAs409: false, maxJsonBytes: 5000 });
+    expect(resolveSandboxTraits('hapi', { versionConflictAs409: false, maxJsonBytes: 5000 })).toMatchObject({
+      versionConflictAs409: false,
+      maxJsonBytes: 5000,
+    });
     expect(parseSandboxTraitOverrides('')).toEqual({});
   });
 
@@ -351,10 +377,15 @@ describe('uuidIdsOnly and noUpdateAsCreate', () => {
     expect((await call(server, 'PUT', `Patient/${existing}`, { resourceType: 'Patient', id: existing, active: true })).status).toBe(200);
 
     // inside a (non-atomic) transaction: the PUT entry fails alone
-    const tx = await call<Bundle>(server, 'POST', '', transaction([
-      { resource: { resourceType: 'Binary', id: 'rg-doc-1', contentType: 'text/plain', data: 'aGk=' }, request: { method: 'PUT', url: 'Binary/rg-doc-1' } },
-      { resource: { resourceType: 'Patient' }, request: { method: 'POST', url: 'Patient' } },
-    ]));
+    const tx = await call<Bundle>(
+      server,
+      'POST',
+      '',
+      transaction([
+        { resource: { resourceType: 'Binary', id: 'rg-doc-1', contentType: 'text/plain', data: 'aGk=' }, request: { method: 'PUT', url: 'Binary/rg-doc-1' } },
+        { resource: { resourceType: 'Patient' }, request: { method: 'POST', url: 'Patient' } },
+      ])
+    );
     expect(tx.body.entry?.map(status)).toEqual(['400 Bad Request', '201 Created']);
 
     const metadata = await call<{ software: { name: string }; rest: { resource: { type: string; updateCreate: boolean }[] }[] }>(server, 'GET', 'metadata');
@@ -375,7 +406,11 @@ describe('uuidIdsOnly and noUpdateAsCreate', () => {
     // a conditional PUT that matches nothing may still create, without an id
     const conditional = await call(only, 'PUT', `Patient?identifier=${SYS}|${id}`, { resourceType: 'Patient', identifier: [{ system: SYS, value: id }] });
     expect(conditional.status).toBe(201);
-    const withId = await call(only, 'PUT', `Patient?identifier=${SYS}|x-${id}`, { resourceType: 'Patient', id: 'x1', identifier: [{ system: SYS, value: `x-${id}` }] });
+    const withId = await call(only, 'PUT', `Patient?identifier=${SYS}|x-${id}`, {
+      resourceType: 'Patient',
+      id: 'x1',
+      identifier: [{ system: SYS, value: `x-${id}` }],
+    });
     expect([withId.status, issueText(withId.body)]).toEqual([400, 'Cannot provide ID for create by update']);
   });
 });
@@ -511,7 +546,11 @@ describe('raw Binary (every profile)', () => {
       expect(Buffer.from(binary.data, 'base64').equals(small)).toBe(true);
     }
     // a Binary created as JSON is served raw too
-    const jsonBinary = await call<{ id: string }>(server, 'POST', 'Binary', { resourceType: 'Binary', contentType: 'text/plain', data: Buffer.from('hello').toString('base64') });
+    const jsonBinary = await call<{ id: string }>(server, 'POST', 'Binary', {
+      resourceType: 'Binary',
+      contentType: 'text/plain',
+      data: Buffer.from('hello').toString('base64'),
+    });
     const text = await fetch(`${server.url}/Binary/${jsonBinary.body.id}`, { headers: { accept: 'text/plain' } });
     expect([text.headers.get('content-type'), await text.text()]).toEqual(['text/plain', 'hello']);
     const minimal = await call(server, 'POST', 'Binary', small, { 'content-type': 'application/octet-stream', prefer: 'return=minimal' });
@@ -536,7 +575,12 @@ describe('refuseNumericClientIds', () => {
       'HAPI-0960: Can not create resource with ID[123], no resource with this ID exists and clients may only assign IDs which contain at least one non-numeric character'
     );
     expect((await call(server, 'PUT', 'Patient/p123', { resourceType: 'Patient', id: 'p123' })).status).toBe(201);
-    const tx = await call(server, 'POST', '', transaction([{ resource: { resourceType: 'Patient', id: '456' }, request: { method: 'PUT', url: 'Patient/456' } }]));
+    const tx = await call(
+      server,
+      'POST',
+      '',
+      transaction([{ resource: { resourceType: 'Patient', id: '456' }, request: { method: 'PUT', url: 'Patient/456' } }])
+    );
     expect(tx.status).toBe(400);
     const off = await sandbox('hapi', '-refuseNumericClientIds');
     expect((await call(off, 'PUT', 'Patient/123', { resourceType: 'Patient', id: '123' })).status).toBe(201);

@@ -14,7 +14,6 @@ const GW = 'https://referral-gateway.dev/fhir/CodeSystem/tags';
 const SYS = 'https://referral-gateway.dev/fhir/sid/referral';
 const FHIR_JSON = 'application/fhir+json';
 
-
 const T0 = Date.parse('2025-03-01T10:00:00.000Z');
 const at = (ms: number): string => new Date(T0 + ms).toISOString();
 
@@ -22,7 +21,10 @@ const TAGS: Coding[][] = [
   [{ system: GW, code: 'referral-gateway', display: 'Sent by referral-gateway' }],
   [{ system: GW, code: 'referral-gateway' }],
   [{ system: GW, code: 'Referral-Gateway' }],
-  [{ system: 'https://Other.example/tags', code: 'x' }, { system: GW, code: 'referral-gateway' }],
+  [
+    { system: 'https://Other.example/tags', code: 'x' },
+    { system: GW, code: 'referral-gateway' },
+  ],
   [{ code: 'nosys' }],
   [{ system: 'https://other.example/tags', code: 'referral-gateway' }],
   [],
@@ -40,7 +42,10 @@ function identifiers(i: number, rnd: () => number): Identifier[] | undefined {
     case 3:
       return [{ value: `ref_${i % 40}` }];
     case 4:
-      return [{ system: 'https://other.example/ids', value: `ref_${i % 40}` }, { system: SYS, value: `x-${i}` }];
+      return [
+        { system: 'https://other.example/ids', value: `ref_${i % 40}` },
+        { system: SYS, value: `x-${i}` },
+      ];
     default:
       return [{ system: SYS, value: `ref_${i % 40}`, type: { text: 'Placer', coding: [{ code: 'PLAC' }] } }];
   }
@@ -89,7 +94,9 @@ async function mixedStore(repo: IndexedMemoryRepository): Promise<string[]> {
     }
     if (i % 3 === 0) {
       // seeded update into the past: moves the resource backwards in _lastUpdated order
-      await repo.withSeeding(() => repo.updateResource({ ...current, status: 'accepted', meta: { ...current.meta, lastUpdated: at(Math.floor(rnd() * 60)), versionId: `u${i}` } }));
+      await repo.withSeeding(() =>
+        repo.updateResource({ ...current, status: 'accepted', meta: { ...current.meta, lastUpdated: at(Math.floor(rnd() * 60)), versionId: `u${i}` } })
+      );
     } else {
       await repo.updateResource({ ...current, status: 'in-progress' });
     }
@@ -99,7 +106,14 @@ async function mixedStore(repo: IndexedMemoryRepository): Promise<string[]> {
   }
   await repo.updateResource({ ...task(7, rnd), id: ids[13] }); // re-created after its delete
   for (let i = 0; i < 30; i++) {
-    await repo.createResource({ resourceType: 'ServiceRequest', status: 'active', intent: 'order', subject: { reference: 'Patient/p' }, meta: { tag: TAGS[i % TAGS.length] }, identifier: [{ system: SYS, value: `ref_${i}` }] });
+    await repo.createResource({
+      resourceType: 'ServiceRequest',
+      status: 'active',
+      intent: 'order',
+      subject: { reference: 'Patient/p' },
+      meta: { tag: TAGS[i % TAGS.length] },
+      identifier: [{ system: SYS, value: `ref_${i}` }],
+    });
   }
   for (let i = 0; i < 20; i++) {
     await repo.createResource({
@@ -286,7 +300,14 @@ describe('index answers exactly like the scan', () => {
   test('a store with a non-canonical meta.lastUpdated: _lastUpdated searches scan, others still use the index', async () => {
     const odd = new IndexedMemoryRepository();
     await mixedStore(odd);
-    await odd.withSeeding(() => odd.createResource<Task>({ resourceType: 'Task', status: 'requested', intent: 'order', meta: { lastUpdated: '2025-03-01T11:00:00+01:00', versionId: '1' } }));
+    await odd.withSeeding(() =>
+      odd.createResource<Task>({
+        resourceType: 'Task',
+        status: 'requested',
+        intent: 'order',
+        meta: { lastUpdated: '2025-03-01T11:00:00+01:00', versionId: '1' },
+      })
+    );
     const counts = { ...odd.searchCounts };
     for (const query of [{ _lastUpdated: 'gt2025-03-01T10:00:00.010Z' }, { _sort: '-_lastUpdated' }, { _tag: `${GW}|referral-gateway` }] as Query[]) {
       const request = parseSearchRequest('Task', query);
@@ -434,7 +455,11 @@ describe('over HTTP', () => {
     expect(res.status).toBe(412);
     const again = (await walk(`Task?${tagQuery}&_sort=_lastUpdated&_count=100`)).tasks;
     expect(again.map((t) => [t.id, t.meta?.versionId])).toEqual(tasks.map((t) => [t.id, t.meta?.versionId]));
-    for (const query of [{ _tag: `${GW}|referral-gateway`, _sort: '_lastUpdated' }, { _sort: '-_lastUpdated' }, { identifier: `${SYS}|ref_http_0` }] as Query[]) {
+    for (const query of [
+      { _tag: `${GW}|referral-gateway`, _sort: '_lastUpdated' },
+      { _sort: '-_lastUpdated' },
+      { identifier: `${SYS}|ref_http_0` },
+    ] as Query[]) {
       const request = parseSearchRequest('Task', query);
       expect(json(await repo.search(request))).toBe(json(await repo.scanSearch(request)));
     }

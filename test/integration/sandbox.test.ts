@@ -22,12 +22,7 @@ function requestBody(body: unknown): string | undefined {
   return typeof body === 'string' ? body : JSON.stringify(body);
 }
 
-async function fhir<T = Resource>(
-  method: string,
-  pathOrUrl: string,
-  body?: unknown,
-  headers: Record<string, string> = {}
-): Promise<FhirReply<T>> {
+async function fhir<T = Resource>(method: string, pathOrUrl: string, body?: unknown, headers: Record<string, string> = {}): Promise<FhirReply<T>> {
   const url = pathOrUrl.startsWith('http') ? pathOrUrl : `${server.url}/${pathOrUrl}`;
   const res = await fetch(url, {
     method,
@@ -134,23 +129,18 @@ function referralTransaction(key: string): { bundle: Bundle; urns: Record<string
     ],
     [urns.requesterOrg, { resourceType: 'Organization', identifier: ident('org-ehr'), name: 'Referring practice' }],
     [urns.centreOrg, { resourceType: 'Organization', identifier: ident('org-centre'), name: 'Cancer centre' }],
-    [
-      urns.condition,
-      { resourceType: 'Condition', identifier: ident('condition'), subject: ref(urns.patient), code: code('C50.9') },
-    ],
-    ...(['obsStage', 'obsEcog', 'obsHer2'] as const).map(
-      (name): [string, Resource] => [
-        urns[name],
-        {
-          resourceType: 'Observation',
-          identifier: ident(name),
-          status: 'final',
-          code: code(name),
-          subject: ref(urns.patient),
-          focus: [ref(urns.condition)],
-        },
-      ]
-    ),
+    [urns.condition, { resourceType: 'Condition', identifier: ident('condition'), subject: ref(urns.patient), code: code('C50.9') }],
+    ...(['obsStage', 'obsEcog', 'obsHer2'] as const).map((name): [string, Resource] => [
+      urns[name],
+      {
+        resourceType: 'Observation',
+        identifier: ident(name),
+        status: 'final',
+        code: code(name),
+        subject: ref(urns.patient),
+        focus: [ref(urns.condition)],
+      },
+    ]),
     [
       urns.report,
       {
@@ -544,10 +534,11 @@ describe('search', () => {
 
 describe('metadata and mounting', () => {
   test('GET /metadata returns an R4 CapabilityStatement', async () => {
-    const res = await fhir<{ resourceType: string; fhirVersion: string; rest: { resource: { type: string; interaction: { code: string }[] }[]; interaction: { code: string }[] }[] }>(
-      'GET',
-      'metadata'
-    );
+    const res = await fhir<{
+      resourceType: string;
+      fhirVersion: string;
+      rest: { resource: { type: string; interaction: { code: string }[] }[]; interaction: { code: string }[] }[];
+    }>('GET', 'metadata');
     expect(res.status).toBe(200);
     expect(res.headers.get('content-type')).toMatch(/^application\/fhir\+json/);
     expect(res.body.resourceType).toBe('CapabilityStatement');

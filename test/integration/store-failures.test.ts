@@ -84,7 +84,7 @@ describe('a locked SQLite database (another connection holds BEGIN IMMEDIATE, as
           other.exec('COMMIT');
           other.close();
           resolve();
-        }, ms),
+        }, ms)
       ),
     };
   };
@@ -226,7 +226,10 @@ if (pgUrl) {
       const { rows } = await admin.query('select now() as t');
       // Again on each look: a session still starting up at `t` shows its role only once it has logged in.
       await eventually(async () => {
-        const r = await admin.query('select count(pg_terminate_backend(pid))::int as n from pg_stat_activity where usename = $1 and backend_start <= $2', [role, rows[0].t]);
+        const r = await admin.query('select count(pg_terminate_backend(pid))::int as n from pg_stat_activity where usename = $1 and backend_start <= $2', [
+          role,
+          rows[0].t,
+        ]);
         return r.rows[0].n === 0;
       }, 5000);
     };

@@ -35,7 +35,16 @@ describe.each(storeBackends())('large submissions on %s', (_name, open) => {
     ];
     const payload = referralSchema.parse(body);
     const id = newReferralId();
-    await store.createReferral({ id, clientId: 'city-hospital', externalId: 'EHR-LARGE-1', idempotencyKey: null, requestHash: 'h', destination: 'sandbox', payload, at: nowIso() });
+    await store.createReferral({
+      id,
+      clientId: 'city-hospital',
+      externalId: 'EHR-LARGE-1',
+      idempotencyKey: null,
+      requestHash: 'h',
+      destination: 'sandbox',
+      payload,
+      at: nowIso(),
+    });
 
     const back = await store.getById(id);
     expect(back?.payload).toEqual(payload);
@@ -68,7 +77,10 @@ describe('base64 check of inline documents', () => {
         expect([at, c, isBase64(s)]).toEqual([at, c, false]);
       }
     }
-    const refused = referralSchema.safeParse({ ...sample, documents: [{ kind: 'other', title: 'x', contentType: 'application/pdf', data: `${big.slice(0, -4)}AB_D` }] });
+    const refused = referralSchema.safeParse({
+      ...sample,
+      documents: [{ kind: 'other', title: 'x', contentType: 'application/pdf', data: `${big.slice(0, -4)}AB_D` }],
+    });
     expect(refused.success).toBe(false);
     expect(refused.error?.issues.map((i) => [i.path.join('.'), i.message])).toEqual([['documents.0.data', 'is not valid base64']]);
   });

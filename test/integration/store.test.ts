@@ -65,7 +65,7 @@ describe.each(storeBackends())('store on %s', (_name, open) => {
     expect(await store.findForIdempotency('someone-else', 'EHR-2', 'k-1')).toBeUndefined();
   });
 
-  test("a client sees only its own referrals", async () => {
+  test('a client sees only its own referrals', async () => {
     const a = newReferral({ clientId: 'a' });
     await store.createReferral(a);
     expect(await store.get('a', a.id)).not.toBeNull();
@@ -168,7 +168,11 @@ describe.each(storeBackends())('store on %s', (_name, open) => {
       expect(addedPayload.documents[0]).toMatchObject({ title: 'Later note', dataRemoved: { bytes: 'added later'.length } });
       expect(addedPayload.documents[0].data).toBeUndefined();
       const after = await store.getById(closed.id, { payload: false });
-      expect(after).toMatchObject({ status: 'completed', documentsRemovedAt: '2030-01-01T00:00:00.000Z', updatedAt: (await store.getById(closed.id, { payload: false }))?.updatedAt });
+      expect(after).toMatchObject({
+        status: 'completed',
+        documentsRemovedAt: '2030-01-01T00:00:00.000Z',
+        updatedAt: (await store.getById(closed.id, { payload: false }))?.updatedAt,
+      });
       // Done once: not due again.
       expect(await store.removeDocumentBytes(closed.id, due)).toBeNull();
       // The others kept theirs.
@@ -309,8 +313,21 @@ describe('durability of acknowledged writes (SQLite)', () => {
     const store = new ReferralStore(db);
     const seen: number[] = [];
     const durably = db.durably.bind(db);
-    db.durably = (fn) => durably(async (k) => { seen.push(await level(k)); return fn(k); });
-    await store.createReferral({ id: newReferralId(), clientId: 'c', externalId: 'EHR-DURABLE', idempotencyKey: null, requestHash: 'h', destination: 'sandbox', payload: sample, at: nowIso() });
+    db.durably = (fn) =>
+      durably(async (k) => {
+        seen.push(await level(k));
+        return fn(k);
+      });
+    await store.createReferral({
+      id: newReferralId(),
+      clientId: 'c',
+      externalId: 'EHR-DURABLE',
+      idempotencyKey: null,
+      requestHash: 'h',
+      destination: 'sandbox',
+      payload: sample,
+      at: nowIso(),
+    });
     db.durably = durably;
     expect(seen).toEqual([2]);
     expect((await store.list('c', { limit: 5 })).items.map((r) => r.externalId)).toEqual(['EHR-DURABLE']);
@@ -329,7 +346,16 @@ describe('WAL checkpoints off the event loop (SQLite)', () => {
       // About 1,500 pages of submissions: past SQLite's default threshold (1,000), far below the safety net.
       const big = { ...sample, documents: [{ ...sample.documents[0], data: Buffer.alloc(150_000, 7).toString('base64') }] };
       for (let i = 0; i < 30; i++) {
-        await store.createReferral({ id: newReferralId(), clientId: 'c', externalId: `EHR-WAL-${i}`, idempotencyKey: null, requestHash: 'h', destination: 'sandbox', payload: big, at: nowIso() });
+        await store.createReferral({
+          id: newReferralId(),
+          clientId: 'c',
+          externalId: `EHR-WAL-${i}`,
+          idempotencyKey: null,
+          requestHash: 'h',
+          destination: 'sandbox',
+          payload: big,
+          at: nowIso(),
+        });
       }
       const stats = await eventuallyStats(() => db.checkpoints?.());
       expect(stats.pages).toBeGreaterThan(1000);
@@ -378,13 +404,44 @@ describe('migration 0005 (SQLite)', () => {
     const at = nowIso();
     await k
       .insertInto('referrals')
-      .values({ id: 'ref_old', client_id: 'c', external_id: 'E', idempotency_key: null, request_hash: 'h', destination: 'sandbox', status: 'sent', status_reason: null, fhir: null, report: null, task_version: null, callback_url: null, created_at: at, updated_at: at })
+      .values({
+        id: 'ref_old',
+        client_id: 'c',
+        external_id: 'E',
+        idempotency_key: null,
+        request_hash: 'h',
+        destination: 'sandbox',
+        status: 'sent',
+        status_reason: null,
+        fhir: null,
+        report: null,
+        task_version: null,
+        callback_url: null,
+        created_at: at,
+        updated_at: at,
+      })
       .execute();
-    await k.insertInto('referral_payloads').values({ referral_id: 'ref_old', payload: JSON.stringify(sample) }).execute();
-    for (const [i, n] of [[1, 2], [2, 3]]) {
+    await k
+      .insertInto('referral_payloads')
+      .values({ referral_id: 'ref_old', payload: JSON.stringify(sample) })
+      .execute();
+    for (const [i, n] of [
+      [1, 2],
+      [2, 3],
+    ]) {
       await k
         .insertInto('outbox')
-        .values({ id: `ob_${i}`, referral_id: 'ref_old', kind: 'documents', payload: JSON.stringify({ documents: Array(n).fill({ kind: 'other' }), startIndex: 0 }), state: 'done', attempts: 1, next_attempt_at: at, created_at: at, updated_at: at })
+        .values({
+          id: `ob_${i}`,
+          referral_id: 'ref_old',
+          kind: 'documents',
+          payload: JSON.stringify({ documents: Array(n).fill({ kind: 'other' }), startIndex: 0 }),
+          state: 'done',
+          attempts: 1,
+          next_attempt_at: at,
+          created_at: at,
+          updated_at: at,
+        })
         .execute();
     }
     await migrate(db.kysely);

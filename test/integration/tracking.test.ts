@@ -68,7 +68,11 @@ describe('tracking the centre’s Task', () => {
         content: [{ attachment: { contentType: 'application/pdf', title: 'Opinion', data: Buffer.from('%PDF-1.4 opinion').toString('base64') } }],
       }),
     });
-    await centreSets(taskId, { status: 'completed', businessStatus: undefined, output: [{ type: { text: 'opinion' }, valueReference: { reference: `DocumentReference/${report.id}` } }] });
+    await centreSets(taskId, {
+      status: 'completed',
+      businessStatus: undefined,
+      output: [{ type: { text: 'opinion' }, valueReference: { reference: `DocumentReference/${report.id}` } }],
+    });
     const done = await after(id);
     expect(done.status).toBe('completed');
     expect(done.history.map((h: any) => h.status)).toEqual(['queued', 'sent', 'accepted', 'in-progress', 'completed']);
@@ -82,7 +86,12 @@ describe('tracking the centre’s Task', () => {
     const { id, taskId } = await delivered();
     await centreSets(taskId, {
       status: 'completed',
-      output: [{ type: { text: 'opinion' }, valueAttachment: { contentType: 'text/plain', title: 'Short opinion', data: Buffer.from('Agree with plan').toString('base64') } }],
+      output: [
+        {
+          type: { text: 'opinion' },
+          valueAttachment: { contentType: 'text/plain', title: 'Short opinion', data: Buffer.from('Agree with plan').toString('base64') },
+        },
+      ],
     });
     const done = await after(id);
     expect(done.status).toBe('completed');
@@ -242,7 +251,9 @@ describe('tracking the centre’s Task', () => {
     const { id } = await delivered();
     const res = await api(`/referrals/${id}/documents`, {
       method: 'POST',
-      body: JSON.stringify({ documents: [{ kind: 'genomic-report', title: 'NGS panel', contentType: 'text/plain', data: Buffer.from('BRCA2 negative').toString('base64') }] }),
+      body: JSON.stringify({
+        documents: [{ kind: 'genomic-report', title: 'NGS panel', contentType: 'text/plain', data: Buffer.from('BRCA2 negative').toString('base64') }],
+      }),
     });
     expect(res.status).toBe(202);
     const v = await eventually(async () => {

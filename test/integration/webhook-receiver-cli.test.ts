@@ -13,7 +13,10 @@ describe('webhook receiver (src/cli/webhook-receiver.ts)', () => {
   let url: string;
   let out = '';
   const lines = (): Array<{ signature: string; webhookId: string | null; event: { status?: string; referralId?: string } }> =>
-    out.split('\n').filter((l) => l.includes('"signature"')).map((l) => JSON.parse(l));
+    out
+      .split('\n')
+      .filter((l) => l.includes('"signature"'))
+      .map((l) => JSON.parse(l));
 
   beforeAll(async () => {
     child = spawnTs('src/cli/webhook-receiver.ts', { PORT: '0', HOST: '127.0.0.1', WEBHOOK_SECRET: SECRET });
@@ -58,7 +61,12 @@ describe('webhook receiver (src/cli/webhook-receiver.ts)', () => {
     const now = new Date();
     const res = await fetch(url, {
       method: 'POST',
-      headers: { 'content-type': 'application/json', 'webhook-id': 'wh_forged', 'webhook-timestamp': String(Math.floor(now.getTime() / 1000)), 'webhook-signature': signer.sign('wh_forged', now, payload) },
+      headers: {
+        'content-type': 'application/json',
+        'webhook-id': 'wh_forged',
+        'webhook-timestamp': String(Math.floor(now.getTime() / 1000)),
+        'webhook-signature': signer.sign('wh_forged', now, payload),
+      },
       body: payload,
     });
     expect(res.status).toBe(401);

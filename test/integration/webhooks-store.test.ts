@@ -45,10 +45,12 @@ describe.each(storeBackends())('webhook outbox on %s', (_name, open) => {
     const b = await referralWithEvents('sent', 'accepted');
     const first = await hooks.claim('w1', 10, LEASE, later(10));
     // Only the first event of each referral: the later ones wait for it.
-    expect(first.map((e) => [e.referralId, e.seq]).sort()).toEqual([
-      [a, 1],
-      [b, 1],
-    ].sort());
+    expect(first.map((e) => [e.referralId, e.seq]).sort()).toEqual(
+      [
+        [a, 1],
+        [b, 1],
+      ].sort()
+    );
     expect(await hooks.claim('w2', 10, LEASE, later(10))).toEqual([]);
 
     // A's first event keeps failing (rescheduled into the future): A's later events stay blocked, B moves on.

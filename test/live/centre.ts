@@ -120,7 +120,9 @@ export class Centre {
         const url = c.attachment?.url;
         if (!url) continue;
         // Binary/<id> under the base, or a presigned storage URL naming the Binary's id (Medplum: /<id>/<version>?...).
-        const id = /(?:^|\/)Binary\/([A-Za-z0-9\-.]{1,64})/.exec(url)?.[1] ?? /\/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})(?:\/|\?|$)/i.exec(url)?.[1];
+        const id =
+          /(?:^|\/)Binary\/([A-Za-z0-9\-.]{1,64})/.exec(url)?.[1] ??
+          /\/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})(?:\/|\?|$)/i.exec(url)?.[1];
         if (id) own.add(`Binary/${id}`);
       }
     }
@@ -133,7 +135,18 @@ export class Centre {
    * what is left, one by one in dependency order, twice. Answers what is still readable afterwards.
    */
   async remove(refs: string[]): Promise<string[]> {
-    const order = ['Task', 'ServiceRequest', 'DocumentReference', 'Consent', 'Observation', 'Procedure', 'MedicationStatement', 'Condition', 'Binary', 'Patient'];
+    const order = [
+      'Task',
+      'ServiceRequest',
+      'DocumentReference',
+      'Consent',
+      'Observation',
+      'Procedure',
+      'MedicationStatement',
+      'Condition',
+      'Binary',
+      'Patient',
+    ];
     const rank = (r: string): number => {
       const i = order.indexOf(r.split('/')[0]);
       return i < 0 ? order.length : i;

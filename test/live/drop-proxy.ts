@@ -48,26 +48,23 @@ export async function startDropProxy(target: string): Promise<DropProxy> {
       const headers: IncomingHttpHeaders = { ...req.headers, host: to.host, 'content-length': String(body.length) };
       delete headers['transfer-encoding'];
       delete headers.connection;
-      const fwd = send(
-        { protocol: to.protocol, hostname: to.hostname, port: to.port || undefined, path: req.url, method: req.method, headers },
-        (up) => {
-          const out: Buffer[] = [];
-          up.on('data', (c: Buffer) => out.push(c));
-          up.on('end', () => {
-            if (isTransaction && dropped === 0 && (up.statusCode ?? 500) < 300) {
-              dropped++;
-              req.socket.destroy(); // applied at the server; the answer is lost
-              return;
-            }
-            const h = { ...up.headers };
-            delete h['transfer-encoding'];
-            delete h.connection;
-            h['content-length'] = String(Buffer.concat(out).length);
-            res.writeHead(up.statusCode ?? 502, h);
-            res.end(Buffer.concat(out));
-          });
-        }
-      );
+      const fwd = send({ protocol: to.protocol, hostname: to.hostname, port: to.port || undefined, path: req.url, method: req.method, headers }, (up) => {
+        const out: Buffer[] = [];
+        up.on('data', (c: Buffer) => out.push(c));
+        up.on('end', () => {
+          if (isTransaction && dropped === 0 && (up.statusCode ?? 500) < 300) {
+            dropped++;
+            req.socket.destroy(); // applied at the server; the answer is lost
+            return;
+          }
+          const h = { ...up.headers };
+          delete h['transfer-encoding'];
+          delete h.connection;
+          h['content-length'] = String(Buffer.concat(out).length);
+          res.writeHead(up.statusCode ?? 502, h);
+          res.end(Buffer.concat(out));
+        });
+      });
       fwd.on('error', () => {
         res.writeHead(502, { 'content-type': 'text/plain' });
         res.end('proxy could not reach the server');

@@ -6,8 +6,7 @@
  * every single-destination setting of the gateway can be given here.
  */
 
-export const SKIP_LINE =
-  'test:live skipped: set LIVE_FHIR_BASE_URL (and LIVE_FHIR_AUTH...) to run the loop against a real server';
+export const SKIP_LINE = 'test:live skipped: set LIVE_FHIR_BASE_URL (and LIVE_FHIR_AUTH...) to run the loop against a real server';
 
 /** The LIVE_FHIR_* variables most runs need (any other LIVE_FHIR_<NAME> is passed on as FHIR_<NAME> too). */
 export const LIVE_VARIABLES = [

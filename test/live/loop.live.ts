@@ -203,7 +203,12 @@ live(`the referral loop against ${settings?.baseUrl ?? 'a live FHIR server'}`, (
     expect(v.fhir.documents).toHaveLength(body.documents.length);
     for (const ref of v.fhir.documents as string[]) {
       const doc = await centre.read<DocumentReference>(ref);
-      const n = Number(doc.identifier?.find((i) => i.system === DOCUMENT_IDENTIFIER_SYSTEM)?.value?.split('/').pop());
+      const n = Number(
+        doc.identifier
+          ?.find((i) => i.system === DOCUMENT_IDENTIFIER_SYSTEM)
+          ?.value?.split('/')
+          .pop()
+      );
       const submitted = body.documents[n - 1];
       expect(submitted).toBeDefined();
       expect(relativeRef(doc.subject?.reference)).toBe(relativeRef(sr.subject?.reference));
@@ -227,7 +232,10 @@ live(`the referral loop against ${settings?.baseUrl ?? 'a live FHIR server'}`, (
     expect(after.history.map((h: any) => h.status)).toEqual(['queued', 'sent', 'accepted']);
   });
 
-  async function completeWith(tag: string, report: (sr: ServiceRequest, pdf: Buffer) => Promise<DocumentReference['content'][number]['attachment']>): Promise<void> {
+  async function completeWith(
+    tag: string,
+    report: (sr: ServiceRequest, pdf: Buffer) => Promise<DocumentReference['content'][number]['attachment']>
+  ): Promise<void> {
     const { id, v } = await sent(tag);
     const task = await centre.read<Task>(v.fhir.task);
     const sr = await centre.read<ServiceRequest>(v.fhir.serviceRequest);

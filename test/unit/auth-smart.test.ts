@@ -239,11 +239,17 @@ describe('SMART Backend Services (JWT client assertion)', () => {
   it('configuration errors are caught when the client is built and name the variable or file, never the key', () => {
     const base = { type: 'smart-backend' as const, tokenUrl, clientIdEnv: 'CENTRE_CLIENT_ID', scope: SCOPE };
     const env = { CENTRE_CLIENT_ID: CLIENT_ID, EC_KEY: pem(ec.privateKey), RSA_KEY: pem(rsa.privateKey), JUNK: 'not a key' };
-    expect(() => createAuthProvider({ ...base, alg: 'RS384', privateKeyEnv: 'EC_KEY' }, env)).toThrow('alg RS384 needs an RSA private key of at least 2048 bits in the environment variable EC_KEY');
+    expect(() => createAuthProvider({ ...base, alg: 'RS384', privateKeyEnv: 'EC_KEY' }, env)).toThrow(
+      'alg RS384 needs an RSA private key of at least 2048 bits in the environment variable EC_KEY'
+    );
     expect(() => createAuthProvider({ ...base, alg: 'ES384', privateKeyEnv: 'RSA_KEY' }, env)).toThrow('alg ES384 needs an EC P-384 private key');
-    expect(() => createAuthProvider({ ...base, alg: 'ES384', privateKeyEnv: 'JUNK' }, env)).toThrow('environment variable JUNK does not hold a PEM private key');
+    expect(() => createAuthProvider({ ...base, alg: 'ES384', privateKeyEnv: 'JUNK' }, env)).toThrow(
+      'environment variable JUNK does not hold a PEM private key'
+    );
     expect(() => createAuthProvider({ ...base, alg: 'ES384', privateKeyEnv: 'MISSING' }, env)).toThrow('environment variable MISSING is not set');
-    expect(() => createAuthProvider({ ...base, alg: 'ES384', privateKeyFile: join(dir, 'nope.pem') }, env)).toThrow(/cannot read the private key file .*nope\.pem \(ENOENT\)/);
+    expect(() => createAuthProvider({ ...base, alg: 'ES384', privateKeyFile: join(dir, 'nope.pem') }, env)).toThrow(
+      /cannot read the private key file .*nope\.pem \(ENOENT\)/
+    );
     expect(() => createAuthProvider({ ...base, alg: 'ES384', privateKeyEnv: 'EC_KEY' }, {})).toThrow('environment variable CENTRE_CLIENT_ID is not set');
     let message = '';
     try {
@@ -296,7 +302,9 @@ describe('client-credentials against a local token endpoint', () => {
     const slow = await listen(() => undefined); // never answers
     try {
       const d = { ...destination({ ...auth, tokenUrl: `${slow.url}/token` }), timeoutMs: 200 };
-      const err = (await createFhirClient(d, { env, logger: quiet }).read('Task', 't1').catch((e: unknown) => e)) as FhirRequestError;
+      const err = (await createFhirClient(d, { env, logger: quiet })
+        .read('Task', 't1')
+        .catch((e: unknown) => e)) as FhirRequestError;
       expect(err).toMatchObject({ kind: 'timeout', source: 'token-endpoint' });
     } finally {
       slow.server.closeAllConnections();

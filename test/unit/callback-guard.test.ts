@@ -69,7 +69,11 @@ describe('callback address guard', () => {
       permanent: true,
       reason: expect.stringMatching(/resolves to a non-public address \(10\.0\.0\.5\)/),
     });
-    expect(await checkCallbackAddress(new URL('https://gone.example.org/h'), lookup)).toEqual({ ok: false, permanent: false, reason: expect.stringMatching(/ENOTFOUND/) });
+    expect(await checkCallbackAddress(new URL('https://gone.example.org/h'), lookup)).toEqual({
+      ok: false,
+      permanent: false,
+      reason: expect.stringMatching(/ENOTFOUND/),
+    });
     // Literals never reach the resolver.
     expect(await checkCallbackAddress(new URL('http://192.168.0.1/h'), lookup)).toMatchObject({ ok: false, permanent: true });
   });
@@ -95,7 +99,9 @@ describe('guardedFetch: the check happens on the address actually connected to',
   test('a name that resolves to a private address at connect time is never connected to (DNS rebinding)', async () => {
     const before = hits;
     const f = guardedFetch(async () => ['127.0.0.1']);
-    const err = (await f(`http://rebind.example.org:${port}/hook`, { method: 'POST', body: '{}' }).catch((e: unknown) => e)) as { cause?: { code?: string; message?: string } };
+    const err = (await f(`http://rebind.example.org:${port}/hook`, { method: 'POST', body: '{}' }).catch((e: unknown) => e)) as {
+      cause?: { code?: string; message?: string };
+    };
     expect(err.cause?.code).toBe(NON_PUBLIC_CODE);
     expect(err.cause?.message).toMatch(/non-public address \(127\.0\.0\.1\)/);
     expect(hits).toBe(before);
@@ -103,7 +109,10 @@ describe('guardedFetch: the check happens on the address actually connected to',
 
   test('an allowed address is connected to normally (the same plumbing, with a policy that allows loopback)', async () => {
     const before = hits;
-    const f = guardedFetch(async () => ['127.0.0.1'], () => true);
+    const f = guardedFetch(
+      async () => ['127.0.0.1'],
+      () => true
+    );
     const res = await f(`http://hooks.example.org:${port}/hook`, { method: 'POST', body: '{}', headers: { 'content-type': 'application/json' } });
     expect(res.status).toBe(204);
     expect(hits).toBe(before + 1);

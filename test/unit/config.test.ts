@@ -120,7 +120,9 @@ describe('configuration', () => {
   });
 
   test('production refuses to start without keys, or on the sandbox', () => {
-    expect(() => loadConfig({ ...base, NODE_ENV: 'production', FHIR_BASE_URL: 'https://c.example.org/fhir/R4', WEBHOOK_SECRET: 'x'.repeat(20) })).toThrow(/^API_KEYS /);
+    expect(() => loadConfig({ ...base, NODE_ENV: 'production', FHIR_BASE_URL: 'https://c.example.org/fhir/R4', WEBHOOK_SECRET: 'x'.repeat(20) })).toThrow(
+      /^API_KEYS /
+    );
     expect(() => loadConfig({ ...base, NODE_ENV: 'production', API_KEYS: 'a:b', WEBHOOK_SECRET: 'x'.repeat(20) })).toThrow(/^FHIR_BASE_URL /);
   });
 
@@ -140,7 +142,13 @@ describe('configuration', () => {
     expect(loadConfig({ ...base }).host).toBe('127.0.0.1');
     expect(loadConfig({ ...base, NODE_ENV: 'test' }).host).toBe('127.0.0.1');
     expect(loadConfig({ ...base, HOST: '0.0.0.0' }).host).toBe('0.0.0.0');
-    const prod = { ...base, NODE_ENV: 'production', API_KEYS: `a:${'k'.repeat(24)}`, FHIR_BASE_URL: 'https://c.example.org/fhir/R4', WEBHOOK_SECRET: 'x'.repeat(20) };
+    const prod = {
+      ...base,
+      NODE_ENV: 'production',
+      API_KEYS: `a:${'k'.repeat(24)}`,
+      FHIR_BASE_URL: 'https://c.example.org/fhir/R4',
+      WEBHOOK_SECRET: 'x'.repeat(20),
+    };
     expect(loadConfig(prod).host).toBe('0.0.0.0');
   });
 
@@ -151,22 +159,39 @@ describe('configuration', () => {
       ['a', ['http://a.org/mrn', 'urn:oid:1.2.3']],
       ['b', ['http://b.org/mrn']],
     ]);
-    expect(() => loadConfig({ ...base, ...keys, CLIENT_IDENTIFIER_SYSTEMS: 'a=http://x.org/mrn;b=http://x.org/mrn' })).toThrow(/^CLIENT_IDENTIFIER_SYSTEMS gives system http:\/\/x\.org\/mrn to both a and b/);
-    expect(() => loadConfig({ ...base, ...keys, CLIENT_IDENTIFIER_SYSTEMS: 'c=http://c.org/mrn' })).toThrow(/^CLIENT_IDENTIFIER_SYSTEMS names client c, which API_KEYS does not have/);
+    expect(() => loadConfig({ ...base, ...keys, CLIENT_IDENTIFIER_SYSTEMS: 'a=http://x.org/mrn;b=http://x.org/mrn' })).toThrow(
+      /^CLIENT_IDENTIFIER_SYSTEMS gives system http:\/\/x\.org\/mrn to both a and b/
+    );
+    expect(() => loadConfig({ ...base, ...keys, CLIENT_IDENTIFIER_SYSTEMS: 'c=http://c.org/mrn' })).toThrow(
+      /^CLIENT_IDENTIFIER_SYSTEMS names client c, which API_KEYS does not have/
+    );
     expect(() => loadConfig({ ...base, ...keys, CLIENT_IDENTIFIER_SYSTEMS: 'a' })).toThrow(/^CLIENT_IDENTIFIER_SYSTEMS must be/);
     expect(loadConfig({ ...base }).clientIdentifierSystems.size).toBe(0);
   });
 
   test('intake and store limits have deliberate defaults and are checked together', () => {
     const c = loadConfig({ ...base });
-    expect(c.intake).toEqual({ maxJsonDepth: 64, clientShare: 0.5, bodyTimeoutMs: 60_000, headersTimeoutMs: 10_000, requestTimeoutMs: 120_000, maxConnectionsPerAddress: 32 });
+    expect(c.intake).toEqual({
+      maxJsonDepth: 64,
+      clientShare: 0.5,
+      bodyTimeoutMs: 60_000,
+      headersTimeoutMs: 10_000,
+      requestTimeoutMs: 120_000,
+      maxConnectionsPerAddress: 32,
+    });
     expect(c.store).toEqual({ busyWaitMs: 5000, probeCacheMs: 2000 });
     expect(() => loadConfig({ ...base, INTAKE_BODY_TIMEOUT_MS: '200000' })).toThrow(/^REQUEST_TIMEOUT_MS \(120000\) is shorter than INTAKE_BODY_TIMEOUT_MS/);
     expect(() => loadConfig({ ...base, INTAKE_CLIENT_SHARE: '0' })).toThrow(/^INTAKE_CLIENT_SHARE /);
   });
 
   test('callbacks to private networks are allowed in development and refused in production unless set', () => {
-    const prod = { ...base, NODE_ENV: 'production', API_KEYS: `a:${'k'.repeat(24)}`, FHIR_BASE_URL: 'https://c.example.org/fhir/R4', WEBHOOK_SECRET: 'x'.repeat(20) };
+    const prod = {
+      ...base,
+      NODE_ENV: 'production',
+      API_KEYS: `a:${'k'.repeat(24)}`,
+      FHIR_BASE_URL: 'https://c.example.org/fhir/R4',
+      WEBHOOK_SECRET: 'x'.repeat(20),
+    };
     expect(loadConfig({ ...base }).webhookAllowPrivateNetworks).toBe(true);
     expect(loadConfig(prod).webhookAllowPrivateNetworks).toBe(false);
     expect(loadConfig({ ...prod, WEBHOOK_ALLOW_PRIVATE_NETWORKS: 'true' }).webhookAllowPrivateNetworks).toBe(true);
@@ -181,14 +206,23 @@ describe('configuration', () => {
   });
 
   test('a destination whose secret variable is unset stops start-up, naming it', () => {
-    expect(() => loadConfig({ ...base, FHIR_BASE_URL: 'https://c.example.org/fhir/R4', FHIR_AUTH: 'basic', FHIR_USERNAME: 'u' })).toThrow(/^FHIR_PASSWORD is required/);
+    expect(() => loadConfig({ ...base, FHIR_BASE_URL: 'https://c.example.org/fhir/R4', FHIR_AUTH: 'basic', FHIR_USERNAME: 'u' })).toThrow(
+      /^FHIR_PASSWORD is required/
+    );
     expect(() => loadConfig({ ...base, FHIR_BASE_URL: 'https://c.example.org/fhir/R4', FHIR_AUTH: 'client-credentials' })).toThrow(/^FHIR_TOKEN_URL /);
   });
 
   test('FHIR_AUTH=smart-backend checks its key at start-up', () => {
     const { privateKey } = generateKeyPairSync('ec', { namedCurve: 'P-384' });
     const pem = privateKey.export({ type: 'pkcs8', format: 'pem' }).toString();
-    const env = { ...base, FHIR_BASE_URL: 'https://c.example.org/fhir/R4', FHIR_AUTH: 'smart-backend', FHIR_TOKEN_URL: 'https://c.example.org/token', FHIR_SCOPE: 'system/Task.rs', FHIR_CLIENT_ID: 'gw' };
+    const env = {
+      ...base,
+      FHIR_BASE_URL: 'https://c.example.org/fhir/R4',
+      FHIR_AUTH: 'smart-backend',
+      FHIR_TOKEN_URL: 'https://c.example.org/token',
+      FHIR_SCOPE: 'system/Task.rs',
+      FHIR_CLIENT_ID: 'gw',
+    };
     const c = loadConfig({ ...env, FHIR_PRIVATE_KEY: pem });
     expect(c.destinations[0].auth).toMatchObject({ type: 'smart-backend', alg: 'ES384', privateKeyEnv: 'FHIR_PRIVATE_KEY', scope: 'system/Task.rs' });
     expect(() => loadConfig({ ...env, FHIR_PRIVATE_KEY: 'not a key' })).toThrow(/^FHIR_PRIVATE_KEY /);
@@ -221,7 +255,11 @@ describe('configuration', () => {
     expect(() => loadConfig({ DESTINATIONS_FILE: file })).toThrow(/not valid JSON/);
     writeFileSync(
       file,
-      JSON.stringify({ destinations: [{ id: 'centre-a', name: 'Centre A', organization: { system: 's', value: 'v' }, baseUrl: 'https://a.example.org/fhir/R4', pollCron: '*/15 * * * *' }] })
+      JSON.stringify({
+        destinations: [
+          { id: 'centre-a', name: 'Centre A', organization: { system: 's', value: 'v' }, baseUrl: 'https://a.example.org/fhir/R4', pollCron: '*/15 * * * *' },
+        ],
+      })
     );
     const c = loadConfig({ DESTINATIONS_FILE: file });
     expect(c.destinations[0]).toMatchObject({ id: 'centre-a', timeoutMs: 30000, maxInlineBytes: 1048576, auth: { type: 'none' } });

@@ -3,7 +3,11 @@ import { CircuitBreaker, type CircuitTransition, type Permit } from '../../src/d
 function setup(opts: Partial<ConstructorParameters<typeof CircuitBreaker>[0]> = {}) {
   let now = 1_000_000;
   const transitions: CircuitTransition[] = [];
-  const b = new CircuitBreaker({ failureThreshold: 5, cooldownMs: 30_000, maxCooldownMs: 600_000, probeWaitMs: 1_000, ...opts }, () => now, (t) => transitions.push(t));
+  const b = new CircuitBreaker(
+    { failureThreshold: 5, cooldownMs: 30_000, maxCooldownMs: 600_000, probeWaitMs: 1_000, ...opts },
+    () => now,
+    (t) => transitions.push(t)
+  );
   return {
     b,
     transitions,

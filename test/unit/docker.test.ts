@@ -20,7 +20,10 @@ describe('docker files', () => {
   const services = compose.services;
   const docs = readFileSync('docs/for-cancer-centres.md', 'utf8');
   const readme = readFileSync('README.md', 'utf8');
-  const inProfile = (p: string): string[] => Object.keys(services).filter((s) => services[s].profiles?.includes(p)).sort();
+  const inProfile = (p: string): string[] =>
+    Object.keys(services)
+      .filter((s) => services[s].profiles?.includes(p))
+      .sort();
   const env = (s: string): Record<string, string> => Object.fromEntries(Object.entries(services[s].environment ?? {}).map(([k, v]) => [k, String(v)]));
   /** The host port published for a container port, from "host:container". */
   const published = (s: string, container: number): number | undefined => {
@@ -32,7 +35,11 @@ describe('docker files', () => {
     expect(inProfile('hapi')).toEqual(['gateway', 'hapi', 'postgres']);
     expect(inProfile('medplum')).toEqual(['medplum-app', 'medplum-postgres', 'medplum-redis', 'medplum-server']);
     // Nothing starts without a profile: every service belongs to one.
-    expect(Object.entries(services).filter(([, s]) => !s.profiles?.length).map(([name]) => name)).toEqual([]);
+    expect(
+      Object.entries(services)
+        .filter(([, s]) => !s.profiles?.length)
+        .map(([name]) => name)
+    ).toEqual([]);
     expect(services.gateway.ports).toContain('8080:8080');
     expect(services.gateway.build?.dockerfile).toBe('docker/Dockerfile');
     expect(services.hapi.image).toMatch(/^hapiproject\/hapi:/);
@@ -70,13 +77,19 @@ describe('docker files', () => {
     expect(services['medplum-server'].entrypoint?.at(-1)).toBe('env');
     const pg = env(m.MEDPLUM_DATABASE_HOST);
     expect(services[m.MEDPLUM_DATABASE_HOST].image).toMatch(/^postgres:/);
-    expect([m.MEDPLUM_DATABASE_USERNAME, m.MEDPLUM_DATABASE_PASSWORD, m.MEDPLUM_DATABASE_DBNAME]).toEqual([pg.POSTGRES_USER, pg.POSTGRES_PASSWORD, pg.POSTGRES_DB]);
+    expect([m.MEDPLUM_DATABASE_USERNAME, m.MEDPLUM_DATABASE_PASSWORD, m.MEDPLUM_DATABASE_DBNAME]).toEqual([
+      pg.POSTGRES_USER,
+      pg.POSTGRES_PASSWORD,
+      pg.POSTGRES_DB,
+    ]);
     expect(m.MEDPLUM_DATABASE_PORT).toBe('5432');
     const redis = services[m.MEDPLUM_REDIS_HOST];
     expect(redis.image).toMatch(/^redis:/);
     expect(String(redis.command)).toContain(`--requirepass ${m.MEDPLUM_REDIS_PASSWORD}`);
     expect(m.MEDPLUM_REDIS_PORT).toBe('6379');
-    for (const dep of [m.MEDPLUM_DATABASE_HOST, m.MEDPLUM_REDIS_HOST]) expect(services['medplum-server'].depends_on?.[dep]).toEqual({ condition: 'service_healthy' });
+    for (const dep of [m.MEDPLUM_DATABASE_HOST, m.MEDPLUM_REDIS_HOST]) {
+      expect(services['medplum-server'].depends_on?.[dep]).toEqual({ condition: 'service_healthy' });
+    }
 
     // The URLs Medplum hands out are the ones the host reaches it on.
     const port = Number(m.MEDPLUM_PORT);

@@ -23,7 +23,11 @@ function bundleWith(data: string): Bundle {
     resourceType: 'Bundle',
     type: 'transaction',
     entry: [
-      { fullUrl: 'urn:uuid:6f1c1a8e-0d1e-4b55-9d7c-000000000001', resource: { resourceType: 'Patient', name: [{ family: 'Ünïcødé "quoted" \\ name' }] }, request: { method: 'POST', url: 'Patient' } },
+      {
+        fullUrl: 'urn:uuid:6f1c1a8e-0d1e-4b55-9d7c-000000000001',
+        resource: { resourceType: 'Patient', name: [{ family: 'Ünïcødé "quoted" \\ name' }] },
+        request: { method: 'POST', url: 'Patient' },
+      },
       { resource: { resourceType: 'Binary', id: 'rg-1', contentType: 'application/pdf', data }, request: { method: 'PUT', url: 'Binary/rg-1' } },
     ],
   };
@@ -74,7 +78,10 @@ describe('transaction() with a large Binary', () => {
 
   it('sends the whole streamed body again after a 401 and one re-authentication, asking for return=minimal', async () => {
     const received: string[] = [];
-    nock(ORIGIN).post('/token').times(2).reply(200, () => ({ access_token: `tok-${received.length}`, token_type: 'Bearer', expires_in: 600 }));
+    nock(ORIGIN)
+      .post('/token')
+      .times(2)
+      .reply(200, () => ({ access_token: `tok-${received.length}`, token_type: 'Bearer', expires_in: 600 }));
     const scope = nock(ORIGIN)
       .post('/fhir/R4', (b: unknown) => {
         received.push(typeof b === 'string' ? b : JSON.stringify(b));
@@ -90,7 +97,10 @@ describe('transaction() with a large Binary', () => {
       .reply(200, {
         resourceType: 'Bundle',
         type: 'transaction-response',
-        entry: [{ response: { status: '201 Created', location: 'Patient/p1/_history/1' } }, { response: { status: '201 Created', location: 'Binary/rg-1/_history/1' } }],
+        entry: [
+          { response: { status: '201 Created', location: 'Patient/p1/_history/1' } },
+          { response: { status: '201 Created', location: 'Binary/rg-1/_history/1' } },
+        ],
       });
     const client = createFhirClient(destination, { env: { CID: 'gw', CS: 'secret' }, logger: { debug: () => undefined, warn: () => undefined } });
     const v = bundleWith(big);

@@ -233,9 +233,7 @@ describe('sendTransaction over MedplumClient', () => {
   });
 
   it('an HTML page with 200 is a retry, not ok', async () => {
-    nock(ORIGIN)
-      .post(BASE_PATH)
-      .reply(200, `<html><body>Proxy login ${PATIENT_NAME}</body></html>`, { 'Content-Type': 'text/html' });
+    nock(ORIGIN).post(BASE_PATH).reply(200, `<html><body>Proxy login ${PATIENT_NAME}</body></html>`, { 'Content-Type': 'text/html' });
     const result = await sendTransaction(client(), requestBundle());
     expect(result).toEqual({
       kind: 'retry',
@@ -281,7 +279,9 @@ describe('sendTransaction over MedplumClient', () => {
   });
 
   it('a Bundle that is not a transaction-response is a retry', async () => {
-    nock(ORIGIN).post(BASE_PATH).reply(200, { ...okResponse(), type: 'batch-response' });
+    nock(ORIGIN)
+      .post(BASE_PATH)
+      .reply(200, { ...okResponse(), type: 'batch-response' });
     expect(await sendTransaction(client(), requestBundle())).toMatchObject({
       kind: 'retry',
       reason: 'answer is a Bundle of type batch-response, not transaction-response',
@@ -337,9 +337,7 @@ describe('sendTransaction over MedplumClient', () => {
   });
 
   it('throws for a bundle that is not a transaction (programming error), without a request', async () => {
-    await expect(sendTransaction(client(), { resourceType: 'Bundle', type: 'batch' })).rejects.toThrow(
-      'expected a Bundle of type "transaction"'
-    );
+    await expect(sendTransaction(client(), { resourceType: 'Bundle', type: 'batch' })).rejects.toThrow('expected a Bundle of type "transaction"');
   });
 });
 
@@ -391,10 +389,7 @@ describe('authentication', () => {
   });
 
   it('sends a Bearer token from the named environment variable', async () => {
-    const scope = nock(ORIGIN)
-      .post(BASE_PATH)
-      .matchHeader('authorization', 'Bearer static-token')
-      .reply(200, okResponse());
+    const scope = nock(ORIGIN).post(BASE_PATH).matchHeader('authorization', 'Bearer static-token').reply(200, okResponse());
     const result = await sendTransaction(client({ auth: bearer }, { env: { CENTRE_TOKEN: 'static-token' } }), requestBundle());
     expect(result.kind).toBe('ok');
     expect(scope.isDone()).toBe(true);
@@ -410,12 +405,8 @@ describe('authentication', () => {
 
   it('a missing environment variable is a clear error naming it', () => {
     expect(() => client({ auth: bearer }, { env: {} })).toThrow('environment variable CENTRE_TOKEN is not set');
-    expect(() => createAuthProvider(basic, { CENTRE_USER: 'alice' })).toThrow(
-      'environment variable CENTRE_PASS is not set'
-    );
-    expect(() => createAuthProvider(cc, { CENTRE_CLIENT_ID: 'x' })).toThrow(
-      'environment variable CENTRE_CLIENT_SECRET is not set'
-    );
+    expect(() => createAuthProvider(basic, { CENTRE_USER: 'alice' })).toThrow('environment variable CENTRE_PASS is not set');
+    expect(() => createAuthProvider(cc, { CENTRE_CLIENT_ID: 'x' })).toThrow('environment variable CENTRE_CLIENT_SECRET is not set');
   });
 
   it('client-credentials: one token for two requests, a new one after expiry', async () => {

@@ -13,18 +13,19 @@ const SYSTEMS = new Map([
 const id = (system: string, value = 'MRN-SECRET-1'): { system: string; value: string } => ({ system, value });
 
 describe('identifierPolicyIssues', () => {
-  test("a client may use its own systems", () => {
+  test('a client may use its own systems', () => {
     expect(identifierPolicyIssues('a', [id(A_MRN), id(A_OID)], SYSTEMS)).toEqual([]);
     expect(identifierPolicyIssues('b', [id(B_MRN)], SYSTEMS)).toEqual([]);
   });
 
-  test("a system configured for another client is refused, naming the field and saying it belongs to another sender", () => {
+  test('a system configured for another client is refused, naming the field and saying it belongs to another sender', () => {
     const issues = identifierPolicyIssues('b', [id(B_MRN), id(A_MRN)], SYSTEMS);
     expect(issues).toEqual([
       {
         code: 'business-rule',
         expression: 'patient.identifiers[1].system',
-        message: 'patient.identifiers[1].system: the identifier system "http://a.org/mrn" belongs to another sender (CLIENT_IDENTIFIER_SYSTEMS); send your own patient identifiers',
+        message:
+          'patient.identifiers[1].system: the identifier system "http://a.org/mrn" belongs to another sender (CLIENT_IDENTIFIER_SYSTEMS); send your own patient identifiers',
         detail: 'the identifier system "http://a.org/mrn" belongs to another sender (CLIENT_IDENTIFIER_SYSTEMS); send your own patient identifiers',
       },
     ]);
@@ -43,7 +44,7 @@ describe('identifierPolicyIssues', () => {
     );
   });
 
-  test("a client without configured systems may use any system no other client claims, but not a claimed one", () => {
+  test('a client without configured systems may use any system no other client claims, but not a claimed one', () => {
     expect(identifierPolicyIssues('c', [id(NATIONAL), id('https://c.example/ids')], SYSTEMS)).toEqual([]);
     const issues = identifierPolicyIssues('c', [id(NATIONAL), id(B_MRN), id(A_OID)], SYSTEMS);
     expect(issues.map((i) => i.expression)).toEqual(['patient.identifiers[1].system', 'patient.identifiers[2].system']);

@@ -1,4 +1,15 @@
-import { jsonBytes, LONG_STRING_CHARS, type LongString, NotUtf8Error, parseBytes, parseSharing, parseStored, parseStoredBytes, scanJson, scanJsonBytes } from '../../src/json';
+import {
+  jsonBytes,
+  LONG_STRING_CHARS,
+  type LongString,
+  NotUtf8Error,
+  parseBytes,
+  parseSharing,
+  parseStored,
+  parseStoredBytes,
+  scanJson,
+  scanJsonBytes,
+} from '../../src/json';
 import { prng } from '../helpers/prng';
 
 /**
@@ -29,7 +40,12 @@ describe('parsing bodies with long strings', () => {
     const text = JSON.stringify(sample());
     const textLongs: LongString[] = [];
     expect(scanJson(text, 64, textLongs)).toBeUndefined();
-    expect(textLongs.map((l) => l.path)).toEqual([['documents', 0, 'data'], ['documents', 1, 'data'], ['questions', 0], ['nested', 0, 0]]);
+    expect(textLongs.map((l) => l.path)).toEqual([
+      ['documents', 0, 'data'],
+      ['documents', 1, 'data'],
+      ['questions', 0],
+      ['nested', 0, 0],
+    ]);
     expect(parseSharing(text, textLongs)).toEqual(JSON.parse(text));
 
     const bytes = Buffer.from(text);

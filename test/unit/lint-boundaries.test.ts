@@ -9,10 +9,16 @@ describe('lint keeps the architecture', () => {
   const cases: Array<{ file: string; extra: string }> = [
     { file: 'src/referral/service.ts', extra: '' },
     { file: 'src/referral/service.ts', extra: "import { httpAnswer } from '../api/send-outcome';\nexport const _status = httpAnswer;" },
-    { file: 'src/mapping/codes.ts', extra: "import { jsonBytes } from '../json';\nimport { ReferralStore } from '../store/referral-store';\nexport const _s = [ReferralStore, jsonBytes];" },
+    {
+      file: 'src/mapping/codes.ts',
+      extra: "import { jsonBytes } from '../json';\nimport { ReferralStore } from '../store/referral-store';\nexport const _s = [ReferralStore, jsonBytes];",
+    },
     { file: 'src/delivery/clients.ts', extra: "import { SANDBOX_ID } from '../sandbox';\nexport const _id = SANDBOX_ID;" },
     { file: 'src/outcomes/index.ts', extra: "import { logger } from '../observability/logger';\nexport const _l = logger;" },
-    { file: 'src/outcomes/index.ts', extra: 'export const _n = (x: number): string => (x > 1 ? "a" : x > 0 ? "b" : "c");\nexport function _f(p: Promise<void>): void { p; }' },
+    {
+      file: 'src/outcomes/index.ts',
+      extra: 'export const _n = (x: number): string => (x > 1 ? "a" : x > 0 ? "b" : "c");\nexport function _f(p: Promise<void>): void { p; }',
+    },
   ];
   let results: string[][] = [];
   beforeAll(async () => {
@@ -37,6 +43,8 @@ describe('lint keeps the architecture', () => {
   });
 
   test('a floating promise and a nested ternary are errors', () => {
-    expect(results[5]).toEqual(expect.arrayContaining([expect.stringMatching(/^no-nested-ternary/), expect.stringMatching(/^@typescript-eslint\/no-floating-promises/)]));
+    expect(results[5]).toEqual(
+      expect.arrayContaining([expect.stringMatching(/^no-nested-ternary/), expect.stringMatching(/^@typescript-eslint\/no-floating-promises/)])
+    );
   });
 });

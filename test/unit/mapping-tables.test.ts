@@ -240,7 +240,10 @@ describe('mapping tables: staging', () => {
   });
 
   test('only IIB and IIIC carry a SNOMED qualifier; other groups are text only', () => {
-    expect(findStageGroup('IIB')).toEqual({ value: 'IIB', coding: { system: SCT, code: '1222769001', display: 'American Joint Committee on Cancer stage IIB (qualifier value)' } });
+    expect(findStageGroup('IIB')).toEqual({
+      value: 'IIB',
+      coding: { system: SCT, code: '1222769001', display: 'American Joint Committee on Cancer stage IIB (qualifier value)' },
+    });
     expect(findStageGroup('IIIC')?.coding?.code).toBe('1222806003');
     const coded = knownStageGroups().filter((g) => findStageGroup(g)?.coding);
     expect(coded.sort()).toEqual(['IIB', 'IIIC']);

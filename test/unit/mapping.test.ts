@@ -129,7 +129,11 @@ describe('fixtures', () => {
     expect(r.externalId).toBe('EHR-2026-000123');
     expect(r.diagnosis.histology).toEqual({ system: SCT, code: '82711006', display: 'Infiltrating duct carcinoma' });
     expect(r.documents?.[0].data?.length).toBeGreaterThan(400);
-    expect(Buffer.from(r.documents?.[0].data ?? '', 'base64').subarray(0, 5).toString()).toBe('%PDF-');
+    expect(
+      Buffer.from(r.documents?.[0].data ?? '', 'base64')
+        .subarray(0, 5)
+        .toString()
+    ).toBe('%PDF-');
     expect(r.documents?.[1].url).toBe('https://ehr.example.org/docs/77');
   });
 
@@ -327,7 +331,10 @@ describe.each(FIXTURE_NAMES)('bundle for %s', (name) => {
       const obs = one<Observation>(bundle, 'Observation');
       expect(c.stage?.[0].assessment?.[0].reference).toBe(fullUrlOf(bundle, obs));
       expect(obs.focus?.[0].reference).toBe(fullUrlOf(bundle, c));
-      expect(obs.method?.coding?.[0]).toMatchObject({ system: SCT, code: { 'AJCC-8': '897275008', 'AJCC-7': '443830009', 'AJCC-9': '1269566009' }[dx.stage.system] });
+      expect(obs.method?.coding?.[0]).toMatchObject({
+        system: SCT,
+        code: { 'AJCC-8': '897275008', 'AJCC-7': '443830009', 'AJCC-9': '1269566009' }[dx.stage.system],
+      });
       expect(obs.valueCodeableConcept?.text).toContain(dx.stage.value.toUpperCase());
       const coded = obs.valueCodeableConcept?.coding?.[0]?.code;
       expect(coded).toBe({ IIB: '1222769001', IIIC: '1222806003' }[dx.stage.value.toUpperCase()]);
@@ -393,7 +400,14 @@ describe('mapReferralToBundle options and edge cases', () => {
     expect(sr.performerType).toEqual({ text: 'Sarcoma' });
     const referral = loadReferral('sarcoma-expert-opinion');
     expect(one<ServiceRequest>(map(referral), 'ServiceRequest').performerType).toEqual({ text: 'Sarcoma' });
-    const given = mapReferralToBundle({ referralId: 'ref_t', clientId: 'dev', referral, destination: SANDBOX, createdAt: CREATED_AT, specialty: 'Orthopaedic oncology' });
+    const given = mapReferralToBundle({
+      referralId: 'ref_t',
+      clientId: 'dev',
+      referral,
+      destination: SANDBOX,
+      createdAt: CREATED_AT,
+      specialty: 'Orthopaedic oncology',
+    });
     expect(one<ServiceRequest>(given, 'ServiceRequest').performerType).toEqual({ text: 'Orthopaedic oncology' });
     const unrouted = { ...minimalReferral(), diagnosis: { ...minimalReferral().diagnosis, code: { system: SCT, code: '372087000' } } };
     expect(one<ServiceRequest>(map(unrouted), 'ServiceRequest').performerType).toBeUndefined();
@@ -401,7 +415,14 @@ describe('mapReferralToBundle options and edge cases', () => {
 
   test('attachmentUrls replace inline data but keep size and hash', () => {
     const referral = loadReferral('breast-second-opinion');
-    const bundle = mapReferralToBundle({ referralId: 'ref_test', clientId: 'dev', referral, destination: SANDBOX, createdAt: CREATED_AT, attachmentUrls: { 0: 'Binary/abc' } });
+    const bundle = mapReferralToBundle({
+      referralId: 'ref_test',
+      clientId: 'dev',
+      referral,
+      destination: SANDBOX,
+      createdAt: CREATED_AT,
+      attachmentUrls: { 0: 'Binary/abc' },
+    });
     const [first, second] = resources<DocumentReference>(bundle, 'DocumentReference');
     const bytes = Buffer.from(referral.documents[0].data as string, 'base64');
     expect(first.content[0].attachment).toMatchObject({ url: 'Binary/abc', size: bytes.length, hash: createHash('sha1').update(bytes).digest('base64') });
@@ -519,7 +540,9 @@ describe('mapAddedDocumentsToBundle', () => {
     expect(JSON.stringify(mapAddedDocumentsToBundle({ ...input, addedAt: '2026-10-05T10:00:00.000Z' }))).toBe(JSON.stringify(a));
     expect(resources<DocumentReference>(a, 'DocumentReference')[0].date).toBe('2026-10-05T10:00:00.000Z');
     // Document 10 of this referral can never collide with document 1..9 of the original bundle.
-    const original = new Set((mapFixture('tumour-board-many-documents').entry ?? []).filter((e) => e.resource?.resourceType === 'DocumentReference').map((e) => e.fullUrl));
+    const original = new Set(
+      (mapFixture('tumour-board-many-documents').entry ?? []).filter((e) => e.resource?.resourceType === 'DocumentReference').map((e) => e.fullUrl)
+    );
     for (const e of a.entry ?? []) {
       if (e.resource?.resourceType === 'DocumentReference') {
         expect(original.has(e.fullUrl)).toBe(false);
@@ -534,7 +557,7 @@ describe('mapAddedDocumentsToBundle', () => {
   });
 });
 
-describe('listing documents added later on the centre\'s ServiceRequest and Task', () => {
+describe("listing documents added later on the centre's ServiceRequest and Task", () => {
   const bundle = mapFixture('breast-second-opinion');
   const task = resources<Task>(bundle, 'Task')[0];
   const sr = resources<ServiceRequest>(bundle, 'ServiceRequest')[0];
@@ -598,7 +621,9 @@ describe('validateBundle catches broken bundles', () => {
   });
 
   test('a non-transaction bundle type is reported', () => {
-    expect(validateBundle({ resourceType: 'Bundle', type: 'collection', entry: [] })).toEqual([{ path: 'Bundle.type', message: expect.stringMatching(/transaction or batch/) }]);
+    expect(validateBundle({ resourceType: 'Bundle', type: 'collection', entry: [] })).toEqual([
+      { path: 'Bundle.type', message: expect.stringMatching(/transaction or batch/) },
+    ]);
   });
 
   test('the definitions load once', () => {

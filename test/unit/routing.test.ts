@@ -142,12 +142,16 @@ describe('routeReferral: choosing among configured destinations', () => {
 });
 
 describe('checkCodes', () => {
-  test.each(['breast-second-opinion', 'lung-expert-opinion', 'colorectal-second-opinion', 'sarcoma-expert-opinion', 'paediatric-leukaemia', 'tumour-board-many-documents'])(
-    'fixture %s has acceptable codes',
-    (name) => {
-      expect(checkCodes(referralSchema.parse(fixture(name)))).toEqual([]);
-    }
-  );
+  test.each([
+    'breast-second-opinion',
+    'lung-expert-opinion',
+    'colorectal-second-opinion',
+    'sarcoma-expert-opinion',
+    'paediatric-leukaemia',
+    'tumour-board-many-documents',
+  ])('fixture %s has acceptable codes', (name) => {
+    expect(checkCodes(referralSchema.parse(fixture(name)))).toEqual([]);
+  });
 
   test('diagnosis must be an ICD-10 cancer code', () => {
     expect(checkCodes(withDiagnosis(ICD10CM, 'I10'))).toEqual([{ path: 'diagnosis.code.code', message: expect.stringMatching(/not an ICD-10-CM malignant/) }]);
@@ -214,7 +218,9 @@ describe('checkCodes', () => {
     const bad = referral((x) => {
       x.diagnosis.stage = { system: 'AJCC-8', value: 'T2N1M0' };
     });
-    expect(checkCodes(bad)).toEqual([{ path: 'diagnosis.stage.value', message: expect.stringMatching(/"T2N1M0" is not an AJCC stage group \(one of 0, 0a, 0is, I,/) }]);
+    expect(checkCodes(bad)).toEqual([
+      { path: 'diagnosis.stage.value', message: expect.stringMatching(/"T2N1M0" is not an AJCC stage group \(one of 0, 0a, 0is, I,/) },
+    ]);
     const lower = referral((x) => {
       x.diagnosis.stage = { system: 'AJCC-8', value: 'stage iiib' };
     });

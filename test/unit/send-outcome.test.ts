@@ -25,8 +25,18 @@ import { StoreUnavailableError } from '../../src/store/errors';
 describe('failure -> HTTP answer', () => {
   const cases: Array<[string, Failure, number, Record<string, string>]> = [
     ['malformed', malformed({ code: 'structure', message: 'the body is not valid JSON', expression: '$' }), 400, {}],
-    ['unauthenticated (client key)', unauthenticated('the API key is not valid', 'referral-gateway'), 401, { 'WWW-Authenticate': 'Bearer realm="referral-gateway"' }],
-    ['unauthenticated (admin key)', unauthenticated('the admin API key is required', 'referral-gateway-admin'), 401, { 'WWW-Authenticate': 'Bearer realm="referral-gateway-admin"' }],
+    [
+      'unauthenticated (client key)',
+      unauthenticated('the API key is not valid', 'referral-gateway'),
+      401,
+      { 'WWW-Authenticate': 'Bearer realm="referral-gateway"' },
+    ],
+    [
+      'unauthenticated (admin key)',
+      unauthenticated('the admin API key is required', 'referral-gateway-admin'),
+      401,
+      { 'WWW-Authenticate': 'Bearer realm="referral-gateway-admin"' },
+    ],
     ['forbidden', forbidden('admin endpoints are disabled'), 403, {}],
     ['not-found', referralNotFound('ref_1'), 404, {}],
     ['timeout', bodyTimeout('the body did not arrive in time'), 408, { Connection: 'close' }],
@@ -53,13 +63,21 @@ describe('failure -> HTTP answer', () => {
   });
 
   test('the issues name the field; the named failures keep their wording', () => {
-    expect(businessRule('documents can no longer be added').outcome.issue[0]).toEqual({ severity: 'error', code: 'business-rule', details: { text: 'documents can no longer be added' }, expression: ['status'] });
+    expect(businessRule('documents can no longer be added').outcome.issue[0]).toEqual({
+      severity: 'error',
+      code: 'business-rule',
+      details: { text: 'documents can no longer be added' },
+      expression: ['status'],
+    });
     expect(notFound('no such endpoint').outcome.issue[0]).toEqual({ severity: 'error', code: 'not-found', details: { text: 'no such endpoint' } });
     expect(notCancellable('ref_1', 'on-hold').message).toBe('referral ref_1 is on-hold: it can no longer be cancelled directly; ask the centre');
   });
 
   test("the store's unavailability is a 503 with its own Retry-After; a medplum client error keeps its status; a bug has no answer (500)", () => {
-    expect(httpAnswer(new StoreUnavailableError('database is locked', { retryAfterSeconds: 3 }))).toMatchObject({ status: 503, headers: { 'Retry-After': '3' } });
+    expect(httpAnswer(new StoreUnavailableError('database is locked', { retryAfterSeconds: 3 }))).toMatchObject({
+      status: 503,
+      headers: { 'Retry-After': '3' },
+    });
     expect(httpAnswer(new OperationOutcomeError(badRequest('bad')))).toMatchObject({ status: 400 });
     expect(httpAnswer(new Error('a bug'))).toBeUndefined();
     expect(httpAnswer(new TypeError('x is undefined'))).toBeUndefined();

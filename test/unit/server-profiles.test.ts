@@ -21,9 +21,19 @@ describe('destination settings by server profile', () => {
 
   test('profile medplum fills in what Medplum needs; a setting given explicitly wins', () => {
     const s = destinationSettings({ profile: 'medplum' });
-    expect(s).toMatchObject({ binaryMode: 'raw', clientIds: false, preferMinimal: false, transactionMode: 'resolve-first', presignedUrls: true, verifyDelivery: true });
+    expect(s).toMatchObject({
+      binaryMode: 'raw',
+      clientIds: false,
+      preferMinimal: false,
+      transactionMode: 'resolve-first',
+      presignedUrls: true,
+      verifyDelivery: true,
+    });
     expect(s.maxJsonBytes).toBeLessThanOrEqual(1_048_576);
-    expect(destinationSettings({ profile: 'medplum', preferMinimal: true, maxJsonBytes: 5_000_000 })).toMatchObject({ preferMinimal: true, maxJsonBytes: 5_000_000 });
+    expect(destinationSettings({ profile: 'medplum', preferMinimal: true, maxJsonBytes: 5_000_000 })).toMatchObject({
+      preferMinimal: true,
+      maxJsonBytes: 5_000_000,
+    });
   });
 
   test('profile hapi uploads raw Binary with stable client ids', () => {
@@ -84,7 +94,20 @@ describe('the FHIR_BASE_URL destination takes every destination option from a FH
 
   test('every option of the schema has its variable (none forgotten)', () => {
     const names = destinationOptionVariables().map((v) => v.variable);
-    for (const v of ['FHIR_PROFILE', 'FHIR_BINARY_MODE', 'FHIR_MAX_INLINE_BYTES', 'FHIR_MAX_JSON_BYTES', 'FHIR_CLIENT_IDS', 'FHIR_PREFER_MINIMAL', 'FHIR_TRANSACTION_MODE', 'FHIR_VERIFY_DELIVERY', 'FHIR_PRESIGNED_URLS', 'FHIR_ATTACHMENT_ORIGINS', 'FHIR_POLL_CRON', 'FHIR_CIRCUIT_BREAKER']) {
+    for (const v of [
+      'FHIR_PROFILE',
+      'FHIR_BINARY_MODE',
+      'FHIR_MAX_INLINE_BYTES',
+      'FHIR_MAX_JSON_BYTES',
+      'FHIR_CLIENT_IDS',
+      'FHIR_PREFER_MINIMAL',
+      'FHIR_TRANSACTION_MODE',
+      'FHIR_VERIFY_DELIVERY',
+      'FHIR_PRESIGNED_URLS',
+      'FHIR_ATTACHMENT_ORIGINS',
+      'FHIR_POLL_CRON',
+      'FHIR_CIRCUIT_BREAKER',
+    ]) {
       expect(names).toContain(v);
     }
   });
@@ -105,7 +128,12 @@ describe('documents that leave the transaction', () => {
   const destination = { baseUrl: 'https://c.example/fhir', maxInlineBytes: 1000 };
 
   test('binaryMode raw: large documents are uploaded before the transaction, none is a Binary entry', () => {
-    const plan = planBinaries({ referralId: 'r1', documents: [doc(10), doc(5000), doc(2000)], startIndex: 0, destination: { ...destination, binaryMode: 'raw' } });
+    const plan = planBinaries({
+      referralId: 'r1',
+      documents: [doc(10), doc(5000), doc(2000)],
+      startIndex: 0,
+      destination: { ...destination, binaryMode: 'raw' },
+    });
     expect(plan.raw).toEqual([1, 2]);
     expect(plan.entries).toEqual([]);
   });

@@ -35,8 +35,7 @@ async function maxLoopGap<T>(during: () => Promise<T>): Promise<{ value: T; gapM
   }
 }
 
-const insertProbe = (k: Kysely<any>, id: string): Promise<unknown> =>
-  k.insertInto('store_probe').values({ id, at: new Date().toISOString() }).execute();
+const insertProbe = (k: Kysely<any>, id: string): Promise<unknown> => k.insertInto('store_probe').values({ id, at: new Date().toISOString() }).execute();
 
 describe('the node:sqlite driver on a database file another connection locks', () => {
   let dir: string;
@@ -105,7 +104,14 @@ describe('the node:sqlite driver on a database file another connection locks', (
     const d = await open(600);
     other.exec('BEGIN IMMEDIATE');
     const started = Date.now();
-    const { value: err, gapMs } = await maxLoopGap(() => d.durably((k) => k.transaction().execute((trx) => insertProbe(trx, 'never'))).then(() => undefined, (e: unknown) => e));
+    const { value: err, gapMs } = await maxLoopGap(() =>
+      d
+        .durably((k) => k.transaction().execute((trx) => insertProbe(trx, 'never')))
+        .then(
+          () => undefined,
+          (e: unknown) => e
+        )
+    );
     const waited = Date.now() - started;
     expect(isStoreUnavailable(err)).toBe(true);
     expect(err).toBeInstanceOf(StoreUnavailableError);
@@ -229,7 +235,13 @@ describe('store errors that mean "unavailable"', () => {
     ['SQLITE_PERM', sqliteError(3, 'access permission denied')],
     ['ECONNREFUSED', pgError('ECONNREFUSED', 'connect ECONNREFUSED 127.0.0.1:5432')],
     ['ECONNRESET', pgError('ECONNRESET', 'read ECONNRESET')],
-    ['ECONNREFUSED', new AggregateError([pgError('ECONNREFUSED', 'connect ECONNREFUSED ::1:5432'), pgError('ECONNREFUSED', 'connect ECONNREFUSED 127.0.0.1:5432')], 'connect ECONNREFUSED')],
+    [
+      'ECONNREFUSED',
+      new AggregateError(
+        [pgError('ECONNREFUSED', 'connect ECONNREFUSED ::1:5432'), pgError('ECONNREFUSED', 'connect ECONNREFUSED 127.0.0.1:5432')],
+        'connect ECONNREFUSED'
+      ),
+    ],
     ['57P01', pgError('57P01', 'terminating connection due to administrator command')],
     ['57P03', pgError('57P03', 'the database system is starting up')],
     ['53300', pgError('53300', 'too many connections for role "gateway"')],
