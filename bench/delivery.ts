@@ -40,7 +40,7 @@ import type { Bundle } from '@medplum/fhirtypes';
 import { loadConfig } from '../src/config/config';
 import type { Destination } from '../src/config/destinations';
 import { mapReferralToBundle } from '../src/mapping/bundle';
-import { referralSchema } from '../src/referral/schema';
+import { referralSchema } from '../src/model';
 import { ReferralService } from '../src/referral/service';
 import { openDb } from '../src/store/db';
 import { newReferralId, nowIso } from '../src/store/ids';

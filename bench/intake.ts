@@ -22,7 +22,7 @@ import { routeReferral } from '../src/mapping/routing';
 import { validateBundle } from '../src/mapping/validate';
 import { checkReferral, destinationDirectory } from '../src/referral/check';
 import { sandboxDestination } from '../src/sandbox';
-import { referralSchema } from '../src/referral/schema';
+import { referralSchema } from '../src/model';
 import { canonicalHash } from '../src/referral/service';
 import { openDb } from '../src/store/db';
 import { migrate } from '../src/store/migrations';

@@ -64,7 +64,7 @@ async function coldLoad(): Promise<void> {
   const { loadFhirDefinitions } = await import('../src/fhir/definitions');
   const { validateBundle } = await import('../src/mapping/validate');
   const { mapReferralToBundle } = await import('../src/mapping/bundle');
-  const { referralSchema } = await import('../src/referral/schema');
+  const { referralSchema } = await import('../src/model');
   const { sandboxDestination } = await import('../src/sandbox');
   const importMs = performance.now() - t0;
   gc();
@@ -153,7 +153,7 @@ function phase(name: string, fn: (i: number) => number): Phase {
 
 async function throughput(): Promise<void> {
   const { loadFhirDefinitions } = await import('../src/fhir/definitions');
-  const { referralSchema } = await import('../src/referral/schema');
+  const { referralSchema } = await import('../src/model');
   const { checkCodes } = await import('../src/mapping/codes');
   const { routeReferral } = await import('../src/mapping/routing');
   const { mapReferralToBundle } = await import('../src/mapping/bundle');

@@ -1,7 +1,7 @@
 import { Router } from 'express';
 import { z } from 'zod';
 import { referralStatusSchema } from '../referral/view';
-import type { StoredReferral } from '../referral/types';
+import type { StoredReferral } from '../model';
 import type { ReferralService, SubmitResult } from '../referral/service';
 import { submissions } from '../observability/metrics';
 import { httpAnswer } from './send-outcome';

@@ -1,5 +1,5 @@
 import type { z } from 'zod';
-import { loadPrivateKey } from '../fhir/auth';
+import { loadPrivateKey } from './secrets';
 import { OWN_VARIABLES, destinationOptionVariable, destinationOptionVariables } from './destination-variables';
 import { type Destination, destinationSchema, loadDestinationsFile } from './destinations';
 import { type Env, type EnvName, envSchema } from './variables';

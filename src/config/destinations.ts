@@ -244,3 +244,9 @@ export function loadDestinationsFile(path: string): Destination[] {
   }
   return parsed.data.destinations;
 }
+
+/** The destinations a referral can be routed to (the gateway's Directory implements it). */
+export interface DestinationDirectory {
+  ids(): string[];
+  get(id: string): Destination | undefined;
+}

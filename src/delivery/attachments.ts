@@ -4,7 +4,7 @@ import type { Destination } from '../config/destinations';
 import { inlineDocumentsOverLimit } from '../mapping/bundle';
 import { documentIdentifierValue, GATEWAY_TAG } from '../mapping/constants';
 import { entryFullUrl } from '../mapping/uuid';
-import type { ReferralDocument } from '../referral/schema';
+import type { ReferralDocument } from '../model';
 
 /** `Binary.meta.tag` system whose code names the referral document a Binary carries (`<referralId>/document/<n>`). */
 export const BINARY_DOCUMENT_TAG_SYSTEM = 'https://referral-gateway.dev/fhir/CodeSystem/document-binary';

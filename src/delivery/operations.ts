@@ -11,8 +11,7 @@ import { mapAddedDocumentsToBundle, mapReferralToBundle, serviceRequestWithDocum
 import { DOCUMENT_IDENTIFIER_SYSTEM, documentIdentifierValue, REFERRAL_IDENTIFIER_SYSTEM } from '../mapping/constants';
 import { logger } from '../observability/logger';
 import { deliveryLatency } from '../observability/metrics';
-import type { Referral, ReferralDocument } from '../referral/schema';
-import type { FhirRefs, StoredReferral } from '../referral/types';
+import type { Referral, ReferralDocument, FhirRefs, StoredReferral } from '../model';
 import { nowIso } from '../store/ids';
 import type { OutboxEntry, ReferralStore } from '../store/referral-store';
 import { documentsToMoveOut, estimateJsonBytes, planBinaries } from './attachments';

@@ -3,7 +3,7 @@
 import type { DestinationSettings } from '../config/destinations';
 import type { FhirClient } from '../fhir/client';
 import { logger } from '../observability/logger';
-import type { ReferralDocument } from '../referral/schema';
+import type { ReferralDocument } from '../model';
 import { binaryUploadsOf, markUploadDone, markUploadPending } from '../store/binary-uploads';
 import type { Db } from '../store/db';
 import { binaryId } from './attachments';

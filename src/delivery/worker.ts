@@ -1,17 +1,16 @@
 import type { OperationOutcome } from '@medplum/fhirtypes';
-import type { Destination } from '../config/destinations';
+import type { Destination, DestinationDirectory } from '../config/destinations';
 import { logger } from '../observability/logger';
 import { ageSeconds, isExhausted, LeasedQueueRunner, notPastAgeLimit, settleRetry } from '../queue';
 import type { MemoryBudget, Release } from '../memory';
 import { deliveries } from '../observability/metrics';
-import type { DestinationDirectory } from '../referral/service';
 import { ulid } from '../store/ids';
 import type { OutboxEntry, ReferralStore } from '../store/referral-store';
 import { CircuitBreaker } from './circuit';
 import type { FhirClients } from './clients';
 import { deliverCancel, deliverDocuments, deliverSubmit } from './operations';
 import type { DeliveryEvent, OperationContext, Outcome, ReferralSummary } from './operations';
-import type { StoredReferral } from '../referral/types';
+import type { StoredReferral } from '../model';
 
 type Entry = Omit<OutboxEntry, 'payload'>;
 

@@ -3,7 +3,8 @@
 // Facts and a destination's settings into report lines. Probe data is never real patient data.
 import { randomBytes, randomUUID } from 'node:crypto';
 import type { Destination } from '../config/destinations';
-import { createAuthProvider, fetchWithDeadline } from '../fhir/auth';
+import { createAuthProvider } from '../fhir/auth';
+import { fetchWithDeadline } from '../http';
 import {
   BudgetExceeded,
   FHIR_JSON,

@@ -1,7 +1,8 @@
-import { randomUUID, createPrivateKey, type KeyObject } from 'node:crypto';
-import { readFileSync } from 'node:fs';
+import { randomUUID, type KeyObject } from 'node:crypto';
 import { SignJWT } from 'jose';
-import type { DestinationAuth, SmartBackendAuth } from '../config/destinations';
+import type { DestinationAuth } from '../config/destinations';
+import { loadPrivateKey, requireEnv } from '../config/secrets';
+import { DeadlineExceeded, errorCode, fetchWithDeadline, parseRetryAfterHeader, type TimedResponse } from '../http';
 
 /**
  * Supplies the Authorization header for requests to one destination.
@@ -125,56 +126,9 @@ export function createAuthProvider(
   }
 }
 
-function requireEnv(env: NodeJS.ProcessEnv, name: string): string {
-  const value = env[name];
-  if (value === undefined || value === '') {
-    throw new Error(`Destination auth: environment variable ${name} is not set`);
-  }
-  return value;
-}
-
 /** RFC 6749 §2.3.1: client id and secret are form-urlencoded before Basic encoding. */
 function formEncode(value: string): string {
   return encodeURIComponent(value).replace(/%20/g, '+');
-}
-
-/**
- * The private key of a smart-backend destination, from its PEM file or the environment variable holding the
- * PEM (PKCS#8, PKCS#1 RSA or SEC1 EC). Checked against `alg` at once: RS384 needs an RSA key of 2048 bits or
- * more, ES384 a P-384 key. Errors name the file or variable, never key material.
- */
-export function loadPrivateKey(auth: SmartBackendAuth, env: NodeJS.ProcessEnv = process.env): KeyObject {
-  let pem: string;
-  let source: string;
-  if (auth.privateKeyFile !== undefined) {
-    source = `file ${auth.privateKeyFile}`;
-    try {
-      pem = readFileSync(auth.privateKeyFile, 'utf8');
-    } catch (err) {
-      throw new Error(`Destination auth: cannot read the private key ${source} (${errorCode(err)})`, { cause: err });
-    }
-  } else if (auth.privateKeyEnv !== undefined) {
-    source = `environment variable ${auth.privateKeyEnv}`;
-    // A PEM in a single-line variable often has literal "\n" sequences.
-    pem = requireEnv(env, auth.privateKeyEnv).replace(/\\n/g, '\n');
-  } else {
-    throw new Error('Destination auth: smart-backend needs privateKeyFile or privateKeyEnv');
-  }
-  let key: KeyObject;
-  try {
-    key = createPrivateKey({ key: pem, format: 'pem' });
-  } catch {
-    throw new Error(`Destination auth: the ${source} does not hold a PEM private key`);
-  }
-  if (auth.alg === 'RS384') {
-    const bits = key.asymmetricKeyDetails?.modulusLength ?? 0;
-    if (key.asymmetricKeyType !== 'rsa' || bits < 2048) {
-      throw new Error(`Destination auth: alg RS384 needs an RSA private key of at least 2048 bits in the ${source}`);
-    }
-  } else if (key.asymmetricKeyType !== 'ec' || key.asymmetricKeyDetails?.namedCurve !== 'secp384r1') {
-    throw new Error(`Destination auth: alg ES384 needs an EC P-384 private key in the ${source}`);
-  }
-  return key;
 }
 
 /**
@@ -341,77 +295,4 @@ function safeOAuthError(text: string): string | undefined {
   } catch {
     return undefined;
   }
-}
-
-/** A completed HTTP exchange: status, headers and the whole body. */
-export interface TimedResponse {
-  status: number;
-  statusText: string;
-  headers: Headers;
-  bytes: Uint8Array;
-}
-
-/** Thrown by fetchWithDeadline when the deadline passes first. */
-export class DeadlineExceeded extends Error {
-  constructor(readonly timeoutMs: number) {
-    super(`no complete response within ${timeoutMs} ms`);
-    this.name = 'DeadlineExceeded';
-  }
-}
-
-/**
- * One fetch, body included, within `timeoutMs`. The deadline aborts the request and wins the race even if
- * the fetch implementation is slow to honour the abort (a stalled body, a mock that ignores signals).
- * An abort of `init.signal` by the caller rejects as the fetch implementation reports it.
- */
-export async function fetchWithDeadline(fetchImpl: FetchImpl, url: string, init: RequestInit, timeoutMs: number): Promise<TimedResponse> {
-  const controller = new AbortController();
-  const signal = init.signal ? AbortSignal.any([init.signal, controller.signal]) : controller.signal;
-  let timer: NodeJS.Timeout | undefined;
-  const deadline = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => {
-      reject(new DeadlineExceeded(timeoutMs)); // settle first, so the race reports the deadline
-      controller.abort();
-    }, timeoutMs);
-  });
-  const work = (async (): Promise<TimedResponse> => {
-    const res = await fetchImpl(url, { ...init, signal });
-    const bytes = new Uint8Array(await res.arrayBuffer());
-    return { status: res.status, statusText: res.statusText, headers: res.headers, bytes };
-  })();
-  work.catch(() => undefined); // a late failure after the deadline is not an unhandled rejection
-  try {
-    return await Promise.race([work, deadline]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
-
-/** The low-level error code behind a failed fetch (e.g. ECONNRESET), without any message text. */
-export function errorCode(err: unknown): string {
-  const cause = (err as { cause?: { code?: unknown } })?.cause;
-  const code = (cause?.code ?? (err as { code?: unknown })?.code) as unknown;
-  if (typeof code === 'string' && /^[A-Z0-9_]{1,40}$/.test(code)) {
-    return code;
-  }
-  return (err as Error)?.name ?? 'unknown error';
-}
-
-/**
- * Parses an HTTP Retry-After value (delta-seconds or HTTP-date) into milliseconds from `now`.
- * Returns undefined when absent or unparseable; a date in the past gives 0.
- */
-export function parseRetryAfterHeader(value: string | null | undefined, now: number): number | undefined {
-  if (value === null || value === undefined) {
-    return undefined;
-  }
-  const trimmed = value.trim();
-  if (/^\d+$/.test(trimmed)) {
-    return Number(trimmed) * 1000;
-  }
-  const date = Date.parse(trimmed);
-  if (Number.isNaN(date)) {
-    return undefined;
-  }
-  return Math.max(0, date - now);
 }

@@ -5,8 +5,8 @@ import { destinationSettings } from '../config/destinations';
 import type { Destination } from '../config/destinations';
 import { logger as defaultLogger } from '../observability/logger';
 import { JSON_PLAIN_ASCII } from '../json';
-import { createAuthProvider, DeadlineExceeded, errorCode, fetchWithDeadline, parseRetryAfterHeader, TokenRequestError } from './auth';
-import type { TimedResponse } from './auth';
+import { DeadlineExceeded, errorCode, fetchWithDeadline, parseRetryAfterHeader, type TimedResponse } from '../http';
+import { createAuthProvider, TokenRequestError } from './auth';
 
 export type FhirErrorKind = 'network' | 'timeout' | 'http' | 'invalid-response';
 

@@ -27,7 +27,7 @@ import type {
   Task,
 } from '@medplum/fhirtypes';
 import type { Destination } from '../config/destinations';
-import type { Referral, ReferralDocument } from '../referral/schema';
+import type { Referral, ReferralDocument } from '../model';
 import {
   type ConceptOut,
   cancerConditionCodes,

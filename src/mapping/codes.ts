@@ -1,4 +1,4 @@
-import type { Coding, Referral } from '../referral/schema';
+import type { Coding, Referral } from '../model';
 import { isSnomedConceptId } from './snomed';
 import { cancerConditionCodes, findStageGroup, knownStageGroups, snomedDoNotUseReason } from './tables';
 

@@ -1,4 +1,4 @@
-import type { Referral } from '../referral/schema';
+import type { Referral } from '../model';
 import { cancerConditionCodes, type RoutingRule, routingRules } from './tables';
 
 export { checkCodes } from './codes';

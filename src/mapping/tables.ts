@@ -1,7 +1,7 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { z } from 'zod';
-import { documentKinds, priorities, reasonCodes, referralKinds, treatmentTypes } from '../referral/schema';
+import { documentKinds, priorities, reasonCodes, referralKinds, treatmentTypes } from '../model';
 import { isSnomedConceptId } from './snomed';
 
 /**

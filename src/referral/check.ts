@@ -5,18 +5,14 @@
 import type { Bundle } from '@medplum/fhirtypes';
 import type { z } from 'zod';
 import { type IssueInput, pathToExpression } from '../outcomes';
-import type { Destination } from '../config/destinations';
+import type { Destination, DestinationDirectory } from '../config/destinations';
+
+export type { DestinationDirectory } from '../config/destinations';
 import { mapReferralToBundle } from '../mapping/bundle';
 import { checkCodes } from '../mapping/codes';
 import { type Route, routeReferral } from '../mapping/routing';
 import { validateBundle } from '../mapping/validate';
-import { type Referral, referralSchema } from './schema';
-
-/** The destinations a referral can be routed to (the gateway's Directory implements it). */
-export interface DestinationDirectory {
-  ids(): string[];
-  get(id: string): Destination | undefined;
-}
+import { type Referral, referralSchema } from '../model';
 
 /** Which check rejected the submission; the checks run in this order and stop at the first failing one. */
 export type CheckStage = 'schema' | 'codes' | 'routing' | 'fhir';

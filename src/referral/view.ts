@@ -1,6 +1,6 @@
 import { z } from 'zod';
 import type { HistoryEntry, OutboxEntry } from '../store/referral-store';
-import { referralStatuses, type StoredReferral } from './types';
+import { referralStatuses, type StoredReferral } from '../model';
 
 /** A public referral status (shared/api-contract.md); the OpenAPI document's ReferralStatus. */
 export const referralStatusSchema = z.enum(referralStatuses).meta({

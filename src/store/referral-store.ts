@@ -1,10 +1,9 @@
 import { type Kysely, type RawBuilder, type Transaction, sql } from 'kysely';
-import type { Referral } from '../referral/schema';
+import { withoutDocumentBytes } from '../model';
 import { freeNow, jsonBytes, parseStored, parseStoredBytes } from '../json';
-import type { FhirRefs, ReferralStatus, ReportInfo, StoredReferral } from '../referral/types';
+import type { FhirRefs, ReferralStatus, ReportInfo, StoredReferral, Referral } from '../model';
 import type { Db } from './db';
 import { newId, nowIso } from './ids';
-import { withoutDocumentBytes } from '../retention/policy';
 import type { Database, LeasedQueueColumns, OutboxTable, ReferralsTable } from './schema';
 
 export interface HistoryEntry {

@@ -1,8 +1,8 @@
 import type { Attachment, DiagnosticReport, DocumentReference, Task } from '@medplum/fhirtypes';
 import { centreUnavailable, notFound } from '../outcomes';
 import type { FhirClients } from '../delivery/clients';
-import type { DestinationDirectory } from '../referral/service';
-import type { StoredReferral } from '../referral/types';
+import type { DestinationDirectory } from '../config/destinations';
+import type { StoredReferral } from '../model';
 
 /** Reads the bytes of a referral's opinion report from the centre: inline data, a Binary, or a URL under the centre's base. */
 export class ReportContentReader {

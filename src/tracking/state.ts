@@ -1,4 +1,4 @@
-import type { ReferralStatus } from '../referral/types';
+import type { ReferralStatus } from '../model';
 
 /** FHIR R4 Task.status values (http://hl7.org/fhir/task-status). */
 export const taskStatuses = [

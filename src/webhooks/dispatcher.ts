@@ -1,6 +1,6 @@
 import { Counter } from 'prom-client';
 import { Webhook } from 'standardwebhooks';
-import { errorCode, parseRetryAfterHeader } from '../fhir/auth';
+import { errorCode, parseRetryAfterHeader } from '../http';
 import { LeasedQueueRunner, settleRetry } from '../queue';
 import { logger } from '../observability/logger';
 import { metricsRegistry } from '../observability/metrics';

@@ -1,8 +1,7 @@
 import { sql } from 'kysely';
 import { openDb, type Db } from '../../src/store/db';
 import { migrate } from '../../src/store/migrations';
-import type { Referral } from '../../src/referral/schema';
-import type { ReferralStatus } from '../../src/referral/types';
+import type { Referral, ReferralStatus } from '../../src/model';
 import { newReferralId, nowIso } from '../../src/store/ids';
 import type { ReferralStore } from '../../src/store/referral-store';
 

@@ -1,6 +1,6 @@
 import { readFileSync } from 'node:fs';
 import { sql } from 'kysely';
-import { isBase64, referralSchema } from '../../src/referral/schema';
+import { isBase64, referralSchema } from '../../src/model';
 import { newReferralId, nowIso } from '../../src/store/ids';
 import { ReferralStore } from '../../src/store/referral-store';
 import { storeBackends } from '../helpers/db';

@@ -2,7 +2,7 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { type Kysely, sql } from 'kysely';
-import { referralSchema } from '../../src/referral/schema';
+import { referralSchema } from '../../src/model';
 import { type CheckpointStats, startCheckpointer } from '../../src/store/checkpointer';
 import { openDb } from '../../src/store/db';
 import { newReferralId, nowIso } from '../../src/store/ids';

@@ -1,6 +1,6 @@
 import { readFileSync } from 'node:fs';
-import { referralSchema } from '../../src/referral/schema';
-import type { ReferralStatus } from '../../src/referral/types';
+import { referralSchema } from '../../src/model';
+import type { ReferralStatus } from '../../src/model';
 import { ReferralStore } from '../../src/store/referral-store';
 import { WebhookStore } from '../../src/store/webhook-store';
 import { storeBackends, referralWithEvents as storedReferralWithEvents } from '../helpers/db';

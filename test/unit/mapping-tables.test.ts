@@ -1,7 +1,7 @@
 import { mkdtempSync, readdirSync, readFileSync, writeFileSync, cpSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
-import { documentKinds, priorities, reasonCodes, referralKinds, treatmentTypes } from '../../src/referral/schema';
+import { documentKinds, priorities, reasonCodes, referralKinds, treatmentTypes } from '../../src/model';
 import {
   DOCUMENT_IDENTIFIER_SYSTEM,
   GATEWAY_IDENTIFIER_BASE,

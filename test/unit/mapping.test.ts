@@ -18,7 +18,7 @@ import type {
   Task,
 } from '@medplum/fhirtypes';
 import type { Destination } from '../../src/config/destinations';
-import { type Referral, type ReferralInput, referralSchema } from '../../src/referral/schema';
+import { type Referral, type ReferralInput, referralSchema } from '../../src/model';
 import {
   GATEWAY_TAG,
   base64ByteLength,

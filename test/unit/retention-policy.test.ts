@@ -1,5 +1,6 @@
 import { createHash } from 'node:crypto';
-import { closedStatuses, cutoff, withoutDocumentBytes } from '../../src/retention/policy';
+import { withoutDocumentBytes } from '../../src/model';
+import { closedStatuses, cutoff } from '../../src/retention/policy';
 import { terminalStatuses } from '../../src/tracking/state';
 
 describe('retention policy', () => {

@@ -1,6 +1,6 @@
 import { readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import { type Referral, type ReferralInput, referralSchema } from '../../src/referral/schema';
+import { type Referral, type ReferralInput, referralSchema } from '../../src/model';
 import { checkCodes } from '../../src/mapping/codes';
 import { icd10Category, matchingRules, routeReferral } from '../../src/mapping/routing';
 import { routingRules } from '../../src/mapping/tables';

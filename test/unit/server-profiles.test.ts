@@ -4,7 +4,7 @@ import { destinationSchema, destinationSettings, serverProfileDefaults } from '.
 import { documentsToMoveOut, estimateJsonBytes, planBinaries } from '../../src/delivery/attachments';
 import { hasContent } from '../../src/delivery/verify';
 import { conditionalIndexes, rewriteReferences, withoutConditionalEntries } from '../../src/fhir/resolve';
-import type { ReferralDocument } from '../../src/referral/schema';
+import type { ReferralDocument } from '../../src/model';
 
 const base = { DESTINATIONS_FILE: '/nonexistent/destinations.json', FHIR_BASE_URL: 'https://centre.example.org/fhir/R4' };
 

@@ -1,8 +1,8 @@
 import { readFileSync } from 'node:fs';
 import { Webhook } from 'standardwebhooks';
 import { logger, setLogLevel } from '../../src/observability/logger';
-import { referralSchema } from '../../src/referral/schema';
-import type { ReferralStatus } from '../../src/referral/types';
+import { referralSchema } from '../../src/model';
+import type { ReferralStatus } from '../../src/model';
 import type { Db } from '../../src/store/db';
 import { ReferralStore } from '../../src/store/referral-store';
 import { WebhookStore } from '../../src/store/webhook-store';

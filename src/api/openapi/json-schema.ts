@@ -28,7 +28,7 @@ const FORMATS_WITHOUT_PATTERN = new Set(['datetime', 'email']);
 /**
  * Converts the named schemas (components) and the schemas used in place (inline) in one pass, so an inline schema
  * refers to a named one by $ref. `notes` adds metadata to schemas without changing them (e.g. descriptions of
- * src/referral/schema.ts fields).
+ * src/model/schema.ts fields).
  */
 export function convertSchemas(
   named: Record<string, z.ZodType>,

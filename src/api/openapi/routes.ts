@@ -3,7 +3,7 @@
 // src/api/openapi/index.ts turns them into the document.
 import { z } from 'zod';
 import breastSecondOpinion from '../../../fixtures/referrals/breast-second-opinion.json';
-import { referralSchema } from '../../referral/schema';
+import { referralSchema } from '../../model';
 import { referralViewSchema } from '../../referral/view';
 import type { JsonSchema } from './json-schema';
 import {

@@ -4,7 +4,7 @@
 import type { OperationOutcomeIssue } from '@medplum/fhirtypes';
 import { z } from 'zod';
 import type { DoctorReport } from '../../doctor/types';
-import { codingSchema, documentSchema, humanNameSchema, identifierSchema, referralSchema, treatmentSchema } from '../../referral/schema';
+import { codingSchema, documentSchema, humanNameSchema, identifierSchema, referralSchema, treatmentSchema } from '../../model';
 import { referralStatusSchema, referralViewSchema } from '../../referral/view';
 import { addDocumentsSchema, cancelSchema } from '../../referral/service';
 import { deliveriesQuery } from '../admin-router';
@@ -25,7 +25,7 @@ export const extension = (text: string): { description: string; 'x-extension': t
 const dateTime = z.iso.datetime();
 const count = z.int().min(0);
 
-// ---- requests: src/referral/schema.ts, described here (that module validates; it does not document) ----
+// ---- requests: src/model/schema.ts, described here (that module validates; it does not document) ----
 
 const DATE = 'A real calendar date as YYYY-MM-DD, not before 1900-01-01 and not in the future (one day of clock skew is allowed).';
 const SYSTEM = { description: 'A URI (e.g. http://snomed.info/sct) or an urn:oid: / urn:uuid: URN.' };
@@ -37,7 +37,7 @@ const stage = dx.stage.unwrap().shape;
 const doc = documentSchema.shape;
 
 /**
- * Metadata for schemas of src/referral/schema.ts, by instance: what a refinement checks in code (a real date, base64,
+ * Metadata for schemas of src/model/schema.ts, by instance: what a refinement checks in code (a real date, base64,
  * exactly one of data or url) in JSON Schema terms, descriptions and examples. An instance used in several fields
  * (the trimmed name string, the past date) is described once for all of them.
  */
