@@ -4,7 +4,8 @@
 //   - nothing outside src/api (and the composition root) imports src/api: the domain owns its outcomes;
 //   - mapping is pure: it imports neither the store nor delivery;
 //   - only the composition root and the command lines import the sandbox (which they load on demand);
-//   - src/outcomes and src/json are leaves.
+//   - src/outcomes, src/json and src/model are leaves;
+//   - another folder is imported through its index.ts (its public surface), never through its files.
 import js from '@eslint/js';
 import { createTypeScriptImportResolver } from 'eslint-import-resolver-typescript';
 import importX from 'eslint-plugin-import-x';
@@ -27,6 +28,8 @@ const domain = [
   './src/outcomes',
   './src/json',
   './src/memory',
+  './src/model',
+  './src/http',
 ];
 
 export default tseslint.config(
@@ -58,9 +61,27 @@ export default tseslint.config(
             { target: [...domain, './src/api'], from: './src/sandbox', message: 'only the composition root and the command lines use the sandbox' },
             { target: './src/outcomes', from: './src', except: ['./outcomes'], message: 'src/outcomes is a leaf' },
             { target: './src/json', from: './src', except: ['./json'], message: 'src/json is a leaf' },
+            { target: './src/model', from: './src', except: ['./model'], message: 'src/model is a leaf' },
           ],
         },
       ],
+    },
+  },
+  {
+    // One public surface per capability folder: another folder is imported through its index.ts, never its files.
+    files: ['src/**/*.ts'],
+    ignores: ['src/*.ts'],
+    rules: {
+      'no-restricted-imports': [
+        'error',
+        { patterns: [{ regex: '^(\\.\\./)+(?!\\.|fixtures/|mappings/)[^/]+/', message: 'import another folder through its index.ts' }] },
+      ],
+    },
+  },
+  {
+    files: ['src/*.ts'],
+    rules: {
+      'no-restricted-imports': ['error', { patterns: [{ regex: '^\\./[^/]+/', message: 'import a folder through its index.ts' }] }],
     },
   },
   {

@@ -1,19 +1,27 @@
 import express, { type Express, type Router } from 'express';
 import helmet from 'helmet';
-import { adminAuth, apiKeyAuth, correlationMiddleware, errorHandler, notFoundHandler, requireJson } from './api/middleware';
-import { type ReportReader, referralsRouter } from './api/referrals-router';
-import type { Config } from './config/config';
-import type { ReferralService } from './referral/service';
-import type { ReferralStore } from './store/referral-store';
-import { adminRouter } from './api/admin-router';
-import type { AdminDoctorDeps } from './api/admin-router';
-import { intakeBudget } from './api/intake-budget';
+import {
+  adminAuth,
+  apiKeyAuth,
+  correlationMiddleware,
+  errorHandler,
+  notFoundHandler,
+  requireJson,
+  adminRouter,
+  intakeBudget,
+  bodyPrecheck,
+  jsonBody,
+  openapiRouter,
+  referralsRouter,
+} from './api';
+import type { Config } from './config';
+import type { ReferralService } from './referral';
+import type { ReferralStore } from './store';
+import type { AdminDoctorDeps, ReportReader } from './api';
 import type { MemoryBudget } from './memory';
 import { SANDBOX_PATH } from './sandbox';
-import { bodyPrecheck, jsonBody } from './api/json-body';
-import { metricsRegistry } from './observability/metrics';
-import { openapiRouter } from './api/openapi-router';
-import type { RetentionRun } from './retention/job';
+import { metricsRegistry } from './observability';
+import type { RetentionRun } from './retention';
 
 export interface AppDeps {
   config: Config;

@@ -1,9 +1,9 @@
 import { resolve } from 'node:path';
-import { ConfigError, loadConfig } from './config/config';
+import { ConfigError, loadConfig } from './config';
 import { Gateway } from './gateway';
 import { SANDBOX_ID, SANDBOX_PATH } from './sandbox';
 import { allocatorTuned, GLIBC_TUNABLES_RECOMMENDED } from './memory';
-import { logger, setLogLevel } from './observability/logger';
+import { logger, setLogLevel } from './observability';
 
 async function main(): Promise<void> {
   let config;

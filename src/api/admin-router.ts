@@ -1,10 +1,10 @@
 import { Router } from 'express';
 import { z } from 'zod';
-import type { ReferralStore } from '../store/referral-store';
+import type { ReferralStore } from '../store';
 import { Failure } from '../outcomes';
-import { zodIssues } from '../referral/service';
-import type { RetentionRun } from '../retention/job';
-import type { Destination } from '../config/destinations';
+import { zodIssues } from '../referral';
+import type { RetentionRun } from '../retention';
+import type { Destination } from '../config';
 import { type OrphanedBinary, QUICK_SIZES, runDoctor } from '../doctor';
 
 /** What GET /admin/destinations/:id/doctor needs: the destinations (e.g. the gateway's DestinationDirectory). */

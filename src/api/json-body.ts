@@ -2,7 +2,7 @@ import type { Transform } from 'node:stream';
 import { createBrotliDecompress, createGunzip, createInflate } from 'node:zlib';
 import type { Request, RequestHandler, Response } from 'express';
 import { Counter } from 'prom-client';
-import { metricsRegistry } from '../observability/metrics';
+import { metricsRegistry } from '../observability';
 import { releaseIntake } from './intake-budget';
 import { freeNow, LARGE_BODY_CHARS, type LongString, NotUtf8Error, type PathSegment, parseBytes, type ScanProblem, scanJson, scanJsonBytes } from '../json';
 import { Failure, type IssueInput, pathToExpression } from '../outcomes';

@@ -1,8 +1,7 @@
 import { createHash, randomUUID, timingSafeEqual } from 'node:crypto';
 import type { NextFunction, Request, Response } from 'express';
-import { requestContext } from '../observability/context';
-import { logger } from '../observability/logger';
-import { isStoreUnavailable } from '../store/errors';
+import { requestContext, logger } from '../observability';
+import { isStoreUnavailable } from '../store';
 import { Failure, operationOutcome, unauthenticated } from '../outcomes';
 import { httpAnswer } from './send-outcome';
 

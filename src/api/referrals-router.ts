@@ -1,12 +1,11 @@
 import { Router } from 'express';
 import { z } from 'zod';
-import { referralStatusSchema } from '../referral/view';
+import { referralStatusSchema, zodIssues } from '../referral';
 import type { StoredReferral } from '../model';
-import type { ReferralService, SubmitResult } from '../referral/service';
-import { submissions } from '../observability/metrics';
+import type { ReferralService, SubmitResult } from '../referral';
+import { submissions } from '../observability';
 import { httpAnswer } from './send-outcome';
-import { zodIssues } from '../referral/service';
-import type { ReferralStore } from '../store/referral-store';
+import type { ReferralStore } from '../store';
 import { Failure } from '../outcomes';
 
 /** The query of GET /referrals. */

@@ -1,7 +1,7 @@
 import { getStatus, OperationOutcomeError } from '@medplum/core';
 import type { OperationOutcome } from '@medplum/fhirtypes';
 import { type FailureKind, isFailure, operationOutcome, storeUnavailable } from '../outcomes';
-import { isStoreUnavailable } from '../store/errors';
+import { isStoreUnavailable } from '../store';
 
 /** The HTTP status of each kind of failure. */
 export const STATUS_OF: Readonly<Record<FailureKind, number>> = {

@@ -1,8 +1,7 @@
 import { createServer, type RequestListener, type Server } from 'node:http';
 import type { Socket } from 'node:net';
 import { Counter, Gauge } from 'prom-client';
-import { logger } from '../observability/logger';
-import { metricsRegistry } from '../observability/metrics';
+import { logger, metricsRegistry } from '../observability';
 
 export interface ServerLimits {
   /** HEADERS_TIMEOUT_MS: the request line and headers must have arrived within this (Node answers 408 and closes). */

@@ -1,7 +1,7 @@
 import { Router } from 'express';
 import { z } from 'zod';
-import { zodIssues } from '../referral/service';
-import type { WebhookEntry, WebhookStore } from '../store/webhook-store';
+import { zodIssues } from '../referral';
+import type { WebhookEntry, WebhookStore } from '../store';
 import { Failure } from '../outcomes';
 
 /** The query of GET /admin/webhooks. */

@@ -6,7 +6,7 @@
 // test/unit/config-table.test.ts fails while README.md's table differs from the generated one.
 // Exit: 0 done, 2 usage error or no markers in README.md.
 import { readFileSync, writeFileSync } from 'node:fs';
-import { configTable, withConfigTable } from '../config/config-table';
+import { configTable, withConfigTable } from '../config';
 
 const USAGE = 'usage: npx tsx src/cli/config-table.ts [--write]';
 const README = 'README.md';

@@ -16,8 +16,8 @@
 // --quick: smaller size probes (JSON up to 4 MiB, raw Binary 1 MiB), for slow links.
 // Exit:   0 the gateway can work with the destination as configured, 1 it cannot (or the run failed),
 //         2 usage error, unknown destination or bad configuration.
-import { ConfigError, destinationOptionVariable, loadConfig } from '../config/config';
-import { type Destination, destinationSchema } from '../config/destinations';
+import { ConfigError, destinationOptionVariable, loadConfig } from '../config';
+import { type Destination, destinationSchema } from '../config';
 import { QUICK_SIZES, formatDoctorTable, runDoctor } from '../doctor';
 import { loadSandbox, SANDBOX_ID, type SandboxServer, sandboxDestination } from '../sandbox';
 

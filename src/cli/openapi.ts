@@ -8,7 +8,7 @@
 // Exit: 0 written or current, 1 out of date (--check), 2 usage error.
 import { readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
-import { openApiText } from '../api/openapi';
+import { openApiText } from '../api';
 
 export const OPENAPI_FILE = path.resolve(__dirname, '../../docs/openapi.json');
 const SHOWN = path.relative(process.cwd(), OPENAPI_FILE) || OPENAPI_FILE;

@@ -17,9 +17,9 @@
 //         bad configuration or a file that cannot be read.
 import type { ServiceRequest } from '@medplum/fhirtypes';
 import { readFileSync } from 'node:fs';
-import { ConfigError, loadConfig } from '../config/config';
-import type { Destination } from '../config/destinations';
-import { type CheckIssue, type DestinationDirectory, checkReferral, destinationDirectory } from '../referral/check';
+import { ConfigError, loadConfig } from '../config';
+import type { Destination, DestinationDirectory } from '../config';
+import { type CheckIssue, checkReferral, destinationDirectory } from '../referral';
 import { sandboxDestination } from '../sandbox';
 
 const USAGE = 'usage: npm run validate -- <referral.json | -> [more.json ...] [--destination <id>] [--quiet]';

@@ -7,7 +7,7 @@
 import { createServer } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { Webhook } from 'standardwebhooks';
-import { receiverSecret } from '../webhooks/dispatcher';
+import { receiverSecret } from '../webhooks';
 
 const port = Number(process.env.PORT ?? 9000);
 const host = process.env.HOST || '127.0.0.1';

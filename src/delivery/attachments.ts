@@ -1,9 +1,7 @@
 import type { Binary, BundleEntry } from '@medplum/fhirtypes';
-import { destinationSettings } from '../config/destinations';
-import type { Destination } from '../config/destinations';
-import { inlineDocumentsOverLimit } from '../mapping/bundle';
-import { documentIdentifierValue, GATEWAY_TAG } from '../mapping/constants';
-import { entryFullUrl } from '../mapping/uuid';
+import { destinationSettings } from '../config';
+import type { Destination } from '../config';
+import { inlineDocumentsOverLimit, documentIdentifierValue, GATEWAY_TAG, entryFullUrl } from '../mapping';
 import type { ReferralDocument } from '../model';
 
 /** `Binary.meta.tag` system whose code names the referral document a Binary carries (`<referralId>/document/<n>`). */

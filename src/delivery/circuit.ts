@@ -1,4 +1,4 @@
-import type { CircuitBreakerSettings } from '../config/destinations';
+import type { CircuitBreakerSettings } from '../config';
 
 export type CircuitState = 'closed' | 'open' | 'half-open';
 

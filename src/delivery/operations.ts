@@ -1,19 +1,31 @@
 import type { Bundle, BundleEntry, OperationOutcome, Resource, ServiceRequest, Task } from '@medplum/fhirtypes';
-import { destinationSettings } from '../config/destinations';
-import type { Destination } from '../config/destinations';
-import { FhirRequestError } from '../fhir/client';
-import type { FhirClient } from '../fhir/client';
-import { conditionalIndexes, KeyedMutex, locationOf, searchCriteria, withoutConditionalEntries } from '../fhir/resolve';
-import type { Matches } from '../fhir/resolve';
-import { classifyError, parseLocation, sendTransaction } from '../fhir/transaction';
-import type { TransactionLocation } from '../fhir/transaction';
-import { mapAddedDocumentsToBundle, mapReferralToBundle, serviceRequestWithDocuments, taskWithDocuments } from '../mapping/bundle';
-import { DOCUMENT_IDENTIFIER_SYSTEM, documentIdentifierValue, REFERRAL_IDENTIFIER_SYSTEM } from '../mapping/constants';
-import { logger } from '../observability/logger';
-import { deliveryLatency } from '../observability/metrics';
+import { destinationSettings } from '../config';
+import type { Destination } from '../config';
+import {
+  FhirRequestError,
+  conditionalIndexes,
+  KeyedMutex,
+  locationOf,
+  searchCriteria,
+  withoutConditionalEntries,
+  classifyError,
+  parseLocation,
+  sendTransaction,
+} from '../fhir';
+import type { FhirClient, Matches, TransactionLocation } from '../fhir';
+import {
+  mapAddedDocumentsToBundle,
+  mapReferralToBundle,
+  serviceRequestWithDocuments,
+  taskWithDocuments,
+  DOCUMENT_IDENTIFIER_SYSTEM,
+  documentIdentifierValue,
+  REFERRAL_IDENTIFIER_SYSTEM,
+} from '../mapping';
+import { logger, deliveryLatency } from '../observability';
 import type { Referral, ReferralDocument, FhirRefs, StoredReferral } from '../model';
-import { nowIso } from '../store/ids';
-import type { OutboxEntry, ReferralStore } from '../store/referral-store';
+import { nowIso } from '../store';
+import type { OutboxEntry, ReferralStore } from '../store';
 import { documentsToMoveOut, estimateJsonBytes, planBinaries } from './attachments';
 import { checkPatient, patientEntryIndex } from './patient-match';
 import type { PatientCheck } from './patient-match';

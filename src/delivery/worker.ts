@@ -1,11 +1,10 @@
 import type { OperationOutcome } from '@medplum/fhirtypes';
-import type { Destination, DestinationDirectory } from '../config/destinations';
-import { logger } from '../observability/logger';
+import type { Destination, DestinationDirectory } from '../config';
+import { logger, deliveries } from '../observability';
 import { ageSeconds, isExhausted, LeasedQueueRunner, notPastAgeLimit, settleRetry } from '../queue';
 import type { MemoryBudget, Release } from '../memory';
-import { deliveries } from '../observability/metrics';
-import { ulid } from '../store/ids';
-import type { OutboxEntry, ReferralStore } from '../store/referral-store';
+import { ulid } from '../store';
+import type { OutboxEntry, ReferralStore } from '../store';
 import { CircuitBreaker } from './circuit';
 import type { FhirClients } from './clients';
 import { deliverCancel, deliverDocuments, deliverSubmit } from './operations';
@@ -13,9 +12,6 @@ import type { DeliveryEvent, OperationContext, Outcome, ReferralSummary } from '
 import type { StoredReferral } from '../model';
 
 type Entry = Omit<OutboxEntry, 'payload'>;
-
-export { collectRefs } from './operations';
-export type { DeliveryEvent } from './operations';
 
 export interface DeliveryOptions {
   maxAttempts: number;

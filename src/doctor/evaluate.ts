@@ -1,7 +1,7 @@
 // Judges the probes' Facts against a destination's EFFECTIVE settings (destinationSettings): a server
 // trait is only a failure when the configured settings would break on it. Also computes the settings
 // that would make every line pass.
-import { type Destination, type DestinationSettings, destinationSettings } from '../config/destinations';
+import { type Destination, type DestinationSettings, destinationSettings } from '../config';
 import { formatBytes, is2xx } from './http';
 import { type Facts, type NotRun, STRICT_ISOLATION_ENTRIES, ran } from './probes';
 import type { DoctorCheck, DoctorStatus } from './types';

@@ -1,8 +1,8 @@
 // The destination doctor: probes a centre's FHIR server with tagged test resources (never real data),
 // deletes them again, and reports line by line whether the gateway can work with it as configured and
 // what to set otherwise. Used by `npm run doctor -- <destination>` and GET /admin/destinations/{id}/doctor.
-import { type Destination, destinationSettings, serverProfileDefaults } from '../config/destinations';
-import { createFhirClient } from '../fhir/client';
+import { type Destination, destinationSettings, serverProfileDefaults } from '../config';
+import { createFhirClient } from '../fhir';
 import { cleanupProbes } from './cleanup';
 import { type Line, evaluate, suggestSettings } from './evaluate';
 import { ProbeHttp, describeError } from './http';

@@ -2,8 +2,8 @@
 // what the server did (statuses, sizes, link shapes) as Facts. Nothing here judges: evaluate.ts turns
 // Facts and a destination's settings into report lines. Probe data is never real patient data.
 import { randomBytes, randomUUID } from 'node:crypto';
-import type { Destination } from '../config/destinations';
-import { createAuthProvider } from '../fhir/auth';
+import type { Destination } from '../config';
+import { createAuthProvider } from '../fhir';
 import { fetchWithDeadline } from '../http';
 import {
   BudgetExceeded,

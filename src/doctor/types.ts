@@ -1,5 +1,5 @@
-import type { Destination } from '../config/destinations';
-import type { FhirClient } from '../fhir/client';
+import type { Destination } from '../config';
+import type { FhirClient } from '../fhir';
 
 export type DoctorStatus = 'ok' | 'warn' | 'fail' | 'skip';
 

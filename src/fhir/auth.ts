@@ -1,7 +1,7 @@
 import { randomUUID, type KeyObject } from 'node:crypto';
 import { SignJWT } from 'jose';
-import type { DestinationAuth } from '../config/destinations';
-import { loadPrivateKey, requireEnv } from '../config/secrets';
+import type { DestinationAuth } from '../config';
+import { loadPrivateKey, requireEnv } from '../config';
 import { DeadlineExceeded, errorCode, fetchWithDeadline, parseRetryAfterHeader, type TimedResponse } from '../http';
 
 /**

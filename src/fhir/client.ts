@@ -1,9 +1,9 @@
 import { AsyncLocalStorage } from 'node:async_hooks';
 import { ClientStorage, MedplumClient, MemoryStorage } from '@medplum/core';
 import type { Bundle, OperationOutcome, Resource, ResourceType } from '@medplum/fhirtypes';
-import { destinationSettings } from '../config/destinations';
-import type { Destination } from '../config/destinations';
-import { logger as defaultLogger } from '../observability/logger';
+import { destinationSettings } from '../config';
+import type { Destination } from '../config';
+import { logger as defaultLogger } from '../observability';
 import { JSON_PLAIN_ASCII } from '../json';
 import { DeadlineExceeded, errorCode, fetchWithDeadline, parseRetryAfterHeader, type TimedResponse } from '../http';
 import { createAuthProvider, TokenRequestError } from './auth';

@@ -26,7 +26,7 @@ import type {
   ServiceRequest,
   Task,
 } from '@medplum/fhirtypes';
-import type { Destination } from '../config/destinations';
+import type { Destination } from '../config';
 import type { Referral, ReferralDocument } from '../model';
 import {
   type ConceptOut,
@@ -50,8 +50,6 @@ import {
 import { documentIdentifierValue } from './constants';
 import { matchingRules } from './routing';
 import { entryFullUrl } from './uuid';
-
-export { GATEWAY_TAG, GATEWAY_TAG_SEARCH, PLACER_IDENTIFIER_TYPE, REFERRAL_IDENTIFIER_SYSTEM, DOCUMENT_IDENTIFIER_SYSTEM, externalIdSystem } from './constants';
 
 /**
  * Maps a validated referral to one FHIR R4 transaction Bundle for the receiving cancer centre

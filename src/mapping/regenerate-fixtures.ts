@@ -9,7 +9,7 @@
 import { readdirSync, readFileSync, writeFileSync, existsSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import type { Bundle } from '@medplum/fhirtypes';
-import type { Destination } from '../config/destinations';
+import type { Destination } from '../config';
 import { referralSchema } from '../model';
 import { mapReferralToBundle } from './bundle';
 import { checkCodes } from './codes';

@@ -1,8 +1,6 @@
 import type { Referral } from '../model';
 import { cancerConditionCodes, type RoutingRule, routingRules } from './tables';
 
-export { checkCodes } from './codes';
-
 export interface Route {
   destination: string;
   /** Specialty of the first routing rule that matches the diagnosis, whichever way the destination was chosen. */

@@ -1,5 +1,5 @@
 import { Counter, Gauge } from 'prom-client';
-import { metricsRegistry } from '../observability/metrics';
+import { metricsRegistry } from '../observability';
 
 export interface MemoryBudgetOptions {
   /** Bytes of request bodies and delivery payloads the process holds at once (MAX_INTAKE_BYTES_IN_FLIGHT). */

@@ -1,5 +1,4 @@
-import { requestContext } from '../observability/context';
-import { logger } from '../observability/logger';
+import { requestContext, logger } from '../observability';
 
 /**
  * The loop shared by the delivery worker and the webhook dispatcher: claim due rows of a durable

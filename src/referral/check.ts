@@ -5,13 +5,10 @@
 import type { Bundle } from '@medplum/fhirtypes';
 import type { z } from 'zod';
 import { type IssueInput, pathToExpression } from '../outcomes';
-import type { Destination, DestinationDirectory } from '../config/destinations';
+import type { Destination, DestinationDirectory } from '../config';
 
-export type { DestinationDirectory } from '../config/destinations';
-import { mapReferralToBundle } from '../mapping/bundle';
-import { checkCodes } from '../mapping/codes';
-import { type Route, routeReferral } from '../mapping/routing';
-import { validateBundle } from '../mapping/validate';
+import { mapReferralToBundle, checkCodes, validateBundle } from '../mapping';
+import { type Route, routeReferral } from '../mapping';
 import { type Referral, referralSchema } from '../model';
 
 /** Which check rejected the submission; the checks run in this order and stop at the first failing one. */

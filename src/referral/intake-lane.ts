@@ -1,6 +1,6 @@
 import { setImmediate as nextTurn } from 'node:timers/promises';
 import { Gauge } from 'prom-client';
-import { metricsRegistry } from '../observability/metrics';
+import { metricsRegistry } from '../observability';
 
 const waitingGauge = new Gauge({
   name: 'referral_intake_lane_waiting',

@@ -1,19 +1,18 @@
 import { createHash } from 'node:crypto';
 import { z } from 'zod';
 import { businessRule, Failure, idempotencyConflict, invalidInput, type IssueInput, notCancellable, referralNotFound } from '../outcomes';
-import type { Destination } from '../config/destinations';
-import { mapAddedDocumentsToBundle } from '../mapping/bundle';
-import { validateBundle } from '../mapping/validate';
-import { logger } from '../observability/logger';
-import { newReferralId, nowIso } from '../store/ids';
-import type { ReferralStore } from '../store/referral-store';
+import type { Destination, DestinationDirectory } from '../config';
+import { mapAddedDocumentsToBundle, validateBundle } from '../mapping';
+import { logger } from '../observability';
+import { newReferralId, nowIso } from '../store';
+import type { ReferralStore } from '../store';
 import { capIssues, checkReferral, zodCheckIssues } from './check';
 import { identifierPolicyIssues } from './identifier-policy';
 import { documentSchema } from '../model';
-import { cancellable, terminalStatuses } from '../tracking/state';
+import { cancellable, terminalStatuses } from '../tracking';
 import type { StoredReferral, Referral } from '../model';
 import { type ReferralView, toView } from './view';
-import { literalCallbackProblem } from '../webhooks/callback-guard';
+import { literalCallbackProblem } from '../webhooks';
 import { IntakeLane, type Pause } from './intake-lane';
 
 /** The body of POST /referrals/{id}/cancel. */
@@ -23,9 +22,6 @@ export const addDocumentsSchema = z.array(documentSchema).min(1, 'at least one d
 
 /** An error answer lists at most this many issues, then one that counts the rest. */
 const MAX_ISSUES = 100;
-
-export type { DestinationDirectory } from './check';
-import type { DestinationDirectory } from './check';
 
 /** Zod issues as OperationOutcome issues naming the field (the intake check's formatting). */
 export function zodIssues(error: z.ZodError, prefix: ReadonlyArray<PropertyKey> = []): IssueInput[] {

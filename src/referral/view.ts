@@ -1,5 +1,5 @@
 import { z } from 'zod';
-import type { HistoryEntry, OutboxEntry } from '../store/referral-store';
+import type { HistoryEntry, OutboxEntry } from '../store';
 import { referralStatuses, type StoredReferral } from '../model';
 
 /** A public referral status (shared/api-contract.md); the OpenAPI document's ReferralStatus. */

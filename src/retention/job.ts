@@ -1,7 +1,6 @@
 import { schedule, type ScheduledTask } from 'node-cron';
-import { logger } from '../observability/logger';
-import { retentionActions } from '../observability/metrics';
-import type { ReferralStore } from '../store/referral-store';
+import { logger, retentionActions } from '../observability';
+import type { ReferralStore } from '../store';
 import { closedStatuses, cutoff, type RetentionPolicy } from './policy';
 
 export interface RetentionRun {

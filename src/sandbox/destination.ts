@@ -1,4 +1,4 @@
-import type { Destination } from '../config/destinations';
+import type { Destination } from '../config';
 
 /** The id of the built-in sandbox destination. */
 export const SANDBOX_ID = 'sandbox';

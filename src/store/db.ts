@@ -13,7 +13,7 @@ import {
   type TransactionSettings,
 } from 'kysely';
 import { Client, Pool } from 'pg';
-import { logger } from '../observability/logger';
+import { logger } from '../observability';
 import { type CheckpointStats, startCheckpointer } from './checkpointer';
 import { classifyStoreError, errorMessage } from './errors';
 import { NodeSqliteDialect } from './sqlite-driver';

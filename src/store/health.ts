@@ -1,4 +1,4 @@
-import { logger } from '../observability/logger';
+import { logger } from '../observability';
 import type { Db } from './db';
 import { errorMessage } from './errors';
 import { nowIso } from './ids';

@@ -18,7 +18,7 @@ import {
   SqliteIntrospector,
   SqliteQueryCompiler,
 } from 'kysely';
-import { logger } from '../observability/logger';
+import { logger } from '../observability';
 import { classifyStoreError, errorMessage, isSqliteBusy, sqliteCodeName, sqliteErrcode, StoreUnavailableError } from './errors';
 
 /**

@@ -1,14 +1,13 @@
 import type { Attachment, DiagnosticReport, DocumentReference, Reference, ServiceRequest, Task } from '@medplum/fhirtypes';
 import { schedule, type ScheduledTask } from 'node-cron';
-import type { Destination, DestinationDirectory } from '../config/destinations';
-import type { FhirClients } from '../delivery/clients';
+import type { Destination, DestinationDirectory } from '../config';
+import type { FhirClients } from '../delivery';
 import { nextDelay } from '../queue';
-import { FhirRequestError } from '../fhir/client';
-import { GATEWAY_TAG_SEARCH, REFERRAL_IDENTIFIER_SYSTEM } from '../mapping/constants';
-import { logger } from '../observability/logger';
-import { pollCycles } from '../observability/metrics';
+import { FhirRequestError } from '../fhir';
+import { GATEWAY_TAG_SEARCH, REFERRAL_IDENTIFIER_SYSTEM } from '../mapping';
+import { logger, pollCycles } from '../observability';
 import type { ReferralStatus, ReportInfo, StoredReferral } from '../model';
-import type { ReferralStore } from '../store/referral-store';
+import type { ReferralStore } from '../store';
 import { centreContentType, centreText, MAX_REPORT_TITLE_CHARS, MAX_STATUS_REASON_CHARS } from './centre-text';
 import { decideTransition, terminalStatuses } from './state';
 

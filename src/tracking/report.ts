@@ -1,7 +1,7 @@
 import type { Attachment, DiagnosticReport, DocumentReference, Task } from '@medplum/fhirtypes';
 import { centreUnavailable, notFound } from '../outcomes';
-import type { FhirClients } from '../delivery/clients';
-import type { DestinationDirectory } from '../config/destinations';
+import type { FhirClients } from '../delivery';
+import type { DestinationDirectory } from '../config';
 import type { StoredReferral } from '../model';
 
 /** Reads the bytes of a referral's opinion report from the centre: inline data, a Binary, or a URL under the centre's base. */

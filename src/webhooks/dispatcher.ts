@@ -2,10 +2,9 @@ import { Counter } from 'prom-client';
 import { Webhook } from 'standardwebhooks';
 import { errorCode, parseRetryAfterHeader } from '../http';
 import { LeasedQueueRunner, settleRetry } from '../queue';
-import { logger } from '../observability/logger';
-import { metricsRegistry } from '../observability/metrics';
-import { ulid } from '../store/ids';
-import type { WebhookEntry, WebhookStore } from '../store/webhook-store';
+import { logger, metricsRegistry } from '../observability';
+import { ulid } from '../store';
+import type { WebhookEntry, WebhookStore } from '../store';
 import { checkCallbackAddress, guardedFetch, type Lookup, NON_PUBLIC_CODE } from './callback-guard';
 
 export interface WebhookDispatcherOptions {

@@ -1,9 +1,9 @@
-import type { Db } from '../store/db';
-import { WebhookStore } from '../store/webhook-store';
+import type { Db } from '../store';
+import { WebhookStore } from '../store';
 import { WebhookDispatcher, type WebhookDispatcherOptions } from './dispatcher';
 
 export { WebhookDispatcher, WEBHOOK_DEFAULTS, receiverSecret, createSigner, type WebhookDispatcherOptions } from './dispatcher';
-export { WebhookStore, type WebhookEntry, type WebhookState } from '../store/webhook-store';
+export { WebhookStore, type WebhookEntry, type WebhookState } from '../store';
 
 export interface AttachedWebhooks {
   store: WebhookStore;
@@ -31,3 +31,4 @@ export function attachWebhooks(
   );
   return { store, dispatcher };
 }
+export { literalCallbackProblem } from './callback-guard';

@@ -8,17 +8,18 @@ import { readFileSync } from 'node:fs';
 describe('lint keeps the architecture', () => {
   const cases: Array<{ file: string; extra: string }> = [
     { file: 'src/referral/service.ts', extra: '' },
-    { file: 'src/referral/service.ts', extra: "import { httpAnswer } from '../api/send-outcome';\nexport const _status = httpAnswer;" },
+    { file: 'src/referral/service.ts', extra: "import { errorHandler } from '../api';\nexport const _handler = errorHandler;" },
     {
       file: 'src/mapping/codes.ts',
-      extra: "import { jsonBytes } from '../json';\nimport { ReferralStore } from '../store/referral-store';\nexport const _s = [ReferralStore, jsonBytes];",
+      extra: "import { jsonBytes } from '../json';\nimport { ReferralStore } from '../store';\nexport const _s = [ReferralStore, jsonBytes];",
     },
     { file: 'src/delivery/clients.ts', extra: "import { SANDBOX_ID } from '../sandbox';\nexport const _id = SANDBOX_ID;" },
-    { file: 'src/outcomes/index.ts', extra: "import { logger } from '../observability/logger';\nexport const _l = logger;" },
+    { file: 'src/outcomes/index.ts', extra: "import { logger } from '../observability';\nexport const _l = logger;" },
     {
       file: 'src/outcomes/index.ts',
       extra: 'export const _n = (x: number): string => (x > 1 ? "a" : x > 0 ? "b" : "c");\nexport function _f(p: Promise<void>): void { p; }',
     },
+    { file: 'src/tracking/report.ts', extra: "import { ReferralStore } from '../store/referral-store';\nexport const _r = ReferralStore;" },
   ];
   let results: string[][] = [];
   beforeAll(async () => {
@@ -40,6 +41,10 @@ describe('lint keeps the architecture', () => {
     expect(results[2]).toEqual([expect.stringMatching(/^import-x\/no-restricted-paths: .*mapping is pure/)]);
     expect(results[3]).toEqual([expect.stringMatching(/^import-x\/no-restricted-paths: .*only the composition root/)]);
     expect(results[4]).toEqual([expect.stringMatching(/^import-x\/no-restricted-paths: .*src\/outcomes is a leaf/)]);
+  });
+
+  test('another folder is imported through its index.ts, not its files', () => {
+    expect(results[6]).toEqual([expect.stringMatching(/^no-restricted-imports: .*through its index\.ts/)]);
   });
 
   test('a floating promise and a nested ternary are errors', () => {

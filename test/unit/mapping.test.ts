@@ -19,8 +19,8 @@ import type {
 } from '@medplum/fhirtypes';
 import type { Destination } from '../../src/config/destinations';
 import { type Referral, type ReferralInput, referralSchema } from '../../src/model';
+import { GATEWAY_TAG } from '../../src/mapping/constants';
 import {
-  GATEWAY_TAG,
   base64ByteLength,
   identifierQuery,
   inlineDocumentsOverLimit,
@@ -30,7 +30,8 @@ import {
   taskWithDocuments,
 } from '../../src/mapping/bundle';
 import { bundleForFixture, bundlePath, FIXTURE_CREATED_AT, FIXTURE_DESTINATION, FIXTURES_DIR, fixtureNames } from '../../src/mapping/regenerate-fixtures';
-import { collectReferences, loadFhirDefinitions, validateBundle } from '../../src/mapping/validate';
+import { loadFhirDefinitions } from '../../src/fhir/definitions';
+import { collectReferences, validateBundle } from '../../src/mapping/validate';
 
 // The golden bundles in fixtures/fhir are written by src/mapping/regenerate-fixtures.ts: map the fixtures with
 // its destination, time and function, so the test and the generator cannot drift apart.

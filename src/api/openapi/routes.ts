@@ -4,7 +4,7 @@
 import { z } from 'zod';
 import breastSecondOpinion from '../../../fixtures/referrals/breast-second-opinion.json';
 import { referralSchema } from '../../model';
-import { referralViewSchema } from '../../referral/view';
+import { referralViewSchema } from '../../referral';
 import type { JsonSchema } from './json-schema';
 import {
   addDocumentsRequestSchema,

@@ -3,16 +3,14 @@
 // tied at compile time to the type the code answers with, so a changed type fails `tsc` until the document follows.
 import type { OperationOutcomeIssue } from '@medplum/fhirtypes';
 import { z } from 'zod';
-import type { DoctorReport } from '../../doctor/types';
+import type { DoctorReport } from '../../doctor';
 import { codingSchema, documentSchema, humanNameSchema, identifierSchema, referralSchema, treatmentSchema } from '../../model';
-import { referralStatusSchema, referralViewSchema } from '../../referral/view';
-import { addDocumentsSchema, cancelSchema } from '../../referral/service';
+import { referralStatusSchema, referralViewSchema, addDocumentsSchema, cancelSchema } from '../../referral';
 import { deliveriesQuery } from '../admin-router';
 import { listQuery } from '../referrals-router';
 import { webhooksQuery } from '../webhooks-admin-router';
-import type { RetentionRun } from '../../retention/job';
-import type { OutboxEntry, WebhookEvent } from '../../store/referral-store';
-import type { WebhookEntry, WebhookState } from '../../store/webhook-store';
+import type { RetentionRun } from '../../retention';
+import type { OutboxEntry, WebhookEvent, WebhookEntry, WebhookState } from '../../store';
 
 /** Compile-time: A and B have the same shape (each assignable to the other). */
 type Same<A, B> = [A] extends [B] ? ([B] extends [A] ? true : false) : false;
