@@ -29,6 +29,7 @@
  * ROUNDS=5 (default) pairs of gateway and direct runs, alternating which goes first, and their median ratio;
  * WARMUP=200 (default) referrals delivered by each side before its clock starts (WARMUP=0: cold processes).
  */
+import { jsonFormat } from '../src/intake';
 import { type ChildProcess, execFileSync } from 'node:child_process';
 import { once } from 'node:events';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
@@ -135,7 +136,7 @@ async function queueReferrals(dbFile: string, fhirBase: string, bodies: Record<s
   const destination = defaultDestination(fhirBase, maxInlineBytes);
   const service = new ReferralService(store, { ids: () => ['default'], get: (id) => (id === 'default' ? destination : undefined) });
   for (const body of bodies) {
-    const r = await service.submit(CLIENT, body, null);
+    const r = await service.submit(CLIENT, jsonFormat.submission(body, {}));
     if (!r.created) throw new Error('referral not created');
   }
   await store.db.close();

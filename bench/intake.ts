@@ -23,7 +23,7 @@ import { validateBundle } from '../src/mapping/validate';
 import { checkReferral, destinationDirectory } from '../src/referral/check';
 import { sandboxDestination } from '../src/sandbox';
 import { referralSchema } from '../src/model';
-import { canonicalHash } from '../src/referral/service';
+import { canonicalHash } from '../src/json';
 import { openDb } from '../src/store/db';
 import { migrate } from '../src/store/migrations';
 import { ReferralStore } from '../src/store/referral-store';

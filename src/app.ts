@@ -1,3 +1,4 @@
+import type { IntakeRegistry } from './intake';
 import express, { type Express, type Router } from 'express';
 import helmet from 'helmet';
 import {
@@ -26,6 +27,8 @@ import type { RetentionRun } from './retention';
 export interface AppDeps {
   config: Config;
   store: ReferralStore;
+  /** The formats referrals are taken in (POST /referrals chooses by Content-Type). */
+  intake: IntakeRegistry;
   service: ReferralService;
   reports: ReportReader;
   sandbox?: Router;
@@ -80,7 +83,7 @@ export function createApp(deps: AppDeps): Express {
   const precheck = bodyPrecheck(limits);
   const json = jsonBody(limits);
   const budget = intakeBudget({ budget: deps.memory, maxBodyBytes: deps.config.maxBodyBytes, waitMs: deps.config.intakeWaitMs });
-  app.use('/referrals', apiKeyAuth(deps.config.apiKeys), requireJson, precheck, budget, json, referralsRouter(deps.service, deps.store, deps.reports));
+  app.use('/referrals', apiKeyAuth(deps.config.apiKeys), requireJson, precheck, budget, json, referralsRouter(deps.service, deps.intake, deps.reports));
   app.use(
     '/admin',
     adminAuth(deps.config.adminApiKey),

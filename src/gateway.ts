@@ -1,3 +1,4 @@
+import { defaultIntakeFormats } from './intake';
 import { once } from 'node:events';
 import type { Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
@@ -122,6 +123,7 @@ export class Gateway {
     const app = createApp({
       config: this.config,
       store: this.store,
+      intake: defaultIntakeFormats(),
       service: this.service,
       reports: new ReportContentReader(this.destinations, this.clients),
       sandbox: this.sandbox?.router,

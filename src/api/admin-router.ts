@@ -1,8 +1,9 @@
 import { Router } from 'express';
 import { z } from 'zod';
 import type { ReferralStore } from '../store';
-import { Failure } from '../outcomes';
-import { zodIssues } from '../referral';
+import { Failure, notFound, zodIssues } from '../outcomes';
+import { requeueDelivery } from '../referral';
+
 import type { RetentionRun } from '../retention';
 import type { Destination } from '../config';
 import { type OrphanedBinary, QUICK_SIZES, runDoctor } from '../doctor';
@@ -76,20 +77,9 @@ export function adminRouter(store: ReferralStore, runRetention?: () => Promise<R
   /** Re-queues a failed delivery; {id} is the referral id or the outbox entry id. */
   r.post('/deliveries/:id/retry', async (req, res) => {
     const id = req.params.id;
-    const entries = id.startsWith('ref_')
-      ? (await store.outboxFor(id)).filter((e) => e.state === 'failed')
-      : (await store.listOutbox('failed', 10_000)).filter((e) => e.id === id);
-    if (entries.length === 0) {
-      throw new Failure('not-found', { code: 'not-found', message: `no failed delivery ${id}` });
-    }
-    for (const e of entries) {
-      await store.requeueOutbox(e.id);
-      const referral = await store.getById(e.referralId, { payload: false });
-      if (referral?.status === 'delivery-failed') {
-        await store.changeStatus(referral.id, { status: 'queued', reason: 'delivery re-queued by an operator' });
-      }
-    }
-    res.status(202).json({ requeued: entries.map((e) => e.id) });
+    const requeued = await requeueDelivery(store, id);
+    if (requeued.length === 0) throw notFound(`no failed delivery ${id}`);
+    res.status(202).json({ requeued });
   });
 
   return r;

@@ -1,12 +1,12 @@
 import { Router } from 'express';
 import { z } from 'zod';
-import { referralStatusSchema, zodIssues } from '../referral';
+import type { IntakeRegistry } from '../intake';
+import { referralStatusSchema, addDocumentsSchema, cancelSchema } from '../referral';
 import type { StoredReferral } from '../model';
 import type { ReferralService, SubmitResult } from '../referral';
 import { submissions } from '../observability';
 import { httpAnswer } from './send-outcome';
-import type { ReferralStore } from '../store';
-import { Failure } from '../outcomes';
+import { Failure, invalidInput, zodIssues } from '../outcomes';
 
 /** The query of GET /referrals. */
 export const listQuery = z.strictObject({
@@ -72,20 +72,22 @@ export interface ReportReader {
   read(referral: StoredReferral): Promise<{ contentType: string; body: Buffer }>;
 }
 
-export function referralsRouter(service: ReferralService, store: ReferralStore, reports: ReportReader): Router {
+/** A body parsed with a zod schema, or the 422 naming the fields (`prefix` is where the schema's value sits in the body). */
+function parseBody<T>(schema: z.ZodType<T>, value: unknown, prefix: ReadonlyArray<PropertyKey> = []): T {
+  const parsed = schema.safeParse(value);
+  if (!parsed.success) throw invalidInput(zodIssues(parsed.error, prefix));
+  return parsed.data;
+}
+
+/** The referral routes: each parses its input, calls one use case and sends the answer. */
+export function referralsRouter(service: ReferralService, intake: IntakeRegistry, reports: ReportReader): Router {
   const r = Router();
 
   r.post('/', async (req, res) => {
-    const key = req.get('idempotency-key') ?? null;
-    if (key !== null && !/^[\x21-\x7e]{1,255}$/.test(key)) {
-      throw new Failure('malformed', { code: 'invalid', message: 'Idempotency-Key must be 1-255 visible ASCII characters', expression: 'Idempotency-Key' });
-    }
-    if (req.body === undefined || req.body === null || typeof req.body !== 'object' || Array.isArray(req.body)) {
-      throw new Failure('invalid', { code: 'structure', message: 'the body must be a JSON object', expression: '$' });
-    }
+    const submission = intake.forContentType(req.get('content-type')).submission(req.body, req.headers);
     let result: SubmitResult;
     try {
-      result = await service.submit(req.clientId as string, req.body, key);
+      result = await service.submit(req.clientId as string, submission);
     } catch (err) {
       const status = httpAnswer(err)?.status;
       submissions.inc({ outcome: status !== undefined && status < 500 ? `refused-${status}` : 'error' });
@@ -101,15 +103,14 @@ export function referralsRouter(service: ReferralService, store: ReferralStore, 
   r.get('/', async (req, res) => {
     const q = listQuery.safeParse(req.query);
     if (!q.success) throw new Failure('malformed', zodIssues(q.error));
-    const { items, next } = await store.list(req.clientId as string, {
+    const { items, next } = await service.list(req.clientId as string, {
       status: q.data.status,
       externalId: q.data.externalId,
       updatedSince: q.data.updatedSince,
       limit: q.data.limit,
       cursor: q.data.cursor ? decodeCursor(q.data.cursor) : undefined,
     });
-    const views = await Promise.all(items.map((i) => service.view(i)));
-    res.json({ items: views, nextCursor: next ? encodeCursor(next) : null });
+    res.json({ items, nextCursor: next ? encodeCursor(next) : null });
   });
 
   r.get('/:id', async (req, res) => {
@@ -118,12 +119,16 @@ export function referralsRouter(service: ReferralService, store: ReferralStore, 
   });
 
   r.post('/:id/cancel', async (req, res) => {
-    const view = await service.cancel(req.clientId as string, req.params.id, req.body);
+    const { reason } = parseBody(cancelSchema, req.body ?? {});
+    const view = await service.cancel(req.clientId as string, req.params.id, reason);
     res.status(202).json(view);
   });
 
   r.post('/:id/documents', async (req, res) => {
-    const view = await service.addDocuments(req.clientId as string, req.params.id, req.body);
+    // The documents as an array, or as { documents: [...] } (issues then name documents[i]).
+    const bare = Array.isArray(req.body);
+    const documents = parseBody(addDocumentsSchema, bare ? req.body : (req.body as { documents?: unknown } | undefined)?.documents, bare ? [] : ['documents']);
+    const view = await service.addDocuments(req.clientId as string, req.params.id, documents);
     res.status(202).json(view);
   });
 

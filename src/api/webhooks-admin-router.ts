@@ -1,8 +1,8 @@
 import { Router } from 'express';
 import { z } from 'zod';
-import { zodIssues } from '../referral';
+
 import type { WebhookEntry, WebhookStore } from '../store';
-import { Failure } from '../outcomes';
+import { Failure, zodIssues } from '../outcomes';
 
 /** The query of GET /admin/webhooks. */
 export const webhooksQuery = z.strictObject({

@@ -4,6 +4,7 @@
 // headers; an HL7 v2 entry point would map it to an ACK code). Nothing here knows about HTTP.
 import { OperationOutcomeError } from '@medplum/core';
 import type { OperationOutcome, OperationOutcomeIssue } from '@medplum/fhirtypes';
+import type { z } from 'zod';
 
 export type IssueCode = OperationOutcomeIssue['code'];
 
@@ -91,6 +92,50 @@ export class Failure extends OperationOutcomeError {
 }
 
 export const isFailure = (err: unknown): err is Failure => err instanceof Failure;
+
+// ---- validation issues ----
+
+/**
+ * One validation problem with its location: `code`, `expression` and `message` are what an answer carries (the
+ * message starts with the location, as clients see it), `detail` is the message without the location, for output
+ * that shows the expression separately (the CLI).
+ */
+export interface DetailedIssue extends IssueInput {
+  /** FHIRPath-like location: `patient.birthDate` in the submission, `Bundle.entry[3].resource.status` in the FHIR content. */
+  expression: string;
+  message: string;
+  detail: string;
+}
+
+/** At most this many unknown keys are named in one issue, each cut to KEY_CHARS characters. */
+const LISTED_KEYS = 20;
+const KEY_CHARS = 64;
+
+/** The first `max` issues, and when more were found one more issue that says how many were left out. */
+export function capIssues(issues: DetailedIssue[], max: number): DetailedIssue[] {
+  return issues.length <= max ? issues : [...issues.slice(0, max), leftOut(issues.length - max, max)];
+}
+
+function leftOut(left: number, max: number): DetailedIssue {
+  const detail = `${left} more issue${left === 1 ? '' : 's'} not listed (at most ${max} are)`;
+  return { code: 'too-costly', severity: 'information', expression: '$', message: `$: ${detail}`, detail };
+}
+
+function unknownKeys(keys: string[]): string {
+  const shown = keys.slice(0, LISTED_KEYS).map((k) => (k.length > KEY_CHARS ? `${k.slice(0, KEY_CHARS)}…` : k));
+  return `: ${shown.join(', ')}${keys.length > LISTED_KEYS ? ` and ${keys.length - LISTED_KEYS} more` : ''}`;
+}
+
+/** Zod issues as DetailedIssues, with FHIRPath-like expressions such as `patient.identifiers[0].value`. */
+export function zodIssues(error: z.ZodError, prefix: ReadonlyArray<PropertyKey> = [], maxIssues = 100): DetailedIssue[] {
+  const issues = error.issues.slice(0, maxIssues).map((i): DetailedIssue => {
+    const expression = pathToExpression([...prefix, ...i.path]);
+    // zod's own message lists every unknown key: name at most LISTED_KEYS of them instead.
+    const detail = i.code === 'unrecognized_keys' ? `Unrecognized key${i.keys.length === 1 ? '' : 's'}${unknownKeys(i.keys)}` : i.message;
+    return { code: i.code === 'unrecognized_keys' ? 'structure' : 'invalid', expression, message: `${expression}: ${detail}`, detail };
+  });
+  return error.issues.length > maxIssues ? [...issues, leftOut(error.issues.length - maxIssues, maxIssues)] : issues;
+}
 
 // ---- named failures ----
 

@@ -3,8 +3,7 @@
 // mapping -> validation of the resulting transaction Bundle against the R4 base definitions.
 // Pure apart from the clock (createdAt) and the lazily loaded FHIR definitions: sends nothing.
 import type { Bundle } from '@medplum/fhirtypes';
-import type { z } from 'zod';
-import { type IssueInput, pathToExpression } from '../outcomes';
+import { capIssues, type DetailedIssue, zodIssues } from '../outcomes';
 import type { Destination, DestinationDirectory } from '../config';
 
 import { mapReferralToBundle, checkCodes, validateBundle } from '../mapping';
@@ -20,12 +19,7 @@ export type CheckStage = 'schema' | 'codes' | 'routing' | 'fhir';
  * of these can be given to `invalidInput(issues)` as is. `detail` is the message without the
  * location, for output that shows the expression separately (the CLI).
  */
-export interface CheckIssue extends IssueInput {
-  /** FHIRPath-like location: `patient.birthDate` in the submission, `Bundle.entry[3].resource.status` in the FHIR content. */
-  expression: string;
-  message: string;
-  detail: string;
-}
+export type CheckIssue = DetailedIssue;
 
 export type CheckResult =
   | { ok: true; referral: Referral; destination: Destination; route: Route; bundle: Bundle }
@@ -52,36 +46,6 @@ export interface CheckOptions {
   maxIssues?: number;
 }
 
-/** At most this many unknown keys are named in one issue, each cut to KEY_CHARS characters. */
-const LISTED_KEYS = 20;
-const KEY_CHARS = 64;
-
-/** The first `max` issues, and when more were found one more issue that says how many were left out. */
-export function capIssues(issues: CheckIssue[], max: number): CheckIssue[] {
-  return issues.length <= max ? issues : [...issues.slice(0, max), leftOut(issues.length - max, max)];
-}
-
-function leftOut(left: number, max: number): CheckIssue {
-  const detail = `${left} more issue${left === 1 ? '' : 's'} not listed (at most ${max} are)`;
-  return { code: 'too-costly', severity: 'information', expression: '$', message: `$: ${detail}`, detail };
-}
-
-function unknownKeys(keys: string[]): string {
-  const shown = keys.slice(0, LISTED_KEYS).map((k) => (k.length > KEY_CHARS ? `${k.slice(0, KEY_CHARS)}…` : k));
-  return `: ${shown.join(', ')}${keys.length > LISTED_KEYS ? ` and ${keys.length - LISTED_KEYS} more` : ''}`;
-}
-
-/** Zod issues as CheckIssues, with FHIRPath-like expressions such as `patient.identifiers[0].value`. */
-export function zodCheckIssues(error: z.ZodError, prefix: ReadonlyArray<PropertyKey> = [], maxIssues = 100): CheckIssue[] {
-  const issues = error.issues.slice(0, maxIssues).map((i): CheckIssue => {
-    const expression = pathToExpression([...prefix, ...i.path]);
-    // zod's own message lists every unknown key: name at most LISTED_KEYS of them instead.
-    const detail = i.code === 'unrecognized_keys' ? `Unrecognized key${i.keys.length === 1 ? '' : 's'}${unknownKeys(i.keys)}` : i.message;
-    return { code: i.code === 'unrecognized_keys' ? 'structure' : 'invalid', expression, message: `${expression}: ${detail}`, detail };
-  });
-  return error.issues.length > maxIssues ? [...issues, leftOut(error.issues.length - maxIssues, maxIssues)] : issues;
-}
-
 /**
  * Runs every intake check on a submitted body, as POST /referrals does before storing it.
  * On success the referral carries the chosen destination (`referral.destination`), and `bundle` is
@@ -89,12 +53,19 @@ export function zodCheckIssues(error: z.ZodError, prefix: ReadonlyArray<Property
  * Throws only on an internal error of the mapper or validator, never for bad input.
  */
 export function checkReferral(body: unknown, destinations: DestinationDirectory, options: CheckOptions = {}): CheckResult {
-  const maxIssues = options.maxIssues ?? 100;
   const parsed = referralSchema.safeParse(body);
   if (!parsed.success) {
-    return { ok: false, stage: 'schema', issues: zodCheckIssues(parsed.error, [], maxIssues) };
+    return { ok: false, stage: 'schema', issues: zodIssues(parsed.error, [], options.maxIssues ?? 100) };
   }
-  const referral = parsed.data;
+  return checkReferralContent(parsed.data, destinations, options);
+}
+
+/**
+ * The checks after the schema, on a referral an intake format has read: codes, routing, and the FHIR content
+ * it maps to. The same result as checkReferral for the body the referral was read from.
+ */
+export function checkReferralContent(referral: Referral, destinations: DestinationDirectory, options: CheckOptions = {}): CheckResult {
+  const maxIssues = options.maxIssues ?? 100;
 
   const codeIssues = checkCodes(referral);
   if (codeIssues.length > 0) {

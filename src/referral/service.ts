@@ -1,19 +1,19 @@
-import { createHash } from 'node:crypto';
 import { z } from 'zod';
-import { businessRule, Failure, idempotencyConflict, invalidInput, type IssueInput, notCancellable, referralNotFound } from '../outcomes';
+import type { Submission } from '../intake';
+import { businessRule, capIssues, type DetailedIssue, Failure, idempotencyConflict, invalidInput, notCancellable, referralNotFound } from '../outcomes';
 import type { Destination, DestinationDirectory } from '../config';
 import { mapAddedDocumentsToBundle, validateBundle } from '../mapping';
 import { logger } from '../observability';
 import { newReferralId, nowIso } from '../store';
-import type { ReferralStore } from '../store';
-import { capIssues, checkReferral, zodCheckIssues } from './check';
+import type { ListFilter, ReferralStore } from '../store';
+import { checkReferralContent } from './check';
 import { identifierPolicyIssues } from './identifier-policy';
 import { documentSchema } from '../model';
 import { cancellable, terminalStatuses } from '../tracking';
-import type { StoredReferral, Referral } from '../model';
+import type { StoredReferral, Referral, ReferralDocument } from '../model';
 import { type ReferralView, toView } from './view';
 import { literalCallbackProblem } from '../webhooks';
-import { IntakeLane, type Pause } from './intake-lane';
+import { IntakeLane } from './intake-lane';
 
 /** The body of POST /referrals/{id}/cancel. */
 export const cancelSchema = z.strictObject({ reason: z.string().trim().min(1, 'a reason is required').max(1000) });
@@ -22,67 +22,6 @@ export const addDocumentsSchema = z.array(documentSchema).min(1, 'at least one d
 
 /** An error answer lists at most this many issues, then one that counts the rest. */
 const MAX_ISSUES = 100;
-
-/** Zod issues as OperationOutcome issues naming the field (the intake check's formatting). */
-export function zodIssues(error: z.ZodError, prefix: ReadonlyArray<PropertyKey> = []): IssueInput[] {
-  return zodCheckIssues(error, prefix).map(({ detail: _detail, ...issue }) => issue);
-}
-
-/** Pieces of the canonical form of a JSON value, in order; strings longer than a slice come in slices. */
-function* canonicalPieces(value: unknown): Generator<string> {
-  if (Array.isArray(value)) {
-    yield '[';
-    for (let i = 0; i < value.length; i++) {
-      if (i > 0) yield ',';
-      yield* canonicalPieces(value[i]);
-    }
-    yield ']';
-  } else if (value && typeof value === 'object') {
-    yield '{';
-    const keys = Object.keys(value as object).sort();
-    for (let i = 0; i < keys.length; i++) {
-      if (i > 0) yield ',';
-      yield JSON.stringify(keys[i]);
-      yield ':';
-      yield* canonicalPieces((value as Record<string, unknown>)[keys[i]]);
-    }
-    yield '}';
-  } else if (typeof value === 'string' && value.length > 256) {
-    yield `"#${value.length}:`; // length-prefixed: unambiguous without escaping a large document
-    for (let at = 0; at < value.length; at += HASH_SLICE) yield value.slice(at, at + HASH_SLICE);
-  } else {
-    yield JSON.stringify(value) ?? 'null';
-  }
-}
-
-/** Characters hashed between two turns of the event loop (a 20 MB document hashes in ~20 slices). */
-const HASH_SLICE = 1 << 20;
-
-/**
- * A stable hash of a JSON value: object keys sorted, so field order does not matter. It streams into the
- * hash instead of building a canonical string, so a large inline document is not copied. Nesting is bounded
- * before this runs (the body reader refuses more than MAX_JSON_DEPTH levels).
- */
-export function canonicalHash(value: unknown): string {
-  const h = createHash('sha256');
-  for (const piece of canonicalPieces(value)) h.update(piece);
-  return h.digest('hex');
-}
-
-/** canonicalHash, letting the event loop take a turn after each HASH_SLICE characters hashed. */
-export async function canonicalHashYielding(value: unknown, pause: Pause): Promise<string> {
-  const h = createHash('sha256');
-  let since = 0;
-  for (const piece of canonicalPieces(value)) {
-    h.update(piece);
-    since += piece.length;
-    if (since >= HASH_SLICE) {
-      since = 0;
-      await pause();
-    }
-  }
-  return h.digest('hex');
-}
 
 export interface SubmitResult {
   created: boolean;
@@ -108,25 +47,31 @@ export class ReferralService {
   private readonly lane: IntakeLane;
 
   /**
-   * Checks a submission completely: schema, codes, routing and the FHIR content it maps to; and, unless
-   * private networks are allowed, that its callbackUrl does not name a loopback/private address or local host.
+   * Checks a referral completely: codes, routing and the FHIR content it maps to, the client's identifier
+   * systems, and, unless private networks are allowed, that its callbackUrl does not name a loopback/private
+   * address or local host. Issue locations are given in the submission's format (`locate`).
    */
-  check(clientId: string, body: unknown): { referral: Referral; destination: Destination } {
-    const r = checkReferral(body, this.destinations, { withDocumentData: false });
-    if (!r.ok) throw invalidInput(r.issues.map(({ detail: _detail, ...i }) => i));
+  private check(clientId: string, referral: Referral, locate: (modelPath: string) => string): { referral: Referral; destination: Destination } {
+    const refuse = (issues: DetailedIssue[]): Failure => invalidInput(issues.map((i) => located(i, locate)));
+    const r = checkReferralContent(referral, this.destinations, { withDocumentData: false });
+    if (!r.ok) throw refuse(r.issues);
     const foreign = identifierPolicyIssues(clientId, r.referral.patient.identifiers, this.options.clientIdentifierSystems ?? new Map());
-    if (foreign.length > 0) throw invalidInput(foreign.map(({ detail: _detail, ...i }) => i));
+    if (foreign.length > 0) throw refuse(foreign);
     const callback = r.referral.callbackUrl;
     const problem = callback && !this.options.allowPrivateCallbacks ? literalCallbackProblem(callback) : undefined;
-    if (problem) throw invalidInput({ code: 'invalid', expression: 'callbackUrl', message: `callbackUrl: ${problem}` });
+    if (problem) throw refuse([{ code: 'invalid', expression: 'callbackUrl', message: `callbackUrl: ${problem}`, detail: problem }]);
     return { referral: r.referral, destination: r.destination };
   }
 
-  /** Takes a submission: a replay is answered as the original; a new one is checked, stored and queued for delivery. */
-  submit(clientId: string, body: unknown, idempotencyKey: string | null): Promise<SubmitResult> {
+  /**
+   * Takes a submission, in any intake format: a replay (same idempotency key or externalId, same content) is
+   * answered as the original, without checking it again; a new one is read, checked, stored and queued for
+   * delivery. The steps run in the intake lane, letting the event loop turn between them.
+   */
+  submit(clientId: string, submission: Submission): Promise<SubmitResult> {
     return this.lane.run(async (pause) => {
-      const requestHash = await canonicalHashYielding(body, pause);
-      const externalId = typeof (body as { externalId?: unknown })?.externalId === 'string' ? (body as { externalId: string }).externalId : null;
+      const requestHash = await submission.requestHash(pause);
+      const { externalId, idempotencyKey } = submission;
 
       // A replay is answered before validation work, so it is cheap and stable.
       if (externalId || idempotencyKey) {
@@ -134,7 +79,9 @@ export class ReferralService {
         if (replay) return replay;
       }
       await pause();
-      const { referral, destination } = this.check(clientId, body);
+      const read = submission.read();
+      if (!read.ok) throw invalidInput(read.issues);
+      const { referral, destination } = this.check(clientId, read.referral, (p) => submission.locate(p));
       await pause();
       const id = newReferralId();
       const created = await this.store.createReferral({
@@ -172,6 +119,12 @@ export class ReferralService {
     return { created: false, view: await this.view(existing) };
   }
 
+  /** A client's referrals, newest first, as views; `next` is where the following page starts. */
+  async list(clientId: string, filter: ListFilter): Promise<{ items: ReferralView[]; next?: { createdAt: string; id: string } }> {
+    const { items, next } = await this.store.list(clientId, filter);
+    return { items: await Promise.all(items.map((i) => this.view(i))), next };
+  }
+
   async view(r: StoredReferral): Promise<ReferralView> {
     const [history, outbox] = await Promise.all([this.store.history(r.id), this.store.outboxFor(r.id)]);
     return toView(r, history, outbox);
@@ -182,10 +135,7 @@ export class ReferralService {
    * (the centre's Task becomes cancelled and the ServiceRequest revoked). After work started at the
    * centre, or in a final state, it answers 409.
    */
-  async cancel(clientId: string, id: string, body: unknown): Promise<ReferralView> {
-    const parsed = cancelSchema.safeParse(body ?? {});
-    if (!parsed.success) throw invalidInput(zodIssues(parsed.error));
-    const reason = parsed.data.reason;
+  async cancel(clientId: string, id: string, reason: string): Promise<ReferralView> {
     const referral = await this.get(clientId, id, { payload: false });
     if (referral.status === 'cancelled') return this.view(referral);
     if (!cancellable(referral.status)) {
@@ -204,10 +154,7 @@ export class ReferralService {
   }
 
   /** Adds documents to a referral; they reach the centre as new DocumentReferences linked to its ServiceRequest. */
-  async addDocuments(clientId: string, id: string, body: unknown): Promise<ReferralView> {
-    const list = Array.isArray(body) ? body : (body as { documents?: unknown })?.documents;
-    const parsed = addDocumentsSchema.safeParse(list);
-    if (!parsed.success) throw invalidInput(zodIssues(parsed.error, Array.isArray(body) ? [] : ['documents']));
+  async addDocuments(clientId: string, id: string, documents: ReferralDocument[]): Promise<ReferralView> {
     const referral = await this.get(clientId, id);
     if (terminalStatuses.has(referral.status)) {
       throw businessRule(`referral ${id} is ${referral.status}: documents can no longer be added`);
@@ -221,7 +168,6 @@ export class ReferralService {
     // As at intake, the FHIR content is validated with the bytes left out: the schema checked them as base64,
     // and @medplum/core's validator refuses any base64Binary over 1 MiB, which real documents exceed (the
     // destination's settings decide how large ones travel).
-    const documents = parsed.data;
     const view = await this.lane.run(async (pause) => {
       const bundle = mapAddedDocumentsToBundle({
         referralId: id,
@@ -257,4 +203,10 @@ export class ReferralService {
     if (!r) throw referralNotFound(id);
     return r;
   }
+}
+
+/** An issue at `locate(expression)`, its message re-prefixed with that location when it differs. */
+function located(issue: DetailedIssue, locate: (modelPath: string) => string): DetailedIssue {
+  const where = locate(issue.expression);
+  return where === issue.expression ? issue : { ...issue, expression: where, message: `${where}: ${issue.detail}` };
 }

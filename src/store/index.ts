@@ -5,5 +5,5 @@ export { isStoreUnavailable } from './errors';
 export { createStoreProbe, type StoreProbeResult } from './health';
 export { newReferralId, nowIso, ulid } from './ids';
 export { migrate } from './migrations';
-export { ReferralStore, type HistoryEntry, type OutboxEntry, type WebhookEvent } from './referral-store';
+export { ReferralStore, type HistoryEntry, type ListFilter, type OutboxEntry, type WebhookEvent } from './referral-store';
 export { WebhookStore, type WebhookEntry, type WebhookState } from './webhook-store';

@@ -609,6 +609,12 @@ export class ReferralStore {
     return rows.map(toOutbox);
   }
 
+  /** One outbox entry by its id (undefined when there is none). */
+  async outboxEntry(id: string): Promise<OutboxEntry | undefined> {
+    const row = await this.k.selectFrom('outbox').selectAll().where('id', '=', id).executeTakeFirst();
+    return row ? toOutbox(row) : undefined;
+  }
+
   async listOutbox(state: 'pending' | 'done' | 'failed', limit = 100): Promise<OutboxEntry[]> {
     const rows = await this.k.selectFrom('outbox').selectAll().where('state', '=', state).orderBy('updated_at', 'desc').limit(limit).execute();
     return rows.map(toOutbox);

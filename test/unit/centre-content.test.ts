@@ -1,5 +1,6 @@
 import { reportHeaders } from '../../src/api/referrals-router';
-import { capIssues, type CheckIssue } from '../../src/referral/check';
+import { type CheckIssue } from '../../src/referral/check';
+import { capIssues } from '../../src/outcomes';
 import { centreContentType, centreText, MAX_STATUS_REASON_CHARS } from '../../src/tracking/centre-text';
 
 describe('text and types a centre supplies', () => {

@@ -1,0 +1,41 @@
+import type { IncomingHttpHeaders } from 'node:http';
+import { canonicalHashYielding } from '../json';
+import { referralSchema } from '../model';
+import { invalidInput, malformed, zodIssues } from '../outcomes';
+import type { IntakeFormat, Submission } from './types';
+
+/** At most this many issues are listed in one refusal, then one that counts the rest. */
+const MAX_ISSUES = 100;
+
+/**
+ * The gateway's own JSON referral (the public contract, POST /referrals with application/json). The body was
+ * read by the JSON body reader (depth, duplicate keys, Unicode); here it must be an object, the
+ * Idempotency-Key header must be visible ASCII, and the referral is the body validated by `referralSchema`.
+ * Locations are the JSON paths themselves (`patient.identifiers[0].value`).
+ */
+export const jsonFormat: IntakeFormat = {
+  name: 'json',
+  contentTypes: ['application/json', 'application/*+json'],
+  submission(body: unknown, headers: IncomingHttpHeaders): Submission {
+    const header = headers['idempotency-key'];
+    const key = Array.isArray(header) ? header[0] : header;
+    if (key !== undefined && !/^[\x21-\x7e]{1,255}$/.test(key)) {
+      throw malformed({ code: 'invalid', message: 'Idempotency-Key must be 1-255 visible ASCII characters', expression: 'Idempotency-Key' });
+    }
+    if (body === undefined || body === null || typeof body !== 'object' || Array.isArray(body)) {
+      throw invalidInput({ code: 'structure', message: 'the body must be a JSON object', expression: '$' });
+    }
+    const externalId = (body as { externalId?: unknown }).externalId;
+    return {
+      format: 'json',
+      externalId: typeof externalId === 'string' ? externalId : null,
+      idempotencyKey: key ?? null,
+      requestHash: (pause) => canonicalHashYielding(body, pause),
+      read() {
+        const parsed = referralSchema.safeParse(body);
+        return parsed.success ? { ok: true, referral: parsed.data } : { ok: false, issues: zodIssues(parsed.error, [], MAX_ISSUES) };
+      },
+      locate: (modelPath) => modelPath,
+    };
+  },
+};

@@ -1,0 +1,42 @@
+import type { IncomingHttpHeaders } from 'node:http';
+import type { Referral } from '../model';
+import type { IssueInput } from '../outcomes';
+
+/** What a piece of intake work calls between its heavy steps, so the event loop can take a turn. */
+export type Pause = () => Promise<void>;
+
+/** What a submission reads as: the referral, or the issues (located in the format's own terms) that keep it from being one. */
+export type ReadResult = { ok: true; referral: Referral } | { ok: false; issues: IssueInput[] };
+
+/**
+ * A referral submission as an intake format reads it, before it is checked. The idempotency keys are read
+ * first, so that a replay is answered as the original without checking the submission again; the referral is
+ * read (and validated against the schema) only when it is new.
+ */
+export interface Submission {
+  /** The intake format's name (`json`, `hl7v2`, `fhir-bundle`). */
+  readonly format: string;
+  /** The referrer's own id for the referral, when the submission carries one in a readable place. */
+  readonly externalId: string | null;
+  /** The idempotency key the sender gave (a header, a message control id), if any. */
+  readonly idempotencyKey: string | null;
+  /** A stable hash of what was submitted: the same submission again gives the same hash. */
+  requestHash(pause: Pause): Promise<string>;
+  /** The referral it carries, or the issues in the format's terms. */
+  read(): ReadResult;
+  /** Where a location in the referral model (`patient.birthDate`, `documents[1].data`) is in this format. */
+  locate(modelPath: string): string;
+}
+
+/**
+ * An intake format: how one kind of submission reaches the gateway's use cases (README.md beside this file).
+ * The transport (an HTTP route, an MLLP listener) reads the bytes; the format turns them into a Submission and
+ * says how the sender is answered.
+ */
+export interface IntakeFormat<Body = unknown> {
+  readonly name: string;
+  /** The media types it is chosen for (Content-Type); `type/*+json` style wildcards allowed. */
+  readonly contentTypes: readonly string[];
+  /** The submission in a body; throws a Failure (`malformed`) when the body or a header cannot be read at all. */
+  submission(body: Body, headers: IncomingHttpHeaders): Submission;
+}
