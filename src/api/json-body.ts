@@ -48,6 +48,17 @@ const refusedCounter = new Counter({
 
 type Reason = 'too-large' | 'encoding' | 'charset' | 'timeout' | 'aborted' | 'decompress' | 'utf8' | 'syntax' | 'depth' | 'duplicate-key' | 'unicode';
 
+/** 415 for a Content-Encoding the reader does not undo. */
+const unsupportedEncoding = (): Failure =>
+  refused(
+    'encoding',
+    new Failure('unsupported', {
+      code: 'not-supported',
+      message: 'unsupported Content-Encoding: send identity, gzip, deflate or br',
+      expression: 'Content-Encoding',
+    })
+  );
+
 function refused(reason: Reason, err: Failure): Failure {
   refusedCounter.inc({ reason });
   return err;
@@ -113,16 +124,7 @@ export function bodyPrecheck(opts: Pick<JsonBodyOptions, 'maxBodyBytes'>): Reque
     }
     const encoding = contentEncoding(req);
     if (!ENCODINGS.has(encoding)) {
-      next(
-        refused(
-          'encoding',
-          new Failure('unsupported', {
-            code: 'not-supported',
-            message: 'unsupported Content-Encoding: send identity, gzip, deflate or br',
-            expression: 'Content-Encoding',
-          })
-        )
-      );
+      next(unsupportedEncoding());
       return;
     }
     const charset = charsetOf(req);
@@ -182,16 +184,7 @@ function readBody(req: Request, res: Response, opts: JsonBodyOptions): Promise<R
     else if (encoding === 'deflate') decoder = createInflate();
     else if (encoding === 'br') decoder = createBrotliDecompress();
     else if (encoding !== 'identity') {
-      reject(
-        refused(
-          'encoding',
-          new Failure('unsupported', {
-            code: 'not-supported',
-            message: 'unsupported Content-Encoding: send identity, gzip, deflate or br',
-            expression: 'Content-Encoding',
-          })
-        )
-      );
+      reject(unsupportedEncoding());
       return;
     }
     if (declared !== undefined && declared > opts.maxBodyBytes) {

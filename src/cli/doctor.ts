@@ -17,8 +17,8 @@
 // Exit:   0 the gateway can work with the destination as configured, 1 it cannot (or the run failed),
 //         2 usage error, unknown destination or bad configuration.
 import { ConfigError, destinationOptionVariable, loadConfig } from '../config';
-import { type Destination, destinationSchema } from '../config';
-import { QUICK_SIZES, formatDoctorTable, runDoctor } from '../doctor';
+import { type Destination, type DestinationSettings, destinationSchema } from '../config';
+import { QUICK_SIZES, SETTINGS_KEYS, formatDoctorTable, runDoctor } from '../doctor';
 import { loadSandbox, SANDBOX_ID, type SandboxServer, sandboxDestination } from '../sandbox';
 
 const USAGE = 'usage: npm run doctor -- [<destination-id>] [--json] [--quick]';
@@ -46,18 +46,7 @@ function parseArgs(argv: string[]): Args {
 }
 
 /** Settings of the standalone sandbox destination from FHIR_<OPTION> variables (FHIR_PROFILE, ...). */
-const SANDBOX_OPTIONS = [
-  'profile',
-  'binaryMode',
-  'clientIds',
-  'maxJsonBytes',
-  'preferMinimal',
-  'transactionMode',
-  'verifyDelivery',
-  'presignedUrls',
-  'attachmentOrigins',
-  'maxInlineBytes',
-] as const;
+const SANDBOX_OPTIONS: ReadonlyArray<keyof DestinationSettings | 'maxInlineBytes'> = [...SETTINGS_KEYS, 'maxInlineBytes'];
 
 function sandboxTarget(url: string, env: NodeJS.ProcessEnv): Destination {
   const raw: Record<string, unknown> = { ...sandboxDestination(url) };

@@ -98,3 +98,4 @@ async function orphanLine(list: () => Promise<OrphanedBinary[]>): Promise<Doctor
     return { id, label, status: 'warn', detail: `could not list them: ${describeError(err)}` };
   }
 }
+export { SETTINGS_KEYS } from './evaluate';
