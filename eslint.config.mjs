@@ -30,6 +30,8 @@ const domain = [
   './src/memory',
   './src/model',
   './src/http',
+  './src/destinations',
+  './src/intake',
 ];
 
 export default tseslint.config(

@@ -36,7 +36,7 @@ import { join } from 'node:path';
 import type { Bundle, BundleEntry, Task } from '@medplum/fhirtypes';
 import { Webhook } from 'standardwebhooks';
 import type { Destination } from '../src/config/destinations';
-import { FhirClients } from '../src/delivery/clients';
+import { FhirClients } from '../src/destinations/fhir/clients';
 import { createFhirClient } from '../src/fhir/client';
 import { mapReferralToBundle } from '../src/mapping/bundle';
 import { REFERRAL_IDENTIFIER_SYSTEM } from '../src/mapping/constants';

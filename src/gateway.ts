@@ -5,7 +5,9 @@ import type { AddressInfo } from 'node:net';
 import { createApp } from './app';
 import { webhooksAdminRouter, createLimitedServer } from './api';
 import type { Config, Destination, DestinationDirectory } from './config';
-import { FhirClients, DeliveryWorker } from './delivery';
+import { DeliveryWorker } from './delivery';
+import { notFound } from './outcomes';
+import { DestinationAdapters, FhirClients, fhirDestination } from './destinations';
 import { loadSandbox, SANDBOX_PATH, type SandboxRouter, sandboxDestination } from './sandbox';
 import { MemoryBudget } from './memory';
 import { logger, setLogLevel } from './observability';
@@ -13,7 +15,7 @@ import { type Backlog, clearBacklogSource, setBacklogSource } from './observabil
 import { ReferralService } from './referral';
 import { possiblyOrphanedUploads, openDb, migrate, ReferralStore } from './store';
 import { createStoreProbe, type StoreProbeResult } from './store';
-import { Poller, ReportContentReader } from './tracking';
+import { Poller } from './tracking';
 import { RetentionJob } from './retention';
 import { attachWebhooks, type AttachedWebhooks, type WebhookDispatcher, type WebhookDispatcherOptions } from './webhooks';
 
@@ -51,6 +53,8 @@ export class Gateway {
   readonly store: ReferralStore;
   readonly destinations: Directory;
   readonly clients: FhirClients;
+  /** The destination kinds delivered to, by type (only `fhir` so far). */
+  readonly adapters: DestinationAdapters;
   readonly worker: DeliveryWorker;
   readonly poller: Poller;
   readonly service: ReferralService;
@@ -75,6 +79,7 @@ export class Gateway {
     this.storeProbe = createStoreProbe(this.store.db, { cacheMs: config.store.probeCacheMs });
     this.destinations = new Directory(config.destinations);
     this.clients = opts.clients ?? new FhirClients();
+    this.adapters = new DestinationAdapters([fhirDestination(this.clients)]);
     this.memory = new MemoryBudget({ maxBytes: config.maxIntakeBytesInFlight, holderShare: config.intake.clientShare });
     this.webhooksAttached = attachWebhooks(this.store.db, config, opts.webhooks, opts.webhookFetch);
     this.webhooks = this.webhooksAttached.dispatcher;
@@ -84,7 +89,7 @@ export class Gateway {
     this.worker = new DeliveryWorker(
       this.store,
       this.destinations,
-      this.clients,
+      this.adapters,
       {
         maxAttempts: config.delivery.maxAttempts,
         maxAgeMs: config.delivery.maxAgeMs,
@@ -125,7 +130,13 @@ export class Gateway {
       store: this.store,
       intake: defaultIntakeFormats(),
       service: this.service,
-      reports: new ReportContentReader(this.destinations, this.clients),
+      reports: {
+        read: (referral) => {
+          const destination = this.destinations.get(referral.destination);
+          if (!referral.report || !destination) throw notFound('no report');
+          return this.adapters.for(destination).readReport(referral, destination);
+        },
+      },
       sandbox: this.sandbox?.router,
       isReady: () => this.readiness(),
       isShuttingDown: () => this.shuttingDown,

@@ -3,7 +3,8 @@ import { destinationSchema } from './destinations';
 // Apart from config.ts so that the variable declarations (variables.ts) can list these names without a cycle.
 
 /** Destination options with a variable of their own elsewhere (FHIR_BASE_URL, FHIR_AUTH..., FHIR_ORGANIZATION_*, FHIR_TIMEOUT_MS). */
-export const OWN_VARIABLES = new Set(['id', 'baseUrl', 'auth', 'organization', 'timeoutMs']);
+// `type` too: the destination FHIR_BASE_URL defines is a FHIR server by definition.
+export const OWN_VARIABLES = new Set(['type', 'id', 'baseUrl', 'auth', 'organization', 'timeoutMs']);
 
 /** `maxInlineBytes` -> `FHIR_MAX_INLINE_BYTES`. */
 export function destinationOptionVariable(option: string): string {

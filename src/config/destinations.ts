@@ -57,6 +57,8 @@ export const circuitBreakerSchema = z.strictObject({
 });
 
 export const destinationSchema = z.strictObject({
+  /** The kind of destination (its adapter in src/destinations); `fhir`, the default, is the only kind so far. */
+  type: z.literal('fhir').optional(),
   id: z.string().regex(/^[a-z0-9][a-z0-9-]{0,62}$/, 'lower-case letters, digits and -'),
   name: z.string().min(1),
   /** The centre's own Organization identifier, used as ServiceRequest.performer / Task.owner. */

@@ -6,9 +6,7 @@ import type { MemoryBudget, Release } from '../memory';
 import { ulid } from '../store';
 import type { OutboxEntry, ReferralStore } from '../store';
 import { CircuitBreaker } from './circuit';
-import type { FhirClients } from './clients';
-import { deliverCancel, deliverDocuments, deliverSubmit } from './operations';
-import type { DeliveryEvent, OperationContext, Outcome, ReferralSummary } from './operations';
+import type { DeliveryContext, DeliveryEvent, DestinationAdapter, DestinationAdapters, Outcome, ReferralSummary } from '../destinations';
 import type { StoredReferral } from '../model';
 
 type Entry = Omit<OutboxEntry, 'payload'>;
@@ -71,7 +69,7 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
   constructor(
     private readonly store: ReferralStore,
     private readonly destinations: DestinationDirectory,
-    private readonly clients: FhirClients,
+    private readonly adapters: DestinationAdapters,
     protected readonly opts: DeliveryOptions,
     private readonly onStatusChange: (e: DeliveryEvent) => void = () => undefined
   ) {
@@ -180,7 +178,7 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
       });
       return;
     }
-    const operation = OPERATIONS[entry.kind];
+    const operation = operationFor(this.adapters.for(destination), entry.kind);
     if (!operation) {
       await this.store.finishOutbox(entry.id, 'failed', entry.attempts, `outbox kind ${entry.kind} is not supported by this version`);
       return;
@@ -206,13 +204,12 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
 
     const budget = entryBudgetMs(destination);
     const signal = AbortSignal.timeout(budget);
-    const ctx: OperationContext = {
+    const ctx: DeliveryContext = {
       store: this.store,
       entry,
       attempt,
       referral,
       destination,
-      client: this.clients.get(destination),
       signal,
       emit: (e) => this.onStatusChange(e),
       takePayload: () => {
@@ -349,8 +346,16 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
   }
 }
 
-const OPERATIONS: Partial<Record<OutboxEntry['kind'], (ctx: OperationContext) => Promise<Outcome>>> = {
-  submit: deliverSubmit,
-  documents: deliverDocuments,
-  cancel: deliverCancel,
-};
+/** The adapter's operation for an outbox kind; undefined for a kind this version does not know (a newer writer's). */
+function operationFor(adapter: DestinationAdapter, kind: OutboxEntry['kind']): ((ctx: DeliveryContext) => Promise<Outcome>) | undefined {
+  switch (kind) {
+    case 'submit':
+      return (ctx) => adapter.submit(ctx);
+    case 'documents':
+      return (ctx) => adapter.addDocuments(ctx);
+    case 'cancel':
+      return (ctx) => adapter.cancel(ctx);
+    default:
+      return undefined;
+  }
+}

@@ -1,4 +1,3 @@
 // The public surface of src/tracking: what other folders use. Import from here, not from its files.
 export { Poller } from './poller';
-export { ReportContentReader } from './report';
 export { cancellable, terminalStatuses } from './state';

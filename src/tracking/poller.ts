@@ -1,7 +1,7 @@
 import type { Attachment, DiagnosticReport, DocumentReference, Reference, ServiceRequest, Task } from '@medplum/fhirtypes';
 import { schedule, type ScheduledTask } from 'node-cron';
 import type { Destination, DestinationDirectory } from '../config';
-import type { FhirClients } from '../delivery';
+import type { FhirClients } from '../destinations';
 import { nextDelay } from '../queue';
 import { FhirRequestError } from '../fhir';
 import { GATEWAY_TAG_SEARCH, REFERRAL_IDENTIFIER_SYSTEM } from '../mapping';

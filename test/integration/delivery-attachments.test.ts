@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Binary, Bundle, DocumentReference, ServiceRequest, Task } from '@medplum/fhirtypes';
 import nock from 'nock';
-import { BINARY_DOCUMENT_TAG_SYSTEM } from '../../src/delivery/attachments';
+import { BINARY_DOCUMENT_TAG_SYSTEM } from '../../src/destinations/fhir/attachments';
 import { startSandboxServer } from '../../src/sandbox/server';
 import type { Gateway } from '../../src/gateway';
 import { REFERRAL_IDENTIFIER_SYSTEM } from '../../src/mapping/constants';

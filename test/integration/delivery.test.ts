@@ -3,7 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Bundle } from '@medplum/fhirtypes';
 import nock from 'nock';
-import { FhirClients } from '../../src/delivery/clients';
+import { FhirClients } from '../../src/destinations/fhir/clients';
 import { createFhirClient } from '../../src/fhir/client';
 import type { Gateway } from '../../src/gateway';
 import { startSandboxServer } from '../../src/sandbox/server';

@@ -4,7 +4,7 @@
 // names the fields (not their values); with `new-patient` it is sent with a Patient of its own. Run on every
 // sandbox server profile (conditional transactions on default and hapi, resolve-first on medplum and strict).
 import type { Bundle, Patient, Resource, ServiceRequest } from '@medplum/fhirtypes';
-import { demographicDifferences, describeFields, normaliseName } from '../../src/delivery/patient-match';
+import { demographicDifferences, describeFields, normaliseName } from '../../src/destinations/fhir/patient-match';
 import { startSandboxServer } from '../../src/sandbox/server';
 import type { SandboxServer } from '../../src/sandbox/server';
 import type { Gateway } from '../../src/gateway';

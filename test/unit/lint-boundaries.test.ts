@@ -13,13 +13,13 @@ describe('lint keeps the architecture', () => {
       file: 'src/mapping/codes.ts',
       extra: "import { jsonBytes } from '../json';\nimport { ReferralStore } from '../store';\nexport const _s = [ReferralStore, jsonBytes];",
     },
-    { file: 'src/delivery/clients.ts', extra: "import { SANDBOX_ID } from '../sandbox';\nexport const _id = SANDBOX_ID;" },
+    { file: 'src/delivery/circuit.ts', extra: "import { SANDBOX_ID } from '../sandbox';\nexport const _id = SANDBOX_ID;" },
     { file: 'src/outcomes/index.ts', extra: "import { logger } from '../observability';\nexport const _l = logger;" },
     {
       file: 'src/outcomes/index.ts',
       extra: 'export const _n = (x: number): string => (x > 1 ? "a" : x > 0 ? "b" : "c");\nexport function _f(p: Promise<void>): void { p; }',
     },
-    { file: 'src/tracking/report.ts', extra: "import { ReferralStore } from '../store/referral-store';\nexport const _r = ReferralStore;" },
+    { file: 'src/tracking/state.ts', extra: "import { ReferralStore } from '../store/referral-store';\nexport const _r = ReferralStore;" },
   ];
   let results: string[][] = [];
   beforeAll(async () => {

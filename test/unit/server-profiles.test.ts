@@ -1,8 +1,8 @@
 import type { Bundle } from '@medplum/fhirtypes';
 import { destinationOptionVariables, loadConfig } from '../../src/config/config';
 import { destinationSchema, destinationSettings, serverProfileDefaults } from '../../src/config/destinations';
-import { documentsToMoveOut, estimateJsonBytes, planBinaries } from '../../src/delivery/attachments';
-import { hasContent } from '../../src/delivery/verify';
+import { documentsToMoveOut, estimateJsonBytes, planBinaries } from '../../src/destinations/fhir/attachments';
+import { hasContent } from '../../src/destinations/fhir/verify';
 import { conditionalIndexes, rewriteReferences, withoutConditionalEntries } from '../../src/fhir/resolve';
 import type { ReferralDocument } from '../../src/model';
 

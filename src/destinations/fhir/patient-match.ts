@@ -7,12 +7,12 @@
 // No patient data leaves this module in a message: reasons, notes and log fields name the fields that
 // differ, never their values, the identifier or the name.
 import type { Bundle, BundleEntry, Identifier, Patient, Resource } from '@medplum/fhirtypes';
-import { destinationSettings } from '../config';
-import type { Destination } from '../config';
-import { FhirRequestError, oldestFirst } from '../fhir';
-import type { FhirClient } from '../fhir';
-import { identifierQuery, GATEWAY_IDENTIFIER_BASE } from '../mapping';
-import { logger } from '../observability';
+import { destinationSettings } from '../../config';
+import type { Destination } from '../../config';
+import { FhirRequestError, oldestFirst } from '../../fhir';
+import type { FhirClient } from '../../fhir';
+import { identifierQuery, GATEWAY_IDENTIFIER_BASE } from '../../mapping';
+import { logger } from '../../observability';
 
 /** A demographic field the check compares. */
 export type DemographicField = 'birthDate' | 'gender' | 'family';

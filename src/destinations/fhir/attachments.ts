@@ -1,8 +1,8 @@
 import type { Binary, BundleEntry } from '@medplum/fhirtypes';
-import { destinationSettings } from '../config';
-import type { Destination } from '../config';
-import { inlineDocumentsOverLimit, documentIdentifierValue, GATEWAY_TAG, entryFullUrl } from '../mapping';
-import type { ReferralDocument } from '../model';
+import { destinationSettings } from '../../config';
+import type { Destination } from '../../config';
+import { inlineDocumentsOverLimit, documentIdentifierValue, GATEWAY_TAG, entryFullUrl } from '../../mapping';
+import type { ReferralDocument } from '../../model';
 
 /** `Binary.meta.tag` system whose code names the referral document a Binary carries (`<referralId>/document/<n>`). */
 export const BINARY_DOCUMENT_TAG_SYSTEM = 'https://referral-gateway.dev/fhir/CodeSystem/document-binary';

@@ -1,10 +1,10 @@
 // After a delivery: read back what the centre holds and repair what a non-atomic server left broken, so the
 // gateway never reports `sent` over a referral the centre cannot open.
 import type { Attachment, Bundle, DocumentReference, Resource, Task } from '@medplum/fhirtypes';
-import { FhirRequestError } from '../fhir';
-import type { FhirClient } from '../fhir';
-import { logger } from '../observability';
-import type { Outcome } from './operations';
+import { FhirRequestError } from '../../fhir';
+import type { FhirClient } from '../../fhir';
+import { logger } from '../../observability';
+import type { Outcome } from '../adapter';
 import { fromRequestError, readModifyWrite } from './operations';
 
 export interface DeliveredRefs {

@@ -1,6 +1,6 @@
-import type { Bundle, BundleEntry, OperationOutcome, Resource, ServiceRequest, Task } from '@medplum/fhirtypes';
-import { destinationSettings } from '../config';
-import type { Destination } from '../config';
+import type { Bundle, BundleEntry, Resource, ServiceRequest, Task } from '@medplum/fhirtypes';
+import { destinationSettings } from '../../config';
+import type { Destination } from '../../config';
 import {
   FhirRequestError,
   conditionalIndexes,
@@ -11,8 +11,8 @@ import {
   classifyError,
   parseLocation,
   sendTransaction,
-} from '../fhir';
-import type { FhirClient, Matches, TransactionLocation } from '../fhir';
+} from '../../fhir';
+import type { FhirClient, Matches, TransactionLocation } from '../../fhir';
 import {
   mapAddedDocumentsToBundle,
   mapReferralToBundle,
@@ -21,54 +21,22 @@ import {
   DOCUMENT_IDENTIFIER_SYSTEM,
   documentIdentifierValue,
   REFERRAL_IDENTIFIER_SYSTEM,
-} from '../mapping';
-import { logger, deliveryLatency } from '../observability';
-import type { Referral, ReferralDocument, FhirRefs, StoredReferral } from '../model';
-import { nowIso } from '../store';
-import type { OutboxEntry, ReferralStore } from '../store';
+} from '../../mapping';
+import { logger, deliveryLatency } from '../../observability';
+import type { ReferralDocument, FhirRefs } from '../../model';
+import { nowIso } from '../../store';
+import type { ReferralStore } from '../../store';
 import { documentsToMoveOut, estimateJsonBytes, planBinaries } from './attachments';
+import type { DeliveryContext, Outcome } from '../adapter';
 import { checkPatient, patientEntryIndex } from './patient-match';
 import type { PatientCheck } from './patient-match';
 import { uploadRawDocuments } from './raw-binaries';
 import { verifyDelivered } from './verify';
 import type { DeliveredRefs } from './verify';
 
-export type DeliveryEvent = { referralId: string; status: string; previous: string; reason?: string };
-
-/** What one attempt at an outbox entry came to. */
-export type Outcome =
-  /** Finished: the entry is done. */
-  | { kind: 'done' }
-  /**
-   * Try again later. `neutral` says the destination is not to blame (e.g. the referral has not reached the
-   * centre yet), so the circuit breaker does not count it.
-   */
-  | { kind: 'retry'; reason: string; retryAfterMs?: number; status?: number; outcome?: OperationOutcome; neutral?: boolean }
-  /** A resend will not help: dead letter. */
-  | { kind: 'fail'; reason: string; status?: number; outcome?: OperationOutcome };
-
-/** A stored referral without its payload (which may carry megabytes of document data). */
-export type ReferralSummary = Omit<StoredReferral, 'payload'>;
-
-export interface OperationContext {
-  store: ReferralStore;
-  /** The entry as claimed (its payload moved to takeEntryPayload): `entry.attempts` is the number of earlier attempts. */
-  entry: Omit<OutboxEntry, 'payload'>;
-  /** This attempt's number (entry.attempts + 1), already recorded. */
-  attempt: number;
-  referral: ReferralSummary;
-  /**
-   * The referral's payload, handed over once: after the call the context no longer holds it, so once the
-   * operation has sent it, a large document's data can be collected before the store writes that follow.
-   */
-  takePayload(): Referral;
-  /** The outbox entry's payload, handed over once in the same way. */
-  takeEntryPayload(): unknown;
-  destination: Destination;
+/** A delivery attempt at a FHIR destination: the generic context and this destination's client. */
+export interface OperationContext extends DeliveryContext {
   client: FhirClient;
-  /** Aborts when the entry's time budget (within its lease) runs out. */
-  signal: AbortSignal;
-  emit: (e: DeliveryEvent) => void;
 }
 
 /** Task states in which the referrer may still withdraw the request (FHIR Task state machine: not yet started). */

@@ -1,0 +1,68 @@
+import type { OperationOutcome } from '@medplum/fhirtypes';
+import type { Destination } from '../config';
+import type { Referral, StoredReferral } from '../model';
+import type { OutboxEntry, ReferralStore } from '../store';
+
+/** A status change a delivery made (sent, delivery-failed...), for webhooks and logs. */
+export type DeliveryEvent = { referralId: string; status: string; previous: string; reason?: string };
+
+/** What one attempt at an outbox entry came to. */
+export type Outcome =
+  /** Finished: the entry is done. */
+  | { kind: 'done' }
+  /**
+   * Try again later. `neutral` says the destination is not to blame (e.g. the referral has not reached the
+   * centre yet), so the circuit breaker does not count it.
+   */
+  | { kind: 'retry'; reason: string; retryAfterMs?: number; status?: number; outcome?: OperationOutcome; neutral?: boolean }
+  /** A resend will not help: dead letter. */
+  | { kind: 'fail'; reason: string; status?: number; outcome?: OperationOutcome };
+
+/** A stored referral without its payload (which may carry megabytes of document data). */
+export type ReferralSummary = Omit<StoredReferral, 'payload'>;
+
+/** What the delivery worker hands an adapter for one attempt at one outbox entry. */
+export interface DeliveryContext {
+  store: ReferralStore;
+  /** The entry as claimed (its payload moved to takeEntryPayload): `entry.attempts` is the number of earlier attempts. */
+  entry: Omit<OutboxEntry, 'payload'>;
+  /** This attempt's number (entry.attempts + 1), already recorded. */
+  attempt: number;
+  referral: ReferralSummary;
+  /**
+   * The referral's payload, handed over once: after the call the context no longer holds it, so once the
+   * adapter has sent it, a large document's data can be collected before the store writes that follow.
+   */
+  takePayload(): Referral;
+  /** The outbox entry's payload, handed over once in the same way. */
+  takeEntryPayload(): unknown;
+  destination: Destination;
+  /** Aborts when the entry's time budget (within its lease) runs out. */
+  signal: AbortSignal;
+  emit: (e: DeliveryEvent) => void;
+}
+
+/** A report's bytes as the centre serves them. */
+export interface ReportContent {
+  contentType: string;
+  body: Buffer;
+}
+
+/**
+ * A kind of destination (README.md beside this file): how a referral reaches a centre of that kind, and how
+ * what the centre answered is read back. The delivery worker calls submit / addDocuments / cancel for the
+ * outbox entries of that kind (retries, leases, circuit breaking and the dead letter are the worker's); the
+ * report route calls readReport.
+ */
+export interface DestinationAdapter {
+  /** The `type` of the destinations it serves (`fhir` is the default). */
+  readonly type: string;
+  /** Sends a new referral (outbox kind `submit`). */
+  submit(ctx: DeliveryContext): Promise<Outcome>;
+  /** Sends documents added to a referral already at the centre (outbox kind `documents`). */
+  addDocuments(ctx: DeliveryContext): Promise<Outcome>;
+  /** Withdraws a referral at the centre (outbox kind `cancel`). */
+  cancel(ctx: DeliveryContext): Promise<Outcome>;
+  /** The bytes of a referral's opinion report at its destination. */
+  readReport(referral: StoredReferral, destination: Destination): Promise<ReportContent>;
+}

@@ -1,0 +1,24 @@
+// The FHIR destination: a centre's FHIR R4 server (Medplum, HAPI, any R4 server, each with its settings). The
+// referral goes as one transaction (Binary uploads first where the server needs them), documents added later and
+// cancels as their own writes, and the report is read from the Task's output.
+import type { Destination } from '../../config';
+import type { StoredReferral } from '../../model';
+import type { DeliveryContext, DestinationAdapter, ReportContent } from '../adapter';
+import { FhirClients } from './clients';
+import { deliverCancel, deliverDocuments, deliverSubmit } from './operations';
+import { readReportContent } from './report';
+
+export { FhirClients } from './clients';
+
+/** The adapter for `type: fhir` destinations, over the gateway's FHIR clients (one per destination). */
+export function fhirDestination(clients: FhirClients = new FhirClients()): DestinationAdapter {
+  const withClient = (ctx: DeliveryContext) => ({ ...ctx, client: clients.get(ctx.destination) });
+  return {
+    type: 'fhir',
+    submit: (ctx) => deliverSubmit(withClient(ctx)),
+    addDocuments: (ctx) => deliverDocuments(withClient(ctx)),
+    cancel: (ctx) => deliverCancel(withClient(ctx)),
+    readReport: (referral: StoredReferral, destination: Destination): Promise<ReportContent> =>
+      readReportContent(clients.get(destination), referral, destination),
+  };
+}
