@@ -172,7 +172,7 @@ export function jsonBody(opts: JsonBodyOptions): RequestHandler {
 
 /**
  * Receives the body, undoing Content-Encoding, within MAX_BODY_BYTES (decoded, and the bytes on the wire too)
- * and INTAKE_BODY_TIMEOUT_MS, and decodes it as UTF-8. Rejects with the Failure to answer; on any failure
+ * and INTAKE_BODY_TIMEOUT_MS, as bytes (parseChecked decodes them). Rejects with the Failure to answer; on any failure
  * the intake budget is released at once and the connection is closed after the answer.
  */
 function readBody(req: Request, res: Response, opts: JsonBodyOptions): Promise<ReceivedBody> {
@@ -374,7 +374,7 @@ async function parseChecked(body: ReceivedBody, maxDepth: number): Promise<unkno
       } catch {
         throw notUtf8();
       }
-      if (body.allocation) freeNow(body.allocation);
+      if (body.allocation) freeNow(body.allocation); // before JSON.parse makes its copy (the finally is then a no-op)
       if (!large) {
         const problem = scanJson(text, maxDepth);
         if (problem) throw problemError(problem, maxDepth);

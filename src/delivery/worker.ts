@@ -34,7 +34,7 @@ export interface DeliveryOptions {
 }
 
 /** The holder name delivery reserves memory under (an API client's id cannot contain parentheses). */
-export const DELIVERY_HOLDER = '(delivery)';
+const DELIVERY_HOLDER = '(delivery)';
 /** How long an entry that found no room in the memory budget is put off. */
 const MEMORY_RETRY_MS = 1_000;
 

@@ -1,11 +1,8 @@
 import type { IncomingHttpHeaders } from 'node:http';
-import { canonicalHashYielding } from '../json';
+import { canonicalHash } from '../json';
 import { referralSchema } from '../model';
 import { invalidInput, malformed, zodIssues } from '../outcomes';
 import type { IntakeFormat, Submission } from './types';
-
-/** At most this many issues are listed in one refusal, then one that counts the rest. */
-const MAX_ISSUES = 100;
 
 /**
  * The gateway's own JSON referral (the public contract, POST /referrals with application/json). The body was
@@ -30,10 +27,10 @@ export const jsonFormat: IntakeFormat = {
       format: 'json',
       externalId: typeof externalId === 'string' ? externalId : null,
       idempotencyKey: key ?? null,
-      requestHash: (pause) => canonicalHashYielding(body, pause),
+      requestHash: (pause) => canonicalHash(body, pause),
       read() {
         const parsed = referralSchema.safeParse(body);
-        return parsed.success ? { ok: true, referral: parsed.data } : { ok: false, issues: zodIssues(parsed.error, [], MAX_ISSUES) };
+        return parsed.success ? { ok: true, referral: parsed.data } : { ok: false, issues: zodIssues(parsed.error) };
       },
       locate: (modelPath) => modelPath,
     };

@@ -32,17 +32,11 @@ const HASH_SLICE = 1 << 20;
 
 /**
  * A stable hash of a JSON value: object keys sorted, so field order does not matter. It streams into the
- * hash instead of building a canonical string, so a large inline document is not copied. Nesting is bounded
- * before this runs (the body reader refuses more than MAX_JSON_DEPTH levels).
+ * hash instead of building a canonical string, so a large inline document is not copied, and calls `pause`
+ * after each HASH_SLICE characters hashed so the event loop can take a turn. Nesting is bounded before this
+ * runs (the body reader refuses more than MAX_JSON_DEPTH levels).
  */
-export function canonicalHash(value: unknown): string {
-  const h = createHash('sha256');
-  for (const piece of canonicalPieces(value)) h.update(piece);
-  return h.digest('hex');
-}
-
-/** canonicalHash, letting the event loop take a turn after each HASH_SLICE characters hashed. */
-export async function canonicalHashYielding(value: unknown, pause: () => Promise<void>): Promise<string> {
+export async function canonicalHash(value: unknown, pause: () => Promise<void>): Promise<string> {
   const h = createHash('sha256');
   let since = 0;
   for (const piece of canonicalPieces(value)) {

@@ -1,5 +1,5 @@
 export { freeNow, JSON_PLAIN_ASCII, jsonBytes } from './bytes';
-export { canonicalHash, canonicalHashYielding } from './canonical';
+export { canonicalHash } from './canonical';
 export {
   LARGE_BODY_CHARS,
   LONG_STRING_CHARS,

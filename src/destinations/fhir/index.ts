@@ -18,7 +18,6 @@ export function fhirDestination(clients: FhirClients = new FhirClients()): Desti
     submit: (ctx) => deliverSubmit(withClient(ctx)),
     addDocuments: (ctx) => deliverDocuments(withClient(ctx)),
     cancel: (ctx) => deliverCancel(withClient(ctx)),
-    readReport: (referral: StoredReferral, destination: Destination): Promise<ReportContent> =>
-      readReportContent(clients.get(destination), referral, destination),
+    readReport: (referral: StoredReferral, destination: Destination): Promise<ReportContent> => readReportContent(clients.get(destination), referral),
   };
 }

@@ -1,12 +1,11 @@
 import type { Attachment, DiagnosticReport, DocumentReference, Task } from '@medplum/fhirtypes';
 import { centreUnavailable, notFound } from '../../outcomes';
-import type { Destination } from '../../config';
 import type { FhirClient } from '../../fhir';
 import type { StoredReferral } from '../../model';
 import type { ReportContent } from '../adapter';
 
 /** Reads the bytes of a referral's opinion report from the centre: inline data, a Binary, or a URL under the centre's base. */
-export async function readReportContent(client: FhirClient, referral: StoredReferral, _destination: Destination): Promise<ReportContent> {
+export async function readReportContent(client: FhirClient, referral: StoredReferral): Promise<ReportContent> {
   if (!referral.report) {
     throw notFound('no report');
   }
