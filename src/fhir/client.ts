@@ -4,7 +4,7 @@ import type { Bundle, OperationOutcome, Resource, ResourceType } from '@medplum/
 import { destinationSettings } from '../config';
 import type { Destination } from '../config';
 import { logger as defaultLogger } from '../observability';
-import { JSON_PLAIN_ASCII } from '../json';
+import { jsonSkeleton, LONG_STRING_CHARS } from '../json';
 import { DeadlineExceeded, errorCode, fetchWithDeadline, parseRetryAfterHeader, type TimedResponse } from '../http';
 import { createAuthProvider, TokenRequestError } from './auth';
 
@@ -727,8 +727,6 @@ function requestBody(body: ExchangeInit['body']): { body?: BodyInit | null; dupl
   return made instanceof ReadableStream ? { body: made, duplex: 'half' } : { body: made };
 }
 
-/** Strings at least this long are streamed in slices instead of being copied into the request string. */
-const STREAM_STRING_MIN = 64 * 1024;
 const STREAM_SLICE = 1024 * 1024;
 
 /**
@@ -741,18 +739,7 @@ export function jsonRequestBody(value: unknown): BodyInit | (() => BodyInit) {
   if (!hasLongString(value, 0)) {
     return JSON.stringify(value);
   }
-  const longs: string[] = [];
-  const marker = `\u0000long-string-${Math.random().toString(36).slice(2)}-`;
-  const skeleton = JSON.stringify(value, (_key, v: unknown) => {
-    if (typeof v === 'string' && v.length >= STREAM_STRING_MIN && JSON_PLAIN_ASCII.test(v)) {
-      longs.push(v);
-      return `${marker}${longs.length - 1}`;
-    }
-    return v;
-  });
-  // JSON.stringify writes the NUL of the marker as \u0000, which cannot occur unescaped in its output.
-  const escapedMarker = JSON.stringify(marker).slice(1, -1);
-  const parts = skeleton.split(new RegExp(`"${escapeRegExp(escapedMarker)}(\\d+)"`));
+  const { parts, longs } = jsonSkeleton(value);
   return () => {
     let i = 0;
     let offset = -1;
@@ -794,7 +781,7 @@ export function jsonRequestBody(value: unknown): BodyInit | (() => BodyInit) {
 
 function hasLongString(value: unknown, depth: number): boolean {
   if (typeof value === 'string') {
-    return value.length >= STREAM_STRING_MIN;
+    return value.length >= LONG_STRING_CHARS;
   }
   if (depth > 64 || value === null || typeof value !== 'object') {
     return false;
@@ -808,8 +795,4 @@ function hasLongString(value: unknown, depth: number): boolean {
     }
   }
   return false;
-}
-
-function escapeRegExp(s: string): string {
-  return s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
 }

@@ -13,19 +13,8 @@ export const JSON_PLAIN_ASCII = /^[\x20\x21\x23-\x5b\x5d-\x7e]*$/;
  * milliseconds instead of a JSON.stringify of 20 MB (about 140-400 ms on the event loop).
  */
 export function jsonBytes(value: unknown): Buffer {
-  const longs: string[] = [];
-  const nonce = randomUUID();
-  const text = JSON.stringify(value, (_key, v: unknown) => {
-    if (typeof v === 'string' && v.length >= LONG_STRING_CHARS && JSON_PLAIN_ASCII.test(v)) {
-      longs.push(v);
-      return `\u0000${nonce}:${longs.length - 1}`;
-    }
-    return v;
-  });
-  if (text === undefined) throw new TypeError('the value has no JSON text');
-  if (longs.length === 0) return Buffer.from(text, 'utf8');
-  // JSON.stringify wrote each placeholder's NUL as the six characters \u0000; the random nonce makes it unique.
-  const parts = text.split(new RegExp(`"\\\\u0000${nonce}:(\\d+)"`));
+  const { parts, longs } = jsonSkeleton(value);
+  if (longs.length === 0) return Buffer.from(parts[0], 'utf8');
   let total = 0;
   for (let i = 0; i < parts.length; i++) total += i % 2 === 0 ? Buffer.byteLength(parts[i], 'utf8') : longs[Number(parts[i])].length + 2;
   const out = Buffer.allocUnsafe(total);
@@ -41,6 +30,28 @@ export function jsonBytes(value: unknown): Buffer {
   }
   if (at !== total) throw new Error(`jsonBytes wrote ${at} of ${total} bytes`);
   return out;
+}
+
+/**
+ * `JSON.stringify(value)` as pieces with its long plain-ASCII strings (base64 document data, LONG_STRING_CHARS or
+ * more) left out: `parts` alternates JSON text and the index in `longs` of the string that stands between two
+ * texts (quotes not included). Whoever writes the JSON out (a Buffer, a request stream) copies each long string
+ * as it is: it needs no escaping. With no long string, `parts` is the whole text.
+ */
+export function jsonSkeleton(value: unknown): { parts: string[]; longs: string[] } {
+  const longs: string[] = [];
+  const nonce = randomUUID();
+  const text = JSON.stringify(value, (_key, v: unknown) => {
+    if (typeof v === 'string' && v.length >= LONG_STRING_CHARS && JSON_PLAIN_ASCII.test(v)) {
+      longs.push(v);
+      return `\u0000${nonce}:${longs.length - 1}`;
+    }
+    return v;
+  });
+  if (text === undefined) throw new TypeError('the value has no JSON text');
+  if (longs.length === 0) return { parts: [text], longs };
+  // JSON.stringify wrote each placeholder's NUL as the six characters \u0000; the random nonce makes it unique.
+  return { parts: text.split(new RegExp(`"\\\\u0000${nonce}:(\\d+)"`)), longs };
 }
 
 /**
