@@ -47,7 +47,6 @@ import { openDb } from '../src/store/db';
 import { newReferralId, nowIso } from '../src/store/ids';
 import { migrate } from '../src/store/migrations';
 import { setLogLevel } from '../src/observability/logger';
-import { ReferralStore } from '../src/store/referral-store';
 
 const N = Number(process.env.N ?? 500);
 const CONCURRENCY = Number(process.env.CONCURRENCY ?? 4);
@@ -131,15 +130,15 @@ function sleep(ms: number): Promise<void> {
 
 /** Queues referrals in a gateway database the way POST /referrals does, before the gateway runs. */
 async function queueReferrals(dbFile: string, fhirBase: string, bodies: Record<string, any>[], maxInlineBytes = 1_048_576): Promise<void> {
-  const store = new ReferralStore(openDb(`sqlite:${dbFile}`));
-  await migrate(store.db.kysely);
+  const db = openDb(`sqlite:${dbFile}`);
+  await migrate(db.kysely);
   const destination = defaultDestination(fhirBase, maxInlineBytes);
-  const service = new ReferralService(store, { ids: () => ['default'], get: (id) => (id === 'default' ? destination : undefined) });
+  const service = new ReferralService(db, { ids: () => ['default'], get: (id) => (id === 'default' ? destination : undefined) });
   for (const body of bodies) {
     const r = await service.submit(CLIENT, jsonFormat.submission(body, {}));
     if (!r.created) throw new Error('referral not created');
   }
-  await store.db.close();
+  await db.close();
 }
 
 /** The destination src/config/config.ts builds from FHIR_BASE_URL (as the gateway child does), with its inline limit. */

@@ -26,7 +26,7 @@ import { referralSchema } from '../src/model';
 import { canonicalHash } from '../src/json';
 import { openDb } from '../src/store/db';
 import { migrate } from '../src/store/migrations';
-import { ReferralStore } from '../src/store/referral-store';
+import { insertReferral } from '../src/store';
 
 const DURATION = Number(process.env.DURATION ?? 10);
 const CONNECTIONS = Number(process.env.CONNECTIONS ?? 20);
@@ -75,7 +75,6 @@ async function stages(payload: Record<string, any>, dir: string): Promise<Array<
   loadFhirDefinitions();
   const db = openDb(`sqlite:${join(dir, `stages-${Date.now()}.db`)}`);
   await migrate(db.kysely);
-  const store = new ReferralStore(db);
   const directory = destinationDirectory([sandboxDestination('http://127.0.0.1:1/fhir/R4')]);
   const text = JSON.stringify(payload);
   const n = text.length > 100_000 ? 60 : 1500;
@@ -107,7 +106,7 @@ async function stages(payload: Record<string, any>, dir: string): Promise<Array<
     });
   });
   const write = await time((i) =>
-    store.createReferral({
+    insertReferral(db, {
       id: `ref_stage_${i}`,
       clientId: 'bench',
       externalId: `STAGE-${i}`,

@@ -5,7 +5,7 @@
  *
  *  1. Seeds the sandbox with REFERRALS referral transactions, the very bundles the gateway sends
  *     (mapReferralToBundle, referralIds ref_bench_<n>, the breast-second-opinion fixture with one
- *     small document), and a SQLite ReferralStore with the matching referrals in state 'sent' with
+ *     small document), and a SQLite store with the matching referrals in state 'sent' with
  *     their FHIR refs (delivery outbox finished, so nothing is re-sent).
  *  2. Per scenario (0, 50 and 1,000 changed Tasks by default), changes that many Tasks at the server
  *     (one batch of JSON Patches), then measures one cycle of the real Poller (delta search on
@@ -43,10 +43,10 @@ import { REFERRAL_IDENTIFIER_SYSTEM } from '../src/mapping/constants';
 import { setLogLevel } from '../src/observability/logger';
 import { referralSchema } from '../src/model';
 import type { FhirRefs, Referral } from '../src/model';
-import { openDb } from '../src/store/db';
+import { openDb, type Db } from '../src/store/db';
 import { migrate } from '../src/store/migrations';
-import { ReferralStore } from '../src/store/referral-store';
 import { Poller } from '../src/tracking/poller';
+import { changeStatus, insertReferral, listReferrals, openAtDestination, setWatermark } from '../src/store';
 
 const REFERRALS = Number(process.env.REFERRALS ?? 10_000);
 const CHANGES = (process.env.CHANGES ?? '0,50,1000').split(',').map(Number);
@@ -172,7 +172,7 @@ function refsFrom(base: string, request: Bundle, response: Bundle): { fhir: Fhir
   return { fhir: fhirRefs, taskVersion };
 }
 
-async function seed(store: ReferralStore, destination: Destination, referral: Referral): Promise<Seeded[]> {
+async function seed(db: Db, destination: Destination, referral: Referral): Promise<Seeded[]> {
   const base = destination.baseUrl;
   const createdAt = new Date(Date.now() - 3600_000).toISOString();
   let done = 0;
@@ -186,7 +186,7 @@ async function seed(store: ReferralStore, destination: Destination, referral: Re
       const bundle = mapReferralToBundle({ referralId, clientId: 'bench', referral: payload, destination, createdAt });
       const response = await fhir<Bundle>('POST', base, bundle, { prefer: 'return=minimal' });
       const { fhir: refs, taskVersion } = refsFrom(base, bundle, response);
-      const created = await store.createReferral({
+      const created = await insertReferral(db, {
         id: referralId,
         clientId: 'bench',
         externalId: payload.externalId,
@@ -197,8 +197,9 @@ async function seed(store: ReferralStore, destination: Destination, referral: Re
         at: createdAt,
       });
       if (!created) throw new Error(`${referralId} exists already`);
-      for (const entry of await store.outboxFor(referralId)) await store.finishOutbox(entry.id, 'done', 1, null);
-      await store.changeStatus(referralId, { status: 'sent', fhir: refs, taskVersion, reason: null });
+      // Delivered already (the bundle was posted above): the outbox entry is done, as the worker would leave it.
+      await db.kysely.updateTable('outbox').set({ state: 'done', attempts: 1 }).where('referral_id', '=', referralId).execute();
+      await changeStatus(db, referralId, { status: 'sent', fhir: refs, taskVersion, reason: null });
       if (++done % 1000 === 0) process.stderr.write(`  seeded ${done}/${REFERRALS} (${((performance.now() - started) / 1000).toFixed(0)} s)\n`);
       return { referralId, taskId: (refs.task as string).split('/')[1], taskVersion };
     }
@@ -239,8 +240,8 @@ interface CycleRow {
 
 async function cycleCosts(sandboxUrl: string, statsUrl: string, dir: string): Promise<{ rows: CycleRow[]; seedSeconds: number }> {
   setLogLevel('error');
-  const store = new ReferralStore(openDb(`sqlite:${join(dir, 'poll.db')}`));
-  await migrate(store.db.kysely);
+  const db = openDb(`sqlite:${join(dir, 'poll.db')}`);
+  await migrate(db.kysely);
   const destination: Destination = {
     id: 'bench-centre',
     name: 'Bench centre (standalone sandbox)',
@@ -254,7 +255,7 @@ async function cycleCosts(sandboxUrl: string, statsUrl: string, dir: string): Pr
 
   say(`Seeding ${REFERRALS} referral transactions into the sandbox and the store (${SEED_CONCURRENCY} in flight) ...`);
   const t0 = performance.now();
-  const seeded = await seed(store, destination, referral);
+  const seeded = await seed(db, destination, referral);
   const seedSeconds = (performance.now() - t0) / 1000;
   say(`  done in ${seedSeconds.toFixed(1)} s`);
 
@@ -265,7 +266,7 @@ async function cycleCosts(sandboxUrl: string, statsUrl: string, dir: string): Pr
   };
   const clients = new FhirClients((d) => createFhirClient(d, { fetchImpl: countingFetch }));
   const directory = { ids: () => [destination.id], get: (id: string) => (id === destination.id ? destination : undefined) };
-  const poller = new Poller(store, directory, clients, { cron: '* * * * * *', overlapMs: OVERLAP_MS, pageSize: PAGE_SIZE });
+  const poller = new Poller(db, directory, clients, { cron: '* * * * * *', overlapMs: OVERLAP_MS, pageSize: PAGE_SIZE });
   const serverStats = (): Promise<ServerStats> => fhir<ServerStats>('GET', statsUrl);
 
   /**
@@ -275,10 +276,10 @@ async function cycleCosts(sandboxUrl: string, statsUrl: string, dir: string): Pr
   const steady = async (): Promise<void> => {
     const newest = await newestTaskStamp(sandboxUrl);
     await sleep(Math.max(0, Date.parse(newest) + OVERLAP_MS + 50 - Date.now()));
-    await store.setWatermark(destination.id, new Date().toISOString());
+    await setWatermark(db, destination.id, new Date().toISOString());
   };
   const naiveCycle = async (): Promise<{ ms: number; detected: number }> => {
-    const open = (await store.openAtDestination(destination.id)).filter((r) => r.fhir?.task);
+    const open = (await openAtDestination(db, destination.id)).filter((r) => r.fhir?.task);
     const client = createFhirClient(destination, { fetchImpl: countingFetch });
     const t = performance.now();
     const changed = await pool(open, NAIVE_CONCURRENCY, async (r) => {
@@ -332,9 +333,9 @@ async function cycleCosts(sandboxUrl: string, statsUrl: string, dir: string): Pr
     rows.push({ changed, delta, naive });
     say(`  ${changed} changed: poller ${delta.requests} requests ${fmtMs(delta.ms)}, naive ${naive.requests} requests ${fmtMs(naive.ms)}`);
   }
-  const moved = await store.list('bench', { limit: 1, status: 'accepted' });
+  const moved = await listReferrals(db, 'bench', { limit: 1, status: 'accepted' });
   if (CHANGES.some((c) => c > 0) && moved.items.length === 0) throw new Error('no referral reached accepted in the store');
-  await store.db.close();
+  await db.close();
   return { rows, seedSeconds };
 }
 

@@ -22,6 +22,7 @@ import { Gateway } from '../src/gateway';
 import { setLogLevel } from '../src/observability/logger';
 import { writeDestinationsFile } from '../test/helpers/destinations';
 import { fixture } from '../test/helpers/gateway';
+import { getReferral } from '../src/store';
 
 const N = Math.max(1, Number(process.env.N ?? 20));
 const ROUNDS = Math.max(1, Number(process.env.ROUNDS ?? 3));
@@ -82,7 +83,7 @@ async function round(row: (typeof ROWS)[number]): Promise<Round> {
     while (pending.size > 0) {
       if (Date.now() > deadline) throw new Error(`${pending.size} referrals not sent within 120 s on ${row.label}`);
       for (const i of [...pending]) {
-        const r = await gw.store.getById(submitted[i].id, { payload: false });
+        const r = await getReferral(gw.db, submitted[i].id, { payload: false });
         if (r?.status === 'sent') {
           msToSent[i] = performance.now() - submitted[i].at;
           pending.delete(i);

@@ -17,7 +17,7 @@ import {
 } from './api';
 import type { Config } from './config';
 import type { ReferralService } from './referral';
-import type { ReferralStore } from './store';
+import type { Db } from './store';
 import type { AdminDoctorDeps, ReportReader } from './api';
 import type { MemoryBudget } from './memory';
 import { SANDBOX_PATH } from './sandbox';
@@ -26,7 +26,7 @@ import type { RetentionRun } from './retention';
 
 export interface AppDeps {
   config: Config;
-  store: ReferralStore;
+  db: Db;
   /** The formats referrals are taken in (POST /referrals chooses by Content-Type). */
   intake: IntakeRegistry;
   service: ReferralService;
@@ -90,7 +90,7 @@ export function createApp(deps: AppDeps): Express {
     requireJson,
     precheck,
     json,
-    adminRouter(deps.store, deps.runRetention, deps.doctor),
+    adminRouter(deps.db, deps.runRetention, deps.doctor),
     ...(deps.webhooksAdmin ? [deps.webhooksAdmin] : [])
   );
 

@@ -13,11 +13,10 @@ import { MemoryBudget } from './memory';
 import { logger, setLogLevel } from './observability';
 import { type Backlog, clearBacklogSource, setBacklogSource } from './observability';
 import { ReferralService } from './referral';
-import { possiblyOrphanedUploads, openDb, migrate, ReferralStore } from './store';
-import { createStoreProbe, type StoreProbeResult } from './store';
+import { backlog, createStoreProbe, type Db, migrate, openDb, possiblyOrphanedUploads, type StoreProbeResult } from './store';
 import { Poller } from './tracking';
 import { RetentionJob } from './retention';
-import { attachWebhooks, type AttachedWebhooks, type WebhookDispatcher, type WebhookDispatcherOptions } from './webhooks';
+import { WebhookDispatcher, type WebhookDispatcherOptions } from './webhooks';
 
 class Directory implements DestinationDirectory {
   private readonly map = new Map<string, Destination>();
@@ -50,7 +49,8 @@ export interface GatewayOptions {
 
 /** The whole service: store, API, sandbox, delivery worker and poller, with start and stop. */
 export class Gateway {
-  readonly store: ReferralStore;
+  /** The store: repositories and use cases take it (src/store). */
+  readonly db: Db;
   readonly destinations: Directory;
   readonly clients: FhirClients;
   /** The destination kinds delivered to, by type (only `fhir` so far). */
@@ -62,7 +62,6 @@ export class Gateway {
   readonly retention: RetentionJob;
   /** Bytes of request bodies and delivery payloads held at once (MAX_INTAKE_BYTES_IN_FLIGHT, INTAKE_CLIENT_SHARE). */
   readonly memory: MemoryBudget;
-  private readonly webhooksAttached: AttachedWebhooks;
   server: Server | undefined;
   url = '';
   sandbox: SandboxRouter | undefined;
@@ -75,19 +74,19 @@ export class Gateway {
     private readonly opts: GatewayOptions = {}
   ) {
     setLogLevel(config.logLevel);
-    this.store = new ReferralStore(openDb(config.databaseUrl, { busyWaitMs: config.store.busyWaitMs }));
-    this.storeProbe = createStoreProbe(this.store.db, { cacheMs: config.store.probeCacheMs });
+    this.db = openDb(config.databaseUrl, { busyWaitMs: config.store.busyWaitMs });
+    this.storeProbe = createStoreProbe(this.db, { cacheMs: config.store.probeCacheMs });
     this.destinations = new Directory(config.destinations);
     this.clients = opts.clients ?? new FhirClients();
     this.adapters = new DestinationAdapters([fhirDestination(this.clients)]);
     this.memory = new MemoryBudget({ maxBytes: config.maxIntakeBytesInFlight, holderShare: config.intake.clientShare });
-    this.webhooksAttached = attachWebhooks(this.store.db, config, opts.webhooks, opts.webhookFetch);
-    this.webhooks = this.webhooksAttached.dispatcher;
-    // Status webhooks are queued by the store in the status change's own transaction; wake the
-    // dispatcher only when one was.
-    this.store.onWebhookQueued = () => this.webhooks.wake();
+    this.webhooks = new WebhookDispatcher(
+      this.db,
+      { secret: config.webhookSecret, allowPrivateNetworks: config.webhookAllowPrivateNetworks, ...opts.webhooks },
+      opts.webhookFetch
+    );
     this.worker = new DeliveryWorker(
-      this.store,
+      this.db,
       this.destinations,
       this.adapters,
       {
@@ -101,22 +100,25 @@ export class Gateway {
       },
       (e) => logger.debug('status change', { ...e })
     );
+    // Work is queued by the store in the transaction that makes it due (a status change queues its webhook, a
+    // submission its delivery): the worker of that queue looks as soon as it has committed.
+    this.db.signals.on('queued', (queue) => (queue === 'webhook' ? this.webhooks.wake() : this.worker.wake()));
     const defaultCron = config.pollCron ?? (config.useSandbox ? '*/10 * * * * *' : '*/5 * * * *');
-    this.poller = new Poller(this.store, this.destinations, this.clients, {
+    this.poller = new Poller(this.db, this.destinations, this.clients, {
       cron: defaultCron,
       overlapMs: opts.pollOverlapMs ?? 60_000,
       pageSize: opts.pollPageSize ?? 100,
       sweepEveryMs: opts.pollSweepEveryMs,
     });
-    this.retention = new RetentionJob(this.store, config.retention);
-    this.service = new ReferralService(this.store, this.destinations, () => this.worker.wake(), {
+    this.retention = new RetentionJob(this.db, config.retention);
+    this.service = new ReferralService(this.db, this.destinations, {
       allowPrivateCallbacks: config.webhookAllowPrivateNetworks,
       clientIdentifierSystems: config.clientIdentifierSystems,
     });
   }
 
   async start(): Promise<void> {
-    const applied = await migrate(this.store.db.kysely);
+    const applied = await migrate(this.db.kysely);
     if (applied.length > 0) logger.info('database migrated', { applied });
     if (this.config.useSandbox) {
       // SANDBOX_PROFILE makes the built-in centre behave like a Medplum, HAPI or the strictest server.
@@ -127,7 +129,7 @@ export class Gateway {
     }
     const app = createApp({
       config: this.config,
-      store: this.store,
+      db: this.db,
       intake: defaultIntakeFormats(),
       service: this.service,
       reports: {
@@ -141,12 +143,12 @@ export class Gateway {
       isReady: () => this.readiness(),
       isShuttingDown: () => this.shuttingDown,
       memory: this.memory,
-      webhooksAdmin: webhooksAdminRouter(this.webhooksAttached.store, () => this.webhooks.wake()),
+      webhooksAdmin: webhooksAdminRouter(this.db),
       runRetention: () => this.retention.run(),
       doctor: {
         destinations: this.destinations,
         orphanedBinaries: async (destinationId) =>
-          (await possiblyOrphanedUploads(this.store.db, destinationId)).map((u) => ({ referralId: u.referralId, document: u.document, since: u.since })),
+          (await possiblyOrphanedUploads(this.db, destinationId)).map((u) => ({ referralId: u.referralId, document: u.document, since: u.since })),
       },
     });
     // Headers and request deadlines, and the cap on connections per address (src/api/server-limits.ts).
@@ -165,8 +167,7 @@ export class Gateway {
     if (this.opts.startPoller !== false) this.poller.start();
     this.retention.start();
     this.backlogSource = async () => ({
-      ...(await this.store.backlog()),
-      webhooks: await this.webhooksAttached.store.openCounts(),
+      ...(await backlog(this.db)),
       circuits: this.worker.circuitStates(),
     });
     setBacklogSource(this.backlogSource);
@@ -192,6 +193,6 @@ export class Gateway {
     await closed;
     clearTimeout(force);
     await this.sandbox?.close();
-    await this.store.db.close();
+    await this.db.close();
   }
 }

@@ -1,8 +1,8 @@
 import { Router } from 'express';
 import { z } from 'zod';
-import type { ReferralStore } from '../store';
-import { Failure, notFound, zodIssues } from '../outcomes';
-import { requeueDelivery } from '../referral';
+import type { Db } from '../store';
+import { Failure, zodIssues } from '../outcomes';
+import { listDeliveries, requeueDelivery } from '../referral';
 
 import type { RetentionRun } from '../retention';
 import type { Destination } from '../config';
@@ -27,7 +27,7 @@ export const deliveriesQuery = z.strictObject({
  * Operator endpoints (ADMIN_API_KEY): the delivery dead letter and its replay; retention on demand; the
  * destination doctor (with `doctor`).
  */
-export function adminRouter(store: ReferralStore, runRetention?: () => Promise<RetentionRun>, doctor?: AdminDoctorDeps): Router {
+export function adminRouter(db: Db, runRetention?: () => Promise<RetentionRun>, doctor?: AdminDoctorDeps): Router {
   const r = Router();
 
   /**
@@ -59,12 +59,12 @@ export function adminRouter(store: ReferralStore, runRetention?: () => Promise<R
   r.get('/deliveries', async (req, res) => {
     const q = deliveriesQuery.safeParse(req.query);
     if (!q.success) throw new Failure('malformed', zodIssues(q.error));
-    const entries = await store.listOutbox(q.data.state, q.data.limit);
+    const entries = await listDeliveries(db, q.data.state, q.data.limit);
     res.json({
       items: entries.map((e) => ({
         id: e.id,
         referralId: e.referralId,
-        kind: e.kind,
+        kind: e.kind === 'unreadable' ? e.storedKind : e.kind,
         state: e.state,
         attempts: e.attempts,
         lastError: e.lastError,
@@ -76,10 +76,7 @@ export function adminRouter(store: ReferralStore, runRetention?: () => Promise<R
 
   /** Re-queues a failed delivery; {id} is the referral id or the outbox entry id. */
   r.post('/deliveries/:id/retry', async (req, res) => {
-    const id = req.params.id;
-    const requeued = await requeueDelivery(store, id);
-    if (requeued.length === 0) throw notFound(`no failed delivery ${id}`);
-    res.status(202).json({ requeued });
+    res.status(202).json({ requeued: await requeueDelivery(db, req.params.id) });
   });
 
   return r;

@@ -1,8 +1,9 @@
 import { Router } from 'express';
 import { z } from 'zod';
 
-import type { WebhookEntry, WebhookStore } from '../store';
+import type { Db, WebhookEntry } from '../store';
 import { Failure, zodIssues } from '../outcomes';
+import { listWebhooks, requeueWebhook } from '../referral';
 
 /** The query of GET /admin/webhooks. */
 export const webhooksQuery = z.strictObject({
@@ -52,23 +53,18 @@ function view(e: WebhookEntry) {
  * GET /webhooks?state=failed|pending|delivered&limit=  — the dead letter (default) or the queue;
  * POST /webhooks/:id/retry — re-queues a failed event (same webhook-id) and wakes the dispatcher.
  */
-export function webhooksAdminRouter(store: WebhookStore, wake: () => void): Router {
+export function webhooksAdminRouter(db: Db): Router {
   const r = Router();
 
   r.get('/webhooks', async (req, res) => {
     const q = webhooksQuery.safeParse(req.query);
     if (!q.success) throw new Failure('malformed', zodIssues(q.error));
-    const entries = await store.list(q.data.state, q.data.limit);
+    const entries = await listWebhooks(db, q.data.state, q.data.limit);
     res.json({ items: entries.map(view) });
   });
 
   r.post('/webhooks/:id/retry', async (req, res) => {
-    const id = req.params.id;
-    if (!(await store.requeue(id))) {
-      throw new Failure('not-found', { code: 'not-found', message: `no failed webhook ${id.slice(0, 100)}` });
-    }
-    wake();
-    res.status(202).json({ requeued: [id] });
+    res.status(202).json({ requeued: await requeueWebhook(db, req.params.id) });
   });
 
   return r;

@@ -3,13 +3,14 @@ import type { Destination, DestinationDirectory } from '../config';
 import { logger, deliveries } from '../observability';
 import { ageSeconds, isExhausted, LeasedQueueRunner, notPastAgeLimit, settleRetry } from '../queue';
 import type { MemoryBudget, Release } from '../memory';
-import { ulid } from '../store';
-import type { OutboxEntry, ReferralStore } from '../store';
+import { changeStatus, type Db, deliveryQueue, getReferral, leasedQueue, noteStatus, type OutboxEntry, payloadBytes, type Settled, ulid } from '../store';
 import { CircuitBreaker } from './circuit';
 import type { DeliveryContext, DeliveryEvent, DestinationAdapter, DestinationAdapters, Outcome, ReferralSummary } from '../destinations';
-import type { StoredReferral } from '../model';
+import type { DeliveryTask, DocumentsTask, StoredReferral, UnreadableTask } from '../model';
 
-type Entry = Omit<OutboxEntry, 'payload'>;
+/** An outbox entry without its task's payload (handed to the adapter once, see operationFor). */
+type Entry = DistributiveOmit<OutboxEntry, 'payload'>;
+type DistributiveOmit<T, K extends PropertyKey> = T extends unknown ? Omit<T, K> : never;
 
 export interface DeliveryOptions {
   maxAttempts: number;
@@ -49,7 +50,7 @@ export function entryBudgetMs(destination: Pick<Destination, 'timeoutMs'>): numb
 /**
  * Takes outbox entries and sends them to their destination.
  *
- * Exactly-once effect at the centre: each entry is leased by one worker (ReferralStore.claim); the attempt is
+ * Exactly-once effect at the centre: each entry is leased by one worker (src/store's leased queue); the attempt is
  * recorded before anything is sent, so after a crash or a lost answer the next attempt knows the outcome is
  * unknown and first searches the centre for what the earlier one created (read-before-retry); and every
  * bundle entry is a conditional create (Binaries: a PUT to an id derived from the referral), so a resend
@@ -67,7 +68,7 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
   private readonly breakers = new Map<string, CircuitBreaker>();
 
   constructor(
-    private readonly store: ReferralStore,
+    private readonly db: Db,
     private readonly destinations: DestinationDirectory,
     private readonly adapters: DestinationAdapters,
     protected readonly opts: DeliveryOptions,
@@ -81,7 +82,7 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
   }
 
   protected claim(free: number): Promise<OutboxEntry[]> {
-    return this.store.claim(this.workerId, free, this.leaseMs());
+    return leasedQueue.claim(this.db, deliveryQueue, this.workerId, free, this.leaseMs());
   }
 
   /** Circuit state per destination that has had a delivery: 0 closed, 1 half-open, 2 open (for /metrics). */
@@ -123,47 +124,47 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
   async stop(): Promise<void> {
     await this.stopLoop();
     await Promise.allSettled([...this.inFlight]);
-    await this.store.releaseLeases(this.workerId).catch(() => undefined);
+    await leasedQueue.releaseLeases(this.db, deliveryQueue, this.workerId).catch(() => undefined);
   }
 
   protected async process(claimed: OutboxEntry): Promise<void> {
     // The payloads (a referral's documents, documents added later) may be megabytes of base64: they are handed
     // to the operation once and not kept here, so they can be collected as soon as it has sent them.
-    const entryPayload = { value: claimed.payload };
     const { payload: _entryPayload, ...entry } = claimed;
-    claimed.payload = null; // the loop's copy of the entry no longer holds it either
+    const task = { held: taskOf(claimed) };
+    (claimed as { payload: unknown }).payload = null; // the loop's copy of the entry no longer holds it either
     // The referral's submission (megabytes of documents, read and parsed below) is held within the memory budget
     // that request bodies draw from, so a backlog of large deliveries and a burst of large uploads together
     // stay within MAX_INTAKE_BYTES_IN_FLIGHT.
     let release: Release = () => undefined;
     if (this.opts.memory) {
-      const granted = await this.opts.memory.budget.reserve(DELIVERY_HOLDER, await this.store.payloadBytes(entry.referralId), {
+      const granted = await this.opts.memory.budget.reserve(DELIVERY_HOLDER, await payloadBytes(this.db, entry.referralId), {
         waitMs: this.opts.memory.waitMs,
       });
       if (typeof granted !== 'function') {
-        await this.store.rescheduleOutbox(
-          entry.id,
-          entry.attempts,
-          new Date(Date.now() + MEMORY_RETRY_MS).toISOString(),
-          entry.lastError ?? 'waiting for room in the memory budget'
-        );
+        await this.settle(entry, {
+          state: 'retry',
+          attempts: entry.attempts,
+          nextAttemptAt: new Date(Date.now() + MEMORY_RETRY_MS).toISOString(),
+          lastError: entry.lastError ?? 'waiting for room in the memory budget',
+        });
         logger.debug('delivery put off: no room in the memory budget', { referralId: entry.referralId });
         return;
       }
       release = granted;
     }
     try {
-      await this.deliver(entry, entryPayload);
+      await this.deliver(entry, task);
     } finally {
       release();
     }
   }
 
-  /** One attempt at an entry; `entryPayload` is handed to the operation once (and emptied then). */
-  private async deliver(entry: Entry, entryPayload: { value: unknown }): Promise<void> {
+  /** One attempt at an entry; its task is handed to the operation once (and no longer held here then). */
+  private async deliver(entry: Entry, task: { held: DeliveryTask | UnreadableTask | undefined }): Promise<void> {
     const loaded = await this.load(entry.referralId);
     if (!loaded) {
-      await this.store.finishOutbox(entry.id, 'failed', entry.attempts, 'referral no longer exists');
+      await this.settle(entry, { state: 'failed', attempts: entry.attempts, lastError: 'referral no longer exists' });
       return;
     }
     const referral = loaded.summary;
@@ -178,11 +179,13 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
       });
       return;
     }
-    const operation = operationFor(this.adapters.for(destination), entry.kind);
-    if (!operation) {
-      await this.store.finishOutbox(entry.id, 'failed', entry.attempts, `outbox kind ${entry.kind} is not supported by this version`);
+    const held = task.held;
+    task.held = undefined;
+    if (!held || held.kind === 'unreadable') {
+      await this.settle(entry, { state: 'failed', attempts: entry.attempts, lastError: held?.problem ?? 'the entry was already delivered' });
       return;
     }
+    const operation = operationFor(this.adapters.for(destination), held);
 
     const breaker = this.circuit(destination);
     const admission = breaker.admit();
@@ -193,7 +196,7 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
     const permit = admission.permit;
     let attempt: number | undefined;
     try {
-      attempt = await this.store.beginAttempt(entry, this.workerId);
+      attempt = await leasedQueue.beginAttempt(this.db, deliveryQueue, entry, this.workerId);
     } finally {
       if (attempt === undefined) breaker.released(permit);
     }
@@ -205,7 +208,7 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
     const budget = entryBudgetMs(destination);
     const signal = AbortSignal.timeout(budget);
     const ctx: DeliveryContext = {
-      store: this.store,
+      db: this.db,
       entry,
       attempt,
       referral,
@@ -218,11 +221,6 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
         source = undefined;
         if (!from) throw new Error('the referral payload was already taken');
         return from.payload;
-      },
-      takeEntryPayload: () => {
-        const p = entryPayload.value;
-        entryPayload.value = undefined;
-        return p;
       },
     };
     let outcome: Outcome;
@@ -244,7 +242,7 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
 
     switch (outcome.kind) {
       case 'done':
-        await this.store.finishOutbox(entry.id, 'done', attempt, null);
+        await this.settle(entry, { state: 'done', attempts: attempt });
         return;
       case 'fail':
         await this.failPermanently(entry, referral, attempt, outcome.status ? `${outcome.status}: ${outcome.reason}` : outcome.reason, outcome.outcome);
@@ -260,7 +258,7 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
    * store parses it on first access, so an operation that needs no payload, e.g. a cancel, never parses it).
    */
   private async load(id: string): Promise<{ summary: ReferralSummary; stored: StoredReferral | undefined } | undefined> {
-    const stored = await this.store.getById(id);
+    const stored = await getReferral(this.db, id);
     if (!stored) return undefined;
     const summary: ReferralSummary = {
       id: stored.id,
@@ -291,12 +289,12 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
       );
       return;
     }
-    await this.store.rescheduleOutbox(
-      entry.id,
-      entry.attempts,
-      new Date(notPastAgeLimit(retryAt, new Date(entry.createdAt), this.opts.maxAgeMs)).toISOString(),
-      lastError
-    );
+    await this.settle(entry, {
+      state: 'retry',
+      attempts: entry.attempts,
+      nextAttemptAt: new Date(notPastAgeLimit(retryAt, new Date(entry.createdAt), this.opts.maxAgeMs)).toISOString(),
+      lastError,
+    });
     deliveries.inc({ destination: destination.id, result: 'deferred' });
     logger.debug('delivery deferred: destination circuit open', {
       referralId: referral.id,
@@ -313,7 +311,7 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
       await this.failPermanently(entry, referral, attempts, settled.reason, outcome.outcome);
       return;
     }
-    await this.store.rescheduleOutbox(entry.id, attempts, new Date(settled.at).toISOString(), error);
+    await this.settle(entry, { state: 'retry', attempts, nextAttemptAt: new Date(settled.at).toISOString(), lastError: error });
     logger.warn('delivery will be retried', {
       referralId: referral.id,
       destination: referral.destination,
@@ -324,6 +322,13 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
     });
   }
 
+  /** Records how the worker's attempt at an entry it holds ended (nothing, when its lease was taken over). */
+  private async settle(entry: Entry, outcome: Settled): Promise<void> {
+    if (!(await leasedQueue.settle(this.db, deliveryQueue, entry.id, this.workerId, outcome))) {
+      logger.warn('outbox entry lease was lost before the outcome was recorded', { outboxId: entry.id, referralId: entry.referralId });
+    }
+  }
+
   /**
    * Dead letter. A referral whose submission fails becomes delivery-failed; a failed documents or cancel entry
    * leaves the status alone (the referral is at the centre) and is noted in the history.
@@ -331,31 +336,55 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
   private async failPermanently(entry: Entry, referral: ReferralSummary, attempts: number, error: string, outcome?: OperationOutcome): Promise<void> {
     const lastError = outcome ? `${error} ${JSON.stringify(outcome)}` : error;
     if (entry.kind === 'submit') {
-      const changed = await this.store.changeStatus(
+      const changed = await changeStatus(
+        this.db,
         referral.id,
         { status: 'delivery-failed', reason: error, detail: outcome ? { outcome } : undefined },
         (cur) => cur.status === 'queued'
       );
       if (changed) this.onStatusChange({ referralId: referral.id, status: 'delivery-failed', previous: changed.previous, reason: error });
     } else {
-      const cur = await this.store.getById(referral.id, { payload: false });
-      await this.store.note(referral.id, (cur ?? referral).status, `${entry.kind} could not be delivered: ${error}`, outcome ? { outcome } : undefined);
+      const cur = await getReferral(this.db, referral.id, { payload: false });
+      await noteStatus(this.db, referral.id, (cur ?? referral).status, `${entry.kind} could not be delivered: ${error}`, outcome ? { outcome } : undefined);
     }
-    await this.store.finishOutbox(entry.id, 'failed', attempts, lastError);
+    await this.settle(entry, { state: 'failed', attempts, lastError });
     logger.error('delivery failed permanently', { referralId: referral.id, destination: referral.destination, kind: entry.kind, attempts, reason: error });
   }
 }
 
-/** The adapter's operation for an outbox kind; undefined for a kind this version does not know (a newer writer's). */
-function operationFor(adapter: DestinationAdapter, kind: OutboxEntry['kind']): ((ctx: DeliveryContext) => Promise<Outcome>) | undefined {
-  switch (kind) {
+/** An entry's task: its kind and typed payload. */
+function taskOf(entry: OutboxEntry): DeliveryTask | UnreadableTask {
+  switch (entry.kind) {
+    case 'submit':
+      return { kind: entry.kind, payload: null };
+    case 'documents':
+      return { kind: entry.kind, payload: entry.payload };
+    case 'cancel':
+      return { kind: entry.kind, payload: entry.payload };
+    case 'unreadable':
+      return entry;
+  }
+}
+
+/**
+ * The adapter's operation for a task. A documents task's payload (megabytes of base64) is handed over once, so
+ * the adapter can let it go as soon as it has sent it.
+ */
+function operationFor(adapter: DestinationAdapter, task: DeliveryTask): (ctx: DeliveryContext) => Promise<Outcome> {
+  switch (task.kind) {
     case 'submit':
       return (ctx) => adapter.submit(ctx);
-    case 'documents':
-      return (ctx) => adapter.addDocuments(ctx);
+    case 'documents': {
+      let held: DocumentsTask | undefined = task.payload;
+      return (ctx) =>
+        adapter.addDocuments(ctx, () => {
+          const p = held;
+          held = undefined;
+          if (!p) throw new Error('the documents were already taken');
+          return p;
+        });
+    }
     case 'cancel':
-      return (ctx) => adapter.cancel(ctx);
-    default:
-      return undefined;
+      return (ctx) => adapter.cancel(ctx, task.payload);
   }
 }

@@ -1,7 +1,7 @@
 import type { OperationOutcome } from '@medplum/fhirtypes';
 import type { Destination } from '../config';
-import type { Referral, StoredReferral } from '../model';
-import type { OutboxEntry, ReferralStore } from '../store';
+import type { CancelTask, DocumentsTask, Referral, StoredReferral } from '../model';
+import type { Db, OutboxEntry } from '../store';
 
 /** A status change a delivery made (sent, delivery-failed...), for webhooks and logs. */
 export type DeliveryEvent = { referralId: string; status: string; previous: string; reason?: string };
@@ -23,9 +23,10 @@ export type ReferralSummary = Omit<StoredReferral, 'payload'>;
 
 /** What the delivery worker hands an adapter for one attempt at one outbox entry. */
 export interface DeliveryContext {
-  store: ReferralStore;
-  /** The entry as claimed (its payload moved to takeEntryPayload): `entry.attempts` is the number of earlier attempts. */
-  entry: Omit<OutboxEntry, 'payload'>;
+  /** The store, for the adapter's records of what reached the centre (its refs, raw uploads): src/store's repositories. */
+  db: Db;
+  /** The entry as claimed, without its payload (the task's own argument): `entry.attempts` counts earlier attempts. */
+  entry: Pick<OutboxEntry, 'id' | 'referralId' | 'kind' | 'attempts' | 'createdAt'>;
   /** This attempt's number (entry.attempts + 1), already recorded. */
   attempt: number;
   referral: ReferralSummary;
@@ -34,8 +35,6 @@ export interface DeliveryContext {
    * adapter has sent it, a large document's data can be collected before the store writes that follow.
    */
   takePayload(): Referral;
-  /** The outbox entry's payload, handed over once in the same way. */
-  takeEntryPayload(): unknown;
   destination: Destination;
   /** Aborts when the entry's time budget (within its lease) runs out. */
   signal: AbortSignal;
@@ -59,10 +58,13 @@ export interface DestinationAdapter {
   readonly type: string;
   /** Sends a new referral (outbox kind `submit`). */
   submit(ctx: DeliveryContext): Promise<Outcome>;
-  /** Sends documents added to a referral already at the centre (outbox kind `documents`). */
-  addDocuments(ctx: DeliveryContext): Promise<Outcome>;
+  /**
+   * Sends documents added to a referral already at the centre (outbox kind `documents`). `take` hands the documents
+   * over once, in the same way as takePayload.
+   */
+  addDocuments(ctx: DeliveryContext, take: () => DocumentsTask): Promise<Outcome>;
   /** Withdraws a referral at the centre (outbox kind `cancel`). */
-  cancel(ctx: DeliveryContext): Promise<Outcome>;
+  cancel(ctx: DeliveryContext, task: CancelTask): Promise<Outcome>;
   /** The bytes of a referral's opinion report at its destination. */
   readReport(referral: StoredReferral, destination: Destination): Promise<ReportContent>;
 }

@@ -1,5 +1,5 @@
 // The public surface of src/referral: what other folders use. Import from here, not from its files.
 export { checkReferral, destinationDirectory, type CheckIssue } from './check';
 export { ReferralService, addDocumentsSchema, cancelSchema, type SubmitResult } from './service';
-export { requeueDelivery } from './operator';
+export { listDeliveries, listWebhooks, requeueDelivery, requeueWebhook } from './operator';
 export { referralStatusSchema, referralViewSchema } from './view';

@@ -1,22 +1,44 @@
-import type { ReferralStore } from '../store';
+import { notFound } from '../outcomes';
+import { changeStatus, type Db, deliveryQueue, getReferral, leasedQueue, type OutboxEntry, webhookQueue, type WebhookEntry, type WebhookState } from '../store';
+
+// The operator's use cases over the two leased queues: list them, re-queue what was dead-lettered.
 
 /**
  * An operator re-queues failed deliveries: `id` is a referral id (all its failed entries) or one outbox entry's
  * id. Each entry starts again with no attempts counted; a referral held as delivery-failed goes back to queued,
- * noted in its history. Returns the ids re-queued (none: nothing failed under that id).
+ * noted in its history. Returns the ids re-queued; nothing failed under that id is a not-found.
  */
-export async function requeueDelivery(store: ReferralStore, id: string): Promise<string[]> {
+export async function requeueDelivery(db: Db, id: string): Promise<string[]> {
   const entries = id.startsWith('ref_')
-    ? (await store.outboxFor(id)).filter((e) => e.state === 'failed')
-    : [await store.outboxEntry(id)].filter((e) => e?.state === 'failed');
+    ? (await leasedQueue.forReferral(db, deliveryQueue, id)).filter((e) => e.state === 'failed')
+    : [await leasedQueue.entry(db, deliveryQueue, id)].filter((e) => e?.state === 'failed');
   const requeued: string[] = [];
   for (const e of entries) {
-    if (!e || !(await store.requeueOutbox(e.id))) continue;
+    if (!e || !(await leasedQueue.requeue(db, deliveryQueue, e.id))) continue;
     requeued.push(e.id);
-    const referral = await store.getById(e.referralId, { payload: false });
+    const referral = await getReferral(db, e.referralId, { payload: false });
     if (referral?.status === 'delivery-failed') {
-      await store.changeStatus(referral.id, { status: 'queued', reason: 'delivery re-queued by an operator' });
+      await changeStatus(db, referral.id, { status: 'queued', reason: 'delivery re-queued by an operator' });
     }
   }
+  if (requeued.length === 0) throw notFound(`no failed delivery ${id}`);
+  db.signals.emit('queued', 'delivery');
   return requeued;
+}
+
+/** Re-queues a dead-lettered status webhook (same webhook-id, so a receiver can still de-duplicate it). */
+export async function requeueWebhook(db: Db, id: string): Promise<string[]> {
+  if (!(await leasedQueue.requeue(db, webhookQueue, id))) throw notFound(`no failed webhook ${id.slice(0, 100)}`);
+  db.signals.emit('queued', 'webhook');
+  return [id];
+}
+
+/** Delivery outbox entries in a state, most recently changed first. */
+export function listDeliveries(db: Db, state: OutboxEntry['state'], limit: number): Promise<OutboxEntry[]> {
+  return leasedQueue.list(db, deliveryQueue, state, limit);
+}
+
+/** Status webhooks in a state, most recently changed first. */
+export function listWebhooks(db: Db, state: WebhookState, limit: number): Promise<WebhookEntry[]> {
+  return leasedQueue.list(db, webhookQueue, state, limit);
 }

@@ -4,8 +4,22 @@ import { businessRule, capIssues, type DetailedIssue, Failure, idempotencyConfli
 import type { Destination, DestinationDirectory } from '../config';
 import { mapAddedDocumentsToBundle, validateBundle } from '../mapping';
 import { logger } from '../observability';
-import { newReferralId, nowIso } from '../store';
-import type { ListFilter, ReferralStore } from '../store';
+import {
+  cancelBeforeDelivery,
+  type Db,
+  deliveryQueue,
+  findForIdempotency,
+  getReferral,
+  insertReferral,
+  leasedQueue,
+  listReferrals,
+  type ListFilter,
+  newReferralId,
+  nowIso,
+  queueCancel,
+  queueDocuments,
+  referralHistory,
+} from '../store';
 import { checkReferralContent } from './check';
 import { identifierPolicyIssues } from './identifier-policy';
 import { documentSchema } from '../model';
@@ -30,9 +44,8 @@ export interface SubmitResult {
 
 export class ReferralService {
   constructor(
-    private readonly store: ReferralStore,
+    private readonly db: Db,
     private readonly destinations: DestinationDirectory,
-    private readonly onQueued: () => void = () => undefined,
     private readonly options: {
       allowPrivateCallbacks?: boolean;
       clientIdentifierSystems?: ReadonlyMap<string, ReadonlyArray<string>>;
@@ -84,7 +97,7 @@ export class ReferralService {
       const { referral, destination } = this.check(clientId, read.referral, (p) => submission.locate(p));
       await pause();
       const id = newReferralId();
-      const created = await this.store.createReferral({
+      const created = await insertReferral(this.db, {
         id,
         clientId,
         externalId: referral.externalId,
@@ -101,17 +114,16 @@ export class ReferralService {
         throw idempotencyConflict('externalId', 'a concurrent submission with this externalId is in progress');
       }
       logger.info('referral queued', { referralId: id, clientId, destination: destination.id, documents: referral.documents.length });
-      this.onQueued();
       return { created: true, view: await this.view(created) };
     });
   }
 
   private async replay(clientId: string, externalId: string, key: string | null, hash: string): Promise<SubmitResult | null> {
-    const existing = await this.store.findForIdempotency(clientId, externalId, key);
+    const existing = await findForIdempotency(this.db, clientId, externalId, key);
     if (!existing) return null;
     if (existing.requestHash !== hash) {
       // Blame the key only when it was used before (a new key with a reused externalId is an externalId conflict).
-      const byKey = key !== null && (existing.externalId !== externalId || (await this.store.findForIdempotency(clientId, '', key)) !== undefined);
+      const byKey = key !== null && (existing.externalId !== externalId || (await findForIdempotency(this.db, clientId, '', key)) !== undefined);
       throw byKey
         ? idempotencyConflict('Idempotency-Key', `Idempotency-Key was already used for referral ${existing.id} with a different body`)
         : idempotencyConflict('externalId', `externalId ${externalId} was already submitted as referral ${existing.id} with a different body`);
@@ -121,12 +133,12 @@ export class ReferralService {
 
   /** A client's referrals, newest first, as views; `next` is where the following page starts. */
   async list(clientId: string, filter: ListFilter): Promise<{ items: ReferralView[]; next?: { createdAt: string; id: string } }> {
-    const { items, next } = await this.store.list(clientId, filter);
+    const { items, next } = await listReferrals(this.db, clientId, filter);
     return { items: await Promise.all(items.map((i) => this.view(i))), next };
   }
 
   async view(r: StoredReferral): Promise<ReferralView> {
-    const [history, outbox] = await Promise.all([this.store.history(r.id), this.store.outboxFor(r.id)]);
+    const [history, outbox] = await Promise.all([referralHistory(this.db, r.id), leasedQueue.forReferral(this.db, deliveryQueue, r.id)]);
     return toView(r, history, outbox);
   }
 
@@ -141,16 +153,15 @@ export class ReferralService {
     if (!cancellable(referral.status)) {
       throw notCancellable(id, referral.status);
     }
-    const pending = await this.store.outboxFor(id);
+    const pending = await leasedQueue.forReferral(this.db, deliveryQueue, id);
     if (pending.some((e) => e.kind === 'cancel' && e.state === 'pending')) return this.view(referral);
-    if (referral.status === 'queued' && (await this.store.cancelBeforeDelivery(id, reason))) {
+    if (referral.status === 'queued' && (await cancelBeforeDelivery(this.db, id, reason))) {
       logger.info('referral cancelled before delivery', { referralId: id });
-      return this.view((await this.store.getById(id, { payload: false })) as StoredReferral);
+      return this.view((await getReferral(this.db, id, { payload: false })) as StoredReferral);
     }
-    await this.store.enqueue(id, 'cancel', { reason });
+    await queueCancel(this.db, id, { reason });
     logger.info('cancel queued for the centre', { referralId: id });
-    this.onQueued();
-    return this.view((await this.store.getById(id, { payload: false })) as StoredReferral);
+    return this.view((await getReferral(this.db, id, { payload: false })) as StoredReferral);
   }
 
   /** Adds documents to a referral; they reach the centre as new DocumentReferences linked to its ServiceRequest. */
@@ -159,7 +170,7 @@ export class ReferralService {
     if (terminalStatuses.has(referral.status)) {
       throw businessRule(`referral ${id} is ${referral.status}: documents can no longer be added`);
     }
-    const cancel = (await this.store.outboxFor(id)).find((e) => e.kind === 'cancel');
+    const cancel = (await leasedQueue.forReferral(this.db, deliveryQueue, id)).find((e) => e.kind === 'cancel');
     if (cancel) {
       throw businessRule(`referral ${id} has a cancel accepted: documents can no longer be added`);
     }
@@ -189,17 +200,16 @@ export class ReferralService {
         );
       }
       await pause();
-      const { startIndex } = await this.store.addDocuments(id, documents, referral.payload.documents.length);
+      const { startIndex } = await queueDocuments(this.db, id, documents, referral.payload.documents.length);
       logger.info('documents queued', { referralId: id, count: documents.length, startIndex });
-      this.onQueued();
-      return this.view((await this.store.getById(id, { payload: false })) as StoredReferral);
+      return this.view((await getReferral(this.db, id, { payload: false })) as StoredReferral);
     });
     return view;
   }
 
   /** A client's referral or a 404; `{ payload: false }` leaves the submission (possibly megabytes) unread. */
   async get(clientId: string, id: string, opts: { payload?: boolean } = {}): Promise<StoredReferral> {
-    const r = await this.store.get(clientId, id, opts);
+    const r = await getReferral(this.db, id, { ...opts, clientId });
     if (!r) throw referralNotFound(id);
     return r;
   }

@@ -1,6 +1,6 @@
 import { schedule, type ScheduledTask } from 'node-cron';
 import { logger, retentionActions } from '../observability';
-import type { ReferralStore } from '../store';
+import { closedBefore, type Db, deleteClosed, removeDocumentBytes } from '../store';
 import { closedStatuses, cutoff, type RetentionPolicy } from './policy';
 
 export interface RetentionRun {
@@ -35,7 +35,7 @@ export class RetentionJob {
   private running: Promise<RetentionRun> | undefined;
 
   constructor(
-    private readonly store: ReferralStore,
+    private readonly db: Db,
     private readonly policy: RetentionPolicy & { cron: string }
   ) {}
 
@@ -63,14 +63,14 @@ export class RetentionJob {
 
   private async pass(now: Date): Promise<RetentionRun> {
     const result: RetentionRun = { referralsStripped: 0, documentsStripped: 0, referralsDeleted: 0 };
-    if (!(await this.store.db.holdLock('retention'))) return { ...result, skipped: 'another instance runs retention' };
+    if (!(await this.db.holdLock('retention'))) return { ...result, skipped: 'another instance runs retention' };
     try {
       if (this.policy.referralDays > 0) {
         const due = { statuses: closedStatuses, cutoff: cutoff(now, this.policy.referralDays) };
         await eachDue(
-          () => this.store.closedBefore({ ...due, limit: BATCH }),
+          () => closedBefore(this.db.kysely, { ...due, limit: BATCH }),
           async (id) => {
-            const deleted = await this.store.deleteClosed(id, due);
+            const deleted = await deleteClosed(this.db, id, due);
             if (deleted) result.referralsDeleted++;
             return deleted;
           }
@@ -79,9 +79,9 @@ export class RetentionJob {
       if (this.policy.documentDays > 0) {
         const due = { statuses: closedStatuses, cutoff: cutoff(now, this.policy.documentDays) };
         await eachDue(
-          () => this.store.closedBefore({ ...due, documentsKept: true, noFailedDelivery: true, limit: BATCH }),
+          () => closedBefore(this.db.kysely, { ...due, documentsKept: true, noFailedDelivery: true, limit: BATCH }),
           async (id) => {
-            const removed = await this.store.removeDocumentBytes(id, due, now.toISOString());
+            const removed = await removeDocumentBytes(this.db, id, due, now.toISOString());
             if (removed === null) return false;
             result.referralsStripped++;
             result.documentsStripped += removed;

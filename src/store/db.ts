@@ -1,3 +1,4 @@
+import { EventEmitter } from 'node:events';
 import { mkdirSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { DatabaseSync } from 'node:sqlite';
@@ -38,10 +39,19 @@ export interface Db {
    * by the server when that connection ends. SQLite has one process per database file, so it is always true.
    */
   holdLock(name: string): Promise<boolean>;
+  /**
+   * Told after a transaction that queued work has committed, so the worker of that queue looks now instead of at
+   * its next idle tick (graphile-worker's NOTIFY, within the process): `queued` with the queue's name.
+   */
+  readonly signals: QueueSignals;
   /** SQLite file databases: what the background WAL checkpointer has done (see checkpointer.ts). */
   checkpoints?: () => CheckpointStats;
   close(): Promise<void>;
 }
+
+/** The queues a committed transaction can have added to. */
+export type QueueName = 'delivery' | 'webhook';
+export type QueueSignals = EventEmitter<{ queued: [queue: QueueName] }>;
 
 /**
  * With the background checkpointer, the main connection checkpoints by itself only when the log reaches
@@ -269,6 +279,7 @@ export function openDb(url: string, opts: OpenDbOptions = {}): Db {
       dialect: 'sqlite',
       durably,
       holdLock: async () => true,
+      signals: new EventEmitter(),
       checkpoints: checkpointer?.stats,
       close: async () => {
         await checkpointer?.stop();
@@ -294,6 +305,7 @@ export function openDb(url: string, opts: OpenDbOptions = {}): Db {
     dialect: 'postgres',
     durably: (fn) => fn(kysely),
     holdLock: (name) => locks.hold(name),
+    signals: new EventEmitter(),
     close: async () => {
       await locks.close();
       await kysely.destroy();

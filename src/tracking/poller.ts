@@ -7,7 +7,7 @@ import { FhirRequestError } from '../fhir';
 import { GATEWAY_TAG_SEARCH, REFERRAL_IDENTIFIER_SYSTEM } from '../mapping';
 import { logger, pollCycles } from '../observability';
 import type { ReferralStatus, ReportInfo, StoredReferral } from '../model';
-import type { ReferralStore } from '../store';
+import { changeStatus, type Db, getReferral, getWatermark, noteStatus, openAtDestination, setWatermark } from '../store';
 import { centreContentType, centreText, MAX_REPORT_TITLE_CHARS, MAX_STATUS_REASON_CHARS } from './centre-text';
 import { decideTransition, terminalStatuses } from './state';
 
@@ -59,7 +59,7 @@ export class Poller {
   private state = new Map<string, DestinationState>();
 
   constructor(
-    private readonly store: ReferralStore,
+    private readonly db: Db,
     private readonly destinations: DestinationDirectory,
     private readonly clients: FhirClients,
     private readonly opts: PollerOptions,
@@ -128,7 +128,7 @@ export class Poller {
   private async cycle(dest: Destination, st: DestinationState): Promise<CycleStats> {
     const stats: CycleStats = { destination: dest.id, mode: st.idsOnly ? 'ids' : 'delta', searches: 0, tasksSeen: 0, changes: 0 };
     // Several instances of the service on one PostgreSQL database: one of them polls each destination.
-    if (!(await this.store.db.holdLock(`poll:${dest.id}`))) {
+    if (!(await this.db.holdLock(`poll:${dest.id}`))) {
       return { ...stats, mode: 'skipped', reason: 'another instance polls this destination' };
     }
     if (!st.idsOnly) {
@@ -154,9 +154,9 @@ export class Poller {
   }
 
   private async deltaCycle(dest: Destination, stats: CycleStats): Promise<void> {
-    let watermark = await this.store.getWatermark(dest.id);
+    let watermark = await getWatermark(this.db, dest.id);
     if (!watermark) {
-      const open = await this.store.openAtDestination(dest.id);
+      const open = await openAtDestination(this.db, dest.id);
       if (open.length === 0) return;
       watermark = open.map((r) => r.createdAt).sort()[0];
     }
@@ -176,7 +176,7 @@ export class Poller {
     for (const sr of srs.resources) {
       if (await this.safely(dest, sr.id, () => this.applyServiceRequest(dest, sr))) stats.changes++;
     }
-    await this.store.setWatermark(dest.id, newest);
+    await setWatermark(this.db, dest.id, newest);
   }
 
   /**
@@ -206,7 +206,7 @@ export class Poller {
 
   /** Reads the open referrals' Tasks in batches of ids (as many as fit in one URL); a missing Task is gone. */
   private async idsCycle(dest: Destination, stats: CycleStats): Promise<void> {
-    const open = (await this.store.openAtDestination(dest.id)).filter((r) => r.fhir?.task);
+    const open = (await openAtDestination(this.db, dest.id)).filter((r) => r.fhir?.task);
     const client = this.clients.get(dest);
     const maxLen = this.opts.maxUrlLength ?? 4000;
     const batches: StoredReferral[][] = [];
@@ -265,7 +265,7 @@ export class Poller {
   private async findReferral(dest: Destination, identifiers: Array<{ system?: string; value?: string }> | undefined): Promise<StoredReferral | null> {
     const ident = identifiers?.find((i) => i.system === REFERRAL_IDENTIFIER_SYSTEM)?.value;
     if (!ident) return null;
-    const referral = await this.store.getById(ident, { payload: false });
+    const referral = await getReferral(this.db, ident, { payload: false });
     return referral && referral.destination === dest.id ? referral : null;
   }
 
@@ -276,7 +276,7 @@ export class Poller {
     detail: Record<string, unknown>,
     extra: { taskVersion?: string | null; report?: ReportInfo | null } = {}
   ): Promise<boolean> {
-    const changed = await this.store.changeStatus(referral.id, { status: to, reason, detail, ...extra }, (cur) => cur.status === referral.status);
+    const changed = await changeStatus(this.db, referral.id, { status: to, reason, detail, ...extra }, (cur) => cur.status === referral.status);
     if (!changed) return false;
     logger.info('referral status changed', { referralId: referral.id, from: changed.previous, to, ...detail });
     this.onStatusChange({ referralId: referral.id, status: to, previous: changed.previous, reason: reason ?? undefined });
@@ -295,13 +295,15 @@ export class Poller {
     switch (decision.kind) {
       case 'unknown':
       case 'impossible':
-        await this.store.note(referral.id, referral.status, `warning: ${decision.why} (Task version ${version ?? '?'}); not applied`, { taskVersion: version });
-        await this.store.changeStatus(referral.id, { status: referral.status, taskVersion: version });
+        await noteStatus(this.db, referral.id, referral.status, `warning: ${decision.why} (Task version ${version ?? '?'}); not applied`, {
+          taskVersion: version,
+        });
+        await changeStatus(this.db, referral.id, { status: referral.status, taskVersion: version });
         logger.warn('Task change not applied', { referralId: referral.id, destination: dest.id, why: decision.why, taskVersion: version });
         return false;
       case 'same':
         // Same status, new version: keep the centre's latest business status and reason.
-        await this.store.changeStatus(referral.id, { status: referral.status, taskVersion: version, reason: reason ?? null });
+        await changeStatus(this.db, referral.id, { status: referral.status, taskVersion: version, reason: reason ?? null });
         return false;
       case 'move': {
         let report: ReportInfo | null | undefined;

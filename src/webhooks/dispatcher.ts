@@ -4,7 +4,7 @@ import { errorCode, parseRetryAfterHeader } from '../http';
 import { LeasedQueueRunner, settleRetry } from '../queue';
 import { logger, metricsRegistry } from '../observability';
 import { ulid } from '../store';
-import type { WebhookEntry, WebhookStore } from '../store';
+import { type Db, leasedQueue, type Settled, webhookQueue, type WebhookEntry } from '../store';
 import { checkCallbackAddress, guardedFetch, type Lookup, NON_PUBLIC_CODE } from './callback-guard';
 
 export interface WebhookDispatcherOptions {
@@ -91,7 +91,7 @@ type Attempt =
  * Sends the status webhooks queued in `webhook_outbox`. Each event is leased to one dispatcher, so
  * several processes may run side by side; a crash leaves the lease to expire and the event is sent
  * again (at least once — the `webhook-id` header is the row id, stable across attempts, for
- * de-duplication). Events of one referral go out in order (see WebhookStore.claim).
+ * de-duplication). Events of one referral go out in order (see src/store/webhook-queue.ts).
  */
 export class WebhookDispatcher extends LeasedQueueRunner<WebhookEntry> {
   readonly workerId = `wh_${ulid()}`;
@@ -102,7 +102,7 @@ export class WebhookDispatcher extends LeasedQueueRunner<WebhookEntry> {
   private shutdown = new AbortController();
 
   constructor(
-    private readonly store: WebhookStore,
+    private readonly db: Db,
     opts: Partial<WebhookDispatcherOptions> = {},
     fetchImpl?: typeof fetch
   ) {
@@ -128,7 +128,7 @@ export class WebhookDispatcher extends LeasedQueueRunner<WebhookEntry> {
   }
 
   protected claim(free: number): Promise<WebhookEntry[]> {
-    return this.store.claim(this.workerId, free, this.leaseMs());
+    return leasedQueue.claim(this.db, webhookQueue, this.workerId, free, this.leaseMs());
   }
 
   /** Long enough that a live attempt never outlasts its lease. */
@@ -152,7 +152,7 @@ export class WebhookDispatcher extends LeasedQueueRunner<WebhookEntry> {
       this.shutdown.abort();
       await Promise.allSettled([...this.inFlight]);
     }
-    await this.store.releaseLeases(this.workerId).catch(() => undefined);
+    await leasedQueue.releaseLeases(this.db, webhookQueue, this.workerId).catch(() => undefined);
   }
 
   protected async process(entry: WebhookEntry): Promise<void> {
@@ -167,24 +167,24 @@ export class WebhookDispatcher extends LeasedQueueRunner<WebhookEntry> {
         // Shutdown: not counted; stop() releases the lease.
         return;
       case 'delivered':
-        applied = await this.store.markDelivered(entry.id, this.workerId, attempts);
+        applied = await this.settle(entry, { state: 'done', attempts });
         webhookAttempts.inc({ result: 'delivered' });
         logger.info('webhook delivered', { ...ids, attempts, status: result.status, durationMs });
         break;
       case 'fail':
-        applied = await this.store.markFailed(entry.id, this.workerId, attempts, result.reason);
+        applied = await this.settle(entry, { state: 'failed', attempts, lastError: result.reason });
         webhookAttempts.inc({ result: 'failed' });
         logger.error('webhook failed permanently', { ...ids, attempts, reason: result.reason });
         break;
       case 'retry': {
         const settled = settleRetry(attempts, Date.parse(entry.createdAt), result.reason, this.opts, { retryAfterMs: result.retryAfterMs });
         if (settled.kind === 'dead-letter') {
-          applied = await this.store.markFailed(entry.id, this.workerId, attempts, settled.reason);
+          applied = await this.settle(entry, { state: 'failed', attempts, lastError: settled.reason });
           webhookAttempts.inc({ result: 'failed' });
           logger.error('webhook failed permanently', { ...ids, attempts, status: result.status, reason: settled.reason });
           break;
         }
-        applied = await this.store.reschedule(entry.id, this.workerId, attempts, new Date(settled.at).toISOString(), result.reason);
+        applied = await this.settle(entry, { state: 'retry', attempts, nextAttemptAt: new Date(settled.at).toISOString(), lastError: result.reason });
         webhookAttempts.inc({ result: 'retry' });
         logger.warn('webhook will be retried', { ...ids, attempts, status: result.status, delayMs: settled.delayMs, reason: result.reason, durationMs });
         break;
@@ -193,6 +193,11 @@ export class WebhookDispatcher extends LeasedQueueRunner<WebhookEntry> {
     if (!applied) {
       logger.warn('webhook lease was lost before the outcome was recorded', { ...ids, attempts });
     }
+  }
+
+  /** Records the outcome of an attempt at an event this dispatcher holds; false when its lease was taken over. */
+  private settle(entry: WebhookEntry, outcome: Settled): Promise<boolean> {
+    return leasedQueue.settle(this.db, webhookQueue, entry.id, this.workerId, outcome);
   }
 
   /** One POST of the stored payload bytes. Logs and errors name ids and status codes, never the payload or URL. */

@@ -1,9 +1,9 @@
-import { sql } from 'kysely';
+import { type Kysely, sql } from 'kysely';
 import { openDb, type Db } from '../../src/store/db';
 import { migrate } from '../../src/store/migrations';
 import type { Referral, ReferralStatus } from '../../src/model';
 import { newReferralId, nowIso } from '../../src/store/ids';
-import type { ReferralStore } from '../../src/store/referral-store';
+import { changeStatus, deliveryQueue, insertReferral, leasedQueue, type LeasedQueue, type Settled } from '../../src/store';
 
 /** The store backends every store test runs on. PostgreSQL comes from TEST_POSTGRES_URL (.ci/run sets it). */
 export function storeBackends(): Array<[string, () => Promise<Db>]> {
@@ -80,9 +80,9 @@ export function serviceDatabases(): Array<[string, () => Promise<{ url: string; 
  * Stores a new referral with `payload` (a unique externalId starting with `externalIdPrefix`) and moves it
  * through `statuses`: with a callbackUrl in the payload, one status webhook is queued per change.
  */
-export async function referralWithEvents(store: ReferralStore, payload: Referral, statuses: ReferralStatus[], externalIdPrefix = 'EHR-'): Promise<string> {
+export async function referralWithEvents(db: Db, payload: Referral, statuses: ReferralStatus[], externalIdPrefix = 'EHR-'): Promise<string> {
   const id = newReferralId();
-  await store.createReferral({
+  await insertReferral(db, {
     id,
     clientId: 'city-hospital',
     externalId: externalIdPrefix + Math.random().toString(36).slice(2),
@@ -92,6 +92,27 @@ export async function referralWithEvents(store: ReferralStore, payload: Referral
     payload,
     at: nowIso(),
   });
-  for (const status of statuses) await store.changeStatus(id, { status });
+  for (const status of statuses) await changeStatus(db, id, { status });
   return id;
+}
+
+/**
+ * Records an outcome for a queue row as a worker would, for a test's set-up ("as if the centre had refused it"):
+ * the row is made pending and leased to a test worker first (whatever its state, lease or due time), then settled
+ * through the queue.
+ */
+export async function settleRow<E>(db: Db, queue: LeasedQueue<E>, id: string, outcome: Settled): Promise<void> {
+  const k = db.kysely as unknown as Kysely<Record<string, { id: string; state: string; locked_by: string | null }>>;
+  await k.updateTable(queue.table).set({ state: 'pending', locked_by: 'test-helper' }).where('id', '=', id).execute();
+  if (!(await leasedQueue.settle(db, queue, id, 'test-helper', outcome))) throw new Error(`${queue.table} has no row ${id}`);
+}
+
+/** A delivery outbox row finished (done or dead-lettered), for a test's set-up. */
+export function finishOutbox(db: Db, id: string, state: 'done' | 'failed', attempts: number, lastError: string | null): Promise<void> {
+  return settleRow(db, deliveryQueue, id, state === 'done' ? { state, attempts } : { state, attempts, lastError: lastError ?? '' });
+}
+
+/** A delivery outbox row put off until `nextAttemptAt`, for a test's set-up. */
+export function rescheduleOutbox(db: Db, id: string, attempts: number, nextAttemptAt: string, lastError: string): Promise<void> {
+  return settleRow(db, deliveryQueue, id, { state: 'retry', attempts, nextAttemptAt, lastError });
 }

@@ -2,6 +2,8 @@ import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import type { Gateway } from '../../src/gateway';
 import { ADMIN_KEY, eventually, fixture, KEY_A, startGateway } from '../helpers/gateway';
+import { changeStatus, deliveryQueue, getReferral, leasedQueue } from '../../src/store';
+import { finishOutbox } from '../helpers/db';
 
 const run = promisify(execFile);
 
@@ -35,11 +37,11 @@ describe('admin command line (src/cli/admin.ts)', () => {
       body: JSON.stringify({ ...fixture(), externalId: 'EHR-ADMIN-CLI-1' }),
     });
     const { id } = (await res.json()) as { id: string };
-    await eventually(async () => (await gw.store.getById(id, { payload: false }))?.status === 'sent');
+    await eventually(async () => (await getReferral(gw.db, id, { payload: false }))?.status === 'sent');
     // As if the centre had refused it: dead-letter the entry and fail the referral.
-    const [entry] = await gw.store.outboxFor(id);
-    await gw.store.finishOutbox(entry.id, 'failed', 3, '400: Patient.birthDate is required by this centre');
-    await gw.store.changeStatus(id, { status: 'delivery-failed', reason: 'refused by the centre' });
+    const [entry] = await leasedQueue.forReferral(gw.db, deliveryQueue, id);
+    await finishOutbox(gw.db, entry.id, 'failed', 3, '400: Patient.birthDate is required by this centre');
+    await changeStatus(gw.db, id, { status: 'delivery-failed', reason: 'refused by the centre' });
 
     const listed = await admin(['deliveries']);
     expect(listed.code).toBe(0);
@@ -49,7 +51,7 @@ describe('admin command line (src/cli/admin.ts)', () => {
 
     const retried = await admin(['retry', id]);
     expect(retried).toMatchObject({ code: 0, stdout: `re-queued ${entry.id}\n` });
-    await eventually(async () => (await gw.store.getById(id, { payload: false }))?.status === 'sent');
+    await eventually(async () => (await getReferral(gw.db, id, { payload: false }))?.status === 'sent');
     expect((await admin(['deliveries'])).stdout).not.toContain(entry.id);
   });
 
@@ -72,7 +74,7 @@ describe('admin command line (src/cli/admin.ts)', () => {
   test('webhooks and retention: what the dispatcher gave up on, replayed, and retention run on demand', async () => {
     expect(await admin(['webhooks'])).toMatchObject({ code: 0, stdout: 'no failed webhooks\n' });
     // The first referral's "sent" webhook, as if the EHR's receiver had stayed down for 24 hours.
-    const k = gw.store.db.kysely;
+    const k = gw.db.kysely;
     const hook = await k.selectFrom('webhook_outbox').select(['id', 'referral_id']).orderBy('created_at').executeTakeFirstOrThrow();
     await k.updateTable('webhook_outbox').set({ state: 'failed', attempts: 10, last_error: '503 from receiver' }).where('id', '=', hook.id).execute();
     const listed = await admin(['webhooks']);

@@ -1,6 +1,7 @@
 import request from 'supertest';
 import type { Gateway } from '../../src/gateway';
 import { ADMIN_KEY, fixture, KEY_A, KEY_B, startGateway } from '../helpers/gateway';
+import { listReferrals } from '../../src/store';
 
 /** Every error a client can cause answers with the contract's status and an OperationOutcome naming the field. */
 describe('API errors', () => {
@@ -30,7 +31,7 @@ describe('API errors', () => {
     }
   };
 
-  const countReferrals = async (): Promise<number> => (await gw.store.list('city-hospital', { limit: 200 })).items.length;
+  const countReferrals = async (): Promise<number> => (await listReferrals(gw.db, 'city-hospital', { limit: 200 })).items.length;
 
   test('401 without a key and with a wrong key', async () => {
     expectOutcome(await request(gw.url).get('/referrals'), 401);

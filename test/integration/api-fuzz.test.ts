@@ -1,5 +1,6 @@
 import type { Gateway } from '../../src/gateway';
 import { fixture, KEY_A, startGateway } from '../helpers/gateway';
+import { listReferrals } from '../../src/store';
 
 /**
  * Bad input never makes a 5xx or a half-written referral. Every field of the sample referral, one at a
@@ -86,7 +87,7 @@ describe('API fuzz: every field replaced with the wrong kind of value', () => {
     }
     // Prototype pollution through the body changed nothing.
     expect(({} as { polluted?: boolean }).polluted).toBeUndefined();
-    const stored = (await gw.store.list('city-hospital', { limit: 10_000 })).items.filter((r) => r.externalId.startsWith('EHR-FUZZ-'));
+    const stored = (await listReferrals(gw.db, 'city-hospital', { limit: 10_000 })).items.filter((r) => r.externalId.startsWith('EHR-FUZZ-'));
     expect(new Set(stored.map((r) => r.id))).toEqual(accepted);
     // Most mutations are refused; some (free text replaced by other text, optional fields removed) are fine.
     expect(statuses.get(422) ?? 0).toBeGreaterThan(paths.length * 5);

@@ -2,6 +2,7 @@ import type { DocumentReference, Task } from '@medplum/fhirtypes';
 import type { Gateway } from '../../src/gateway';
 import { MAX_STATUS_REASON_CHARS } from '../../src/tracking/centre-text';
 import { eventually, fixture, KEY_A, KEY_B, startGateway } from '../helpers/gateway';
+import { deliveryQueue, leasedQueue } from '../../src/store';
 
 /**
  * Issue 10's contract slips and centre-supplied content, against the real service and its sandbox:
@@ -67,7 +68,7 @@ describe('contract slips and centre content', () => {
       const res = await api(`/referrals/${sent.id}/documents`, { method: 'POST', body: JSON.stringify({ documents: [doc] }) });
       expect(res.status).toBe(409);
       expect(((await res.json()) as any).issue[0].details.text).toMatch(/cancel accepted: documents can no longer be added/);
-      expect((await gw.store.outboxFor(sent.id)).map((e) => e.kind)).toEqual(['submit', 'cancel']);
+      expect((await leasedQueue.forReferral(gw.db, deliveryQueue, sent.id)).map((e) => e.kind)).toEqual(['submit', 'cancel']);
     } finally {
       gw.worker.start();
     }

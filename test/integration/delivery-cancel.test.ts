@@ -3,6 +3,7 @@ import nock from 'nock';
 import type { Gateway } from '../../src/gateway';
 import { eventually, fixture as sampleReferral, KEY_A, startGateway } from '../helpers/gateway';
 import { allowAllNetwork, allowOnlyLoopback } from '../helpers/nock';
+import { deliveryQueue, leasedQueue } from '../../src/store';
 
 /** The sample referral without its callbackUrl: no status webhook may leave this machine during the test. */
 function fixture(): Record<string, any> {
@@ -57,7 +58,7 @@ describe('cancel and added documents against the built-in sandbox', () => {
     expect(after.history.at(-1)).toMatchObject({ status: 'sent', reason: 'cancel refused by state: Task is in-progress' });
     expect(((await (await fetch(taskUrl)).json()) as Task).status).toBe('in-progress');
     expect(((await (await fetch(`${fhirBase}/${v.fhir.serviceRequest}`)).json()) as ServiceRequest).status).toBe('active');
-    const outbox = await gw.store.outboxFor(v.id);
+    const outbox = await leasedQueue.forReferral(gw.db, deliveryQueue, v.id);
     expect(outbox.find((e) => e.kind === 'cancel')).toMatchObject({ state: 'done', attempts: 1 });
   });
 

@@ -1,6 +1,7 @@
 import { connect } from 'node:net';
 import type { Gateway } from '../../src/gateway';
 import { eventually, fixture, KEY_A, KEY_B, startGateway } from '../helpers/gateway';
+import { deliveryQueue, leasedQueue, listReferrals, payloadBytes } from '../../src/store';
 
 /**
  * Concurrent uploads cannot exhaust the heap: request bodies in flight are bounded by
@@ -54,7 +55,7 @@ describe('the intake budget (MAX_INTAKE_BYTES_IN_FLIGHT)', () => {
     const outcome = (await refused.json()) as { resourceType: string; issue: Array<{ code: string }> };
     expect(outcome.resourceType).toBe('OperationOutcome');
     expect(outcome.issue[0].code).toBe('transient');
-    expect((await gw.store.list('other-clinic', { limit: 100, externalId: 'EHR-BUDGET-WAIT' })).items).toHaveLength(0);
+    expect((await listReferrals(gw.db, 'other-clinic', { limit: 100, externalId: 'EHR-BUDGET-WAIT' })).items).toHaveLength(0);
 
     // While it waits, a request is served as soon as the big upload ends.
     const waiting = post(JSON.stringify({ ...fixture(), externalId: 'EHR-BUDGET-LATER', questions: ['y'.repeat(400_000)] }));
@@ -110,11 +111,11 @@ describe('delivery draws from the same memory budget', () => {
     expect(res.status).toBe(202);
     const id = ((await res.json()) as { id: string }).id;
     // The stored submission (routed: it names its destination) is larger than the body: delivery does not fit.
-    expect(await gw.store.payloadBytes(id)).toBeGreaterThan(Buffer.byteLength(body));
+    expect(await payloadBytes(gw.db, id)).toBeGreaterThan(Buffer.byteLength(body));
 
     await new Promise((r) => setTimeout(r, 1_500));
     expect((await gw.service.get('city-hospital', id, { payload: false })).status).toBe('queued');
-    const [entry] = await gw.store.outboxFor(id);
+    const [entry] = await leasedQueue.forReferral(gw.db, deliveryQueue, id);
     expect([entry.kind, entry.state, entry.attempts]).toEqual(['submit', 'pending', 0]);
     expect(await (await fetch(`${gw.url}/metrics`)).text()).toMatch(/^referral_intake_wait_timeouts_total\{client="\(delivery\)"\} [1-9]/m);
 

@@ -2,6 +2,7 @@ import type { Gateway } from '../../src/gateway';
 import { logger } from '../../src/observability/logger';
 import { eventually, fixture, KEY_A, startGateway } from '../helpers/gateway';
 import { LogCapture } from '../helpers/log-capture';
+import { getReferral } from '../../src/store';
 
 /** Logs are structured JSON with a correlation id, and carry no patient names, birth dates or identifiers at any level. */
 describe('logs', () => {
@@ -31,7 +32,7 @@ describe('logs', () => {
     });
     expect(res.status).toBe(202);
     const { id } = (await res.json()) as { id: string };
-    await eventually(async () => (await gw.store.getById(id))?.status === 'sent');
+    await eventually(async () => (await getReferral(gw.db, id))?.status === 'sent');
     const bad = { ...body, externalId: 'EHR-BAD', patient: { ...body.patient, birthDate: '1968-02-31' } };
     const badRes = await fetch(`${gw.url}/referrals?mrn=${body.patient.identifiers[0].value}`, {
       method: 'POST',

@@ -3,6 +3,7 @@
 // default `patientMismatch: hold` nothing is written and the referral is delivery-failed with a reason that
 // names the fields (not their values); with `new-patient` it is sent with a Patient of its own. Run on every
 // sandbox server profile (conditional transactions on default and hapi, resolve-first on medplum and strict).
+import type { StoredReferral } from '../../src/model';
 import type { Bundle, Patient, Resource, ServiceRequest } from '@medplum/fhirtypes';
 import { demographicDifferences, describeFields, normaliseName } from '../../src/destinations/fhir/patient-match';
 import { startSandboxServer } from '../../src/sandbox/server';
@@ -11,6 +12,7 @@ import type { Gateway } from '../../src/gateway';
 import { logger } from '../../src/observability/logger';
 import { ADMIN_KEY, eventually, fixture, KEY_A, KEY_B, startGateway } from '../helpers/gateway';
 import { LogCapture } from '../helpers/log-capture';
+import { deliveryQueue, getReferral, leasedQueue, referralHistory } from '../../src/store';
 
 const SYSTEM = 'http://hospital-a.example.org/mrn';
 const MRN = 'MRN-X-4711';
@@ -42,9 +44,9 @@ async function submit(gw: Gateway, key: string, b: Record<string, unknown>): Pro
   return ((await res.json()) as { id: string }).id;
 }
 
-async function settled(gw: Gateway, id: string): Promise<NonNullable<Awaited<ReturnType<Gateway['store']['getById']>>>> {
+async function settled(gw: Gateway, id: string): Promise<StoredReferral> {
   return eventually(async () => {
-    const r = await gw.store.getById(id, { payload: false });
+    const r = await getReferral(gw.db, id, { payload: false });
     return r && (r.status === 'sent' || r.status === 'delivery-failed') ? r : undefined;
   }, 20_000);
 }
@@ -125,7 +127,7 @@ describe.each(PROFILES)('on the %s sandbox (destination profile %s, %s transacti
     );
     expect(b.fhir?.serviceRequest).toBeUndefined();
     // A permanent failure: one attempt, the entry dead-lettered (an operator re-queues it).
-    const [entry] = await gw.store.outboxFor(bId);
+    const [entry] = await leasedQueue.forReferral(gw.db, deliveryQueue, bId);
     expect(entry.state).toBe('failed');
     expect(entry.attempts).toBe(1);
 
@@ -145,8 +147,8 @@ describe.each(PROFILES)('on the %s sandbox (destination profile %s, %s transacti
     const retry = await fetch(`${gw.url}/admin/deliveries/${bId}/retry`, { method: 'POST', headers: { Authorization: `Bearer ${ADMIN_KEY}` } });
     expect(retry.status).toBe(202);
     const again = await eventually(async () => {
-      const r = await gw.store.getById(bId, { payload: false });
-      const failures = (await gw.store.history(bId)).filter((h) => h.status === 'delivery-failed');
+      const r = await getReferral(gw.db, bId, { payload: false });
+      const failures = (await referralHistory(gw.db, bId)).filter((h) => h.status === 'delivery-failed');
       return r?.status === 'delivery-failed' && failures.length === 2 ? r : undefined;
     }, 20_000);
     expect(again.statusReason).toBe(b.statusReason);
@@ -184,7 +186,7 @@ describe.each(PROFILES)('on the %s sandbox (destination profile %s, %s transacti
     expect(bRequest).toHaveLength(1);
 
     // The referral's history says so; a warning was logged (without patient data: see afterEach).
-    const history = await gw.store.history(bId);
+    const history = await referralHistory(gw.db, bId);
     expect(history.map((h) => h.reason)).toContain(
       "the centre's Patient with this identifier has a different birth date, sex and family name; the referral was linked to a new Patient for this sender's identifier instead (patientMismatch: new-patient)"
     );

@@ -1,6 +1,7 @@
 import type { Task } from '@medplum/fhirtypes';
 import type { Gateway } from '../../src/gateway';
 import { eventually, fixture, KEY_A, startGateway } from '../helpers/gateway';
+import { deliveryQueue, leasedQueue, listReferrals, openAtDestination, setWatermark } from '../../src/store';
 
 /**
  * Polling scales with changes, not with referrals: with 2,000 open referrals at the centre and 20
@@ -39,16 +40,16 @@ describe('polling cost', () => {
         }
       })
     );
-    await eventually(async () => (await gw.store.pendingCount()) === 0, 120_000, 200);
+    await eventually(async () => (await leasedQueue.pendingCount(gw.db, deliveryQueue)) === 0, 120_000, 200);
     const sandbox = gw.sandbox;
     if (!sandbox) throw new Error('sandbox expected');
 
     // Steady state: an earlier cycle has seen every Task (the watermark is past them all) and the
     // overlap window has gone by.
     await new Promise((r) => setTimeout(r, 400));
-    await gw.store.setWatermark('sandbox', new Date().toISOString());
+    await setWatermark(gw.db, 'sandbox', new Date().toISOString());
 
-    const open = await gw.store.openAtDestination('sandbox');
+    const open = await openAtDestination(gw.db, 'sandbox');
     expect(open).toHaveLength(OPEN);
     for (const r of open.slice(0, CHANGED)) {
       const taskId = (r.fhir?.task as string).split('/')[1];
@@ -62,6 +63,6 @@ describe('polling cost', () => {
     expect(cycle.changes).toBe(CHANGED);
     expect(made).toBe(cycle.searches);
     expect(made).toBeLessThanOrEqual(1 + Math.ceil(CHANGED / PAGE));
-    expect((await gw.store.list('city-hospital', { limit: 200, status: 'accepted' })).items).toHaveLength(CHANGED);
+    expect((await listReferrals(gw.db, 'city-hospital', { limit: 200, status: 'accepted' })).items).toHaveLength(CHANGED);
   }, 180_000);
 });

@@ -8,6 +8,7 @@ import { serviceDatabases } from '../helpers/db';
 import { startGateway } from '../helpers/gateway';
 import { writeDestinationsFile } from '../helpers/destinations';
 import { allowAllNetwork, allowOnlyLoopback } from '../helpers/nock';
+import { setWatermark } from '../../src/store';
 
 /** Each destination is polled on its own: a slow or failing centre does not hold up the others, and is backed off. */
 describe('polling several destinations', () => {
@@ -38,8 +39,8 @@ describe('polling several destinations', () => {
     allowOnlyLoopback();
     gw = await startGateway({ DESTINATIONS_FILE: file });
     // Both have something open, so both have something to poll.
-    await gw.store.setWatermark('fast-centre', new Date(Date.now() - 60_000).toISOString());
-    await gw.store.setWatermark('slow-centre', new Date(Date.now() - 60_000).toISOString());
+    await setWatermark(gw.db, 'fast-centre', new Date(Date.now() - 60_000).toISOString());
+    await setWatermark(gw.db, 'slow-centre', new Date(Date.now() - 60_000).toISOString());
   });
   afterAll(async () => {
     await gw.stop();
@@ -84,7 +85,7 @@ describe.each(serviceDatabases())('two instances sharing a %s database', (name, 
     const a = await startGateway({ DATABASE_URL: url, DESTINATIONS_FILE: file });
     const b = await startGateway({ DATABASE_URL: url, DESTINATIONS_FILE: file });
     try {
-      for (const gw of [a, b]) await gw.store.setWatermark('centre', new Date(Date.now() - 60_000).toISOString());
+      for (const gw of [a, b]) await setWatermark(gw.db, 'centre', new Date(Date.now() - 60_000).toISOString());
       const [first] = await a.poller.pollOnce();
       expect(first).toMatchObject({ destination: 'centre', mode: 'delta' });
       expect(first.searches).toBeGreaterThanOrEqual(2);

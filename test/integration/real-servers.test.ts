@@ -182,7 +182,7 @@ describe('Medplum: ids are server-assigned UUIDs, no update-as-create, no search
     const { docs } = await expectWholeAtCentre(e.sandbox.url, id, DOCS + 1);
     expect(docs[DOCS].content[0].attachment.url).toMatch(/^Binary\/[0-9a-f-]{36}$/);
     expect((await attachmentBytes(e.sandbox.url, docs[DOCS])).equals(bytes)).toBe(true);
-    const rows = await e.gw.store.db.kysely.selectFrom('binary_uploads').selectAll().where('referral_id', '=', id).execute();
+    const rows = await e.gw.db.kysely.selectFrom('binary_uploads').selectAll().where('referral_id', '=', id).execute();
     expect(rows).toEqual([
       expect.objectContaining({ document_n: DOCS + 1, state: 'done', lost_uploads: 0, binary_id: docs[DOCS].content[0].attachment.url?.split('/')[1] }),
     ]);

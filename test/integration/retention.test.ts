@@ -2,6 +2,7 @@ import type { Task } from '@medplum/fhirtypes';
 import type { Gateway } from '../../src/gateway';
 import { serviceDatabases } from '../helpers/db';
 import { eventually, fixture, KEY_A, startGateway } from '../helpers/gateway';
+import { deliveryQueue, getReferral, leasedQueue } from '../../src/store';
 
 const DAY = 24 * 3600_000;
 
@@ -41,7 +42,7 @@ describe.each(serviceDatabases())('retention of closed referrals, stored on %s',
     // A document added later, delivered too.
     const later = { kind: 'clinical-note', title: 'Oncologist letter', contentType: 'text/plain', data: Buffer.from('Letter text').toString('base64') };
     expect((await api(`/referrals/${closed.id}/documents`, { method: 'POST', body: JSON.stringify({ documents: [later] }) })).status).toBe(202);
-    await eventually(async () => (await gw.store.outboxFor(closed.id)).every((e) => e.state === 'done'));
+    await eventually(async () => (await leasedQueue.forReferral(gw.db, deliveryQueue, closed.id)).every((e) => e.state === 'done'));
 
     // The centre completes the Task; the poll brings it back.
     const task = (await (await fetch(`${fhirBase}/${sent.fhir.task}`)).json()) as Task;
@@ -59,7 +60,7 @@ describe.each(serviceDatabases())('retention of closed referrals, stored on %s',
     expect((await view(closed.id)).status).toBe('completed');
     // Its status webhooks go out first: retention waits for them.
     const pendingWebhooks = () =>
-      gw.store.db.kysely.selectFrom('webhook_outbox').select('id').where('referral_id', '=', closed.id).where('state', '=', 'pending').execute();
+      gw.db.kysely.selectFrom('webhook_outbox').select('id').where('referral_id', '=', closed.id).where('state', '=', 'pending').execute();
     await eventually(async () => (await pendingWebhooks()).length === 0);
 
     // Nothing is due yet.
@@ -72,9 +73,9 @@ describe.each(serviceDatabases())('retention of closed referrals, stored on %s',
     expect(stripped.status).toBe('completed');
     expect(stripped.documentsRemovedAt).toEqual(expect.any(String));
     expect(stripped.history.map((h: { status: string }) => h.status)).toEqual(['queued', 'sent', 'completed']);
-    const stored = await gw.store.getById(closed.id);
+    const stored = await getReferral(gw.db, closed.id);
     expect(stored?.payload.documents.some((d) => d.data !== undefined)).toBe(false);
-    expect(JSON.stringify(await gw.store.outboxFor(closed.id))).not.toContain(later.data);
+    expect(JSON.stringify(await leasedQueue.forReferral(gw.db, deliveryQueue, closed.id))).not.toContain(later.data);
     // The report still comes back, and the same submission is still recognised as a replay.
     expect((await api(`/referrals/${closed.id}/report/content`)).status).toBe(200);
     const replay = await api('/referrals', { method: 'POST', body: JSON.stringify(body) });
@@ -82,7 +83,7 @@ describe.each(serviceDatabases())('retention of closed referrals, stored on %s',
     expect(((await replay.json()) as { id: string }).id).toBe(closed.id);
     // The open referral is untouched.
     expect((await view(open.id)).documentsRemovedAt).toBeNull();
-    expect((await gw.store.getById(open.id))?.payload.documents.some((d) => d.data !== undefined)).toBe(true);
+    expect((await getReferral(gw.db, open.id))?.payload.documents.some((d) => d.data !== undefined)).toBe(true);
 
     // A second run the same day has nothing left to do.
     expect(await gw.retention.run(new Date(Date.now() + 31 * DAY))).toMatchObject({ referralsStripped: 0, documentsStripped: 0 });

@@ -193,7 +193,7 @@ describe('an unwritable SQLite database', () => {
       } else {
         // No immutable flag on this file system: a full database is a real unwritable store too.
         process.stderr.write('store-failures: chattr +i is not supported here; checking a full SQLite database instead\n');
-        const k = gw.store.db.kysely;
+        const k = gw.db.kysely;
         const pages = await sql<{ page_count: number }>`PRAGMA page_count`.execute(k);
         await sql.raw(`PRAGMA max_page_count = ${pages.rows[0]!.page_count}`).execute(k);
         await expectStoreUnavailable(await submit(gw));

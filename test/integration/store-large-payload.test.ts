@@ -2,24 +2,24 @@ import { readFileSync } from 'node:fs';
 import { sql } from 'kysely';
 import { isBase64, referralSchema } from '../../src/model';
 import { newReferralId, nowIso } from '../../src/store/ids';
-import { ReferralStore } from '../../src/store/referral-store';
 import { storeBackends } from '../helpers/db';
+import { deliveryQueue, getReferral, insertReferral, leasedQueue, queueDocuments, type Db } from '../../src/store';
 
 /**
  * A referral's documents are stored without a JSON.stringify of the whole submission (the long base64 strings
- * are copied into the stored text byte for byte: src/store/referral-store.ts, jsonBytes). What a client sent
+ * are copied into the stored text byte for byte: src/store/referrals.ts, jsonBytes). What a client sent
  * must come back exactly, on both stores: megabytes of document data next to names with accents and emoji,
  * documents added later, and the stored column is still text that SQL can read.
  */
 const sample = JSON.parse(readFileSync('fixtures/referrals/breast-second-opinion.json', 'utf8')) as Record<string, any>;
 
 describe.each(storeBackends())('large submissions on %s', (_name, open) => {
-  let store: ReferralStore;
+  let db: Db;
   beforeEach(async () => {
-    store = new ReferralStore(await open());
+    db = await open();
   });
   afterEach(async () => {
-    await store.db.close();
+    await db.close();
   });
 
   test('a referral with a 3 MB document and non-ASCII text reads back exactly as submitted, stored as JSON text', async () => {
@@ -35,7 +35,7 @@ describe.each(storeBackends())('large submissions on %s', (_name, open) => {
     ];
     const payload = referralSchema.parse(body);
     const id = newReferralId();
-    await store.createReferral({
+    await insertReferral(db, {
       id,
       clientId: 'city-hospital',
       externalId: 'EHR-LARGE-1',
@@ -46,19 +46,19 @@ describe.each(storeBackends())('large submissions on %s', (_name, open) => {
       at: nowIso(),
     });
 
-    const back = await store.getById(id);
+    const back = await getReferral(db, id);
     expect(back?.payload).toEqual(payload);
     expect(Buffer.from(back?.payload.documents[0].data as string, 'base64').equals(pdf)).toBe(true);
     // Readable by SQL as JSON text (retention and operators query it), not a blob.
-    const row = await sql<{ payload: unknown }>`select payload from referral_payloads where referral_id = ${id}`.execute(store.db.kysely);
+    const row = await sql<{ payload: unknown }>`select payload from referral_payloads where referral_id = ${id}`.execute(db.kysely);
     const text = row.rows[0]?.payload;
     expect(typeof text).toBe('string');
     expect(JSON.parse(text as string).patient.name.family).toBe('Ødegård-Núñez 😀');
 
     // Documents added later (their outbox payload is written the same way) come back whole too.
     const added = [{ kind: 'lab-report' as const, title: 'Labs', contentType: 'application/pdf', data: pdf.subarray(7).toString('base64') }];
-    const { outboxId } = await store.addDocuments(id, added, payload.documents.length);
-    const entry = (await store.outboxFor(id)).find((e) => e.id === outboxId);
+    const { outboxId } = await queueDocuments(db, id, added, payload.documents.length);
+    const entry = (await leasedQueue.forReferral(db, deliveryQueue, id)).find((e) => e.id === outboxId);
     expect(entry?.payload).toEqual({ documents: added, startIndex: payload.documents.length });
   });
 });

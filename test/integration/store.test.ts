@@ -2,25 +2,41 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { type Kysely, sql } from 'kysely';
-import { referralSchema } from '../../src/model';
+import { referralSchema, type ReferralDocument } from '../../src/model';
 import { type CheckpointStats, startCheckpointer } from '../../src/store/checkpointer';
-import { openDb } from '../../src/store/db';
+import { openDb, type Db } from '../../src/store/db';
 import { newReferralId, nowIso } from '../../src/store/ids';
 import { migrate } from '../../src/store/migrations';
-import { ReferralStore } from '../../src/store/referral-store';
 import { closedStatuses } from '../../src/retention/policy';
-import { serviceDatabases, storeBackends } from '../helpers/db';
+import { finishOutbox, rescheduleOutbox, serviceDatabases, storeBackends } from '../helpers/db';
+import {
+  changeStatus,
+  closedBefore,
+  deleteClosed,
+  deliveryQueue,
+  findForIdempotency,
+  getReferral,
+  getWatermark,
+  insertReferral,
+  leasedQueue,
+  listReferrals,
+  noteStatus,
+  queueDocuments,
+  referralHistory,
+  removeDocumentBytes,
+  setWatermark,
+} from '../../src/store';
 
 const sample = referralSchema.parse(JSON.parse(readFileSync('fixtures/referrals/breast-second-opinion.json', 'utf8')));
 
 describe.each(storeBackends())('store on %s', (_name, open) => {
-  let store: ReferralStore;
+  let db: Db;
 
   beforeEach(async () => {
-    store = new ReferralStore(await open());
+    db = await open();
   });
   afterEach(async () => {
-    await store.db.close();
+    await db.close();
   });
 
   const newReferral = (over: Partial<{ clientId: string; externalId: string; key: string | null; hash: string; at: string }> = {}) => ({
@@ -36,62 +52,62 @@ describe.each(storeBackends())('store on %s', (_name, open) => {
 
   test('a new referral is stored with its first history entry and its outbox entry, atomically', async () => {
     const r = newReferral();
-    const created = await store.createReferral(r);
+    const created = await insertReferral(db, r);
     expect(created?.status).toBe('queued');
     expect(created?.payload.patient.name.family).toBe('Rao');
-    expect(await store.history(r.id)).toEqual([{ status: 'queued', at: r.at }]);
-    const outbox = await store.outboxFor(r.id);
+    expect(await referralHistory(db, r.id)).toEqual([{ status: 'queued', at: r.at }]);
+    const outbox = await leasedQueue.forReferral(db, deliveryQueue, r.id);
     expect(outbox).toHaveLength(1);
     expect(outbox[0]).toMatchObject({ kind: 'submit', state: 'pending', attempts: 0 });
   });
 
   test('the same externalId for the same client is refused, and nothing half-written stays', async () => {
     const a = newReferral({ externalId: 'EHR-1' });
-    expect(await store.createReferral(a)).not.toBeNull();
+    expect(await insertReferral(db, a)).not.toBeNull();
     const b = newReferral({ externalId: 'EHR-1' });
-    expect(await store.createReferral(b)).toBeNull();
-    expect(await store.getById(b.id)).toBeNull();
-    expect(await store.outboxFor(b.id)).toHaveLength(0);
-    expect(await store.history(b.id)).toHaveLength(0);
+    expect(await insertReferral(db, b)).toBeNull();
+    expect(await getReferral(db, b.id)).toBeNull();
+    expect(await leasedQueue.forReferral(db, deliveryQueue, b.id)).toHaveLength(0);
+    expect(await referralHistory(db, b.id)).toHaveLength(0);
     // another client may use the same externalId
-    expect(await store.createReferral(newReferral({ externalId: 'EHR-1', clientId: 'other' }))).not.toBeNull();
+    expect(await insertReferral(db, newReferral({ externalId: 'EHR-1', clientId: 'other' }))).not.toBeNull();
   });
 
   test('idempotency lookups find by key or by externalId, scoped to the client', async () => {
     const a = newReferral({ externalId: 'EHR-2', key: 'k-1', hash: 'abc' });
-    await store.createReferral(a);
-    expect((await store.findForIdempotency('city-hospital', 'other-ext', 'k-1'))?.id).toBe(a.id);
-    expect((await store.findForIdempotency('city-hospital', 'EHR-2', null))?.requestHash).toBe('abc');
-    expect(await store.findForIdempotency('someone-else', 'EHR-2', 'k-1')).toBeUndefined();
+    await insertReferral(db, a);
+    expect((await findForIdempotency(db, 'city-hospital', 'other-ext', 'k-1'))?.id).toBe(a.id);
+    expect((await findForIdempotency(db, 'city-hospital', 'EHR-2', null))?.requestHash).toBe('abc');
+    expect(await findForIdempotency(db, 'someone-else', 'EHR-2', 'k-1')).toBeUndefined();
   });
 
   test('a client sees only its own referrals', async () => {
     const a = newReferral({ clientId: 'a' });
-    await store.createReferral(a);
-    expect(await store.get('a', a.id)).not.toBeNull();
-    expect(await store.get('b', a.id)).toBeNull();
-    expect(await store.get('b', a.id, { payload: false })).toBeNull();
+    await insertReferral(db, a);
+    expect(await getReferral(db, a.id, { clientId: 'a' })).not.toBeNull();
+    expect(await getReferral(db, a.id, { clientId: 'b' })).toBeNull();
+    expect(await getReferral(db, a.id, { payload: false, clientId: 'b' })).toBeNull();
   });
 
   test('a referral can be read without its submission (GET /referrals/{id} does not need megabytes of documents)', async () => {
     const r = newReferral({ clientId: 'a' });
-    await store.createReferral(r);
-    const light = await store.get('a', r.id, { payload: false });
+    await insertReferral(db, r);
+    const light = await getReferral(db, r.id, { payload: false, clientId: 'a' });
     expect(light).toMatchObject({ id: r.id, externalId: r.externalId, status: 'queued', destination: 'sandbox' });
     expect(() => light?.payload).toThrow(/without its payload/);
-    expect((await store.get('a', r.id))?.payload.patient.name.family).toBe('Rao');
+    expect((await getReferral(db, r.id, { clientId: 'a' }))?.payload.patient.name.family).toBe('Rao');
   });
 
   test('status changes append to the history in order, and repeats do not', async () => {
     const r = newReferral();
-    await store.createReferral(r);
-    await store.changeStatus(r.id, { status: 'sent', fhir: { baseUrl: 'http://x', task: 'Task/1', documents: [] } });
-    await store.changeStatus(r.id, { status: 'sent', taskVersion: '2' });
-    await store.changeStatus(r.id, { status: 'accepted', reason: 'tumour board intake' });
-    const h = await store.history(r.id);
+    await insertReferral(db, r);
+    await changeStatus(db, r.id, { status: 'sent', fhir: { baseUrl: 'http://x', task: 'Task/1', documents: [] } });
+    await changeStatus(db, r.id, { status: 'sent', taskVersion: '2' });
+    await changeStatus(db, r.id, { status: 'accepted', reason: 'tumour board intake' });
+    const h = await referralHistory(db, r.id);
     expect(h.map((x) => x.status)).toEqual(['queued', 'sent', 'accepted']);
     expect(h[2].reason).toBe('tumour board intake');
-    const got = await store.getById(r.id);
+    const got = await getReferral(db, r.id);
     expect(got?.fhir?.task).toBe('Task/1');
     expect(got?.taskVersion).toBe('2');
     expect(got?.statusReason).toBe('tumour board intake');
@@ -99,28 +115,30 @@ describe.each(storeBackends())('store on %s', (_name, open) => {
 
   test('concurrent changes of one referral (two pollers, a poll and a cancel) apply once each: no duplicate history or webhook', async () => {
     const r = { ...newReferral(), payload: { ...sample, callbackUrl: 'https://ehr.example.org/hooks' } };
-    await store.createReferral(r);
+    await insertReferral(db, r);
     // Ten writers see the same Task change at once, as two instances polling the same centre would.
-    const results = await Promise.all(Array.from({ length: 10 }, () => store.changeStatus(r.id, { status: 'accepted', reason: 'seen by a poller' })));
+    const results = await Promise.all(Array.from({ length: 10 }, () => changeStatus(db, r.id, { status: 'accepted', reason: 'seen by a poller' })));
     expect(results.filter((x) => x && x.previous !== 'accepted')).toHaveLength(1);
     // Notes and status changes racing each other still number the history without a gap or clash.
     await Promise.all([
-      ...Array.from({ length: 5 }, (_, i) => store.note(r.id, 'accepted', `warning ${i}`)),
-      store.changeStatus(r.id, { status: 'in-progress' }),
-      store.changeStatus(r.id, { status: 'in-progress' }),
+      ...Array.from({ length: 5 }, (_, i) => noteStatus(db, r.id, 'accepted', `warning ${i}`)),
+      changeStatus(db, r.id, { status: 'in-progress' }),
+      changeStatus(db, r.id, { status: 'in-progress' }),
     ]);
-    const h = await store.history(r.id);
+    const h = await referralHistory(db, r.id);
     expect(h).toHaveLength(1 + 1 + 5 + 1); // queued, accepted, five notes, in-progress
     expect(h.filter((x) => x.status === 'in-progress')).toHaveLength(1);
-    const hooks = await store.db.kysely.selectFrom('webhook_outbox').select(['seq', 'payload']).where('referral_id', '=', r.id).orderBy('seq').execute();
+    const hooks = await db.kysely.selectFrom('webhook_outbox').select(['seq', 'payload']).where('referral_id', '=', r.id).orderBy('seq').execute();
     expect(hooks.map((w) => (JSON.parse(w.payload) as { status: string }).status)).toEqual(['accepted', 'in-progress']);
     expect(hooks.map((w) => w.seq)).toEqual([1, 2]);
   });
 
   test('documents added concurrently to one referral get distinct numbers', async () => {
     const r = newReferral();
-    await store.createReferral(r);
-    const starts = await Promise.all(Array.from({ length: 6 }, () => store.addDocuments(r.id, [{ kind: 'other' }, { kind: 'other' }], 2)));
+    await insertReferral(db, r);
+    const starts = await Promise.all(
+      Array.from({ length: 6 }, () => queueDocuments(db, r.id, [{ kind: 'other' }, { kind: 'other' }] as ReferralDocument[], 2))
+    );
     expect(starts.map((x) => x.startIndex).sort((a, b) => a - b)).toEqual([2, 4, 6, 8, 10, 12]);
   });
 
@@ -128,11 +146,11 @@ describe.each(storeBackends())('store on %s', (_name, open) => {
     const due = { statuses: closedStatuses, cutoff: '2099-01-01T00:00:00.000Z' };
     /** Everything for the referral sent: its deliveries and its status webhooks. */
     const finishAll = async (id: string): Promise<void> => {
-      for (const e of await store.outboxFor(id)) await store.finishOutbox(e.id, 'done', 1, null);
-      await store.db.kysely.updateTable('webhook_outbox').set({ state: 'delivered' }).where('referral_id', '=', id).execute();
+      for (const e of await leasedQueue.forReferral(db, deliveryQueue, id)) await finishOutbox(db, e.id, 'done', 1, null);
+      await db.kysely.updateTable('webhook_outbox').set({ state: 'delivered' }).where('referral_id', '=', id).execute();
     };
     const storedDocuments = async (id: string): Promise<Array<Record<string, unknown>>> => {
-      const row = await store.db.kysely.selectFrom('referral_payloads').select('payload').where('referral_id', '=', id).executeTakeFirstOrThrow();
+      const row = await db.kysely.selectFrom('referral_payloads').select('payload').where('referral_id', '=', id).executeTakeFirstOrThrow();
       return (JSON.parse(row.payload) as { documents: Array<Record<string, unknown>> }).documents;
     };
 
@@ -140,41 +158,41 @@ describe.each(storeBackends())('store on %s', (_name, open) => {
       const open = newReferral();
       const closed = newReferral();
       const failedDelivery = newReferral();
-      for (const r of [open, closed, failedDelivery]) await store.createReferral(r);
-      const extra = { kind: 'other', title: 'Later note', contentType: 'text/plain', data: Buffer.from('added later').toString('base64') };
-      await store.addDocuments(closed.id, [extra], sample.documents.length);
-      await store.changeStatus(open.id, { status: 'sent' });
+      for (const r of [open, closed, failedDelivery]) await insertReferral(db, r);
+      const extra: ReferralDocument = { kind: 'other', title: 'Later note', contentType: 'text/plain', data: Buffer.from('added later').toString('base64') };
+      await queueDocuments(db, closed.id, [extra], sample.documents.length);
+      await changeStatus(db, open.id, { status: 'sent' });
       // The submission is still pending: not due even once completed.
-      await store.changeStatus(closed.id, { status: 'completed' });
-      expect(await store.closedBefore({ ...due, documentsKept: true, noFailedDelivery: true, limit: 10 })).toEqual([]);
+      await changeStatus(db, closed.id, { status: 'completed' });
+      expect(await closedBefore(db.kysely, { ...due, documentsKept: true, noFailedDelivery: true, limit: 10 })).toEqual([]);
       await finishAll(closed.id);
       await finishAll(open.id);
       // A dead-lettered delivery an operator may re-queue keeps its bytes.
-      await store.changeStatus(failedDelivery.id, { status: 'cancelled' });
-      const [entry] = await store.outboxFor(failedDelivery.id);
-      await store.finishOutbox(entry.id, 'failed', 3, 'centre down');
-      expect(await store.closedBefore({ ...due, documentsKept: true, noFailedDelivery: true, limit: 10 })).toEqual([closed.id]);
+      await changeStatus(db, failedDelivery.id, { status: 'cancelled' });
+      const [entry] = await leasedQueue.forReferral(db, deliveryQueue, failedDelivery.id);
+      await finishOutbox(db, entry.id, 'failed', 3, 'centre down');
+      expect(await closedBefore(db.kysely, { ...due, documentsKept: true, noFailedDelivery: true, limit: 10 })).toEqual([closed.id]);
       // Not yet past its cut-off.
-      expect(await store.removeDocumentBytes(closed.id, { ...due, cutoff: '2000-01-01T00:00:00.000Z' })).toBeNull();
+      expect(await removeDocumentBytes(db, closed.id, { ...due, cutoff: '2000-01-01T00:00:00.000Z' })).toBeNull();
 
       const inline = sample.documents.filter((d) => d.data !== undefined).length;
-      expect(await store.removeDocumentBytes(closed.id, due, '2030-01-01T00:00:00.000Z')).toBe(inline + 1);
+      expect(await removeDocumentBytes(db, closed.id, due, '2030-01-01T00:00:00.000Z')).toBe(inline + 1);
       const docs = await storedDocuments(closed.id);
       expect(docs.every((d) => d.data === undefined)).toBe(true);
       expect(docs.filter((d) => d.dataRemoved)).toHaveLength(inline);
-      const [added] = (await store.outboxFor(closed.id)).filter((e) => e.kind === 'documents');
+      const [added] = (await leasedQueue.forReferral(db, deliveryQueue, closed.id)).filter((e) => e.kind === 'documents');
       const addedPayload = added.payload as { documents: Array<Record<string, unknown>>; startIndex: number };
       expect(addedPayload.startIndex).toBe(sample.documents.length);
       expect(addedPayload.documents[0]).toMatchObject({ title: 'Later note', dataRemoved: { bytes: 'added later'.length } });
       expect(addedPayload.documents[0].data).toBeUndefined();
-      const after = await store.getById(closed.id, { payload: false });
+      const after = await getReferral(db, closed.id, { payload: false });
       expect(after).toMatchObject({
         status: 'completed',
         documentsRemovedAt: '2030-01-01T00:00:00.000Z',
-        updatedAt: (await store.getById(closed.id, { payload: false }))?.updatedAt,
+        updatedAt: (await getReferral(db, closed.id, { payload: false }))?.updatedAt,
       });
       // Done once: not due again.
-      expect(await store.removeDocumentBytes(closed.id, due)).toBeNull();
+      expect(await removeDocumentBytes(db, closed.id, due)).toBeNull();
       // The others kept theirs.
       expect((await storedDocuments(open.id)).some((d) => typeof d.data === 'string')).toBe(true);
       expect((await storedDocuments(failedDelivery.id)).some((d) => typeof d.data === 'string')).toBe(true);
@@ -182,15 +200,15 @@ describe.each(storeBackends())('store on %s', (_name, open) => {
 
     test('deleting a closed referral removes its submission, history and outboxes; a pending webhook holds it back', async () => {
       const r = { ...newReferral(), payload: { ...sample, callbackUrl: 'https://ehr.example.org/hooks' } };
-      await store.createReferral(r);
+      await insertReferral(db, r);
       await finishAll(r.id);
-      await store.changeStatus(r.id, { status: 'rejected', reason: 'not our speciality' });
-      expect(await store.deleteClosed(r.id, due)).toBe(false); // its status webhook is still pending
-      await store.db.kysely.updateTable('webhook_outbox').set({ state: 'delivered' }).where('referral_id', '=', r.id).execute();
-      expect(await store.closedBefore({ ...due, limit: 10 })).toEqual([r.id]);
-      expect(await store.deleteClosed(r.id, due)).toBe(true);
-      expect(await store.getById(r.id)).toBeNull();
-      const k = store.db.kysely;
+      await changeStatus(db, r.id, { status: 'rejected', reason: 'not our speciality' });
+      expect(await deleteClosed(db, r.id, due)).toBe(false); // its status webhook is still pending
+      await db.kysely.updateTable('webhook_outbox').set({ state: 'delivered' }).where('referral_id', '=', r.id).execute();
+      expect(await closedBefore(db.kysely, { ...due, limit: 10 })).toEqual([r.id]);
+      expect(await deleteClosed(db, r.id, due)).toBe(true);
+      expect(await getReferral(db, r.id)).toBeNull();
+      const k = db.kysely;
       for (const table of ['referral_payloads', 'referral_history', 'outbox', 'webhook_outbox'] as const) {
         expect(await k.selectFrom(table).select('referral_id').where('referral_id', '=', r.id).execute()).toEqual([]);
       }
@@ -199,9 +217,9 @@ describe.each(storeBackends())('store on %s', (_name, open) => {
 
   test('a conditional status change is not applied when its condition fails', async () => {
     const r = newReferral();
-    await store.createReferral(r);
-    await store.changeStatus(r.id, { status: 'sent' });
-    const res = await store.changeStatus(r.id, { status: 'sent' }, (cur) => cur.status === 'queued');
+    await insertReferral(db, r);
+    await changeStatus(db, r.id, { status: 'sent' });
+    const res = await changeStatus(db, r.id, { status: 'sent' }, (cur) => cur.status === 'queued');
     expect(res).toBeNull();
   });
 
@@ -210,74 +228,74 @@ describe.each(storeBackends())('store on %s', (_name, open) => {
     for (let i = 0; i < 5; i++) {
       const r = newReferral({ clientId: 'lister', at: new Date(Date.UTC(2026, 0, 1, 0, 0, i)).toISOString() });
       ids.push(r.id);
-      await store.createReferral(r);
+      await insertReferral(db, r);
     }
-    await store.createReferral(newReferral({ clientId: 'not-me' }));
-    const p1 = await store.list('lister', { limit: 2 });
+    await insertReferral(db, newReferral({ clientId: 'not-me' }));
+    const p1 = await listReferrals(db, 'lister', { limit: 2 });
     expect(p1.items.map((i) => i.id)).toEqual([ids[4], ids[3]]);
-    const p2 = await store.list('lister', { limit: 2, cursor: p1.next });
+    const p2 = await listReferrals(db, 'lister', { limit: 2, cursor: p1.next });
     expect(p2.items.map((i) => i.id)).toEqual([ids[2], ids[1]]);
-    const p3 = await store.list('lister', { limit: 2, cursor: p2.next });
+    const p3 = await listReferrals(db, 'lister', { limit: 2, cursor: p2.next });
     expect(p3.items.map((i) => i.id)).toEqual([ids[0]]);
     expect(p3.next).toBeUndefined();
-    await store.changeStatus(ids[1], { status: 'sent' });
-    expect((await store.list('lister', { limit: 10, status: 'sent' })).items.map((i) => i.id)).toEqual([ids[1]]);
+    await changeStatus(db, ids[1], { status: 'sent' });
+    expect((await listReferrals(db, 'lister', { limit: 10, status: 'sent' })).items.map((i) => i.id)).toEqual([ids[1]]);
   });
 
   test('two workers never claim the same outbox entry', async () => {
-    for (let i = 0; i < 6; i++) await store.createReferral(newReferral());
-    const [a, b] = await Promise.all([store.claim('w1', 6, 60_000), store.claim('w2', 6, 60_000)]);
+    for (let i = 0; i < 6; i++) await insertReferral(db, newReferral());
+    const [a, b] = await Promise.all([leasedQueue.claim(db, deliveryQueue, 'w1', 6, 60_000), leasedQueue.claim(db, deliveryQueue, 'w2', 6, 60_000)]);
     const all = [...a, ...b].map((e) => e.id);
     expect(all).toHaveLength(6);
     expect(new Set(all).size).toBe(6);
-    expect(await store.claim('w3', 6, 60_000)).toHaveLength(0);
+    expect(await leasedQueue.claim(db, deliveryQueue, 'w3', 6, 60_000)).toHaveLength(0);
   });
 
   test('an expired lease (a crashed worker) is claimed again; a finished entry never is', async () => {
     const r = newReferral();
-    await store.createReferral(r);
-    const [e] = await store.claim('w1', 1, 1000, new Date());
+    await insertReferral(db, r);
+    const [e] = await leasedQueue.claim(db, deliveryQueue, 'w1', 1, 1000, new Date());
     expect(e).toBeDefined();
-    expect(await store.claim('w2', 1, 1000, new Date())).toHaveLength(0);
+    expect(await leasedQueue.claim(db, deliveryQueue, 'w2', 1, 1000, new Date())).toHaveLength(0);
     const later = new Date(Date.now() + 5000);
-    const again = await store.claim('w2', 1, 1000, later);
+    const again = await leasedQueue.claim(db, deliveryQueue, 'w2', 1, 1000, later);
     expect(again.map((x) => x.id)).toEqual([e.id]);
-    await store.finishOutbox(e.id, 'done', 1, null);
-    expect(await store.claim('w3', 1, 1000, new Date(Date.now() + 60_000))).toHaveLength(0);
+    await finishOutbox(db, e.id, 'done', 1, null);
+    expect(await leasedQueue.claim(db, deliveryQueue, 'w3', 1, 1000, new Date(Date.now() + 60_000))).toHaveLength(0);
   });
 
   test('entries of one referral are delivered in order', async () => {
     const r = newReferral();
-    await store.createReferral(r);
+    await insertReferral(db, r);
     await new Promise((res) => setTimeout(res, 5));
-    await store.enqueue(r.id, 'documents', { documents: [] });
-    const first = await store.claim('w1', 5, 60_000);
+    await queueDocuments(db, r.id, [], 0);
+    const first = await leasedQueue.claim(db, deliveryQueue, 'w1', 5, 60_000);
     expect(first.map((e) => e.kind)).toEqual(['submit']);
-    await store.finishOutbox(first[0].id, 'done', 1, null);
-    const second = await store.claim('w1', 5, 60_000);
+    await finishOutbox(db, first[0].id, 'done', 1, null);
+    const second = await leasedQueue.claim(db, deliveryQueue, 'w1', 5, 60_000);
     expect(second.map((e) => e.kind)).toEqual(['documents']);
   });
 
   test('a rescheduled entry waits for its time; a failed one can be re-queued', async () => {
     const r = newReferral();
-    await store.createReferral(r);
-    const [e] = await store.claim('w1', 1, 60_000);
-    await store.rescheduleOutbox(e.id, 1, new Date(Date.now() + 60_000).toISOString(), '503: unavailable');
-    expect(await store.claim('w1', 1, 60_000)).toHaveLength(0);
-    expect(await store.claim('w1', 1, 60_000, new Date(Date.now() + 61_000))).toHaveLength(1);
-    await store.finishOutbox(e.id, 'failed', 2, '400: refused');
-    expect((await store.listOutbox('failed')).map((x) => x.id)).toEqual([e.id]);
-    expect(await store.requeueOutbox(e.id)).toBe(true);
-    expect((await store.claim('w1', 1, 60_000)).map((x) => x.id)).toEqual([e.id]);
+    await insertReferral(db, r);
+    const [e] = await leasedQueue.claim(db, deliveryQueue, 'w1', 1, 60_000);
+    await rescheduleOutbox(db, e.id, 1, new Date(Date.now() + 60_000).toISOString(), '503: unavailable');
+    expect(await leasedQueue.claim(db, deliveryQueue, 'w1', 1, 60_000)).toHaveLength(0);
+    expect(await leasedQueue.claim(db, deliveryQueue, 'w1', 1, 60_000, new Date(Date.now() + 61_000))).toHaveLength(1);
+    await finishOutbox(db, e.id, 'failed', 2, '400: refused');
+    expect((await leasedQueue.list(db, deliveryQueue, 'failed')).map((x) => x.id)).toEqual([e.id]);
+    expect(await leasedQueue.requeue(db, deliveryQueue, e.id)).toBe(true);
+    expect((await leasedQueue.claim(db, deliveryQueue, 'w1', 1, 60_000)).map((x) => x.id)).toEqual([e.id]);
   });
 
   test('poll watermarks are kept per destination', async () => {
-    expect(await store.getWatermark('sandbox')).toBeNull();
-    await store.setWatermark('sandbox', '2026-01-01T00:00:00.000Z');
-    await store.setWatermark('sandbox', '2026-01-02T00:00:00.000Z');
-    await store.setWatermark('other', '2025-01-01T00:00:00.000Z');
-    expect(await store.getWatermark('sandbox')).toBe('2026-01-02T00:00:00.000Z');
-    expect(await store.getWatermark('other')).toBe('2025-01-01T00:00:00.000Z');
+    expect(await getWatermark(db, 'sandbox')).toBeNull();
+    await setWatermark(db, 'sandbox', '2026-01-01T00:00:00.000Z');
+    await setWatermark(db, 'sandbox', '2026-01-02T00:00:00.000Z');
+    await setWatermark(db, 'other', '2025-01-01T00:00:00.000Z');
+    expect(await getWatermark(db, 'sandbox')).toBe('2026-01-02T00:00:00.000Z');
+    expect(await getWatermark(db, 'other')).toBe('2025-01-01T00:00:00.000Z');
   });
 });
 
@@ -310,7 +328,6 @@ describe('durability of acknowledged writes (SQLite)', () => {
   });
 
   test('a new referral is committed through the durable path', async () => {
-    const store = new ReferralStore(db);
     const seen: number[] = [];
     const durably = db.durably.bind(db);
     db.durably = (fn) =>
@@ -318,7 +335,7 @@ describe('durability of acknowledged writes (SQLite)', () => {
         seen.push(await level(k));
         return fn(k);
       });
-    await store.createReferral({
+    await insertReferral(db, {
       id: newReferralId(),
       clientId: 'c',
       externalId: 'EHR-DURABLE',
@@ -330,7 +347,7 @@ describe('durability of acknowledged writes (SQLite)', () => {
     });
     db.durably = durably;
     expect(seen).toEqual([2]);
-    expect((await store.list('c', { limit: 5 })).items.map((r) => r.externalId)).toEqual(['EHR-DURABLE']);
+    expect((await listReferrals(db, 'c', { limit: 5 })).items.map((r) => r.externalId)).toEqual(['EHR-DURABLE']);
   });
 });
 
@@ -342,11 +359,10 @@ describe('WAL checkpoints off the event loop (SQLite)', () => {
       await migrate(db.kysely);
       const autocheckpoint = (await sql<{ wal_autocheckpoint: number }>`PRAGMA wal_autocheckpoint`.execute(db.kysely)).rows[0].wal_autocheckpoint;
       expect(Number(autocheckpoint)).toBe(8000);
-      const store = new ReferralStore(db);
       // About 1,500 pages of submissions: past SQLite's default threshold (1,000), far below the safety net.
       const big = { ...sample, documents: [{ ...sample.documents[0], data: Buffer.alloc(150_000, 7).toString('base64') }] };
       for (let i = 0; i < 30; i++) {
-        await store.createReferral({
+        await insertReferral(db, {
           id: newReferralId(),
           clientId: 'c',
           externalId: `EHR-WAL-${i}`,
@@ -363,7 +379,7 @@ describe('WAL checkpoints off the event loop (SQLite)', () => {
       // Started because ~1,000 frames were waiting (read from the WAL index), not by the once-a-second fallback.
       expect(stats.counted).toBe(true);
       // What was checkpointed reads back whole.
-      expect((await store.list('c', { limit: 100 })).items).toHaveLength(30);
+      expect((await listReferrals(db, 'c', { limit: 100 })).items).toHaveLength(30);
     } finally {
       await db.close();
       rmSync(dir, { recursive: true, force: true });
@@ -445,9 +461,10 @@ describe('migration 0005 (SQLite)', () => {
         .execute();
     }
     await migrate(db.kysely);
-    const store = new ReferralStore(db);
-    expect((await store.addDocuments('ref_old', [{ kind: 'other' }], sample.documents.length)).startIndex).toBe(sample.documents.length + 5);
-    expect((await store.getById('ref_old', { payload: false }))?.documentsRemovedAt).toBeNull();
+    expect((await queueDocuments(db, 'ref_old', [{ kind: 'other' }] as ReferralDocument[], sample.documents.length)).startIndex).toBe(
+      sample.documents.length + 5
+    );
+    expect((await getReferral(db, 'ref_old', { payload: false }))?.documentsRemovedAt).toBeNull();
     await db.close();
   });
 });

@@ -2,6 +2,7 @@ import type { DocumentReference, Task } from '@medplum/fhirtypes';
 import type { Gateway } from '../../src/gateway';
 import { Poller } from '../../src/tracking/poller';
 import { eventually, fixture, KEY_A, startGateway } from '../helpers/gateway';
+import { getReferral } from '../../src/store';
 
 /**
  * A cancer centre simulated over the sandbox FHIR server walks Tasks through every path; the
@@ -239,11 +240,11 @@ describe('tracking the centre’s Task', () => {
     const referrals = await Promise.all(Array.from({ length: 55 }, () => delivered()));
     for (const r of referrals) await centreSets(r.taskId, { status: 'accepted' });
     // One Task per page: the client stops after 50 pages; the poller must resume past them.
-    const tiny = new Poller(gw.store, gw.destinations, gw.clients, { cron: '* * * * *', overlapMs: 0, pageSize: 1 });
+    const tiny = new Poller(gw.db, gw.destinations, gw.clients, { cron: '* * * * *', overlapMs: 0, pageSize: 1 });
     const [cycle] = await tiny.pollOnce({ force: true });
     expect(cycle.error).toBeUndefined();
     for (const r of referrals) {
-      expect((await gw.store.getById(r.id))?.status).toBe('accepted');
+      expect((await getReferral(gw.db, r.id))?.status).toBe('accepted');
     }
   }, 60_000);
 

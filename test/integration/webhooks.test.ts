@@ -7,9 +7,9 @@ import type { Task } from '@medplum/fhirtypes';
 import { Webhook } from 'standardwebhooks';
 import type { Gateway, GatewayOptions } from '../../src/gateway';
 import { openDb } from '../../src/store/db';
-import { WebhookStore } from '../../src/store/webhook-store';
 import type { WebhookDispatcher, WebhookDispatcherOptions } from '../../src/webhooks/dispatcher';
 import { ADMIN_KEY, eventually, fixture, KEY_A, startGateway } from '../helpers/gateway';
+import { leasedQueue, webhookQueue } from '../../src/store';
 
 /**
  * Status webhooks end to end, through the real service: a referral with a callbackUrl is submitted,
@@ -334,7 +334,7 @@ describe('status webhooks across a restart', () => {
 
     // Stopped: the event is on disk, pending, leased to nobody.
     const db = openDb(env.DATABASE_URL);
-    const [row] = await new WebhookStore(db).forReferral(id);
+    const [row] = await leasedQueue.forReferral(db, webhookQueue, id);
     await db.close();
     expect(row).toMatchObject({ state: 'pending', lockedBy: null });
     expect(row.attempts).toBe(attemptsBefore);

@@ -11,7 +11,7 @@ describe('lint keeps the architecture', () => {
     { file: 'src/referral/service.ts', extra: "import { errorHandler } from '../api';\nexport const _handler = errorHandler;" },
     {
       file: 'src/mapping/codes.ts',
-      extra: "import { jsonBytes } from '../json';\nimport { ReferralStore } from '../store';\nexport const _s = [ReferralStore, jsonBytes];",
+      extra: "import { jsonBytes } from '../json';\nimport { getReferral } from '../store';\nexport const _s = [getReferral, jsonBytes];",
     },
     { file: 'src/delivery/circuit.ts', extra: "import { SANDBOX_ID } from '../sandbox';\nexport const _id = SANDBOX_ID;" },
     { file: 'src/outcomes/index.ts', extra: "import { logger } from '../observability';\nexport const _l = logger;" },
@@ -19,7 +19,7 @@ describe('lint keeps the architecture', () => {
       file: 'src/outcomes/index.ts',
       extra: 'export const _n = (x: number): string => (x > 1 ? "a" : x > 0 ? "b" : "c");\nexport function _f(p: Promise<void>): void { p; }',
     },
-    { file: 'src/tracking/state.ts', extra: "import { ReferralStore } from '../store/referral-store';\nexport const _r = ReferralStore;" },
+    { file: 'src/tracking/state.ts', extra: "import { getReferral } from '../store/referrals';\nexport const _r = getReferral;" },
   ];
   let results: string[][] = [];
   beforeAll(async () => {

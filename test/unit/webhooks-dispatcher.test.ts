@@ -4,11 +4,10 @@ import { logger, setLogLevel } from '../../src/observability/logger';
 import { referralSchema } from '../../src/model';
 import type { ReferralStatus } from '../../src/model';
 import type { Db } from '../../src/store/db';
-import { ReferralStore } from '../../src/store/referral-store';
-import { WebhookStore } from '../../src/store/webhook-store';
 import { createSigner, receiverSecret, WebhookDispatcher, type WebhookDispatcherOptions } from '../../src/webhooks/dispatcher';
 import { freshSqlite, referralWithEvents as storedReferralWithEvents } from '../helpers/db';
 import { eventually } from '../helpers/gateway';
+import { leasedQueue, webhookQueue } from '../../src/store';
 
 const TOKEN = 'query-token-must-not-be-logged';
 const CALLBACK = `https://ehr.example.org/hooks/referrals?token=${TOKEN}`;
@@ -45,14 +44,10 @@ beforeAll(() => setLogLevel('error'));
 
 describe('webhook dispatcher', () => {
   let db: Db;
-  let referrals: ReferralStore;
-  let hooks: WebhookStore;
   let dispatcher: WebhookDispatcher | undefined;
 
   beforeEach(async () => {
     db = await freshSqlite();
-    referrals = new ReferralStore(db);
-    hooks = new WebhookStore(db);
   });
   afterEach(async () => {
     await dispatcher?.stop();
@@ -61,17 +56,17 @@ describe('webhook dispatcher', () => {
     await db.close();
   });
 
-  const referralWithEvents = (...statuses: ReferralStatus[]): Promise<string> => storedReferralWithEvents(referrals, sample, statuses, EXTERNAL_ID);
+  const referralWithEvents = (...statuses: ReferralStatus[]): Promise<string> => storedReferralWithEvents(db, sample, statuses, EXTERNAL_ID);
 
   function start(opts: Partial<WebhookDispatcherOptions>, impl: typeof fetch): WebhookDispatcher {
-    dispatcher = new WebhookDispatcher(hooks, { ...FAST, ...opts }, impl);
+    dispatcher = new WebhookDispatcher(db, { ...FAST, ...opts }, impl);
     dispatcher.start();
     return dispatcher;
   }
 
   const settled = (referralId: string, n: number) =>
     eventually(async () => {
-      const rows = await hooks.forReferral(referralId);
+      const rows = await leasedQueue.forReferral(db, webhookQueue, referralId);
       return rows.length === n && rows.every((r) => r.state !== 'pending') ? rows : undefined;
     });
 
@@ -170,11 +165,13 @@ describe('webhook dispatcher', () => {
     });
     const before = Date.now();
     start({ baseDelayMs: 5, maxDelayMs: 20 }, r.impl);
-    const ra = await eventually(async () => ((await hooks.forReferral(a))[0].attempts === 1 ? (await hooks.forReferral(a))[0] : undefined));
+    const ra = await eventually(async () =>
+      (await leasedQueue.forReferral(db, webhookQueue, a))[0].attempts === 1 ? (await leasedQueue.forReferral(db, webhookQueue, a))[0] : undefined
+    );
     expect(Date.parse(ra.nextAttemptAt) - before).toBeGreaterThanOrEqual(119_000);
     expect(ra.lastError).toBe('HTTP 429');
     // B (500 + Retry-After) is retried quickly, within the 20 ms cap.
-    await eventually(async () => (await hooks.forReferral(b))[0].attempts >= 3);
+    await eventually(async () => (await leasedQueue.forReferral(db, webhookQueue, b))[0].attempts >= 3);
     expect(r.calls.filter((c) => JSON.parse(c.body).referralId === a)).toHaveLength(1);
   });
 
@@ -258,7 +255,7 @@ describe('webhook dispatcher', () => {
     const t0 = Date.now();
     await d.stop();
     expect(Date.now() - t0).toBeLessThan(2000);
-    const [row] = await hooks.forReferral(id);
+    const [row] = await leasedQueue.forReferral(db, webhookQueue, id);
     expect(row).toMatchObject({ state: 'pending', attempts: 0, lockedBy: null, lockedUntil: null });
     // Another dispatcher (after a restart) sends it.
     const r2 = fakeFetch();

@@ -159,7 +159,7 @@ export const operationOutcomeSchema = z
     ],
   });
 
-/** The body of a status webhook (WebhookEvent, src/store/referral-store.ts). */
+/** The body of a status webhook (WebhookEvent, src/store/webhook-queue.ts). */
 export const statusChangedEventSchema = z
   .object({
     type: z.literal('referral.status-changed'),
@@ -185,7 +185,7 @@ export const requeuedSchema = z.object({ requeued: z.array(z.string()).meta({ de
 export const deliveryEntrySchema = z.object({
   id: z.string(),
   referralId: z.string(),
-  kind: z.enum(['submit', 'documents', 'cancel']),
+  kind: z.string().describe('submit, documents or cancel; an entry this version cannot read shows the kind it was stored with'),
   state: z.enum(outboxStates),
   attempts: count,
   lastError: z.string().nullable(),
@@ -273,7 +273,10 @@ export const shapeChecks: true[] = [
   same<z.output<typeof statusChangedEventSchema>, WebhookEvent>(true),
   same<z.output<typeof retentionRunSchema>, RetentionRun>(true),
   same<z.output<typeof doctorReportSchema>, DoctorReport>(true),
-  same<z.output<typeof deliveryEntrySchema>, Omit<OutboxEntry, 'payload' | 'nextAttemptAt'> & { nextAttemptAt: string | null }>(true),
+  same<
+    z.output<typeof deliveryEntrySchema>,
+    Pick<OutboxEntry, 'id' | 'referralId' | 'state' | 'attempts' | 'lastError' | 'createdAt'> & { kind: string; nextAttemptAt: string | null }
+  >(true),
   same<
     Omit<z.output<typeof webhookEntrySchema>, 'event'>,
     Omit<WebhookEntry, 'payload' | 'lockedBy' | 'lockedUntil' | 'nextAttemptAt'> & { nextAttemptAt: string | null }

@@ -16,8 +16,8 @@ export function fhirDestination(clients: FhirClients = new FhirClients()): Desti
   return {
     type: 'fhir',
     submit: (ctx) => deliverSubmit(withClient(ctx)),
-    addDocuments: (ctx) => deliverDocuments(withClient(ctx)),
-    cancel: (ctx) => deliverCancel(withClient(ctx)),
+    addDocuments: (ctx, take) => deliverDocuments(withClient(ctx), take),
+    cancel: (ctx, task) => deliverCancel(withClient(ctx), task),
     readReport: (referral: StoredReferral, destination: Destination): Promise<ReportContent> => readReportContent(clients.get(destination), referral),
   };
 }

@@ -23,9 +23,8 @@ import {
   REFERRAL_IDENTIFIER_SYSTEM,
 } from '../../mapping';
 import { logger, deliveryLatency } from '../../observability';
-import type { ReferralDocument, FhirRefs } from '../../model';
-import { nowIso } from '../../store';
-import type { ReferralStore } from '../../store';
+import type { CancelTask, DocumentsTask, FhirRefs, ReferralDocument } from '../../model';
+import { changeStatus, type Db, getReferral, noteStatus, nowIso } from '../../store';
 import { documentsToMoveOut, estimateJsonBytes, planBinaries } from './attachments';
 import type { DeliveryContext, Outcome } from '../adapter';
 import { checkPatient, patientEntryIndex } from './patient-match';
@@ -55,7 +54,7 @@ const IF_MATCH_TRIES = 3;
  * with `verifyDelivery`, what the centre holds is read back and repaired before the referral is `sent`.
  */
 export async function deliverSubmit(ctx: OperationContext): Promise<Outcome> {
-  const { referral, destination, store } = ctx;
+  const { referral, destination, db } = ctx;
   if (ctx.entry.attempts > 0) {
     const failed = await readBeforeRetry(ctx, 'Task', REFERRAL_IDENTIFIER_SYSTEM, referral.id);
     if (failed) return failed;
@@ -79,7 +78,8 @@ export async function deliverSubmit(ctx: OperationContext): Promise<Outcome> {
     if (verified.outcome.kind !== 'done') return verified.outcome;
     if (verified.repaired.length > 0) written.repaired.push(...verified.repaired);
   }
-  const changed = await store.changeStatus(
+  const changed = await changeStatus(
+    db,
     referral.id,
     { status: 'sent', fhir, reason: null, detail: { attempts: ctx.attempt, ...(written.repaired.length > 0 ? { repaired: written.repaired } : {}) } },
     (cur) => cur.status === 'queued' || cur.status === 'delivery-failed'
@@ -95,10 +95,10 @@ export async function deliverSubmit(ctx: OperationContext): Promise<Outcome> {
   });
   if (changed && written.repaired.length > 0) {
     // The operator sees in the timeline that the centre held a broken referral and what was mended.
-    await store.note(referral.id, 'sent', `repaired at the centre before it was reported sent: ${written.repaired.join(', ')}`);
+    await noteStatus(db, referral.id, 'sent', `repaired at the centre before it was reported sent: ${written.repaired.join(', ')}`);
   }
   // ...and that the referral was given a Patient of its own (patientMismatch: new-patient).
-  if (changed) for (const note of written.notes) await store.note(referral.id, 'sent', note);
+  if (changed) for (const note of written.notes) await noteStatus(db, referral.id, 'sent', note);
   if (changed) {
     deliveryLatency.observe({ destination: destination.id }, Math.max(0, Date.now() - Date.parse(referral.createdAt)) / 1000);
     ctx.emit({ referralId: referral.id, status: 'sent', previous: changed.previous });
@@ -184,7 +184,7 @@ async function writeDocumentsBundle(
     let raw: Awaited<ReturnType<typeof uploadRawDocuments>>;
     try {
       raw = await uploadRawDocuments({
-        db: ctx.store.db,
+        db: ctx.db,
         client,
         destinationId: destination.id,
         settings,
@@ -460,16 +460,6 @@ async function confirmBySearch(ctx: OperationContext, bundle: Bundle, why: strin
 // ------------------------------------------------------------------------------------------------
 // documents
 
-export interface DocumentsPayload {
-  documents: ReferralDocument[];
-  startIndex: number;
-}
-
-function isDocumentsPayload(p: unknown): p is DocumentsPayload {
-  const v = p as DocumentsPayload;
-  return !!v && Array.isArray(v.documents) && Number.isInteger(v.startIndex) && v.startIndex >= 0;
-}
-
 /**
  * Documents added after submission: one transaction of conditional-create DocumentReferences (large ones
  * uploaded raw first, or as Binary entries) linked to the centre's ServiceRequest, checked at the centre; their
@@ -477,12 +467,9 @@ function isDocumentsPayload(p: unknown): p is DocumentsPayload {
  * (read-modify-write with If-Match; a server that refuses the update leaves a warning, the documents stay
  * delivered).
  */
-export async function deliverDocuments(ctx: OperationContext): Promise<Outcome> {
+export async function deliverDocuments(ctx: OperationContext, take: () => DocumentsTask): Promise<Outcome> {
   const { referral, destination, client, signal, entry } = ctx;
-  const payload = ctx.takeEntryPayload();
-  if (!isDocumentsPayload(payload)) {
-    return { kind: 'fail', reason: 'malformed documents entry (expected { documents, startIndex })' };
-  }
+  const payload = take();
   const refs = referral.fhir;
   if (!refs?.serviceRequest || !refs.patient) {
     return { kind: 'retry', reason: 'the referral has not reached the centre yet', neutral: true };
@@ -532,7 +519,7 @@ export async function deliverDocuments(ctx: OperationContext): Promise<Outcome> 
       reason: linked.reason,
     });
   }
-  const stored = await appendDocumentRefs(ctx.store, referral.id, added);
+  const stored = await appendDocumentRefs(ctx.db, referral.id, added);
   if (!stored) return { kind: 'retry', reason: 'the referral changed too often while its document refs were saved', neutral: true };
   logger.info('documents delivered', {
     referralId: referral.id,
@@ -545,16 +532,17 @@ export async function deliverDocuments(ctx: OperationContext): Promise<Outcome> 
 }
 
 /** Appends refs to referral.fhir.documents without changing the status (compare-and-set on updatedAt). */
-async function appendDocumentRefs(store: ReferralStore, referralId: string, added: string[]): Promise<boolean> {
+async function appendDocumentRefs(db: Db, referralId: string, added: string[]): Promise<boolean> {
   for (let i = 0; i < 5; i++) {
-    const cur = await store.getById(referralId, { payload: false });
+    const cur = await getReferral(db, referralId, { payload: false });
     if (!cur?.fhir) return false;
     const documents = [...cur.fhir.documents];
     for (const ref of added) {
       if (!documents.includes(ref)) documents.push(ref);
     }
     if (documents.length === cur.fhir.documents.length) return true;
-    const changed = await store.changeStatus(
+    const changed = await changeStatus(
+      db,
       referralId,
       { status: cur.status, fhir: { ...cur.fhir, documents } },
       (now) => now.status === cur.status && now.updatedAt === cur.updatedAt
@@ -595,10 +583,8 @@ async function linkDocuments(client: FhirClient, refs: FhirRefs, added: string[]
  * refusal is noted in the history. Resumable: a Task already cancelled (by an earlier attempt) goes straight to
  * the ServiceRequest.
  */
-export async function deliverCancel(ctx: OperationContext): Promise<Outcome> {
-  const { referral, client, signal, store, destination } = ctx;
-  const payload = ctx.takeEntryPayload() as { reason?: unknown } | null;
-  const reason = typeof payload?.reason === 'string' ? payload.reason : 'cancelled by the referrer';
+export async function deliverCancel(ctx: OperationContext, { reason }: CancelTask): Promise<Outcome> {
+  const { referral, client, signal, db, destination } = ctx;
 
   let taskId = refId(referral.fhir?.task, 'Task');
   if (!taskId) {
@@ -633,8 +619,8 @@ export async function deliverCancel(ctx: OperationContext): Promise<Outcome> {
   }
   if (taskResult.kind !== 'done') return taskResult;
   if (refusedBy) {
-    const cur = await store.getById(referral.id, { payload: false });
-    await store.note(referral.id, (cur ?? referral).status, `cancel refused by state: Task is ${refusedBy}`);
+    const cur = await getReferral(db, referral.id, { payload: false });
+    await noteStatus(db, referral.id, (cur ?? referral).status, `cancel refused by state: Task is ${refusedBy}`);
     logger.info('cancel refused by the Task state', { referralId: referral.id, destination: destination.id, taskStatus: refusedBy });
     return { kind: 'done' };
   }
@@ -658,7 +644,8 @@ export async function deliverCancel(ctx: OperationContext): Promise<Outcome> {
 }
 
 async function cancelLocally(ctx: OperationContext, reason: string, why?: string): Promise<void> {
-  const changed = await ctx.store.changeStatus(
+  const changed = await changeStatus(
+    ctx.db,
     ctx.referral.id,
     { status: 'cancelled', reason, detail: why ? { note: why } : undefined },
     (cur) => cur.status !== 'cancelled'
