@@ -36,7 +36,7 @@ import { join } from 'node:path';
 import type { Bundle, BundleEntry, Task } from '@medplum/fhirtypes';
 import { Webhook } from 'standardwebhooks';
 import type { Destination } from '../src/config/destinations';
-import { FhirClients } from '../src/destinations/fhir/clients';
+import { DestinationAdapters, FhirClients, fhirDestination } from '../src/destinations';
 import { createFhirClient } from '../src/fhir/client';
 import { mapReferralToBundle } from '../src/mapping/bundle';
 import { REFERRAL_IDENTIFIER_SYSTEM } from '../src/mapping/constants';
@@ -266,7 +266,11 @@ async function cycleCosts(sandboxUrl: string, statsUrl: string, dir: string): Pr
   };
   const clients = new FhirClients((d) => createFhirClient(d, { fetchImpl: countingFetch }));
   const directory = { ids: () => [destination.id], get: (id: string) => (id === destination.id ? destination : undefined) };
-  const poller = new Poller(db, directory, clients, { cron: '* * * * * *', overlapMs: OVERLAP_MS, pageSize: PAGE_SIZE });
+  const poller = new Poller(db, directory, new DestinationAdapters([fhirDestination(clients)]), {
+    cron: '* * * * * *',
+    overlapMs: OVERLAP_MS,
+    pageSize: PAGE_SIZE,
+  });
   const serverStats = (): Promise<ServerStats> => fhir<ServerStats>('GET', statsUrl);
 
   /**

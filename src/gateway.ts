@@ -1,4 +1,4 @@
-import { defaultIntakeFormats } from './intake';
+import { defaultIntakeFormats, type IntakeRegistry } from './intake';
 import { once } from 'node:events';
 import type { Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
@@ -45,6 +45,8 @@ export interface GatewayOptions {
   /** Status webhook dispatcher overrides (tests: short delays); `webhookFetch` replaces its HTTP client. */
   webhooks?: Partial<WebhookDispatcherOptions>;
   webhookFetch?: typeof fetch;
+  /** The intake formats POST /referrals takes (default: defaultIntakeFormats()). */
+  intake?: IntakeRegistry;
 }
 
 /** The whole service: store, API, sandbox, delivery worker and poller, with start and stop. */
@@ -104,7 +106,7 @@ export class Gateway {
     // submission its delivery): the worker of that queue looks as soon as it has committed.
     this.db.signals.on('queued', (queue) => (queue === 'webhook' ? this.webhooks.wake() : this.worker.wake()));
     const defaultCron = config.pollCron ?? (config.useSandbox ? '*/10 * * * * *' : '*/5 * * * *');
-    this.poller = new Poller(this.db, this.destinations, this.clients, {
+    this.poller = new Poller(this.db, this.destinations, this.adapters, {
       cron: defaultCron,
       overlapMs: opts.pollOverlapMs ?? 60_000,
       pageSize: opts.pollPageSize ?? 100,
@@ -130,7 +132,7 @@ export class Gateway {
     const app = createApp({
       config: this.config,
       db: this.db,
-      intake: defaultIntakeFormats(),
+      intake: this.opts.intake ?? defaultIntakeFormats(),
       service: this.service,
       reports: {
         read: (referral) => {

@@ -94,6 +94,17 @@ export function requireJson(req: Request, _res: Response, next: NextFunction): v
   next();
 }
 
+/** Logs a store that refused (locked, read-only, out of space, unreachable): the original error, never a stack. */
+export function noteStoreUnavailable(err: unknown, correlationId: string | undefined): void {
+  if (!isStoreUnavailable(err)) return;
+  const cause = (err as Error).cause;
+  logger.warn('store unavailable', {
+    correlationId,
+    error: (err as Error).message,
+    ...(cause instanceof Error && cause.message !== (err as Error).message ? { cause: cause.message } : {}),
+  });
+}
+
 /** The one error handler: every failure becomes an OperationOutcome with the status httpAnswer gives it; unknown ones a bare 500. */
 export function errorHandler(err: unknown, req: Request, res: Response, _next: NextFunction): void {
   if (res.headersSent) {
@@ -104,15 +115,7 @@ export function errorHandler(err: unknown, req: Request, res: Response, _next: N
     for (const [k, v] of Object.entries(headers)) res.setHeader(k, v);
     res.status(status).type('application/fhir+json').send(JSON.stringify(body));
   };
-  if (isStoreUnavailable(err)) {
-    // The original error (locked, read-only, out of space, unreachable), never a stack, in the log only.
-    const cause = (err as Error).cause;
-    logger.warn('store unavailable', {
-      correlationId: req.correlationId,
-      error: (err as Error).message,
-      ...(cause instanceof Error && cause.message !== (err as Error).message ? { cause: cause.message } : {}),
-    });
-  }
+  noteStoreUnavailable(err, req.correlationId);
   const answer = httpAnswer(err);
   if (answer) {
     send(answer.status, answer.outcome, answer.headers);

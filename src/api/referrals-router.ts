@@ -1,10 +1,11 @@
-import { Router } from 'express';
+import { type Response, Router } from 'express';
 import { z } from 'zod';
-import type { IntakeRegistry } from '../intake';
+import type { IntakeRegistry, IntakeReply, Submission } from '../intake';
 import { referralStatusSchema, addDocumentsSchema, cancelSchema } from '../referral';
 import type { StoredReferral } from '../model';
 import type { ReferralService, SubmitResult } from '../referral';
 import { submissions } from '../observability';
+import { noteStoreUnavailable } from './middleware';
 import { httpAnswer } from './send-outcome';
 import { Failure, invalidInput, zodIssues } from '../outcomes';
 
@@ -79,25 +80,32 @@ function parseBody<T>(schema: z.ZodType<T>, value: unknown, prefix: ReadonlyArra
   return parsed.data;
 }
 
+function sendReply(res: Response, reply: IntakeReply): void {
+  res.status(reply.status).set(reply.headers).type(reply.contentType).send(reply.body);
+}
+
 /** The referral routes: each parses its input, calls one use case and sends the answer. */
 export function referralsRouter(service: ReferralService, intake: IntakeRegistry, reports: ReportReader): Router {
   const r = Router();
 
+  /** A submission in any intake format, answered in that format's terms (accepted or refused). */
   r.post('/', async (req, res) => {
-    const submission = intake.forContentType(req.get('content-type')).submission(req.body, req.headers);
+    const format = intake.forContentType(req.get('content-type'));
+    let submission: Submission | undefined;
     let result: SubmitResult;
     try {
+      submission = format.submission(req.body, req.headers);
       result = await service.submit(req.clientId as string, submission);
     } catch (err) {
-      const status = httpAnswer(err)?.status;
-      submissions.inc({ outcome: status !== undefined && status < 500 ? `refused-${status}` : 'error' });
-      throw err;
+      const answer = httpAnswer(err);
+      submissions.inc({ outcome: answer && answer.status < 500 ? `refused-${answer.status}` : 'error' });
+      if (!answer) throw err; // a bug: the error handler logs it and answers a bare 500
+      noteStoreUnavailable(err, req.correlationId);
+      sendReply(res, format.refused(answer, submission));
+      return;
     }
     submissions.inc({ outcome: result.created ? 'accepted' : 'replayed' });
-    res
-      .status(result.created ? 202 : 200)
-      .location(`/referrals/${result.view.id}`)
-      .json(result.view);
+    sendReply(res, format.accepted({ created: result.created, id: result.view.id, view: result.view }, submission));
   });
 
   r.get('/', async (req, res) => {

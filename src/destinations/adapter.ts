@@ -1,6 +1,6 @@
 import type { OperationOutcome } from '@medplum/fhirtypes';
 import type { Destination } from '../config';
-import type { CancelTask, DocumentsTask, Referral, StoredReferral } from '../model';
+import type { CancelTask, DocumentsTask, Referral, ReportInfo, StoredReferral } from '../model';
 import type { Db, OutboxEntry } from '../store';
 
 /** A status change a delivery made (sent, delivery-failed...), for webhooks and logs. */
@@ -47,6 +47,53 @@ export interface ReportContent {
   body: Buffer;
 }
 
+/** How a tracking cycle read the centre: changes since the watermark, or the open referrals one batch of ids at a time. */
+export type TrackingMode = 'delta' | 'ids';
+
+/** What the centre says of one referral, for the tracker to apply (src/tracking decides what it means). */
+export type CentreObservation =
+  /**
+   * The centre's Task (the FHIR Task state machine is the gateway's vocabulary for where a referral is) in
+   * `taskStatus`, at `version` (a version seen already is skipped), with the centre's reason. `report` reads the
+   * opinion report; it is called only when the referral completes with this observation.
+   */
+  | {
+      kind: 'task';
+      /** The referral it belongs to (undefined: not one of the gateway's). */
+      referralId: string | undefined;
+      taskStatus: string;
+      version: string | null;
+      reason?: string;
+      businessStatus?: string;
+      report: (referral: ReferralSummary) => Promise<ReportInfo | null>;
+    }
+  /** The centre withdrew the referral (revoked its request, deleted its Task): it is cancelled, with the reason. */
+  | { kind: 'withdrawn'; referralId: string; reason: string; detail: Record<string, unknown> };
+
+/** What the tracker hands an adapter for one cycle at one destination. */
+export interface TrackingContext {
+  destination: Destination;
+  options: {
+    /** Look back this far before the watermark, against clock skew and late commits. */
+    overlapMs: number;
+    pageSize: number;
+    /** How often the open referrals are read one by one (batched) even when changes can be searched. */
+    sweepEveryMs: number;
+    /** Longest URL for a batched read. */
+    maxUrlLength: number;
+  };
+  /** Referrals at this destination whose state at the centre may still change. */
+  openReferrals(): Promise<ReferralSummary[]>;
+  /** How far the last cycle read (the centre's clock), or null before the first. */
+  watermark(): Promise<string | null>;
+  /** Moves the watermark forward (never back). */
+  advanceWatermark(to: string): Promise<void>;
+  /** Applies an observation; `resource` names what it came from in logs. Never throws: a failure is logged. */
+  observe(o: CentreObservation, resource?: string): Promise<void>;
+  /** Counts requests made and resources seen, for the cycle's stats. */
+  counted(c: { requests?: number; seen?: number }): void;
+}
+
 /**
  * A kind of destination (README.md beside this file): how a referral reaches a centre of that kind, and how
  * what the centre answered is read back. The delivery worker calls submit / addDocuments / cancel for the
@@ -65,6 +112,8 @@ export interface DestinationAdapter {
   addDocuments(ctx: DeliveryContext, take: () => DocumentsTask): Promise<Outcome>;
   /** Withdraws a referral at the centre (outbox kind `cancel`). */
   cancel(ctx: DeliveryContext, task: CancelTask): Promise<Outcome>;
+  /** One tracking cycle at a destination: reads what changed at the centre and observes it (src/tracking applies it). */
+  track(ctx: TrackingContext): Promise<TrackingMode>;
   /** The bytes of a referral's opinion report at its destination. */
   readReport(referral: StoredReferral, destination: Destination): Promise<ReportContent>;
 }

@@ -1,4 +1,14 @@
 // Destination kinds behind adapters (README.md beside this file).
-export type { DeliveryContext, DeliveryEvent, DestinationAdapter, Outcome, ReferralSummary, ReportContent } from './adapter';
+export type {
+  CentreObservation,
+  DeliveryContext,
+  DeliveryEvent,
+  DestinationAdapter,
+  Outcome,
+  ReferralSummary,
+  ReportContent,
+  TrackingContext,
+  TrackingMode,
+} from './adapter';
 export { FhirClients, fhirDestination } from './fhir';
 export { DestinationAdapters } from './registry';

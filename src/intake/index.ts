@@ -4,7 +4,7 @@ import { IntakeRegistry } from './registry';
 
 export { jsonFormat } from './json';
 export { IntakeRegistry } from './registry';
-export type { IntakeFormat, Pause, ReadResult, Submission } from './types';
+export type { Acceptance, IntakeFormat, IntakeReply, Pause, ReadResult, Refusal, Submission } from './types';
 
 /** The formats a gateway takes by default: one line per format. */
 export function defaultIntakeFormats(): IntakeRegistry {

@@ -35,4 +35,13 @@ export const jsonFormat: IntakeFormat = {
       locate: (modelPath) => modelPath,
     };
   },
+  /** 202 with the new referral (200 for a replay) and its Location, as the public contract says. */
+  accepted: ({ created, id, view }) => ({
+    status: created ? 202 : 200,
+    headers: { Location: `/referrals/${id}` },
+    contentType: 'application/json',
+    body: JSON.stringify(view),
+  }),
+  /** The OperationOutcome with the status and headers every other route answers a failure with. */
+  refused: ({ status, headers, outcome }) => ({ status, headers, contentType: 'application/fhir+json', body: JSON.stringify(outcome) }),
 };

@@ -1,4 +1,5 @@
 import type { IncomingHttpHeaders } from 'node:http';
+import type { OperationOutcome } from '@medplum/fhirtypes';
 import type { Referral } from '../model';
 import type { IssueInput } from '../outcomes';
 
@@ -28,6 +29,31 @@ export interface Submission {
   locate(modelPath: string): string;
 }
 
+/** What the sender is sent back: a status (for HTTP transports), headers and a body in the format's own terms. */
+export interface IntakeReply {
+  status: number;
+  headers: Record<string, string>;
+  contentType: string;
+  body: string;
+}
+
+/** A submission taken: new (`created`) or a replay answered as the original, and the referral as the API shows it. */
+export interface Acceptance {
+  created: boolean;
+  id: string;
+  view: unknown;
+}
+
+/**
+ * A submission refused, as the edge decided it (src/api/send-outcome.ts): the HTTP status and headers the JSON API
+ * would answer with, and the OperationOutcome naming the problems (in the format's locations).
+ */
+export interface Refusal {
+  status: number;
+  headers: Record<string, string>;
+  outcome: OperationOutcome;
+}
+
 /**
  * An intake format: how one kind of submission reaches the gateway's use cases (README.md beside this file).
  * The transport (an HTTP route, an MLLP listener) reads the bytes; the format turns them into a Submission and
@@ -39,4 +65,8 @@ export interface IntakeFormat<Body = unknown> {
   readonly contentTypes: readonly string[];
   /** The submission in a body; throws a Failure (`malformed`) when the body or a header cannot be read at all. */
   submission(body: Body, headers: IncomingHttpHeaders): Submission;
+  /** How an accepted submission is answered. */
+  accepted(acceptance: Acceptance, submission: Submission): IntakeReply;
+  /** How a refused one is answered (`submission` is undefined when the body could not be read as one at all). */
+  refused(refusal: Refusal, submission: Submission | undefined): IntakeReply;
 }

@@ -1,10 +1,7 @@
-import type { Attachment, DiagnosticReport, DocumentReference, Reference, ServiceRequest, Task } from '@medplum/fhirtypes';
 import { schedule, type ScheduledTask } from 'node-cron';
 import type { Destination, DestinationDirectory } from '../config';
-import type { FhirClients } from '../destinations';
+import type { CentreObservation, DestinationAdapters, ReferralSummary, TrackingContext } from '../destinations';
 import { nextDelay } from '../queue';
-import { FhirRequestError } from '../fhir';
-import { GATEWAY_TAG_SEARCH, REFERRAL_IDENTIFIER_SYSTEM } from '../mapping';
 import { logger, pollCycles } from '../observability';
 import type { ReferralStatus, ReportInfo, StoredReferral } from '../model';
 import { changeStatus, type Db, getReferral, getWatermark, noteStatus, openAtDestination, setWatermark } from '../store';
@@ -42,16 +39,15 @@ export interface CycleStats {
 interface DestinationState {
   failures: number;
   nextAttemptAt: number;
-  /** The server refused `_lastUpdated` searches: read open Tasks by id instead. */
-  idsOnly: boolean;
-  lastSweepAt: number;
+  /** The last cycle's mode (what a failed cycle reports). */
+  mode: 'delta' | 'ids';
 }
 
 /**
- * Tracks the centre's Tasks. Per destination and cycle: one delta search for the gateway's Tasks
- * changed since the watermark (server time, minus an overlap), following `next` links, plus one for
- * its ServiceRequests (revoked or completed at the centre). It never asks once per referral: servers
- * that cannot search by `_lastUpdated` get batched `_id=a,b,c` reads of the open Tasks.
+ * Tracks the referrals at the centres: on each destination's schedule, one cycle by its adapter (which reads
+ * what changed at the centre, e.g. the FHIR adapter's delta search), whose observations are applied here: the
+ * Task state machine decides the referral's new status, which is recorded with its history and webhook. A
+ * destination that fails backs off; one instance of the service polls each destination.
  */
 export class Poller {
   private tasks: ScheduledTask[] = [];
@@ -61,7 +57,7 @@ export class Poller {
   constructor(
     private readonly db: Db,
     private readonly destinations: DestinationDirectory,
-    private readonly clients: FhirClients,
+    private readonly adapters: DestinationAdapters,
     private readonly opts: PollerOptions,
     private readonly onStatusChange: (e: StatusEvent) => void = () => undefined
   ) {}
@@ -88,7 +84,7 @@ export class Poller {
   private stateOf(id: string): DestinationState {
     let s = this.state.get(id);
     if (!s) {
-      s = { failures: 0, nextAttemptAt: 0, idsOnly: false, lastSweepAt: Date.now() };
+      s = { failures: 0, nextAttemptAt: 0, mode: 'delta' };
       this.state.set(id, s);
     }
     return s;
@@ -115,7 +111,7 @@ export class Poller {
         const delay = nextDelay(st.failures, { baseMs: this.opts.backoffBaseMs ?? 30_000, capMs: this.opts.backoffCapMs ?? 30 * 60_000 }, () => 1);
         st.nextAttemptAt = Date.now() + delay;
         logger.warn('poll cycle failed; backing off', { destination: dest.id, failures: st.failures, retryInMs: delay, error: err.message });
-        return { destination: dest.id, mode: st.idsOnly ? 'ids' : 'delta', searches: 0, tasksSeen: 0, changes: 0, error: err.message };
+        return { destination: dest.id, mode: st.mode, searches: 0, tasksSeen: 0, changes: 0, error: err.message };
       })
       .finally(() => {
         end();
@@ -126,118 +122,34 @@ export class Poller {
   }
 
   private async cycle(dest: Destination, st: DestinationState): Promise<CycleStats> {
-    const stats: CycleStats = { destination: dest.id, mode: st.idsOnly ? 'ids' : 'delta', searches: 0, tasksSeen: 0, changes: 0 };
+    const stats: CycleStats = { destination: dest.id, mode: st.mode, searches: 0, tasksSeen: 0, changes: 0 };
     // Several instances of the service on one PostgreSQL database: one of them polls each destination.
     if (!(await this.db.holdLock(`poll:${dest.id}`))) {
       return { ...stats, mode: 'skipped', reason: 'another instance polls this destination' };
     }
-    if (!st.idsOnly) {
-      try {
-        await this.deltaCycle(dest, stats);
-      } catch (err) {
-        if (err instanceof FhirRequestError && (err.status === 400 || err.status === 501 || err.status === 422)) {
-          st.idsOnly = true;
-          stats.mode = 'ids';
-          logger.warn('destination refuses _lastUpdated searches: polling open Tasks by id instead', { destination: dest.id, status: err.status });
-        } else {
-          throw err;
-        }
-      }
-    }
-    const sweepDue = Date.now() - st.lastSweepAt >= (this.opts.sweepEveryMs ?? 3600_000);
-    if (st.idsOnly || sweepDue) {
-      await this.idsCycle(dest, stats);
-      st.lastSweepAt = Date.now();
-    }
+    const ctx: TrackingContext = {
+      destination: dest,
+      options: {
+        overlapMs: this.opts.overlapMs,
+        pageSize: this.opts.pageSize,
+        sweepEveryMs: this.opts.sweepEveryMs ?? 3600_000,
+        maxUrlLength: this.opts.maxUrlLength ?? 4000,
+      },
+      openReferrals: () => openAtDestination(this.db, dest.id),
+      watermark: () => getWatermark(this.db, dest.id),
+      advanceWatermark: (to) => setWatermark(this.db, dest.id, to),
+      observe: async (o, resource) => {
+        if (await this.safely(dest, resource, () => this.apply(dest, o))) stats.changes++;
+      },
+      counted: ({ requests = 0, seen = 0 }) => {
+        stats.searches += requests;
+        stats.tasksSeen += seen;
+      },
+    };
+    st.mode = await this.adapters.for(dest).track(ctx);
+    stats.mode = st.mode;
     if (stats.changes > 0) logger.info('poll cycle', { ...stats });
     return stats;
-  }
-
-  private async deltaCycle(dest: Destination, stats: CycleStats): Promise<void> {
-    let watermark = await getWatermark(this.db, dest.id);
-    if (!watermark) {
-      const open = await openAtDestination(this.db, dest.id);
-      if (open.length === 0) return;
-      watermark = open.map((r) => r.createdAt).sort()[0];
-    }
-    const since = new Date(new Date(watermark).getTime() - this.opts.overlapMs).toISOString();
-    const tasks = await this.delta<Task>(dest, 'Task', since);
-    const srs = await this.delta<ServiceRequest>(dest, 'ServiceRequest', since);
-    stats.searches += tasks.requests + srs.requests;
-    stats.tasksSeen += tasks.resources.length;
-    let newest = watermark;
-    for (const r of [...tasks.resources, ...srs.resources]) {
-      const lu = r.meta?.lastUpdated;
-      if (lu && lu > newest) newest = lu;
-    }
-    for (const task of tasks.resources) {
-      if (await this.safely(dest, task.id, () => this.applyTask(dest, task))) stats.changes++;
-    }
-    for (const sr of srs.resources) {
-      if (await this.safely(dest, sr.id, () => this.applyServiceRequest(dest, sr))) stats.changes++;
-    }
-    await setWatermark(this.db, dest.id, newest);
-  }
-
-  /**
-   * The gateway's resources of one type changed since `since`, oldest first, following `next` links.
-   * When the client's page cap stops a long walk, it resumes from the last time seen instead of
-   * starting over next cycle (repeats at that instant are skipped by their version).
-   */
-  private async delta<T extends Task | ServiceRequest>(
-    dest: Destination,
-    type: T['resourceType'],
-    since: string
-  ): Promise<{ resources: T[]; requests: number }> {
-    const client = this.clients.get(dest);
-    let bound = `gt${since}`;
-    const resources: T[] = [];
-    let requests = 0;
-    for (;;) {
-      const r = await client.searchAll<T>(type, { _tag: GATEWAY_TAG_SEARCH, _lastUpdated: bound, _sort: '_lastUpdated', _count: String(this.opts.pageSize) });
-      requests += r.requests;
-      resources.push(...r.resources);
-      const last = r.resources.at(-1)?.meta?.lastUpdated;
-      if (!r.truncated || !last || bound === `ge${last}`) break;
-      bound = `ge${last}`;
-    }
-    return { resources, requests };
-  }
-
-  /** Reads the open referrals' Tasks in batches of ids (as many as fit in one URL); a missing Task is gone. */
-  private async idsCycle(dest: Destination, stats: CycleStats): Promise<void> {
-    const open = (await openAtDestination(this.db, dest.id)).filter((r) => r.fhir?.task);
-    const client = this.clients.get(dest);
-    const maxLen = this.opts.maxUrlLength ?? 4000;
-    const batches: StoredReferral[][] = [];
-    let cur: StoredReferral[] = [];
-    let len = client.baseUrl.length + 40;
-    for (const r of open) {
-      const id = (r.fhir?.task as string).split('/')[1];
-      if (cur.length > 0 && (len + id.length + 1 > maxLen || cur.length >= 100)) {
-        batches.push(cur);
-        cur = [];
-        len = client.baseUrl.length + 40;
-      }
-      cur.push(r);
-      len += id.length + 1;
-    }
-    if (cur.length > 0) batches.push(cur);
-    for (const batch of batches) {
-      const ids = batch.map((r) => (r.fhir?.task as string).split('/')[1]);
-      const found = await client.searchAll<Task>('Task', { _id: ids.join(','), _count: String(Math.max(ids.length, 1)) });
-      stats.searches += found.requests;
-      stats.tasksSeen += found.resources.length;
-      const byId = new Map(found.resources.map((t) => [t.id, t]));
-      for (const r of batch) {
-        const task = byId.get((r.fhir?.task as string).split('/')[1]);
-        if (task) {
-          if (await this.safely(dest, task.id, () => this.applyTask(dest, task))) stats.changes++;
-        } else if (await this.safely(dest, r.fhir?.task, () => this.confirmGone(dest, r))) {
-          stats.changes++;
-        }
-      }
-    }
   }
 
   private async safely(dest: Destination, id: string | undefined, fn: () => Promise<boolean>): Promise<boolean> {
@@ -249,24 +161,24 @@ export class Poller {
     }
   }
 
-  /** A Task missing from an id search is read once more; 404 or 410 closes the referral with a clear reason. */
-  private async confirmGone(dest: Destination, referral: StoredReferral): Promise<boolean> {
-    const [type, id] = (referral.fhir?.task as string).split('/');
-    try {
-      await this.clients.get(dest).read<Task>(type as 'Task', id);
-      return false;
-    } catch (err) {
-      if (!(err instanceof FhirRequestError) || (err.status !== 404 && err.status !== 410)) throw err;
-      const reason = `the centre's Task ${referral.fhir?.task} no longer exists (HTTP ${err.status}: ${err.status === 410 ? 'deleted' : 'not found'})`;
-      return this.move(referral, 'cancelled', reason, { taskGone: err.status });
-    }
+  /** The referral an observation is of, when it is one of this destination's. */
+  private async referralOf(dest: Destination, referralId: string | undefined): Promise<StoredReferral | null> {
+    if (!referralId) return null;
+    const referral = await getReferral(this.db, referralId, { payload: false });
+    return referral && referral.destination === dest.id ? referral : null;
   }
 
-  private async findReferral(dest: Destination, identifiers: Array<{ system?: string; value?: string }> | undefined): Promise<StoredReferral | null> {
-    const ident = identifiers?.find((i) => i.system === REFERRAL_IDENTIFIER_SYSTEM)?.value;
-    if (!ident) return null;
-    const referral = await getReferral(this.db, ident, { payload: false });
-    return referral && referral.destination === dest.id ? referral : null;
+  /** Applies what the centre says of a referral. Returns whether the referral's status changed. */
+  private async apply(dest: Destination, o: CentreObservation): Promise<boolean> {
+    const referral = await this.referralOf(dest, o.referralId);
+    if (!referral) return false;
+    switch (o.kind) {
+      case 'task':
+        return this.applyTask(dest, referral, o);
+      case 'withdrawn':
+        if (referral.status === 'queued' || terminalStatuses.has(referral.status)) return false;
+        return this.move(referral, 'cancelled', o.reason, o.detail);
+    }
   }
 
   private async move(
@@ -283,15 +195,13 @@ export class Poller {
     return true;
   }
 
-  /** Applies one Task version to its referral. Returns whether the referral's status changed. */
-  private async applyTask(dest: Destination, task: Task): Promise<boolean> {
-    const referral = await this.findReferral(dest, task.identifier);
-    if (!referral) return false;
-    const version = task.meta?.versionId ?? null;
+  /** Applies one version of the centre's Task to its referral. */
+  private async applyTask(dest: Destination, referral: StoredReferral, task: Extract<CentreObservation, { kind: 'task' }>): Promise<boolean> {
+    const version = task.version;
     if (version && version === referral.taskVersion) return false; // seen already (overlap window)
     if (referral.status === 'queued' || referral.status === 'delivery-failed') return false; // ids not recorded yet
-    const decision = decideTransition(referral.status, String(task.status));
-    const reason = statusReasonOf(task);
+    const decision = decideTransition(referral.status, task.taskStatus);
+    const reason = centreText(task.reason, MAX_STATUS_REASON_CHARS);
     switch (decision.kind) {
       case 'unknown':
       case 'impossible':
@@ -308,78 +218,22 @@ export class Poller {
       case 'move': {
         let report: ReportInfo | null | undefined;
         if (decision.to === 'completed') {
-          report = await this.readReport(dest, task, referral).catch((err: Error) => {
+          report = await this.readReport(task, referral).catch((err: Error) => {
             logger.warn('could not read the report', { referralId: referral.id, error: err.message });
             return null;
           });
         }
-        const detail: Record<string, unknown> = { taskStatus: task.status, taskVersion: version };
-        if (task.businessStatus) detail.businessStatus = task.businessStatus.text ?? task.businessStatus.coding?.[0]?.code;
-        const voided = task.status === 'entered-in-error' ? 'voided at the centre (entered-in-error)' : null;
+        const detail: Record<string, unknown> = { taskStatus: task.taskStatus, taskVersion: version };
+        if (task.businessStatus !== undefined) detail.businessStatus = task.businessStatus;
+        const voided = task.taskStatus === 'entered-in-error' ? 'voided at the centre (entered-in-error)' : null;
         return this.move(referral, decision.to, voided ?? reason ?? null, detail, { taskVersion: version, ...(report !== undefined ? { report } : {}) });
       }
     }
   }
 
-  /** A ServiceRequest revoked (or entered in error) at the centre cancels the referral; completion is noted. */
-  private async applyServiceRequest(dest: Destination, sr: ServiceRequest): Promise<boolean> {
-    const referral = await this.findReferral(dest, sr.identifier);
-    if (!referral || referral.status === 'queued' || terminalStatuses.has(referral.status)) return false;
-    if (sr.status === 'revoked' || sr.status === 'entered-in-error') {
-      return this.move(referral, 'cancelled', `the centre ${sr.status === 'revoked' ? 'revoked' : 'voided'} the ServiceRequest`, {
-        serviceRequestStatus: sr.status,
-      });
-    }
-    return false;
-  }
-
-  /**
-   * The opinion report: the first Task.output that references a DocumentReference or DiagnosticReport,
-   * or an inline attachment; without outputs, a DocumentReference related to the ServiceRequest.
-   */
-  private async readReport(dest: Destination, task: Task, referral: StoredReferral): Promise<ReportInfo | null> {
-    const report = await this.findReport(dest, task, referral);
+  /** The opinion report as the adapter found it, its title and content type bounded and cleaned. */
+  private async readReport(task: Extract<CentreObservation, { kind: 'task' }>, referral: ReferralSummary): Promise<ReportInfo | null> {
+    const report = await task.report(referral);
     return report && { ...report, title: centreText(report.title, MAX_REPORT_TITLE_CHARS), contentType: centreContentType(report.contentType) };
   }
-
-  private async findReport(dest: Destination, task: Task, referral: StoredReferral): Promise<ReportInfo | null> {
-    const client = this.clients.get(dest);
-    const outputs = task.output ?? [];
-    const ref = outputs
-      .map((o) => o.valueReference)
-      .find((r): r is Reference => typeof r?.reference === 'string' && /^(DocumentReference|DiagnosticReport)\/[^/]+$/.test(r.reference));
-    if (ref) {
-      const [type, id] = (ref.reference as string).split('/');
-      const res = await client.read<DocumentReference | DiagnosticReport>(type as 'DocumentReference', id);
-      return describe(`${type}/${id}`, res);
-    }
-    const inline = outputs.findIndex((o) => o.valueAttachment);
-    if (inline >= 0) {
-      const att = outputs[inline].valueAttachment as Attachment;
-      return { reference: `Task/${task.id}/output/${inline}`, title: att.title, contentType: att.contentType, url: '' };
-    }
-    if (referral.fhir?.serviceRequest) {
-      const found = await client.search<DocumentReference>('DocumentReference', { related: referral.fhir.serviceRequest, _sort: '-_lastUpdated', _count: '1' });
-      const doc = found.entry?.[0]?.resource;
-      if (doc?.id) return describe(`DocumentReference/${doc.id}`, doc);
-    }
-    return null;
-  }
-}
-
-function describe(reference: string, res: DocumentReference | DiagnosticReport): ReportInfo {
-  if (res.resourceType === 'DocumentReference') {
-    const att = res.content?.[0]?.attachment;
-    return { reference, title: att?.title ?? res.description, contentType: att?.contentType, url: '' };
-  }
-  const att = res.presentedForm?.[0];
-  return { reference, title: att?.title ?? res.code?.text, contentType: att?.contentType, url: '' };
-}
-
-function statusReasonOf(task: Task): string | undefined {
-  const parts = [
-    task.businessStatus?.text ?? task.businessStatus?.coding?.[0]?.display,
-    task.statusReason?.text ?? task.statusReason?.coding?.[0]?.display,
-  ].filter((s): s is string => typeof s === 'string' && s.length > 0);
-  return parts.length > 0 ? centreText(parts.join(' — '), MAX_STATUS_REASON_CHARS) : undefined;
 }

@@ -240,7 +240,7 @@ describe('tracking the centre’s Task', () => {
     const referrals = await Promise.all(Array.from({ length: 55 }, () => delivered()));
     for (const r of referrals) await centreSets(r.taskId, { status: 'accepted' });
     // One Task per page: the client stops after 50 pages; the poller must resume past them.
-    const tiny = new Poller(gw.db, gw.destinations, gw.clients, { cron: '* * * * *', overlapMs: 0, pageSize: 1 });
+    const tiny = new Poller(gw.db, gw.destinations, gw.adapters, { cron: '* * * * *', overlapMs: 0, pageSize: 1 });
     const [cycle] = await tiny.pollOnce({ force: true });
     expect(cycle.error).toBeUndefined();
     for (const r of referrals) {

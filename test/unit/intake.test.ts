@@ -22,7 +22,13 @@ describe('intake formats', () => {
     const refused = failureOf(() => intake.forContentType('x-application/hl7-v2+er7'));
     expect(refused.kind).toBe('unsupported');
     expect(refused.message).toMatch(/application\/json.*x-application\/hl7-v2\+er7 is not one of them/);
-    const other: IntakeFormat = { name: 'hl7v2', contentTypes: ['x-application/hl7-v2+er7'], submission: () => jsonFormat.submission({}, {}) };
+    const other: IntakeFormat = {
+      name: 'hl7v2',
+      contentTypes: ['x-application/hl7-v2+er7'],
+      submission: () => jsonFormat.submission({}, {}),
+      accepted: jsonFormat.accepted,
+      refused: jsonFormat.refused,
+    };
     expect(new IntakeRegistry([jsonFormat, other]).forContentType('x-application/hl7-v2+er7').name).toBe('hl7v2');
     expect(() => new IntakeRegistry([jsonFormat, jsonFormat])).toThrow(/registered twice/);
   });
@@ -45,5 +51,27 @@ describe('intake formats', () => {
     const read = jsonFormat.submission({ ...sample(), patient: { ...(sample().patient as object), birthDate: 'yesterday' } }, {}).read();
     expect(read.ok).toBe(false);
     if (!read.ok) expect(read.issues[0]).toMatchObject({ expression: 'patient.birthDate', message: expect.stringMatching(/^patient\.birthDate: /) });
+  });
+
+  test('json answers in the public contract: 202 (200 for a replay) with the view and its Location; a refusal as an OperationOutcome', () => {
+    const s = jsonFormat.submission(sample(), {});
+    const view = { id: 'ref_1', status: 'queued' };
+    expect(jsonFormat.accepted({ created: true, id: 'ref_1', view }, s)).toEqual({
+      status: 202,
+      headers: { Location: '/referrals/ref_1' },
+      contentType: 'application/json',
+      body: JSON.stringify(view),
+    });
+    expect(jsonFormat.accepted({ created: false, id: 'ref_1', view }, s).status).toBe(200);
+    const outcome = {
+      resourceType: 'OperationOutcome' as const,
+      issue: [{ severity: 'error' as const, code: 'invalid' as const, expression: ['patient.birthDate'] }],
+    };
+    expect(jsonFormat.refused({ status: 503, headers: { 'Retry-After': '5' }, outcome }, undefined)).toEqual({
+      status: 503,
+      headers: { 'Retry-After': '5' },
+      contentType: 'application/fhir+json',
+      body: JSON.stringify(outcome),
+    });
   });
 });

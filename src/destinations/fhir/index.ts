@@ -7,6 +7,7 @@ import type { DeliveryContext, DestinationAdapter, ReportContent } from '../adap
 import { FhirClients } from './clients';
 import { deliverCancel, deliverDocuments, deliverSubmit } from './operations';
 import { readReportContent } from './report';
+import { fhirTracker } from './track';
 
 export { FhirClients } from './clients';
 
@@ -18,6 +19,7 @@ export function fhirDestination(clients: FhirClients = new FhirClients()): Desti
     submit: (ctx) => deliverSubmit(withClient(ctx)),
     addDocuments: (ctx, take) => deliverDocuments(withClient(ctx), take),
     cancel: (ctx, task) => deliverCancel(withClient(ctx), task),
+    track: fhirTracker(clients),
     readReport: (referral: StoredReferral, destination: Destination): Promise<ReportContent> => readReportContent(clients.get(destination), referral),
   };
 }
