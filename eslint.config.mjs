@@ -22,7 +22,6 @@ const domain = [
   './src/queue',
   './src/retention',
   './src/doctor',
-  './src/fhir',
   './src/config',
   './src/observability',
   './src/outcomes',

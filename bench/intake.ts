@@ -15,7 +15,7 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import autocannon from 'autocannon';
-import { loadFhirDefinitions } from '../src/fhir/definitions';
+import { loadFhirDefinitions } from '../src/mapping/definitions';
 import { mapReferralToBundle } from '../src/mapping/bundle';
 import { checkCodes } from '../src/mapping/codes';
 import { routeReferral } from '../src/mapping/routing';

@@ -61,7 +61,7 @@ interface ColdLoad {
 async function coldLoad(): Promise<void> {
   gc();
   const t0 = performance.now();
-  const { loadFhirDefinitions } = await import('../src/fhir/definitions');
+  const { loadFhirDefinitions } = await import('../src/mapping/definitions');
   const { validateBundle } = await import('../src/mapping/validate');
   const { mapReferralToBundle } = await import('../src/mapping/bundle');
   const { referralSchema } = await import('../src/model');
@@ -152,7 +152,7 @@ function phase(name: string, fn: (i: number) => number): Phase {
 }
 
 async function throughput(): Promise<void> {
-  const { loadFhirDefinitions } = await import('../src/fhir/definitions');
+  const { loadFhirDefinitions } = await import('../src/mapping/definitions');
   const { referralSchema } = await import('../src/model');
   const { checkCodes } = await import('../src/mapping/codes');
   const { routeReferral } = await import('../src/mapping/routing');

@@ -37,7 +37,7 @@ import type { Bundle, BundleEntry, Task } from '@medplum/fhirtypes';
 import { Webhook } from 'standardwebhooks';
 import type { Destination } from '../src/config/destinations';
 import { DestinationAdapters, FhirClients, fhirDestination } from '../src/destinations';
-import { createFhirClient } from '../src/fhir/client';
+import { createFhirClient } from '../src/destinations/fhir/client';
 import { mapReferralToBundle } from '../src/mapping/bundle';
 import { REFERRAL_IDENTIFIER_SYSTEM } from '../src/mapping/constants';
 import { setLogLevel } from '../src/observability/logger';

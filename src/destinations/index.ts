@@ -10,5 +10,5 @@ export type {
   TrackingContext,
   TrackingMode,
 } from './adapter';
-export { FhirClients, fhirDestination } from './fhir';
+export { createAuthProvider, createFhirClient, type FhirClient, FhirClients, fhirDestination, FhirRequestError } from './fhir';
 export { DestinationAdapters } from './registry';

@@ -1,7 +1,7 @@
 // The doctor's HTTP layer: every probe request goes through ProbeHttp, which counts requests against a
 // budget, parses JSON answers, and keeps the list of probe resources to delete afterwards.
-import type { FhirClient } from '../fhir';
-import { FhirRequestError } from '../fhir';
+import type { FhirClient } from '../destinations';
+import { FhirRequestError } from '../destinations';
 
 export class BudgetExceeded extends Error {
   constructor() {

@@ -2,7 +2,7 @@
 // deletes them again, and reports line by line whether the gateway can work with it as configured and
 // what to set otherwise. Used by `npm run doctor -- <destination>` and GET /admin/destinations/{id}/doctor.
 import { type Destination, destinationSettings, serverProfileDefaults } from '../config';
-import { createFhirClient } from '../fhir';
+import { createFhirClient } from '../destinations';
 import { cleanupProbes } from './cleanup';
 import { type Line, evaluate, suggestSettings } from './evaluate';
 import { ProbeHttp, describeError } from './http';

@@ -3,7 +3,7 @@
 // Facts and a destination's settings into report lines. Probe data is never real patient data.
 import { randomBytes, randomUUID } from 'node:crypto';
 import type { Destination } from '../config';
-import { createAuthProvider } from '../fhir';
+import { createAuthProvider } from '../destinations';
 import { fetchWithDeadline } from '../http';
 import {
   BudgetExceeded,

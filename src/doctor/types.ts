@@ -1,5 +1,5 @@
 import type { Destination } from '../config';
-import type { FhirClient } from '../fhir';
+import type { FhirClient } from '../destinations';
 
 export type DoctorStatus = 'ok' | 'warn' | 'fail' | 'skip';
 

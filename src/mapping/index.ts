@@ -19,3 +19,4 @@ export {
 export { routeReferral, type Route } from './routing';
 export { entryFullUrl } from './uuid';
 export { validateBundle } from './validate';
+export { type DefinitionsLoadStats, loadFhirDefinitions } from './definitions';

@@ -1,10 +1,8 @@
 import { OperationOutcomeError, validateResource } from '@medplum/core';
 import type { Bundle, OperationOutcomeIssue } from '@medplum/fhirtypes';
-import { loadFhirDefinitions } from '../fhir';
+import { loadFhirDefinitions } from './definitions';
 
-// The R4 definitions loader lives in src/fhir/definitions.ts (shared with the sandbox); re-exported
-// here for existing importers. Validating a 22-entry bundle takes about 7 ms once they are loaded.
-export { type DefinitionsLoadStats, loadFhirDefinitions } from '../fhir';
+// Validating a 22-entry bundle takes about 7 ms once the R4 definitions (definitions.ts) are loaded.
 
 export interface BundleIssue {
   /** FHIRPath-style location in the bundle, e.g. `Bundle.entry[3].resource.status`. */

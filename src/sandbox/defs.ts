@@ -3,7 +3,7 @@
 // search parameters. Required by search (parseSearchRequest / matchesSearchRequest), validation
 // (validateResource) and the CapabilityStatement. Process-wide and idempotent.
 import { getExpressionForResourceType, getResourceTypes, getSearchParameters } from '@medplum/core';
-import { loadFhirDefinitions as loadR4Definitions } from '../fhir';
+import { loadFhirDefinitions as loadR4Definitions } from '../mapping';
 
 let prepared = false;
 

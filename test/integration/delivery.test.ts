@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import type { Bundle } from '@medplum/fhirtypes';
 import nock from 'nock';
 import { FhirClients } from '../../src/destinations/fhir/clients';
-import { createFhirClient } from '../../src/fhir/client';
+import { createFhirClient } from '../../src/destinations/fhir/client';
 import type { Gateway } from '../../src/gateway';
 import { startSandboxServer } from '../../src/sandbox/server';
 import { REFERRAL_IDENTIFIER_SYSTEM } from '../../src/mapping/constants';

@@ -1,6 +1,6 @@
 import type { Attachment, Binary, Bundle, DocumentReference, PractitionerRole, Reference, Resource, ServiceRequest, Task } from '@medplum/fhirtypes';
 import type { Destination } from '../../src/config/destinations';
-import { createFhirClient, type FhirClient } from '../../src/fhir/client';
+import { createFhirClient, type FhirClient } from '../../src/destinations/fhir/client';
 import { REFERRAL_IDENTIFIER_SYSTEM } from '../../src/mapping/constants';
 
 /** `Type/id` of a reference (relative, absolute, with or without `_history`), else the reference as it is. */

@@ -7,8 +7,8 @@ import { join } from 'node:path';
 import { decodeProtectedHeader, jwtVerify } from 'jose';
 import type { Task } from '@medplum/fhirtypes';
 import { destinationSchema, type Destination, type DestinationAuth } from '../../src/config/destinations';
-import { createAuthProvider } from '../../src/fhir/auth';
-import { createFhirClient, FhirRequestError } from '../../src/fhir/client';
+import { createAuthProvider } from '../../src/destinations/fhir/client/auth';
+import { createFhirClient, FhirRequestError } from '../../src/destinations/fhir/client';
 
 /**
  * A local OAuth token endpoint and FHIR server (node http on port 0). The token endpoint verifies what a SMART

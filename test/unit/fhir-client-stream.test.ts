@@ -1,6 +1,6 @@
 import type { Bundle } from '@medplum/fhirtypes';
 import nock from 'nock';
-import { createFhirClient, jsonRequestBody } from '../../src/fhir/client';
+import { createFhirClient, jsonRequestBody } from '../../src/destinations/fhir/client';
 import type { Destination } from '../../src/config/destinations';
 
 const ORIGIN = 'https://centre.example.org';

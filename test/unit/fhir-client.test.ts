@@ -1,10 +1,10 @@
 import nock from 'nock';
 import type { Bundle, OperationOutcome, Task } from '@medplum/fhirtypes';
 import type { Destination, DestinationAuth } from '../../src/config/destinations';
-import { createFhirClient, FhirRequestError } from '../../src/fhir/client';
-import type { FhirClient, FhirClientOptions } from '../../src/fhir/client';
-import { createAuthProvider } from '../../src/fhir/auth';
-import { parseLocation, sendTransaction } from '../../src/fhir/transaction';
+import { createFhirClient, FhirRequestError } from '../../src/destinations/fhir/client';
+import type { FhirClient, FhirClientOptions } from '../../src/destinations/fhir/client';
+import { createAuthProvider } from '../../src/destinations/fhir/client/auth';
+import { parseLocation, sendTransaction } from '../../src/destinations/fhir/client/transaction';
 
 const ORIGIN = 'https://centre.example.org';
 const BASE_PATH = '/fhir/R4';

@@ -30,7 +30,7 @@ import {
   taskWithDocuments,
 } from '../../src/mapping/bundle';
 import { bundleForFixture, bundlePath, FIXTURE_CREATED_AT, FIXTURE_DESTINATION, FIXTURES_DIR, fixtureNames } from '../../src/mapping/regenerate-fixtures';
-import { loadFhirDefinitions } from '../../src/fhir/definitions';
+import { loadFhirDefinitions } from '../../src/mapping/definitions';
 import { collectReferences, validateBundle } from '../../src/mapping/validate';
 
 // The golden bundles in fixtures/fhir are written by src/mapping/regenerate-fixtures.ts: map the fixtures with

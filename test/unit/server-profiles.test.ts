@@ -3,7 +3,7 @@ import { destinationOptionVariables, loadConfig } from '../../src/config/config'
 import { destinationSchema, destinationSettings, serverProfileDefaults } from '../../src/config/destinations';
 import { documentsToMoveOut, estimateJsonBytes, planBinaries } from '../../src/destinations/fhir/attachments';
 import { hasContent } from '../../src/destinations/fhir/verify';
-import { conditionalIndexes, rewriteReferences, withoutConditionalEntries } from '../../src/fhir/resolve';
+import { conditionalIndexes, rewriteReferences, withoutConditionalEntries } from '../../src/destinations/fhir/client/resolve';
 import type { ReferralDocument } from '../../src/model';
 
 const base = { DESTINATIONS_FILE: '/nonexistent/destinations.json', FHIR_BASE_URL: 'https://centre.example.org/fhir/R4' };

@@ -1,5 +1,5 @@
 import type { Destination } from '../../config';
-import { createFhirClient } from '../../fhir';
+import { createFhirClient } from './client';
 
 export type FhirClient = ReturnType<typeof createFhirClient>;
 

@@ -10,6 +10,7 @@ import { readReportContent } from './report';
 import { fhirTracker } from './track';
 
 export { FhirClients } from './clients';
+export { createAuthProvider, createFhirClient, type FhirClient, FhirRequestError } from './client';
 
 /** The adapter for `type: fhir` destinations, over the gateway's FHIR clients (one per destination). */
 export function fhirDestination(clients: FhirClients = new FhirClients()): DestinationAdapter {

@@ -11,8 +11,8 @@ import {
   classifyError,
   parseLocation,
   sendTransaction,
-} from '../../fhir';
-import type { FhirClient, Matches, TransactionLocation } from '../../fhir';
+} from './client';
+import type { FhirClient, Matches, TransactionLocation } from './client';
 import {
   mapAddedDocumentsToBundle,
   mapReferralToBundle,

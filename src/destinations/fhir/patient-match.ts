@@ -9,8 +9,8 @@
 import type { Bundle, BundleEntry, Identifier, Patient, Resource } from '@medplum/fhirtypes';
 import { destinationSettings } from '../../config';
 import type { Destination } from '../../config';
-import { FhirRequestError, oldestFirst } from '../../fhir';
-import type { FhirClient } from '../../fhir';
+import { FhirRequestError, oldestFirst } from './client';
+import type { FhirClient } from './client';
 import { identifierQuery, GATEWAY_IDENTIFIER_BASE } from '../../mapping';
 import { logger } from '../../observability';
 

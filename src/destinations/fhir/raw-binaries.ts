@@ -1,7 +1,7 @@
 // binaryMode raw: documents uploaded to the centre as raw Binary resources (their own Content-Type, the bytes
 // as the body) before the transaction that references them, idempotently across resends.
 import type { DestinationSettings } from '../../config';
-import type { FhirClient } from '../../fhir';
+import type { FhirClient } from './client';
 import { logger } from '../../observability';
 import type { ReferralDocument } from '../../model';
 import { binaryUploadsOf, markUploadDone, markUploadPending } from '../../store';

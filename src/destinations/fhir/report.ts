@@ -1,6 +1,6 @@
 import type { Attachment, DiagnosticReport, DocumentReference, Task } from '@medplum/fhirtypes';
 import { centreUnavailable, notFound } from '../../outcomes';
-import type { FhirClient } from '../../fhir';
+import type { FhirClient } from './client';
 import type { StoredReferral } from '../../model';
 import type { ReportContent } from '../adapter';
 

@@ -1,6 +1,6 @@
 import type { Attachment, DiagnosticReport, DocumentReference, Reference, ServiceRequest, Task } from '@medplum/fhirtypes';
-import { FhirRequestError } from '../../fhir';
-import type { FhirClient } from '../../fhir';
+import { FhirRequestError } from './client';
+import type { FhirClient } from './client';
 import { GATEWAY_TAG_SEARCH, REFERRAL_IDENTIFIER_SYSTEM } from '../../mapping';
 import type { ReportInfo } from '../../model';
 import { logger } from '../../observability';

@@ -1,8 +1,8 @@
 // After a delivery: read back what the centre holds and repair what a non-atomic server left broken, so the
 // gateway never reports `sent` over a referral the centre cannot open.
 import type { Attachment, Bundle, DocumentReference, Resource, Task } from '@medplum/fhirtypes';
-import { FhirRequestError } from '../../fhir';
-import type { FhirClient } from '../../fhir';
+import { FhirRequestError } from './client';
+import type { FhirClient } from './client';
 import { logger } from '../../observability';
 import type { Outcome } from '../adapter';
 import { fromRequestError, readModifyWrite } from './operations';

@@ -1,63 +1,24 @@
-import { AsyncLocalStorage } from 'node:async_hooks';
 import { ClientStorage, MedplumClient, MemoryStorage } from '@medplum/core';
-import type { Bundle, OperationOutcome, Resource, ResourceType } from '@medplum/fhirtypes';
-import { destinationSettings } from '../config';
-import type { Destination } from '../config';
-import { logger as defaultLogger } from '../observability';
-import { jsonSkeleton, LONG_STRING_CHARS } from '../json';
-import { DeadlineExceeded, errorCode, fetchWithDeadline, parseRetryAfterHeader, type TimedResponse } from '../http';
-import { createAuthProvider, TokenRequestError } from './auth';
+import type { Bundle, Resource, ResourceType } from '@medplum/fhirtypes';
+import type { Destination } from '../../../config';
+import { FhirRequestError } from './errors';
+import {
+  type BodyInit,
+  type CallRecord,
+  contentTypeOf,
+  createFhirTransport,
+  type ExchangeInit,
+  type FhirClientOptions,
+  isObject,
+  jsonRequestBody,
+  parseJsonObject,
+  type RawResponse,
+} from './transport';
 
-export type FhirErrorKind = 'network' | 'timeout' | 'http' | 'invalid-response';
-
-/**
- * Every failure of a request to a destination. The message names the operation, the target (resource type
- * only, never ids from queries or bodies) and the status; it never contains response or request bodies.
- */
-export class FhirRequestError extends Error {
-  readonly kind: FhirErrorKind;
-  /** HTTP status of the response that failed, when there was one. */
-  readonly status?: number;
-  /** From Retry-After on 429/503 (seconds or HTTP-date), in ms. */
-  readonly retryAfterMs?: number;
-  /** The server's OperationOutcome for an HTTP error, if it sent one. Kept for callers; never put in messages. */
-  readonly outcome?: OperationOutcome;
-  /** Which endpoint failed: the FHIR server, or the OAuth token endpoint used to reach it. */
-  readonly source: 'fhir-server' | 'token-endpoint';
-
-  constructor(
-    kind: FhirErrorKind,
-    message: string,
-    extra: {
-      status?: number;
-      retryAfterMs?: number;
-      outcome?: OperationOutcome;
-      source?: 'fhir-server' | 'token-endpoint';
-    } = {}
-  ) {
-    super(message);
-    this.name = 'FhirRequestError';
-    this.kind = kind;
-    this.status = extra.status;
-    this.retryAfterMs = extra.retryAfterMs;
-    this.outcome = extra.outcome;
-    this.source = extra.source ?? 'fhir-server';
-  }
-}
-
-/** The subset of a winston logger this module uses. Only ids, methods, targets, statuses and timings are logged. */
-export interface FhirLogger {
-  debug(message: string, meta?: Record<string, unknown>): unknown;
-  warn(message: string, meta?: Record<string, unknown>): unknown;
-}
-
-export interface FhirClientOptions {
-  fetchImpl?: typeof fetch;
-  env?: NodeJS.ProcessEnv;
-  logger?: FhirLogger;
-  /** Clock for token expiry, for tests. */
-  now?: () => number;
-}
+// The FHIR client's resource operations (read, update, search and its pages, transaction, batch, raw Binary
+// upload, URL reads, probes), over one destination's transport (transport.ts). MedplumClient does the FHIR REST
+// for the plain operations, with its retries and cache off; the operations with large or raw bodies go straight
+// through the transport.
 
 /** Search parameters; an array repeats the parameter (e.g. two `_lastUpdated` bounds). */
 export type SearchParams = Record<string, string | string[]>;
@@ -156,184 +117,18 @@ export interface RawResult {
   durationMs: number;
 }
 
-type RawResponse = TimedResponse;
-
-/** What the fetch wrapper saw for the current logical call (MedplumClient drops statuses and headers). */
-interface CallRecord {
-  status?: number;
-  headers?: Headers;
-}
-
-const callRecord = new AsyncLocalStorage<CallRecord>();
 const DEFAULT_MAX_PAGES = 50;
 const FHIR_ID = /^[A-Za-z0-9\-.]{1,64}$/;
 const utf8 = new TextDecoder('utf-8', { fatal: true });
 
-/**
- * A FHIR client for one destination: MedplumClient for the FHIR operations, with its retries and cache off,
- * and a fetch wrapper that adds auth, applies `dest.timeoutMs` per attempt, re-authenticates once on a 401
- * (client-credentials only), and turns every non-2xx answer into a FhirRequestError carrying the real status.
- */
+/** A FHIR client for one destination: the resource operations over its transport. */
 export function createFhirClient(dest: Destination, opts: FhirClientOptions = {}): FhirClient {
-  const fetchImpl = opts.fetchImpl ?? fetch;
-  const log = opts.logger ?? defaultLogger;
-  const auth = createAuthProvider(dest.auth, opts.env ?? process.env, fetchImpl, {
-    timeoutMs: dest.timeoutMs,
-    now: opts.now,
-  });
-
-  const settings = destinationSettings(dest);
-  const base = new URL(dest.baseUrl);
-  const basePath = base.pathname.replace(/\/+$/, '');
-  const baseUrl = base.origin + basePath;
-
-  function isUnderBase(u: URL): boolean {
-    return u.origin === base.origin && (basePath === '' || u.pathname === basePath || u.pathname.startsWith(basePath + '/'));
-  }
-
-  /** "GET Task?…", "PUT Task/…", "POST (base)": enough to debug, nothing from queries, ids or bodies. */
-  function describeTarget(method: string, url: string): string {
-    let rest: string;
-    let hasQuery = false;
-    try {
-      const u = new URL(url);
-      rest = isUnderBase(u) ? u.pathname.slice(basePath.length).replace(/^\/+/, '') : '(outside base)';
-      hasQuery = u.search.length > 1;
-    } catch {
-      rest = '(invalid url)';
-    }
-    const [first, ...more] = rest.split('/').filter((s) => s !== '');
-    const target = first === undefined ? '(base)' : first + (more.length > 0 ? '/…' : '');
-    return `${method} ${target}${hasQuery ? '?…' : ''}`;
-  }
-
-  async function authHeaders(target: string): Promise<Record<string, string>> {
-    try {
-      return await auth.getHeaders();
-    } catch (err) {
-      if (err instanceof TokenRequestError) {
-        throw new FhirRequestError(err.kind, `${target}: ${err.message}`, {
-          status: err.status,
-          retryAfterMs: err.retryAfterMs,
-          source: 'token-endpoint',
-        });
-      }
-      throw err;
-    }
-  }
-
-  async function attempt(url: string, init: ExchangeInit, authz: Record<string, string>, target: string): Promise<RawResponse> {
-    const headers = new Headers(init.headers);
-    headers.delete('authorization');
-    for (const [k, v] of Object.entries(authz)) {
-      headers.set(k, v);
-    }
-    const started = Date.now();
-    try {
-      const res = await fetchWithDeadline(
-        fetchImpl,
-        url,
-        {
-          method: init.method ?? 'GET',
-          headers,
-          // A streamed body is single-use: a factory gives each attempt (e.g. the one after a 401) its own.
-          ...requestBody(init.body),
-          signal: init.signal,
-          // A redirect could carry the token elsewhere; a 3xx is reported as an http error instead.
-          redirect: 'manual',
-        },
-        dest.timeoutMs
-      );
-      log.debug('fhir request', { destination: dest.id, target, status: res.status, durationMs: Date.now() - started });
-      return res;
-    } catch (err) {
-      if (err instanceof DeadlineExceeded) {
-        log.debug('fhir request timed out', { destination: dest.id, target, timeoutMs: dest.timeoutMs });
-        throw new FhirRequestError('timeout', `${target}: no complete response within ${dest.timeoutMs} ms`);
-      }
-      if (init.signal?.aborted) {
-        throw err; // the caller cancelled
-      }
-      const code = errorCode(err);
-      log.debug('fhir request network error', { destination: dest.id, target, code });
-      throw new FhirRequestError('network', `${target}: network error (${code})`);
-    }
-  }
-
-  /** One logical request: attempt, and on a 401 with refreshable auth, re-authenticate and attempt once more. */
-  async function exchange(url: string, init: ExchangeInit): Promise<RawResponse> {
-    const method = (init.method ?? 'GET').toUpperCase();
-    const target = describeTarget(method, url);
-    let parsed: URL;
-    try {
-      parsed = new URL(url);
-    } catch {
-      throw new Error(`${target}: invalid URL`);
-    }
-    if (!isUnderBase(parsed)) {
-      // MedplumClient only builds URLs under the base; anything else would leak credentials.
-      throw new Error(`${target}: refusing to send a request outside the destination base`);
-    }
-    const used = await authHeaders(target);
-    let res = await attempt(url, init, used, target);
-    if (res.status === 401 && auth.refreshable) {
-      log.warn('fhir server answered 401; re-authenticating once', { destination: dest.id, target });
-      let fresh = await authHeaders(target);
-      if (fresh.Authorization === used.Authorization) {
-        auth.invalidate();
-        fresh = await authHeaders(target);
-      }
-      res = await attempt(url, init, fresh, target);
-    }
-    const record = callRecord.getStore();
-    if (record) {
-      record.status = res.status;
-      record.headers = res.headers;
-    }
-    return res;
-  }
-
-  function httpError(res: RawResponse, target: string): FhirRequestError {
-    const outcome = parseOutcome(res);
-    const retryAfterMs = res.status === 429 || res.status === 503 ? parseRetryAfterHeader(res.headers.get('retry-after'), Date.now()) : undefined;
-    const codes = outcome?.issue?.map((i) => i.code).filter((c): c is NonNullable<typeof c> => typeof c === 'string' && /^[a-z-]{1,40}$/.test(c));
-    const suffix = codes && codes.length > 0 ? ` (OperationOutcome: ${[...new Set(codes)].join(', ')})` : '';
-    return new FhirRequestError('http', `${target}: HTTP ${res.status}${suffix}`, {
-      status: res.status,
-      retryAfterMs,
-      outcome,
-    });
-  }
-
-  /** The fetch MedplumClient calls. It only ever hands back 2xx/304 responses whose body is empty or a JSON object. */
-  async function medplumFetch(url: string, init: RequestInit = {}): Promise<Response> {
-    const res = await exchange(url, init);
-    const target = describeTarget((init.method ?? 'GET').toUpperCase(), url);
-    const ok = (res.status >= 200 && res.status < 300) || res.status === 304;
-    if (!ok) {
-      throw httpError(res, target);
-    }
-    if (res.status === 204 || res.status === 304 || res.bytes.length === 0) {
-      return new Response(null, { status: res.status, statusText: res.statusText, headers: { 'content-length': '0' } });
-    }
-    if (parseJsonObject(res.bytes) === undefined) {
-      // Checked here so MedplumClient never tries (and logs) a failed parse of the body.
-      const ct = contentTypeOf(res);
-      const what = `HTTP ${res.status} body is not a JSON object (${ct})`;
-      throw new FhirRequestError('invalid-response', `${target}: ${what}`, { status: res.status });
-    }
-    const headers = new Headers(res.headers);
-    headers.delete('content-encoding');
-    headers.set('content-length', String(res.bytes.length));
-    headers.set('content-type', 'application/fhir+json');
-    const bytes = res.bytes as Uint8Array<ArrayBuffer>;
-    return new Response(bytes, { status: res.status, statusText: res.statusText, headers });
-  }
-
+  const transport = createFhirTransport(dest, opts);
+  const { base, basePath, baseUrl, log, attempt, exchange, httpError, describeTarget, withRecord, resolveUnderBase, credentialFreeUrl } = transport;
   const medplum = new MedplumClient({
     baseUrl: base.origin + '/',
     fhirUrlPath: basePath.replace(/^\/+/, ''),
-    fetch: medplumFetch,
+    fetch: transport.medplumFetch,
     // Retries belong to the delivery policy. MedplumClient's own (default 2) resend POSTs on 429/5xx, ignore
     // Retry-After, and also re-run the request when our fetch throws; with 0 every error surfaces at once.
     maxRetries: 0,
@@ -344,12 +139,6 @@ export function createFhirClient(dest: Destination, opts: FhirClientOptions = {}
     logLevel: 'none',
     storage: new ClientStorage(new MemoryStorage()),
   });
-
-  /** Runs a MedplumClient call with a fresh CallRecord, so the status survives into our own checks. */
-  async function withRecord<R>(fn: (record: CallRecord) => Promise<R>): Promise<R> {
-    const record: CallRecord = {};
-    return callRecord.run(record, () => fn(record));
-  }
 
   function invalid(target: string, record: CallRecord, what: string): FhirRequestError {
     return new FhirRequestError('invalid-response', `${target}: ${what}`, { status: record.status });
@@ -625,69 +414,6 @@ export function createFhirClient(dest: Destination, opts: FhirClientOptions = {}
       };
     },
   };
-
-  /**
-   * An attachment URL outside the base that may be fetched without credentials: its origin is in
-   * `attachmentOrigins`, or `presignedUrls` is set and it is on the base's host name. http(s) only.
-   */
-  function credentialFreeUrl(link: string): string | undefined {
-    let u: URL;
-    try {
-      u = new URL(link);
-    } catch {
-      return undefined;
-    }
-    if (u.protocol !== 'http:' && u.protocol !== 'https:') {
-      return undefined;
-    }
-    if (u.username || u.password) {
-      return undefined;
-    }
-    const origins = new Set(settings.attachmentOrigins.map((o) => new URL(o).origin));
-    if (origins.has(u.origin)) {
-      return u.toString();
-    }
-    if (settings.presignedUrls && u.hostname === base.hostname && (base.protocol === 'http:' || u.protocol === 'https:')) {
-      return u.toString();
-    }
-    return undefined;
-  }
-
-  function resolveUnderBase(link: string): string | undefined {
-    let u: URL;
-    try {
-      u = new URL(link, baseUrl + '/');
-    } catch {
-      return undefined;
-    }
-    return isUnderBase(u) ? u.toString() : undefined;
-  }
-}
-
-function isObject(v: unknown): v is Record<string, unknown> {
-  return typeof v === 'object' && v !== null && !Array.isArray(v);
-}
-
-function parseJsonObject(bytes: Uint8Array): Record<string, unknown> | undefined {
-  try {
-    const v: unknown = JSON.parse(utf8.decode(bytes));
-    return isObject(v) ? v : undefined;
-  } catch {
-    return undefined;
-  }
-}
-
-function parseOutcome(res: RawResponse): OperationOutcome | undefined {
-  if (res.bytes.length === 0) {
-    return undefined;
-  }
-  const body = parseJsonObject(res.bytes);
-  return body?.resourceType === 'OperationOutcome' ? (body as unknown as OperationOutcome) : undefined;
-}
-
-function contentTypeOf(res: RawResponse): string {
-  const ct = res.headers.get('content-type') ?? 'no content-type';
-  return ct.split(';')[0].trim().slice(0, 80);
 }
 
 function parseEtag(etag: string | null | undefined): string | undefined {
@@ -712,87 +438,4 @@ function assertId(id: string | undefined): asserts id is string {
   if (typeof id !== 'string' || !FHIR_ID.test(id)) {
     throw new Error('invalid FHIR resource id');
   }
-}
-
-/** RequestInit whose body may be a factory, called once per attempt (streamed bodies are single-use). */
-type BodyInit = NonNullable<RequestInit['body']>;
-type ExchangeInit = Omit<RequestInit, 'body'> & { body?: BodyInit | null | (() => BodyInit) };
-
-function requestBody(body: ExchangeInit['body']): { body?: BodyInit | null; duplex?: 'half' } {
-  if (typeof body !== 'function') {
-    return { body };
-  }
-  const made = body();
-  // Node's fetch needs duplex 'half' for a stream body.
-  return made instanceof ReadableStream ? { body: made, duplex: 'half' } : { body: made };
-}
-
-const STREAM_SLICE = 1024 * 1024;
-
-/**
- * A JSON request body for `value`. Small values become one string. When the value holds long strings that
- * JSON leaves as they are (base64 `data` of a large document), the body is a stream: the rest of the JSON is
- * serialized once with placeholders, and each long string is written in 1 MiB slices, so the process never
- * holds the whole request as a string or a Buffer next to the strings it came from.
- */
-export function jsonRequestBody(value: unknown): BodyInit | (() => BodyInit) {
-  if (!hasLongString(value, 0)) {
-    return JSON.stringify(value);
-  }
-  const { parts, longs } = jsonSkeleton(value);
-  return () => {
-    let i = 0;
-    let offset = -1;
-    const encoder = new TextEncoder();
-    return new ReadableStream<Uint8Array>({
-      pull(controller) {
-        // parts: text, index, text, index, ..., text
-        while (i < parts.length) {
-          if (i % 2 === 0) {
-            const text = parts[i++];
-            if (text.length > 0) {
-              controller.enqueue(encoder.encode(text));
-              return;
-            }
-            continue;
-          }
-          const long = longs[Number(parts[i])];
-          if (offset < 0) {
-            offset = 0;
-            controller.enqueue(encoder.encode('"'));
-            return;
-          }
-          if (offset < long.length) {
-            const end = Math.min(offset + STREAM_SLICE, long.length);
-            controller.enqueue(Buffer.from(long.slice(offset, end), 'latin1'));
-            offset = end;
-            return;
-          }
-          controller.enqueue(encoder.encode('"'));
-          offset = -1;
-          i++;
-          return;
-        }
-        controller.close();
-      },
-    });
-  };
-}
-
-function hasLongString(value: unknown, depth: number): boolean {
-  if (typeof value === 'string') {
-    return value.length >= LONG_STRING_CHARS;
-  }
-  if (depth > 64 || value === null || typeof value !== 'object') {
-    return false;
-  }
-  if (Array.isArray(value)) {
-    return value.some((v) => hasLongString(v, depth + 1));
-  }
-  for (const v of Object.values(value as Record<string, unknown>)) {
-    if (hasLongString(v, depth + 1)) {
-      return true;
-    }
-  }
-  return false;
 }

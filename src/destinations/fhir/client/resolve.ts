@@ -1,7 +1,7 @@
 // Conditional entries of a transaction resolved by searching first (transactionMode resolve-first), and the
 // same searches used to confirm what a server wrote when it answered a transaction with an empty body.
 import type { Bundle, BundleEntry, Resource } from '@medplum/fhirtypes';
-import { FhirRequestError } from './client';
+import { FhirRequestError } from './errors';
 import type { FhirClient } from './client';
 import type { TransactionLocation } from './transaction';
 

