@@ -1,4 +1,4 @@
-import type { IntakeRegistry } from './intake';
+import { HL7V2_CONTENT_TYPES, type IntakeRegistry } from './intake';
 import express, { type Express, type Router } from 'express';
 import helmet from 'helmet';
 import {
@@ -14,6 +14,10 @@ import {
   jsonBody,
   openapiRouter,
   referralsRouter,
+  hl7v2Router,
+  fhirRouter,
+  requireJsonOr,
+  textBody,
 } from './api';
 import type { Config } from './config';
 import type { ReferralService } from './referral';
@@ -83,7 +87,22 @@ export function createApp(deps: AppDeps): Express {
   const precheck = bodyPrecheck(limits);
   const json = jsonBody(limits);
   const budget = intakeBudget({ budget: deps.memory, maxBodyBytes: deps.config.maxBodyBytes, waitMs: deps.config.intakeWaitMs });
-  app.use('/referrals', apiKeyAuth(deps.config.apiKeys), requireJson, precheck, budget, json, referralsRouter(deps.service, deps.intake, deps.reports));
+  const text = textBody(limits, HL7V2_CONTENT_TYPES);
+  const intakeTypes = deps.intake.contentTypes.filter((t) => !t.includes('json'));
+  app.use(
+    '/referrals',
+    apiKeyAuth(deps.config.apiKeys),
+    requireJsonOr(intakeTypes),
+    precheck,
+    budget,
+    json,
+    text,
+    referralsRouter(deps.service, deps.intake, deps.reports)
+  );
+  // FHIR intake: referral Bundles in, the referral as a Task out (src/api/fhir-router.ts).
+  app.use('/fhir/R4', apiKeyAuth(deps.config.apiKeys), requireJson, precheck, budget, json, fhirRouter(deps.service));
+  // HL7 v2 over HTTP: one message a request, answered with its acknowledgement (MLLP is src/api/mllp-listener.ts).
+  app.use('/hl7/v2', apiKeyAuth(deps.config.apiKeys), requireJsonOr(HL7V2_CONTENT_TYPES), precheck, budget, text, hl7v2Router(deps.service, deps.db));
   app.use(
     '/admin',
     adminAuth(deps.config.adminApiKey),

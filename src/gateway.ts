@@ -3,7 +3,7 @@ import { once } from 'node:events';
 import type { Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { createApp } from './app';
-import { webhooksAdminRouter, createLimitedServer } from './api';
+import { webhooksAdminRouter, createLimitedServer, type MllpListener, startMllpListener } from './api';
 import type { Config, Destination, DestinationDirectory } from './config';
 import { DeliveryWorker } from './delivery';
 import { notFound } from './outcomes';
@@ -67,6 +67,8 @@ export class Gateway {
   server: Server | undefined;
   url = '';
   sandbox: SandboxRouter | undefined;
+  /** The HL7 v2 MLLP listener, when HL7_MLLP_PORT is set (or defaulted in development). */
+  mllp: MllpListener | undefined;
   private shuttingDown = false;
   private backlogSource: (() => Promise<Backlog>) | undefined;
   private readonly storeProbe: () => Promise<StoreProbeResult>;
@@ -164,6 +166,7 @@ export class Gateway {
     if (this.config.useSandbox) {
       this.destinations.add(sandboxDestination(`${local}${SANDBOX_PATH}`, this.config.sandbox.profile));
     }
+    await this.startMllp();
     this.worker.start();
     this.webhooks.start();
     if (this.opts.startPoller !== false) this.poller.start();
@@ -173,6 +176,29 @@ export class Gateway {
       circuits: this.worker.circuitStates(),
     });
     setBacklogSource(this.backlogSource);
+  }
+
+  /** The MLLP listener on HL7_MLLP_PORT; in development on 2575 unless that port is taken (then a warning, not a failure). */
+  private async startMllp(): Promise<void> {
+    const hl7 = this.config.hl7;
+    if (hl7.mllpPort === undefined) return;
+    try {
+      this.mllp = await startMllpListener(this.service, this.db, {
+        port: hl7.mllpPort,
+        host: this.config.host,
+        senders: hl7.senders,
+        listenerClient: hl7.listenerClient,
+        maxMessageBytes: hl7.maxMessageBytes,
+      });
+      logger.info('HL7 v2 MLLP listener ready', {
+        port: this.mllp.port,
+        senders: hl7.senders.size,
+        ...(hl7.listenerClient ? { listenerClient: hl7.listenerClient } : {}),
+      });
+    } catch (err) {
+      if (!hl7.mllpPortDefaulted) throw err;
+      logger.warn('HL7 v2 MLLP listener not started: its development port is taken (set HL7_MLLP_PORT)', { port: hl7.mllpPort, error: (err as Error).message });
+    }
   }
 
   /** Ready while the store takes a real write (a probe row rewritten at most every STORE_PROBE_CACHE_MS). */
@@ -191,6 +217,7 @@ export class Gateway {
     server?.closeIdleConnections();
     const force = setTimeout(() => server?.closeAllConnections(), this.config.shutdownTimeoutMs);
     force.unref();
+    await this.mllp?.close();
     await Promise.all([this.poller.stop(), this.worker.stop(), this.webhooks.stop(), this.retention.stop()]);
     await closed;
     clearTimeout(force);

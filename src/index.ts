@@ -58,6 +58,10 @@ async function main(): Promise<void> {
   const where = bound && typeof bound === 'object' ? `${bound.family === 'IPv6' ? `[${bound.address}]` : bound.address}:${bound.port}` : config.host;
   const everywhere = bound && typeof bound === 'object' && (bound.address === '0.0.0.0' || bound.address === '::');
   say(`referral-gateway listening on ${gateway.url} (bound to ${where}${everywhere ? ': all interfaces, reachable from other machines' : ''})`);
+  if (gateway.mllp) {
+    const clients = config.hl7.senders.size > 0 ? `facilities ${[...config.hl7.senders.keys()].join(', ')}` : `client "${config.hl7.listenerClient ?? '?'}"`;
+    say(`HL7 v2 over MLLP on ${config.host}:${gateway.mllp.port} (REF^I12/I13/I14, OMG^O19; ${clients}); over HTTP: POST ${gateway.url}/hl7/v2`);
+  }
   if (config.devKeys) {
     say('');
     say('!!! WARNING: API_KEYS is not set: using the single development client "dev" with key "dev-key". Never run like this with real patient data.');

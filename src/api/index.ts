@@ -1,8 +1,12 @@
 // The public surface of src/api: what other folders use. Import from here, not from its files.
 export { adminRouter, type AdminDoctorDeps } from './admin-router';
 export { intakeBudget } from './intake-budget';
-export { bodyPrecheck, jsonBody } from './json-body';
-export { adminAuth, apiKeyAuth, correlationMiddleware, errorHandler, notFoundHandler, requireJson } from './middleware';
+export { bodyPrecheck, jsonBody, textBody } from './json-body';
+export { answerV2Message } from './hl7v2-handler';
+export { hl7v2Router } from './hl7v2-router';
+export { fhirRouter } from './fhir-router';
+export { startMllpListener, type MllpListener } from './mllp-listener';
+export { adminAuth, apiKeyAuth, correlationMiddleware, errorHandler, notFoundHandler, requireJson, requireJsonOr } from './middleware';
 export { openApiText } from './openapi';
 export { openapiRouter } from './openapi-router';
 export { referralsRouter, type ReportReader } from './referrals-router';

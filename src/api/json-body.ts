@@ -171,6 +171,28 @@ export function jsonBody(opts: JsonBodyOptions): RequestHandler {
 }
 
 /**
+ * The body of a text format (HL7 v2 ER7) as a string, read with the same limits as JSON (MAX_BODY_BYTES,
+ * INTAKE_BODY_TIMEOUT_MS, Content-Encoding). HL7 v2 is ASCII unless MSH-18 says otherwise; the bytes are decoded as
+ * UTF-8 (ASCII is a subset) with invalid sequences replaced, so a message in another charset still parses and its
+ * structure can be answered.
+ */
+export function textBody(opts: Omit<JsonBodyOptions, 'maxDepth'>, types: readonly string[]): RequestHandler {
+  return (req, res, next) => {
+    if (!hasBody(req) || req.readableEnded || !req.is([...types])) {
+      next();
+      return;
+    }
+    readBody(req, res, { ...opts, maxDepth: 0 }).then(
+      (body) => {
+        req.body = body.bytes.toString('utf8');
+        next();
+      },
+      (err: unknown) => next(err)
+    );
+  };
+}
+
+/**
  * Receives the body, undoing Content-Encoding, within MAX_BODY_BYTES (decoded, and the bytes on the wire too)
  * and INTAKE_BODY_TIMEOUT_MS, as bytes (parseChecked decodes them). Rejects with the Failure to answer; on any failure
  * the intake budget is released at once and the connection is closed after the answer.

@@ -85,13 +85,22 @@ export function adminAuth(adminKey: string | undefined) {
 }
 
 /** POST and PUT bodies must be JSON (415 otherwise). */
-export function requireJson(req: Request, _res: Response, next: NextFunction): void {
-  const hasBody = req.headers['transfer-encoding'] !== undefined || (req.headers['content-length'] !== undefined && req.headers['content-length'] !== '0');
-  if ((req.method === 'POST' || req.method === 'PUT') && hasBody && !req.is(['application/json', 'application/*+json'])) {
-    next(new Failure('unsupported', { code: 'not-supported', message: 'the body must be JSON (Content-Type: application/json)' }));
-    return;
-  }
-  next();
+export function requireJson(req: Request, res: Response, next: NextFunction): void {
+  requireJsonOr([])(req, res, next);
+}
+
+/** Like requireJson, but a body of one of `types` (an intake format's, e.g. HL7 v2 ER7) is taken too. */
+export function requireJsonOr(types: readonly string[]): (req: Request, res: Response, next: NextFunction) => void {
+  const accepted = ['application/json', 'application/*+json', ...types];
+  const named = types.length > 0 ? `JSON (Content-Type: application/json) or ${types.join(', ')}` : 'JSON (Content-Type: application/json)';
+  return (req, _res, next) => {
+    const hasBody = req.headers['transfer-encoding'] !== undefined || (req.headers['content-length'] !== undefined && req.headers['content-length'] !== '0');
+    if ((req.method === 'POST' || req.method === 'PUT') && hasBody && !req.is(accepted)) {
+      next(new Failure('unsupported', { code: 'not-supported', message: `the body must be ${named}` }));
+      return;
+    }
+    next();
+  };
 }
 
 /** Logs a store that refused (locked, read-only, out of space, unreachable): the original error, never a stack. */

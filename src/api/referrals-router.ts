@@ -101,7 +101,7 @@ export function referralsRouter(service: ReferralService, intake: IntakeRegistry
       submissions.inc({ outcome: answer && answer.status < 500 ? `refused-${answer.status}` : 'error' });
       if (!answer) throw err; // a bug: the error handler logs it and answers a bare 500
       noteStoreUnavailable(err, req.correlationId);
-      sendReply(res, format.refused(answer, submission));
+      sendReply(res, format.refused({ ...answer, cause: err }, submission));
       return;
     }
     submissions.inc({ outcome: result.created ? 'accepted' : 'replayed' });

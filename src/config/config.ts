@@ -45,6 +45,8 @@ export interface Config {
   clientIdentifierSystems: Map<string, string[]>;
   delivery: { maxAttempts: number; maxAgeMs: number; baseDelayMs: number; maxDelayMs: number; concurrency: number };
   shutdownTimeoutMs: number;
+  /** HL7 v2 over MLLP: the listener's port (undefined: off), which client each sending facility (MSH-4) is, the client of any other sender, the largest message. */
+  hl7: { mllpPort?: number; mllpPortDefaulted: boolean; senders: Map<string, string>; listenerClient?: string; maxMessageBytes: number };
   /** Closed referrals lose their inline document bytes after `documentDays` and are deleted after `referralDays` (0: never). */
   retention: { documentDays: number; referralDays: number; cron: string };
   /** The built-in sandbox's server profile and trait overrides (SANDBOX_PROFILE, SANDBOX_TRAITS). */
@@ -156,6 +158,15 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
       if (!apiKeys.has(clientId)) problems.push(`CLIENT_IDENTIFIER_SYSTEMS names client ${clientId}, which API_KEYS does not have`);
     }
   }
+  const hl7Senders = e.HL7_MLLP_SENDERS ?? new Map<string, string>();
+  let hl7Client = e.HL7_MLLP_CLIENT;
+  if (apiKeys) {
+    for (const [facility, clientId] of hl7Senders) {
+      if (!apiKeys.has(clientId)) problems.push(`HL7_MLLP_SENDERS gives facility ${facility} client ${clientId}, which API_KEYS does not have`);
+    }
+    if (hl7Client !== undefined && !apiKeys.has(hl7Client)) problems.push(`HL7_MLLP_CLIENT names client ${hl7Client}, which API_KEYS does not have`);
+    if (hl7Client === undefined && devKeys) hl7Client = 'dev';
+  }
   if (production && ok('WEBHOOK_SECRET') && !e.WEBHOOK_SECRET) {
     problems.push('WEBHOOK_SECRET is required with NODE_ENV=production');
   }
@@ -198,6 +209,13 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
       concurrency: e.DELIVERY_CONCURRENCY,
     },
     shutdownTimeoutMs: e.SHUTDOWN_TIMEOUT_MS,
+    hl7: {
+      mllpPort: e.HL7_MLLP_PORT ?? (e.NODE_ENV === 'development' ? 2575 : undefined),
+      mllpPortDefaulted: e.HL7_MLLP_PORT === undefined,
+      senders: hl7Senders,
+      listenerClient: hl7Client,
+      maxMessageBytes: e.HL7_MAX_MESSAGE_BYTES ?? e.MAX_BODY_BYTES,
+    },
     retention: { documentDays: e.DOCUMENT_RETENTION_DAYS, referralDays: e.REFERRAL_RETENTION_DAYS, cron: e.RETENTION_CRON },
     sandbox: { profile: e.SANDBOX_PROFILE, traits: e.SANDBOX_TRAITS },
   };

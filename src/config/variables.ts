@@ -181,6 +181,60 @@ export const variables = {
     schema: z.enum(['error', 'warn', 'info', 'http', 'verbose', 'debug', 'silly']).default('info'),
     doc: 'winston level',
   },
+  HL7_MLLP_PORT: {
+    schema: z.coerce.number().int().min(0).max(65535).optional(),
+    doc:
+      'TCP port of the HL7 v2 MLLP listener (REF^I12/I13/I14, OMG^O19; 0 = any free port). Off unless set, except in development, ' +
+      'where it listens on 2575 and says so at start-up',
+    shownDefault: '2575 in development, off otherwise',
+  },
+  HL7_MLLP_SENDERS: {
+    schema: z
+      .string()
+      .optional()
+      .transform((s, ctx) => {
+        const out = new Map<string, string>();
+        for (const pair of (s ?? '')
+          .split(',')
+          .map((p) => p.trim())
+          .filter(Boolean)) {
+          const i = pair.lastIndexOf(':');
+          const facility = pair.slice(0, i).trim();
+          const clientId = pair.slice(i + 1).trim();
+          if (i <= 0 || !facility || !/^[\w.-]+$/.test(clientId)) {
+            ctx.addIssue({ code: 'custom', message: 'must be comma-separated FACILITY:clientId pairs (MSH-4 sending facility, API_KEYS client)' });
+            return z.NEVER;
+          }
+          if (out.has(facility)) {
+            ctx.addIssue({ code: 'custom', message: `lists sending facility ${facility} twice` });
+            return z.NEVER;
+          }
+          out.set(facility, clientId);
+        }
+        return out;
+      }),
+    doc:
+      'which client each MLLP sender is (`FACILITY:clientId,...`, MSH-4 sending facility to an `API_KEYS` client): a message from a facility not ' +
+      'listed is refused with an AR, unless `HL7_MLLP_CLIENT` is set',
+  },
+  HL7_MLLP_CLIENT: {
+    schema: z
+      .string()
+      .regex(/^[\w.-]+$/)
+      .optional(),
+    doc: 'the client every MLLP message is from when its sending facility is not in `HL7_MLLP_SENDERS` (a listener for one sender)',
+    shownDefault: '`dev` in development with the development key, none otherwise',
+  },
+  HL7_MAX_MESSAGE_BYTES: {
+    schema: z.coerce
+      .number()
+      .int()
+      .min(1024)
+      .max(1024 * 1024 * 1024)
+      .optional(),
+    doc: 'the largest HL7 v2 message taken over MLLP; a larger one is answered AR and the connection stays open',
+    shownDefault: '`MAX_BODY_BYTES`',
+  },
   MAX_BODY_BYTES: {
     schema: z.coerce
       .number()

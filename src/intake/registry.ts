@@ -38,6 +38,11 @@ export class IntakeRegistry {
     return found;
   }
 
+  /** Every media type some format is chosen for. */
+  get contentTypes(): string[] {
+    return this.#formats.flatMap((f) => [...f.contentTypes]);
+  }
+
   get names(): string[] {
     return this.#formats.map((f) => f.name);
   }

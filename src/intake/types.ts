@@ -52,6 +52,8 @@ export interface Refusal {
   status: number;
   headers: Record<string, string>;
   outcome: OperationOutcome;
+  /** What was thrown (a format may recognise its own refusals, e.g. one that carries the message it refused). */
+  cause?: unknown;
 }
 
 /**

@@ -479,7 +479,7 @@ function consentResource(args: {
     scope: tableConcept(codes.scope),
     category: [tableConcept(codes.category)],
     patient: { reference: args.patient.reference },
-    dateTime: args.referral.consent.date,
+    ...(args.referral.consent.date ? { dateTime: args.referral.consent.date } : {}),
     performer: [{ reference: args.patient.reference }],
     organization: [args.referrerOrg],
     policyRule: tableConcept(codes.policyRule),

@@ -171,7 +171,8 @@ export const referralSchema = z.strictObject({
   }),
   treatmentHistory: z.array(treatmentSchema).max(100).default([]),
   documents: z.array(documentSchema).max(100).default([]),
-  consent: z.strictObject({ patientAgreed: z.literal(true, { message: 'the patient must agree to share records (true)' }), date: pastDate }),
+  /** The contract requires consent and the patient's agreement; the date is given when the sender knows it (the Consent then has a dateTime). */
+  consent: z.strictObject({ patientAgreed: z.literal(true, { message: 'the patient must agree to share records (true)' }), date: pastDate.optional() }),
   callbackUrl: z.url({ protocol: /^https?$/, message: 'must be an http(s) URL' }).optional(),
 });
 

@@ -185,6 +185,22 @@ migrations['0007_store_probe'] = {
   },
 };
 
+migrations['0008_inbound_messages'] = {
+  async up(db: Kysely<unknown>): Promise<void> {
+    // The answer given to each inbound message of a messaging format (HL7 v2: sender and control id, MSH-4 and
+    // MSH-10), so a resend is answered with the same acknowledgement and changes nothing.
+    await db.schema
+      .createTable('inbound_messages')
+      .addColumn('client_id', 'text', (c) => c.notNull())
+      .addColumn('sender', 'text', (c) => c.notNull())
+      .addColumn('control_id', 'text', (c) => c.notNull())
+      .addColumn('answer', 'text', (c) => c.notNull())
+      .addColumn('created_at', 'text', (c) => c.notNull())
+      .addPrimaryKeyConstraint('inbound_messages_pk', ['client_id', 'sender', 'control_id'])
+      .execute();
+  },
+};
+
 class StaticProvider implements MigrationProvider {
   async getMigrations(): Promise<Record<string, Migration>> {
     return migrations;

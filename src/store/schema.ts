@@ -102,6 +102,15 @@ export interface StoreProbeTable {
   at: string;
 }
 
+/** The answer given to an inbound message (HL7 v2), by client, sender and control id. */
+export interface InboundMessagesTable {
+  client_id: string;
+  sender: string;
+  control_id: string;
+  answer: string;
+  created_at: string;
+}
+
 export interface Database {
   binary_uploads: BinaryUploadsTable;
   referrals: ReferralsTable;
@@ -111,4 +120,5 @@ export interface Database {
   poll_state: PollStateTable;
   webhook_outbox: WebhookOutboxTable;
   store_probe: StoreProbeTable;
+  inbound_messages: InboundMessagesTable;
 }

@@ -19,9 +19,10 @@ describe('intake formats', () => {
     const intake = defaultIntakeFormats();
     expect(intake.forContentType('application/json; charset=utf-8').name).toBe('json');
     expect(intake.forContentType('Application/FHIR+JSON').name).toBe('json');
-    const refused = failureOf(() => intake.forContentType('x-application/hl7-v2+er7'));
+    expect(intake.forContentType('x-application/hl7-v2+er7').name).toBe('hl7v2');
+    const refused = failureOf(() => intake.forContentType('text/csv'));
     expect(refused.kind).toBe('unsupported');
-    expect(refused.message).toMatch(/application\/json.*x-application\/hl7-v2\+er7 is not one of them/);
+    expect(refused.message).toMatch(/application\/json.*x-application\/hl7-v2\+er7.*text\/csv is not one of them/);
     const other: IntakeFormat = {
       name: 'hl7v2',
       contentTypes: ['x-application/hl7-v2+er7'],
@@ -30,6 +31,7 @@ describe('intake formats', () => {
       refused: jsonFormat.refused,
     };
     expect(new IntakeRegistry([jsonFormat, other]).forContentType('x-application/hl7-v2+er7').name).toBe('hl7v2');
+    expect(new IntakeRegistry([jsonFormat]).contentTypes).toEqual(['application/json', 'application/*+json']);
     expect(() => new IntakeRegistry([jsonFormat, jsonFormat])).toThrow(/registered twice/);
   });
 

@@ -432,6 +432,19 @@ describe('mapReferralToBundle options and edge cases', () => {
     expect(validateBundle(bundle)).toEqual([]);
   });
 
+  test('a consent without a date (the contract requires only the agreement) maps to a valid Consent without dateTime', () => {
+    const raw = { ...minimalReferral(), consent: { patientAgreed: true } };
+    const referral = referralSchema.parse(raw);
+    expect(referral.consent).toEqual({ patientAgreed: true });
+    const bundle = mapReferralToBundle({ referralId: 'ref_nodate', clientId: 'dev', referral, destination: SANDBOX, createdAt: CREATED_AT });
+    const consent = one<Consent>(bundle, 'Consent');
+    expect(consent.dateTime).toBeUndefined();
+    expect(consent).toMatchObject({ status: 'active', provision: { type: 'permit' } });
+    expect(validateBundle(bundle)).toEqual([]);
+    // The agreement itself is still required.
+    expect(referralSchema.safeParse({ ...raw, consent: { date: '2026-09-01' } }).success).toBe(false);
+  });
+
   test('inlineDocumentsOverLimit names the documents to upload first', () => {
     const docs = loadReferral('tumour-board-many-documents').documents;
     const sizes = docs.map((d) => (d.data ? Buffer.from(d.data, 'base64').length : 0));

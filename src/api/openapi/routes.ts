@@ -302,6 +302,77 @@ const gateway: Route[] = [
     },
   },
   {
+    method: 'post',
+    path: '/hl7/v2',
+    operationId: 'submitHl7v2',
+    tag: 'referrals',
+    extension: true,
+    summary: 'An HL7 v2 message (REF^I12 new, REF^I13 documents added, REF^I14 cancel; OMG^O19 new or, with ORC-1 CA, cancel), answered with its ACK',
+    description:
+      'The same message MLLP takes (HL7_MLLP_PORT), over HTTP with the API keys. The answer is the acknowledgement (RRI^I12 for the REF family, ORG^O20 for ' +
+      'OMG^O19): MSA-1 AA once the work is stored; AE with ERR segments naming the segment and field (ERR-2, e.g. PID^1^7) for bad content; AR for a type or ' +
+      'version not taken, or when the gateway cannot take work now. A resend (same sending facility and MSH-10) gets the original answer. docs/for-ehr-integrators.md.',
+    body: { content: { 'x-application/hl7-v2+er7': { schema: { type: 'string', description: 'ER7: segments separated by CR' } } } },
+    responses: {
+      200: answer('The acknowledgement (AA, AE or AR).', { type: 'string' }, { media: 'x-application/hl7-v2+er7' }),
+      401: 'Unauthorized',
+      413: 'PayloadTooLarge',
+      415: 'UnsupportedMediaType',
+      500: 'InternalError',
+      503: answer('AR: the gateway cannot take work now; retry after Retry-After seconds.', { type: 'string' }, { media: 'x-application/hl7-v2+er7' }),
+    },
+  },
+  ...(['/fhir/R4/Bundle', '/fhir/R4'] as const).map((path): Route => ({
+    method: 'post',
+    path,
+    operationId: path === '/fhir/R4' ? 'submitFhirBundleAtBase' : 'submitFhirBundle',
+    tag: 'referrals',
+    extension: true,
+    summary: 'A FHIR referral Bundle (BSeR / Gravity style: transaction, collection or message)',
+    description:
+      'A ServiceRequest (its identifier is the externalId) with its Patient, requester, Condition (+ stage Observation), Consent and DocumentReferences (inline ' +
+      'data, or a Binary entry). Same checks, idempotency, store and delivery as POST /referrals. Answers 201 with the Location of the gateway Task for the ' +
+      'referral (200 for a replay). Refusals are OperationOutcomes whose expressions point into the submitted bundle (Bundle.entry[2].resource.birthDate).',
+    body: { content: { 'application/fhir+json': { schema: fhirResourceSchema } } },
+    responses: {
+      200: answer('A replay: the original referral as a Task.', fhirResourceSchema, { media: 'application/fhir+json', headers: LOCATION }),
+      201: answer('Stored and queued: the referral as a Task (/fhir/R4/Task/{id}).', fhirResourceSchema, { media: 'application/fhir+json', headers: LOCATION }),
+      400: 'BadRequest',
+      401: 'Unauthorized',
+      409: outcome('409: the Idempotency-Key or ServiceRequest identifier was already used with a different referral.'),
+      413: 'PayloadTooLarge',
+      415: 'UnsupportedMediaType',
+      422: outcome('422: not a referral Bundle, or a rule broken; each issue points into the bundle. Nothing is stored.'),
+      500: 'InternalError',
+      503: 'IntakeBusy',
+    },
+  })),
+  {
+    method: 'get',
+    path: '/fhir/R4/Task/{id}',
+    operationId: 'readTask',
+    tag: 'referrals',
+    extension: true,
+    summary: "A referral as a FHIR Task mirroring the centre's: status, businessStatus (the gateway's status), statusReason, output with the report",
+    pathParams: { id: idParam('The referral id (ref_...).') },
+    responses: { 200: answer('The Task.', fhirResourceSchema, { media: 'application/fhir+json' }), 401: 'Unauthorized', 404: 'NotFound', 500: 'InternalError' },
+  },
+  {
+    method: 'get',
+    path: '/fhir/R4/Task',
+    operationId: 'searchTasks',
+    tag: 'referrals',
+    extension: true,
+    summary: "The client's referral Tasks with an identifier ([system|]value: the ServiceRequest identifier it sent)",
+    params: [{ name: 'identifier', in: 'query', required: true, schema: { type: 'string', maxLength: 300 } }],
+    responses: {
+      200: answer('A searchset Bundle of Tasks.', fhirResourceSchema, { media: 'application/fhir+json' }),
+      401: 'Unauthorized',
+      422: 'Unprocessable',
+      500: 'InternalError',
+    },
+  },
+  {
     method: 'get',
     path: '/admin/deliveries',
     operationId: 'listDeliveries',
