@@ -1,6 +1,6 @@
 import { schedule, type ScheduledTask } from 'node-cron';
 import { logger, retentionActions } from '../observability';
-import { closedBefore, type Db, deleteClosed, removeDocumentBytes } from '../store';
+import { closedBefore, type Db, deleteClosed, forgetAnswersBefore, removeDocumentBytes } from '../store';
 import { closedStatuses, cutoff, type RetentionPolicy } from './policy';
 
 export interface RetentionRun {
@@ -12,6 +12,8 @@ export interface RetentionRun {
 }
 
 const BATCH = 100;
+/** How long the acknowledgement of an inbound message (HL7 v2) is kept to answer a resend with it. */
+export const INBOUND_ANSWER_DAYS = 30;
 
 /**
  * Applies `apply` to the referrals `next` finds due, batch by batch, until none is left, or until a
@@ -89,6 +91,8 @@ export class RetentionJob {
           }
         );
       }
+      // The answers kept for resends (src/store/inbound-messages.ts) name referral ids, not patients; a month is plenty.
+      await forgetAnswersBefore(this.db, cutoff(now, INBOUND_ANSWER_DAYS));
     } catch (err) {
       logger.error('retention run failed; the next run resumes', { error: (err as Error).message });
       throw err;

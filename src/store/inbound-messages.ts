@@ -32,3 +32,9 @@ export async function recordAnswer(db: Db, key: InboundMessageKey, answer: strin
     .onConflict((oc) => oc.columns(['client_id', 'sender', 'control_id']).doNothing())
     .execute();
 }
+
+/** Forgets the answers recorded before `before` (a sender resends within minutes or hours, not months); returns how many. */
+export async function forgetAnswersBefore(db: Db, before: string): Promise<number> {
+  const r = await db.kysely.deleteFrom('inbound_messages').where('created_at', '<', before).executeTakeFirst();
+  return Number(r.numDeletedRows);
+}

@@ -28,4 +28,4 @@ export { webhookQueue, type WebhookEntry, type WebhookEvent, type WebhookState }
 export { getWatermark, setWatermark } from './poll-state';
 export { closedBefore, deleteClosed, removeDocumentBytes, type Due } from './retention';
 export { backlog, type BacklogCounts } from './backlog';
-export { recordAnswer, recordedAnswer, type InboundMessageKey } from './inbound-messages';
+export { forgetAnswersBefore, recordAnswer, recordedAnswer, type InboundMessageKey } from './inbound-messages';

@@ -53,6 +53,11 @@ describe('HL7 v2 intake', () => {
     const resend = await post(message('ref-i12-breast-epic'));
     expect(resend.ack).toBe(first.ack);
     expect(await referralsOf('EHR-2026-000123')).toHaveLength(1);
+    // A month later the recorded answer is forgotten (retention): a resend is answered as a replay, still nothing new.
+    await gw.retention.run(new Date(Date.now() + 31 * 86_400_000));
+    const late = await post(message('ref-i12-breast-epic'));
+    expect(msa(late.ack).slice(0, 4)).toEqual(['MSA', 'AA', 'EPIC-000123-1', `already accepted as ${stored.id}`]);
+    expect(await referralsOf('EHR-2026-000123')).toHaveLength(1);
 
     const added = await post(message('ref-i13-documents-added'));
     expect(msa(added.ack).slice(0, 3)).toEqual(['MSA', 'AA', 'EPIC-000123-2']);
