@@ -13,7 +13,6 @@
  * message and waits for its ACK (MLLP is one message at a time per connection); HTTP uses keep-alive connections in
  * the same way, one request at a time each.
  */
-import { type ChildProcess, spawn } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { connect, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -22,25 +21,13 @@ import { Agent, request } from 'undici';
 import { Hl7Message } from '@medplum/core';
 import { frameMllp } from '../src/intake/hl7v2/mllp';
 import { readV2Referral } from '../src/intake/hl7v2/map';
+import { startScript as start } from './processes';
 
 const N = Number(process.env.N ?? 400);
 const ROUNDS = Number(process.env.ROUNDS ?? 3);
 /** Referrals of each format sent before the first round (not timed): JIT, tables, the store's first pages. */
 const WARMUP = Number(process.env.WARMUP ?? 40);
 const template = readFileSync('fixtures/hl7v2/ref-i12-breast-epic.hl7', 'utf8');
-
-function start(script: string, env: Record<string, string>, ready: RegExp): Promise<{ child: ChildProcess; port: number; out: () => string }> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, ['--import', 'tsx', script], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'inherit'] });
-    let buf = '';
-    child.stdout?.on('data', (d: Buffer) => {
-      buf += d.toString();
-      const m = ready.exec(buf);
-      if (m) resolve({ child, port: Number(m[1]), out: () => buf });
-    });
-    child.on('exit', (code) => reject(new Error(`${script} exited with ${code}`)));
-  });
-}
 
 /** The template with its own control id and referral id. */
 function message(tag: string): string {
@@ -121,7 +108,7 @@ async function main(): Promise<void> {
     },
     /HL7 v2 over MLLP on [^:]+:(\d+)/
   );
-  const httpPort = Number(/listening on http:\/\/127\.0\.0\.1:(\d+)/.exec(gateway.out())?.[1]);
+  const httpPort = Number(/listening on http:\/\/127\.0\.0\.1:(\d+)/.exec(gateway.printed)?.[1]);
   const agent = new Agent({ connections: 8, pipelining: 1 });
   const postJson = async (body: unknown): Promise<boolean> => {
     const res = await request(`http://127.0.0.1:${httpPort}/referrals`, {

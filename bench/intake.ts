@@ -10,11 +10,11 @@
  *
  * BENCH_CPU_PROF=<dir> writes a CPU profile of the gateway (src/index.ts) to that directory.
  */
-import { type ChildProcess, spawn } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import autocannon from 'autocannon';
+import { startScript } from './processes';
 import { loadFhirDefinitions } from '../src/mapping/definitions';
 import { mapReferralToBundle } from '../src/mapping/bundle';
 import { checkCodes } from '../src/mapping/codes';
@@ -35,20 +35,6 @@ const small = JSON.parse(readFileSync('fixtures/referrals/breast-second-opinion.
 const large = structuredClone(small);
 large.documents[0].data = Buffer.alloc(1024 * 1024, 0x25).toString('base64');
 let body: Record<string, unknown> = small;
-
-function start(script: string, env: Record<string, string>, ready: RegExp): Promise<{ child: ChildProcess; port: number }> {
-  return new Promise((resolve, reject) => {
-    const prof = process.env.BENCH_CPU_PROF && script === 'src/index.ts' ? ['--cpu-prof', `--cpu-prof-dir=${process.env.BENCH_CPU_PROF}`] : [];
-    const child = spawn(process.execPath, [...prof, '--import', 'tsx', script], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'inherit'] });
-    let buf = '';
-    child.stdout?.on('data', (d: Buffer) => {
-      buf += d.toString();
-      const m = ready.exec(buf);
-      if (m) resolve({ child, port: Number(m[1]) });
-    });
-    child.on('exit', (code) => reject(new Error(`${script} exited with ${code}`)));
-  });
-}
 
 async function load(port: number, label: string, duration = DURATION): Promise<{ rps: number; p99: number; non2xx: number; total: number }> {
   let n = 0;
@@ -130,6 +116,8 @@ async function stages(payload: Record<string, any>, dir: string): Promise<Array<
 
 async function main(): Promise<void> {
   const dir = mkdtempSync(join(tmpdir(), 'rg-bench-'));
+  const start = (script: string, env: Record<string, string>, ready: RegExp) =>
+    startScript(script, env, ready, script === 'src/index.ts' ? process.env.BENCH_CPU_PROF : undefined);
   const bare = await start('bench/bare-server.ts', { PORT: '0' }, /"port":(\d+)/);
   // The centre's FHIR server runs in its own process, as it would in production.
   const centre = await start('src/cli/sandbox.ts', { PORT: '0', LOG_LEVEL: 'warn' }, /sandbox-listening.*127\.0\.0\.1:(\d+)/);

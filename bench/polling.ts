@@ -26,7 +26,7 @@
  * Environment: REFERRALS (10000), CHANGES (0,50,1000), PAGE_SIZE (100, the gateway default),
  * OVERLAP_MS (1000), NAIVE_CONCURRENCY (8), SEED_CONCURRENCY (8), LATENCY_REFERRALS (20; 0 skips).
  */
-import { type ChildProcess, spawn } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
@@ -47,6 +47,7 @@ import { openDb, type Db } from '../src/store/db';
 import { migrate } from '../src/store/migrations';
 import { Poller } from '../src/tracking/poller';
 import { changeStatus, insertReferral, listReferrals, openAtDestination, setWatermark } from '../src/store';
+import { startScript as start } from './processes';
 
 const REFERRALS = Number(process.env.REFERRALS ?? 10_000);
 const CHANGES = (process.env.CHANGES ?? '0,50,1000').split(',').map(Number);
@@ -65,27 +66,6 @@ const say = (line = ''): void => void process.stdout.write(`${line}\n`);
 
 // ---------------------------------------------------------------------------------------------
 // processes
-
-function start(script: string, env: Record<string, string>, ready: RegExp): Promise<{ child: ChildProcess; match: RegExpExecArray }> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, ['--import', 'tsx', script], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'inherit'] });
-    let buf = '';
-    let found = false;
-    child.stdout?.on('data', (d: Buffer) => {
-      if (found) return; // keep draining stdout
-      buf += d.toString();
-      const m = ready.exec(buf);
-      if (m) {
-        found = true;
-        buf = '';
-        resolve({ child, match: m });
-      }
-    });
-    child.on('exit', (code) => {
-      if (!found) reject(new Error(`${script} exited with ${code}`));
-    });
-  });
-}
 
 async function stopChild(child: ChildProcess | undefined): Promise<void> {
   if (!child || child.exitCode !== null) return;
