@@ -1,4 +1,6 @@
+import { readFileSync } from 'node:fs';
 import type { Gateway } from '../../src/gateway';
+import { sendMllp } from '../../src/intake';
 import { logger } from '../../src/observability/logger';
 import { eventually, fixture, KEY_A, startGateway } from '../helpers/gateway';
 import { LogCapture } from '../helpers/log-capture';
@@ -10,7 +12,7 @@ describe('logs', () => {
   const capture = new LogCapture({ level: 'silly' });
 
   beforeAll(async () => {
-    gw = await startGateway({ LOG_LEVEL: 'silly' });
+    gw = await startGateway({ LOG_LEVEL: 'silly', HL7_MLLP_PORT: '0', HL7_MLLP_CLIENT: 'city-hospital' });
     logger.level = 'silly';
     logger.add(capture);
     // The capture reads every line; the console stays quiet so the test run's output stays readable.
@@ -60,5 +62,40 @@ describe('logs', () => {
     // Every line is JSON; request lines carry the correlation id.
     for (const line of capture.lines) expect(() => JSON.parse(line)).not.toThrow();
     expect(capture.lines.some((l) => l.includes('"correlationId":"corr-test-1"'))).toBe(true);
+  });
+
+  test('HL7 v2 (over HTTP and MLLP, accepted and refused) and FHIR bundle intake log no patient data either', async () => {
+    const v2 = readFileSync('fixtures/hl7v2/ref-i12-sarcoma-crlf.hl7', 'utf8');
+    const ok = await fetch(`${gw.url}/hl7/v2`, {
+      method: 'POST',
+      headers: { Authorization: `Bearer ${KEY_A}`, 'Content-Type': 'x-application/hl7-v2+er7' },
+      body: v2,
+    });
+    expect(await ok.text()).toMatch(/MSA\|AA/);
+    const bad = v2.replace('UH-0981-01', 'UH-0981-02').replace('|19890527|', '|19891327|');
+    expect((await sendMllp('127.0.0.1', gw.mllp?.port as number, bad)).toString()).toMatch(/MSA\|AE/);
+    const bundle = readFileSync('fixtures/fhir-intake/colorectal-second-opinion.collection.json', 'utf8');
+    const fhir = await fetch(`${gw.url}/fhir/R4/Bundle`, {
+      method: 'POST',
+      headers: { Authorization: `Bearer ${KEY_A}`, 'Content-Type': 'application/fhir+json' },
+      body: bundle,
+    });
+    expect(fhir.status).toBe(201);
+    const patient = (JSON.parse(bundle) as { entry: Array<{ resource: Record<string, any> }> }).entry.find(
+      (e) => e.resource.resourceType === 'Patient'
+    )?.resource;
+    const all = capture.lines.join('\n');
+    const secrets = [
+      'Nowak',
+      'Tomasz',
+      '19890527',
+      '1989-05-27',
+      'MRN-5530',
+      patient?.name?.[0]?.family,
+      patient?.birthDate,
+      patient?.identifier?.[0]?.value,
+    ].filter((x): x is string => typeof x === 'string');
+    expect(secrets.length).toBeGreaterThan(6);
+    for (const s of secrets) expect(all).not.toContain(s);
   });
 });
