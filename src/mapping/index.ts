@@ -20,3 +20,4 @@ export { routeReferral, type Route } from './routing';
 export { entryFullUrl } from './uuid';
 export { validateBundle } from './validate';
 export { type DefinitionsLoadStats, loadFhirDefinitions } from './definitions';
+export { type DeepReadonly, type MappingTables, loadMappingFile, loadTables } from './tables';

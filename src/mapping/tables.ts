@@ -207,7 +207,11 @@ export function getMappingsDir(): string {
 
 function loadFile<K extends keyof MutableTables>(dir: string, key: K): MutableTables[K] {
   const { file, schema } = FILES[key];
-  const path = join(dir, file);
+  return parseFile(join(dir, file), schema);
+}
+
+/** Reads and validates one JSON file; throws with the file and (up to five) fields at fault. */
+function parseFile<T>(path: string, schema: z.ZodType<T>): T {
   let raw: unknown;
   try {
     raw = JSON.parse(readFileSync(path, 'utf8'));
@@ -252,6 +256,15 @@ export function loadTables(): MappingTables {
     cached = deepFreeze(tables);
   }
   return cached;
+}
+
+/**
+ * A table of mappings/ that only one module uses (e.g. fhir-intake.json, with the schema that module owns):
+ * read from the same folder as loadTables() (getMappingsDir()), validated and deep-frozen like the shared
+ * tables. Not cached: the caller keeps it, next to the loadTables() object it was loaded with.
+ */
+export function loadMappingFile<T>(file: string, schema: z.ZodType<T>): DeepReadonly<T> {
+  return deepFreeze(parseFile(join(getMappingsDir(), file), schema));
 }
 
 /** Drops the cache (tests, or after editing the files). */

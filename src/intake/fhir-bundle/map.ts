@@ -1,6 +1,5 @@
-import { existsSync, readFileSync } from 'node:fs';
-import { dirname, join } from 'node:path';
 import { z } from 'zod';
+import { type DeepReadonly, type MappingTables, loadMappingFile, loadTables } from '../../mapping';
 
 /**
  * Reads a FHIR R4 referral Bundle, as a FHIR-capable EHR builds it (BSeR / Gravity style, domain.md sections 3.2,
@@ -41,78 +40,26 @@ export type BundleIssue = BundleReading['issues'][number];
 // Tables: the forward mapping's (mappings/*.json) and this reader's own (mappings/fhir-intake.json)
 
 const codingFile = z.object({ system: z.string(), code: z.string(), display: z.string().optional() });
-const conceptFile = z.object({ coding: z.array(codingFile).default([]), text: z.string().optional() });
 
-const tableFiles = {
-  referralCodes: {
-    file: 'referral-codes.json',
-    schema: z.object({
-      localSystems: z.object({ kind: z.string(), reason: z.string() }),
-      kinds: z.record(z.string(), conceptFile),
-      secondOpinionReason: conceptFile,
-      reasons: z.record(z.string(), conceptFile),
-      priorities: z.record(z.string(), z.string()),
-    }),
-  },
-  documentKinds: {
-    file: 'document-kinds.json',
-    schema: z.object({
-      localSystem: z.string(),
-      kinds: z.record(z.string(), z.object({ loinc: z.object({ code: z.string() }).optional(), display: z.string() })),
-    }),
-  },
-  identifierSystems: {
-    file: 'identifier-systems.json',
-    schema: z.object({
-      systems: z.object({ referral: z.string(), destination: z.string() }),
-      externalIdSystemTemplate: z.string().includes('{clientId}'),
-    }),
-  },
-  staging: {
-    file: 'staging.json',
-    schema: z.object({
-      systems: z.record(z.string(), conceptFile),
-      stageTypes: z.record(z.string(), conceptFile),
-      stageGroups: z.array(z.string()),
-      stageGroupCodes: z.record(z.string(), codingFile),
-    }),
-  },
-  cancerCondition: {
-    file: 'cancer-condition.json',
-    schema: z.object({
-      extensions: z.object({ histology: z.string(), laterality: z.string(), assertedDate: z.string() }),
-      laterality: z.record(z.string(), codingFile),
-      clinicalStatus: z.record(z.string(), codingFile),
-      codeSystems: z.record(z.string(), z.string()),
-    }),
-  },
-  treatmentTypes: {
-    file: 'treatment-types.json',
-    schema: z.object({ system: z.string(), types: z.record(z.string(), z.object({ coding: z.array(codingFile).optional() })) }),
-  },
-  fhirIntake: {
-    file: 'fhir-intake.json',
-    schema: z.strictObject({
-      _source: z.string().min(40),
-      bundleTypes: z.array(z.string()).min(1),
-      externalId: z.strictObject({ placerType: codingFile, neverTypes: z.array(codingFile) }),
-      kindCodes: z.array(z.strictObject({ system: z.string(), code: z.string(), kind: z.string() })),
-      kindWhenSecondOpinionReason: z.string(),
-      questionNotePrefix: z.string(),
-      diagnosisSystems: z.array(z.string()),
-      histologySystems: z.array(z.string()),
-      clinicalStatusCodes: z.record(z.string(), z.string()),
-      stageTypeCodes: z.array(z.strictObject({ system: z.string(), code: z.string(), type: z.enum(['clinical', 'pathologic']) })),
-      documentKindByLoinc: z.record(z.string(), z.string()),
-      defaultDocumentKind: z.string(),
-      defaultTreatmentType: z.string(),
-      consentAgreed: z.strictObject({ status: z.array(z.string()), provisionType: z.array(z.string()) }),
-    }),
-  },
-};
+const fhirIntakeSchema = z.strictObject({
+  _source: z.string().min(40),
+  bundleTypes: z.array(z.string()).min(1),
+  externalId: z.strictObject({ placerType: codingFile, neverTypes: z.array(codingFile) }),
+  kindCodes: z.array(z.strictObject({ system: z.string(), code: z.string(), kind: z.string() })),
+  kindWhenSecondOpinionReason: z.string(),
+  questionNotePrefix: z.string(),
+  diagnosisSystems: z.array(z.string()),
+  histologySystems: z.array(z.string()),
+  clinicalStatusCodes: z.record(z.string(), z.string()),
+  stageTypeCodes: z.array(z.strictObject({ system: z.string(), code: z.string(), type: z.enum(['clinical', 'pathologic']) })),
+  documentKindByLoinc: z.record(z.string(), z.string()),
+  defaultDocumentKind: z.string(),
+  defaultTreatmentType: z.string(),
+  consentAgreed: z.strictObject({ status: z.array(z.string()), provisionType: z.array(z.string()) }),
+});
 
-type TableFiles = typeof tableFiles;
-type RawTables = { [K in keyof TableFiles]: z.output<TableFiles[K]['schema']> };
+/** The shared tables (src/mapping's loadTables(), validated and frozen there) and this reader's own. */
+type RawTables = MappingTables & { readonly fhirIntake: DeepReadonly<z.output<typeof fhirIntakeSchema>> };
 
 const LOINC = 'http://loinc.org';
 
@@ -142,47 +89,20 @@ interface IntakeTables {
 
 const key = (system: unknown, code: unknown): string => `${String(system)}|${String(code)}`;
 
-/** The mappings folder the forward mapping reads: the nearest `mappings/` above this module holding referral-codes.json. */
-function mappingsDir(): string {
-  let dir = __dirname;
-  for (;;) {
-    const candidate = join(dir, 'mappings');
-    if (existsSync(join(candidate, tableFiles.referralCodes.file))) return candidate;
-    const parent = dirname(dir);
-    if (parent === dir) throw new Error(`mapping tables not found: no mappings/${tableFiles.referralCodes.file} above ${__dirname}`);
-    dir = parent;
-  }
-}
-
-function loadTable<K extends keyof TableFiles>(dir: string, name: K): RawTables[K] {
-  const { file, schema } = tableFiles[name];
-  const path = join(dir, file);
-  const parsed = schema.safeParse(JSON.parse(readFileSync(path, 'utf8')));
-  if (!parsed.success) {
-    throw new Error(`mapping table ${path} is invalid: ${parsed.error.issues.map((i) => `${i.path.join('.') || '(root)'}: ${i.message}`).join('; ')}`);
-  }
-  return parsed.data as RawTables[K];
-}
-
 function escapeRegExp(s: string): string {
   return s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
 }
 
-let cachedTables: IntakeTables | undefined;
+let cachedTables: { shared: MappingTables; intake: IntakeTables } | undefined;
 
-/** The tables, loaded on first use and cached. Throws (an installation fault, not an input problem) when a file is missing or invalid. */
+/**
+ * The tables, loaded on first use and cached (built again when loadTables() hands out newly loaded tables). Throws (an
+ * installation fault, not an input problem) when a file is missing or invalid.
+ */
 function intakeTables(): IntakeTables {
-  if (cachedTables) return cachedTables;
-  const dir = mappingsDir();
-  const raw: RawTables = {
-    referralCodes: loadTable(dir, 'referralCodes'),
-    documentKinds: loadTable(dir, 'documentKinds'),
-    identifierSystems: loadTable(dir, 'identifierSystems'),
-    staging: loadTable(dir, 'staging'),
-    cancerCondition: loadTable(dir, 'cancerCondition'),
-    treatmentTypes: loadTable(dir, 'treatmentTypes'),
-    fhirIntake: loadTable(dir, 'fhirIntake'),
-  };
+  const shared = loadTables();
+  if (cachedTables?.shared === shared) return cachedTables.intake;
+  const raw: RawTables = { ...shared, fhirIntake: loadMappingFile('fhir-intake.json', fhirIntakeSchema) };
   const rc = raw.referralCodes;
   const kindByCoding = new Map<string, string>();
   for (const [kind, concept] of Object.entries(rc.kinds)) {
@@ -226,7 +146,7 @@ function intakeTables(): IntakeTables {
     for (const c of e.coding ?? []) if (!treatmentByCoding.has(key(c.system, c.code))) treatmentByCoding.set(key(c.system, c.code), type);
   }
   const template = raw.identifierSystems.externalIdSystemTemplate.split('{clientId}').map(escapeRegExp).join('[^/]+');
-  cachedTables = {
+  const intake: IntakeTables = {
     raw,
     kindByCoding,
     localKindSystem: rc.localSystems.kind,
@@ -248,7 +168,8 @@ function intakeTables(): IntakeTables {
     clinicalStatusByCode,
     treatmentByCoding,
   };
-  return cachedTables;
+  cachedTables = { shared, intake };
+  return intake;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -876,7 +797,8 @@ class Reader {
     this.at(model, expr);
     if (!concept) return undefined;
     const codings = arr(concept.coding).map((c) => obj(c));
-    const systems = systemKeys.map((k) => this.t.raw.cancerCondition.codeSystems[k]).filter((s) => s !== undefined);
+    const codeSystems: Readonly<Record<string, string | undefined>> = this.t.raw.cancerCondition.codeSystems;
+    const systems = systemKeys.map((k) => codeSystems[k]).filter((s) => s !== undefined);
     let i = -1;
     for (const s of systems) {
       i = codings.findIndex((c) => c?.system === s);
