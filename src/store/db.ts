@@ -50,7 +50,7 @@ export interface Db {
 }
 
 /** The queues a committed transaction can have added to. */
-export type QueueName = 'delivery' | 'webhook';
+export type QueueName = 'delivery' | 'webhook' | 'hl7';
 export type QueueSignals = EventEmitter<{ queued: [queue: QueueName] }>;
 
 /**

@@ -15,7 +15,7 @@ export interface HistoryEntry {
  * The next per-referral sequence number in a table with (referral_id, seq), as a subquery of the insert
  * (one statement instead of two; on PostgreSQL the caller holds the referral's row lock).
  */
-export function nextSeq(table: 'referral_history' | 'webhook_outbox', referralId: string) {
+export function nextSeq(table: 'referral_history' | 'webhook_outbox' | 'hl7_outbox', referralId: string) {
   return sql<number>`(select coalesce(max(seq), 0) + 1 from ${sql.table(table)} where referral_id = ${referralId})`;
 }
 

@@ -1,6 +1,6 @@
 // The public surface of src/store: what other folders use. Import from here, not from its files.
 // Repository functions take the database (or a transaction) first, one file an aggregate (the Kysely example's
-// style): referrals, history, status changes, the two leased queues, poll state, retention, backlog.
+// style): referrals, history, status changes, the three leased queues, poll state, retention, backlog.
 export { binaryUploadsOf, markUploadDone, markUploadPending, possiblyOrphanedUploads } from './binary-uploads';
 export { openDb, type Db, type QueueName } from './db';
 export { isStoreUnavailable } from './errors';
@@ -25,6 +25,7 @@ export * as leasedQueue from './leased-queue-api';
 export type { LeasedQueue, Settled } from './leased-queue';
 export { deliveryQueue, type OutboxEntry, type OutboxKind } from './delivery-queue';
 export { webhookQueue, type WebhookEntry, type WebhookEvent, type WebhookState } from './webhook-queue';
+export { hl7Origin, hl7ReturnQueue, type Hl7Family, type Hl7Origin, type Hl7ReturnEntry, type Hl7ReturnState } from './hl7-return';
 export { getWatermark, setWatermark } from './poll-state';
 export { closedBefore, deleteClosed, removeDocumentBytes, type Due } from './retention';
 export { backlog, type BacklogCounts } from './backlog';

@@ -4,17 +4,17 @@ import { nowIso } from './ids';
 import type { LeasedQueueColumns } from './schema';
 
 /**
- * One durable leased queue, written once for the delivery outbox and the webhook outbox (graphile-worker's
+ * One durable leased queue, written once for the delivery, webhook and HL7 v2 outboxes (graphile-worker's
  * shape: rows are claimed with a lease by a conditional update, the holder records the outcome, a crashed
  * holder's lease expires and another worker takes the row). The retry / age-limit / dead-letter decision is
  * src/queue's settleRetry; this file is the rows.
  *
  * Order: rows of one referral are claimed one at a time in `order` (created_at for the outbox, seq for webhook
- * events): a row is claimable only while no earlier row of its referral is pending, so a failing row holds back
- * the later rows of its referral and of no other.
+ * events and HL7 v2 status messages): a row is claimable only while no earlier row of its referral is pending, so a
+ * failing row holds back the later rows of its referral and of no other.
  */
 export interface LeasedQueue<Entry> {
-  readonly table: 'outbox' | 'webhook_outbox';
+  readonly table: 'outbox' | 'webhook_outbox' | 'hl7_outbox';
   /** The per-referral order of its rows. */
   readonly order: 'created_at' | 'seq';
   /** The state of a row that is finished with success. */

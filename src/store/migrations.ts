@@ -201,6 +201,50 @@ migrations['0008_inbound_messages'] = {
   },
 };
 
+migrations['0009_hl7_return'] = {
+  async up(db: Kysely<unknown>): Promise<void> {
+    // Status back to HL7 v2 senders: where a v2 referral came from (written at intake when its client has a return
+    // channel), and the status changes to send back over MLLP, queued in the status change's transaction.
+    await db.schema
+      .createTable('hl7_origins')
+      .addColumn('referral_id', 'text', (c) => c.primaryKey().references('referrals.id').onDelete('cascade'))
+      .addColumn('family', 'text', (c) => c.notNull())
+      .addColumn('sending_application', 'text', (c) => c.notNull())
+      .addColumn('sending_facility', 'text', (c) => c.notNull())
+      .addColumn('receiving_application', 'text', (c) => c.notNull())
+      .addColumn('receiving_facility', 'text', (c) => c.notNull())
+      .addColumn('version', 'text', (c) => c.notNull())
+      .addColumn('referral_identifier', 'text', (c) => c.notNull())
+      .addColumn('channel_host', 'text', (c) => c.notNull())
+      .addColumn('channel_port', 'integer', (c) => c.notNull())
+      .addColumn('created_at', 'text', (c) => c.notNull())
+      .execute();
+    await db.schema
+      .createTable('hl7_outbox')
+      .addColumn('id', 'text', (c) => c.primaryKey())
+      .addColumn('referral_id', 'text', (c) => c.notNull().references('referrals.id').onDelete('cascade'))
+      .addColumn('seq', 'integer', (c) => c.notNull())
+      .addColumn('status', 'text', (c) => c.notNull())
+      .addColumn('previous_status', 'text', (c) => c.notNull())
+      .addColumn('reason', 'text')
+      .addColumn('at', 'text', (c) => c.notNull())
+      .addColumn('family', 'text', (c) => c.notNull())
+      .addColumn('channel_host', 'text', (c) => c.notNull())
+      .addColumn('channel_port', 'integer', (c) => c.notNull())
+      .addColumn('state', 'text', (c) => c.notNull())
+      .addColumn('attempts', 'integer', (c) => c.notNull().defaultTo(0))
+      .addColumn('next_attempt_at', 'text', (c) => c.notNull())
+      .addColumn('locked_by', 'text')
+      .addColumn('locked_until', 'text')
+      .addColumn('last_error', 'text')
+      .addColumn('created_at', 'text', (c) => c.notNull())
+      .addColumn('updated_at', 'text', (c) => c.notNull())
+      .addUniqueConstraint('hl7_outbox_referral_seq_uq', ['referral_id', 'seq'])
+      .execute();
+    await db.schema.createIndex('hl7_outbox_state_next_idx').on('hl7_outbox').columns(['state', 'next_attempt_at']).execute();
+  },
+};
+
 class StaticProvider implements MigrationProvider {
   async getMigrations(): Promise<Record<string, Migration>> {
     return migrations;

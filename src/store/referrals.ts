@@ -4,6 +4,7 @@ import type { FhirRefs, ReferralStatus, ReportInfo, StoredReferral, Referral } f
 import type { Db } from './db';
 import { appendHistory } from './history';
 import { enqueueDelivery } from './delivery-queue';
+import { type Hl7Origin, insertHl7Origin } from './hl7-return';
 import { jsonValue } from './json-column';
 import type { Database, ReferralsTable } from './schema';
 
@@ -18,6 +19,8 @@ export interface NewReferral {
   destination: string;
   payload: Referral;
   at: string;
+  /** Came in as HL7 v2 from a client with a return channel: its status changes go back to the sender (hl7-return.ts). */
+  hl7Origin?: Hl7Origin;
 }
 
 export interface ListFilter {
@@ -150,6 +153,7 @@ export async function insertReferral(db: Db, r: NewReferral): Promise<StoredRefe
         }
         await appendHistory(trx, r.id, { status: 'queued', at: r.at });
         await enqueueDelivery(db, trx, r.id, { kind: 'submit', payload: null }, r.at);
+        if (r.hl7Origin) await insertHl7Origin(trx, r.id, r.hl7Origin, r.at);
       })
     );
   } catch (err) {

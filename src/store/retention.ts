@@ -13,8 +13,8 @@ export interface Due {
 }
 
 /**
- * Closed referrals (status in `statuses`, unchanged since before `cutoff`) with no delivery or webhook
- * still pending, oldest first. `documentsKept` limits it to those whose document bytes are still stored;
+ * Closed referrals (status in `statuses`, unchanged since before `cutoff`) with no delivery, webhook or HL7 v2
+ * status message still pending, oldest first. `documentsKept` limits it to those whose document bytes are still stored;
  * with `noFailedDelivery`, a referral with a dead-lettered delivery an operator may re-queue is left out.
  */
 export async function closedBefore(
@@ -30,7 +30,8 @@ export async function closedBefore(
     .where((eb) => eb.not(eb.exists(eb.selectFrom('outbox as o').select('o.id').whereRef('o.referral_id', '=', 'r.id').where('o.state', 'in', openOutbox))))
     .where((eb) =>
       eb.not(eb.exists(eb.selectFrom('webhook_outbox as w').select('w.id').whereRef('w.referral_id', '=', 'r.id').where('w.state', '=', 'pending')))
-    );
+    )
+    .where((eb) => eb.not(eb.exists(eb.selectFrom('hl7_outbox as h').select('h.id').whereRef('h.referral_id', '=', 'r.id').where('h.state', '=', 'pending'))));
   if (opts.documentsKept) q = q.where('r.documents_removed_at', 'is', null);
   if (opts.id) q = q.where('r.id', '=', opts.id);
   const rows = await q.orderBy('r.updated_at').limit(opts.limit).execute();

@@ -39,7 +39,7 @@ export interface HistoryTable {
   at: string;
 }
 
-/** The bookkeeping columns of a leased queue (the delivery outbox and the webhook outbox). */
+/** The bookkeeping columns of a leased queue (the delivery outbox, the webhook outbox, the HL7 v2 outbox). */
 export interface LeasedQueueColumns {
   state: string;
   attempts: number;
@@ -111,6 +111,48 @@ export interface InboundMessagesTable {
   created_at: string;
 }
 
+/**
+ * Where a referral taken as an HL7 v2 message came from, and where its status changes go back (src/store/hl7-return.ts):
+ * written at intake, only for a client with a return channel (HL7_RETURN_CHANNELS). HD and EI values are ER7 with
+ * the default delimiters, escaped.
+ */
+export interface Hl7OriginsTable {
+  referral_id: string;
+  /** The sender's message family: `REF` (REF^I12, answered with RRI^I12) or `OMG` (360X's OMG^O19, answered with OSU^O51). */
+  family: string;
+  /** MSH-3 and MSH-4 of the referral message: MSH-5 and MSH-6 of what goes back. */
+  sending_application: string;
+  sending_facility: string;
+  /** MSH-5 and MSH-6 of the referral message (what the sender called the gateway): MSH-3 and MSH-4 of what goes back. */
+  receiving_application: string;
+  receiving_facility: string;
+  /** MSH-12: what goes back is in the sender's version. */
+  version: string;
+  /** RF1-6 (REF) or ORC-2 (OMG) as sent: the sender's own id for the referral, echoed back. */
+  referral_identifier: string;
+  /** The client's return channel when the referral came in (MLLP host and port). */
+  channel_host: string;
+  channel_port: number;
+  created_at: string;
+}
+
+/** A status change to send back to an HL7 v2 sender (src/store/hl7-return.ts): the message is built when it is sent. */
+export interface Hl7OutboxTable extends LeasedQueueColumns {
+  id: string;
+  referral_id: string;
+  /** Order of the changes of one referral; they go back in this order. */
+  seq: number;
+  status: string;
+  previous_status: string;
+  reason: string | null;
+  /** When the status changed. */
+  at: string;
+  /** Copied from hl7_origins, so the row says where it goes: REF or OMG, host and port. */
+  family: string;
+  channel_host: string;
+  channel_port: number;
+}
+
 export interface Database {
   binary_uploads: BinaryUploadsTable;
   referrals: ReferralsTable;
@@ -121,4 +163,6 @@ export interface Database {
   webhook_outbox: WebhookOutboxTable;
   store_probe: StoreProbeTable;
   inbound_messages: InboundMessagesTable;
+  hl7_origins: Hl7OriginsTable;
+  hl7_outbox: Hl7OutboxTable;
 }

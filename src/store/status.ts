@@ -1,15 +1,16 @@
 import type { Transaction } from 'kysely';
 import type { FhirRefs, ReferralStatus, ReportInfo, StoredReferral, DocumentsTask, CancelTask } from '../model';
-import type { Db } from './db';
+import type { Db, QueueName } from './db';
 import { appendHistory } from './history';
+import { enqueueHl7Return } from './hl7-return';
 import { nowIso } from './ids';
 import { enqueueDelivery } from './delivery-queue';
 import { LIGHT_COLUMNS, lockReferral, toLightReferral, type LightRow } from './referrals';
 import type { Database, ReferralsTable } from './schema';
 import { enqueueWebhook } from './webhook-queue';
 
-// The changes of a referral's state, each one transaction under the referral's lock: the row, its history and
-// its webhook event (and delivery work) are written together or not at all.
+// The changes of a referral's state, each one transaction under the referral's lock: the row, its history, its
+// webhook event and HL7 v2 status message (and delivery work) are written together or not at all.
 
 export interface StatusChange {
   status: ReferralStatus;
@@ -21,14 +22,20 @@ export interface StatusChange {
   taskVersion?: string | null;
 }
 
-/** The history entry and, when the referrer gave a callback URL, the webhook event of a status that changed. */
+/**
+ * The history entry and, when the referrer gave a callback URL, the webhook event of a status that changed; when the
+ * referral came in as HL7 v2 from a client with a return channel, its status message too. Returns the queues written to.
+ */
 async function recordTransition(
   trx: Transaction<Database>,
   row: LightRow,
   to: { status: ReferralStatus; at: string; reason?: string; detail?: Record<string, unknown> }
-): Promise<boolean> {
+): Promise<QueueName[]> {
   await appendHistory(trx, row.id, to);
-  if (!row.callback_url) return false;
+  // HL7 v2 referrals: the status goes back to the sender over MLLP (src/store/hl7-return.ts, src/hl7return).
+  const hl7 = await enqueueHl7Return(trx, row.id, { status: to.status, previousStatus: row.status as ReferralStatus, at: to.at, reason: to.reason });
+  const queued: QueueName[] = hl7 ? ['hl7'] : [];
+  if (!row.callback_url) return queued;
   await enqueueWebhook(trx, row.id, row.callback_url, {
     type: 'referral.status-changed',
     referralId: row.id,
@@ -38,16 +45,17 @@ async function recordTransition(
     at: to.at,
     ...(to.reason ? { reason: to.reason } : {}),
   });
-  return true;
+  return [...queued, 'webhook'];
 }
 
-/** Tells the webhook dispatcher, once the transaction has committed, that an event waits. */
-function signalWebhook(db: Db, queued: boolean): void {
-  if (queued) db.signals.emit('queued', 'webhook');
+/** Tells the queues' runners, once the transaction has committed, that work waits. */
+function signalQueued(db: Db, queued: readonly QueueName[]): void {
+  for (const queue of queued) db.signals.emit('queued', queue);
 }
 
 /**
- * Records a status change (and what came with it): the row, its history entry and its webhook event, atomically.
+ * Records a status change (and what came with it): the row, its history entry, its webhook event and HL7 v2 status
+ * message, atomically.
  * A change to the status it already has only updates the attached data. With `onlyIf`, nothing is changed (and
  * null is returned) unless the referral as it is now passes it.
  */
@@ -58,7 +66,7 @@ export async function changeStatus(
   onlyIf?: (current: StoredReferral) => boolean
 ): Promise<{ previous: ReferralStatus; current: StoredReferral } | null> {
   const at = change.at ?? nowIso();
-  let webhookQueued = false;
+  let queued: QueueName[] = [];
   const result = await db.kysely.transaction().execute(async (trx) => {
     // Everything but the submission itself: it can be megabytes, and a status change needs none of it.
     const row = await lockReferral(db, trx, id);
@@ -72,11 +80,11 @@ export async function changeStatus(
     if (change.taskVersion !== undefined) update.task_version = change.taskVersion;
     await trx.updateTable('referrals').set(update).where('id', '=', id).execute();
     if (before.status !== change.status) {
-      webhookQueued = await recordTransition(trx, row, { status: change.status, at, reason: change.reason ?? undefined, detail: change.detail });
+      queued = await recordTransition(trx, row, { status: change.status, at, reason: change.reason ?? undefined, detail: change.detail });
     }
     return { previous: before.status, current: toLightReferral({ ...row, ...update }) };
   });
-  signalWebhook(db, webhookQueued);
+  signalQueued(db, queued);
   return result;
 }
 
@@ -94,7 +102,7 @@ export async function noteStatus(db: Db, id: string, status: ReferralStatus, rea
  */
 export async function cancelBeforeDelivery(db: Db, referralId: string, reason: string, now = new Date()): Promise<boolean> {
   const nowS = now.toISOString();
-  let webhookQueued = false;
+  let queued: QueueName[] = [];
   const cancelled = await db.durably((k) =>
     k.transaction().execute(async (trx) => {
       await lockReferral(db, trx, referralId);
@@ -110,11 +118,11 @@ export async function cancelBeforeDelivery(db: Db, referralId: string, reason: s
       await trx.updateTable('outbox').set({ state: 'done', updated_at: nowS }).where('referral_id', '=', referralId).where('state', '=', 'pending').execute();
       const row = await trx.selectFrom('referrals').select(LIGHT_COLUMNS).where('id', '=', referralId).executeTakeFirstOrThrow();
       await trx.updateTable('referrals').set({ status: 'cancelled', status_reason: reason, updated_at: nowS }).where('id', '=', referralId).execute();
-      webhookQueued = await recordTransition(trx, row, { status: 'cancelled', at: nowS, reason });
+      queued = await recordTransition(trx, row, { status: 'cancelled', at: nowS, reason });
       return true;
     })
   );
-  signalWebhook(db, webhookQueued);
+  signalQueued(db, queued);
   return cancelled;
 }
 

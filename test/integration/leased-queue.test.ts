@@ -1,10 +1,22 @@
 import { readFileSync } from 'node:fs';
 import { referralSchema } from '../../src/model';
-import { type Db, deliveryQueue, insertReferral, type LeasedQueue, leasedQueue, newReferralId, nowIso, queueCancel, webhookQueue } from '../../src/store';
+import {
+  changeStatus,
+  type Db,
+  deliveryQueue,
+  hl7ReturnQueue,
+  insertReferral,
+  type LeasedQueue,
+  leasedQueue,
+  newReferralId,
+  nowIso,
+  queueCancel,
+  webhookQueue,
+} from '../../src/store';
 import { referralWithEvents, storeBackends } from '../helpers/db';
 
-// The one leased queue under both outboxes: the same claim, lease, settle and re-queue rules hold for the delivery
-// outbox and the webhook outbox, on each store backend.
+// The one leased queue under every outbox: the same claim, lease, settle and re-queue rules hold for the delivery
+// outbox, the webhook outbox and the HL7 v2 outbox, on each store backend.
 
 const sample = referralSchema.parse({
   ...JSON.parse(readFileSync('fixtures/referrals/breast-second-opinion.json', 'utf8')),
@@ -23,6 +35,33 @@ interface Row {
 /** A referral with two rows in the queue, the first queued before the second. */
 async function twoRows(db: Db, queue: LeasedQueue<Row>): Promise<string> {
   if (queue === (webhookQueue as LeasedQueue<unknown>)) return referralWithEvents(db, sample, ['sent', 'accepted']);
+  if (queue === (hl7ReturnQueue as LeasedQueue<unknown>)) {
+    // An HL7 v2 referral whose client has a return channel: each status change queues a status message.
+    const id = newReferralId();
+    const hl7Origin = {
+      family: 'REF' as const,
+      sendingApplication: 'EPIC',
+      sendingFacility: 'CITY-HOSP',
+      receivingApplication: 'RG',
+      receivingFacility: 'RG',
+      version: '2.5.1',
+      referralIdentifier: `E-${id}`,
+      channel: { host: '127.0.0.1', port: 2576 },
+    };
+    await insertReferral(db, {
+      id,
+      clientId: 'c',
+      externalId: `E-${id}`,
+      idempotencyKey: null,
+      requestHash: 'h',
+      destination: 'sandbox',
+      payload: sample,
+      at: nowIso(),
+      hl7Origin,
+    });
+    for (const status of ['sent', 'accepted'] as const) await changeStatus(db, id, { status });
+    return id;
+  }
   const id = newReferralId();
   await insertReferral(db, {
     id,
@@ -42,6 +81,7 @@ async function twoRows(db: Db, queue: LeasedQueue<Row>): Promise<string> {
 const queues: Array<[string, LeasedQueue<Row>, string]> = [
   ['delivery outbox', deliveryQueue as LeasedQueue<Row>, 'done'],
   ['webhook outbox', webhookQueue as LeasedQueue<Row>, 'delivered'],
+  ['HL7 v2 outbox', hl7ReturnQueue as LeasedQueue<Row>, 'acknowledged'],
 ];
 const later = (ms: number): Date => new Date(Date.now() + ms);
 

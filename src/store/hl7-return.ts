@@ -1,0 +1,165 @@
+import type { Kysely, Transaction } from 'kysely';
+import type { ReferralStatus } from '../model';
+import type { Db } from './db';
+import { nextSeq } from './history';
+import { newId, nowIso } from './ids';
+import { freshQueueRow, type LeasedQueue, type QueueRow } from './leased-queue';
+import type { Database, Hl7OriginsTable, Hl7OutboxTable } from './schema';
+
+// Status back to HL7 v2 senders: where a v2 referral came from (hl7_origins, written with the referral), and the
+// status changes to send back over MLLP (hl7_outbox, a leased queue written in the status change's transaction).
+
+/** The sender's message family: REF^I12 is answered with RRI^I12, 360X's OMG^O19 with OSU^O51. */
+export type Hl7Family = 'REF' | 'OMG';
+
+/** Where an HL7 v2 referral came from and where its status goes back (HD and EI values as escaped ER7). */
+export interface Hl7Origin {
+  family: Hl7Family;
+  /** MSH-3 and MSH-4 of the referral message: MSH-5 and MSH-6 of what goes back. */
+  sendingApplication: string;
+  sendingFacility: string;
+  /** MSH-5 and MSH-6 of the referral message: MSH-3 and MSH-4 of what goes back. */
+  receivingApplication: string;
+  receivingFacility: string;
+  /** MSH-12 of the referral message. */
+  version: string;
+  /** RF1-6 (REF) or ORC-2 (OMG) as sent. */
+  referralIdentifier: string;
+  /** The client's return channel (HL7_RETURN_CHANNELS) when the referral came in. */
+  channel: { host: string; port: number };
+}
+
+/**
+ * pending      — waiting for (or in) an attempt;
+ * acknowledged — the receiver answered AA (or CA);
+ * failed       — dead-lettered (AE, or the attempts or age spent); an operator may re-queue it.
+ */
+export type Hl7ReturnState = 'pending' | 'acknowledged' | 'failed';
+
+export interface Hl7ReturnEntry {
+  /** Also the MSH-10 control ids' source: stable across retries, so a receiver can de-duplicate. */
+  id: string;
+  referralId: string;
+  seq: number;
+  /** The status change to send (not the referral's status when it is sent: each change goes back in turn). */
+  status: ReferralStatus;
+  previousStatus: ReferralStatus;
+  reason: string | null;
+  at: string;
+  family: Hl7Family;
+  channel: { host: string; port: number };
+  state: Hl7ReturnState;
+  attempts: number;
+  nextAttemptAt: string;
+  lastError: string | null;
+  /** When the current round of attempts began: the status change, or the operator's re-queue. */
+  createdAt: string;
+  updatedAt: string;
+}
+
+function toEntry(r: QueueRow): Hl7ReturnEntry {
+  const row = r as unknown as Hl7OutboxTable;
+  return {
+    id: row.id,
+    referralId: row.referral_id,
+    seq: Number(row.seq),
+    status: row.status as ReferralStatus,
+    previousStatus: row.previous_status as ReferralStatus,
+    reason: row.reason,
+    at: row.at,
+    family: row.family as Hl7Family,
+    channel: { host: row.channel_host, port: Number(row.channel_port) },
+    state: row.state as Hl7ReturnState,
+    attempts: Number(row.attempts),
+    nextAttemptAt: row.next_attempt_at,
+    lastError: row.last_error,
+    createdAt: row.created_at,
+    updatedAt: row.updated_at,
+  };
+}
+
+/**
+ * The HL7 v2 outbox as a leased queue. A referral's status changes go back in `seq` order: a receiver that keeps
+ * failing holds back that referral's later changes and no other's. A re-queued dead letter restarts its age window
+ * (and goes after the later ones, as a webhook replay does: the message carries the time of the change).
+ */
+export const hl7ReturnQueue: LeasedQueue<Hl7ReturnEntry> = {
+  table: 'hl7_outbox',
+  order: 'seq',
+  doneState: 'acknowledged',
+  requeueRestartsAge: true,
+  toEntry,
+};
+
+type Executor = Kysely<Database> | Transaction<Database>;
+
+/** Records where a referral came from, in the transaction that stores it. */
+export async function insertHl7Origin(trx: Executor, referralId: string, origin: Hl7Origin, at: string): Promise<void> {
+  await trx
+    .insertInto('hl7_origins')
+    .values({
+      referral_id: referralId,
+      family: origin.family,
+      sending_application: origin.sendingApplication.slice(0, 500),
+      sending_facility: origin.sendingFacility.slice(0, 500),
+      receiving_application: origin.receivingApplication.slice(0, 500),
+      receiving_facility: origin.receivingFacility.slice(0, 500),
+      version: origin.version.slice(0, 20),
+      referral_identifier: origin.referralIdentifier.slice(0, 500),
+      channel_host: origin.channel.host,
+      channel_port: origin.channel.port,
+      created_at: at,
+    })
+    .execute();
+}
+
+function toOrigin(row: Hl7OriginsTable): Hl7Origin {
+  return {
+    family: row.family as Hl7Family,
+    sendingApplication: row.sending_application,
+    sendingFacility: row.sending_facility,
+    receivingApplication: row.receiving_application,
+    receivingFacility: row.receiving_facility,
+    version: row.version,
+    referralIdentifier: row.referral_identifier,
+    channel: { host: row.channel_host, port: Number(row.channel_port) },
+  };
+}
+
+/** Where a referral came from, when it came in as HL7 v2 from a client with a return channel. */
+export async function hl7Origin(db: Db | Executor, referralId: string): Promise<Hl7Origin | undefined> {
+  const k = 'kysely' in db ? db.kysely : db;
+  const row = await k.selectFrom('hl7_origins').selectAll().where('referral_id', '=', referralId).executeTakeFirst();
+  return row ? toOrigin(row) : undefined;
+}
+
+/**
+ * Queues a status change to go back to the referral's HL7 v2 sender, in the caller's transaction (which holds the
+ * referral's lock), numbered in order per referral. Nothing for a referral that did not come in as v2 (or whose
+ * client had no return channel): returns whether a row was queued.
+ */
+export async function enqueueHl7Return(
+  trx: Executor,
+  referralId: string,
+  change: { status: ReferralStatus; previousStatus: ReferralStatus; at: string; reason?: string }
+): Promise<boolean> {
+  const origin = await hl7Origin(trx, referralId);
+  if (!origin) return false;
+  await trx
+    .insertInto('hl7_outbox')
+    .values({
+      id: newId('h7'),
+      referral_id: referralId,
+      seq: nextSeq('hl7_outbox', referralId),
+      status: change.status,
+      previous_status: change.previousStatus,
+      reason: change.reason ?? null,
+      at: change.at,
+      family: origin.family,
+      channel_host: origin.channel.host,
+      channel_port: origin.channel.port,
+      ...freshQueueRow(nowIso()),
+    })
+    .execute();
+  return true;
+}
