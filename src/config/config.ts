@@ -46,7 +46,15 @@ export interface Config {
   delivery: { maxAttempts: number; maxAgeMs: number; baseDelayMs: number; maxDelayMs: number; concurrency: number };
   shutdownTimeoutMs: number;
   /** HL7 v2 over MLLP: the listener's port (undefined: off), which client each sending facility (MSH-4) is, the client of any other sender, the largest message. */
-  hl7: { mllpPort?: number; mllpPortDefaulted: boolean; senders: Map<string, string>; listenerClient?: string; maxMessageBytes: number };
+  hl7: {
+    mllpPort?: number;
+    mllpPortDefaulted: boolean;
+    senders: Map<string, string>;
+    listenerClient?: string;
+    maxMessageBytes: number;
+    /** HL7_RETURN_CHANNELS: the MLLP receiver each client's v2 referrals send their status changes back to. */
+    returnChannels: Map<string, { host: string; port: number }>;
+  };
   /** Closed referrals lose their inline document bytes after `documentDays` and are deleted after `referralDays` (0: never). */
   retention: { documentDays: number; referralDays: number; cron: string };
   /** The built-in sandbox's server profile and trait overrides (SANDBOX_PROFILE, SANDBOX_TRAITS). */
@@ -166,6 +174,9 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     }
     if (hl7Client !== undefined && !apiKeys.has(hl7Client)) problems.push(`HL7_MLLP_CLIENT names client ${hl7Client}, which API_KEYS does not have`);
     if (hl7Client === undefined && devKeys) hl7Client = 'dev';
+    for (const clientId of e.HL7_RETURN_CHANNELS?.keys() ?? []) {
+      if (!apiKeys.has(clientId)) problems.push(`HL7_RETURN_CHANNELS names client ${clientId}, which API_KEYS does not have`);
+    }
   }
   if (production && ok('WEBHOOK_SECRET') && !e.WEBHOOK_SECRET) {
     problems.push('WEBHOOK_SECRET is required with NODE_ENV=production');
@@ -215,6 +226,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
       senders: hl7Senders,
       listenerClient: hl7Client,
       maxMessageBytes: e.HL7_MAX_MESSAGE_BYTES ?? e.MAX_BODY_BYTES,
+      returnChannels: e.HL7_RETURN_CHANNELS ?? new Map(),
     },
     retention: { documentDays: e.DOCUMENT_RETENTION_DAYS, referralDays: e.REFERRAL_RETENTION_DAYS, cron: e.RETENTION_CRON },
     sandbox: { profile: e.SANDBOX_PROFILE, traits: e.SANDBOX_TRAITS },

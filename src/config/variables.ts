@@ -235,6 +235,35 @@ export const variables = {
     doc: 'the largest HL7 v2 message taken over MLLP; a larger one is answered AR and the connection stays open',
     shownDefault: '`MAX_BODY_BYTES`',
   },
+  HL7_RETURN_CHANNELS: {
+    schema: z
+      .string()
+      .optional()
+      .transform((s, ctx) => {
+        if (s === undefined) return undefined;
+        const out = new Map<string, { host: string; port: number }>();
+        for (const pair of (s ?? '')
+          .split(',')
+          .map((p) => p.trim())
+          .filter(Boolean)) {
+          const m = /^([\w.-]+)=(\[[0-9A-Fa-f:.]+\]|[\w.-]+):(\d{1,5})$/.exec(pair);
+          const port = Number(m?.[3]);
+          if (!m || port < 1 || port > 65535) {
+            ctx.addIssue({ code: 'custom', message: 'must be comma-separated clientId=host:port pairs (an API_KEYS client, its MLLP receiver)' });
+            return z.NEVER;
+          }
+          if (out.has(m[1])) {
+            ctx.addIssue({ code: 'custom', message: `lists client ${m[1]} twice` });
+            return z.NEVER;
+          }
+          out.set(m[1], { host: m[2].replace(/^\[|\]$/g, ''), port });
+        }
+        return out;
+      }),
+    doc:
+      "where each client's HL7 v2 referrals send their status changes back over MLLP (`clientId=host:port,...`): RRI^I12 to a REF^I12 sender, " +
+      'OSU^O51 to an OMG^O19 (360X) sender, with the report when it completes. Recorded with each referral as it comes in; a client not listed gets none',
+  },
   MAX_BODY_BYTES: {
     schema: z.coerce
       .number()

@@ -17,12 +17,13 @@ export {
   type V2Parse,
   type V2Submission,
 } from './hl7v2/format';
-export { readV2Referral, type V2Reading } from './hl7v2/map';
+export { readV2Referral, defaultV2Tables, type V2Reading, type V2Tables } from './hl7v2/map';
+export { decodeHl7Text, escapeText } from './hl7v2/escape';
 export { EXTERNAL_ID_SYSTEM, FHIR_CONTENT_TYPES, fhirBundleFormat, type MirroredReferral, taskMirror, taskSearchset } from './fhir-bundle/format';
 export { readReferralBundle, type BundleReading } from './fhir-bundle/map';
-export { createMllpServer, sendMllp, type MllpConnection, type MllpServerOptions } from './hl7v2/mllp';
+export { createMllpServer, MllpError, sendMllp, type MllpConnection, type MllpServerOptions } from './hl7v2/mllp';
 export { IntakeRegistry } from './registry';
-export type { Acceptance, IntakeFormat, IntakeReply, Pause, ReadResult, Refusal, Submission } from './types';
+export type { Acceptance, IntakeFormat, IntakeReply, Pause, ReadResult, Refusal, Submission, V2Origin } from './types';
 
 /** The formats a gateway takes by default: one line per format. */
 export function defaultIntakeFormats(): IntakeRegistry {

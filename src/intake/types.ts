@@ -27,6 +27,24 @@ export interface Submission {
   read(): ReadResult;
   /** Where a location in the referral model (`patient.birthDate`, `documents[1].data`) is in this format. */
   locate(modelPath: string): string;
+  /** A messaging format's sender, so status changes can go back to it in its own terms (HL7 v2: src/hl7return). */
+  readonly origin?: V2Origin;
+}
+
+/** Who sent an HL7 v2 referral and how to address it back (HD and EI values as escaped ER7, default delimiters). */
+export interface V2Origin {
+  /** `REF` (REF^I12, answered with RRI^I12) or `OMG` (360X's OMG^O19, answered with OSU^O51). */
+  family: 'REF' | 'OMG';
+  /** MSH-3, MSH-4: the sender (MSH-5, MSH-6 of what goes back). */
+  sendingApplication: string;
+  sendingFacility: string;
+  /** MSH-5, MSH-6: what the sender called the gateway (MSH-3, MSH-4 of what goes back). */
+  receivingApplication: string;
+  receivingFacility: string;
+  /** MSH-12. */
+  version: string;
+  /** RF1-6 (REF) or ORC-2, else OBR-2 (OMG): the sender's id for the referral, as sent. */
+  referralIdentifier: string;
 }
 
 /** What the sender is sent back: a status (for HTTP transports), headers and a body in the format's own terms. */

@@ -51,6 +51,8 @@ export class ReferralService {
       clientIdentifierSystems?: ReadonlyMap<string, ReadonlyArray<string>>;
       /** The lane submissions and added documents are hashed, checked and stored in (default: width 2). */
       lane?: IntakeLane;
+      /** HL7_RETURN_CHANNELS: where each client's HL7 v2 referrals send their status changes back (MLLP host and port). */
+      hl7ReturnChannels?: ReadonlyMap<string, { host: string; port: number }>;
     } = {}
   ) {
     this.lane = options.lane ?? new IntakeLane(2);
@@ -97,6 +99,8 @@ export class ReferralService {
       const { referral, destination } = this.check(clientId, read.referral, (p) => submission.locate(p));
       await pause();
       const id = newReferralId();
+      // A v2 referral from a client with a return channel: its status changes go back to the sender (src/hl7return).
+      const channel = submission.origin && this.options.hl7ReturnChannels?.get(clientId);
       const created = await insertReferral(this.db, {
         id,
         clientId,
@@ -106,6 +110,7 @@ export class ReferralService {
         destination: destination.id,
         payload: referral,
         at: nowIso(),
+        ...(submission.origin && channel ? { hl7Origin: { ...submission.origin, channel } } : {}),
       });
       if (!created) {
         // Lost a race with an identical submission: answer as a replay.

@@ -169,6 +169,20 @@ describe('configuration', () => {
     expect(loadConfig({ ...base }).clientIdentifierSystems.size).toBe(0);
   });
 
+  test('HL7_RETURN_CHANNELS gives each client one MLLP receiver (IPv6 in brackets); the clients must exist', () => {
+    const keys = { API_KEYS: 'a:key-aaaaaaaa,b:key-bbbbbbbb' };
+    const c = loadConfig({ ...base, ...keys, HL7_RETURN_CHANNELS: 'a=ehr.a.example:2576, b=[::1]:6661' });
+    expect([...c.hl7.returnChannels.entries()]).toEqual([
+      ['a', { host: 'ehr.a.example', port: 2576 }],
+      ['b', { host: '::1', port: 6661 }],
+    ]);
+    expect(loadConfig({ ...base }).hl7.returnChannels.size).toBe(0);
+    expect(() => loadConfig({ ...base, ...keys, HL7_RETURN_CHANNELS: 'c=h:1' })).toThrow(/^HL7_RETURN_CHANNELS names client c, which API_KEYS does not have/);
+    for (const bad of ['a=host', 'a=host:0', 'a=host:70000', 'a:host:2575', 'a=h:1,a=h:2']) {
+      expect(() => loadConfig({ ...base, ...keys, HL7_RETURN_CHANNELS: bad })).toThrow(/^HL7_RETURN_CHANNELS /);
+    }
+  });
+
   test('intake and store limits have deliberate defaults and are checked together', () => {
     const c = loadConfig({ ...base });
     expect(c.intake).toEqual({

@@ -113,3 +113,14 @@ export function decodeHl7Text(raw: string, delimiters: Hl7Delimiters = DEFAULT_D
   }
   return out + raw.slice(at);
 }
+
+/** Text made safe for an HL7 field: the delimiters escaped (the default ones), line breaks as spaces. */
+export function escapeText(text: string): string {
+  return text
+    .replace(/\\/g, '\\E\\')
+    .replace(/\|/g, '\\F\\')
+    .replace(/\^/g, '\\S\\')
+    .replace(/&/g, '\\T\\')
+    .replace(/~/g, '\\R\\')
+    .replace(/[\r\n]+/g, ' ');
+}

@@ -4,7 +4,9 @@ import { canonicalHash } from '../../json';
 import { referralSchema } from '../../model';
 import { type DetailedIssue, Failure, zodIssues } from '../../outcomes';
 import type { IntakeFormat, IntakeReply, Refusal, Submission } from '../types';
+import { escapeText } from './escape';
 import { readV2Referral, type V2Reading } from './map';
+import { v2Origin } from './origin';
 
 /** The media types of HL7 v2 ER7 ("pipe and hat") messages over HTTP. */
 export const HL7V2_CONTENT_TYPES = ['x-application/hl7-v2+er7', 'application/hl7-v2+er7'] as const;
@@ -133,17 +135,6 @@ export function buildAck(message: Hl7Message | undefined, code: 'AA' | 'AE' | 'A
   return segments.join('\r');
 }
 
-/** Text made safe for an HL7 field: the delimiters escaped. */
-export function escapeText(text: string): string {
-  return text
-    .replace(/\\/g, '\\E\\')
-    .replace(/\|/g, '\\F\\')
-    .replace(/\^/g, '\\S\\')
-    .replace(/&/g, '\\T\\')
-    .replace(/~/g, '\\R\\')
-    .replace(/[\r\n]+/g, ' ');
-}
-
 /** A v2 submission: the generic Submission plus the parsed message and what the mapping read from it. */
 export interface V2Submission extends Submission {
   readonly message: Hl7Message;
@@ -180,6 +171,8 @@ export function v2Submission(parsed: Extract<V2Parse, { ok: true }>, reading: V2
       return { ok: false, issues: locatedIssues(zodIssues(parsedReferral.error), reading) };
     },
     locate: (modelPath) => reading.locate(modelPath),
+    // Who sent it, so its status changes can go back (when its client has a return channel: HL7_RETURN_CHANNELS).
+    origin: v2Origin(parsed.message, parsed.type),
   };
 }
 

@@ -299,7 +299,7 @@ class Reader {
 }
 
 /** The message's delimiters; an escape character that is missing or collides with a separator disables decoding. */
-function delimitersOf(message: Hl7Message): Hl7Delimiters {
+export function delimitersOf(message: Hl7Message): Hl7Delimiters {
   const c = message.context as Partial<Hl7Delimiters> | undefined;
   const one = (s: unknown, fallback: string): string => (typeof s === 'string' && s.length === 1 ? s : fallback);
   const d = {

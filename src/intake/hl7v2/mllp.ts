@@ -60,13 +60,15 @@ export interface SendMllpOptions {
   timeoutMs?: number;
   /** A longer reply is refused (default 16 MiB). */
   maxReplyBytes?: number;
+  /** Gives up (MllpError `aborted`) and closes the connection when it aborts (a sender shutting down). */
+  signal?: AbortSignal;
 }
 
 /** Why sendMllp gave up, other than a socket error (ECONNREFUSED and the like reject with node's own error). */
 export class MllpError extends Error {
   override readonly name = 'MllpError';
   constructor(
-    readonly reason: 'timeout' | 'closed' | 'unframed' | 'oversize',
+    readonly reason: 'timeout' | 'closed' | 'unframed' | 'oversize' | 'aborted',
     message: string
   ) {
     super(message);
@@ -371,15 +373,18 @@ export function sendMllp(host: string, port: number, message: string | Buffer, o
   } catch (err) {
     return Promise.reject(err as Error);
   }
+  if (opts.signal?.aborted) return Promise.reject(new MllpError('aborted', `sending to ${host}:${port} was aborted`));
   return new Promise<Buffer>((resolve, reject) => {
     const socket = connect({ host, port, noDelay: true });
     let settled = false;
+    const onAbort = (): void => settle(new MllpError('aborted', `sending to ${host}:${port} was aborted`));
     const settle = (err: Error | undefined, reply?: Buffer): void => {
       if (settled) {
         return;
       }
       settled = true;
       clearTimeout(timer);
+      opts.signal?.removeEventListener('abort', onAbort);
       socket.destroy();
       if (err) {
         reject(err);
@@ -388,6 +393,7 @@ export function sendMllp(host: string, port: number, message: string | Buffer, o
       }
     };
     const timer = setTimeout(() => settle(new MllpError('timeout', `no MLLP reply from ${host}:${port} within ${timeoutMs} ms`)), timeoutMs);
+    opts.signal?.addEventListener('abort', onAbort, { once: true });
 
     socket.write(framed);
     socket.on('data', (chunk: Buffer) => {
