@@ -31,6 +31,7 @@ const domain = [
   './src/http',
   './src/destinations',
   './src/intake',
+  './src/hl7return',
 ];
 
 export default tseslint.config(

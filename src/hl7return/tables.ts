@@ -1,0 +1,62 @@
+import { existsSync, readFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { z } from 'zod';
+import { referralStatuses, type ReferralStatus } from '../model';
+
+// The status tables of the messages sent back to HL7 v2 senders (mappings/hl7v2-status.json): gateway status to
+// HL7 table 0283 (RF1-1 of RRI^I12) and table 0038 (ORC-5 of OSU^O51), and the report's code.
+
+const sources = z.string().min(20, 'say where the codes come from');
+/** One entry for every gateway status: a status added to the model without a code here stops start-up. */
+const everyStatus = <T extends z.ZodType>(code: T) => z.strictObject(Object.fromEntries(referralStatuses.map((s) => [s, code])) as Record<ReferralStatus, T>);
+
+export const statusTablesSchema = z.object({
+  _source: z.string().min(40, 'say where the tables come from'),
+  referralStatus: z.strictObject({
+    sources,
+    map: everyStatus(z.enum(['A', 'E', 'P', 'R'])),
+    displays: z.strictObject({ A: z.string().min(1), E: z.string().min(1), P: z.string().min(1), R: z.string().min(1) }),
+  }),
+  orderStatus: z.strictObject({ sources, map: everyStatus(z.enum(['A', 'CA', 'CM', 'DC', 'ER', 'HD', 'IP', 'RP', 'SC'])) }),
+  report: z.strictObject({ sources, code: z.string().min(1), display: z.string().min(1), system: z.string().min(1) }),
+});
+
+export type StatusTables = z.output<typeof statusTablesSchema>;
+
+const TABLES_FILE = 'hl7v2-status.json';
+
+/** The nearest `mappings/hl7v2-status.json` above this module (works from src/ and from dist/). */
+function tablesFile(): string {
+  let dir = __dirname;
+  for (;;) {
+    const candidate = join(dir, 'mappings', TABLES_FILE);
+    if (existsSync(candidate)) return candidate;
+    const parent = dirname(dir);
+    if (parent === dir) throw new Error(`HL7 v2 status tables not found: no mappings/${TABLES_FILE} above ${__dirname}`);
+    dir = parent;
+  }
+}
+
+/** Reads and checks a status tables file (default: mappings/hl7v2-status.json); throws naming the file and the fields at fault. */
+export function loadStatusTables(file: string = tablesFile()): StatusTables {
+  let json: unknown;
+  try {
+    json = JSON.parse(readFileSync(file, 'utf8'));
+  } catch (err) {
+    throw new Error(`HL7 v2 status tables ${file}: ${(err as Error).message}`, { cause: err });
+  }
+  const parsed = statusTablesSchema.safeParse(json);
+  if (!parsed.success) {
+    const issues = parsed.error.issues.slice(0, 5).map((i) => `${i.path.join('.') || '(root)'}: ${i.message}`);
+    throw new Error(`${file} is invalid: ${issues.join('; ')}`);
+  }
+  return parsed.data;
+}
+
+let defaultTables: StatusTables | undefined;
+
+/** mappings/hl7v2-status.json, loaded on first use and kept. */
+export function defaultStatusTables(): StatusTables {
+  defaultTables ??= loadStatusTables();
+  return defaultTables;
+}
