@@ -42,6 +42,8 @@ export interface AppDeps {
   memory: MemoryBudget;
   /** Status webhook operator endpoints (GET /webhooks, POST /webhooks/:id/retry), mounted under /admin. */
   webhooksAdmin?: Router;
+  /** Operator endpoints for the status messages sent back to HL7 v2 senders (GET /hl7-status-messages, POST .../:id/retry), under /admin. */
+  hl7ReturnAdmin?: Router;
   /** Runs the retention job now (POST /admin/retention/run). */
   runRetention?: () => Promise<RetentionRun>;
   /** The destination doctor (GET /admin/destinations/:id/doctor): the destinations and the store's lost raw Binary uploads. */
@@ -110,7 +112,8 @@ export function createApp(deps: AppDeps): Express {
     precheck,
     json,
     adminRouter(deps.db, deps.runRetention, deps.doctor),
-    ...(deps.webhooksAdmin ? [deps.webhooksAdmin] : [])
+    ...(deps.webhooksAdmin ? [deps.webhooksAdmin] : []),
+    ...(deps.hl7ReturnAdmin ? [deps.hl7ReturnAdmin] : [])
   );
 
   app.use(notFoundHandler);

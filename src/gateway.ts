@@ -3,20 +3,22 @@ import { once } from 'node:events';
 import type { Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { createApp } from './app';
-import { webhooksAdminRouter, createLimitedServer, type MllpListener, startMllpListener } from './api';
+import { webhooksAdminRouter, createLimitedServer, hl7ReturnAdminRouter, type MllpListener, startMllpListener } from './api';
 import type { Config, Destination, DestinationDirectory } from './config';
 import { DeliveryWorker } from './delivery';
 import { notFound } from './outcomes';
-import { DestinationAdapters, FhirClients, fhirDestination } from './destinations';
+import { DestinationAdapters, FhirClients, fhirDestination, type ReportContent } from './destinations';
+import type { StoredReferral } from './model';
 import { loadSandbox, SANDBOX_PATH, type SandboxRouter, sandboxDestination } from './sandbox';
 import { MemoryBudget } from './memory';
 import { logger, setLogLevel } from './observability';
 import { type Backlog, clearBacklogSource, setBacklogSource } from './observability';
 import { ReferralService } from './referral';
-import { backlog, createStoreProbe, type Db, migrate, openDb, possiblyOrphanedUploads, type StoreProbeResult } from './store';
+import { backlog, createStoreProbe, type Db, migrate, openDb, possiblyOrphanedUploads, type QueueName, type StoreProbeResult } from './store';
 import { Poller } from './tracking';
 import { RetentionJob } from './retention';
 import { WebhookDispatcher, type WebhookDispatcherOptions } from './webhooks';
+import { Hl7ReturnDispatcher, type Hl7ReturnOptions } from './hl7return';
 
 class Directory implements DestinationDirectory {
   private readonly map = new Map<string, Destination>();
@@ -47,6 +49,8 @@ export interface GatewayOptions {
   webhookFetch?: typeof fetch;
   /** The intake formats POST /referrals takes (default: defaultIntakeFormats()). */
   intake?: IntakeRegistry;
+  /** HL7 v2 status-back dispatcher overrides (tests: short delays, few attempts). */
+  hl7Return?: Partial<Hl7ReturnOptions>;
 }
 
 /** The whole service: store, API, sandbox, delivery worker and poller, with start and stop. */
@@ -61,6 +65,8 @@ export class Gateway {
   readonly poller: Poller;
   readonly service: ReferralService;
   readonly webhooks: WebhookDispatcher;
+  /** Sends status changes back to the senders of HL7 v2 referrals over MLLP (HL7_RETURN_CHANNELS). */
+  readonly hl7Return: Hl7ReturnDispatcher;
   readonly retention: RetentionJob;
   /** Bytes of request bodies and delivery payloads held at once (MAX_INTAKE_BYTES_IN_FLIGHT, INTAKE_CLIENT_SHARE). */
   readonly memory: MemoryBudget;
@@ -104,9 +110,15 @@ export class Gateway {
       },
       (e) => logger.debug('status change', { ...e })
     );
-    // Work is queued by the store in the transaction that makes it due (a status change queues its webhook, a
-    // submission its delivery): the worker of that queue looks as soon as it has committed.
-    this.db.signals.on('queued', (queue) => (queue === 'webhook' ? this.webhooks.wake() : this.worker.wake()));
+    this.hl7Return = new Hl7ReturnDispatcher(this.db, { readReport: (referral) => this.readReport(referral) }, opts.hl7Return);
+    // Work is queued by the store in the transaction that makes it due (a status change queues its webhook and HL7 v2
+    // status message, a submission its delivery): the worker of that queue looks as soon as it has committed.
+    const wake: Record<QueueName, () => void> = {
+      delivery: () => this.worker.wake(),
+      webhook: () => this.webhooks.wake(),
+      hl7: () => this.hl7Return.wake(),
+    };
+    this.db.signals.on('queued', (queue) => wake[queue]());
     const defaultCron = config.pollCron ?? (config.useSandbox ? '*/10 * * * * *' : '*/5 * * * *');
     this.poller = new Poller(this.db, this.destinations, this.adapters, {
       cron: defaultCron,
@@ -118,6 +130,7 @@ export class Gateway {
     this.service = new ReferralService(this.db, this.destinations, {
       allowPrivateCallbacks: config.webhookAllowPrivateNetworks,
       clientIdentifierSystems: config.clientIdentifierSystems,
+      hl7ReturnChannels: config.hl7.returnChannels,
     });
   }
 
@@ -148,6 +161,7 @@ export class Gateway {
       isShuttingDown: () => this.shuttingDown,
       memory: this.memory,
       webhooksAdmin: webhooksAdminRouter(this.db),
+      hl7ReturnAdmin: hl7ReturnAdminRouter(this.db),
       runRetention: () => this.retention.run(),
       doctor: {
         destinations: this.destinations,
@@ -169,6 +183,7 @@ export class Gateway {
     await this.startMllp();
     this.worker.start();
     this.webhooks.start();
+    this.hl7Return.start();
     if (this.opts.startPoller !== false) this.poller.start();
     this.retention.start();
     this.backlogSource = async () => ({
@@ -201,6 +216,13 @@ export class Gateway {
     }
   }
 
+  /** A referral's opinion report, read at its destination through the destination's adapter (for the HL7 v2 status back). */
+  private readReport(referral: StoredReferral): Promise<ReportContent> {
+    const destination = this.destinations.get(referral.destination);
+    if (!referral.report || !destination) return Promise.reject(new Error('no report, or its destination is no longer configured'));
+    return this.adapters.for(destination).readReport(referral, destination);
+  }
+
   /** Ready while the store takes a real write (a probe row rewritten at most every STORE_PROBE_CACHE_MS). */
   private async readiness(): Promise<{ ready: boolean; checks: Record<string, string> }> {
     const store = await this.storeProbe();
@@ -218,7 +240,7 @@ export class Gateway {
     const force = setTimeout(() => server?.closeAllConnections(), this.config.shutdownTimeoutMs);
     force.unref();
     await this.mllp?.close();
-    await Promise.all([this.poller.stop(), this.worker.stop(), this.webhooks.stop(), this.retention.stop()]);
+    await Promise.all([this.poller.stop(), this.worker.stop(), this.webhooks.stop(), this.hl7Return.stop(), this.retention.stop()]);
     await closed;
     clearTimeout(force);
     await this.sandbox?.close();

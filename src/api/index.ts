@@ -12,3 +12,4 @@ export { openapiRouter } from './openapi-router';
 export { referralsRouter, type ReportReader } from './referrals-router';
 export { createLimitedServer } from './server-limits';
 export { webhooksAdminRouter } from './webhooks-admin-router';
+export { hl7ReturnAdminRouter } from './hl7-return-admin-router';

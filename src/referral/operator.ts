@@ -1,7 +1,20 @@
 import { notFound } from '../outcomes';
-import { changeStatus, type Db, deliveryQueue, getReferral, leasedQueue, type OutboxEntry, webhookQueue, type WebhookEntry, type WebhookState } from '../store';
+import {
+  changeStatus,
+  type Db,
+  deliveryQueue,
+  getReferral,
+  hl7ReturnQueue,
+  type Hl7ReturnEntry,
+  type Hl7ReturnState,
+  leasedQueue,
+  type OutboxEntry,
+  webhookQueue,
+  type WebhookEntry,
+  type WebhookState,
+} from '../store';
 
-// The operator's use cases over the two leased queues: list them, re-queue what was dead-lettered.
+// The operator's use cases over the leased queues: list them, re-queue what was dead-lettered.
 
 /**
  * An operator re-queues failed deliveries: `id` is a referral id (all its failed entries) or one outbox entry's
@@ -41,4 +54,16 @@ export function listDeliveries(db: Db, state: OutboxEntry['state'], limit: numbe
 /** Status webhooks in a state, most recently changed first. */
 export function listWebhooks(db: Db, state: WebhookState, limit: number): Promise<WebhookEntry[]> {
   return leasedQueue.list(db, webhookQueue, state, limit);
+}
+
+/** Re-queues a dead-lettered HL7 v2 status message (same id, so its control ids stay the same). */
+export async function requeueHl7Return(db: Db, id: string): Promise<string[]> {
+  if (!(await leasedQueue.requeue(db, hl7ReturnQueue, id))) throw notFound(`no failed HL7 v2 status message ${id.slice(0, 100)}`);
+  db.signals.emit('queued', 'hl7');
+  return [id];
+}
+
+/** HL7 v2 status messages in a state, most recently changed first. */
+export function listHl7Returns(db: Db, state: Hl7ReturnState, limit: number): Promise<Hl7ReturnEntry[]> {
+  return leasedQueue.list(db, hl7ReturnQueue, state, limit);
 }

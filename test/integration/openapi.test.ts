@@ -502,6 +502,7 @@ describe('the document and the running gateway agree', () => {
     await answer('get', '/referrals/{id}', `/referrals/${id}`, 401);
     await answer('get', '/admin/deliveries', '/admin/deliveries?state=done', 200, ADMIN_KEY);
     await eventually(async () => (await answer('get', '/admin/webhooks', '/admin/webhooks?state=delivered', 200, ADMIN_KEY)).items.length > 0);
+    await answer('get', '/admin/hl7-status-messages', '/admin/hl7-status-messages?state=acknowledged', 200, ADMIN_KEY);
     await answer('post', '/admin/retention/run', '/admin/retention/run', 200, ADMIN_KEY);
     await answer('get', '/healthz', '/healthz', 200);
     await answer('get', '/readyz', '/readyz', 200);

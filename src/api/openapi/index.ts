@@ -71,6 +71,11 @@ const EXTENSIONS: Array<{ target: string; note: string }> = [
   { target: '#/paths/~1admin~1deliveries~1{id}~1retry/post', note: '{id} may be an outbox entry id as well as a referral id.' },
   { target: '#/paths/~1admin~1webhooks/get', note: 'GET /admin/webhooks: list webhook events.' },
   { target: '#/paths/~1admin~1webhooks~1{id}~1retry/post', note: 'POST /admin/webhooks/{id}/retry: replay a dead-lettered webhook event.' },
+  { target: '#/paths/~1admin~1hl7-status-messages/get', note: 'GET /admin/hl7-status-messages: list the status messages sent back to HL7 v2 senders.' },
+  {
+    target: '#/paths/~1admin~1hl7-status-messages~1{id}~1retry/post',
+    note: 'POST /admin/hl7-status-messages/{id}/retry: re-queue a dead-lettered HL7 v2 status message.',
+  },
   { target: '#/paths/~1openapi.json/get', note: 'GET /openapi.json: this document.' },
   { target: '#/components/responses/AdminDisabled', note: '403 when ADMIN_API_KEY is not set.' },
   { target: '#/paths/~1referrals~1{id}~1report~1content/get/responses/502', note: "502 when the centre's server does not return the report." },

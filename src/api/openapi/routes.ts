@@ -24,6 +24,8 @@ import {
   statusChangedEventSchema,
   webhookEntrySchema,
   webhooksQuery,
+  hl7StatusMessageSchema,
+  hl7StatusMessagesQuery,
 } from './schemas';
 
 /** A schema where OpenAPI wants one: a zod schema, or JSON Schema for what has none (bytes, text). */
@@ -442,6 +444,47 @@ const gateway: Route[] = [
       401: 'AdminUnauthorized',
       403: 'AdminDisabled',
       404: outcome('404: no failed webhook with that id.'),
+      413: 'PayloadTooLarge',
+      415: 'UnsupportedMediaType',
+      500: 'InternalError',
+    },
+  },
+  {
+    method: 'get',
+    path: '/admin/hl7-status-messages',
+    operationId: 'listHl7StatusMessages',
+    tag: 'admin',
+    extension: true,
+    summary: 'Status messages sent back to HL7 v2 senders: the dead letter by default, or the queue',
+    description:
+      `${EXTENSION}operator view of the status changes sent back over MLLP to the referrers whose referrals came in as HL7 v2 ` +
+      '(HL7_RETURN_CHANNELS): RRI^I12 to REF^I12 senders, OSU^O51 to OMG^O19 senders. The messages themselves are not shown.',
+    query: hl7StatusMessagesQuery,
+    responses: {
+      200: answer('The status messages.', z.object({ items: z.array(hl7StatusMessageSchema) })),
+      400: 'BadRequest',
+      401: 'AdminUnauthorized',
+      403: 'AdminDisabled',
+      500: 'InternalError',
+    },
+  },
+  {
+    method: 'post',
+    path: '/admin/hl7-status-messages/{id}/retry',
+    operationId: 'retryHl7StatusMessage',
+    tag: 'admin',
+    extension: true,
+    summary: 'Re-queue a dead-lettered HL7 v2 status message',
+    description:
+      `${EXTENSION}moves a failed status message back to pending with 0 attempts and a new age window; it keeps its control ids ` +
+      '(MSH-10) and goes back after newer changes of the referral.',
+    pathParams: { id: idParam('The status message id (h7_...).') },
+    responses: {
+      202: answer('Re-queued.', requeuedSchema),
+      400: 'BadRequest',
+      401: 'AdminUnauthorized',
+      403: 'AdminDisabled',
+      404: outcome('404: no failed status message with that id.'),
       413: 'PayloadTooLarge',
       415: 'UnsupportedMediaType',
       500: 'InternalError',

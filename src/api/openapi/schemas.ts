@@ -9,8 +9,9 @@ import { referralStatusSchema, referralViewSchema, addDocumentsSchema, cancelSch
 import { deliveriesQuery } from '../admin-router';
 import { listQuery } from '../referrals-router';
 import { webhooksQuery } from '../webhooks-admin-router';
+import { hl7StatusMessagesQuery } from '../hl7-return-admin-router';
 import type { RetentionRun } from '../../retention';
-import type { OutboxEntry, WebhookEvent, WebhookEntry, WebhookState } from '../../store';
+import type { Hl7ReturnEntry, Hl7ReturnState, OutboxEntry, WebhookEvent, WebhookEntry, WebhookState } from '../../store';
 
 /** Compile-time: A and B have the same shape (each assignable to the other). */
 type Same<A, B> = [A] extends [B] ? ([B] extends [A] ? true : false) : false;
@@ -105,10 +106,11 @@ export const useNotes: ReadonlyArray<readonly [string, z.core.JSONSchemaMeta]> =
 
 // ---- requests: the schemas the routes parse with ----
 
-export { cancelSchema as cancelRequestSchema, listQuery as listReferralsQuery, deliveriesQuery, webhooksQuery };
+export { cancelSchema as cancelRequestSchema, listQuery as listReferralsQuery, deliveriesQuery, webhooksQuery, hl7StatusMessagesQuery };
 
 const outboxStates = deliveriesQuery.shape.state.unwrap().options;
 const webhookStates = webhooksQuery.shape.state.unwrap().options;
+const hl7ReturnStates = hl7StatusMessagesQuery.shape.state.unwrap().options;
 
 /** addDocumentsSchema and the object around it that addDocuments also takes. */
 export const addDocumentsRequestSchema = z.xor([z.object({ documents: addDocumentsSchema }), addDocumentsSchema]).meta({
@@ -210,6 +212,26 @@ export const webhookEntrySchema = z.object({
   updatedAt: dateTime,
 });
 
+/** One entry of GET /admin/hl7-status-messages (src/api/hl7-return-admin-router.ts). */
+export const hl7StatusMessageSchema = z.object({
+  id: z.string().meta({ description: 'The status message id (h7_...); the MSH-10 control ids sent are derived from it.' }),
+  referralId: z.string(),
+  seq: z.int(),
+  status: referralStatusSchema,
+  previousStatus: referralStatusSchema,
+  at: dateTime.meta({ description: 'When the status changed.' }),
+  family: z
+    .enum(['REF', 'OMG'])
+    .meta({ description: 'REF: RRI^I12 to a REF^I12 sender; OMG: OSU^O51 (and ORU^R01 with the report) to an OMG^O19 (360X) sender.' }),
+  channel: z.string().meta({ description: "The sender's MLLP receiver, host:port (HL7_RETURN_CHANNELS when the referral came in)." }),
+  state: z.enum(hl7ReturnStates),
+  attempts: count,
+  lastError: z.string().nullable().meta({ description: "Why the last attempt failed; for an AE, the receiver's error text." }),
+  nextAttemptAt: dateTime.nullable(),
+  createdAt: dateTime,
+  updatedAt: dateTime,
+});
+
 /** The sandbox's answers and bodies. */
 export const fhirResourceSchema = z
   .looseObject({ resourceType: z.string(), id: z.string().optional() })
@@ -261,6 +283,7 @@ export const componentSchemas: Record<string, z.ZodType> = {
   Requeued: requeuedSchema,
   DeliveryEntry: deliveryEntrySchema,
   WebhookEntry: webhookEntrySchema,
+  Hl7StatusMessage: hl7StatusMessageSchema,
   StatusChangedEvent: statusChangedEventSchema,
   OperationOutcome: operationOutcomeSchema,
   FhirResource: fhirResourceSchema,
@@ -283,5 +306,10 @@ export const shapeChecks: true[] = [
   >(true),
   same<(typeof outboxStates)[number], OutboxEntry['state']>(true),
   same<(typeof webhookStates)[number], WebhookState>(true),
+  same<
+    Omit<z.output<typeof hl7StatusMessageSchema>, 'channel'>,
+    Omit<Hl7ReturnEntry, 'channel' | 'reason' | 'nextAttemptAt'> & { nextAttemptAt: string | null }
+  >(true),
+  same<(typeof hl7ReturnStates)[number], Hl7ReturnState>(true),
   same<(typeof severities)[number], OperationOutcomeIssue['severity']>(true),
 ];
