@@ -216,6 +216,7 @@ export const variables = {
     doc:
       'which client each MLLP sender is (`FACILITY:clientId,...`, MSH-4 sending facility to an `API_KEYS` client): a message from a facility not ' +
       'listed is refused with an AR, unless `HL7_MLLP_CLIENT` is set',
+    shownDefault: 'none',
   },
   HL7_MLLP_CLIENT: {
     schema: z
