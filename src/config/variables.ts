@@ -191,10 +191,9 @@ export const variables = {
   HL7_MLLP_SENDERS: {
     schema: z
       .string()
-      .optional()
       .transform((s, ctx) => {
         const out = new Map<string, string>();
-        for (const pair of (s ?? '')
+        for (const pair of s
           .split(',')
           .map((p) => p.trim())
           .filter(Boolean)) {
@@ -212,11 +211,11 @@ export const variables = {
           out.set(facility, clientId);
         }
         return out;
-      }),
+      })
+      .optional(),
     doc:
       'which client each MLLP sender is (`FACILITY:clientId,...`, MSH-4 sending facility to an `API_KEYS` client): a message from a facility not ' +
       'listed is refused with an AR, unless `HL7_MLLP_CLIENT` is set',
-    shownDefault: 'none',
   },
   HL7_MLLP_CLIENT: {
     schema: z
