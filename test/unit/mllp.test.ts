@@ -236,17 +236,19 @@ describe('MLLP server framing', () => {
       },
     });
     const p = await peer(port);
-    const flood = Buffer.alloc(32 * 1024 * 1024, 0x41); // an oversize frame's content, far more than socket buffers hold
+    const flood = Buffer.alloc(12 * 1024 * 1024, 0x41); // an oversize frame's content, far more than socket buffers hold
     p.socket.write(frameMllp(hl7('HOLD')));
     p.socket.write(Buffer.concat([Buffer.from([VT]), Buffer.from(hl7('FLOOD')), flood, Buffer.from([FS, CR])]));
     p.socket.write(frameMllp(hl7('AFTER')));
     await sleep(150);
     // The server has read little more than the first message (its socket's buffer fills, then the kernel's): the rest waits on the sender's side.
     expect(accepted[0].bytesRead).toBeLessThan(1024 * 1024);
-    expect(p.socket.writableLength).toBeGreaterThan(16 * 1024 * 1024);
+    expect(p.socket.writableLength).toBeGreaterThan(6 * 1024 * 1024);
     release();
-    expect(await p.reply(3)).toEqual(['MSA|AA|HOLD', 'MSA|AR|FLOOD', 'MSA|AA|AFTER']);
-  });
+    // Draining the flood takes a while on a loaded 2-core machine (the full suite runs beside other work).
+    await eventually(() => p.replies.length >= 3, 20_000);
+    expect(p.replies).toEqual(['MSA|AA|HOLD', 'MSA|AR|FLOOD', 'MSA|AA|AFTER']);
+  }, 30_000);
 
   test('a peer that disconnects mid-message leaves nothing behind: the handler is never called for it', async () => {
     const { port, server, calls } = await start();
