@@ -129,7 +129,6 @@ async function main(): Promise<void> {
     }
     warm.close();
     const rows: Array<{ connections: number; v2: number; json: number }> = [];
-    let run = 0;
     for (let round = 1; round <= ROUNDS; round++) {
       for (const connections of [1, 8]) {
         const tag = (kind: string, i: number): string => `${kind}-${round}-${connections}-${i}`;
@@ -139,7 +138,8 @@ async function main(): Promise<void> {
         const v2Phase = (): Promise<{ rps: number; p99: number; failed: number }> =>
           drive(N, connections, async (w, i) => /\rMSA\|AA\|/.test(await (links[w] as { send(t: string): Promise<string> }).send(message(tag('V', i)))));
         const jsonPhase = (): Promise<{ rps: number; p99: number; failed: number }> => drive(N, connections, (_w, i) => postJson(json[i]));
-        const first = run++ % 2 === 0 ? 'v2' : 'json';
+        // Which format goes first alternates between rounds, for each number of connections.
+        const first = (round + connections) % 2 === 0 ? 'v2' : 'json';
         const a = first === 'v2' ? await v2Phase() : await jsonPhase();
         const b = first === 'v2' ? await jsonPhase() : await v2Phase();
         const [v2, js] = first === 'v2' ? [a, b] : [b, a];
