@@ -21,6 +21,8 @@ function view(e: Hl7ReturnEntry) {
     at: e.at,
     family: e.family,
     channel: `${e.channel.host.includes(':') ? `[${e.channel.host}]` : e.channel.host}:${e.channel.port}`,
+    message: e.message,
+    appointmentStart: e.appointmentStart,
     state: e.state,
     attempts: e.attempts,
     lastError: e.lastError,

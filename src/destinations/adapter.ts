@@ -65,6 +65,10 @@ export type CentreObservation =
       version: string | null;
       reason?: string;
       businessStatus?: string;
+      /** The codes of Task.businessStatus (the tracker matches them against the booking codes). */
+      businessStatusCodes?: { system?: string; code: string }[];
+      /** When the centre scheduled the work: Task.executionPeriod.start, else Task.restriction.period.start. */
+      appointmentStart?: string;
       report: (referral: ReferralSummary) => Promise<ReportInfo | null>;
     }
   /** The centre withdrew the referral (revoked its request, deleted its Task): it is cancelled, with the reason. */

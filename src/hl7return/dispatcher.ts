@@ -61,7 +61,8 @@ type Attempt =
 
 /**
  * Sends the status changes queued in `hl7_outbox` back to the HL7 v2 senders of the referrals, over MLLP to the
- * client's return channel: RRI^I12 to a REF^I12 sender, OSU^O51 (and ORU^R01 with the report) to an OMG^O19 sender.
+ * client's return channel: RRI^I12 to a REF^I12 sender, OSU^O51 (and ORU^R01 with the report) to an OMG^O19 sender,
+ * and to the latter SIU^S12 when the centre books the board.
  * Each message is built when it is sent, from the referral as stored; the receiver's acknowledgement decides: AA or
  * CA done; AE or CE dead letter with the receiver's error text; AR, CR, no or another answer, a timeout or a refused
  * connection retried (settleRetry) until the attempts or the age run out. Leased like the other outboxes: several
@@ -118,7 +119,7 @@ export class Hl7ReturnDispatcher extends LeasedQueueRunner<Hl7ReturnEntry> {
 
   protected async process(entry: Hl7ReturnEntry): Promise<void> {
     const attempts = entry.attempts + 1;
-    const ids = { hl7Id: entry.id, referralId: entry.referralId, seq: entry.seq, status: entry.status, family: entry.family };
+    const ids = { hl7Id: entry.id, referralId: entry.referralId, seq: entry.seq, message: entry.message, status: entry.status, family: entry.family };
     const started = Date.now();
     const result = await this.attempt(entry);
     const durationMs = Date.now() - started;
@@ -165,7 +166,7 @@ export class Hl7ReturnDispatcher extends LeasedQueueRunner<Hl7ReturnEntry> {
     if (!origin || !referral) return { kind: 'fail', reason: 'the referral or where it came from is no longer stored' };
     let report: ReportAttachment | undefined;
     let reportLeftOut: string | undefined;
-    if (entry.status === 'completed' && referral.report) {
+    if (entry.message === 'status' && entry.status === 'completed' && referral.report) {
       try {
         report = await this.deps.readReport(referral);
       } catch (err) {

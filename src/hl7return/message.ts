@@ -7,7 +7,8 @@ import type { StatusTables } from './tables';
 //   REF^I12 sender: RRI^I12   MSH, RF1 (status), PRD (the referring provider), PID, [OBR + OBX ED report], [NTE reason]
 //   OMG^O19 sender: OSU^O51   MSH, PID, ORC (SC, order status, reason in ORC-16)
 //                   and, when it completes with a report, ORU^R01: MSH, PID, ORC (RE), OBR, OBX ED (OSU_O51 has no
-//                   place for observations).
+//                   place for observations);
+//                   and when the centre books the board, SIU^S12: MSH, SCH, [TQ1], PID, RGS, AIS.
 // Built when they are sent, from the stored referral and the status change queued; every text we write is escaped.
 
 /** A report to attach: its bytes as the centre serves them. */
@@ -18,9 +19,12 @@ export interface ReportAttachment {
 
 export interface StatusMessageInput {
   origin: Hl7Origin;
-  referral: { id: string; externalId: string; payload: Pick<Referral, 'patient' | 'referrer'> };
-  /** The status change (an hl7_outbox row): its id names the messages (MSH-10). */
-  change: { id: string; status: ReferralStatus; reason: string | null; at: string };
+  referral: { id: string; externalId: string; payload: Pick<Referral, 'patient' | 'referrer' | 'kind'> };
+  /**
+   * The status change or booking (an hl7_outbox row): its id names the messages (MSH-10). A booking (`message`
+   * `appointment`) carries the business status code in `reason` and the appointment's start, if the Task gave one.
+   */
+  change: { id: string; status: ReferralStatus; reason: string | null; at: string; message?: 'status' | 'appointment'; appointmentStart?: string | null };
   /** The opinion report, for a change to completed (left out when it could not be read). */
   report?: ReportAttachment;
   tables: StatusTables;
@@ -45,6 +49,10 @@ export const GATEWAY_APPLICATION = 'REFERRAL-GATEWAY';
  * (at most 20 characters, the limit before v2.7), so a resend carries the same ones and a receiver can de-duplicate.
  */
 export function statusMessages(input: StatusMessageInput): OutboundMessage[] {
+  if (input.change.message === 'appointment') {
+    // Only 360X senders are sent bookings (the REF family has no appointment message); the store queues no other.
+    return input.origin.family === 'OMG' ? [message(input, 'SIU^S12^SIU_S12', 1, siuSegments(input))] : [];
+  }
   if (input.origin.family === 'REF') return [message(input, 'RRI^I12^RRI_I12', 1, rriSegments(input))];
   const messages = [message(input, 'OSU^O51^OSU_O51', 1, osuSegments(input))];
   if (input.report) messages.push(message(input, 'ORU^R01^ORU_R01', 2, oruSegments(input, input.report)));
@@ -130,6 +138,29 @@ function osuSegments(input: StatusMessageInput): string[][] {
       `${change.status}^${change.reason ? txt(change.reason) : txt(statusDisplay(change.status))}^L`,
     ],
   ];
+}
+
+/**
+ * SIU^S12, notification of new appointment booking (v2.5.1 SIU_S12: MSH, SCH, [TQ1], PID, RGS, AIS). The gateway
+ * relays the centre's booking, so it writes the filler's side: SCH-2 the booking's id (the outbox row's, stable across
+ * resends), SCH-6 the Task's business status, SCH-25 Booked, SCH-26 the sender's order (ORC-2 as sent), SCH-27 the
+ * gateway's id (ORC-3 of the OSU^O51). The start goes in SCH-11 (TQ, before 2.7, where it was withdrawn) and TQ1-7
+ * (from 2.5), and AIS-4; without one, they are left empty. AIS-3 is the service: the referral's kind.
+ */
+function siuSegments(input: StatusMessageInput): string[][] {
+  const { referral, change, tables, origin } = input;
+  const code = change.reason ?? '';
+  const display = tables.appointment.bookingCodes.find((b) => b.code === code)?.display ?? code;
+  const start = change.appointmentStart ? dtm(change.appointmentStart) : '';
+  const version = versionNumber(origin.version || '2.5.1');
+  const sch = ['SCH', '', txt(change.id), '', '', '', `${txt(code)}^${txt(display)}^L`, '', '', '', '', start && version < 207 ? `^^^${start}` : ''];
+  while (sch.length < 25) sch.push('');
+  sch.push('Booked^Booked^HL70278', referralIdentifier(origin, referral.externalId), txt(referral.id));
+  const segments = [sch];
+  if (start && version >= 205) segments.push(['TQ1', '1', '', '', '', '', '', start]);
+  const kind = referral.payload.kind;
+  segments.push(pid(referral.payload.patient, input.v2Tables), ['RGS', '1', 'A'], ['AIS', '1', 'A', `${txt(kind)}^${txt(kindDisplay(kind))}^L`, start]);
+  return segments;
 }
 
 function oruSegments(input: StatusMessageInput, report: ReportAttachment): string[][] {
@@ -219,6 +250,18 @@ function mediaType(contentType: string): [string, string] {
   return m ? [m[1].toLowerCase(), m[2].toLowerCase()] : ['application', 'octet-stream'];
 }
 
+/** `tumour-board-review` as `Tumour board review`. */
+function kindDisplay(kind: Referral['kind']): string {
+  const words = kind.replace(/-/g, ' ');
+  return words.charAt(0).toUpperCase() + words.slice(1);
+}
+
+/** MSH-12 as major * 100 + minor for comparisons (`2.5.1` as 205); unreadable: 2.5.1's. */
+function versionNumber(version: string): number {
+  const m = /^(\d+)\.(\d+)/.exec(version);
+  return m ? Number(m[1]) * 100 + Number(m[2]) : 205;
+}
+
 /** `in-progress` as `In progress`. */
 function statusDisplay(status: ReferralStatus): string {
   const words = status.replace(/-/g, ' ');
@@ -250,6 +293,12 @@ export function ts(iso: string): string {
   const d = new Date(iso);
   if (Number.isNaN(d.getTime())) return '';
   return `${d.toISOString().replace(/[-:T]/g, '').slice(0, 14)}+0000`;
+}
+
+/** A FHIR dateTime as a DTM: a date or month as given (no time, no zone); with a time, as `ts` (UTC). */
+export function dtm(dateTime: string): string {
+  if (/^\d{4}(-\d{2}(-\d{2})?)?$/.test(dateTime)) return dateTime.replace(/-/g, '');
+  return ts(dateTime);
 }
 
 /** Fields joined by `|`, trailing empty fields dropped. */

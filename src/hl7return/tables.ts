@@ -4,7 +4,8 @@ import { z } from 'zod';
 import { referralStatuses, type ReferralStatus } from '../model';
 
 // The status tables of the messages sent back to HL7 v2 senders (mappings/hl7v2-status.json): gateway status to
-// HL7 table 0283 (RF1-1 of RRI^I12) and table 0038 (ORC-5 of OSU^O51), and the report's code.
+// HL7 table 0283 (RF1-1 of RRI^I12) and table 0038 (ORC-5 of OSU^O51), the report's code, and the Task business
+// statuses that say the board is booked (SIU^S12 to 360X senders).
 
 const sources = z.string().min(20, 'say where the codes come from');
 /** One entry for every gateway status: a status added to the model without a code here stops start-up. */
@@ -19,9 +20,26 @@ export const statusTablesSchema = z.object({
   }),
   orderStatus: z.strictObject({ sources, map: everyStatus(z.enum(['A', 'CA', 'CM', 'DC', 'ER', 'HD', 'IP', 'RP', 'SC'])) }),
   report: z.strictObject({ sources, code: z.string().min(1), display: z.string().min(1), system: z.string().min(1) }),
+  appointment: z.strictObject({
+    sources,
+    /** The Task business statuses that say the board is booked; without a system, the code in any system. */
+    bookingCodes: z.array(z.strictObject({ system: z.string().min(1).optional(), code: z.string().min(1), display: z.string().min(1) })).min(1),
+  }),
 });
 
 export type StatusTables = z.output<typeof statusTablesSchema>;
+
+/** The booking code a Task's business status codes match (tables.appointment.bookingCodes), if any. */
+export function bookingCode(
+  tables: StatusTables,
+  codes: readonly { system?: string; code: string }[]
+): StatusTables['appointment']['bookingCodes'][number] | undefined {
+  for (const c of codes) {
+    const found = tables.appointment.bookingCodes.find((b) => b.code === c.code && (b.system === undefined || b.system === c.system));
+    if (found) return found;
+  }
+  return undefined;
+}
 
 const TABLES_FILE = 'hl7v2-status.json';
 

@@ -36,6 +36,9 @@ export interface Hl7Origin {
  */
 export type Hl7ReturnState = 'pending' | 'acknowledged' | 'failed';
 
+/** What an outbox row sends: a status change, or a booking of the board (360X senders). */
+export type Hl7ReturnMessage = 'status' | 'appointment';
+
 export interface Hl7ReturnEntry {
   /** Also the MSH-10 control ids' source: stable across retries, so a receiver can de-duplicate. */
   id: string;
@@ -48,6 +51,10 @@ export interface Hl7ReturnEntry {
   at: string;
   family: Hl7Family;
   channel: { host: string; port: number };
+  /** `status`: the status change (RRI^I12, OSU^O51); `appointment`: the centre booked the board (SIU^S12). */
+  message: Hl7ReturnMessage;
+  /** An appointment's start as the centre's Task gave it (ISO 8601), or null when it gave none. */
+  appointmentStart: string | null;
   state: Hl7ReturnState;
   attempts: number;
   nextAttemptAt: string;
@@ -69,6 +76,8 @@ function toEntry(r: QueueRow): Hl7ReturnEntry {
     at: row.at,
     family: row.family as Hl7Family,
     channel: { host: row.channel_host, port: Number(row.channel_port) },
+    message: row.message === 'appointment' ? 'appointment' : 'status',
+    appointmentStart: row.appointment_start ?? null,
     state: row.state as Hl7ReturnState,
     attempts: Number(row.attempts),
     nextAttemptAt: row.next_attempt_at,
@@ -109,6 +118,7 @@ export async function insertHl7Origin(trx: Executor, referralId: string, origin:
       channel_host: origin.channel.host,
       channel_port: origin.channel.port,
       created_at: at,
+      booked: 0,
     })
     .execute();
 }
@@ -158,6 +168,58 @@ export async function enqueueHl7Return(
       family: origin.family,
       channel_host: origin.channel.host,
       channel_port: origin.channel.port,
+      message: null,
+      appointment_start: null,
+      ...freshQueueRow(nowIso()),
+    })
+    .execute();
+  return true;
+}
+
+/** What one version of the centre's Task says of the booking of the board (src/tracking decides `booked`). */
+export interface AppointmentObservation {
+  /** The business status is a booking one (mappings/hl7v2-status.json `appointment`). */
+  booked: boolean;
+  /** The business status code, for SCH-6 (event reason). */
+  code: string;
+  /** The appointment's start (Task.executionPeriod.start, else restriction.period.start), when the Task gives one. */
+  start: string | null;
+}
+
+/**
+ * Notes a Task version's business status for a referral that came in as HL7 v2, in the caller's transaction (which
+ * holds the referral's lock): when it says booked and the last one did not, queues a booking (SIU^S12) for an
+ * OMG^O19 (360X) sender, after any status change of the same version. A later version still booked sends nothing;
+ * one that is not booked clears the mark, so a re-booking is sent again. Returns whether a row was queued.
+ */
+export async function noteHl7Appointment(
+  trx: Executor,
+  referralId: string,
+  status: ReferralStatus,
+  appointment: AppointmentObservation,
+  at: string
+): Promise<boolean> {
+  const row = await trx.selectFrom('hl7_origins').selectAll().where('referral_id', '=', referralId).executeTakeFirst();
+  if (!row) return false;
+  const booked = appointment.booked ? 1 : 0;
+  if (Number(row.booked) === booked) return false;
+  await trx.updateTable('hl7_origins').set({ booked }).where('referral_id', '=', referralId).execute();
+  if (!appointment.booked || row.family !== 'OMG') return false;
+  await trx
+    .insertInto('hl7_outbox')
+    .values({
+      id: newId('h7'),
+      referral_id: referralId,
+      seq: nextSeq('hl7_outbox', referralId),
+      status,
+      previous_status: status,
+      reason: appointment.code.slice(0, 200),
+      at,
+      family: row.family,
+      channel_host: row.channel_host,
+      channel_port: row.channel_port,
+      message: 'appointment',
+      appointment_start: appointment.start,
       ...freshQueueRow(nowIso()),
     })
     .execute();

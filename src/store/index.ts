@@ -25,7 +25,16 @@ export * as leasedQueue from './leased-queue-api';
 export type { LeasedQueue, Settled } from './leased-queue';
 export { deliveryQueue, type OutboxEntry, type OutboxKind } from './delivery-queue';
 export { webhookQueue, type WebhookEntry, type WebhookEvent, type WebhookState } from './webhook-queue';
-export { hl7Origin, hl7ReturnQueue, type Hl7Family, type Hl7Origin, type Hl7ReturnEntry, type Hl7ReturnState } from './hl7-return';
+export {
+  type AppointmentObservation,
+  hl7Origin,
+  hl7ReturnQueue,
+  type Hl7Family,
+  type Hl7Origin,
+  type Hl7ReturnEntry,
+  type Hl7ReturnMessage,
+  type Hl7ReturnState,
+} from './hl7-return';
 export { getWatermark, setWatermark } from './poll-state';
 export { closedBefore, deleteClosed, removeDocumentBytes, type Due } from './retention';
 export { backlog, type BacklogCounts } from './backlog';

@@ -245,6 +245,20 @@ migrations['0009_hl7_return'] = {
   },
 };
 
+migrations['0010_hl7_appointment'] = {
+  async up(db: Kysely<unknown>): Promise<void> {
+    // SIU^S12 to 360X senders when the centre books the board: an outbox row is a status change (message null) or a
+    // booking (message 'appointment', with its start); the origin remembers whether the centre's Task last said
+    // booked, so one booking is sent once.
+    await db.schema.alterTable('hl7_outbox').addColumn('message', 'text').execute();
+    await db.schema.alterTable('hl7_outbox').addColumn('appointment_start', 'text').execute();
+    await db.schema
+      .alterTable('hl7_origins')
+      .addColumn('booked', 'integer', (c) => c.notNull().defaultTo(0))
+      .execute();
+  },
+};
+
 class StaticProvider implements MigrationProvider {
   async getMigrations(): Promise<Record<string, Migration>> {
     return migrations;

@@ -134,6 +134,8 @@ export interface Hl7OriginsTable {
   channel_host: string;
   channel_port: number;
   created_at: string;
+  /** 1 while the centre's Task last said the board is booked (a booking business status): a booking goes back once. */
+  booked: number;
 }
 
 /** A status change to send back to an HL7 v2 sender (src/store/hl7-return.ts): the message is built when it is sent. */
@@ -151,6 +153,10 @@ export interface Hl7OutboxTable extends LeasedQueueColumns {
   family: string;
   channel_host: string;
   channel_port: number;
+  /** null: a status change; `appointment`: the centre booked the board (SIU^S12, OMG senders only). */
+  message: string | null;
+  /** A booking's start (ISO 8601, as the centre's Task gave it), when it gave one. */
+  appointment_start: string | null;
 }
 
 export interface Database {

@@ -2,7 +2,7 @@ import type { Transaction } from 'kysely';
 import type { FhirRefs, ReferralStatus, ReportInfo, StoredReferral, DocumentsTask, CancelTask } from '../model';
 import type { Db, QueueName } from './db';
 import { appendHistory } from './history';
-import { enqueueHl7Return } from './hl7-return';
+import { type AppointmentObservation, enqueueHl7Return, noteHl7Appointment } from './hl7-return';
 import { nowIso } from './ids';
 import { enqueueDelivery } from './delivery-queue';
 import { LIGHT_COLUMNS, lockReferral, toLightReferral, type LightRow } from './referrals';
@@ -20,6 +20,8 @@ export interface StatusChange {
   fhir?: FhirRefs;
   report?: ReportInfo | null;
   taskVersion?: string | null;
+  /** What the centre's Task version says of the booking of the board: a 360X sender is sent SIU^S12 once per booking. */
+  appointment?: AppointmentObservation;
 }
 
 /**
@@ -81,6 +83,9 @@ export async function changeStatus(
     await trx.updateTable('referrals').set(update).where('id', '=', id).execute();
     if (before.status !== change.status) {
       queued = await recordTransition(trx, row, { status: change.status, at, reason: change.reason ?? undefined, detail: change.detail });
+    }
+    if (change.appointment && (await noteHl7Appointment(trx, id, change.status, change.appointment, at)) && !queued.includes('hl7')) {
+      queued = [...queued, 'hl7'];
     }
     return { previous: before.status, current: toLightReferral({ ...row, ...update }) };
   });

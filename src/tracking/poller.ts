@@ -4,7 +4,8 @@ import type { CentreObservation, DestinationAdapters, ReferralSummary, TrackingC
 import { nextDelay } from '../queue';
 import { logger, pollCycles } from '../observability';
 import type { ReferralStatus, ReportInfo, StoredReferral } from '../model';
-import { changeStatus, type Db, getReferral, getWatermark, noteStatus, openAtDestination, setWatermark } from '../store';
+import { bookingCode, defaultStatusTables } from '../hl7return';
+import { type AppointmentObservation, changeStatus, type Db, getReferral, getWatermark, noteStatus, openAtDestination, setWatermark } from '../store';
 import { centreContentType, centreText, MAX_REPORT_TITLE_CHARS, MAX_STATUS_REASON_CHARS } from './centre-text';
 import { decideTransition, terminalStatuses } from './state';
 
@@ -186,7 +187,7 @@ export class Poller {
     to: ReferralStatus,
     reason: string | null,
     detail: Record<string, unknown>,
-    extra: { taskVersion?: string | null; report?: ReportInfo | null } = {}
+    extra: { taskVersion?: string | null; report?: ReportInfo | null; appointment?: AppointmentObservation } = {}
   ): Promise<boolean> {
     const changed = await changeStatus(this.db, referral.id, { status: to, reason, detail, ...extra }, (cur) => cur.status === referral.status);
     if (!changed) return false;
@@ -202,6 +203,8 @@ export class Poller {
     if (referral.status === 'queued' || referral.status === 'delivery-failed') return false; // ids not recorded yet
     const decision = decideTransition(referral.status, task.taskStatus);
     const reason = centreText(task.reason, MAX_STATUS_REASON_CHARS);
+    // Whether the centre has booked the board: recorded with the version, a 360X sender is sent SIU^S12 once per booking.
+    const appointment = appointmentOf(task);
     switch (decision.kind) {
       case 'unknown':
       case 'impossible':
@@ -213,7 +216,7 @@ export class Poller {
         return false;
       case 'same':
         // Same status, new version: keep the centre's latest business status and reason.
-        await changeStatus(this.db, referral.id, { status: referral.status, taskVersion: version, reason: reason ?? null });
+        await changeStatus(this.db, referral.id, { status: referral.status, taskVersion: version, reason: reason ?? null, appointment });
         return false;
       case 'move': {
         let report: ReportInfo | null | undefined;
@@ -226,7 +229,11 @@ export class Poller {
         const detail: Record<string, unknown> = { taskStatus: task.taskStatus, taskVersion: version };
         if (task.businessStatus !== undefined) detail.businessStatus = task.businessStatus;
         const voided = task.taskStatus === 'entered-in-error' ? 'voided at the centre (entered-in-error)' : null;
-        return this.move(referral, decision.to, voided ?? reason ?? null, detail, { taskVersion: version, ...(report !== undefined ? { report } : {}) });
+        return this.move(referral, decision.to, voided ?? reason ?? null, detail, {
+          taskVersion: version,
+          appointment,
+          ...(report !== undefined ? { report } : {}),
+        });
       }
     }
   }
@@ -236,4 +243,20 @@ export class Poller {
     const report = await task.report(referral);
     return report && { ...report, title: centreText(report.title, MAX_REPORT_TITLE_CHARS), contentType: centreContentType(report.contentType) };
   }
+}
+
+/** A FHIR dateTime (a year to an instant with its zone); anything else from the centre is not used. */
+const FHIR_DATE_TIME = /^\d{4}(-\d{2}(-\d{2}(T\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|[+-]\d{2}:\d{2}))?)?)?$/;
+
+/**
+ * What a Task version says of the booking of the board: booked when a code of its business status is a booking one
+ * (mappings/hl7v2-status.json `appointment`), with the start it gives. Undefined when it has no business status: that
+ * leaves the booking as it was (a version that drops the business status is not a new booking when it comes back).
+ */
+function appointmentOf(task: Extract<CentreObservation, { kind: 'task' }>): AppointmentObservation | undefined {
+  const codes = task.businessStatusCodes ?? [];
+  if (task.businessStatus === undefined && codes.length === 0) return undefined;
+  const booking = bookingCode(defaultStatusTables(), codes);
+  const start = task.appointmentStart && FHIR_DATE_TIME.test(task.appointmentStart) ? task.appointmentStart : null;
+  return { booked: booking !== undefined, code: booking?.code ?? '', start };
 }

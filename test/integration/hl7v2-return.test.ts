@@ -1,3 +1,4 @@
+import type { Task } from '@medplum/fhirtypes';
 import { once } from 'node:events';
 import { readFileSync } from 'node:fs';
 import { type AddressInfo, createServer, type Server } from 'node:net';
@@ -170,6 +171,105 @@ describe('HL7 v2 status back', () => {
     const oru = got[3];
     expect(names(oru)).toEqual(['MSH', 'PID', 'ORC', 'OBR', 'OBX']);
     expect(Buffer.from(fields(oru, 'OBX')[5].split('^')[4], 'base64').toString('utf8')).toBe('Second opinion for the 360X referral.');
+  });
+
+  /** Plays the centre: waits until the referral is at the centre, then puts each Task change in turn, polling after each. */
+  const centreTask = async (id: string, ...changes: Partial<Task>[]): Promise<void> => {
+    const sent = await eventually(async () => {
+      const r = await getReferral(gw.db, id, { payload: false });
+      return r?.status === 'sent' && r.fhir?.task ? r : undefined;
+    }, 20_000);
+    const url = `${gw.url}/sandbox/fhir/R4/${sent.fhir?.task as string}`;
+    let task = (await (await fetch(url)).json()) as Task;
+    for (const change of changes) {
+      const res = await fetch(url, { method: 'PUT', headers: { 'Content-Type': 'application/fhir+json' }, body: JSON.stringify({ ...task, ...change }) });
+      expect(res.status).toBe(200);
+      task = (await res.json()) as Task;
+      await gw.poller.pollOnce({ force: true });
+    }
+  };
+  const BSER = 'http://hl7.org/fhir/us/bser/CodeSystem/TaskBusinessStatusCS';
+  const scheduled = { coding: [{ system: BSER, code: '5.1.1', display: 'Event Scheduled' }], text: 'Board booked' };
+
+  test('OMG^O19: the centre books the board (BSeR 5.1.1): one SIU^S12 with the start, not again for later versions; again when re-booked', async () => {
+    const ack = (
+      await sendMllp(
+        '127.0.0.1',
+        gw.mllp?.port as number,
+        message('omg-o19-new-360x').replace('NH-88123', 'NH-88124').replaceAll('NHC-2026-4410', 'NHC-2026-4411')
+      )
+    ).toString('utf8');
+    const id = /(ref_[0-9A-Z]+)/.exec(ack)?.[1] as string;
+    await centreTask(
+      id,
+      { status: 'accepted', businessStatus: scheduled, executionPeriod: { start: '2026-10-14T09:30:00+02:00' } },
+      // Another version with the same business status (the reason changed): no second booking.
+      { status: 'accepted', businessStatus: scheduled, executionPeriod: { start: '2026-10-14T09:30:00+02:00' }, statusReason: { text: 'Slides received' } },
+      { status: 'in-progress', businessStatus: scheduled, executionPeriod: { start: '2026-10-14T09:30:00+02:00' } }
+    );
+    await gw.poller.pollOnce({ force: true });
+    await eventually(async () => forReferral(ehr, id).length >= 4, 20_000);
+    await gw.hl7Return.idle();
+    const got = forReferral(ehr, id);
+    expect(got.map((m) => fields(m, 'MSH')[8])).toEqual(['OSU^O51^OSU_O51', 'OSU^O51^OSU_O51', 'SIU^S12^SIU_S12', 'OSU^O51^OSU_O51']);
+    expect(got.map(statusOf)).toEqual(['sent', 'accepted', 'SIU^S12^SIU_S12', 'in-progress']);
+    const siu = got[2];
+    expect(names(siu)).toEqual(['MSH', 'SCH', 'TQ1', 'PID', 'RGS', 'AIS']);
+    const sch = fields(siu, 'SCH');
+    expect([sch[6], sch[11], sch[25], sch[26], sch[27]]).toEqual([
+      '5.1.1^Event Scheduled^L',
+      '^^^20261014073000+0000',
+      'Booked^Booked^HL70278',
+      'NHC-2026-4411^NH-EHR',
+      id,
+    ]);
+    expect(fields(siu, 'TQ1')[7]).toBe('20261014073000+0000');
+    expect(fields(siu, 'AIS')[4]).toBe('20261014073000+0000');
+    expect(fields(siu, 'MSH').slice(4, 6)).toEqual(['NH-EHR', 'NORTH-HILLS^2.16.840.1.113883.19.7^ISO']);
+    const rows = await leasedQueue.forReferral(gw.db, hl7ReturnQueue, id);
+    expect(rows.map((r) => [r.message, r.status, r.appointmentStart, r.state])).toEqual([
+      ['status', 'sent', null, 'acknowledged'],
+      ['status', 'accepted', null, 'acknowledged'],
+      ['appointment', 'accepted', '2026-10-14T09:30:00+02:00', 'acknowledged'],
+      ['status', 'in-progress', null, 'acknowledged'],
+    ]);
+    const { body } = await admin('/hl7-status-messages?state=acknowledged&limit=500');
+    expect((body.items as any[]).find((e) => e.id === rows[2].id)).toMatchObject({ message: 'appointment', appointmentStart: '2026-10-14T09:30:00+02:00' });
+
+    // The board met (5.1.4), then is booked again with only restriction.period: a new SIU^S12 with that start.
+    const restricted = { restriction: { period: { start: '2026-10-21T08:00:00Z' } }, executionPeriod: undefined };
+    const task = (await (await fetch(`${gw.url}/sandbox/fhir/R4/${(await getReferral(gw.db, id, { payload: false }))?.fhir?.task as string}`)).json()) as Task;
+    await fetch(`${gw.url}/sandbox/fhir/R4/Task/${task.id as string}`, {
+      method: 'PUT',
+      headers: { 'Content-Type': 'application/fhir+json' },
+      body: JSON.stringify({ ...task, businessStatus: { coding: [{ system: BSER, code: '5.1.4' }] } }),
+    });
+    await gw.poller.pollOnce({ force: true });
+    const again = (await (await fetch(`${gw.url}/sandbox/fhir/R4/Task/${task.id as string}`)).json()) as Task;
+    await fetch(`${gw.url}/sandbox/fhir/R4/Task/${task.id as string}`, {
+      method: 'PUT',
+      headers: { 'Content-Type': 'application/fhir+json' },
+      body: JSON.stringify({ ...again, ...restricted, businessStatus: { coding: [{ system: 'urn:example:cow', code: 'visit-scheduled' }] } }),
+    });
+    await gw.poller.pollOnce({ force: true });
+    await eventually(async () => forReferral(ehr, id).length >= 5, 20_000);
+    await gw.hl7Return.idle();
+    const rebooked = forReferral(ehr, id);
+    expect(rebooked).toHaveLength(5);
+    expect(fields(rebooked[4], 'SCH')[6]).toBe('visit-scheduled^Visit scheduled^L');
+    expect(fields(rebooked[4], 'SCH')[11]).toBe('^^^20261021080000+0000');
+    expect(fields(rebooked[4], 'SCH')[2]).not.toBe(sch[2]);
+  });
+
+  test('REF^I12: the same booking sends no SIU^S12 (the REF family has no appointment message); RRI^I12 as before', async () => {
+    const id = await post(message('ref-i12-breast-epic').replace('EPIC-000123-1', 'EPIC-000124-1').replaceAll('EHR-2026-000123', 'EHR-2026-000124'), KEY_A);
+    await centreTask(id, { status: 'accepted', businessStatus: scheduled, executionPeriod: { start: '2026-10-14T09:30:00+02:00' } });
+    await eventually(async () => forReferral(ehr, id).length >= 2, 20_000);
+    await gw.hl7Return.idle();
+    expect(forReferral(ehr, id).map((m) => fields(m, 'MSH')[8])).toEqual(['RRI^I12^RRI_I12', 'RRI^I12^RRI_I12']);
+    expect(forReferral(ehr, id).map(statusOf)).toEqual(['sent', 'accepted']);
+    const rows = await leasedQueue.forReferral(gw.db, hl7ReturnQueue, id);
+    expect(rows.map((r) => r.message)).toEqual(['status', 'status']);
   });
 
   test('only referrals that came in as HL7 v2 go back: a JSON referral of the same client sends nothing', async () => {

@@ -3,7 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Hl7Message } from '@medplum/core';
 import { buildAck, decodeHl7Text, defaultV2Tables, parseV2, readV2Referral, v2Submission } from '../../src/intake';
-import { controlId, defaultStatusTables, loadStatusTables, readAck, statusMessages, type StatusMessageInput } from '../../src/hl7return';
+import { bookingCode, controlId, defaultStatusTables, loadStatusTables, readAck, statusMessages, type StatusMessageInput } from '../../src/hl7return';
 import { referralSchema, referralStatuses, type Referral, type ReferralStatus } from '../../src/model';
 import type { Hl7Origin } from '../../src/store';
 
@@ -182,6 +182,100 @@ describe('OSU^O51 to an OMG^O19 (360X) sender', () => {
     const ed = one(oru.text, 'OBX')[5].split('^');
     expect(Buffer.from(ed[4], 'base64').equals(body)).toBe(true);
     expect(new Set([osu.controlId, oru.controlId]).size).toBe(2);
+  });
+});
+
+describe('SIU^S12 to an OMG^O19 (360X) sender when the centre books the board', () => {
+  const booking = (appointmentStart: string | null, code = '5.1.1') => ({
+    change: { id: CHANGE_ID, status: 'accepted' as const, reason: code, at: '2026-10-01T10:00:00.000Z', message: 'appointment' as const, appointmentStart },
+  });
+
+  test('MSH, SCH, TQ1, PID, RGS, AIS: the booking, the placer order number as sent, the start in SCH-11, TQ1-7 and AIS-4', () => {
+    const messages = build('omg-o19-new-360x', 'accepted', booking('2026-10-14T09:30:00+02:00'));
+    expect(messages.map((m) => m.type)).toEqual(['SIU^S12']);
+    const [m] = messages;
+    expect(m.text.split('\r').map((s) => s.slice(0, 3))).toEqual(['MSH', 'SCH', 'TQ1', 'PID', 'RGS', 'AIS']);
+    expect(m.controlId).toBe(controlId(CHANGE_ID, 1));
+    const msh = one(m.text, 'MSH');
+    expect([msh[4], msh[5], msh[8], msh[9], msh[11]]).toEqual(['NH-EHR', 'NORTH-HILLS^2.16.840.1.113883.19.7^ISO', 'SIU^S12^SIU_S12', m.controlId, '2.5.1']);
+    const sch = one(m.text, 'SCH');
+    expect(sch[1]).toBe(''); // no placer appointment id: the sender asked for an opinion, not an appointment
+    expect(sch[2]).toBe(CHANGE_ID); // filler appointment id: the booking's, the same on a resend
+    expect(sch[6]).toBe('5.1.1^Event Scheduled^L');
+    expect(sch[11]).toBe('^^^20261014073000+0000');
+    expect(sch[25]).toBe('Booked^Booked^HL70278');
+    expect(sch[26]).toBe('NHC-2026-4410^NH-EHR'); // the placer order number (ORC-2 of the OMG^O19)
+    expect(sch[27]).toBe('ref_01KC2Z00000000000000000000');
+    expect(one(m.text, 'TQ1')).toEqual(['TQ1', '1', '', '', '', '', '', '20261014073000+0000']);
+    expect(one(m.text, 'PID')[3]).toBe('PT-300912^^^&1.2.36.146.595.217.0.1&ISO');
+    expect(one(m.text, 'RGS')).toEqual(['RGS', '1', 'A']);
+    expect(one(m.text, 'AIS')).toEqual(['AIS', '1', 'A', expect.stringMatching(/^[a-z-]+\^[A-Z][a-z ]+\^L$/), '20261014073000+0000']);
+    expect(Hl7Message.parse(m.text).segments.map((s) => s.name)).toEqual(['MSH', 'SCH', 'TQ1', 'PID', 'RGS', 'AIS']);
+  });
+
+  test('AIS-3 is the referral kind (the tumour board, a second opinion)', () => {
+    const { origin, referral } = intake('omg-o19-new-360x');
+    const [m] = statusMessages({
+      origin,
+      referral: { id: 'ref_x', externalId: referral.externalId, payload: { ...referral, kind: 'tumour-board-review' } },
+      ...booking(null),
+      tables: defaultStatusTables(),
+      v2Tables: defaultV2Tables(),
+    });
+    expect(one(m.text, 'AIS')).toEqual(['AIS', '1', 'A', 'tumour-board-review^Tumour board review^L']);
+  });
+
+  test('no start: SCH-11 and AIS-4 empty, no TQ1; a date only stays a date', () => {
+    const [none] = build('omg-o19-new-360x', 'accepted', booking(null, 'visit-scheduled'));
+    expect(none.text.split('\r').map((s) => s.slice(0, 3))).toEqual(['MSH', 'SCH', 'PID', 'RGS', 'AIS']);
+    expect(one(none.text, 'SCH')[11]).toBe('');
+    expect(one(none.text, 'SCH')[6]).toBe('visit-scheduled^Visit scheduled^L');
+    expect(one(none.text, 'AIS')).toHaveLength(4);
+    const [date] = build('omg-o19-new-360x', 'accepted', booking('2026-10-14'));
+    expect([one(date.text, 'SCH')[11], one(date.text, 'TQ1')[7], one(date.text, 'AIS')[4]]).toEqual(['^^^20261014', '20261014', '20261014']);
+  });
+
+  test('the version decides where the time goes: SCH-11 only before 2.5, TQ1 only from 2.7 (SCH-11 withdrawn)', () => {
+    const { origin, referral } = intake('omg-o19-new-360x');
+    const at = (version: string) =>
+      statusMessages({
+        origin: { ...origin, version },
+        referral: { id: 'ref_x', externalId: referral.externalId, payload: referral },
+        ...booking('2026-10-14T07:30:00Z'),
+        tables: defaultStatusTables(),
+        v2Tables: defaultV2Tables(),
+      })[0].text;
+    expect([one(at('2.4'), 'SCH')[11], one(at('2.4'), 'TQ1')]).toEqual(['^^^20261014073000+0000', []]);
+    expect([one(at('2.7.1'), 'SCH')[11], one(at('2.7.1'), 'TQ1')[7]]).toEqual(['', '20261014073000+0000']);
+  });
+
+  test('what the centre and the sender wrote is escaped: the business status code and the placer order number', () => {
+    const { origin, referral } = intake('omg-o19-new-360x');
+    const [m] = statusMessages({
+      origin: { ...origin, referralIdentifier: 'NHC\\F\\1^NH-EHR' },
+      referral: { id: 'ref_x', externalId: referral.externalId, payload: referral },
+      ...booking(null, 'odd|code^x&y~z\\'),
+      tables: defaultStatusTables(),
+      v2Tables: defaultV2Tables(),
+    });
+    const sch = one(m.text, 'SCH');
+    expect(sch[6]).toBe('odd\\F\\code\\S\\x\\T\\y\\R\\z\\E\\^odd\\F\\code\\S\\x\\T\\y\\R\\z\\E\\^L');
+    expect(decodeHl7Text(sch[6].split('^')[0])).toBe('odd|code^x&y~z\\');
+    expect(sch[26]).toBe('NHC\\F\\1^NH-EHR'); // as the sender sent it, already ER7
+    expect(Hl7Message.parse(m.text).segments.map((s) => s.name)).toEqual(['MSH', 'SCH', 'PID', 'RGS', 'AIS']);
+  });
+
+  test('a REF^I12 sender is never sent one (its family has no appointment message)', () => {
+    expect(build('ref-i12-breast-epic', 'accepted', booking('2026-10-14T07:30:00Z'))).toEqual([]);
+  });
+
+  test('the booking codes: BSeR 5.1.1 in its system, visit-scheduled in any; other codes and systems are not bookings', () => {
+    const t = defaultStatusTables();
+    const bser = 'http://hl7.org/fhir/us/bser/CodeSystem/TaskBusinessStatusCS';
+    expect(bookingCode(t, [{ system: bser, code: '5.1.1' }])?.display).toBe('Event Scheduled');
+    expect(bookingCode(t, [{ code: 'other' }, { system: 'http://example.org/cow', code: 'visit-scheduled' }])?.code).toBe('visit-scheduled');
+    expect(bookingCode(t, [{ system: 'http://example.org/other', code: '5.1.1' }])).toBeUndefined();
+    expect(bookingCode(t, [{ system: bser, code: '5.1.2' }])).toBeUndefined();
   });
 });
 

@@ -224,6 +224,14 @@ export const hl7StatusMessageSchema = z.object({
     .enum(['REF', 'OMG'])
     .meta({ description: 'REF: RRI^I12 to a REF^I12 sender; OMG: OSU^O51 (and ORU^R01 with the report) to an OMG^O19 (360X) sender.' }),
   channel: z.string().meta({ description: "The sender's MLLP receiver, host:port (HL7_RETURN_CHANNELS when the referral came in)." }),
+  message: z.enum(['status', 'appointment']).meta({
+    description:
+      "status: the status change (status and previousStatus); appointment: the centre booked the board (SIU^S12 to an OMG^O19 sender; status is the referral's then).",
+  }),
+  appointmentStart: z
+    .string()
+    .nullable()
+    .meta({ description: "An appointment's start as the centre's Task gave it (FHIR dateTime); null when it gave none, or for a status change." }),
   state: z.enum(hl7ReturnStates),
   attempts: count,
   lastError: z.string().nullable().meta({ description: "Why the last attempt failed; for an AE, the receiver's error text." }),

@@ -170,6 +170,10 @@ function taskObservation(client: FhirClient, task: Task): CentreObservation {
     version: task.meta?.versionId ?? null,
     reason: statusReasonOf(task),
     businessStatus: task.businessStatus ? (task.businessStatus.text ?? task.businessStatus.coding?.[0]?.code) : undefined,
+    businessStatusCodes: task.businessStatus?.coding
+      ?.filter((c) => typeof c.code === 'string' && c.code.length > 0)
+      .map((c) => ({ code: c.code as string, ...(c.system ? { system: c.system } : {}) })),
+    appointmentStart: task.executionPeriod?.start ?? task.restriction?.period?.start,
     report: (referral) => findReport(client, task, referral),
   };
 }
