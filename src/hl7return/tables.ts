@@ -1,6 +1,5 @@
-import { existsSync, readFileSync } from 'node:fs';
-import { dirname, join } from 'node:path';
 import { z } from 'zod';
+import { mappingFilePath, parseMappingFile } from '../mapping';
 import { referralStatuses, type ReferralStatus } from '../model';
 
 // The status tables of the messages sent back to HL7 v2 senders (mappings/hl7v2-status.json): gateway status to
@@ -43,32 +42,9 @@ export function bookingCode(
 
 const TABLES_FILE = 'hl7v2-status.json';
 
-/** The nearest `mappings/hl7v2-status.json` above this module (works from src/ and from dist/). */
-function tablesFile(): string {
-  let dir = __dirname;
-  for (;;) {
-    const candidate = join(dir, 'mappings', TABLES_FILE);
-    if (existsSync(candidate)) return candidate;
-    const parent = dirname(dir);
-    if (parent === dir) throw new Error(`HL7 v2 status tables not found: no mappings/${TABLES_FILE} above ${__dirname}`);
-    dir = parent;
-  }
-}
-
 /** Reads and checks a status tables file (default: mappings/hl7v2-status.json); throws naming the file and the fields at fault. */
-export function loadStatusTables(file: string = tablesFile()): StatusTables {
-  let json: unknown;
-  try {
-    json = JSON.parse(readFileSync(file, 'utf8'));
-  } catch (err) {
-    throw new Error(`HL7 v2 status tables ${file}: ${(err as Error).message}`, { cause: err });
-  }
-  const parsed = statusTablesSchema.safeParse(json);
-  if (!parsed.success) {
-    const issues = parsed.error.issues.slice(0, 5).map((i) => `${i.path.join('.') || '(root)'}: ${i.message}`);
-    throw new Error(`${file} is invalid: ${issues.join('; ')}`);
-  }
-  return parsed.data;
+export function loadStatusTables(file: string = mappingFilePath(TABLES_FILE)): StatusTables {
+  return parseMappingFile(file, statusTablesSchema);
 }
 
 let defaultTables: StatusTables | undefined;

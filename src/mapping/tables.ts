@@ -264,7 +264,17 @@ export function loadTables(): MappingTables {
  * tables. Not cached: the caller keeps it, next to the loadTables() object it was loaded with.
  */
 export function loadMappingFile<T>(file: string, schema: z.ZodType<T>): DeepReadonly<T> {
-  return deepFreeze(parseFile(join(getMappingsDir(), file), schema));
+  return deepFreeze(parseFile(mappingFilePath(file), schema));
+}
+
+/** Where a mappings file is: in the folder the tables are read from (getMappingsDir). */
+export function mappingFilePath(file: string): string {
+  return join(getMappingsDir(), file);
+}
+
+/** A JSON table file at `path` checked with `schema`; throws naming the file and the first fields at fault. */
+export function parseMappingFile<T>(path: string, schema: z.ZodType<T>): T {
+  return parseFile(path, schema);
 }
 
 /** Drops the cache (tests, or after editing the files). */

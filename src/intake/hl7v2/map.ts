@@ -2,10 +2,9 @@
 // body POST /referrals takes, before the schema checks it. Parsing is @medplum/core's Hl7Message; this module only
 // reads it. The code tables are data (mappings/hl7v2.json); what the message does not carry is left out, so that
 // referralSchema names it and locate() says where in the message it should have been.
-import { existsSync, readFileSync } from 'node:fs';
-import { dirname, join } from 'node:path';
 import type { Hl7Field, Hl7Message, Hl7Segment } from '@medplum/core';
 import { z } from 'zod';
+import { mappingFilePath, parseMappingFile } from '../../mapping';
 import { documentKinds, priorities, reasonCodes, referralKinds } from '../../model';
 import type { IssueCode } from '../../outcomes';
 import { DEFAULT_DELIMITERS, decodeHl7Text, type Hl7Delimiters } from './escape';
@@ -141,31 +140,9 @@ export function parseV2Tables(json: unknown): V2Tables {
   return parsed.data;
 }
 
-/** The nearest `mappings/hl7v2.json` above this module (works from src/ and from dist/). */
-function tablesFile(): string {
-  let dir = __dirname;
-  for (;;) {
-    const candidate = join(dir, 'mappings', TABLES_FILE);
-    if (existsSync(candidate)) return candidate;
-    const parent = dirname(dir);
-    if (parent === dir) throw new Error(`HL7 v2 mapping tables not found: no mappings/${TABLES_FILE} above ${__dirname}`);
-    dir = parent;
-  }
-}
-
 /** Reads and checks a tables file (default: mappings/hl7v2.json). Throws with the file and the fields at fault. */
-export function loadV2Tables(file: string = tablesFile()): V2Tables {
-  let json: unknown;
-  try {
-    json = JSON.parse(readFileSync(file, 'utf8'));
-  } catch (err) {
-    throw new Error(`HL7 v2 mapping tables ${file}: ${(err as Error).message}`, { cause: err });
-  }
-  try {
-    return parseV2Tables(json);
-  } catch (err) {
-    throw new Error(`${file}: ${(err as Error).message}`, { cause: err });
-  }
+export function loadV2Tables(file: string = mappingFilePath(TABLES_FILE)): V2Tables {
+  return parseMappingFile(file, v2TablesSchema);
 }
 
 let defaultTables: V2Tables | undefined;
