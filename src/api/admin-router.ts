@@ -1,8 +1,9 @@
 import { Router } from 'express';
 import { z } from 'zod';
 import type { Db } from '../store';
-import { Failure, zodIssues } from '../outcomes';
+import { Failure } from '../outcomes';
 import { listDeliveries, requeueDelivery } from '../referral';
+import { queueAdminRoutes } from './queue-admin';
 
 import type { RetentionRun } from '../retention';
 import type { Destination } from '../config';
@@ -56,27 +57,21 @@ export function adminRouter(db: Db, runRetention?: () => Promise<RetentionRun>, 
     res.json(await runRetention());
   });
 
-  r.get('/deliveries', async (req, res) => {
-    const q = deliveriesQuery.safeParse(req.query);
-    if (!q.success) throw new Failure('malformed', zodIssues(q.error));
-    const entries = await listDeliveries(db, q.data.state, q.data.limit);
-    res.json({
-      items: entries.map((e) => ({
-        id: e.id,
-        referralId: e.referralId,
-        kind: e.kind === 'unreadable' ? e.storedKind : e.kind,
-        state: e.state,
-        attempts: e.attempts,
-        lastError: e.lastError,
-        nextAttemptAt: e.state === 'pending' ? e.nextAttemptAt : null,
-        createdAt: e.createdAt,
-      })),
-    });
-  });
-
-  /** Re-queues a failed delivery; {id} is the referral id or the outbox entry id. */
-  r.post('/deliveries/:id/retry', async (req, res) => {
-    res.status(202).json({ requeued: await requeueDelivery(db, req.params.id) });
+  /** The delivery dead letter (or queue); a retry's {id} is the referral id or the outbox entry id. */
+  queueAdminRoutes(r, '/deliveries', {
+    query: deliveriesQuery,
+    list: (state, limit) => listDeliveries(db, state, limit),
+    view: (e) => ({
+      id: e.id,
+      referralId: e.referralId,
+      kind: e.kind === 'unreadable' ? e.storedKind : e.kind,
+      state: e.state,
+      attempts: e.attempts,
+      lastError: e.lastError,
+      nextAttemptAt: e.state === 'pending' ? e.nextAttemptAt : null,
+      createdAt: e.createdAt,
+    }),
+    requeue: (id) => requeueDelivery(db, id),
   });
 
   return r;

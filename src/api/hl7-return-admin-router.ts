@@ -1,8 +1,8 @@
 import { Router } from 'express';
 import { z } from 'zod';
-import { Failure, zodIssues } from '../outcomes';
 import { listHl7Returns, requeueHl7Return } from '../referral';
 import type { Db, Hl7ReturnEntry } from '../store';
+import { queueAdminRoutes } from './queue-admin';
 
 /** The query of GET /admin/hl7-status-messages. */
 export const hl7StatusMessagesQuery = z.strictObject({
@@ -40,15 +40,11 @@ function view(e: Hl7ReturnEntry) {
 export function hl7ReturnAdminRouter(db: Db): Router {
   const r = Router();
 
-  r.get('/hl7-status-messages', async (req, res) => {
-    const q = hl7StatusMessagesQuery.safeParse(req.query);
-    if (!q.success) throw new Failure('malformed', zodIssues(q.error));
-    const entries = await listHl7Returns(db, q.data.state, q.data.limit);
-    res.json({ items: entries.map(view) });
-  });
-
-  r.post('/hl7-status-messages/:id/retry', async (req, res) => {
-    res.status(202).json({ requeued: await requeueHl7Return(db, req.params.id) });
+  queueAdminRoutes(r, '/hl7-status-messages', {
+    query: hl7StatusMessagesQuery,
+    list: (state, limit) => listHl7Returns(db, state, limit),
+    view,
+    requeue: (id) => requeueHl7Return(db, id),
   });
 
   return r;

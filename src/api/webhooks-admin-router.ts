@@ -2,8 +2,8 @@ import { Router } from 'express';
 import { z } from 'zod';
 
 import type { Db, WebhookEntry } from '../store';
-import { Failure, zodIssues } from '../outcomes';
 import { listWebhooks, requeueWebhook } from '../referral';
+import { queueAdminRoutes } from './queue-admin';
 
 /** The query of GET /admin/webhooks. */
 export const webhooksQuery = z.strictObject({
@@ -56,15 +56,11 @@ function view(e: WebhookEntry) {
 export function webhooksAdminRouter(db: Db): Router {
   const r = Router();
 
-  r.get('/webhooks', async (req, res) => {
-    const q = webhooksQuery.safeParse(req.query);
-    if (!q.success) throw new Failure('malformed', zodIssues(q.error));
-    const entries = await listWebhooks(db, q.data.state, q.data.limit);
-    res.json({ items: entries.map(view) });
-  });
-
-  r.post('/webhooks/:id/retry', async (req, res) => {
-    res.status(202).json({ requeued: await requeueWebhook(db, req.params.id) });
+  queueAdminRoutes(r, '/webhooks', {
+    query: webhooksQuery,
+    list: (state, limit) => listWebhooks(db, state, limit),
+    view,
+    requeue: (id) => requeueWebhook(db, id),
   });
 
   return r;
