@@ -2,7 +2,7 @@ import { Counter } from 'prom-client';
 import { defaultV2Tables, MllpError, sendMllp, type V2Tables } from '../intake';
 import type { StoredReferral } from '../model';
 import { logger, metricsRegistry } from '../observability';
-import { LeasedQueueRunner, settleRetry } from '../queue';
+import { LeasedQueueRunner, settleRetry, withDefaults } from '../queue';
 import { type Db, getReferral, hl7Origin, hl7ReturnQueue, type Hl7ReturnEntry, leasedQueue, noteStatus, type Settled, ulid } from '../store';
 import { readAck } from './ack';
 import { type ReportAttachment, statusMessages } from './message';
@@ -81,8 +81,7 @@ export class Hl7ReturnDispatcher extends LeasedQueueRunner<Hl7ReturnEntry> {
     opts: Partial<Hl7ReturnOptions> = {}
   ) {
     super();
-    const defined = Object.fromEntries(Object.entries(opts).filter(([, v]) => v !== undefined)) as Partial<Hl7ReturnOptions>;
-    this.opts = { ...HL7_RETURN_DEFAULTS, ...defined };
+    this.opts = withDefaults(HL7_RETURN_DEFAULTS, opts);
   }
 
   start(): void {
@@ -95,17 +94,7 @@ export class Hl7ReturnDispatcher extends LeasedQueueRunner<Hl7ReturnEntry> {
 
   /** Stops taking messages; exchanges in flight get `stopGraceMs`, then are aborted (not counted, sent again after the restart). */
   async stop(): Promise<void> {
-    await this.stopLoop();
-    if (this.inFlight.size > 0) {
-      let grace: NodeJS.Timeout | undefined;
-      const expired = new Promise<void>((resolve) => {
-        grace = setTimeout(resolve, this.opts.stopGraceMs);
-      });
-      await Promise.race([Promise.allSettled([...this.inFlight]), expired]);
-      clearTimeout(grace);
-      this.shutdown.abort();
-      await Promise.allSettled([...this.inFlight]);
-    }
+    await this.stopWithGrace(this.opts.stopGraceMs, () => this.shutdown.abort());
     await leasedQueue.releaseLeases(this.db, hl7ReturnQueue, this.workerId).catch(() => undefined);
   }
 

@@ -10,4 +10,5 @@ export {
   type Settlement,
   type SettleOptions,
   settleRetry,
+  withDefaults,
 } from './policy';

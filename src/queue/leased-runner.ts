@@ -93,6 +93,23 @@ export abstract class LeasedQueueRunner<E extends { id: string; referralId: stri
     await this.loopPromise;
   }
 
+  /**
+   * Stops taking rows; the attempts in flight get `graceMs` to finish, then `abort()` ends them. An aborted attempt
+   * is not counted and its row stays pending (leased until the caller releases it): it is sent again after a restart.
+   */
+  protected async stopWithGrace(graceMs: number, abort: () => void): Promise<void> {
+    await this.stopLoop();
+    if (this.inFlight.size === 0) return;
+    let grace: NodeJS.Timeout | undefined;
+    const expired = new Promise<void>((resolve) => {
+      grace = setTimeout(resolve, graceMs);
+    });
+    await Promise.race([Promise.allSettled([...this.inFlight]), expired]);
+    clearTimeout(grace);
+    abort();
+    await Promise.allSettled([...this.inFlight]);
+  }
+
   /** Waits until nothing is in flight (for tests and benchmarks). */
   async idle(): Promise<void> {
     while (this.loopPromise || this.inFlight.size > 0) {

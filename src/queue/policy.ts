@@ -104,3 +104,9 @@ export function settleRetry(attempts: number, queuedAt: Date | number, lastError
 export function ageSeconds(queuedAt: Date | number, now: number = Date.now()): number {
   return Math.round((now - toMs(queuedAt)) / 1000);
 }
+
+/** A runner's options: the defaults, with every option given (and not undefined) in their place. */
+export function withDefaults<T extends object>(defaults: Readonly<T>, given: Partial<T>): T {
+  const defined = Object.fromEntries(Object.entries(given).filter(([, v]) => v !== undefined)) as Partial<T>;
+  return { ...defaults, ...defined };
+}

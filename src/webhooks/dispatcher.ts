@@ -1,7 +1,7 @@
 import { Counter } from 'prom-client';
 import { Webhook } from 'standardwebhooks';
 import { errorCode, parseRetryAfterHeader } from '../http';
-import { LeasedQueueRunner, settleRetry } from '../queue';
+import { LeasedQueueRunner, settleRetry, withDefaults } from '../queue';
 import { logger, metricsRegistry } from '../observability';
 import { ulid } from '../store';
 import { type Db, leasedQueue, type Settled, webhookQueue, type WebhookEntry } from '../store';
@@ -107,8 +107,7 @@ export class WebhookDispatcher extends LeasedQueueRunner<WebhookEntry> {
     fetchImpl?: typeof fetch
   ) {
     super();
-    const defined = Object.fromEntries(Object.entries(opts).filter(([, v]) => v !== undefined)) as Partial<WebhookDispatcherOptions>;
-    this.opts = { ...WEBHOOK_DEFAULTS, ...defined };
+    this.opts = withDefaults(WEBHOOK_DEFAULTS, opts);
     // Without private networks, connections are made only to addresses checked at connect time.
     this.fetchImpl = fetchImpl ?? (this.opts.allowPrivateNetworks ? fetch : guardedFetch(this.opts.lookup));
     this.signer = this.opts.secret ? createSigner(this.opts.secret) : undefined;
@@ -141,17 +140,7 @@ export class WebhookDispatcher extends LeasedQueueRunner<WebhookEntry> {
    * attempt is not counted and its event stays pending, so it is sent again after the restart.
    */
   async stop(): Promise<void> {
-    await this.stopLoop();
-    if (this.inFlight.size > 0) {
-      let grace: NodeJS.Timeout | undefined;
-      const expired = new Promise<void>((resolve) => {
-        grace = setTimeout(resolve, this.opts.stopGraceMs);
-      });
-      await Promise.race([Promise.allSettled([...this.inFlight]), expired]);
-      clearTimeout(grace);
-      this.shutdown.abort();
-      await Promise.allSettled([...this.inFlight]);
-    }
+    await this.stopWithGrace(this.opts.stopGraceMs, () => this.shutdown.abort());
     await leasedQueue.releaseLeases(this.db, webhookQueue, this.workerId).catch(() => undefined);
   }
 
