@@ -259,6 +259,29 @@ migrations['0010_hl7_appointment'] = {
   },
 };
 
+migrations['0011_blobs'] = {
+  async up(db: Kysely<unknown>): Promise<void> {
+    // Document bytes kept in the database (src/blobs/postgres.ts), for replicas that share PostgreSQL: each upload is
+    // written as numbered chunks (about 1 MiB each) as it arrives, and named by its SHA-256 in `blobs` once whole. The
+    // chunk column is `bytea` on both stores: PostgreSQL's byte string; SQLite takes any declared type and never
+    // converts a BLOB value, so the bytes round-trip unchanged there too. `bytes` is bigint (blobs past 2 GiB).
+    await db.schema
+      .createTable('blob_chunks')
+      .addColumn('upload_id', 'text', (c) => c.notNull())
+      .addColumn('seq', 'integer', (c) => c.notNull())
+      .addColumn('data', 'bytea', (c) => c.notNull())
+      .addPrimaryKeyConstraint('blob_chunks_pk', ['upload_id', 'seq'])
+      .execute();
+    await db.schema
+      .createTable('blobs')
+      .addColumn('sha256', 'text', (c) => c.primaryKey())
+      .addColumn('bytes', 'bigint', (c) => c.notNull())
+      .addColumn('upload_id', 'text', (c) => c.notNull())
+      .addColumn('created_at', 'text', (c) => c.notNull())
+      .execute();
+  },
+};
+
 class StaticProvider implements MigrationProvider {
   async getMigrations(): Promise<Record<string, Migration>> {
     return migrations;

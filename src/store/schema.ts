@@ -1,4 +1,4 @@
-import type { Generated } from 'kysely';
+import type { ColumnType, Generated } from 'kysely';
 
 /** Times are ISO-8601 UTC strings with milliseconds, so ordering is the same on SQLite and PostgreSQL. */
 export interface ReferralsTable {
@@ -159,6 +159,24 @@ export interface Hl7OutboxTable extends LeasedQueueColumns {
   appointment_start: string | null;
 }
 
+/** A blob stored in the database (src/blobs/postgres.ts): its content address, size and the upload holding its chunks. */
+export interface BlobsTable {
+  sha256: string;
+  /** bigint: PostgreSQL returns it as a string, SQLite as a number. */
+  bytes: ColumnType<string | number, number, number>;
+  /** The upload whose blob_chunks rows are the bytes. */
+  upload_id: string;
+  created_at: string;
+}
+
+/** One piece of an upload's bytes, in order of `seq` (0-based); an upload no `blobs` row names is unfinished or left over. */
+export interface BlobChunksTable {
+  /** `<ISO time>_<random>`: when the upload began, so left-over chunks can be told by age. */
+  upload_id: string;
+  seq: number;
+  data: Uint8Array;
+}
+
 export interface Database {
   binary_uploads: BinaryUploadsTable;
   referrals: ReferralsTable;
@@ -171,4 +189,6 @@ export interface Database {
   inbound_messages: InboundMessagesTable;
   hl7_origins: Hl7OriginsTable;
   hl7_outbox: Hl7OutboxTable;
+  blobs: BlobsTable;
+  blob_chunks: BlobChunksTable;
 }
