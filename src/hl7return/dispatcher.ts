@@ -2,30 +2,14 @@ import { Counter } from 'prom-client';
 import { defaultV2Tables, MllpError, sendMllp, type V2Tables } from '../intake';
 import type { StoredReferral } from '../model';
 import { logger, metricsRegistry } from '../observability';
-import { LeasedQueueRunner, settleRetry, withDefaults } from '../queue';
+import { type DispatcherOptions, LeasedQueueRunner, settleRetry, withDefaults } from '../queue';
 import { type Db, getReferral, hl7Origin, hl7ReturnQueue, type Hl7ReturnEntry, leasedQueue, noteStatus, type Settled, ulid } from '../store';
 import { readAck } from './ack';
 import { type ReportAttachment, statusMessages } from './message';
 import { defaultStatusTables, type StatusTables } from './tables';
 
-export interface Hl7ReturnOptions {
-  /** Dead-letter a message after this many attempts (default 10). */
-  maxAttempts: number;
-  /** … or once this long has passed since it was queued (default 24 h). */
-  maxAgeMs: number;
-  /** Ceiling of the first retry's delay (full-jitter exponential backoff; default 10 s). */
-  baseDelayMs: number;
-  /** No backoff delay is longer than this (default 1 h). */
-  maxDelayMs: number;
-  /** One exchange's time limit: connect, send, acknowledgement (default 30 s). */
-  timeoutMs: number;
-  /** How often to look for due messages when nothing wakes the dispatcher (default 1 s). */
-  idleMs: number;
-  /** Messages in flight at once (default 4). A referral's messages are never sent concurrently. */
-  concurrency: number;
-  /** On stop, how long exchanges in flight may finish before they are aborted (default 2 s). */
-  stopGraceMs: number;
-}
+/** DispatcherOptions (src/queue) with HL7 defaults: 10 attempts or 24 h, backoff 10 s to 1 h, 30 s per exchange (connect, send, ACK), 4 in flight. */
+export type Hl7ReturnOptions = DispatcherOptions;
 
 export const HL7_RETURN_DEFAULTS: Readonly<Hl7ReturnOptions> = Object.freeze({
   maxAttempts: 10,

@@ -2,6 +2,7 @@ export { LeasedQueueRunner } from './leased-runner';
 export {
   ageSeconds,
   type BackoffOptions,
+  type DispatcherOptions,
   type ExhaustionLimits,
   isExhausted,
   nextDelay,

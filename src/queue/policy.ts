@@ -60,6 +60,19 @@ export interface RetryPolicy extends ExhaustionLimits {
   maxDelayMs: number;
 }
 
+/**
+ * The options of a dispatcher that sends a leased queue's rows to the outside (status webhooks, HL7 status
+ * messages): the retry policy, one exchange's time limit, how often it looks when not woken, how many rows are in
+ * flight at once (a referral's rows are never sent concurrently), and on stop how long exchanges in flight may
+ * finish before they are aborted (an aborted one is not counted and is sent again after the restart).
+ */
+export interface DispatcherOptions extends RetryPolicy {
+  timeoutMs: number;
+  idleMs: number;
+  concurrency: number;
+  stopGraceMs: number;
+}
+
 /** What to do with an entry whose attempt failed with a reason worth retrying. */
 export type Settlement =
   /** Try again at `at` (ms since the epoch), `delayMs` from now. */

@@ -1,35 +1,20 @@
 import { Counter } from 'prom-client';
 import { Webhook } from 'standardwebhooks';
 import { errorCode, parseRetryAfterHeader } from '../http';
-import { LeasedQueueRunner, settleRetry, withDefaults } from '../queue';
+import { type DispatcherOptions, LeasedQueueRunner, settleRetry, withDefaults } from '../queue';
 import { logger, metricsRegistry } from '../observability';
 import { ulid } from '../store';
 import { type Db, leasedQueue, type Settled, webhookQueue, type WebhookEntry } from '../store';
 import { checkCallbackAddress, guardedFetch, type Lookup, NON_PUBLIC_CODE } from './callback-guard';
 
-export interface WebhookDispatcherOptions {
+/** DispatcherOptions (src/queue) with webhook defaults: 10 attempts or 24 h, backoff 10 s to 1 h (Retry-After excepted), 10 s per attempt, 4 in flight. */
+export interface WebhookDispatcherOptions extends DispatcherOptions {
   /**
    * WEBHOOK_SECRET. Either a Standard Webhooks secret `whsec_<base64 key>`, or any other string,
    * whose UTF-8 bytes are then the key: the receiver verifies with `whsec_` + base64(secret)
    * (see `receiverSecret`). Without a secret events are sent unsigned (development only).
    */
   secret?: string;
-  /** Dead-letter an event after this many attempts (default 10). */
-  maxAttempts: number;
-  /** … or once this long has passed since it was queued (default 24 h). */
-  maxAgeMs: number;
-  /** Ceiling of the first retry's delay (full-jitter exponential backoff; default 10 s). */
-  baseDelayMs: number;
-  /** No backoff delay is longer than this, Retry-After excepted (default 1 h). */
-  maxDelayMs: number;
-  /** One attempt's time limit, connect to response headers (default 10 s). */
-  timeoutMs: number;
-  /** How often to look for due events when nothing wakes the dispatcher (default 1 s). */
-  idleMs: number;
-  /** Requests in flight at once (default 4). Events of one referral are never sent concurrently. */
-  concurrency: number;
-  /** On stop, how long requests in flight may finish before they are aborted (default 2 s). */
-  stopGraceMs: number;
   /**
    * WEBHOOK_ALLOW_PRIVATE_NETWORKS. When false (the default here; the service's default outside production is
    * true), callbacks whose host is or resolves to a loopback, private, link-local or other non-public address
