@@ -23,7 +23,7 @@ export { EXTERNAL_ID_SYSTEM, FHIR_CONTENT_TYPES, fhirBundleFormat, type Mirrored
 export { readReferralBundle, type BundleReading } from './fhir-bundle/map';
 export { createMllpServer, MllpError, sendMllp, type MllpConnection, type MllpServerOptions } from './hl7v2/mllp';
 export { IntakeRegistry } from './registry';
-export type { Acceptance, IntakeFormat, IntakeReply, Pause, ReadResult, Refusal, Submission, V2Origin } from './types';
+export type { Acceptance, IntakeFormat, IntakeReply, Pause, ReadResult, Refusal, Submission } from './types';
 
 /** The formats a gateway takes by default: one line per format. */
 export function defaultIntakeFormats(): IntakeRegistry {

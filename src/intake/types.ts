@@ -1,6 +1,6 @@
 import type { IncomingHttpHeaders } from 'node:http';
 import type { OperationOutcome } from '@medplum/fhirtypes';
-import type { Referral } from '../model';
+import type { Referral, V2Origin } from '../model';
 import type { IssueInput } from '../outcomes';
 
 /** What a piece of intake work calls between its heavy steps, so the event loop can take a turn. */
@@ -29,22 +29,6 @@ export interface Submission {
   locate(modelPath: string): string;
   /** A messaging format's sender, so status changes can go back to it in its own terms (HL7 v2: src/hl7return). */
   readonly origin?: V2Origin;
-}
-
-/** Who sent an HL7 v2 referral and how to address it back (HD and EI values as escaped ER7, default delimiters). */
-export interface V2Origin {
-  /** `REF` (REF^I12, answered with RRI^I12) or `OMG` (360X's OMG^O19, answered with OSU^O51). */
-  family: 'REF' | 'OMG';
-  /** MSH-3, MSH-4: the sender (MSH-5, MSH-6 of what goes back). */
-  sendingApplication: string;
-  sendingFacility: string;
-  /** MSH-5, MSH-6: what the sender called the gateway (MSH-3, MSH-4 of what goes back). */
-  receivingApplication: string;
-  receivingFacility: string;
-  /** MSH-12. */
-  version: string;
-  /** RF1-6 (REF) or ORC-2, else OBR-2 (OMG): the sender's id for the referral, as sent. */
-  referralIdentifier: string;
 }
 
 /** What the sender is sent back: a status (for HTTP transports), headers and a body in the format's own terms. */

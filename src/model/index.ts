@@ -4,3 +4,4 @@ export * from './documents';
 export * from './schema';
 export * from './types';
 export * from './tasks';
+export * from './origin';

@@ -1,5 +1,5 @@
 import type { Kysely, Transaction } from 'kysely';
-import type { ReferralStatus } from '../model';
+import type { Hl7Family, ReferralStatus, V2Origin } from '../model';
 import type { Db } from './db';
 import { nextSeq } from './history';
 import { newId, nowIso } from './ids';
@@ -9,22 +9,8 @@ import type { Database, Hl7OriginsTable, Hl7OutboxTable } from './schema';
 // Status back to HL7 v2 senders: where a v2 referral came from (hl7_origins, written with the referral), and the
 // status changes to send back over MLLP (hl7_outbox, a leased queue written in the status change's transaction).
 
-/** The sender's message family: REF^I12 is answered with RRI^I12, 360X's OMG^O19 with OSU^O51. */
-export type Hl7Family = 'REF' | 'OMG';
-
-/** Where an HL7 v2 referral came from and where its status goes back (HD and EI values as escaped ER7). */
-export interface Hl7Origin {
-  family: Hl7Family;
-  /** MSH-3 and MSH-4 of the referral message: MSH-5 and MSH-6 of what goes back. */
-  sendingApplication: string;
-  sendingFacility: string;
-  /** MSH-5 and MSH-6 of the referral message: MSH-3 and MSH-4 of what goes back. */
-  receivingApplication: string;
-  receivingFacility: string;
-  /** MSH-12 of the referral message. */
-  version: string;
-  /** RF1-6 (REF) or ORC-2 (OMG) as sent. */
-  referralIdentifier: string;
+/** Where an HL7 v2 referral came from (V2Origin, src/model) and where its status goes back. */
+export interface Hl7Origin extends V2Origin {
   /** The client's return channel (HL7_RETURN_CHANNELS) when the referral came in. */
   channel: { host: string; port: number };
 }
@@ -155,25 +141,37 @@ export async function enqueueHl7Return(
 ): Promise<boolean> {
   const origin = await hl7Origin(trx, referralId);
   if (!origin) return false;
+  await insertHl7Row(trx, referralId, origin, {
+    status: change.status,
+    previous_status: change.previousStatus,
+    reason: change.reason ?? null,
+    at: change.at,
+    message: null,
+    appointment_start: null,
+  });
+  return true;
+}
+
+/** One row of hl7_outbox, numbered in order per referral, addressed to the sender's return channel. */
+async function insertHl7Row(
+  trx: Executor,
+  referralId: string,
+  to: { family: string; channel: { host: string; port: number } },
+  what: Pick<Hl7OutboxTable, 'status' | 'previous_status' | 'reason' | 'at' | 'message' | 'appointment_start'>
+): Promise<void> {
   await trx
     .insertInto('hl7_outbox')
     .values({
       id: newId('h7'),
       referral_id: referralId,
       seq: nextSeq('hl7_outbox', referralId),
-      status: change.status,
-      previous_status: change.previousStatus,
-      reason: change.reason ?? null,
-      at: change.at,
-      family: origin.family,
-      channel_host: origin.channel.host,
-      channel_port: origin.channel.port,
-      message: null,
-      appointment_start: null,
+      ...what,
+      family: to.family,
+      channel_host: to.channel.host,
+      channel_port: to.channel.port,
       ...freshQueueRow(nowIso()),
     })
     .execute();
-  return true;
 }
 
 /** What one version of the centre's Task says of the booking of the board (src/tracking decides `booked`). */
@@ -205,23 +203,11 @@ export async function noteHl7Appointment(
   if (Number(row.booked) === booked) return false;
   await trx.updateTable('hl7_origins').set({ booked }).where('referral_id', '=', referralId).execute();
   if (!appointment.booked || row.family !== 'OMG') return false;
-  await trx
-    .insertInto('hl7_outbox')
-    .values({
-      id: newId('h7'),
-      referral_id: referralId,
-      seq: nextSeq('hl7_outbox', referralId),
-      status,
-      previous_status: status,
-      reason: appointment.code.slice(0, 200),
-      at,
-      family: row.family,
-      channel_host: row.channel_host,
-      channel_port: row.channel_port,
-      message: 'appointment',
-      appointment_start: appointment.start,
-      ...freshQueueRow(nowIso()),
-    })
-    .execute();
+  await insertHl7Row(
+    trx,
+    referralId,
+    { family: row.family, channel: { host: row.channel_host, port: Number(row.channel_port) } },
+    { status, previous_status: status, reason: appointment.code.slice(0, 200), at, message: 'appointment', appointment_start: appointment.start }
+  );
   return true;
 }

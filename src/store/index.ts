@@ -29,7 +29,6 @@ export {
   type AppointmentObservation,
   hl7Origin,
   hl7ReturnQueue,
-  type Hl7Family,
   type Hl7Origin,
   type Hl7ReturnEntry,
   type Hl7ReturnMessage,

@@ -1,5 +1,5 @@
 import type { Hl7Field, Hl7Message } from '@medplum/core';
-import type { V2Origin } from '../types';
+import type { V2Origin } from '../../model';
 import { decodeHl7Text, escapeText } from './escape';
 import { delimitersOf } from './map';
 
