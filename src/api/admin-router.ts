@@ -3,7 +3,7 @@ import { z } from 'zod';
 import type { Db } from '../store';
 import { Failure } from '../outcomes';
 import { listDeliveries, requeueDelivery } from '../referral';
-import { queueAdminRoutes } from './queue-admin';
+import { progressOf, queueAdminRoutes } from './queue-admin';
 
 import type { RetentionRun } from '../retention';
 import type { Destination } from '../config';
@@ -65,11 +65,7 @@ export function adminRouter(db: Db, runRetention?: () => Promise<RetentionRun>, 
       id: e.id,
       referralId: e.referralId,
       kind: e.kind === 'unreadable' ? e.storedKind : e.kind,
-      state: e.state,
-      attempts: e.attempts,
-      lastError: e.lastError,
-      nextAttemptAt: e.state === 'pending' ? e.nextAttemptAt : null,
-      createdAt: e.createdAt,
+      ...progressOf(e),
     }),
     requeue: (id) => requeueDelivery(db, id),
   });

@@ -2,7 +2,7 @@ import { Router } from 'express';
 import { z } from 'zod';
 import { listHl7Returns, requeueHl7Return } from '../referral';
 import type { Db, Hl7ReturnEntry } from '../store';
-import { queueAdminRoutes } from './queue-admin';
+import { progressOf, queueAdminRoutes } from './queue-admin';
 
 /** The query of GET /admin/hl7-status-messages. */
 export const hl7StatusMessagesQuery = z.strictObject({
@@ -23,11 +23,7 @@ function view(e: Hl7ReturnEntry) {
     channel: `${e.channel.host.includes(':') ? `[${e.channel.host}]` : e.channel.host}:${e.channel.port}`,
     message: e.message,
     appointmentStart: e.appointmentStart,
-    state: e.state,
-    attempts: e.attempts,
-    lastError: e.lastError,
-    nextAttemptAt: e.state === 'pending' ? e.nextAttemptAt : null,
-    createdAt: e.createdAt,
+    ...progressOf(e),
     updatedAt: e.updatedAt,
   };
 }

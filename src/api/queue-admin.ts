@@ -27,3 +27,17 @@ export function queueAdminRoutes<S extends string, E, V>(
     res.status(202).json({ requeued: await spec.requeue(req.params.id as string) });
   });
 }
+
+/**
+ * How a queue row is getting on, as every operator listing shows it: state, attempts, last error, the next attempt
+ * (only a pending row has one) and when its current round began.
+ */
+export function progressOf<S extends string>(e: { state: S; attempts: number; lastError: string | null; nextAttemptAt: string; createdAt: string }) {
+  return {
+    state: e.state,
+    attempts: e.attempts,
+    lastError: e.lastError,
+    nextAttemptAt: e.state === 'pending' ? e.nextAttemptAt : null,
+    createdAt: e.createdAt,
+  };
+}

@@ -3,7 +3,7 @@ import { z } from 'zod';
 
 import type { Db, WebhookEntry } from '../store';
 import { listWebhooks, requeueWebhook } from '../referral';
-import { queueAdminRoutes } from './queue-admin';
+import { progressOf, queueAdminRoutes } from './queue-admin';
 
 /** The query of GET /admin/webhooks. */
 export const webhooksQuery = z.strictObject({
@@ -39,11 +39,7 @@ function view(e: WebhookEntry) {
     seq: e.seq,
     event: eventSummary(e.payload),
     url: safeUrl(e.url),
-    state: e.state,
-    attempts: e.attempts,
-    lastError: e.lastError,
-    nextAttemptAt: e.state === 'pending' ? e.nextAttemptAt : null,
-    createdAt: e.createdAt,
+    ...progressOf(e),
     updatedAt: e.updatedAt,
   };
 }
