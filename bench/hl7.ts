@@ -21,7 +21,7 @@ import { Agent, request } from 'undici';
 import { Hl7Message } from '@medplum/core';
 import { frameMllp } from '../src/intake/hl7v2/mllp';
 import { readV2Referral } from '../src/intake/hl7v2/map';
-import { startScript as start } from './processes';
+import { startScript as start, stopScripts } from './processes';
 
 const N = Number(process.env.N ?? 400);
 const ROUNDS = Number(process.env.ROUNDS ?? 3);
@@ -164,9 +164,7 @@ async function main(): Promise<void> {
     }
   } finally {
     await agent.close();
-    gateway.child.kill('SIGTERM');
-    centre.child.kill('SIGTERM');
-    await new Promise((r) => setTimeout(r, 500));
+    await stopScripts(gateway, centre);
     rmSync(dir, { recursive: true, force: true });
   }
 }

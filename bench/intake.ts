@@ -14,7 +14,7 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import autocannon from 'autocannon';
-import { startScript } from './processes';
+import { startScript, stopScripts } from './processes';
 import { loadFhirDefinitions } from '../src/mapping/definitions';
 import { mapReferralToBundle } from '../src/mapping/bundle';
 import { checkCodes } from '../src/mapping/codes';
@@ -162,10 +162,7 @@ async function main(): Promise<void> {
       );
     }
   } finally {
-    bare.child.kill('SIGTERM');
-    gateway.child.kill('SIGTERM');
-    centre.child.kill('SIGTERM');
-    await new Promise((r) => setTimeout(r, 500));
+    await stopScripts(bare, gateway, centre);
     rmSync(dir, { recursive: true, force: true });
   }
 }

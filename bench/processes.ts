@@ -36,3 +36,9 @@ export function startScript(script: string, env: Record<string, string>, ready: 
     });
   });
 }
+
+/** Ends the scripts a benchmark started (SIGTERM) and gives them half a second to close their files. */
+export async function stopScripts(...started: Started[]): Promise<void> {
+  for (const s of started) s.child.kill('SIGTERM');
+  await new Promise((r) => setTimeout(r, 500));
+}
