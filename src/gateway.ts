@@ -14,6 +14,7 @@ import { MemoryBudget } from './memory';
 import { logger, setLogLevel } from './observability';
 import { type Backlog, clearBacklogSource, setBacklogSource } from './observability';
 import { ReferralService } from './referral';
+import { type BlobStore, createFsBlobStore, createPostgresBlobStore, openingBlobStore } from './blobs';
 import { backlog, createStoreProbe, type Db, migrate, openDb, possiblyOrphanedUploads, type QueueName, type StoreProbeResult } from './store';
 import { Poller } from './tracking';
 import { RetentionJob } from './retention';
@@ -57,6 +58,8 @@ export interface GatewayOptions {
 export class Gateway {
   /** The store: repositories and use cases take it (src/store). */
   readonly db: Db;
+  /** Streamed documents' bytes (BLOB_STORE): the file system or the database. */
+  readonly blobs: BlobStore & { ready?: Promise<void> };
   readonly destinations: Directory;
   readonly clients: FhirClients;
   /** The destination kinds delivered to, by type (only `fhir` so far). */
@@ -85,6 +88,8 @@ export class Gateway {
   ) {
     setLogLevel(config.logLevel);
     this.db = openDb(config.databaseUrl, { busyWaitMs: config.store.busyWaitMs });
+    this.blobs =
+      config.documents.blobStore === 'postgres' ? createPostgresBlobStore(this.db) : openingBlobStore('fs', createFsBlobStore(config.documents.blobDir));
     this.storeProbe = createStoreProbe(this.db, { cacheMs: config.store.probeCacheMs });
     this.destinations = new Directory(config.destinations);
     this.clients = opts.clients ?? new FhirClients();
@@ -106,6 +111,7 @@ export class Gateway {
         maxDelayMs: config.delivery.maxDelayMs,
         concurrency: config.delivery.concurrency,
         idleMs: opts.deliveryIdleMs ?? 1000,
+        blobs: this.blobs,
         memory: { budget: this.memory, waitMs: config.intakeWaitMs },
       },
       (e) => logger.debug('status change', { ...e })
@@ -136,6 +142,7 @@ export class Gateway {
 
   async start(): Promise<void> {
     const applied = await migrate(this.db.kysely);
+    await this.blobs.ready;
     if (applied.length > 0) logger.info('database migrated', { applied });
     if (this.config.useSandbox) {
       // SANDBOX_PROFILE makes the built-in centre behave like a Medplum, HAPI or the strictest server.

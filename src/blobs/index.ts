@@ -1,4 +1,4 @@
 // Document bytes of any size outside the referral rows (issue 13): a blob store on the file system or PostgreSQL.
 export { createFsBlobStore } from './fs';
 export { createPostgresBlobStore } from './postgres';
-export { BlobRefused, type BlobRefusal, type BlobStore, type PutOptions, type StoredBlob } from './types';
+export { BlobRefused, type BlobRefusal, type BlobStore, openingBlobStore, type PutOptions, type StoredBlob } from './types';

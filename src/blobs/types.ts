@@ -46,3 +46,23 @@ export interface BlobStore {
   /** Every blob's address (for collecting the ones no referral names). */
   list(): AsyncIterable<string>;
 }
+
+/**
+ * A store usable at once whose opening (creating its directory, clearing a crash's temporary files) is still under way:
+ * every call waits for it. `ready` settles when it has opened (the owner awaits it at start-up, where a failure belongs).
+ */
+export function openingBlobStore(kind: BlobStore['kind'], opening: Promise<BlobStore>): BlobStore & { ready: Promise<void> } {
+  const ready = opening.then(() => undefined);
+  ready.catch(() => undefined); // reported by whoever awaits `ready`; calls made meanwhile reject with the same error
+  return {
+    kind,
+    ready,
+    put: async (source, opts) => (await opening).put(source, opts),
+    open: async (sha256) => (await opening).open(sha256),
+    stat: async (sha256) => (await opening).stat(sha256),
+    delete: async (sha256) => (await opening).delete(sha256),
+    async *list() {
+      yield* (await opening).list();
+    },
+  };
+}

@@ -1,3 +1,4 @@
+import path from 'node:path';
 import type { z } from 'zod';
 import { loadPrivateKey } from './secrets';
 import { OWN_VARIABLES, destinationOptionVariable, destinationOptionVariables } from './destination-variables';
@@ -45,6 +46,8 @@ export interface Config {
   clientIdentifierSystems: Map<string, string[]>;
   delivery: { maxAttempts: number; maxAgeMs: number; baseDelayMs: number; maxDelayMs: number; concurrency: number };
   shutdownTimeoutMs: number;
+  /** Streamed documents (issue 13): the blob store, the limits and the upload deadline. */
+  documents: { blobStore: 'fs' | 'postgres'; blobDir: string; maxDocumentBytes: number; maxReferralBytes: number; uploadDeadlineMs: number };
   /** HL7 v2 over MLLP: the listener's port (undefined: off), which client each sending facility (MSH-4) is, the client of any other sender, the largest message. */
   hl7: {
     mllpPort?: number;
@@ -123,6 +126,14 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
   const useSandbox = destinations.length === 0;
   if (useSandbox && destinationsKnown && production) {
     problems.push('FHIR_BASE_URL (or DESTINATIONS_FILE) is required with NODE_ENV=production: the sandbox is for development only');
+  }
+  if (ok('BLOB_STORE', 'DATABASE_URL') && e.BLOB_STORE === 'postgres' && !e.DATABASE_URL.startsWith('postgres')) {
+    problems.push('BLOB_STORE=postgres needs a postgres:// DATABASE_URL (the documents are kept in that database)');
+  }
+  if (ok('MAX_DOCUMENT_BYTES', 'MAX_REFERRAL_DOCUMENT_BYTES') && e.MAX_DOCUMENT_BYTES > e.MAX_REFERRAL_DOCUMENT_BYTES) {
+    problems.push(
+      `MAX_DOCUMENT_BYTES (${e.MAX_DOCUMENT_BYTES}) is more than MAX_REFERRAL_DOCUMENT_BYTES (${e.MAX_REFERRAL_DOCUMENT_BYTES}): one document could never fit`
+    );
   }
   if (ok('DOCUMENT_RETENTION_DAYS', 'REFERRAL_RETENTION_DAYS') && e.REFERRAL_RETENTION_DAYS > 0 && e.DOCUMENT_RETENTION_DAYS > e.REFERRAL_RETENTION_DAYS) {
     problems.push(
@@ -220,6 +231,13 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
       concurrency: e.DELIVERY_CONCURRENCY,
     },
     shutdownTimeoutMs: e.SHUTDOWN_TIMEOUT_MS,
+    documents: {
+      blobStore: e.BLOB_STORE === 'auto' ? (e.DATABASE_URL.startsWith('postgres') ? 'postgres' : 'fs') : e.BLOB_STORE,
+      blobDir: e.BLOB_DIR ?? defaultBlobDir(e.DATABASE_URL),
+      maxDocumentBytes: e.MAX_DOCUMENT_BYTES,
+      maxReferralBytes: e.MAX_REFERRAL_DOCUMENT_BYTES,
+      uploadDeadlineMs: e.UPLOAD_DEADLINE_HOURS * 3600 * 1000,
+    },
     hl7: {
       mllpPort: e.HL7_MLLP_PORT ?? (e.NODE_ENV === 'development' ? 2575 : undefined),
       mllpPortDefaulted: e.HL7_MLLP_PORT === undefined,
@@ -231,6 +249,12 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     retention: { documentDays: e.DOCUMENT_RETENTION_DAYS, referralDays: e.REFERRAL_RETENTION_DAYS, cron: e.RETENTION_CRON },
     sandbox: { profile: e.SANDBOX_PROFILE, traits: e.SANDBOX_TRAITS },
   };
+}
+
+/** `blobs` beside the SQLite file (`sqlite::memory:` and PostgreSQL: `./data/blobs`). */
+function defaultBlobDir(databaseUrl: string): string {
+  const file = databaseUrl.startsWith('sqlite:') ? databaseUrl.slice('sqlite:'.length) : '';
+  return file && file !== ':memory:' ? path.join(path.dirname(file), 'blobs') : path.join('data', 'blobs');
 }
 
 /** The key `npm start` serves with no API_KEYS in development (README); production refuses it. */

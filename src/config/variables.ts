@@ -362,6 +362,39 @@ export const variables = {
     schema: z.coerce.number().int().min(0).default(15_000),
     doc: 'on SIGTERM/SIGINT, how long requests in flight may finish before connections are closed',
   },
+  BLOB_STORE: {
+    schema: z.enum(['auto', 'fs', 'postgres']).default('auto'),
+    doc:
+      'where streamed documents (multipart parts, `PUT .../content` uploads) are kept: `fs` (files under `BLOB_DIR`), `postgres` (in the database, ' +
+      'so that replicas sharing it can all deliver; needs a `postgres://` `DATABASE_URL`), `auto` (`postgres` on PostgreSQL, else `fs`)',
+  },
+  BLOB_DIR: {
+    schema: z.string().optional(),
+    shownDefault: '`blobs` beside the SQLite file, else `./data/blobs`',
+    doc: 'with the `fs` blob store: the directory (content-addressed files, written to a temporary name, fsynced, renamed)',
+  },
+  MAX_DOCUMENT_BYTES: {
+    schema: z.coerce
+      .number()
+      .int()
+      .min(1)
+      .default(2 * 1024 ** 3),
+    shownDefault: '2147483648 (2 GiB)',
+    doc: 'the largest streamed document (a multipart file part or an upload); larger is refused 413 and nothing is kept',
+  },
+  MAX_REFERRAL_DOCUMENT_BYTES: {
+    schema: z.coerce
+      .number()
+      .int()
+      .min(1)
+      .default(8 * 1024 ** 3),
+    shownDefault: '8589934592 (8 GiB)',
+    doc: "the most a referral's streamed documents may hold together; an upload that would go past it is refused 413",
+  },
+  UPLOAD_DEADLINE_HOURS: {
+    schema: z.coerce.number().positive().default(72),
+    doc: 'how long a referral waits in `awaiting-documents` for its `upload: true` documents before it becomes `expired` (never sent)',
+  },
   DOCUMENT_RETENTION_DAYS: {
     schema: z.coerce.number().int().min(0).max(36_500).default(30),
     doc:

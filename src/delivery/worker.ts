@@ -5,6 +5,7 @@ import { ageSeconds, isExhausted, LeasedQueueRunner, notPastAgeLimit, settleRetr
 import type { MemoryBudget, Release } from '../memory';
 import { changeStatus, type Db, deliveryQueue, getReferral, leasedQueue, noteStatus, type OutboxEntry, payloadBytes, type Settled, ulid } from '../store';
 import { CircuitBreaker } from './circuit';
+import type { BlobStore } from '../blobs';
 import type { DeliveryContext, DeliveryEvent, DestinationAdapter, DestinationAdapters, Outcome, ReferralSummary } from '../destinations';
 import type { DeliveryTask, DocumentsTask, StoredReferral, UnreadableTask } from '../model';
 
@@ -20,6 +21,8 @@ export interface DeliveryOptions {
   concurrency: number;
   /** How often the worker looks for due entries when nothing wakes it. */
   idleMs: number;
+  /** Where streamed documents' bytes are (documents with `blob`): adapters read them from here. */
+  blobs: BlobStore;
   /**
    * Outbox lease. Default: derived from the destinations' request timeouts (entryBudgetMs of the slowest
    * destination + its timeout + 2 s), e.g. 122 s for 30 s timeouts, 6 s for 1 s timeouts.
@@ -209,6 +212,7 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
     const signal = AbortSignal.timeout(budget);
     const ctx: DeliveryContext = {
       db: this.db,
+      blobs: this.opts.blobs,
       entry,
       attempt,
       referral,

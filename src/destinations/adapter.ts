@@ -1,3 +1,4 @@
+import type { BlobStore } from '../blobs';
 import type { OperationOutcome } from '@medplum/fhirtypes';
 import type { Destination } from '../config';
 import type { CancelTask, DocumentsTask, Referral, ReportInfo, StoredReferral } from '../model';
@@ -25,6 +26,8 @@ export type ReferralSummary = Omit<StoredReferral, 'payload'>;
 export interface DeliveryContext {
   /** The store, for the adapter's records of what reached the centre (its refs, raw uploads): src/store's repositories. */
   db: Db;
+  /** The blob store: the bytes of documents that carry a `blob` (streamed uploads), read as streams. */
+  blobs: BlobStore;
   /** The entry as claimed, without its payload (the task's own argument): `entry.attempts` counts earlier attempts. */
   entry: Pick<OutboxEntry, 'id' | 'referralId' | 'kind' | 'attempts' | 'createdAt'>;
   /** This attempt's number (entry.attempts + 1), already recorded. */

@@ -102,6 +102,29 @@ function base64Padding(s: string): number {
 
 const base64 = z.string().min(1, 'must not be empty').refine(isBase64, 'is not valid base64');
 
+/** A hex SHA-256 digest (64 characters; upper case is read as lower). */
+export const sha256Hex = z
+  .string()
+  .regex(/^[0-9a-fA-F]{64}$/, 'must be a SHA-256 digest as 64 hex characters')
+  .transform((s) => s.toLowerCase());
+
+/** A multipart file part's name: what a document's `file` names. */
+const partName = z
+  .string()
+  .min(1)
+  .max(100)
+  .regex(/^[\w.:-]+$/, 'may hold letters, digits and . _ : - only');
+
+/**
+ * Where a document's bytes come from; exactly one of them:
+ * - `data`: inline base64 (small documents);
+ * - `url`: a link the centre follows;
+ * - `file`: a file part of the same multipart/form-data request, by name;
+ * - `upload: true`: sent afterwards by `PUT /referrals/{id}/documents/{n}/content` (the referral waits in
+ *   `awaiting-documents` until every such document has arrived).
+ */
+export const documentSources = ['data', 'url', 'file', 'upload'] as const;
+
 export const documentSchema = z
   .strictObject({
     kind: z.enum(documentKinds),
@@ -114,10 +137,25 @@ export const documentSchema = z
       .optional(),
     data: base64.optional(),
     url: z.url({ protocol: /^https?$/, message: 'must be an http(s) URL' }).optional(),
+    file: partName.optional(),
+    upload: z.literal(true, { message: 'must be true (the bytes follow by PUT .../content)' }).optional(),
+    /** The SHA-256 of the bytes a `file` or `upload` document will carry: checked as they arrive (422 on a mismatch). */
+    sha256: sha256Hex.optional(),
   })
   .superRefine((doc, ctx) => {
-    if ((doc.data === undefined) === (doc.url === undefined)) {
-      ctx.addIssue({ code: 'custom', path: ['data'], message: 'exactly one of data (base64) or url is required' });
+    const given = documentSources.filter((k) => doc[k] !== undefined);
+    if (given.length !== 1) {
+      ctx.addIssue({
+        code: 'custom',
+        path: [given[1] ?? 'data'],
+        message:
+          given.length === 0
+            ? 'one of data (base64), url, file (a multipart part) or upload (true) is required'
+            : `exactly one of data, url, file or upload is allowed (got ${given.join(', ')})`,
+      });
+    }
+    if (doc.sha256 !== undefined && doc.file === undefined && doc.upload === undefined) {
+      ctx.addIssue({ code: 'custom', path: ['sha256'], message: 'is only read for a file or upload document (inline data is checked as it is)' });
     }
   });
 
@@ -177,6 +215,16 @@ export const referralSchema = z.strictObject({
 });
 
 export type ReferralInput = z.input<typeof referralSchema>;
-export type Referral = z.output<typeof referralSchema>;
-export type ReferralDocument = z.output<typeof documentSchema>;
+export type Referral = Omit<z.output<typeof referralSchema>, 'documents'> & { documents: ReferralDocument[] };
+/**
+ * A document as stored: as submitted, plus `blob` once its bytes (a `file` part or an `upload`) are in the blob
+ * store. `blob` is the gateway's, never read from a submission (the schema is strict).
+ */
+export type ReferralDocument = z.output<typeof documentSchema> & { blob?: BlobRef };
+
+/** Where a document's bytes are in the blob store (src/blobs): their SHA-256 and size. */
+export interface BlobRef {
+  sha256: string;
+  bytes: number;
+}
 export type Coding = z.output<typeof codingSchema>;

@@ -2,6 +2,7 @@ import type { Referral } from './schema';
 
 /** Public referral statuses (shared/api-contract.md). */
 export const referralStatuses = [
+  'awaiting-documents',
   'queued',
   'sent',
   'received',
@@ -13,6 +14,7 @@ export const referralStatuses = [
   'cancelled',
   'failed',
   'delivery-failed',
+  'expired',
 ] as const;
 export type ReferralStatus = (typeof referralStatuses)[number];
 

@@ -5,8 +5,10 @@ import { referralStatuses, type StoredReferral } from '../model';
 /** A public referral status (shared/api-contract.md); the OpenAPI document's ReferralStatus. */
 export const referralStatusSchema = z.enum(referralStatuses).meta({
   description:
+    'awaiting-documents (stored; waits for the documents declared with upload: true, sent by PUT /referrals/{id}/documents/{n}/content), ' +
     "queued (stored, not yet at the centre), sent (delivered; the centre's Task is requested), received, accepted, rejected, on-hold, in-progress, completed, " +
-    "cancelled, failed (the centre's Task failed), delivery-failed (the centre refused the transaction permanently; see delivery.lastError).",
+    "cancelled, failed (the centre's Task failed), delivery-failed (the centre refused the transaction permanently; see delivery.lastError), " +
+    'expired (its uploads did not arrive by the deadline, UPLOAD_DEADLINE_HOURS; never sent).',
 });
 
 const dateTime = z.iso.datetime();

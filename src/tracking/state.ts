@@ -46,7 +46,7 @@ export function referralStatusFor(task: string): ReferralStatus | undefined {
   }
 }
 
-export const terminalStatuses: ReadonlySet<ReferralStatus> = new Set(['rejected', 'completed', 'failed', 'cancelled', 'delivery-failed']);
+export const terminalStatuses: ReadonlySet<ReferralStatus> = new Set(['rejected', 'completed', 'failed', 'cancelled', 'delivery-failed', 'expired']);
 
 /** Forward order of the tracked statuses; skipping forward is fine (requested straight to completed). */
 const rank: Partial<Record<ReferralStatus, number>> = {
@@ -94,5 +94,5 @@ export function decideTransition(current: ReferralStatus, taskStatus: string): T
 
 /** Whether the referrer may still cancel directly (before work starts at the centre). */
 export function cancellable(current: ReferralStatus): boolean {
-  return current === 'queued' || current === 'sent' || current === 'received' || current === 'accepted';
+  return current === 'awaiting-documents' || current === 'queued' || current === 'sent' || current === 'received' || current === 'accepted';
 }
