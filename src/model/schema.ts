@@ -222,9 +222,13 @@ export type Referral = Omit<z.output<typeof referralSchema>, 'documents'> & { do
  */
 export type ReferralDocument = z.output<typeof documentSchema> & { blob?: BlobRef };
 
-/** Where a document's bytes are in the blob store (src/blobs): their SHA-256 and size. */
+/**
+ * Where a document's bytes are in the blob store (src/blobs): their SHA-256 (hex, the address) and size, and their
+ * SHA-1 (base64, FHIR Attachment.hash), hashed as they arrived so that delivery need not read them twice.
+ */
 export interface BlobRef {
   sha256: string;
   bytes: number;
+  sha1: string;
 }
 export type Coding = z.output<typeof codingSchema>;
