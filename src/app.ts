@@ -18,9 +18,10 @@ import {
   fhirRouter,
   requireJsonOr,
   textBody,
+  streamedIntakeRouter,
 } from './api';
 import type { Config } from './config';
-import type { ReferralService } from './referral';
+import type { DocumentIntake, ReferralService } from './referral';
 import type { Db } from './store';
 import type { AdminDoctorDeps, ReportReader } from './api';
 import type { MemoryBudget } from './memory';
@@ -34,6 +35,8 @@ export interface AppDeps {
   /** The formats referrals are taken in (POST /referrals chooses by Content-Type). */
   intake: IntakeRegistry;
   service: ReferralService;
+  /** Documents that stream in: multipart file parts and PUT .../documents/{n}/content uploads, into the blob store. */
+  documents: DocumentIntake;
   reports: ReportReader;
   sandbox?: Router;
   isReady: () => Promise<{ ready: boolean; checks: Record<string, string> }>;
@@ -91,9 +94,18 @@ export function createApp(deps: AppDeps): Express {
   const budget = intakeBudget({ budget: deps.memory, maxBodyBytes: deps.config.maxBodyBytes, waitMs: deps.config.intakeWaitMs });
   const text = textBody(limits, HL7V2_CONTENT_TYPES);
   const intakeTypes = deps.intake.contentTypes.filter((t) => !t.includes('json'));
+  const streamed = streamedIntakeRouter(deps.service, deps.documents, deps.intake, {
+    maxBodyBytes: deps.config.maxBodyBytes,
+    maxDepth: deps.config.intake.maxJsonDepth,
+    idleTimeoutMs: deps.config.intake.bodyTimeoutMs,
+    memory: deps.memory,
+    waitMs: deps.config.intakeWaitMs,
+  });
   app.use(
     '/referrals',
     apiKeyAuth(deps.config.apiKeys),
+    // Streamed bodies first (multipart POST, PUT of an upload's bytes); any other request passes on.
+    streamed,
     requireJsonOr(intakeTypes),
     precheck,
     budget,

@@ -3,7 +3,7 @@ import { once } from 'node:events';
 import type { Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { createApp } from './app';
-import { webhooksAdminRouter, createLimitedServer, hl7ReturnAdminRouter, type MllpListener, startMllpListener } from './api';
+import { webhooksAdminRouter, createLimitedServer, isStreamedRequest, hl7ReturnAdminRouter, type MllpListener, startMllpListener } from './api';
 import type { Config, Destination, DestinationDirectory } from './config';
 import { DeliveryWorker } from './delivery';
 import { notFound } from './outcomes';
@@ -13,7 +13,7 @@ import { loadSandbox, SANDBOX_PATH, type SandboxRouter, sandboxDestination } fro
 import { MemoryBudget } from './memory';
 import { logger, setLogLevel } from './observability';
 import { type Backlog, clearBacklogSource, setBacklogSource } from './observability';
-import { ReferralService } from './referral';
+import { DocumentIntake, ReferralService } from './referral';
 import { type BlobStore, createFsBlobStore, createPostgresBlobStore, openingBlobStore } from './blobs';
 import { backlog, createStoreProbe, type Db, migrate, openDb, possiblyOrphanedUploads, type QueueName, type StoreProbeResult } from './store';
 import { Poller } from './tracking';
@@ -67,6 +67,8 @@ export class Gateway {
   readonly worker: DeliveryWorker;
   readonly poller: Poller;
   readonly service: ReferralService;
+  /** Streamed documents: multipart parts and uploads into the blob store; the upload deadline. */
+  readonly documents: DocumentIntake;
   readonly webhooks: WebhookDispatcher;
   /** Sends status changes back to the senders of HL7 v2 referrals over MLLP (HL7_RETURN_CHANNELS). */
   readonly hl7Return: Hl7ReturnDispatcher;
@@ -133,6 +135,11 @@ export class Gateway {
       sweepEveryMs: opts.pollSweepEveryMs,
     });
     this.retention = new RetentionJob(this.db, config.retention);
+    this.documents = new DocumentIntake(this.db, this.blobs, {
+      maxDocumentBytes: config.documents.maxDocumentBytes,
+      maxReferralBytes: config.documents.maxReferralBytes,
+      uploadDeadlineMs: config.documents.uploadDeadlineMs,
+    });
     this.service = new ReferralService(this.db, this.destinations, {
       allowPrivateCallbacks: config.webhookAllowPrivateNetworks,
       clientIdentifierSystems: config.clientIdentifierSystems,
@@ -156,6 +163,7 @@ export class Gateway {
       db: this.db,
       intake: this.opts.intake ?? defaultIntakeFormats(),
       service: this.service,
+      documents: this.documents,
       reports: {
         read: (referral) => {
           const destination = this.destinations.get(referral.destination);
@@ -177,7 +185,7 @@ export class Gateway {
       },
     });
     // Headers and request deadlines, and the cap on connections per address (src/api/server-limits.ts).
-    const server = createLimitedServer(app, { ...this.config.intake, keepAliveTimeoutMs: 65_000 });
+    const server = createLimitedServer(app, { ...this.config.intake, keepAliveTimeoutMs: 65_000, streamed: isStreamedRequest });
     server.listen(this.config.port, this.config.host);
     this.server = server;
     await once(server, 'listening');
@@ -193,6 +201,7 @@ export class Gateway {
     this.hl7Return.start();
     if (this.opts.startPoller !== false) this.poller.start();
     this.retention.start();
+    this.startUploadDeadline();
     this.backlogSource = async () => ({
       ...(await backlog(this.db)),
       circuits: this.worker.circuitStates(),
@@ -237,7 +246,27 @@ export class Gateway {
   }
 
   /** Stops taking requests, finishes the work in flight, closes the store. */
+  private uploadTimer: NodeJS.Timeout | undefined;
+
+  /** Referrals whose uploads are overdue become `expired`: looked for every minute (more often with a short deadline). */
+  private startUploadDeadline(): void {
+    const every = Math.max(250, Math.min(60_000, Math.floor(this.config.documents.uploadDeadlineMs / 4)));
+    let running = false;
+    this.uploadTimer = setInterval(() => {
+      if (running || this.shuttingDown) return;
+      running = true;
+      this.documents
+        .expireOverdue()
+        .catch((err: unknown) => logger.warn('the upload deadline sweep failed; it runs again shortly', { error: (err as Error).message }))
+        .finally(() => {
+          running = false;
+        });
+    }, every);
+    this.uploadTimer.unref();
+  }
+
   async stop(): Promise<void> {
+    clearInterval(this.uploadTimer);
     if (this.shuttingDown) return;
     this.shuttingDown = true;
     if (this.backlogSource) clearBacklogSource(this.backlogSource);

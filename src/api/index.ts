@@ -13,3 +13,4 @@ export { referralsRouter, type ReportReader } from './referrals-router';
 export { createLimitedServer } from './server-limits';
 export { webhooksAdminRouter } from './webhooks-admin-router';
 export { hl7ReturnAdminRouter } from './hl7-return-admin-router';
+export { streamedIntakeRouter, declaredSha256, isStreamedRequest } from './streamed-intake';

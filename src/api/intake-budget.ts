@@ -10,7 +10,12 @@ export interface IntakeBudgetOptions {
   maxBodyBytes: number;
   /** How long a request may wait for room before it is answered 503 (INTAKE_WAIT_MS). */
   waitMs: number;
+  /** What a request reserves; default intakeCost (its whole body is held). Streamed bodies reserve what they hold at once. */
+  cost?: (req: IncomingMessage) => number;
 }
+
+/** What a streamed body holds at once (its stream buffers and a chunk being written), whatever its length. */
+export const STREAM_WINDOW_BYTES = 2 * 1024 * 1024;
 
 /** The release of each admitted request, for the body reader to give the room back the moment it fails. */
 const releases = new WeakMap<IncomingMessage, () => void>();
@@ -55,7 +60,7 @@ export function intakeBudget(opts: IntakeBudgetOptions): RequestHandler {
       next();
       return;
     }
-    const cost = intakeCost(req.headers, opts.maxBodyBytes);
+    const cost = opts.cost ? opts.cost(req) : intakeCost(req.headers, opts.maxBodyBytes);
     if (cost === 0) {
       next();
       return;

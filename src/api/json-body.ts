@@ -142,7 +142,7 @@ export function bodyPrecheck(opts: Pick<JsonBodyOptions, 'maxBodyBytes'>): Reque
 }
 
 /** The rest of the body is not read: answer with Connection: close, discard what still arrives until the socket closes. */
-function closeAfterAnswer(req: Request, res: Response): void {
+export function closeAfterAnswer(req: Request, res: Response): void {
   res.setHeader('Connection', 'close');
   req.resume();
 }
@@ -367,6 +367,11 @@ const notJson = (): Failure => refused('syntax', new Failure('malformed', { code
  * the documents' text outside the heap); any other is decoded to text first. The bytes are freed as soon as
  * they are no longer needed.
  */
+/** A JSON text received whole (a multipart part), parsed with the same checks as a JSON body (depth, duplicate keys, Unicode). */
+export function parseJsonBytes(bytes: Buffer, maxDepth: number): Promise<unknown> {
+  return parseChecked({ bytes, allocation: undefined }, maxDepth);
+}
+
 async function parseChecked(body: ReceivedBody, maxDepth: number): Promise<unknown> {
   const { bytes } = body;
   if (bytes.length === 0) return {}; // as express.json: an empty JSON body is an empty object

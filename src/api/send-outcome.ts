@@ -17,6 +17,7 @@ export const STATUS_OF: Readonly<Record<FailureKind, number>> = {
   'centre-failed': 502,
   busy: 503,
   unavailable: 503,
+  'insufficient-storage': 507,
 };
 
 export interface HttpAnswer {

@@ -1,4 +1,4 @@
-import { createServer, type RequestListener, type Server } from 'node:http';
+import { createServer, type IncomingMessage, type RequestListener, type Server, type ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
 import { Counter, Gauge } from 'prom-client';
 import { logger, metricsRegistry } from '../observability';
@@ -12,6 +12,33 @@ export interface ServerLimits {
   maxConnectionsPerAddress: number;
   /** How long an idle keep-alive connection is kept (default 65 s: longer than the 60 s of common load balancers). */
   keepAliveTimeoutMs?: number;
+  /**
+   * Requests exempt from REQUEST_TIMEOUT_MS: streamed document uploads, which may take far longer and are cut off
+   * instead when they send nothing for INTAKE_BODY_TIMEOUT_MS (src/api/streamed-intake.ts). With it, the deadline
+   * of the other requests is kept by this server rather than by Node (whose deadline has no exemptions).
+   */
+  streamed?: (req: IncomingMessage) => boolean;
+}
+
+const REQUEST_TIMEOUT_ANSWER = 'HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n';
+
+/**
+ * REQUEST_TIMEOUT_MS for every request but the streamed ones: one whose body has not all arrived in time is answered
+ * 408 (as Node does) and its connection closed.
+ */
+function requestDeadline(server: Server, ms: number, streamed: (req: IncomingMessage) => boolean): void {
+  server.on('request', (req: IncomingMessage, res: ServerResponse) => {
+    if (streamed(req) || req.complete) return;
+    const timer = setTimeout(() => {
+      if (req.complete) return;
+      if (!res.headersSent) req.socket.end(REQUEST_TIMEOUT_ANSWER);
+      req.socket.destroySoon();
+    }, ms);
+    timer.unref();
+    const clear = (): void => clearTimeout(timer);
+    req.once('end', clear);
+    res.once('close', clear);
+  });
 }
 
 /** A refused connection is closed after this even when the client neither reads nor closes. */
@@ -42,9 +69,9 @@ const REFUSAL = Buffer.from(
  * address (the next is answered a bare 503 with Retry-After and closed).
  */
 export function createLimitedServer(app: RequestListener, limits: ServerLimits): Server {
-  const requestTimeout = limits.requestTimeoutMs;
+  const requestTimeout = limits.streamed ? 0 : limits.requestTimeoutMs;
   // Node refuses headersTimeout > requestTimeout.
-  const headersTimeout = requestTimeout > 0 ? Math.min(limits.headersTimeoutMs, requestTimeout) : limits.headersTimeoutMs;
+  const headersTimeout = limits.requestTimeoutMs > 0 ? Math.min(limits.headersTimeoutMs, limits.requestTimeoutMs) : limits.headersTimeoutMs;
   const server = createServer(
     {
       headersTimeout,
@@ -56,6 +83,7 @@ export function createLimitedServer(app: RequestListener, limits: ServerLimits):
     },
     app
   );
+  if (limits.streamed && limits.requestTimeoutMs > 0) requestDeadline(server, limits.requestTimeoutMs, limits.streamed);
   capConnectionsPerAddress(server, limits.maxConnectionsPerAddress);
   return server;
 }

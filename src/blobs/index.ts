@@ -2,3 +2,4 @@
 export { createFsBlobStore } from './fs';
 export { createPostgresBlobStore } from './postgres';
 export { BlobRefused, type BlobRefusal, type BlobStore, openingBlobStore, type PutOptions, type StoredBlob } from './types';
+export { putDocument } from './document';

@@ -1,3 +1,4 @@
+import { tmpdir } from 'node:os';
 import path from 'node:path';
 import type { z } from 'zod';
 import { loadPrivateKey } from './secrets';
@@ -232,7 +233,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     },
     shutdownTimeoutMs: e.SHUTDOWN_TIMEOUT_MS,
     documents: {
-      blobStore: e.BLOB_STORE === 'auto' ? (e.DATABASE_URL.startsWith('postgres') ? 'postgres' : 'fs') : e.BLOB_STORE,
+      blobStore: blobStoreFor(e.BLOB_STORE, e.DATABASE_URL),
       blobDir: e.BLOB_DIR ?? defaultBlobDir(e.DATABASE_URL),
       maxDocumentBytes: e.MAX_DOCUMENT_BYTES,
       maxReferralBytes: e.MAX_REFERRAL_DOCUMENT_BYTES,
@@ -251,10 +252,17 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
   };
 }
 
-/** `blobs` beside the SQLite file (`sqlite::memory:` and PostgreSQL: `./data/blobs`). */
+/** BLOB_STORE=auto: the database itself on PostgreSQL (replicas share it), files otherwise. */
+function blobStoreFor(choice: 'auto' | 'fs' | 'postgres', databaseUrl: string): 'fs' | 'postgres' {
+  if (choice !== 'auto') return choice;
+  return databaseUrl.startsWith('postgres') ? 'postgres' : 'fs';
+}
+
+/** `blobs` beside the SQLite file; PostgreSQL: `./data/blobs`; an in-memory database: a directory of this process under the system's temporary one. */
 function defaultBlobDir(databaseUrl: string): string {
   const file = databaseUrl.startsWith('sqlite:') ? databaseUrl.slice('sqlite:'.length) : '';
-  return file && file !== ':memory:' ? path.join(path.dirname(file), 'blobs') : path.join('data', 'blobs');
+  if (file === ':memory:') return path.join(tmpdir(), `referral-gateway-blobs-${process.pid}`);
+  return file ? path.join(path.dirname(file), 'blobs') : path.join('data', 'blobs');
 }
 
 /** The key `npm start` serves with no API_KEYS in development (README); production refuses it. */

@@ -370,7 +370,7 @@ export const variables = {
   },
   BLOB_DIR: {
     schema: z.string().optional(),
-    shownDefault: '`blobs` beside the SQLite file, else `./data/blobs`',
+    shownDefault: '`blobs` beside the SQLite file (`sqlite::memory:`: a temporary directory), else `./data/blobs`',
     doc: 'with the `fs` blob store: the directory (content-addressed files, written to a temporary name, fsynced, renamed)',
   },
   MAX_DOCUMENT_BYTES: {

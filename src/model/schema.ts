@@ -147,7 +147,7 @@ export const documentSchema = z
     if (given.length !== 1) {
       ctx.addIssue({
         code: 'custom',
-        path: [given[1] ?? 'data'],
+        path: [given[0] ?? 'data'],
         message:
           given.length === 0
             ? 'one of data (base64), url, file (a multipart part) or upload (true) is required'

@@ -68,7 +68,8 @@ export type FailureKind =
   | 'invalid'
   | 'centre-failed'
   | 'busy'
-  | 'unavailable';
+  | 'unavailable'
+  | 'insufficient-storage';
 
 export interface FailureHints {
   /** busy, unavailable: when to try again. */
@@ -179,6 +180,10 @@ export const bodyTimeout = (message: string): Failure => new Failure('timeout', 
 export const centreUnavailable = (message: string, cause?: unknown): Failure => new Failure('centre-failed', { code: 'transient', message }, {}, cause);
 
 /** The gateway has no room for this now (the memory budget). */
+/** The blob store has no room for a document (a full disk, a database out of space): nothing of it was kept. */
+export const insufficientStorage = (message: string, cause?: unknown): Failure =>
+  new Failure('insufficient-storage', { code: 'transient', message }, { retryAfterSeconds: 60 }, cause);
+
 export const intakeBusy = (message: string, retryAfterSeconds: number): Failure => new Failure('busy', { code: 'transient', message }, { retryAfterSeconds });
 
 /** The store cannot be reached or written. */

@@ -6,6 +6,7 @@ import { mapAddedDocumentsToBundle, validateBundle } from '../mapping';
 import { logger } from '../observability';
 import {
   cancelBeforeDelivery,
+  changeStatus,
   type Db,
   deliveryQueue,
   findForIdempotency,
@@ -24,8 +25,8 @@ import { checkReferralContent } from './check';
 import { identifierPolicyIssues } from './identifier-policy';
 import { documentSchema } from '../model';
 import { cancellable, terminalStatuses } from '../tracking';
-import type { StoredReferral, Referral, ReferralDocument } from '../model';
-import { type ReferralView, toView } from './view';
+import type { BlobRef, StoredReferral, Referral, ReferralDocument } from '../model';
+import { type ReferralView, toView, type UploadDue } from './view';
 import { literalCallbackProblem } from '../webhooks';
 import { IntakeLane } from './intake-lane';
 
@@ -41,6 +42,22 @@ export interface SubmitResult {
   created: boolean;
   view: ReferralView;
 }
+
+/** A new submission read and checked, not yet stored (ReferralService.prepare). */
+export interface NewSubmission {
+  kind: 'new';
+  referral: Referral;
+  destination: Destination;
+  requestHash: string;
+  idempotencyKey: string | null;
+  origin: Submission['origin'];
+  /** The document index each file part fills, by part name. */
+  files: ReadonlyMap<string, number>;
+  /** Where a location of the referral model is in the submission (for issues about its documents). */
+  locate: (modelPath: string) => string;
+}
+
+export type Prepared = { kind: 'replay'; result: SubmitResult } | NewSubmission;
 
 export class ReferralService {
   constructor(
@@ -85,42 +102,88 @@ export class ReferralService {
    */
   submit(clientId: string, submission: Submission): Promise<SubmitResult> {
     return this.lane.run(async (pause) => {
-      const requestHash = await submission.requestHash(pause);
-      const { externalId, idempotencyKey } = submission;
-
-      // A replay is answered before validation work, so it is cheap and stable.
-      if (externalId || idempotencyKey) {
-        const replay = await this.replay(clientId, externalId ?? '', idempotencyKey, requestHash);
-        if (replay) return replay;
-      }
-      await pause();
-      const read = submission.read();
-      if (!read.ok) throw invalidInput(read.issues);
-      const { referral, destination } = this.check(clientId, read.referral, (p) => submission.locate(p));
-      await pause();
-      const id = newReferralId();
-      // A v2 referral from a client with a return channel: its status changes go back to the sender (src/hl7return).
-      const channel = submission.origin && this.options.hl7ReturnChannels?.get(clientId);
-      const created = await insertReferral(this.db, {
-        id,
-        clientId,
-        externalId: referral.externalId,
-        idempotencyKey,
-        requestHash,
-        destination: destination.id,
-        payload: referral,
-        at: nowIso(),
-        ...(submission.origin && channel ? { hl7Origin: { ...submission.origin, channel } } : {}),
-      });
-      if (!created) {
-        // Lost a race with an identical submission: answer as a replay.
-        const replay = await this.replay(clientId, referral.externalId, idempotencyKey, requestHash);
-        if (replay) return replay;
-        throw idempotencyConflict('externalId', 'a concurrent submission with this externalId is in progress');
-      }
-      logger.info('referral queued', { referralId: id, clientId, destination: destination.id, documents: referral.documents.length });
-      return { created: true, view: await this.view(created) };
+      const prepared = await this.prepareIn(clientId, submission, { files: false }, pause);
+      return prepared.kind === 'replay' ? prepared.result : this.storeIn(clientId, prepared, new Map());
     });
+  }
+
+  /**
+   * The first half of a submission whose documents' bytes follow it (multipart/form-data): a replay is answered as
+   * the original; a new referral is read and checked completely, and `files` says which documents (indexes) each file
+   * part fills. Nothing is stored: `complete` does that once the parts have been received.
+   */
+  prepare(clientId: string, submission: Submission): Promise<Prepared> {
+    return this.lane.run((pause) => this.prepareIn(clientId, submission, { files: true }, pause));
+  }
+
+  /** Stores a prepared referral with its documents' bytes (`blobs`, by document index), durably, and queues it. */
+  complete(clientId: string, prepared: NewSubmission, blobs: ReadonlyMap<number, BlobRef>): Promise<SubmitResult> {
+    return this.lane.run(() => this.storeIn(clientId, prepared, blobs));
+  }
+
+  private async prepareIn(clientId: string, submission: Submission, opts: { files: boolean }, pause: () => Promise<void>): Promise<Prepared> {
+    const requestHash = await submission.requestHash(pause);
+    const { externalId, idempotencyKey } = submission;
+
+    // A replay is answered before validation work, so it is cheap and stable.
+    if (externalId || idempotencyKey) {
+      const replay = await this.replay(clientId, externalId ?? '', idempotencyKey, requestHash);
+      if (replay) return { kind: 'replay', result: replay };
+    }
+    await pause();
+    const read = submission.read();
+    if (!read.ok) throw invalidInput(read.issues);
+    const { referral, destination } = this.check(clientId, read.referral, (p) => submission.locate(p));
+    const files = new Map<string, number>();
+    const issues: DetailedIssue[] = [];
+    referral.documents.forEach((d, i) => {
+      if (d.file === undefined) return;
+      const expression = `documents[${i}].file`;
+      const issue = (detail: string): DetailedIssue => ({ code: 'invalid', expression, message: `${expression}: ${detail}`, detail });
+      if (!opts.files) {
+        issues.push(issue('names a file part: send the referral and its files as multipart/form-data'));
+      } else if (files.has(d.file)) {
+        issues.push(issue(`part "${d.file}" is named by documents[${files.get(d.file)}] too`));
+      } else {
+        files.set(d.file, i);
+      }
+    });
+    if (issues.length > 0) throw invalidInput(issues.map((i) => located(i, (p) => submission.locate(p))));
+    await pause();
+    return { kind: 'new', referral, destination, requestHash, idempotencyKey, origin: submission.origin, files, locate: (p) => submission.locate(p) };
+  }
+
+  private async storeIn(clientId: string, p: NewSubmission, blobs: ReadonlyMap<number, BlobRef>): Promise<SubmitResult> {
+    const id = newReferralId();
+    const referral: Referral =
+      blobs.size === 0 ? p.referral : { ...p.referral, documents: p.referral.documents.map((d, i) => (blobs.has(i) ? { ...d, blob: blobs.get(i) } : d)) };
+    // A v2 referral from a client with a return channel: its status changes go back to the sender (src/hl7return).
+    const channel = p.origin && this.options.hl7ReturnChannels?.get(clientId);
+    const created = await insertReferral(this.db, {
+      id,
+      clientId,
+      externalId: referral.externalId,
+      idempotencyKey: p.idempotencyKey,
+      requestHash: p.requestHash,
+      destination: p.destination.id,
+      payload: referral,
+      at: nowIso(),
+      ...(p.origin && channel ? { hl7Origin: { ...p.origin, channel } } : {}),
+    });
+    if (!created) {
+      // Lost a race with an identical submission: answer as a replay.
+      const replay = await this.replay(clientId, referral.externalId, p.idempotencyKey, p.requestHash);
+      if (replay) return replay;
+      throw idempotencyConflict('externalId', 'a concurrent submission with this externalId is in progress');
+    }
+    logger.info(created.status === 'awaiting-documents' ? 'referral stored; awaiting document uploads' : 'referral queued', {
+      referralId: id,
+      clientId,
+      destination: p.destination.id,
+      documents: referral.documents.length,
+      streamed: blobs.size,
+    });
+    return { created: true, view: await this.view(created) };
   }
 
   private async replay(clientId: string, externalId: string, key: string | null, hash: string): Promise<SubmitResult | null> {
@@ -144,7 +207,15 @@ export class ReferralService {
 
   async view(r: StoredReferral): Promise<ReferralView> {
     const [history, outbox] = await Promise.all([referralHistory(this.db, r.id), leasedQueue.forReferral(this.db, deliveryQueue, r.id)]);
-    return toView(r, history, outbox);
+    return toView(r, history, outbox, r.status === 'awaiting-documents' ? await this.uploadsDue(r.id) : undefined);
+  }
+
+  /** The documents of a referral declared `upload: true`, and whether their bytes have arrived. */
+  private async uploadsDue(id: string): Promise<UploadDue[]> {
+    const full = await getReferral(this.db, id);
+    return (full?.payload.documents ?? []).flatMap((d, i) =>
+      d.upload ? [{ n: i + 1, title: d.title, contentType: d.contentType, received: d.blob !== undefined }] : []
+    );
   }
 
   /**
@@ -157,6 +228,15 @@ export class ReferralService {
     if (referral.status === 'cancelled') return this.view(referral);
     if (!cancellable(referral.status)) {
       throw notCancellable(id, referral.status);
+    }
+    if (referral.status === 'awaiting-documents') {
+      // Never queued: it ends here (an upload that completes it meanwhile makes it queued, cancelled below as such).
+      const done = await changeStatus(this.db, id, { status: 'cancelled', reason }, (current) => current.status === 'awaiting-documents');
+      if (done) {
+        logger.info('referral cancelled while awaiting its uploads', { referralId: id });
+        return this.view(done.current);
+      }
+      return this.cancel(clientId, id, reason);
     }
     const pending = await leasedQueue.forReferral(this.db, deliveryQueue, id);
     if (pending.some((e) => e.kind === 'cancel' && e.state === 'pending')) return this.view(referral);

@@ -55,6 +55,22 @@ export const referralViewSchema = z
       })
       .nullable()
       .meta({ description: 'The opinion the centre returned (from Task.output) once the Task is completed; null before.' }),
+    uploads: z
+      .array(
+        z.object({
+          document: z.int().min(1).meta({ description: 'The document number (1-based position in documents).' }),
+          title: z.string(),
+          contentType: z.string(),
+          url: z.string().meta({ examples: ['/referrals/ref_01JD3QW7Z8K2M4N6P8R0S2T4V6/documents/1/content'] }),
+          received: z.boolean(),
+        })
+      )
+      .optional()
+      .meta({
+        description:
+          'While the referral is awaiting-documents: each document declared "upload": true, where to PUT its bytes, and whether they have arrived. ' +
+          'Absent otherwise.',
+      }),
     /** When the retention job removed the inline document bytes (DOCUMENT_RETENTION_DAYS after closing); null while kept. */
     documentsRemovedAt: dateTime.nullable().meta({
       description:
@@ -66,7 +82,15 @@ export const referralViewSchema = z
 
 export type ReferralView = z.output<typeof referralViewSchema>;
 
-export function toView(r: StoredReferral, history: HistoryEntry[], outbox: OutboxEntry[]): ReferralView {
+/** A document awaiting its upload, as the view lists it. */
+export interface UploadDue {
+  n: number;
+  title: string;
+  contentType: string;
+  received: boolean;
+}
+
+export function toView(r: StoredReferral, history: HistoryEntry[], outbox: OutboxEntry[], uploads?: UploadDue[]): ReferralView {
   const submit = outbox.find((o) => o.kind === 'submit');
   const pending = outbox.find((o) => o.state === 'pending');
   const lastWithError = [...outbox].reverse().find((o) => o.lastError);
@@ -93,6 +117,17 @@ export function toView(r: StoredReferral, history: HistoryEntry[], outbox: Outbo
       nextAttemptAt: pending ? pending.nextAttemptAt : null,
     },
     report: r.report ? { ...r.report, url: `/referrals/${r.id}/report/content` } : null,
+    ...(uploads
+      ? {
+          uploads: uploads.map((u) => ({
+            document: u.n,
+            title: u.title,
+            contentType: u.contentType,
+            url: `/referrals/${r.id}/documents/${u.n}/content`,
+            received: u.received,
+          })),
+        }
+      : {}),
     documentsRemovedAt: r.documentsRemovedAt,
   };
 }

@@ -38,3 +38,4 @@ export { getWatermark, setWatermark } from './poll-state';
 export { closedBefore, deleteClosed, removeDocumentBytes, type Due } from './retention';
 export { backlog, type BacklogCounts } from './backlog';
 export { forgetAnswersBefore, recordAnswer, recordedAnswer, type InboundMessageKey } from './inbound-messages';
+export { blobReferenced, blobsOf, expireOverdueUploads, storeUpload, unlinkBlobs, unreferencedBlobs, type UploadStored } from './uploads';

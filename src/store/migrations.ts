@@ -282,6 +282,22 @@ migrations['0011_blobs'] = {
   },
 };
 
+migrations['0012_referral_blobs'] = {
+  async up(db: Kysely<unknown>): Promise<void> {
+    // Which referral documents name which blob (src/blobs): a blob no row names is collected (retention), and a
+    // refused upload's blob is removed at once unless a referral names it. Deleting a referral deletes its rows.
+    await db.schema
+      .createTable('referral_blobs')
+      .addColumn('referral_id', 'text', (c) => c.notNull().references('referrals.id').onDelete('cascade'))
+      .addColumn('document_n', 'integer', (c) => c.notNull())
+      .addColumn('sha256', 'text', (c) => c.notNull())
+      .addColumn('bytes', 'bigint', (c) => c.notNull())
+      .addPrimaryKeyConstraint('referral_blobs_pk', ['referral_id', 'document_n'])
+      .execute();
+    await db.schema.createIndex('referral_blobs_sha256_idx').on('referral_blobs').column('sha256').execute();
+  },
+};
+
 class StaticProvider implements MigrationProvider {
   async getMigrations(): Promise<Record<string, Migration>> {
     return migrations;

@@ -1,6 +1,6 @@
 import { type Transaction, sql } from 'kysely';
 import { freeNow, jsonBytes, parseStored, parseStoredBytes } from '../json';
-import type { FhirRefs, ReferralStatus, ReportInfo, StoredReferral, Referral } from '../model';
+import type { FhirRefs, ReferralDocument, ReferralStatus, ReportInfo, StoredReferral, Referral } from '../model';
 import type { Db } from './db';
 import { appendHistory } from './history';
 import { enqueueDelivery } from './delivery-queue';
@@ -112,12 +112,26 @@ export function lockReferral(db: Db, trx: Transaction<Database>, id: string): Pr
   return (db.dialect === 'postgres' ? q.forUpdate() : q).executeTakeFirst();
 }
 
+/** Records which blob each of these documents names (documents numbered from `startIndex + 1`). */
+export async function linkDocumentBlobs(
+  trx: Transaction<Database>,
+  referralId: string,
+  documents: ReadonlyArray<ReferralDocument>,
+  startIndex: number
+): Promise<void> {
+  const rows = documents.flatMap((d, i) =>
+    d.blob ? [{ referral_id: referralId, document_n: startIndex + i + 1, sha256: d.blob.sha256, bytes: d.blob.bytes }] : []
+  );
+  if (rows.length > 0) await trx.insertInto('referral_blobs').values(rows).execute();
+}
+
 /**
  * Stores a new referral, its first history entry and its delivery outbox entry in one transaction,
  * committed durably (see Db.durably): the client is told 202 and will not send it again.
  * Returns null when another referral with the same client+externalId or idempotency key exists.
  */
 export async function insertReferral(db: Db, r: NewReferral): Promise<StoredReferral | null> {
+  const status: ReferralStatus = r.payload.documents.some((d) => d.upload && !d.blob) ? 'awaiting-documents' : 'queued';
   try {
     await db.durably((k) =>
       k.transaction().execute(async (trx) => {
@@ -130,7 +144,7 @@ export async function insertReferral(db: Db, r: NewReferral): Promise<StoredRefe
             idempotency_key: r.idempotencyKey,
             request_hash: r.requestHash,
             destination: r.destination,
-            status: 'queued',
+            status,
             status_reason: null,
             callback_url: r.payload.callbackUrl ?? null,
             documents_added: 0,
@@ -151,8 +165,10 @@ export async function insertReferral(db: Db, r: NewReferral): Promise<StoredRefe
         } finally {
           freeNow(payload); // the statement has run: its bytes are in the database's pages
         }
-        await appendHistory(trx, r.id, { status: 'queued', at: r.at });
-        await enqueueDelivery(db, trx, r.id, { kind: 'submit', payload: null }, r.at);
+        await appendHistory(trx, r.id, { status, at: r.at });
+        await linkDocumentBlobs(trx, r.id, r.payload.documents, 0);
+        // Waiting for uploads: delivery is queued when the last one arrives (uploads.ts).
+        if (status === 'queued') await enqueueDelivery(db, trx, r.id, { kind: 'submit', payload: null }, r.at);
         if (r.hl7Origin) await insertHl7Origin(trx, r.id, r.hl7Origin, r.at);
       })
     );
@@ -162,14 +178,14 @@ export async function insertReferral(db: Db, r: NewReferral): Promise<StoredRefe
     }
     throw err;
   }
-  db.signals.emit('queued', 'delivery');
+  if (status === 'queued') db.signals.emit('queued', 'delivery');
   // What was just written, without reading (and parsing) a possibly large submission back.
   return {
     id: r.id,
     clientId: r.clientId,
     externalId: r.externalId,
     destination: r.destination,
-    status: 'queued',
+    status,
     statusReason: null,
     createdAt: r.at,
     updatedAt: r.at,

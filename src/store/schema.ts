@@ -177,6 +177,14 @@ export interface BlobChunksTable {
   data: Uint8Array;
 }
 
+/** A referral document whose bytes are a blob (src/blobs), by its number (1-based, as in the document identifiers). */
+export interface ReferralBlobsTable {
+  referral_id: string;
+  document_n: number;
+  sha256: string;
+  bytes: ColumnType<string | number, number, number>;
+}
+
 export interface Database {
   binary_uploads: BinaryUploadsTable;
   referrals: ReferralsTable;
@@ -191,4 +199,5 @@ export interface Database {
   hl7_outbox: Hl7OutboxTable;
   blobs: BlobsTable;
   blob_chunks: BlobChunksTable;
+  referral_blobs: ReferralBlobsTable;
 }

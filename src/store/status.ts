@@ -5,7 +5,7 @@ import { appendHistory } from './history';
 import { type AppointmentObservation, enqueueHl7Return, noteHl7Appointment } from './hl7-return';
 import { nowIso } from './ids';
 import { enqueueDelivery } from './delivery-queue';
-import { LIGHT_COLUMNS, lockReferral, toLightReferral, type LightRow } from './referrals';
+import { LIGHT_COLUMNS, linkDocumentBlobs, lockReferral, toLightReferral, type LightRow } from './referrals';
 import type { Database, ReferralsTable } from './schema';
 import { enqueueWebhook } from './webhook-queue';
 
@@ -28,7 +28,7 @@ export interface StatusChange {
  * The history entry and, when the referrer gave a callback URL, the webhook event of a status that changed; when the
  * referral came in as HL7 v2 from a client with a return channel, its status message too. Returns the queues written to.
  */
-async function recordTransition(
+export async function recordTransition(
   trx: Transaction<Database>,
   row: LightRow,
   to: { status: ReferralStatus; at: string; reason?: string; detail?: Record<string, unknown> }
@@ -51,7 +51,7 @@ async function recordTransition(
 }
 
 /** Tells the queues' runners, once the transaction has committed, that work waits. */
-function signalQueued(db: Db, queued: readonly QueueName[]): void {
+export function signalQueued(db: Db, queued: readonly QueueName[]): void {
   for (const queue of queued) db.signals.emit('queued', queue);
 }
 
@@ -154,6 +154,7 @@ export async function queueDocuments(
       const { documents_added: added } = await trx.selectFrom('referrals').select('documents_added').where('id', '=', referralId).executeTakeFirstOrThrow();
       const startIndex = baseCount + Number(added);
       const outboxId = await enqueueDelivery(db, trx, referralId, { kind: 'documents', payload: { documents, startIndex } });
+      await linkDocumentBlobs(trx, referralId, documents, startIndex);
       await trx
         .updateTable('referrals')
         .set({ updated_at: nowIso(), documents_added: Number(added) + documents.length })

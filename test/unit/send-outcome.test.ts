@@ -15,6 +15,7 @@ import {
   notFound,
   referralNotFound,
   storeUnavailable,
+  insufficientStorage,
   tooLarge,
   unauthenticated,
   unsupported,
@@ -48,6 +49,7 @@ describe('failure -> HTTP answer', () => {
     ['centre-failed', centreUnavailable('the centre did not answer'), 502, {}],
     ['busy', intakeBusy('no room', 9.2), 503, { 'Retry-After': '10' }],
     ['unavailable', storeUnavailable(0.2), 503, { 'Retry-After': '1' }],
+    ['insufficient-storage', insufficientStorage('the document store is full'), 507, { 'Retry-After': '60' }],
   ];
 
   test.each(cases)('%s', (_name, failure, status, headers) => {

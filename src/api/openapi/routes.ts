@@ -197,24 +197,51 @@ const gateway: Route[] = [
         description: '1-255 visible ASCII characters (400 otherwise).',
       },
     ],
-    body: jsonBody(referralSchema, {
-      examples: {
-        'breast-second-opinion': { summary: 'fixtures/referrals/breast-second-opinion.json (document data shortened)', value: submissionExample },
+    body: {
+      content: {
+        ...(jsonBody(referralSchema, {
+          examples: {
+            'breast-second-opinion': { summary: 'fixtures/referrals/breast-second-opinion.json (document data shortened)', value: submissionExample },
+          },
+        }).content as Spec),
+        'multipart/form-data': {
+          schema: {
+            type: 'object',
+            description:
+              `${EXTENSION}The referral with its documents' bytes in one request, streamed: a "referral" part first (the JSON referral; a field, or a part ` +
+              'of type application/json), then one file part per document whose "file" names it. Each part goes to the blob store as it arrives, hashed (SHA-256, ' +
+              'checked against the document\'s "sha256" when given: 422 on a mismatch); a document over MAX_DOCUMENT_BYTES, or parts over ' +
+              'MAX_REFERRAL_DOCUMENT_BYTES together, 413; a part the referral names that never comes, 422; a full store, 507. The answer comes once the bytes and ' +
+              'the referral are durable; a refused request keeps nothing.',
+            required: ['referral'],
+            properties: { referral: { type: 'string', description: 'The referral JSON (as application/json).' } },
+            additionalProperties: { type: 'string', format: 'binary', description: "A document's bytes, named by its documents[i].file." },
+          },
+          encoding: { referral: { contentType: 'application/json' } },
+        },
       },
-    }),
+    },
     responses: {
       200: answer('A replay (same Idempotency-Key or externalId with the same body): the original referral; nothing is sent again.', referralViewSchema, {
         headers: LOCATION,
       }),
-      202: answer('Accepted: stored and queued for delivery.', referralViewSchema, { headers: LOCATION }),
+      202: answer(
+        'Accepted: stored and queued for delivery, or awaiting-documents when documents are declared "upload": true (see uploads).',
+        referralViewSchema,
+        {
+          headers: LOCATION,
+        }
+      ),
       400: 'BadRequest',
       401: 'Unauthorized',
+      408: outcome(`${EXTENSION}408: a multipart body sent nothing for INTAKE_BODY_TIMEOUT_MS; nothing was kept.`, { 'x-extension': true }),
       409: outcome('409: the Idempotency-Key or externalId was already used with a different body (expression names Idempotency-Key or externalId).'),
       413: 'PayloadTooLarge',
       415: 'UnsupportedMediaType',
       422: 'Unprocessable',
       500: 'InternalError',
       503: 'IntakeBusy',
+      507: outcome(`${EXTENSION}507: the document store is full; nothing was kept. Retry later.`, { 'x-extension': true }),
     },
   },
   {
@@ -286,6 +313,45 @@ const gateway: Route[] = [
       422: 'Unprocessable',
       500: 'InternalError',
       503: 'IntakeBusy',
+    },
+  },
+  {
+    method: 'put',
+    path: '/referrals/{id}/documents/{n}/content',
+    operationId: 'uploadDocumentContent',
+    tag: 'referrals',
+    extension: true,
+    summary: 'The bytes of a document declared "upload": true, streamed',
+    description:
+      "For a referral awaiting-documents: the raw bytes of document n (1-based, as the view's uploads list them) with its declared Content-Type. They are " +
+      'hashed as they stream into the blob store and checked against the declared digest (Repr-Digest or Content-Digest sha-256, RFC 9530; Digest SHA-256, ' +
+      "RFC 3230; or the document's sha256). 202 once durable; when it was the last upload due, the referral is queued for delivery. The same bytes again: " +
+      '200, nothing changes. A referral whose uploads do not all arrive within UPLOAD_DEADLINE_HOURS becomes expired.',
+    pathParams: { id: idParam('The referral id.'), n: idParam('The document number, from 1.', 10) },
+    params: [
+      {
+        name: 'Repr-Digest',
+        in: 'header',
+        required: false,
+        schema: { type: 'string' },
+        description: 'sha-256=:<base64 digest>: (RFC 9530); Content-Digest and Digest (SHA-256=<base64>) are read too.',
+      },
+    ],
+    body: { content: { '*/*': { schema: { type: 'string', format: 'binary' } } } },
+    responses: {
+      200: answer('A resend of the same bytes: nothing changed.', referralViewSchema),
+      202: answer('Stored durably; the referral as it is now (queued once every upload has arrived).', referralViewSchema),
+      400: 'BadRequest',
+      401: 'Unauthorized',
+      404: outcome("404: unknown referral (or another client's), or no document n."),
+      408: outcome('408: the body sent nothing for INTAKE_BODY_TIMEOUT_MS; nothing was kept.'),
+      409: outcome('409: the document is not declared upload: true, already holds other bytes, or the referral no longer awaits documents (status).'),
+      413: outcome('413: larger than MAX_DOCUMENT_BYTES, or than what MAX_REFERRAL_DOCUMENT_BYTES leaves; nothing was kept.'),
+      415: outcome("415: the Content-Type is not the document's declared contentType, or the body has a Content-Encoding."),
+      422: outcome('422: the bytes do not match the declared SHA-256; nothing was kept.'),
+      500: 'InternalError',
+      503: 'IntakeBusy',
+      507: outcome('507: the document store is full; nothing was kept. Retry later.'),
     },
   },
   {
