@@ -134,7 +134,7 @@ export class Gateway {
       pageSize: opts.pollPageSize ?? 100,
       sweepEveryMs: opts.pollSweepEveryMs,
     });
-    this.retention = new RetentionJob(this.db, config.retention);
+    this.retention = new RetentionJob(this.db, config.retention, { collect: (now) => this.documents.collectUnreferenced(now) });
     this.documents = new DocumentIntake(this.db, this.blobs, {
       maxDocumentBytes: config.documents.maxDocumentBytes,
       maxReferralBytes: config.documents.maxReferralBytes,

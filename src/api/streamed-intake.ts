@@ -1,5 +1,5 @@
 import type { IncomingMessage } from 'node:http';
-import type { Readable } from 'node:stream';
+import { type Readable, Transform } from 'node:stream';
 import busboy from 'busboy';
 import { type Request, type RequestHandler, type Response, Router } from 'express';
 import type { IntakeRegistry, IntakeReply, Submission } from '../intake';
@@ -56,8 +56,12 @@ export function declaredSha256(headers: Request['headers']): string | undefined 
   return undefined;
 }
 
-/** Aborts when the client goes away before the answer is sent, or sends nothing for `idleMs`. */
-function watchBody(req: Request, res: Response, idleMs: number): { signal: AbortSignal; idle: () => boolean; stop: () => void } {
+/**
+ * The request body as a stream that notes its progress: aborts `signal` when the client goes away before the answer is
+ * sent, or sends nothing for `idleMs`. Read the body through `body` (a listener on the request itself would start it
+ * flowing before anyone reads it).
+ */
+function watchBody(req: Request, res: Response, idleMs: number): { body: Readable; signal: AbortSignal; idle: () => boolean; stop: () => void } {
   const controller = new AbortController();
   let timedOut = false;
   let timer: NodeJS.Timeout | undefined;
@@ -69,20 +73,24 @@ function watchBody(req: Request, res: Response, idleMs: number): { signal: Abort
     }, idleMs);
     timer.unref();
   };
-  const onData = (): void => arm();
+  const body = new Transform({
+    transform(chunk: Buffer, _encoding, done) {
+      arm();
+      done(null, chunk);
+    },
+  });
+  req.on('error', (err) => body.destroy(err));
+  req.pipe(body);
   const onClose = (): void => {
     if (!res.writableEnded) controller.abort();
   };
-  req.on('data', onData);
   res.on('close', onClose);
   arm();
   return {
+    body,
     signal: controller.signal,
     idle: () => timedOut,
-    stop: () => {
-      clearTimeout(timer);
-      req.off('data', onData);
-    },
+    stop: () => clearTimeout(timer),
   };
 }
 
@@ -141,6 +149,7 @@ async function multipartReferral(req: Request, res: Response, deps: Deps, bug: (
       return;
     }
     noteStoreUnavailable(failure, req.correlationId);
+    req.unpipe(); // the rest is read and dropped, not buffered for a reader that stopped
     closeAfterAnswer(req, res);
     send(res, format.refused({ ...answer, cause: failure }, submission));
   };
@@ -174,7 +183,7 @@ async function multipartReferral(req: Request, res: Response, deps: Deps, bug: (
     })();
 
   const failed = (err: unknown): void => {
-    req.unpipe(bb);
+    watch.body.unpipe(bb);
     void refuse(err);
   };
 
@@ -247,8 +256,8 @@ async function multipartReferral(req: Request, res: Response, deps: Deps, bug: (
     stopWaiting = resolve;
     bb.on('close', resolve);
   });
-  req.on('error', (err) => failed(err));
-  req.pipe(bb);
+  watch.body.on('error', (err) => failed(err));
+  watch.body.pipe(bb);
 
   try {
     await finished;
@@ -297,7 +306,7 @@ async function uploadContent(req: Request, res: Response, deps: Deps): Promise<v
   try {
     const done = await deps.documents.upload(req.clientId as string, String(req.params.id), n, {
       contentType: req.headers['content-type'],
-      body: req,
+      body: watch.body,
       sha256,
       length: declared,
       signal: watch.signal,
@@ -305,7 +314,10 @@ async function uploadContent(req: Request, res: Response, deps: Deps): Promise<v
     const view = await deps.service.view(await deps.service.get(req.clientId as string, done.referralId, { payload: false }));
     res.status(done.replay ? 200 : 202).json(view);
   } catch (err) {
-    if (!req.complete) closeAfterAnswer(req, res);
+    if (!req.complete) {
+      req.unpipe();
+      closeAfterAnswer(req, res);
+    }
     throw watch.idle() ? idleFailure(deps.opts.idleTimeoutMs) : err;
   } finally {
     watch.stop();

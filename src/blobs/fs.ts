@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import type { Readable, TransformCallback } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { Transform } from 'node:stream';
-import { BlobRefused, type BlobStore, type PutOptions, type StoredBlob } from './types';
+import { BlobRefused, type BlobStore, type ListedBlob, type PutOptions, type StoredBlob } from './types';
 
 const SHA256 = /^[0-9a-f]{64}$/;
 
@@ -103,13 +103,27 @@ export async function createFsBlobStore(dir: string): Promise<BlobStore> {
       }
     },
 
-    async *list(): AsyncIterable<string> {
+    async *list(): AsyncIterable<ListedBlob> {
       for (const fan of await readdir(dir)) {
         if (!/^[0-9a-f]{2}$/.test(fan)) continue;
         for (const name of await readdir(join(dir, fan))) {
-          if (SHA256.test(name)) yield name;
+          if (!SHA256.test(name)) continue;
+          const s = await stat(join(dir, fan, name)).catch(() => undefined);
+          if (s?.isFile()) yield { sha256: name, storedAt: s.mtime };
         }
       }
+    },
+
+    async sweepUnfinished(before: Date): Promise<number> {
+      let removed = 0;
+      for (const name of await readdir(tmp)) {
+        const s = await stat(join(tmp, name)).catch(() => undefined);
+        if (s && s.mtime < before) {
+          await rm(join(tmp, name), { force: true });
+          removed++;
+        }
+      }
+      return removed;
     },
   };
 }

@@ -2,7 +2,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { Readable } from 'node:stream';
 import { logger } from '../observability';
 import { type Db, nowIso } from '../store';
-import { BlobRefused, type BlobStore, type PutOptions, type StoredBlob } from './types';
+import { BlobRefused, type BlobStore, type ListedBlob, type PutOptions, type StoredBlob } from './types';
 
 /** The size of a stored chunk: the most an upload or a reader holds at a time (plus what the source hands over). */
 export const CHUNK_BYTES = 1024 * 1024;
@@ -179,17 +179,27 @@ export function createPostgresBlobStore(db: Db): BlobStore {
     });
   }
 
-  async function* list(): AsyncIterable<string> {
+  async function* list(): AsyncIterable<ListedBlob> {
     let after: string | undefined;
     for (;;) {
-      let q = k.selectFrom('blobs').select('sha256').orderBy('sha256').limit(LIST_PAGE);
+      let q = k.selectFrom('blobs').select(['sha256', 'created_at']).orderBy('sha256').limit(LIST_PAGE);
       if (after !== undefined) q = q.where('sha256', '>', after);
       const rows = await q.execute();
-      for (const r of rows) yield r.sha256;
+      for (const r of rows) yield { sha256: r.sha256, storedAt: new Date(r.created_at) };
       if (rows.length < LIST_PAGE) return;
       after = rows[rows.length - 1].sha256;
     }
   }
 
-  return { kind: 'postgres', put, open, stat, delete: remove, list };
+  /** Chunks of uploads no blob names whose upload began before `before` (upload ids start with that time). */
+  async function sweepUnfinished(before: Date): Promise<number> {
+    const res = await k
+      .deleteFrom('blob_chunks')
+      .where('upload_id', '<', before.toISOString())
+      .where('upload_id', 'not in', k.selectFrom('blobs').select('upload_id'))
+      .executeTakeFirst();
+    return Number(res.numDeletedRows);
+  }
+
+  return { kind: 'postgres', put, open, stat, delete: remove, list, sweepUnfinished };
 }

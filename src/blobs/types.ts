@@ -43,8 +43,15 @@ export interface BlobStore {
   stat(sha256: string): Promise<number | undefined>;
   /** Removes a blob; false when there was none. */
   delete(sha256: string): Promise<boolean>;
-  /** Every blob's address (for collecting the ones no referral names). */
-  list(): AsyncIterable<string>;
+  /** Every blob's address and when it was stored (for collecting the ones no referral names). */
+  list(): AsyncIterable<ListedBlob>;
+  /** Removes what uploads interrupted by a crash left (temporary files, chunks no blob names) begun before `before`; returns how many. */
+  sweepUnfinished(before: Date): Promise<number>;
+}
+
+export interface ListedBlob {
+  sha256: string;
+  storedAt: Date;
 }
 
 /**
@@ -64,5 +71,6 @@ export function openingBlobStore(kind: BlobStore['kind'], opening: Promise<BlobS
     async *list() {
       yield* (await opening).list();
     },
+    sweepUnfinished: async (before) => (await opening).sweepUnfinished(before),
   };
 }

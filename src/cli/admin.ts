@@ -50,9 +50,10 @@ function parse(args: string[]): AdminCall | string {
       return {
         method: 'POST',
         path: '/admin/retention/run',
-        show: (b: { referralsStripped: number; documentsStripped: number; referralsDeleted: number; skipped?: string }) => [
+        show: (b: { referralsStripped: number; documentsStripped: number; referralsDeleted: number; blobsDeleted?: number; skipped?: string }) => [
           b.skipped ??
-            `document bytes removed from ${b.referralsStripped} referrals (${b.documentsStripped} documents); ${b.referralsDeleted} referrals deleted`,
+            `document bytes removed from ${b.referralsStripped} referrals (${b.documentsStripped} documents); ${b.referralsDeleted} referrals deleted; ` +
+              `${b.blobsDeleted ?? 0} unreferenced blobs removed`,
         ],
       };
     default:

@@ -179,6 +179,32 @@ export class DocumentIntake {
     }
   }
 
+  /**
+   * Removes the blobs no referral names (retention stripped or deleted their referrals; a refused request's blob that
+   * could not be removed at once; a crash between storing the bytes and the referral) once older than `graceMs`, which
+   * covers a multipart request still sending its other parts, and what crashed uploads left half-written.
+   */
+  async collectUnreferenced(now = new Date(), graceMs = 3_600_000): Promise<number> {
+    const before = new Date(now.getTime() - graceMs);
+    await this.blobs.sweepUnfinished(before);
+    let deleted = 0;
+    let batch: string[] = [];
+    const flush = async (): Promise<void> => {
+      for (const sha of await unreferencedBlobs(this.db, batch)) {
+        if (!this.pins.has(sha) && (await this.blobs.delete(sha))) deleted++;
+      }
+      batch = [];
+    };
+    for await (const b of this.blobs.list()) {
+      if (b.storedAt >= before || this.pins.has(b.sha256)) continue;
+      batch.push(b.sha256);
+      if (batch.length >= 500) await flush();
+    }
+    await flush();
+    if (deleted > 0) logger.info('unreferenced blobs removed', { deleted });
+    return deleted;
+  }
+
   /** Ends the referrals whose uploads did not all arrive within the deadline (status `expired`). */
   async expireOverdue(now = new Date()): Promise<string[]> {
     const hours = this.limits.uploadDeadlineMs / 3_600_000;

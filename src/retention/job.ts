@@ -8,7 +8,14 @@ export interface RetentionRun {
   referralsStripped: number;
   documentsStripped: number;
   referralsDeleted: number;
+  /** Blobs (streamed documents' bytes) no referral names any more, removed. */
+  blobsDeleted: number;
   skipped?: string;
+}
+
+/** Removes the blobs no referral names (streamed documents whose referral was deleted or stripped, uploads a crash cut off). */
+export interface BlobCollector {
+  collect(now: Date): Promise<number>;
 }
 
 const BATCH = 100;
@@ -38,7 +45,8 @@ export class RetentionJob {
 
   constructor(
     private readonly db: Db,
-    private readonly policy: RetentionPolicy & { cron: string }
+    private readonly policy: RetentionPolicy & { cron: string },
+    private readonly blobs?: BlobCollector
   ) {}
 
   start(): void {
@@ -48,7 +56,8 @@ export class RetentionJob {
       referrals: referralDays > 0 ? `deleted ${referralDays} days after closing` : 'kept',
       ...(documentDays > 0 || referralDays > 0 ? { schedule: cron } : {}),
     });
-    if (documentDays === 0 && referralDays === 0) return;
+    // Unreferenced blobs are collected on the same schedule even when referrals and their documents are kept.
+    if (documentDays === 0 && referralDays === 0 && !this.blobs) return;
     this.task = schedule(this.policy.cron, () => this.run().then(() => undefined), { noOverlap: true, name: 'retention' });
   }
 
@@ -64,7 +73,7 @@ export class RetentionJob {
   }
 
   private async pass(now: Date): Promise<RetentionRun> {
-    const result: RetentionRun = { referralsStripped: 0, documentsStripped: 0, referralsDeleted: 0 };
+    const result: RetentionRun = { referralsStripped: 0, documentsStripped: 0, referralsDeleted: 0, blobsDeleted: 0 };
     if (!(await this.db.holdLock('retention'))) return { ...result, skipped: 'another instance runs retention' };
     try {
       if (this.policy.referralDays > 0) {
@@ -93,6 +102,7 @@ export class RetentionJob {
       }
       // The answers kept for resends (src/store/inbound-messages.ts) name referral ids, not patients; a month is plenty.
       await forgetAnswersBefore(this.db, cutoff(now, INBOUND_ANSWER_DAYS));
+      if (this.blobs) result.blobsDeleted = await this.blobs.collect(now);
     } catch (err) {
       logger.error('retention run failed; the next run resumes', { error: (err as Error).message });
       throw err;
@@ -100,7 +110,7 @@ export class RetentionJob {
       retentionActions.inc({ action: 'documents-removed' }, result.referralsStripped);
       retentionActions.inc({ action: 'referral-deleted' }, result.referralsDeleted);
     }
-    if (result.referralsStripped + result.referralsDeleted > 0) logger.info('retention applied', { ...result });
+    if (result.referralsStripped + result.referralsDeleted + result.blobsDeleted > 0) logger.info('retention applied', { ...result });
     return result;
   }
 }

@@ -5,7 +5,7 @@ import type { ReferralStatus } from '../model';
  * failed) or the referral was cancelled. Nothing is sent for it again, so the gateway no longer needs
  * its documents' bytes. `delivery-failed` is not closed: an operator may still re-queue it.
  */
-export const closedStatuses: readonly ReferralStatus[] = ['completed', 'rejected', 'failed', 'cancelled'];
+export const closedStatuses: readonly ReferralStatus[] = ['completed', 'rejected', 'failed', 'cancelled', 'expired'];
 
 export interface RetentionPolicy {
   /** Days after closing when the inline document bytes are removed (0: kept). */

@@ -68,6 +68,8 @@ export async function removeDocumentBytes(db: Db, id: string, due: Due, at = now
       removed += entry.removed;
       await trx.updateTable('outbox').set({ payload: entry.text }).where('id', '=', e.id).execute();
     }
+    // Its streamed documents no longer name their blobs: retention collects those no other referral names.
+    await trx.deleteFrom('referral_blobs').where('referral_id', '=', id).execute();
     // updated_at stays: the referral's retention keeps counting from when it closed.
     await trx.updateTable('referrals').set({ documents_removed_at: at }).where('id', '=', id).execute();
     return removed;

@@ -83,12 +83,12 @@ describe('admin command line (src/cli/admin.ts)', () => {
     await eventually(async () => (await k.selectFrom('webhook_outbox').select('state').where('id', '=', hook.id).executeTakeFirst())?.state === 'delivered');
 
     const r = await admin(['retention']);
-    expect(r).toMatchObject({ code: 0, stdout: 'document bytes removed from 0 referrals (0 documents); 0 referrals deleted\n' });
+    expect(r).toMatchObject({ code: 0, stdout: 'document bytes removed from 0 referrals (0 documents); 0 referrals deleted; 0 unreferenced blobs removed\n' });
     const api = await fetch(`${gw.url}/admin/retention/run`, {
       method: 'POST',
       headers: { Authorization: `Bearer ${ADMIN_KEY}`, 'Content-Type': 'application/json' },
       body: '{}',
     });
-    expect(await api.json()).toEqual({ referralsStripped: 0, documentsStripped: 0, referralsDeleted: 0 });
+    expect(await api.json()).toEqual({ referralsStripped: 0, documentsStripped: 0, referralsDeleted: 0, blobsDeleted: 0 });
   });
 });

@@ -31,7 +31,7 @@ const run = promisify(execFile);
 
 async function all(store: BlobStore): Promise<string[]> {
   const out: string[] = [];
-  for await (const sha of store.list()) out.push(sha);
+  for await (const b of store.list()) out.push(b.sha256);
   return out.sort();
 }
 

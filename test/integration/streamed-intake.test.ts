@@ -6,9 +6,13 @@ import { execFileSync } from 'node:child_process';
 import { mkdirSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { request } from 'node:http';
 import { tmpdir } from 'node:os';
+import { Readable } from 'node:stream';
 import { join } from 'node:path';
 import type { Gateway } from '../../src/gateway';
+import { serviceDatabases } from '../helpers/db';
 import { eventually, fixture, KEY_A, KEY_B, startGateway } from '../helpers/gateway';
+
+const DAY = 24 * 3600_000;
 
 const sha256 = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
 
@@ -332,5 +336,54 @@ describe('a full blob store', () => {
       body: multipart(referralWith({ file: 'scan' }), [{ name: 'scan', bytes: randomBytes(512 * 1024) }]),
     });
     expect(small.status).toBe(202);
+  });
+});
+
+describe.each(serviceDatabases())('retention of streamed documents, stored on %s', (name, database) => {
+  test('a closed referral loses its blob with its document bytes; a blob no referral names is collected once old', async () => {
+    const db = await database();
+    const dir = mkdtempSync(join(tmpdir(), 'rg-blob-retention-'));
+    const gw = await startGateway({ DATABASE_URL: db.url, BLOB_DIR: dir, DOCUMENT_RETENTION_DAYS: '30', REFERRAL_RETENTION_DAYS: '365' });
+    try {
+      expect(gw.blobs.kind).toBe(name === 'postgres' ? 'postgres' : 'fs');
+      const auth = { Authorization: `Bearer ${KEY_A}` };
+      const kept = randomBytes(300 * 1024);
+      const referral = referralWith({ upload: true });
+      referral.documents.push({ ...referral.documents[0] });
+      const { id } = (await (
+        await fetch(`${gw.url}/referrals`, { method: 'POST', headers: { ...auth, 'Content-Type': 'application/json' }, body: JSON.stringify(referral) })
+      ).json()) as { id: string };
+      const put = await fetch(`${gw.url}/referrals/${id}/documents/1/content`, {
+        method: 'PUT',
+        headers: { ...auth, 'Content-Type': 'application/octet-stream' },
+        body: new Uint8Array(kept),
+      });
+      expect(put.status).toBe(202);
+      expect(((await put.json()) as { status: string }).status).toBe('awaiting-documents');
+      const cancel = await fetch(`${gw.url}/referrals/${id}/cancel`, {
+        method: 'POST',
+        headers: { ...auth, 'Content-Type': 'application/json' },
+        body: JSON.stringify({ reason: 'the patient withdrew' }),
+      });
+      expect(((await cancel.json()) as { status: string }).status).toBe('cancelled');
+      // A blob no referral names (a crash between the bytes and the referral): collected, but only once older than an hour.
+      const stray = await gw.blobs.put(Readable.from([randomBytes(1000)]), { maxBytes: 10_000 });
+
+      const soon = await gw.retention.run(new Date(Date.now() + 10 * 60_000));
+      expect(soon).toMatchObject({ referralsStripped: 0, blobsDeleted: 0 });
+      expect(await gw.blobs.stat(stray.sha256)).toBe(1000);
+
+      const month = await gw.retention.run(new Date(Date.now() + 31 * DAY));
+      expect(month).toMatchObject({ referralsStripped: 1, documentsStripped: 1, blobsDeleted: 2 });
+      expect(await gw.blobs.stat(sha256(kept))).toBeUndefined();
+      expect(await gw.blobs.stat(stray.sha256)).toBeUndefined();
+      const doc = (await gw.service.get('city-hospital', id)).payload.documents[0];
+      expect(doc.blob).toBeUndefined();
+      expect(doc).toMatchObject({ dataRemoved: { bytes: kept.length, sha256: sha256(kept) } });
+    } finally {
+      await gw.stop();
+      await db.drop();
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });

@@ -256,6 +256,7 @@ export const retentionRunSchema = z.object({
   referralsStripped: count.meta({ description: 'Closed referrals whose inline document bytes were removed.' }),
   documentsStripped: count.meta({ description: 'Documents whose bytes were removed (size and SHA-256 kept).' }),
   referralsDeleted: count.meta({ description: 'Closed referrals deleted with their history.' }),
+  blobsDeleted: count.meta({ description: "Streamed documents' bytes no referral names any more, removed from the blob store." }),
   skipped: z.string().optional().meta({ description: 'Why nothing ran (another instance runs retention).' }),
 });
 
