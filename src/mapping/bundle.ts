@@ -9,9 +9,11 @@ import type {
   ConditionStage,
   Consent,
   DocumentReference,
+  Endpoint,
   Extension,
   HumanName,
   Identifier,
+  ImagingStudy,
   MedicationStatement,
   Meta,
   Observation,
@@ -36,7 +38,9 @@ import {
   externalIdSystemFor,
   findStageGroup,
   identifierSystems,
+  imagingCodes,
   lateralityCoding,
+  modalityCoding,
   referralCategory,
   referralKindCode,
   referralReasonCode,
@@ -44,6 +48,7 @@ import {
   secondOpinionReason,
   stageTypeCode,
   stagingSystem,
+  studyUrl,
   taskCodes,
   treatmentTypeInfo,
 } from './tables';
@@ -107,6 +112,8 @@ export const ENTRY_ROLES = {
   consent: 'consent',
   treatment: (n: number): string => `treatment/${n}`,
   document: (n: number): string => `document/${n}`,
+  imagingStudy: (n: number): string => `imaging-study/${n}`,
+  endpoint: (n: number): string => `endpoint/${n}`,
   serviceRequest: 'service-request',
   task: 'task',
 } as const;
@@ -317,6 +324,8 @@ function documentReference(args: {
   author: Reference<Organization>;
   serviceRequest: Reference<ServiceRequest>;
   urlOverride?: string;
+  /** The ImagingStudy the document's `study` became (context.related names it too). */
+  imagingStudy?: Reference<ImagingStudy>;
 }): DocumentReference {
   const { doc } = args;
   const kind = documentKindCodes(doc.kind);
@@ -330,8 +339,13 @@ function documentReference(args: {
     }
     attachment.size = size;
     attachment.hash = hash;
-  } else {
+  } else if (doc.url !== undefined) {
     attachment.url = doc.url;
+  } else if (doc.study?.endpoint !== undefined && doc.file === undefined && doc.upload === undefined) {
+    // A DICOMweb reference: the study's WADO-RS URL, where the centre retrieves it (the ImagingStudy says more).
+    attachment.url = studyUrl(doc.study.endpoint, doc.study.studyInstanceUid);
+  } else {
+    attachment.url = args.urlOverride;
   }
   attachment.title = doc.title;
   attachment.creation = doc.date;
@@ -349,10 +363,60 @@ function documentReference(args: {
     custodian: args.author,
     description: doc.title,
     content: [{ attachment }],
-    context: { period: period(doc.date), related: [{ reference: args.serviceRequest.reference }] },
+    context: {
+      period: period(doc.date),
+      related: [{ reference: args.serviceRequest.reference }, ...(args.imagingStudy ? [{ reference: args.imagingStudy.reference }] : [])],
+    },
   };
 }
 
+/**
+ * The FHIR R4 Endpoint of a DICOMweb server (connectionType dicom-wado-rs, mappings/imaging.json), identified by its
+ * WADO-RS base URL under the gateway's endpoint system: one Endpoint per PACS at the centre, shared by referrals.
+ */
+function wadoEndpoint(address: string, managingOrganization: Reference<Organization>): Endpoint {
+  const t = imagingCodes().endpoint;
+  return {
+    resourceType: 'Endpoint',
+    identifier: [placerIdentifier(identifierSystems().systems.endpoint, address)],
+    status: 'active',
+    connectionType: t.connectionType as Coding,
+    managingOrganization,
+    payloadType: [t.payloadType as CodeableConcept],
+    payloadMimeType: [...t.payloadMimeType],
+    address,
+  };
+}
+
+/** The FHIR R4 ImagingStudy of a document's `study`: identified by its Study Instance UID (urn:dicom:uid, urn:oid:<uid>). */
+function imagingStudy(study: NonNullable<ReferralDocument['study']>, subject: Reference<Patient>, endpoint?: Reference<Endpoint>): ImagingStudy {
+  const t = imagingCodes();
+  return {
+    resourceType: 'ImagingStudy',
+    meta: gatewayMeta(),
+    identifier: [{ system: t.studyUidSystem, value: `${t.studyUidPrefix}${study.studyInstanceUid}` }],
+    status: 'available',
+    modality: study.modalities.map((m) => modalityCoding(m) as Coding),
+    subject: { reference: subject.reference },
+    started: study.started,
+    endpoint: endpoint ? [{ reference: endpoint.reference }] : undefined,
+    numberOfSeries: study.seriesCount,
+    numberOfInstances: study.instanceCount,
+    description: study.description,
+  };
+}
+
+/** ifNoneExist of a study's ImagingStudy: its Study Instance UID. */
+function studyQuery(studyInstanceUid: string): string {
+  const t = imagingCodes();
+  return identifierQuery(t.studyUidSystem, `${t.studyUidPrefix}${studyInstanceUid}`);
+}
+
+/**
+ * One DocumentReference per document, and for a document with a `study` its ImagingStudy (and the Endpoint of its
+ * DICOMweb server) before it. Returns, in document order, what ServiceRequest.supportingInfo and Task.input list:
+ * each DocumentReference, followed by its ImagingStudy.
+ */
 function addDocuments(args: {
   c: EntryCollector;
   referralId: string;
@@ -363,10 +427,24 @@ function addDocuments(args: {
   author: Reference<Organization>;
   serviceRequest: Reference<ServiceRequest>;
   attachmentUrls?: Readonly<Record<number, string>>;
-}): Reference<DocumentReference>[] {
+}): Reference[] {
   const systems = identifierSystems().systems;
-  return args.documents.map((doc, i) => {
+  const listed = new Set<string | undefined>();
+  return args.documents.flatMap((doc, i) => {
     const n = args.startIndex + i + 1;
+    let study: Reference<ImagingStudy> | undefined;
+    if (doc.study) {
+      const address = doc.study.endpoint;
+      const endpoint = address
+        ? args.c.add(ENTRY_ROLES.endpoint(n), wadoEndpoint(address, args.author), identifierQuery(systems.endpoint, address))
+        : undefined;
+      study = args.c.add(
+        ENTRY_ROLES.imagingStudy(n),
+        imagingStudy(doc.study, args.subject, endpoint),
+        studyQuery(doc.study.studyInstanceUid),
+        doc.study.description ?? doc.title
+      );
+    }
     const resource = documentReference({
       referralId: args.referralId,
       doc,
@@ -376,8 +454,13 @@ function addDocuments(args: {
       author: args.author,
       serviceRequest: args.serviceRequest,
       urlOverride: args.attachmentUrls?.[i],
+      imagingStudy: study,
     });
-    return args.c.add(ENTRY_ROLES.document(n), resource, identifierQuery(systems.document, documentIdentifierValue(args.referralId, n)), doc.title);
+    const document = args.c.add(ENTRY_ROLES.document(n), resource, identifierQuery(systems.document, documentIdentifierValue(args.referralId, n)), doc.title);
+    // Two documents of one study (its DICOM bytes and its DICOMweb reference) share one ImagingStudy, listed once.
+    const out = study && !listed.has(study.reference) ? [document, study] : [document];
+    for (const r of out) listed.add(r.reference);
+    return out;
   });
 }
 

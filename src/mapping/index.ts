@@ -20,4 +20,4 @@ export { routeReferral, type Route } from './routing';
 export { entryFullUrl } from './uuid';
 export { validateBundle } from './validate';
 export { type DefinitionsLoadStats, loadFhirDefinitions } from './definitions';
-export { type DeepReadonly, type MappingTables, loadMappingFile, mappingFilePath, parseMappingFile, loadTables } from './tables';
+export { type DeepReadonly, type MappingTables, loadMappingFile, mappingFilePath, parseMappingFile, loadTables, studyUrl } from './tables';

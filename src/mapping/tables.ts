@@ -1,7 +1,7 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { z } from 'zod';
-import { documentKinds, priorities, reasonCodes, referralKinds, treatmentTypes } from '../model';
+import { dicomModalities, documentKinds, priorities, reasonCodes, referralKinds, treatmentTypes } from '../model';
 import { isSnomedConceptId } from './snomed';
 
 /**
@@ -75,6 +75,7 @@ export const identifierSystemsSchema = z.strictObject({
     document: url,
     practitionerRole: url,
     destination: url,
+    endpoint: url,
   }),
   externalIdSystemTemplate: url.refine((s) => s.includes('{clientId}'), 'must contain {clientId}'),
   tag: codingSchema,
@@ -132,6 +133,20 @@ export const cancerConditionSchema = z.strictObject({
   codeSystems: z.strictObject({ icd10cm: url, icd10: url, snomed: url, icdo3: url }),
 });
 
+export const imagingSchema = z.strictObject({
+  ...sourced,
+  studyUidSystem: z.literal('urn:dicom:uid'),
+  studyUidPrefix: z.literal('urn:oid:'),
+  modalitySystem: url,
+  modalities: z.record(z.enum(dicomModalities), z.string().min(1)),
+  endpoint: z.strictObject({
+    connectionType: codingSchema,
+    payloadType: z.strictObject({ text: z.string().min(1) }),
+    payloadMimeType: z.array(z.string().min(3)).min(1),
+  }),
+  studyPath: z.string().regex(/^\/[a-z]+\/$/),
+});
+
 export type ReferralCodesTable = z.output<typeof referralCodesSchema>;
 export type DocumentKindsTable = z.output<typeof documentKindsSchema>;
 export type IdentifierSystemsTable = z.output<typeof identifierSystemsSchema>;
@@ -139,6 +154,7 @@ export type RoutingTable = z.output<typeof routingSchema>;
 export type StagingTable = z.output<typeof stagingSchema>;
 export type TreatmentTypesTable = z.output<typeof treatmentTypesSchema>;
 export type CancerConditionTable = z.output<typeof cancerConditionSchema>;
+export type ImagingTable = z.output<typeof imagingSchema>;
 
 /**
  * A table value as the lookups hand it out: deeply readonly. The tables are deep-frozen when they are
@@ -160,6 +176,7 @@ interface MutableTables {
   staging: StagingTable;
   treatmentTypes: TreatmentTypesTable;
   cancerCondition: CancerConditionTable;
+  imaging: ImagingTable;
 }
 
 /** Every table, validated and deep-frozen. */
@@ -173,6 +190,7 @@ const FILES: { [K in keyof MutableTables]: { file: string; schema: z.ZodType<Mut
   staging: { file: 'staging.json', schema: stagingSchema },
   treatmentTypes: { file: 'treatment-types.json', schema: treatmentTypesSchema },
   cancerCondition: { file: 'cancer-condition.json', schema: cancerConditionSchema },
+  imaging: { file: 'imaging.json', schema: imagingSchema },
 };
 
 let mappingsDir: string | undefined;
@@ -252,6 +270,7 @@ export function loadTables(): MappingTables {
       staging: loadFile(dir, 'staging'),
       treatmentTypes: loadFile(dir, 'treatmentTypes'),
       cancerCondition: loadFile(dir, 'cancerCondition'),
+      imaging: loadFile(dir, 'imaging'),
     };
     cached = deepFreeze(tables);
   }
@@ -478,4 +497,21 @@ export function cancerConditionCodes(): MappingTables['cancerCondition'] {
 /** SNOMED laterality qualifier. Throws for an unknown laterality. */
 export function lateralityCoding(laterality: string): CodingOut {
   return must(entry<CodingOut>(loadTables().cancerCondition.laterality, laterality), 'laterality', laterality, FILES.cancerCondition.file);
+}
+
+/** The imaging table (mappings/imaging.json): DICOM UID system, modality displays, the WADO-RS Endpoint's codes. */
+export function imagingCodes(): MappingTables['imaging'] {
+  return loadTables().imaging;
+}
+
+/** A DICOM modality code as a Coding (DCM). Throws for a code the table does not know (the schema and the table disagree). */
+export function modalityCoding(code: string): CodingOut {
+  const t = loadTables().imaging;
+  const display = must(entry<string>(t.modalities, code), 'DICOM modality', code, FILES.imaging.file);
+  return { system: t.modalitySystem, code, display };
+}
+
+/** The WADO-RS URL of a study: `<endpoint>/studies/<uid>` (a trailing slash of the endpoint is not doubled). */
+export function studyUrl(endpoint: string, studyInstanceUid: string): string {
+  return `${endpoint.replace(/\/+$/, '')}${loadTables().imaging.studyPath}${studyInstanceUid}`;
 }

@@ -116,14 +116,129 @@ const partName = z
   .regex(/^[\w.:-]+$/, 'may hold letters, digits and . _ : - only');
 
 /**
+ * DICOM modality codes a `study` may name (DCM, http://dicom.nema.org/resources/ontology/DCM): CID 29 "Acquisition
+ * Modality", the value set FHIR R4 binds ImagingStudy.modality to (extensible), plus the CID 33 modalities a cancer
+ * referral's study may hold besides images (radiotherapy objects, segmentations, structured reports, key images,
+ * presentation states, encapsulated documents). Their displays are in mappings/imaging.json.
+ */
+export const dicomModalities = [
+  'AR',
+  'BDUS',
+  'BMD',
+  'CR',
+  'CT',
+  'DX',
+  'ECG',
+  'EPS',
+  'ES',
+  'GM',
+  'HD',
+  'IO',
+  'IVOCT',
+  'IVUS',
+  'KER',
+  'LEN',
+  'MG',
+  'MR',
+  'NM',
+  'OAM',
+  'OCT',
+  'OP',
+  'OPM',
+  'OPT',
+  'OPTBSV',
+  'OPTENF',
+  'OPV',
+  'OSS',
+  'PA',
+  'PT',
+  'PX',
+  'RF',
+  'RG',
+  'SM',
+  'SRF',
+  'US',
+  'VA',
+  'XA',
+  'XC',
+  'RTIMAGE',
+  'RTDOSE',
+  'RTSTRUCT',
+  'RTPLAN',
+  'SEG',
+  'SR',
+  'KO',
+  'PR',
+  'DOC',
+] as const;
+
+/** A DICOM UID (PS3.5 section 9.1): numeric components separated by dots, no leading zeros, at most 64 characters. */
+export const dicomUid = z
+  .string()
+  .max(64, 'must be a DICOM UID of at most 64 characters')
+  .regex(/^(0|[1-9]\d*)(\.(0|[1-9]\d*))+$/, 'must be a DICOM UID: numbers separated by dots, without leading zeros (e.g. 1.2.840.113619.2.55.3)');
+
+/** A FHIR dateTime as a sender gives a study's start: a date, or a date and time with seconds and a zone; not in the future. */
+const pastDateTime = z
+  .string()
+  .regex(
+    /^\d{4}-\d{2}-\d{2}(T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2}))?$/,
+    'must be a date (YYYY-MM-DD) or a date and time with a zone (YYYY-MM-DDThh:mm:ssZ or +hh:mm)'
+  )
+  .refine((s) => isoDate.safeParse(s.slice(0, 10)).success && !Number.isNaN(Date.parse(s.length === 10 ? `${s}T00:00:00Z` : s)), 'is not a real date and time')
+  .refine((s) => (s.length === 10 ? notFuture(s) : Date.parse(s) <= Date.now() + 24 * 3600 * 1000), 'is in the future');
+
+/**
+ * An imaging study (DICOM): what becomes an ImagingStudy at the centre. Alone it is a DICOMweb reference (the
+ * document's source: `endpoint` is then required, the centre retrieves the study by WADO-RS); next to DICOM bytes
+ * (`data`, `url`, `file` or `upload` with contentType application/dicom or application/zip) it describes them, and
+ * `endpoint` is optional.
+ */
+export const studySchema = z
+  .strictObject({
+    /** The WADO-RS base URL of the PACS (DICOMweb), e.g. https://pacs.example.org/dicom-web. */
+    endpoint: z
+      .url({ protocol: /^https?$/, message: 'must be an http(s) URL (the DICOMweb WADO-RS base)' })
+      .max(2000)
+      .optional(),
+    studyInstanceUid: dicomUid,
+    modalities: z.array(z.enum(dicomModalities)).min(1, 'at least one DICOM modality code is required (e.g. CT)').max(20),
+    seriesCount: z.int().min(1).max(100000),
+    instanceCount: z.int().min(1).max(10000000).optional(),
+    description: nonEmpty.optional(),
+    started: pastDateTime.optional(),
+  })
+  .superRefine((study, ctx) => {
+    if (new Set(study.modalities).size !== study.modalities.length) {
+      ctx.addIssue({ code: 'custom', path: ['modalities'], message: 'lists a modality twice' });
+    }
+    if (study.instanceCount !== undefined && study.instanceCount < study.seriesCount) {
+      ctx.addIssue({ code: 'custom', path: ['instanceCount'], message: 'is smaller than seriesCount (every series holds at least one instance)' });
+    }
+  });
+
+/** The content types DICOM bytes come as: one DICOM file (Part 10), or a zip of a study's files. */
+export const dicomContentTypes = ['application/dicom', 'application/zip'] as const;
+
+/** A content type without its parameters, in lower case (`Application/DICOM; x=y` -> `application/dicom`). */
+export function mediaTypeOf(contentType: string): string {
+  return contentType.split(';')[0].trim().toLowerCase();
+}
+
+/**
  * Where a document's bytes come from; exactly one of them:
  * - `data`: inline base64 (small documents);
  * - `url`: a link the centre follows;
  * - `file`: a file part of the same multipart/form-data request, by name;
  * - `upload: true`: sent afterwards by `PUT /referrals/{id}/documents/{n}/content` (the referral waits in
- *   `awaiting-documents` until every such document has arrived).
+ *   `awaiting-documents` until every such document has arrived);
+ * - `study` alone: a DICOMweb reference (kind `imaging-study`): the centre retrieves the study from `study.endpoint`.
+ * A `study` may also accompany DICOM bytes from one of the other four; it then describes them.
  */
-export const documentSources = ['data', 'url', 'file', 'upload'] as const;
+export const documentSources = ['data', 'url', 'file', 'upload', 'study'] as const;
+
+/** The sources that carry or point at the bytes themselves (all but `study`). */
+const byteSources = ['data', 'url', 'file', 'upload'] as const;
 
 export const documentSchema = z
   .strictObject({
@@ -141,23 +256,54 @@ export const documentSchema = z
     upload: z.literal(true, { message: 'must be true (the bytes follow by PUT .../content)' }).optional(),
     /** The SHA-256 of the bytes a `file` or `upload` document will carry: checked as they arrive (422 on a mismatch). */
     sha256: sha256Hex.optional(),
+    /** An imaging study (kind imaging-study only): a DICOMweb reference alone, or the description of DICOM bytes. */
+    study: studySchema.optional(),
   })
   .superRefine((doc, ctx) => {
-    const given = documentSources.filter((k) => doc[k] !== undefined);
-    if (given.length !== 1) {
+    const given = byteSources.filter((k) => doc[k] !== undefined);
+    if (given.length > 1) {
+      ctx.addIssue({ code: 'custom', path: [given[0]], message: `exactly one of data, url, file or upload is allowed (got ${given.join(', ')})` });
+    } else if (given.length === 0 && doc.study === undefined) {
       ctx.addIssue({
         code: 'custom',
-        path: [given[0] ?? 'data'],
-        message:
-          given.length === 0
-            ? 'one of data (base64), url, file (a multipart part) or upload (true) is required'
-            : `exactly one of data, url, file or upload is allowed (got ${given.join(', ')})`,
+        path: ['data'],
+        message: 'one of data (base64), url, file (a multipart part), upload (true) or study (a DICOMweb reference) is required',
       });
     }
     if (doc.sha256 !== undefined && doc.file === undefined && doc.upload === undefined) {
       ctx.addIssue({ code: 'custom', path: ['sha256'], message: 'is only read for a file or upload document (inline data is checked as it is)' });
     }
+    if (doc.study !== undefined) {
+      checkStudy(doc.kind, mediaTypeOf(doc.contentType), given.length > 0, doc.study.endpoint !== undefined, ctx);
+    }
   });
+
+/** The rules a document's `study` adds (see studySchema). */
+function checkStudy(kind: string, mediaType: string, hasBytes: boolean, hasEndpoint: boolean, ctx: z.core.$RefinementCtx): void {
+  if (kind !== 'imaging-study') {
+    ctx.addIssue({ code: 'custom', path: ['study'], message: `is only allowed for kind imaging-study (got ${kind})` });
+  }
+  if (hasBytes) {
+    if (!(dicomContentTypes as readonly string[]).includes(mediaType)) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['contentType'],
+        message: `must be application/dicom or application/zip (a zip of the study) when a study describes the bytes (got ${mediaType})`,
+      });
+    }
+    return;
+  }
+  if (!hasEndpoint) {
+    ctx.addIssue({
+      code: 'custom',
+      path: ['study', 'endpoint'],
+      message: 'is required when the study is the only source (a DICOMweb reference; or send the DICOM bytes by data, url, file or upload)',
+    });
+  }
+  if (mediaType !== 'application/dicom') {
+    ctx.addIssue({ code: 'custom', path: ['contentType'], message: `must be application/dicom for a DICOMweb study reference (got ${mediaType})` });
+  }
+}
 
 export const treatmentSchema = z.strictObject({
   type: z.enum(treatmentTypes),
@@ -232,3 +378,5 @@ export interface BlobRef {
   sha1: string;
 }
 export type Coding = z.output<typeof codingSchema>;
+/** An imaging study as submitted (a document's `study`). */
+export type DocumentStudy = z.output<typeof studySchema>;

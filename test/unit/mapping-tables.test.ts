@@ -49,7 +49,7 @@ describe('mapping tables: loading', () => {
     expect(getMappingsDir()).toBe(MAPPINGS);
     const t = loadTables();
     expect(Object.keys(t).sort()).toEqual(
-      ['cancerCondition', 'documentKinds', 'identifierSystems', 'referralCodes', 'routing', 'staging', 'treatmentTypes'].sort()
+      ['cancerCondition', 'documentKinds', 'identifierSystems', 'imaging', 'referralCodes', 'routing', 'staging', 'treatmentTypes'].sort()
     );
   });
 

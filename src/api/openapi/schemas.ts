@@ -4,7 +4,7 @@
 import type { OperationOutcomeIssue } from '@medplum/fhirtypes';
 import { z } from 'zod';
 import type { DoctorReport } from '../../doctor';
-import { codingSchema, documentSchema, humanNameSchema, identifierSchema, referralSchema, treatmentSchema } from '../../model';
+import { codingSchema, documentSchema, humanNameSchema, identifierSchema, referralSchema, studySchema, treatmentSchema } from '../../model';
 import { referralStatusSchema, referralViewSchema, addDocumentsSchema, cancelSchema } from '../../referral';
 import { deliveriesQuery } from '../admin-router';
 import { listQuery } from '../referrals-router';
@@ -50,12 +50,41 @@ export const requestNotes: ReadonlyArray<readonly [z.ZodType, z.core.JSONSchemaM
   [
     documentSchema,
     {
-      description: 'A clinical document sent with the referral. Exactly one of `data` (base64) or `url` is required.',
+      description:
+        'A clinical document sent with the referral. Exactly one of `data` (base64), `url`, `file` (a multipart part) or `upload` (true) is required, ' +
+        'or `study` alone (kind imaging-study: a DICOMweb reference the centre retrieves by WADO-RS). A `study` may also describe DICOM bytes given by ' +
+        'one of the four (contentType application/dicom, or application/zip for a zip of the study).',
       oneOf: [
-        { required: ['data'], not: { required: ['url'] } },
-        { required: ['url'], not: { required: ['data'] } },
+        { required: ['data'] },
+        { required: ['url'] },
+        { required: ['file'] },
+        { required: ['upload'] },
+        { required: ['study'], not: { anyOf: [{ required: ['data'] }, { required: ['url'] }, { required: ['file'] }, { required: ['upload'] }] } },
       ],
     },
+  ],
+  [
+    doc.study,
+    extension(
+      'an imaging study (DICOM), only for kind imaging-study: it becomes a FHIR ImagingStudy at the centre (identifier urn:dicom:uid, modalities, ' +
+        'series and instance counts), listed in ServiceRequest.supportingInfo and Task.input, with an Endpoint (connection type dicom-wado-rs) for ' +
+        '`endpoint`. Alone it is a DICOMweb reference and `endpoint` is required; next to DICOM bytes it describes them and `endpoint` is optional.'
+    ),
+  ],
+  [studySchema.shape.endpoint, { pattern: '^https?://', description: 'The WADO-RS base URL of the PACS (DICOMweb), e.g. https://pacs.example.org/dicom-web.' }],
+  [
+    studySchema.shape.studyInstanceUid,
+    {
+      pattern: '^(0|[1-9][0-9]*)(\\.(0|[1-9][0-9]*))+$',
+      description: 'The Study Instance UID (0020,000D): numbers separated by dots, at most 64 characters.',
+      examples: ['1.2.826.0.1.3680043.8.498.12345'],
+    },
+  ],
+  [studySchema.shape.modalities, { description: 'DICOM modality codes (DCM, CID 29 Acquisition Modality, plus RT objects, SEG, SR, KO, PR, DOC), each once.' }],
+  [studySchema.shape.instanceCount, { description: 'Number of instances (images and other objects); not fewer than seriesCount.' }],
+  [
+    studySchema.shape.started,
+    { description: 'When the study started: a date (YYYY-MM-DD) or a date and time with a zone (YYYY-MM-DDThh:mm:ssZ); not in the future.' },
   ],
   [doc.title, TRIMMED],
   [doc.contentType, { description: 'A MIME type such as application/pdf.', examples: ['application/pdf'] }],

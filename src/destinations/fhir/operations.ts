@@ -300,7 +300,8 @@ interface Prechecked {
 }
 
 /** Resources other referrals share (not ours alone): a racing writer may have created a duplicate. */
-const SHARED_TYPES: ReadonlySet<string> = new Set(['Patient', 'Practitioner', 'PractitionerRole', 'Organization']);
+// An Endpoint (one per PACS) and an ImagingStudy (one per Study Instance UID) may come with more than one referral.
+const SHARED_TYPES: ReadonlySet<string> = new Set(['Patient', 'Practitioner', 'PractitionerRole', 'Organization', 'Endpoint', 'ImagingStudy']);
 const sharedEntries = new KeyedMutex();
 
 async function writeResolved(ctx: OperationContext, mapped: Bundle, resolveFirst: boolean, prechecked?: Prechecked): Promise<WriteResult> {
@@ -506,9 +507,14 @@ export async function deliverDocuments(ctx: OperationContext, take: () => Docume
     const loc = written.locations[i];
     return type === 'DocumentReference' && loc ? [`DocumentReference/${loc.id}`] : [];
   });
+  // ImagingStudies (documents with a `study`) are listed with the documents, as in the submission's bundle.
+  const listed = written.types.flatMap((type, i) => {
+    const loc = written.locations[i];
+    return (type === 'DocumentReference' || type === 'ImagingStudy') && loc ? [`${type}/${loc.id}`] : [];
+  });
   // Link first, record after: the referral lists the documents once the centre's ServiceRequest does too. A
   // retryable failure here retries the whole entry (the transaction resend matches what is there).
-  const linked = await linkDocuments(client, refs, added, signal);
+  const linked = await linkDocuments(client, refs, listed, signal);
   if (linked.kind === 'retry') return linked;
   if (linked.kind === 'fail') {
     // The documents are at the centre and linked through DocumentReference.context.related; only the

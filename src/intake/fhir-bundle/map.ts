@@ -1,5 +1,5 @@
 import { z } from 'zod';
-import { type DeepReadonly, type MappingTables, loadMappingFile, loadTables } from '../../mapping';
+import { type DeepReadonly, type MappingTables, loadMappingFile, loadTables, studyUrl } from '../../mapping';
 
 /**
  * Reads a FHIR R4 referral Bundle, as a FHIR-capable EHR builds it (BSeR / Gravity style, domain.md sections 3.2,
@@ -490,7 +490,11 @@ class Reader {
 
     this.at('documents', `${sr.expr}.supportingInfo`);
     const documents = this.documentReferences(sr, supporting);
-    if (documents.length > 0) r.documents = documents.map((f, n) => this.readDocument(f, `documents[${n}]`));
+    if (documents.length > 0) {
+      r.documents = documents.map((f, n) =>
+        f.resource.resourceType === 'ImagingStudy' ? this.readStudyDocument(f, `documents[${n}]`) : this.readDocument(f, `documents[${n}]`)
+      );
+    }
 
     this.at('consent', `${sr.expr}.supportingInfo`);
     const consent = supporting.find((f) => f.resource.resourceType === 'Consent') ?? this.index.ofType('Consent')[0];
@@ -1016,12 +1020,18 @@ class Reader {
     return out;
   }
 
-  /** The DocumentReferences: supportingInfo's, then Task.input's, then those whose context.related names the ServiceRequest; each once. */
+  /**
+   * The documents: DocumentReferences and ImagingStudies of supportingInfo, then of Task.input, then the
+   * DocumentReferences whose context.related names the ServiceRequest; each once. An ImagingStudy that one of these
+   * DocumentReferences names in context.related is read with that document (its DICOM bytes or its WADO-RS URL), not
+   * as a document of its own.
+   */
   private documentReferences(sr: Found, supporting: Found[]): Found[] {
-    const docs = supporting.filter((f) => f.resource.resourceType === 'DocumentReference');
+    const isDocument = (f: Found | undefined): f is Found => f?.resource.resourceType === 'DocumentReference' || f?.resource.resourceType === 'ImagingStudy';
+    const docs = supporting.filter(isDocument);
     const seen = new Set<Json>(docs.map((d) => d.resource));
     const add = (f: Found | undefined): void => {
-      if (f?.resource.resourceType === 'DocumentReference' && !seen.has(f.resource)) {
+      if (isDocument(f) && !seen.has(f.resource)) {
         seen.add(f.resource);
         docs.push(f);
       }
@@ -1038,7 +1048,85 @@ class Reader {
       const related = arr(obj(doc.resource.context)?.related);
       if (related.some((r) => this.index.resolve(text(obj(r)?.reference) ?? '', doc)?.resource === sr.resource)) add(doc);
     }
-    return docs;
+    const described = new Set<Json>();
+    for (const d of docs) {
+      const study = d.resource.resourceType === 'DocumentReference' ? this.relatedStudy(d) : undefined;
+      if (study) described.add(study.resource);
+    }
+    return docs.filter((d) => d.resource.resourceType !== 'ImagingStudy' || !described.has(d.resource));
+  }
+
+  /** The ImagingStudy a DocumentReference names in context.related (the first), if the Bundle holds it. */
+  private relatedStudy(doc: Found): Found | undefined {
+    for (const r of arr(obj(doc.resource.context)?.related)) {
+      const f = this.index.resolve(text(obj(r)?.reference) ?? '', doc);
+      if (f?.resource.resourceType === 'ImagingStudy') return f;
+    }
+    return undefined;
+  }
+
+  /**
+   * An ImagingStudy as a document's `study`: the Study Instance UID (identifier urn:dicom:uid, urn:oid:<uid>),
+   * modalities (DCM codings of modality, else of the series), series and instance counts, description, start, and the
+   * address of its first Endpoint.
+   */
+  private readStudy(f: Found, model: string): Json {
+    const res = f.resource;
+    const im = this.t.raw.imaging;
+    const out: Json = {};
+    this.at(model, f.expr);
+    const ids = arr(res.identifier).map((v) => obj(v));
+    const i = ids.findIndex((id) => id?.system === im.studyUidSystem && text(id.value) !== undefined);
+    this.at(`${model}.studyInstanceUid`, i >= 0 ? `${f.expr}.identifier[${i}].value` : `${f.expr}.identifier`);
+    const uid = i >= 0 ? text(ids[i]?.value) : undefined;
+    put(out, 'endpoint', this.studyEndpoint(f, model));
+    put(out, 'studyInstanceUid', uid?.startsWith(im.studyUidPrefix) ? uid.slice(im.studyUidPrefix.length) : uid);
+    const series = arr(res.series).map((s) => obj(s));
+    const dcm = (c: Json | undefined): string | undefined => (c?.system === im.modalitySystem ? str(c.code) : undefined);
+    let modalities = arr(res.modality).map((c) => dcm(obj(c)));
+    this.at(`${model}.modalities`, `${f.expr}.modality`);
+    if (!modalities.some((m) => m !== undefined)) {
+      modalities = series.map((s) => dcm(obj(s?.modality)));
+      this.at(`${model}.modalities`, `${f.expr}.series`);
+    }
+    const codes = [...new Set(modalities.filter((m): m is string => m !== undefined))];
+    if (codes.length > 0) out.modalities = codes;
+    this.at(`${model}.seriesCount`, `${f.expr}.numberOfSeries`);
+    // numberOfSeries, else the series the study lists (none listed: left out, so the schema names it).
+    put(out, 'seriesCount', typeof res.numberOfSeries === 'number' ? res.numberOfSeries : series.length || undefined);
+    this.at(`${model}.instanceCount`, `${f.expr}.numberOfInstances`);
+    put(out, 'instanceCount', typeof res.numberOfInstances === 'number' ? res.numberOfInstances : undefined);
+    this.at(`${model}.description`, `${f.expr}.description`);
+    put(out, 'description', text(res.description));
+    this.at(`${model}.started`, `${f.expr}.started`);
+    put(out, 'started', str(res.started));
+    return out;
+  }
+
+  /** The address of the ImagingStudy's first Endpoint in the Bundle (a DICOMweb base), if any. */
+  private studyEndpoint(f: Found, model: string): string | undefined {
+    const refs = arr(f.resource.endpoint);
+    if (refs.length === 0) return undefined;
+    const endpoint = this.follow(refs[0], `${f.expr}.endpoint[0]`, f, ['Endpoint'], 'ImagingStudy.endpoint');
+    if (!endpoint) return undefined;
+    this.at(`${model}.endpoint`, `${endpoint.expr}.address`);
+    return str(endpoint.resource.address);
+  }
+
+  /** An ImagingStudy listed on its own (no DocumentReference): a DICOMweb reference, as an imaging-study document. */
+  private readStudyDocument(f: Found, model: string): Json {
+    const study = this.readStudy(f, `${model}.study`);
+    const out: Json = { kind: 'imaging-study' };
+    this.at(model, f.expr);
+    this.at(`${model}.kind`, f.expr);
+    this.at(`${model}.title`, `${f.expr}.description`);
+    put(out, 'title', text(f.resource.description) ?? this.t.raw.documentKinds.kinds['imaging-study'].display);
+    this.at(`${model}.date`, `${f.expr}.started`);
+    put(out, 'date', toDate(f.resource.started));
+    this.at(`${model}.contentType`, f.expr);
+    out.contentType = 'application/dicom';
+    out.study = study;
+    return out;
   }
 
   /** A DocumentReference: kind from its type, the first attachment with data or a url; a url naming a Binary of the Bundle gives that Binary's data. */
@@ -1084,10 +1172,22 @@ class Reader {
 
     const data = str(attachment?.data);
     const url = str(attachment?.url);
+    const related = this.relatedStudy(f);
+    const study = related ? this.readStudy(related, `${model}.study`) : undefined;
+    if (study) {
+      out.study = study;
+      // A document about an ImagingStudy is an imaging study, unless the gateway's own document-kind code says otherwise.
+      const local = arr(obj(res.type)?.coding).some((c) => obj(c)?.system === this.t.localDocumentSystem);
+      if (!local) out.kind = 'imaging-study';
+    }
     if (data !== undefined) {
       this.at(`${model}.data`, `${aExpr}.data`);
       out.data = data;
-    } else if (url !== undefined) {
+    } else if (
+      url !== undefined &&
+      !(study && typeof study.endpoint === 'string' && typeof study.studyInstanceUid === 'string' && url === studyUrl(study.endpoint, study.studyInstanceUid))
+    ) {
+      // (A url that is the study's own WADO-RS URL is the DICOMweb reference itself: `study` alone says it.)
       this.readAttachmentUrl(f, url, aExpr, model, out);
     }
     return out;
