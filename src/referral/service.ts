@@ -33,7 +33,22 @@ import { IntakeLane } from './intake-lane';
 /** The body of POST /referrals/{id}/cancel. */
 export const cancelSchema = z.strictObject({ reason: z.string().trim().min(1, 'a reason is required').max(1000) });
 /** The documents of POST /referrals/{id}/documents (bare, or as `{ documents }`). */
-export const addDocumentsSchema = z.array(documentSchema).min(1, 'at least one document is required').max(100);
+export const addDocumentsSchema = z
+  .array(documentSchema)
+  .min(1, 'at least one document is required')
+  .max(100)
+  .superRefine((docs, ctx) => {
+    docs.forEach((d, i) => {
+      const streamed = (['file', 'upload'] as const).find((k) => d[k] !== undefined);
+      if (streamed) {
+        ctx.addIssue({
+          code: 'custom',
+          path: [i, streamed],
+          message: 'documents added to a sent referral carry data, url or a study; stream large ones by declaring them in the referral (file or upload)',
+        });
+      }
+    });
+  });
 
 /** An error answer lists at most this many issues, then one that counts the rest. */
 const MAX_ISSUES = 100;

@@ -387,3 +387,26 @@ describe.each(serviceDatabases())('retention of streamed documents, stored on %s
     }
   });
 });
+
+describe('documents added to a sent referral', () => {
+  test('cannot be streamed (file or upload): 422 naming the field', async () => {
+    const gw = await startGateway();
+    try {
+      const auth = { Authorization: `Bearer ${KEY_A}`, 'Content-Type': 'application/json' };
+      const { id } = (await (
+        await fetch(`${gw.url}/referrals`, { method: 'POST', headers: auth, body: JSON.stringify(referralWith({ data: 'AAAA' })) })
+      ).json()) as {
+        id: string;
+      };
+      const res = await fetch(`${gw.url}/referrals/${id}/documents`, {
+        method: 'POST',
+        headers: auth,
+        body: JSON.stringify({ documents: [{ kind: 'other', title: 'Late scan', contentType: 'application/dicom', upload: true }] }),
+      });
+      expect(res.status).toBe(422);
+      expect(((await res.json()) as { issue: Array<{ expression: string[] }> }).issue[0].expression).toEqual(['documents[0].upload']);
+    } finally {
+      await gw.stop();
+    }
+  });
+});
