@@ -26,9 +26,11 @@ async function host(): Promise<Host> {
     const path = (req.url ?? '/').split('?')[0];
     seen.push({ path, authorization: req.headers.authorization, accept: req.headers.accept });
     const handler = routes.get(path);
-    if (handler) handler(req, res);
-    else
+    if (handler) {
+      handler(req, res);
+    } else {
       res.writeHead(404, { 'Content-Type': 'application/fhir+json' }).end(JSON.stringify({ resourceType: 'OperationOutcome', issue: [{ code: 'not-found' }] }));
+    }
   });
   server.listen(0, '127.0.0.1');
   await new Promise((resolve) => server.once('listening', resolve));
