@@ -17,7 +17,8 @@ export const MAX_JSON_REPORT_BYTES = 32 * 1024 * 1024;
  * the resource, decoded), or the attachment's `url` read as it arrives: a Binary under the centre's base (raw,
  * with the report's type in Accept), or an attachment URL the server gave outside it (presigned storage, when
  * the destination allows it; without the gateway's credentials). An answer that is the Binary resource as JSON
- * is read whole (at most MAX_JSON_REPORT_BYTES) and its data decoded.
+ * is read whole (at most MAX_JSON_REPORT_BYTES) and its data decoded. The resource is read again for every call,
+ * so a presigned URL (Medplum's are valid about an hour) is always a fresh one.
  * Failures before the first byte of the report are Failures (404 nothing to read, 502 the centre did not
  * return it); once the stream is handed over, a break in the centre's answer fails the stream.
  */
