@@ -7,7 +7,7 @@ import { webhooksAdminRouter, createLimitedServer, isStreamedRequest, hl7ReturnA
 import type { Config, Destination, DestinationDirectory } from './config';
 import { DeliveryWorker } from './delivery';
 import { notFound } from './outcomes';
-import { DestinationAdapters, FhirClients, fhirDestination, type ReportContent } from './destinations';
+import { DestinationAdapters, FhirClients, fhirDestination, type ReadReportOptions, type ReportContent } from './destinations';
 import type { StoredReferral } from './model';
 import { loadSandbox, SANDBOX_PATH, type SandboxRouter, sandboxDestination } from './sandbox';
 import { MemoryBudget } from './memory';
@@ -19,7 +19,7 @@ import { backlog, createStoreProbe, type Db, migrate, openDb, possiblyOrphanedUp
 import { Poller } from './tracking';
 import { RetentionJob } from './retention';
 import { WebhookDispatcher, type WebhookDispatcherOptions } from './webhooks';
-import { Hl7ReturnDispatcher, type Hl7ReturnOptions } from './hl7return';
+import { Hl7ReturnDispatcher, type Hl7ReturnOptions, reportBytesWithin } from './hl7return';
 
 class Directory implements DestinationDirectory {
   private readonly map = new Map<string, Destination>();
@@ -118,7 +118,11 @@ export class Gateway {
       },
       (e) => logger.debug('status change', { ...e })
     );
-    this.hl7Return = new Hl7ReturnDispatcher(this.db, { readReport: (referral) => this.readReport(referral) }, opts.hl7Return);
+    this.hl7Return = new Hl7ReturnDispatcher(
+      this.db,
+      { readReport: (referral, o) => this.readReport(referral, o), maxReportBytes: reportBytesWithin(config.hl7.maxMessageBytes) },
+      opts.hl7Return
+    );
     // Work is queued by the store in the transaction that makes it due (a status change queues its webhook and HL7 v2
     // status message, a submission its delivery): the worker of that queue looks as soon as it has committed.
     const wake: Record<QueueName, () => void> = {
@@ -165,10 +169,10 @@ export class Gateway {
       service: this.service,
       documents: this.documents,
       reports: {
-        read: (referral) => {
+        read: (referral, o) => {
           const destination = this.destinations.get(referral.destination);
           if (!referral.report || !destination) throw notFound('no report');
-          return this.adapters.for(destination).readReport(referral, destination);
+          return this.adapters.for(destination).readReport(referral, destination, o);
         },
       },
       sandbox: this.sandbox?.router,
@@ -232,11 +236,11 @@ export class Gateway {
     }
   }
 
-  /** A referral's opinion report, read at its destination through the destination's adapter (for the HL7 v2 status back). */
-  private readReport(referral: StoredReferral): Promise<ReportContent> {
+  /** A referral's opinion report as a stream, read at its destination through the destination's adapter (for the HL7 v2 status back). */
+  private readReport(referral: StoredReferral, opts: ReadReportOptions): Promise<ReportContent> {
     const destination = this.destinations.get(referral.destination);
     if (!referral.report || !destination) return Promise.reject(new Error('no report, or its destination is no longer configured'));
-    return this.adapters.for(destination).readReport(referral, destination);
+    return this.adapters.for(destination).readReport(referral, destination, opts);
   }
 
   /** Ready while the store takes a real write (a probe row rewritten at most every STORE_PROBE_CACHE_MS). */

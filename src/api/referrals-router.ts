@@ -1,10 +1,12 @@
+import type { Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
 import { type Response, Router } from 'express';
 import { z } from 'zod';
 import type { IntakeRegistry, IntakeReply, Submission } from '../intake';
 import { referralStatusSchema, addDocumentsSchema, cancelSchema } from '../referral';
 import type { StoredReferral } from '../model';
 import type { ReferralService, SubmitResult } from '../referral';
-import { submissions } from '../observability';
+import { logger, submissions } from '../observability';
 import { noteStoreUnavailable } from './middleware';
 import { httpAnswer } from './send-outcome';
 import { Failure, invalidInput, zodIssues } from '../outcomes';
@@ -69,8 +71,11 @@ export function reportHeaders(referralId: string, contentType: string | undefine
 }
 
 export interface ReportReader {
-  /** The report's bytes and content type, read from the destination. */
-  read(referral: StoredReferral): Promise<{ contentType: string; body: Buffer }>;
+  /**
+   * The report's content type and bytes as a stream from the destination (and their length when known). A
+   * failure to start the read rejects; `signal` stops the read (the client is gone).
+   */
+  read(referral: StoredReferral, opts: { signal: AbortSignal }): Promise<{ contentType: string; bytes?: number; body: Readable }>;
 }
 
 /** A body parsed with a zod schema, or the 422 naming the fields (`prefix` is where the schema's value sits in the body). */
@@ -145,9 +150,29 @@ export function referralsRouter(service: ReferralService, intake: IntakeRegistry
     if (!referral.report) {
       throw new Failure('not-found', { code: 'not-found', message: `Referral ${referral.id} has no report yet (status ${referral.status})` });
     }
-    const content = await reports.read(referral);
+    // Streamed as it comes from the centre. A client that goes away stops the read there.
+    const gone = new AbortController();
+    res.once('close', () => gone.abort());
+    const content = await reports.read(referral, { signal: gone.signal });
+    if (gone.signal.aborted || req.method === 'HEAD') content.body.destroy();
+    if (gone.signal.aborted) return;
     for (const [name, value] of Object.entries(reportHeaders(referral.id, content.contentType))) res.setHeader(name, value);
-    res.status(200).send(content.body);
+    if (content.bytes !== undefined) res.setHeader('Content-Length', String(content.bytes));
+    res.status(200);
+    if (req.method === 'HEAD') {
+      res.end();
+      return;
+    }
+    try {
+      await pipeline(content.body, res);
+    } catch (err) {
+      // After the headers the only honest answer is a cut transfer (no final chunk, or short of Content-Length),
+      // never a response that ends as if it were whole: pipeline has destroyed the response.
+      res.destroy();
+      if ((err as { code?: string }).code !== 'ERR_STREAM_PREMATURE_CLOSE') {
+        logger.warn('report transfer broke off', { correlationId: req.correlationId, referralId: referral.id, error: (err as Error).message });
+      }
+    }
   });
 
   return r;

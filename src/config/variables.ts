@@ -232,7 +232,9 @@ export const variables = {
       .min(1024)
       .max(1024 * 1024 * 1024)
       .optional(),
-    doc: 'the largest HL7 v2 message taken over MLLP; a larger one is answered AR and the connection stays open',
+    doc:
+      'the largest HL7 v2 message taken over MLLP; a larger one is answered AR and the connection stays open. Also bounds the report sent back ' +
+      'in a status message (its Base64 beside 16 KiB for the other segments): a larger report is left out and the history says so',
     shownDefault: '`MAX_BODY_BYTES`',
   },
   HL7_RETURN_CHANNELS: {

@@ -1,3 +1,4 @@
+import type { Readable } from 'node:stream';
 import type { BlobStore } from '../blobs';
 import type { OperationOutcome } from '@medplum/fhirtypes';
 import type { Destination } from '../config';
@@ -44,10 +45,20 @@ export interface DeliveryContext {
   emit: (e: DeliveryEvent) => void;
 }
 
-/** A report's bytes as the centre serves them. */
+/**
+ * A report's bytes as the centre serves them, as a stream: the reader consumes or destroys `body` (destroying it
+ * stops the read at the centre). `bytes` is its length when known beforehand (the centre's Content-Length, or
+ * inline data). The body fails mid-way when the centre's answer breaks off.
+ */
 export interface ReportContent {
   contentType: string;
-  body: Buffer;
+  bytes?: number;
+  body: Readable;
+}
+
+export interface ReadReportOptions {
+  /** Stops the read (a client gone, a shutdown). */
+  signal?: AbortSignal;
 }
 
 /** How a tracking cycle read the centre: changes since the watermark, or the open referrals one batch of ids at a time. */
@@ -122,5 +133,5 @@ export interface DestinationAdapter {
   /** One tracking cycle at a destination: reads what changed at the centre and observes it (src/tracking applies it). */
   track(ctx: TrackingContext): Promise<TrackingMode>;
   /** The bytes of a referral's opinion report at its destination. */
-  readReport(referral: StoredReferral, destination: Destination): Promise<ReportContent>;
+  readReport(referral: StoredReferral, destination: Destination, opts?: ReadReportOptions): Promise<ReportContent>;
 }

@@ -5,6 +5,7 @@ export type {
   DeliveryEvent,
   DestinationAdapter,
   Outcome,
+  ReadReportOptions,
   ReferralSummary,
   ReportContent,
   TrackingContext,

@@ -6,6 +6,7 @@ import { type DispatcherOptions, LeasedQueueRunner, settleRetry, withDefaults } 
 import { type Db, getReferral, hl7Origin, hl7ReturnQueue, type Hl7ReturnEntry, leasedQueue, noteStatus, type Settled, ulid } from '../store';
 import { readAck } from './ack';
 import { type ReportAttachment, statusMessages } from './message';
+import { collectReport, reportBytesWithin, type ReportStream } from './report';
 import { defaultStatusTables, type StatusTables } from './tables';
 
 /** DispatcherOptions (src/queue) with HL7 defaults: 10 attempts or 24 h, backoff 10 s to 1 h, 30 s per exchange (connect, send, ACK), 4 in flight. */
@@ -24,11 +25,20 @@ export const HL7_RETURN_DEFAULTS: Readonly<Hl7ReturnOptions> = Object.freeze({
 
 /** What the dispatcher needs besides the store: the report's bytes (through the referral's destination adapter). */
 export interface Hl7ReturnDeps {
-  readReport(referral: StoredReferral): Promise<ReportAttachment>;
+  /** The report as a stream; the dispatcher reads it whole, up to `maxReportBytes`. */
+  readReport(referral: StoredReferral, opts: { signal: AbortSignal }): Promise<ReportStream>;
+  /**
+   * The largest report put in a message (it goes Base64 in OBX-5); a larger one is left out, the status sent
+   * without it and the referral's history saying so. Default: what fits in a 25 MiB message (reportBytesWithin).
+   */
+  maxReportBytes?: number;
   /** The code tables (tests); default mappings/hl7v2-status.json and mappings/hl7v2.json. */
   tables?: StatusTables;
   v2Tables?: V2Tables;
 }
+
+/** The message size the report's default cap is derived from (MAX_BODY_BYTES's default). */
+const DEFAULT_MAX_MESSAGE_BYTES = 25 * 1024 * 1024;
 
 const hl7Attempts = new Counter({
   name: 'referral_hl7_return_attempts_total',
@@ -141,7 +151,8 @@ export class Hl7ReturnDispatcher extends LeasedQueueRunner<Hl7ReturnEntry> {
     let reportLeftOut: string | undefined;
     if (entry.message === 'status' && entry.status === 'completed' && referral.report) {
       try {
-        report = await this.deps.readReport(referral);
+        const maxBytes = this.deps.maxReportBytes ?? reportBytesWithin(DEFAULT_MAX_MESSAGE_BYTES);
+        report = await collectReport(await this.deps.readReport(referral, { signal: this.shutdown.signal }), maxBytes);
       } catch (err) {
         reportLeftOut = (err as Error).message.slice(0, 300) || 'the report could not be read';
       }

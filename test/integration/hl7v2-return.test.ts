@@ -368,3 +368,45 @@ describe('HL7 v2 status back', () => {
     expect((await listReferrals(gw.db, 'city-hospital', { limit: 50 })).items.length).toBeGreaterThanOrEqual(4);
   });
 });
+
+describe('HL7 v2 status back: a report larger than a message may carry (HL7_MAX_MESSAGE_BYTES)', () => {
+  test('left out: the status goes back without it, the history says why, and the report route still serves it whole', async () => {
+    const ehr = await receiver('AA');
+    // 32 KiB messages: room for a report of 12 288 bytes (its Base64 beside 16 KiB for the other segments).
+    const gw = await startGateway(
+      {
+        HL7_MAX_MESSAGE_BYTES: '32768',
+        HL7_MLLP_PORT: '0',
+        HL7_MLLP_SENDERS: 'NORTH-HILLS:city-hospital',
+        HL7_RETURN_CHANNELS: `city-hospital=127.0.0.1:${ehr.port}`,
+      },
+      { hl7Return: { maxAttempts: 3, baseDelayMs: 20, maxDelayMs: 50, idleMs: 50, timeoutMs: 2000 } }
+    );
+    try {
+      const res = await fetch(`${gw.url}/hl7/v2`, {
+        method: 'POST',
+        headers: { Authorization: `Bearer ${KEY_A}`, 'Content-Type': 'x-application/hl7-v2+er7' },
+        body: message('ref-i12-breast-epic'),
+      });
+      const id = /(ref_[0-9A-Z]+)/.exec(await res.text())?.[1] as string;
+      const report = 'The board recommends surgery first. '.repeat(600); // 21 600 bytes
+      await acceptAndComplete(gw, id, report);
+      await eventually(async () => forId(ehr, id).length >= 3, 20_000);
+      const completed = forId(ehr, id)[2];
+      expect(statusOf(completed)).toBe('completed');
+      expect(names(completed)).toEqual(['MSH', 'RF1', 'PRD', 'PID']);
+      const note = await eventually(async () => (await referralHistory(gw.db, id)).find((h) => /sent back without the report/.test(h.reason ?? '')));
+      expect(note.reason).toMatch(/the report is larger than the 12288 bytes an HL7 v2 message here may carry/);
+      const content = await fetch(`${gw.url}/referrals/${id}/report/content`, { headers: { Authorization: `Bearer ${KEY_A}` } });
+      expect(await content.text()).toBe(report);
+    } finally {
+      await gw.stop();
+      await ehr.close();
+    }
+  });
+});
+
+/** The messages a receiver got for one referral. */
+function forId(r: Receiver, id: string): string[] {
+  return r.messages.filter((m) => m.includes(`|${id}`));
+}

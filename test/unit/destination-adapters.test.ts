@@ -1,4 +1,5 @@
 import { readFileSync } from 'node:fs';
+import { Readable } from 'node:stream';
 import type { Destination } from '../../src/config';
 import { type CentreObservation, type DeliveryContext, type DestinationAdapter, DestinationAdapters, fhirDestination } from '../../src/destinations';
 import { referralSchema } from '../../src/model';
@@ -16,7 +17,7 @@ describe('destination adapters', () => {
     addDocuments: done,
     cancel: done,
     track,
-    readReport: async () => ({ contentType: 'text/plain', body: Buffer.from('report') }),
+    readReport: async () => ({ contentType: 'text/plain', bytes: 6, body: Readable.from([Buffer.from('report')]) }),
   });
   const other = adapter();
 

@@ -362,7 +362,12 @@ const gateway: Route[] = [
     summary: "The opinion report's bytes, with its content type",
     pathParams: { id: idParam('The referral id.') },
     responses: {
-      200: answer('The report content, with the content type the centre gave it.', { type: 'string', format: 'binary' }, { media: '*/*' }),
+      200: answer(
+        'The report content, with the content type the centre gave it, streamed as the centre sends it (Content-Length when known). ' +
+          'A centre that breaks off after the first bytes gives a cut transfer (short of Content-Length, or chunked without its end), never a whole-looking 200.',
+        { type: 'string', format: 'binary' },
+        { media: '*/*' }
+      ),
       401: 'Unauthorized',
       404: outcome('404: unknown referral, no report yet, or the report has no attachment.'),
       500: 'InternalError',

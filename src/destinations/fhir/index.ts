@@ -3,7 +3,7 @@
 // cancels as their own writes, and the report is read from the Task's output.
 import type { Destination } from '../../config';
 import type { StoredReferral } from '../../model';
-import type { DeliveryContext, DestinationAdapter, ReportContent } from '../adapter';
+import type { DeliveryContext, DestinationAdapter, ReadReportOptions, ReportContent } from '../adapter';
 import { FhirClients } from './clients';
 import { deliverCancel, deliverDocuments, deliverSubmit } from './operations';
 import { readReportContent } from './report';
@@ -21,6 +21,7 @@ export function fhirDestination(clients: FhirClients = new FhirClients()): Desti
     addDocuments: (ctx, take) => deliverDocuments(withClient(ctx), take),
     cancel: (ctx, task) => deliverCancel(withClient(ctx), task),
     track: fhirTracker(clients),
-    readReport: (referral: StoredReferral, destination: Destination): Promise<ReportContent> => readReportContent(clients.get(destination), referral),
+    readReport: (referral: StoredReferral, destination: Destination, opts?: ReadReportOptions): Promise<ReportContent> =>
+      readReportContent(clients.get(destination), referral, opts),
   };
 }

@@ -2,6 +2,7 @@ import { ClientStorage, MedplumClient, MemoryStorage } from '@medplum/core';
 import type { Bundle, Resource, ResourceType } from '@medplum/fhirtypes';
 import type { Destination } from '../../../config';
 import { FhirRequestError } from './errors';
+import { openUrl, type OpenUrlOptions, type OpenUrlResult } from './stream';
 import {
   type BodyInit,
   type CallRecord,
@@ -86,6 +87,12 @@ export interface FhirClient {
    * JSON content types are parsed; anything else is returned as bytes. Absolute URLs elsewhere are refused.
    */
   readUrl(url: string, opts?: { accept?: string; signal?: AbortSignal }): Promise<ReadUrlResult>;
+  /**
+   * readUrl as a stream (stream.ts): the same URL rules (the gateway's auth only under the base, an allowed
+   * attachment URL elsewhere without it, a 3xx followed only to such places), the body handed over as it arrives.
+   * The destination's timeout bounds the wait for the headers and then each wait for more of the body.
+   */
+  openUrl(url: string, opts?: OpenUrlOptions): Promise<OpenUrlResult>;
   /**
    * POSTs a `batch` Bundle to the base (e.g. several searches or reads in one request) and returns the
    * batch-response Bundle (each entry with its own status).
@@ -335,6 +342,8 @@ export function createFhirClient(dest: Destination, opts: FhirClientOptions = {}
         });
       }
     },
+
+    openUrl: (url: string, o: OpenUrlOptions = {}): Promise<OpenUrlResult> => openUrl(transport, url, o),
 
     async batch(bundle: Bundle, o: SearchOptions = {}): Promise<Bundle> {
       if (bundle?.resourceType !== 'Bundle' || bundle.type !== 'batch') {

@@ -5,5 +5,6 @@ export { createAuthProvider } from './auth';
 export { createFhirClient, type FhirClient, type SearchParams } from './client';
 export { FhirRequestError, type FhirErrorKind } from './errors';
 export { KeyedMutex, conditionalIndexes, locationOf, oldestFirst, searchCriteria, withoutConditionalEntries, type Matches } from './resolve';
+export { type OpenUrlOptions, type OpenUrlResult } from './stream';
 export { classifyError, parseLocation, sendTransaction, type TransactionLocation } from './transaction';
 export { createFhirTransport, jsonRequestBody, type FhirClientOptions, type FhirTransport } from './transport';

@@ -63,6 +63,12 @@ export interface FhirTransport {
   credentialFreeUrl(link: string): string | undefined;
   /** A URL (absolute, or relative to the base) when it is under the base. */
   resolveUnderBase(link: string): string | undefined;
+  /** The fetch every request goes through (streamed reads call it themselves: stream.ts). */
+  readonly fetchImpl: typeof fetch;
+  /** The auth headers for a request under the base (a token-endpoint failure is a FhirRequestError). */
+  authHeaders(target: string): Promise<Record<string, string>>;
+  /** After a 401 answered to `used`: fresh auth headers to try once more, or undefined when the auth cannot be refreshed. */
+  reauthenticate(used: Record<string, string>, target: string): Promise<Record<string, string> | undefined>;
 }
 
 /**
@@ -156,6 +162,19 @@ export function createFhirTransport(dest: Destination, opts: FhirClientOptions =
     }
   }
 
+  async function reauthenticate(used: Record<string, string>, target: string): Promise<Record<string, string> | undefined> {
+    if (!auth.refreshable) {
+      return undefined;
+    }
+    log.warn('fhir server answered 401; re-authenticating once', { destination: dest.id, target });
+    let fresh = await authHeaders(target);
+    if (fresh.Authorization === used.Authorization) {
+      auth.invalidate();
+      fresh = await authHeaders(target);
+    }
+    return fresh;
+  }
+
   /** One logical request: attempt, and on a 401 with refreshable auth, re-authenticate and attempt once more. */
   async function exchange(url: string, init: ExchangeInit): Promise<RawResponse> {
     const method = (init.method ?? 'GET').toUpperCase();
@@ -172,13 +191,8 @@ export function createFhirTransport(dest: Destination, opts: FhirClientOptions =
     }
     const used = await authHeaders(target);
     let res = await attempt(url, init, used, target);
-    if (res.status === 401 && auth.refreshable) {
-      log.warn('fhir server answered 401; re-authenticating once', { destination: dest.id, target });
-      let fresh = await authHeaders(target);
-      if (fresh.Authorization === used.Authorization) {
-        auth.invalidate();
-        fresh = await authHeaders(target);
-      }
+    const fresh = res.status === 401 ? await reauthenticate(used, target) : undefined;
+    if (fresh) {
       res = await attempt(url, init, fresh, target);
     }
     const record = callRecord.getStore();
@@ -285,6 +299,9 @@ export function createFhirTransport(dest: Destination, opts: FhirClientOptions =
     withRecord,
     credentialFreeUrl,
     resolveUnderBase,
+    fetchImpl,
+    authHeaders,
+    reauthenticate,
   };
 }
 
