@@ -34,6 +34,15 @@ function multipart(referral: unknown, files: Array<{ name: string; bytes: Buffer
   return form;
 }
 
+/** How many referrals the gateway stores. */
+async function referralCount(gw: Gateway): Promise<number> {
+  const row = await gw.db.kysely
+    .selectFrom('referrals')
+    .select((e) => e.fn.countAll().as('n'))
+    .executeTakeFirstOrThrow();
+  return Number(row.n);
+}
+
 async function blobFiles(dir: string): Promise<string[]> {
   const out: string[] = [];
   for (const fan of readdirSync(dir)) {
@@ -63,15 +72,7 @@ describe('streamed documents: multipart POST /referrals and PUT .../content', ()
     expect(readdirSync(join(dir, 'tmp'))).toEqual([]);
     return (await blobFiles(dir)).filter((f) => !f.startsWith('tmp/'));
   };
-  const countReferrals = async (): Promise<number> =>
-    Number(
-      (
-        await gw.db.kysely
-          .selectFrom('referrals')
-          .select((e) => e.fn.countAll().as('n'))
-          .executeTakeFirstOrThrow()
-      ).n
-    );
+  const countReferrals = (): Promise<number> => referralCount(gw);
 
   test('a multipart referral is stored with its file part in the blob store (hashed on the way) and queued', async () => {
     const bytes = randomBytes(3 * 1024 * 1024 + 17);
@@ -319,16 +320,7 @@ describe('a full blob store', () => {
     expect(body.resourceType).toBe('OperationOutcome');
     expect(body.issue[0].details.text).toMatch(/full/);
     expect(readdirSync(join(mnt, 'tmp'))).toEqual([]);
-    expect(
-      Number(
-        (
-          await gw.db.kysely
-            .selectFrom('referrals')
-            .select((e) => e.fn.countAll().as('n'))
-            .executeTakeFirstOrThrow()
-        ).n
-      )
-    ).toBe(0);
+    expect(await referralCount(gw)).toBe(0);
     // Room again: the same request succeeds.
     const small = await fetch(`${gw.url}/referrals`, {
       method: 'POST',
