@@ -1,6 +1,6 @@
 import { createHash, randomUUID } from 'node:crypto';
 import { createReadStream, createWriteStream } from 'node:fs';
-import { mkdir, open, readdir, rename, rm, stat, unlink } from 'node:fs/promises';
+import { mkdir, open, readdir, rename, rm, stat, unlink, utimes } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Readable, TransformCallback } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
@@ -67,6 +67,9 @@ export async function createFsBlobStore(dir: string): Promise<BlobStore> {
         // The same bytes again: the blob is already there (content-addressed); the new copy goes.
         if ((await stat(target).catch(() => undefined))?.isFile()) {
           await unlink(temporary);
+          // Stored again now: its age restarts, so collecting unreferenced blobs leaves it to the request linking it.
+          const now = new Date();
+          await utimes(target, now, now);
         } else {
           await rename(temporary, target);
           await fsyncPath(join(dir, sha256.slice(0, 2)));
@@ -109,7 +112,7 @@ export async function createFsBlobStore(dir: string): Promise<BlobStore> {
         for (const name of await readdir(join(dir, fan))) {
           if (!SHA256.test(name)) continue;
           const s = await stat(join(dir, fan, name)).catch(() => undefined);
-          if (s?.isFile()) yield { sha256: name, storedAt: s.mtime };
+          if (s?.isFile()) yield { sha256: name, storedAt: new Date(s.mtimeMs) };
         }
       }
     },

@@ -108,7 +108,9 @@ export function createPostgresBlobStore(db: Db): BlobStore {
         .onConflict((oc) => oc.column('sha256').doNothing())
         .executeTakeFirst();
       if (Number(inserted.numInsertedOrUpdatedRows ?? 0) === 0) {
-        // The same bytes are stored already: keep those, drop these.
+        // The same bytes are stored already: keep those, drop these. Their age restarts, so collecting unreferenced
+        // blobs (on any instance) leaves them to the request about to link them.
+        await k.updateTable('blobs').set({ created_at: nowIso() }).where('sha256', '=', sha256).execute();
         if (wrote) await discard(uploadId);
       }
       return { sha256, bytes: total };

@@ -1,7 +1,7 @@
 import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { promisify } from 'node:util';
-import { mkdtempSync, readdirSync, rmSync, writeFileSync, mkdirSync } from 'node:fs';
+import { mkdtempSync, readdirSync, rmSync, utimesSync, writeFileSync, mkdirSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
@@ -48,7 +48,14 @@ const refusal = async (p: Promise<unknown>): Promise<string> => {
 type Backend = [
   string,
   'fs' | 'postgres',
-  () => Promise<{ store: BlobStore; url?: string; leftovers: () => number | Promise<number>; close: () => Promise<void> }>,
+  () => Promise<{
+    store: BlobStore;
+    url?: string;
+    leftovers: () => number | Promise<number>;
+    /** Leaves what an upload cut off by a crash an hour ago would have left. */
+    crashedUpload: () => Promise<void>;
+    close: () => Promise<void>;
+  }>,
 ];
 const backends: Backend[] = [
   [
@@ -59,6 +66,12 @@ const backends: Backend[] = [
       return {
         store: await createFsBlobStore(dir),
         leftovers: () => readdirSync(join(dir, 'tmp')).length,
+        crashedUpload: async () => {
+          const file = join(dir, 'tmp', 'cut-off-upload');
+          writeFileSync(file, Buffer.alloc(1000));
+          const hourAgo = new Date(Date.now() - 3_600_000);
+          utimesSync(file, hourAgo, hourAgo);
+        },
         close: async () => rmSync(dir, { recursive: true, force: true }),
       };
     },
@@ -85,6 +98,13 @@ if (pg) {
               .where('upload_id', 'not in', db.kysely.selectFrom('blobs').select('upload_id'))
               .execute()
           ).length,
+        crashedUpload: async () => {
+          const started = new Date(Date.now() - 3_600_000).toISOString();
+          await db.kysely
+            .insertInto('blob_chunks')
+            .values({ upload_id: `${started}_cutoff`, seq: 0, data: Buffer.alloc(1000) })
+            .execute();
+        },
         close: async () => {
           await db.close();
           await fresh.drop();
@@ -150,6 +170,22 @@ describe.each(backends)('blob store on %s', (_name, kind, make) => {
     expect(await refusal(ctx.store.put(slow, { maxBytes: 1024 * 1024 * 1024, signal: abort.signal }))).toBe('aborted');
     expect(await all(ctx.store)).toEqual([]);
     expect(await ctx.leftovers()).toBe(0);
+  });
+
+  test('what an upload cut off by a crash left is swept once older than the cut-off, and blobs list with their age', async () => {
+    await ctx.crashedUpload();
+    const doc = generated(1, 5);
+    const before = new Date(Date.now() - 1000);
+    await ctx.store.put(doc.stream(), { maxBytes: 10 * 1024 * 1024 });
+    expect(await ctx.store.sweepUnfinished(new Date(Date.now() - 2 * 3_600_000))).toBe(0);
+    expect(await ctx.leftovers()).toBe(1);
+    expect(await ctx.store.sweepUnfinished(new Date(Date.now() - 60_000))).toBe(1);
+    expect(await ctx.leftovers()).toBe(0);
+    const listed = [];
+    for await (const b of ctx.store.list()) listed.push(b);
+    expect(listed).toEqual([{ sha256: doc.sha256, storedAt: expect.any(Date) }]);
+    expect(listed[0].storedAt.getTime()).toBeGreaterThanOrEqual(before.getTime());
+    expect(await ctx.store.stat(doc.sha256)).toBe(doc.bytes);
   });
 });
 
