@@ -20,6 +20,7 @@ import { Poller } from './tracking';
 import { RetentionJob } from './retention';
 import { WebhookDispatcher, type WebhookDispatcherOptions } from './webhooks';
 import { Hl7ReturnDispatcher, type Hl7ReturnOptions } from './hl7return';
+import { consoleRouter } from './console';
 
 class Directory implements DestinationDirectory {
   private readonly map = new Map<string, Destination>();
@@ -178,6 +179,7 @@ export class Gateway {
       webhooksAdmin: webhooksAdminRouter(this.db),
       hl7ReturnAdmin: hl7ReturnAdminRouter(this.db),
       runRetention: () => this.retention.run(),
+      console: this.config.console.enabled ? this.consoleRouter() : undefined,
       doctor: {
         destinations: this.destinations,
         orphanedBinaries: async (destinationId) =>
@@ -207,6 +209,26 @@ export class Gateway {
       circuits: this.worker.circuitStates(),
     });
     setBacklogSource(this.backlogSource);
+  }
+
+  /** The browser console's router: the store, the report reader, destinations, circuits, poll status, the centres' FHIR clients. */
+  private consoleRouter(): ReturnType<typeof consoleRouter> {
+    return consoleRouter({
+      config: this.config,
+      db: this.db,
+      reports: { read: (referral) => this.readReport(referral) },
+      destinations: this.destinations,
+      circuits: () => this.worker.circuitStates(),
+      pollStatus: (id) => this.poller.status(id),
+      centre: (id) => {
+        const d = this.destinations.get(id);
+        return d ? this.clients.get(d) : undefined;
+      },
+      pollNow: (id) => {
+        const d = this.destinations.get(id);
+        if (d && !this.shuttingDown) void this.poller.pollDestination(d, { force: true });
+      },
+    });
   }
 
   /** The MLLP listener on HL7_MLLP_PORT; in development on 2575 unless that port is taken (then a warning, not a failure). */

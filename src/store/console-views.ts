@@ -1,0 +1,42 @@
+import type { ReferralStatus, StoredReferral } from '../model';
+import type { Db } from './db';
+import { LIGHT_COLUMNS, toLightReferral } from './referrals';
+
+// What the browser console lists: referrals across clients (the admin) or of one client, by status, destination,
+// creation date and external id, newest first, one keyset page at a time (indexes of migration 0013).
+
+export interface ConsoleListFilter {
+  /** Only this client's referrals (a client's session); undefined: every client's (the admin). */
+  clientId?: string;
+  status?: ReferralStatus;
+  destination?: string;
+  externalId?: string;
+  /** Created at or after / before these ISO times. */
+  createdFrom?: string;
+  createdBefore?: string;
+  limit: number;
+  /** The last row of the previous page. */
+  after?: { createdAt: string; id: string };
+}
+
+export async function consoleReferralPage(db: Db, f: ConsoleListFilter): Promise<{ items: StoredReferral[]; next?: { createdAt: string; id: string } }> {
+  let q = db.kysely.selectFrom('referrals').select(LIGHT_COLUMNS);
+  if (f.clientId !== undefined) q = q.where('client_id', '=', f.clientId);
+  if (f.status) q = q.where('status', '=', f.status);
+  if (f.destination) q = q.where('destination', '=', f.destination);
+  if (f.externalId) q = q.where('external_id', '=', f.externalId);
+  if (f.createdFrom) q = q.where('created_at', '>=', f.createdFrom);
+  if (f.createdBefore) q = q.where('created_at', '<', f.createdBefore);
+  if (f.after) {
+    const c = f.after;
+    q = q.where((eb) => eb.or([eb('created_at', '<', c.createdAt), eb.and([eb('created_at', '=', c.createdAt), eb('id', '<', c.id)])]));
+  }
+  const rows = await q
+    .orderBy('created_at', 'desc')
+    .orderBy('id', 'desc')
+    .limit(f.limit + 1)
+    .execute();
+  const items = rows.slice(0, f.limit).map((r) => toLightReferral(r));
+  const last = items[items.length - 1];
+  return { items, next: rows.length > f.limit && last ? { createdAt: last.createdAt, id: last.id } : undefined };
+}
