@@ -1,0 +1,160 @@
+import express from 'express';
+import { sql } from 'kysely';
+import request from 'supertest';
+import { loadConfig } from '../../src/config/config';
+import { consoleRouter, escapeHtml, html } from '../../src/console';
+import type { Gateway } from '../../src/gateway';
+import { ADMIN_KEY, fixture, KEY_A, KEY_B, startGateway } from '../helpers/gateway';
+
+// The console over plain HTTP (no browser): session expiry, production refusal and the Secure flag, the list's
+// filters and keyset paging, and the escaping every page relies on.
+
+describe('console sessions and lists', () => {
+  let gw: Gateway;
+
+  beforeAll(async () => {
+    gw = await startGateway({ CONSOLE_SESSION_IDLE_MINUTES: '5', CONSOLE_SESSION_MAX_HOURS: '1' });
+  });
+  afterAll(async () => {
+    await gw.stop();
+  });
+
+  async function signIn(key: string): Promise<string> {
+    const res = await fetch(`${gw.url}/console/sign-in`, { method: 'POST', body: new URLSearchParams({ key }), redirect: 'manual' });
+    expect(res.status).toBe(303);
+    return (res.headers.get('set-cookie') ?? '').split(';')[0];
+  }
+  const get = (path: string, cookie: string, headers: Record<string, string> = {}): Promise<Response> =>
+    fetch(`${gw.url}${path}`, { headers: { cookie, ...headers }, redirect: 'manual' });
+
+  async function submit(externalId: string, key = KEY_A): Promise<string> {
+    const res = await fetch(`${gw.url}/referrals`, {
+      method: 'POST',
+      headers: { Authorization: `Bearer ${key}`, 'Content-Type': 'application/json' },
+      body: JSON.stringify({ ...fixture(), externalId }),
+    });
+    expect(res.status).toBe(202);
+    return ((await res.json()) as { id: string }).id;
+  }
+
+  test('the store keeps only a hash of the session id; an idle session and one past its absolute lifetime end', async () => {
+    const cookie = await signIn(ADMIN_KEY);
+    const id = cookie.split('=')[1];
+    const rows = (await sql<{ id_hash: string; expires_at: string; created_at: string }>`select * from console_sessions`.execute(gw.db.kysely)).rows;
+    expect(rows.some((r) => r.id_hash === id)).toBe(false);
+    const row = rows[rows.length - 1];
+    expect(row.id_hash).toMatch(/^[0-9a-f]{64}$/);
+    expect(Date.parse(row.expires_at) - Date.parse(row.created_at)).toBe(3_600_000);
+    expect((await get('/console/referrals', cookie)).status).toBe(200);
+
+    // Idle for longer than CONSOLE_SESSION_IDLE_MINUTES: signed out, and an htmx poll is told where to go.
+    await sql`update console_sessions set last_seen_at = ${new Date(Date.now() - 6 * 60_000).toISOString()} where id_hash = ${row.id_hash}`.execute(
+      gw.db.kysely
+    );
+    const idle = await get('/console/referrals/rows', cookie, { 'HX-Request': 'true' });
+    expect(idle.status).toBe(401);
+    expect(idle.headers.get('hx-redirect')).toBe('/console/sign-in');
+    expect((await get('/console/referrals', cookie)).headers.get('location')).toBe('/console/sign-in');
+
+    // Active, but past the absolute lifetime.
+    const second = await signIn(KEY_A);
+    await sql`update console_sessions set expires_at = ${new Date(Date.now() - 1000).toISOString()} where last_seen_at = created_at`.execute(gw.db.kysely);
+    expect((await get('/console/referrals', second)).status).toBe(303);
+    expect((await sql<{ n: number }>`select count(*) as n from console_sessions`.execute(gw.db.kysely)).rows[0].n).toEqual(0);
+  });
+
+  test('sign-out ends the session on the server, not just in the browser', async () => {
+    const cookie = await signIn(KEY_A);
+    const page = await (await get('/console/referrals', cookie)).text();
+    const token = /name="_csrf" value="([^"]+)"/.exec(page)?.[1] as string;
+    const out = await fetch(`${gw.url}/console/sign-out`, {
+      method: 'POST',
+      headers: { cookie, 'Content-Type': 'application/x-www-form-urlencoded' },
+      body: new URLSearchParams({ _csrf: token }),
+      redirect: 'manual',
+    });
+    expect(out.status).toBe(303);
+    expect(out.headers.get('set-cookie')).toMatch(/rg_console=;.*Expires=Thu, 01 Jan 1970/);
+    expect((await get('/console/referrals', cookie)).status).toBe(303);
+  });
+
+  test('the list filters by status, destination, date range and external id, and pages by keyset without repeats or gaps', async () => {
+    const ids: string[] = [];
+    for (let i = 0; i < 55; i++) ids.push(await submit(`EHR-PAGE-${String(i).padStart(3, '0')}`));
+    const other = await submit('EHR-PAGE-OTHER', KEY_B);
+    const cookie = await signIn(KEY_A);
+    const rowIds = (text: string): string[] => [...text.matchAll(/data-referral="(ref_[0-9A-Z]+)"/g)].map((m) => m[1]);
+
+    const seen: string[] = [];
+    let path = '/console/referrals';
+    for (let pages = 0; pages < 10 && path; pages++) {
+      const text = await (await get(path, cookie)).text();
+      seen.push(...rowIds(text));
+      path = /rel="next" href="([^"]+)"/.exec(text)?.[1]?.replaceAll('&amp;', '&') ?? '';
+    }
+    expect(new Set(seen).size).toBe(seen.length);
+    expect(seen).toEqual(expect.arrayContaining(ids));
+    expect(seen).not.toContain(other);
+
+    const one = await (await get('/console/referrals?externalId=EHR-PAGE-007', cookie)).text();
+    expect(rowIds(one)).toEqual([ids[7]]);
+    const today = new Date().toISOString().slice(0, 10);
+    const dated = rowIds(await (await get(`/console/referrals?from=${today}&to=${today}&destination=sandbox`, cookie)).text());
+    expect(dated.length).toBe(50);
+    expect(rowIds(await (await get('/console/referrals?to=2000-01-01', cookie)).text())).toEqual([]);
+    expect(rowIds(await (await get('/console/referrals?status=cancelled', cookie)).text())).toEqual([]);
+    expect(rowIds(await (await get('/console/referrals?destination=elsewhere', cookie)).text())).toEqual([]);
+    // Bad filter values are ignored, never a 500.
+    expect((await get('/console/referrals?status=nonsense&from=yesterday&after=garbage', cookie)).status).toBe(200);
+  });
+
+  test('CONSOLE_ENABLED=false: no console at all', async () => {
+    const off = await startGateway({ CONSOLE_ENABLED: 'false' });
+    try {
+      expect((await fetch(`${off.url}/console/sign-in`)).status).toBe(404);
+    } finally {
+      await off.stop();
+    }
+  });
+
+  test('production: off unless CONSOLE_ENABLED=true, and then its cookie is Secure', async () => {
+    const env = {
+      NODE_ENV: 'production',
+      API_KEYS: 'city-hospital:city-hospital-key-0000000000001',
+      ADMIN_API_KEY: 'admin-key-000000000000000000001',
+      WEBHOOK_SECRET: 'a-webhook-secret-of-some-length',
+      FHIR_BASE_URL: 'https://centre.example/fhir/R4',
+      DATABASE_URL: 'sqlite::memory:',
+    };
+    expect(loadConfig(env).console.enabled).toBe(false);
+    const config = loadConfig({ ...env, CONSOLE_ENABLED: 'true' });
+    expect(config.console).toMatchObject({ enabled: true, centreDesk: false });
+    const app = express();
+    app.use(
+      '/console',
+      consoleRouter({
+        config,
+        db: gw.db,
+        reports: { read: () => Promise.reject(new Error('none')) },
+        destinations: { ids: () => [], get: () => undefined },
+        circuits: () => [],
+        pollStatus: () => ({ failures: 0 }),
+        centre: () => undefined,
+      })
+    );
+    const res = await request(app).post('/console/sign-in').type('form').send({ key: 'admin-key-000000000000000000001' });
+    expect(res.status).toBe(303);
+    expect(res.headers['set-cookie'][0]).toMatch(/; Path=\/console; .*HttpOnly; Secure; SameSite=Strict/);
+  });
+
+  test('every interpolated value is escaped', () => {
+    const evil = `"><script>alert(1)</script>'`;
+    expect(html`<p title="${evil}">${evil}</p>`.text).toBe(`<p title="${escapeHtml(evil)}">${escapeHtml(evil)}</p>`);
+    expect(html`${evil}`.text).not.toMatch(/[<>"']/);
+    expect(
+      html`<ul>
+        ${['a<b', html`<li>ok</li>`]}
+      </ul>`.text
+    ).toBe('<ul>a&lt;b<li>ok</li></ul>');
+  });
+});
