@@ -1,5 +1,5 @@
 import { defaultIntakeFormats, type IntakeRegistry } from './intake';
-import { once } from 'node:events';
+import { EventEmitter, once } from 'node:events';
 import type { Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { createApp } from './app';
@@ -81,6 +81,8 @@ export class Gateway {
   sandbox: SandboxRouter | undefined;
   /** The HL7 v2 MLLP listener, when HL7_MLLP_PORT is set (or defaulted in development). */
   mllp: MllpListener | undefined;
+  /** A referral's status changed in this process (delivery or polling): the console's open pages are answered at once. */
+  readonly statusChanges = new EventEmitter<{ change: [referralId: string] }>().setMaxListeners(0);
   private shuttingDown = false;
   private backlogSource: (() => Promise<Backlog>) | undefined;
   private readonly storeProbe: () => Promise<StoreProbeResult>;
@@ -117,7 +119,10 @@ export class Gateway {
         blobs: this.blobs,
         memory: { budget: this.memory, waitMs: config.intakeWaitMs },
       },
-      (e) => logger.debug('status change', { ...e })
+      (e) => {
+        logger.debug('status change', { ...e });
+        this.statusChanges.emit('change', e.referralId);
+      }
     );
     this.hl7Return = new Hl7ReturnDispatcher(this.db, { readReport: (referral) => this.readReport(referral) }, opts.hl7Return);
     // Work is queued by the store in the transaction that makes it due (a status change queues its webhook and HL7 v2
@@ -129,12 +134,18 @@ export class Gateway {
     };
     this.db.signals.on('queued', (queue) => wake[queue]());
     const defaultCron = config.pollCron ?? (config.useSandbox ? '*/10 * * * * *' : '*/5 * * * *');
-    this.poller = new Poller(this.db, this.destinations, this.adapters, {
-      cron: defaultCron,
-      overlapMs: opts.pollOverlapMs ?? 60_000,
-      pageSize: opts.pollPageSize ?? 100,
-      sweepEveryMs: opts.pollSweepEveryMs,
-    });
+    this.poller = new Poller(
+      this.db,
+      this.destinations,
+      this.adapters,
+      {
+        cron: defaultCron,
+        overlapMs: opts.pollOverlapMs ?? 60_000,
+        pageSize: opts.pollPageSize ?? 100,
+        sweepEveryMs: opts.pollSweepEveryMs,
+      },
+      (e) => this.statusChanges.emit('change', e.referralId)
+    );
     this.retention = new RetentionJob(this.db, config.retention, { collect: (now) => this.documents.collectUnreferenced(now) });
     this.documents = new DocumentIntake(this.db, this.blobs, {
       maxDocumentBytes: config.documents.maxDocumentBytes,
@@ -224,6 +235,8 @@ export class Gateway {
         const d = this.destinations.get(id);
         return d ? this.clients.get(d) : undefined;
       },
+      statusChanges: this.statusChanges,
+      isShuttingDown: () => this.shuttingDown,
       pollNow: (id) => {
         const d = this.destinations.get(id);
         if (d && !this.shuttingDown) void this.poller.pollDestination(d, { force: true });

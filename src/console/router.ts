@@ -1,4 +1,5 @@
 import { createHash } from 'node:crypto';
+import type { EventEmitter } from 'node:events';
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import busboy from 'busboy';
@@ -59,6 +60,9 @@ export interface ConsoleDeps {
   centre: (destination: string) => FhirClient | undefined;
   /** Asks for a poll of a destination now (after a desk action, as a subscription notification would). */
   pollNow?: (destination: string) => void;
+  /** Told of status changes made in this process: an open detail page waiting for one is answered at once. */
+  statusChanges?: EventEmitter<{ change: [referralId: string] }>;
+  isShuttingDown?: () => boolean;
 }
 
 interface Signed {
@@ -67,6 +71,8 @@ interface Signed {
 }
 
 const PAGE_SIZE = 50;
+/** How long a live request waits for a change before it is answered unchanged. */
+const LIVE_HOLD_MS = 10_000;
 const MAX_OPINION_BYTES = 20 * 1024 * 1024;
 const STATUS_SET = new Set<string>(referralStatuses);
 const DATE = /^\d{4}-\d{2}-\d{2}$/;
@@ -254,12 +260,53 @@ export function consoleRouter(deps: ConsoleDeps): Router {
     if (!referral) return;
     send(res, 200, detailPage(page(s, `Referral ${referral.externalId}`, 'referrals'), await detailArgs(referral, s, documentRows(referral))));
   });
+  // The live part of the detail page is long-polled: asked with the `updatedAt` it shows, it is answered as soon as
+  // the referral changes (at once for a change made in this process, else at the next look, every refresh period),
+  // or after LIVE_HOLD_MS unchanged (attempt counts and webhooks move without a status change); the answer asks again.
   r.get('/referrals/:id/live', async (req, res) => {
     const s = signed(res);
-    const referral = await visible(req, res, false);
+    let referral = await visible(req, res, false);
     if (!referral) return;
+    const since = typeof req.query.since === 'string' ? req.query.since : undefined;
+    if (since && referral.updatedAt === since) referral = (await waitForChange(referral, since, res)) ?? referral;
+    if (res.writableEnded || res.destroyed) return;
     send(res, 200, liveSection(await detailArgs(referral, s, [])));
   });
+  const waitForChange = (referral: StoredReferral, since: string, res: Response): Promise<StoredReferral | undefined> =>
+    new Promise((resolve) => {
+      let done = false;
+      let timer: NodeJS.Timeout | undefined;
+      const end = (value?: StoredReferral): void => {
+        if (done) return;
+        done = true;
+        clearTimeout(timer);
+        clearTimeout(hold);
+        deps.statusChanges?.off('change', onChange);
+        res.off('close', onClose);
+        resolve(value);
+      };
+      const look = async (): Promise<void> => {
+        if (done) return;
+        if (deps.isShuttingDown?.()) return end();
+        try {
+          const now = await getReferral(db, referral.id, { payload: false, clientId: referral.clientId });
+          if (!now || now.updatedAt !== since) return end(now ?? undefined);
+        } catch {
+          return end();
+        }
+        if (!done) timer = setTimeout(() => void look(), c.refreshMs);
+      };
+      const onChange = (id: string): void => {
+        if (id !== referral.id) return;
+        clearTimeout(timer);
+        void look();
+      };
+      const onClose = (): void => end();
+      const hold = setTimeout(() => end(), LIVE_HOLD_MS);
+      deps.statusChanges?.on('change', onChange);
+      res.on('close', onClose);
+      timer = setTimeout(() => void look(), c.refreshMs);
+    });
   r.post('/referrals/:id/identity', async (req, res) => {
     const s = signed(res);
     const referral = await visible(req, res, true);

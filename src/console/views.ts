@@ -234,7 +234,17 @@ function fhirLink(baseUrl: string, ref: string | undefined): Html {
 /** The part of the detail page that changes as the referral moves: polled every refresh period. */
 export function liveSection(a: DetailArgs): Html {
   const r = a.referral;
-  return html`<section id="live" hx-get="/console/referrals/${r.id}/live" hx-trigger="every ${String(a.refreshMs)}ms" hx-swap="outerHTML" aria-live="polite">
+  // Long-polled: the request waits on the server until the referral changes; each answer asks again. If a request
+  // fails, the slow timer asks again later.
+  const since = encodeURIComponent(r.updatedAt);
+  return html`<section
+    id="live"
+    hx-get="/console/referrals/${r.id}/live?since=${since}"
+    hx-trigger="load delay:10ms, every ${String(Math.max(a.refreshMs * 15, 15_000))}ms"
+    hx-sync="this:drop"
+    hx-swap="outerHTML"
+    aria-live="polite"
+  >
     <h2>Status</h2>
     <p class="status-line">${statusBadge(r.status)} ${r.statusReason ? html`<span class="reason">${r.statusReason}</span>` : ''}</p>
     ${
