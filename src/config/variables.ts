@@ -439,7 +439,9 @@ export const variables = {
   },
   CONSOLE_REFRESH_SECONDS: {
     schema: z.coerce.number().int().min(1).max(300).default(1),
-    doc: 'how often an open console page asks for fresh statuses (htmx polling)',
+    doc:
+      "how often the console's list and destinations pages refresh (htmx polling); an open referral's page waits on the server for its next change, " +
+      'looked for this often (at once when this instance made it)',
   },
   CONSOLE_CENTRE_DESK: {
     schema: z.enum(['true', 'false'], { message: 'must be true or false' }).optional(),
