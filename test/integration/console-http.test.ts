@@ -4,7 +4,9 @@ import request from 'supertest';
 import { loadConfig } from '../../src/config/config';
 import { consoleRouter, escapeHtml, html } from '../../src/console';
 import type { Gateway } from '../../src/gateway';
-import { ADMIN_KEY, fixture, KEY_A, KEY_B, startGateway } from '../helpers/gateway';
+import type { Task } from '@medplum/fhirtypes';
+import { getReferral } from '../../src/store';
+import { ADMIN_KEY, eventually, fixture, KEY_A, KEY_B, startGateway } from '../helpers/gateway';
 
 // The console over plain HTTP (no browser): session expiry, production refusal and the Secure flag, the list's
 // filters and keyset paging, and the escaping every page relies on.
@@ -145,6 +147,62 @@ describe('console sessions and lists', () => {
     const res = await request(app).post('/console/sign-in').type('form').send({ key: 'admin-key-000000000000000000001' });
     expect(res.status).toBe(303);
     expect(res.headers['set-cookie'][0]).toMatch(/; Path=\/console; .*HttpOnly; Secure; SameSite=Strict/);
+  });
+
+  test('centre desk: reject needs a reason and lands at the centre; a step the Task state machine does not allow is 409; only a PDF completes; a multipart post without the token is 403', async () => {
+    const id = await submit('EHR-DESK-1');
+    const cookie = await signIn(ADMIN_KEY);
+    const task = (await eventually(async () => {
+      const r = await getReferral(gw.db, id, { payload: false });
+      return r?.status === 'sent' ? r.fhir?.task : undefined;
+    })) as string;
+    const taskId = task.split('/')[1];
+    const page = await (await get(`/console/desk/sandbox/tasks/${taskId}`, cookie)).text();
+    expect(page).toContain('Malignant neoplasm');
+    const token = /name="_csrf" value="([^"]+)"/.exec(page)?.[1] as string;
+    const post = (action: string, body: URLSearchParams | FormData): Promise<Response> =>
+      fetch(`${gw.url}/console/desk/sandbox/tasks/${taskId}/${action}`, { method: 'POST', headers: { cookie }, body, redirect: 'manual' });
+    const centreTask = async (): Promise<Task> => (await (await fetch(`${gw.url}/sandbox/fhir/R4/${task}`)).json()) as Task;
+
+    // Complete is not allowed from requested; an upload without the token is refused before anything is read into FHIR.
+    const noToken = new FormData();
+    noToken.set('file', new Blob(['%PDF-1.4 x'], { type: 'application/pdf' }), 'opinion.pdf');
+    expect((await post('complete', noToken)).status).toBe(403);
+    const early = new FormData();
+    early.set('_csrf', token);
+    early.set('file', new Blob(['%PDF-1.4 x'], { type: 'application/pdf' }), 'opinion.pdf');
+    expect((await post('complete', early)).status).toBe(409);
+    expect((await centreTask()).status).toBe('requested');
+
+    expect((await post('reject', new URLSearchParams({ _csrf: token, reason: '' }))).status).toBe(422);
+    const rejected = await post('reject', new URLSearchParams({ _csrf: token, reason: 'Outside our remit' }));
+    expect(rejected.status).toBe(303);
+    const t = await centreTask();
+    expect(t).toMatchObject({ status: 'rejected', statusReason: { text: 'Outside our remit' } });
+    // The gateway polls the destination after a desk change: the referrer sees the rejection with its reason.
+    const after = await eventually(async () => {
+      const r = await getReferral(gw.db, id, { payload: false });
+      return r?.status === 'rejected' ? r : undefined;
+    });
+    expect(after.statusReason).toContain('Outside our remit');
+    expect((await post('accept', new URLSearchParams({ _csrf: token }))).status).toBe(409);
+
+    // Another referral, accepted and started: a file that is not a PDF does not complete it.
+    const id2 = await submit('EHR-DESK-2');
+    const task2 = (await eventually(async () => {
+      const r = await getReferral(gw.db, id2, { payload: false });
+      return r?.status === 'sent' ? r.fhir?.task : undefined;
+    })) as string;
+    const post2 = (action: string, body: URLSearchParams | FormData): Promise<Response> =>
+      fetch(`${gw.url}/console/desk/sandbox/tasks/${task2.split('/')[1]}/${action}`, { method: 'POST', headers: { cookie }, body, redirect: 'manual' });
+    expect((await post2('accept', new URLSearchParams({ _csrf: token }))).status).toBe(303);
+    expect((await post2('start', new URLSearchParams({ _csrf: token }))).status).toBe(303);
+    const notPdf = new FormData();
+    notPdf.set('_csrf', token);
+    notPdf.set('file', new Blob(['<html>not a pdf</html>'], { type: 'application/pdf' }), 'opinion.pdf');
+    expect((await post2('complete', notPdf)).status).toBe(422);
+    expect((await post2('hold', new URLSearchParams({ _csrf: token, reason: 'waiting for slides' }))).status).toBe(303);
+    expect(((await (await fetch(`${gw.url}/sandbox/fhir/R4/${task2}`)).json()) as Task).status).toBe('on-hold');
   });
 
   test('every interpolated value is escaped', () => {
