@@ -29,7 +29,9 @@ export async function consoleReferralPage(db: Db, f: ConsoleListFilter): Promise
   if (f.createdBefore) q = q.where('created_at', '<', f.createdBefore);
   if (f.after) {
     const c = f.after;
-    q = q.where((eb) => eb.or([eb('created_at', '<', c.createdAt), eb.and([eb('created_at', '=', c.createdAt), eb('id', '<', c.id)])]));
+    // A row-value comparison: SQLite and PostgreSQL both seek the (created_at, id) index to it (an OR of the two
+    // conditions made SQLite walk the index from the top).
+    q = q.where((eb) => eb(eb.refTuple('created_at', 'id'), '<', eb.tuple(c.createdAt, c.id)));
   }
   const rows = await q
     .orderBy('created_at', 'desc')
