@@ -93,14 +93,32 @@ export function consoleRouter(deps: ConsoleDeps): Router {
     apiKeys: config.apiKeys,
     adminKey: config.adminApiKey,
   });
+  const failures = new FailedSignIns();
   const htmx = readFileSync(htmxPath);
   const css = readFileSync(cssPath);
   const r = Router();
 
+  // The console's own policy, stricter than the gateway's: no inline style either (htmx's indicator styles are off),
+  // never framed; insecure requests upgraded only in production (a development console on a LAN address is plain HTTP).
+  const csp = [
+    "default-src 'self'",
+    "base-uri 'none'",
+    "form-action 'self'",
+    "frame-ancestors 'none'",
+    "img-src 'self' data:",
+    "object-src 'none'",
+    "script-src 'self'",
+    "script-src-attr 'none'",
+    "style-src 'self'",
+    "connect-src 'self'",
+    ...(config.nodeEnv === 'production' ? ['upgrade-insecure-requests'] : []),
+  ].join('; ');
   r.use((_req, res, next) => {
     // Pages hold referral data: never cached; their URLs never sent as a Referer to another site (FHIR links).
     res.setHeader('Cache-Control', 'no-store');
     res.setHeader('Referrer-Policy', 'same-origin');
+    res.setHeader('Content-Security-Policy', csp);
+    res.setHeader('X-Frame-Options', 'DENY');
     next();
   });
   r.get('/assets/htmx.min.js', (_req, res) => {
@@ -124,9 +142,15 @@ export function consoleRouter(deps: ConsoleDeps): Router {
   r.get('/sign-in', (_req, res) => send(res, 200, signInPage()));
   r.post('/sign-in', async (req, res) => {
     if (crossSite(req)) return send(res, 403, signInPage('Sign-in from another site is refused.'));
+    const address = req.socket.remoteAddress ?? 'unknown';
+    if (failures.blocked(address)) {
+      res.setHeader('Retry-After', String(Math.ceil(SIGN_IN_WINDOW_MS / 1000)));
+      return send(res, 429, signInPage('Too many failed sign-ins from this address: wait a minute.'));
+    }
     const key = typeof req.body?.key === 'string' ? (req.body.key as string) : '';
     const who = key ? whoseKey(key, { apiKeys: config.apiKeys, adminKey: config.adminApiKey }) : undefined;
     if (!who) {
+      failures.add(address);
       logger.info('console sign-in refused');
       return send(res, 401, signInPage('That key is not valid.'));
     }
@@ -513,6 +537,30 @@ export function consoleRouter(deps: ConsoleDeps): Router {
   });
 
   return r;
+}
+
+const SIGN_IN_WINDOW_MS = 60_000;
+const SIGN_IN_MAX_FAILURES = 10;
+
+/** Failed sign-ins by remote address in the last minute: past SIGN_IN_MAX_FAILURES, that address waits (429). */
+class FailedSignIns {
+  private readonly byAddress = new Map<string, number[]>();
+
+  private recent(address: string, now: number): number[] {
+    const list = (this.byAddress.get(address) ?? []).filter((t) => now - t < SIGN_IN_WINDOW_MS);
+    if (list.length) this.byAddress.set(address, list);
+    else this.byAddress.delete(address);
+    return list;
+  }
+
+  blocked(address: string, now = Date.now()): boolean {
+    return this.recent(address, now).length >= SIGN_IN_MAX_FAILURES;
+  }
+
+  add(address: string, now = Date.now()): void {
+    if (this.byAddress.size > 10_000) this.byAddress.clear();
+    this.byAddress.set(address, [...this.recent(address, now), now]);
+  }
 }
 
 const NOTICES: Record<string, string> = {

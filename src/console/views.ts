@@ -16,7 +16,14 @@ export interface Page {
 }
 
 /** htmx keeps no page snapshots in browser storage (they would hold referral data), evaluates nothing, talks only to this origin. */
-const HTMX_CONFIG = JSON.stringify({ historyEnabled: false, historyCacheSize: 0, allowEval: false, allowScriptTags: false, selfRequestsOnly: true });
+const HTMX_CONFIG = JSON.stringify({
+  historyEnabled: false,
+  historyCacheSize: 0,
+  allowEval: false,
+  allowScriptTags: false,
+  selfRequestsOnly: true,
+  includeIndicatorStyles: false,
+});
 
 export function layout(p: Page, body: Html): Html {
   const nav = p.who

@@ -20,6 +20,8 @@ describe('the browser console', () => {
   let browser: Browser;
   const contexts: BrowserContext[] = [];
   const urls: string[] = [];
+  /** Errors in the pages' consoles (a Content-Security-Policy violation shows there). */
+  const pageErrors: string[] = [];
   const capture = new LogCapture({ level: 'info' });
   let referralId = '';
 
@@ -46,6 +48,10 @@ describe('the browser console', () => {
     contexts.push(context);
     const page = await context.newPage();
     page.on('request', (r) => urls.push(r.url()));
+    page.on('console', (m) => {
+      if (m.type() === 'error') pageErrors.push(m.text());
+    });
+    page.on('pageerror', (e) => pageErrors.push(e.message));
     await page.goto(`${gw.url}/console/sign-in`);
     await page.getByLabel('API key or admin key').fill(key);
     await page.getByRole('button', { name: 'Sign in' }).click();
@@ -208,6 +214,10 @@ describe('the browser console', () => {
     await page.getByRole('button', { name: 'Show patient identity' }).click();
     await page.locator('#identity', { hasText: 'Asha Rao' }).waitFor();
     expect(await consoleAuditOf(gw.db, mine)).toEqual([expect.objectContaining({ actor: 'client:other-clinic' })]);
+  });
+
+  test('the pages ran without a script error or a Content-Security-Policy violation', () => {
+    expect(pageErrors.filter((e) => !/status of 40[34]/.test(e))).toEqual([]);
   });
 
   test('no patient data in any URL the browser asked for, nor in any log line', () => {

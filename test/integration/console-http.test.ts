@@ -147,6 +147,25 @@ describe('console sessions and lists', () => {
     const res = await request(app).post('/console/sign-in').type('form').send({ key: 'admin-key-000000000000000000001' });
     expect(res.status).toBe(303);
     expect(res.headers['set-cookie'][0]).toMatch(/; Path=\/console; .*HttpOnly; Secure; SameSite=Strict/);
+    const page = await request(app).get('/console/sign-in');
+    expect(page.headers['content-security-policy']).toContain("frame-ancestors 'none'");
+    expect(page.headers['content-security-policy']).toContain('upgrade-insecure-requests');
+    expect(page.headers['cache-control']).toBe('no-store');
+
+    // Guessing keys: after 10 failures in a minute from one address, even the right key waits.
+    for (let i = 0; i < 10; i++) {
+      expect(
+        (
+          await request(app)
+            .post('/console/sign-in')
+            .type('form')
+            .send({ key: `guess-${i}` })
+        ).status
+      ).toBe(401);
+    }
+    const blocked = await request(app).post('/console/sign-in').type('form').send({ key: 'admin-key-000000000000000000001' });
+    expect(blocked.status).toBe(429);
+    expect(blocked.headers['retry-after']).toBe('60');
   });
 
   test('centre desk: reject needs a reason and lands at the centre; a step the Task state machine does not allow is 409; only a PDF completes; a multipart post without the token is 403', async () => {
@@ -159,6 +178,11 @@ describe('console sessions and lists', () => {
     const taskId = task.split('/')[1];
     const page = await (await get(`/console/desk/sandbox/tasks/${taskId}`, cookie)).text();
     expect(page).toContain('Malignant neoplasm');
+    // The referral's pathology report (inline in the submission) downloads from the centre, byte for byte.
+    const docLink = /href="(\/console\/desk\/sandbox\/documents\/[^"]+)" download\s*>Core biopsy pathology report/.exec(page)?.[1] as string;
+    const doc = await get(docLink, cookie);
+    expect(doc.headers.get('content-type')).toBe('application/pdf');
+    expect(Buffer.from(await doc.arrayBuffer()).equals(Buffer.from(fixture().documents[0].data as string, 'base64'))).toBe(true);
     const token = /name="_csrf" value="([^"]+)"/.exec(page)?.[1] as string;
     const post = (action: string, body: URLSearchParams | FormData): Promise<Response> =>
       fetch(`${gw.url}/console/desk/sandbox/tasks/${taskId}/${action}`, { method: 'POST', headers: { cookie }, body, redirect: 'manual' });
