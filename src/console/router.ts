@@ -475,7 +475,11 @@ export function consoleRouter(deps: ConsoleDeps): Router {
     if (!FHIR_ID.test(taskId)) return send(res, 404, errorPage(page(s, 'Not found'), 404, 'No such Task.'));
     try {
       const notice = typeof req.query.notice === 'string' ? noticeText(req.query.notice) : undefined;
-      send(res, 200, deskTaskPage(page(s, `Task/${taskId}`, 'desk'), String(req.params.dest), await centreReferral(client, taskId), notice));
+      const centre = await centreReferral(client, taskId);
+      // The desk shows the patient as the centre holds it: each view is audited like "Show patient identity".
+      const referralId = (centre.task.identifier ?? []).map((i) => i.value).find((v) => v !== undefined && REFERRAL_ID.test(v)) ?? `Task/${taskId}`;
+      await recordConsoleAudit(db, { at: new Date().toISOString(), actor: actorOf(s.who), action: 'centre-desk-view', referralId });
+      send(res, 200, deskTaskPage(page(s, `Task/${taskId}`, 'desk'), String(req.params.dest), centre, notice));
     } catch (err) {
       send(res, 502, errorPage(page(s, 'Refused'), 502, `The centre's server did not give the Task: ${(err as Error).message}`));
     }

@@ -5,7 +5,7 @@ import { loadConfig } from '../../src/config/config';
 import { consoleRouter, escapeHtml, html } from '../../src/console';
 import type { Gateway } from '../../src/gateway';
 import type { Task } from '@medplum/fhirtypes';
-import { getReferral } from '../../src/store';
+import { consoleAuditOf, getReferral } from '../../src/store';
 import { ADMIN_KEY, eventually, fixture, KEY_A, KEY_B, startGateway } from '../helpers/gateway';
 
 // The console over plain HTTP (no browser): session expiry, production refusal and the Secure flag, the list's
@@ -63,6 +63,11 @@ describe('console sessions and lists', () => {
     await sql`update console_sessions set expires_at = ${new Date(Date.now() - 1000).toISOString()} where last_seen_at = created_at`.execute(gw.db.kysely);
     expect((await get('/console/referrals', second)).status).toBe(303);
     expect((await sql<{ n: number }>`select count(*) as n from console_sessions`.execute(gw.db.kysely)).rows[0].n).toEqual(0);
+  });
+
+  test('/console sends a visitor to sign in, and a signed-in one to the referrals', async () => {
+    expect((await fetch(`${gw.url}/console`, { redirect: 'manual' })).headers.get('location')).toBe('/console/sign-in');
+    expect((await get('/console/', await signIn(KEY_A))).headers.get('location')).toBe('/console/referrals');
   });
 
   test('sign-out ends the session on the server, not just in the browser', async () => {
@@ -178,6 +183,8 @@ describe('console sessions and lists', () => {
     const taskId = task.split('/')[1];
     const page = await (await get(`/console/desk/sandbox/tasks/${taskId}`, cookie)).text();
     expect(page).toContain('Malignant neoplasm');
+    // Viewing the patient on the desk is audited against the referral.
+    expect(await consoleAuditOf(gw.db, id)).toEqual([expect.objectContaining({ actor: 'admin', action: 'centre-desk-view' })]);
     // The referral's pathology report (inline in the submission) downloads from the centre, byte for byte.
     const docLink = /href="(\/console\/desk\/sandbox\/documents\/[^"]+)" download\s*>Core biopsy pathology report/.exec(page)?.[1] as string;
     const doc = await get(docLink, cookie);
