@@ -19,7 +19,7 @@ import {
   getWatermark,
   hl7ReturnQueue,
   leasedQueue,
-  openAtDestination,
+  openCountAt,
   recordConsoleAudit,
   referralHistory,
   webhookQueue,
@@ -419,7 +419,7 @@ export function consoleRouter(deps: ConsoleDeps): Router {
           failures: poll.failures,
           lastError: poll.lastError,
           nextAttemptAt: poll.nextAttemptAt,
-          openReferrals: (await openAtDestination(db, id)).length,
+          openReferrals: await openCountAt(db, id),
         } satisfies DestinationRow;
       })
     );

@@ -386,7 +386,7 @@ export function detailPage(p: Page, a: DetailArgs): Html {
       </dl>
       <section id="identity" aria-labelledby="identity-h">
         <h2 id="identity-h">Patient</h2>
-        <p><span class="masked" aria-label="hidden">•••• ••••, born ••••-••-••</span></p>
+        <p><span class="masked" aria-hidden="true">•••• ••••, born ••••-••-••</span><span class="visually-hidden">Name and birth date hidden.</span></p>
         <button type="button" hx-post="/console/referrals/${r.id}/identity" hx-target="#identity" hx-swap="outerHTML">Show patient identity</button>
         <p class="hint">Showing it is written to the audit log (who, when, which referral).</p>
       </section>

@@ -42,3 +42,14 @@ export async function consoleReferralPage(db: Db, f: ConsoleListFilter): Promise
   const last = items[items.length - 1];
   return { items, next: rows.length > f.limit && last ? { createdAt: last.createdAt, id: last.id } : undefined };
 }
+
+/** How many referrals at a destination the centre may still change (the destinations view counts them each refresh). */
+export async function openCountAt(db: Db, destination: string): Promise<number> {
+  const row = await db.kysely
+    .selectFrom('referrals')
+    .select((eb) => eb.fn.countAll<number | string>().as('n'))
+    .where('destination', '=', destination)
+    .where('status', 'in', ['sent', 'received', 'accepted', 'on-hold', 'in-progress'])
+    .executeTakeFirst();
+  return Number(row?.n ?? 0);
+}

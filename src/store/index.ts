@@ -51,4 +51,4 @@ export {
   type ConsoleRole,
   type ConsoleSession,
 } from './console-sessions';
-export { consoleReferralPage, type ConsoleListFilter } from './console-views';
+export { consoleReferralPage, openCountAt, type ConsoleListFilter } from './console-views';

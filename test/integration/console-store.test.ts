@@ -5,6 +5,7 @@ import {
   createConsoleSession,
   deleteExpiredConsoleSessions,
   findConsoleSession,
+  openCountAt,
   recordConsoleAudit,
   touchConsoleSession,
 } from '../../src/store';
@@ -66,6 +67,9 @@ describe.each(storeBackends())('console store on %s', (_name, open) => {
     const sent = await consoleReferralPage(db, { limit: 50, status: 'sent' });
     expect(sent.items.map((r) => r.id).filter((id) => ids.includes(id))).toEqual([ids[6], ids[4], ids[2], ids[0]]);
     expect((await consoleReferralPage(db, { limit: 50, clientId: 'nobody' })).items).toEqual([]);
+    // The destinations view's count of referrals still open at the centre: the four sent ones.
+    expect(await openCountAt(db, 'sandbox')).toBe(4);
+    expect(await openCountAt(db, 'elsewhere')).toBe(0);
   });
 
   test('the audit log keeps who showed which referral, and when', async () => {
