@@ -2,6 +2,7 @@ import express from 'express';
 import { sql } from 'kysely';
 import request from 'supertest';
 import { loadConfig } from '../../src/config/config';
+import { destinationSchema } from '../../src/config';
 import { consoleRouter, escapeHtml, html } from '../../src/console';
 import type { Gateway } from '../../src/gateway';
 import type { Task } from '@medplum/fhirtypes';
@@ -234,6 +235,31 @@ describe('console sessions and lists', () => {
     expect((await post2('complete', notPdf)).status).toBe(422);
     expect((await post2('hold', new URLSearchParams({ _csrf: token, reason: 'waiting for slides' }))).status).toBe(303);
     expect(((await (await fetch(`${gw.url}/sandbox/fhir/R4/${task2}`)).json()) as Task).status).toBe('on-hold');
+  });
+
+  test('destinations: a centre that cannot be polled shows its errors in a row, the sandbox its last poll and lag', async () => {
+    // A referral open at a centre that is down, so its poll has something to ask.
+    const id = await submit('EHR-DOWN-1');
+    await eventually(async () => (await getReferral(gw.db, id, { payload: false }))?.status === 'sent');
+    gw.destinations.add(
+      destinationSchema.parse({
+        id: 'down-centre',
+        name: 'Down centre',
+        organization: { system: 'https://referral-gateway.dev/fhir/sid/destination', value: 'down' },
+        baseUrl: 'http://127.0.0.1:9/fhir/R4',
+        timeoutMs: 500,
+      })
+    );
+    await sql`update referrals set destination = 'down-centre' where id = ${id}`.execute(gw.db.kysely);
+    await gw.poller.pollOnce({ force: true });
+    await gw.poller.pollOnce({ force: true });
+    const cookie = await signIn(ADMIN_KEY);
+    const text = await (await get('/console/destinations/rows', cookie)).text();
+    const rows = new Map([...text.matchAll(/<tr data-destination="([^"]+)">([\s\S]*?)<\/tr>/g)].map((m) => [m[1], m[2]]));
+    const row = (id: string): string => rows.get(id) ?? '';
+    expect(row('down-centre')).toMatch(/2 in a row: .*next try/);
+    expect(row('sandbox')).toMatch(/\d{4}-\d{2}-\d{2}T/);
+    expect(row('sandbox')).not.toContain('in a row');
   });
 
   test('every interpolated value is escaped', () => {
