@@ -33,7 +33,12 @@ export interface WaitingTask {
 
 /** Tasks still open at a destination, most recently changed first. */
 export async function waitingTasks(client: FhirClient, destination: string, max = 50): Promise<WaitingTask[]> {
-  const bundle = await client.search<Task>('Task', { status: OPEN_TASK_STATUSES.join(','), _sort: '-_lastUpdated', _count: String(max) });
+  // A centre that does not answer within 5 s is shown as an error on the desk, not a page that hangs.
+  const bundle = await client.search<Task>(
+    'Task',
+    { status: OPEN_TASK_STATUSES.join(','), _sort: '-_lastUpdated', _count: String(max) },
+    { signal: AbortSignal.timeout(5_000) }
+  );
   return (bundle.entry ?? [])
     .map((e) => e.resource)
     .filter((t): t is Task => t?.resourceType === 'Task' && (OPEN_TASK_STATUSES as readonly string[]).includes(t.status))
