@@ -89,8 +89,12 @@ describe('the browser console', () => {
     await anonymous.goto(`${gw.url}/console/referrals`);
     expect(anonymous.url()).toBe(`${gw.url}/console/sign-in`);
     await view(anonymous, 'sign-in');
-    await anonymous.getByLabel('API key or admin key').fill('not-a-key-at-all');
-    await anonymous.getByRole('button', { name: 'Sign in' }).click();
+    // By keyboard alone: Tab to the key field, type, Enter.
+    for (let i = 0; i < 5 && (await anonymous.evaluate('document.activeElement && document.activeElement.id')) !== 'key'; i++)
+      {await anonymous.keyboard.press('Tab');}
+    expect(await anonymous.evaluate('document.activeElement.id')).toBe('key');
+    await anonymous.keyboard.type('not-a-key-at-all');
+    await anonymous.keyboard.press('Enter');
     await anonymous.getByRole('alert').waitFor();
     expect(await anonymous.getByRole('alert').textContent()).toContain('not valid');
     await anonymous.close();
