@@ -90,8 +90,9 @@ describe('the browser console', () => {
     expect(anonymous.url()).toBe(`${gw.url}/console/sign-in`);
     await view(anonymous, 'sign-in');
     // By keyboard alone: Tab to the key field, type, Enter.
-    for (let i = 0; i < 5 && (await anonymous.evaluate('document.activeElement && document.activeElement.id')) !== 'key'; i++)
-      {await anonymous.keyboard.press('Tab');}
+    for (let i = 0; i < 5 && (await anonymous.evaluate('document.activeElement && document.activeElement.id')) !== 'key'; i++) {
+      await anonymous.keyboard.press('Tab');
+    }
     expect(await anonymous.evaluate('document.activeElement.id')).toBe('key');
     await anonymous.keyboard.type('not-a-key-at-all');
     await anonymous.keyboard.press('Enter');
