@@ -51,6 +51,8 @@ export interface AppDeps {
   runRetention?: () => Promise<RetentionRun>;
   /** The destination doctor (GET /admin/destinations/:id/doctor): the destinations and the store's lost raw Binary uploads. */
   doctor?: AdminDoctorDeps;
+  /** The browser console (src/console), mounted at /console when CONSOLE_ENABLED allows it. */
+  console?: Router;
 }
 
 /** The HTTP composition root: headers, parsers, routers and the one error handler. */
@@ -81,6 +83,10 @@ export function createApp(deps: AppDeps): Express {
   });
 
   app.use(openapiRouter());
+
+  if (deps.console) {
+    app.use('/console', deps.console);
+  }
 
   if (deps.sandbox) {
     app.use(SANDBOX_PATH, deps.sandbox);

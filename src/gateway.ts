@@ -1,5 +1,5 @@
 import { defaultIntakeFormats, type IntakeRegistry } from './intake';
-import { once } from 'node:events';
+import { EventEmitter, once } from 'node:events';
 import type { Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { createApp } from './app';
@@ -20,6 +20,7 @@ import { Poller } from './tracking';
 import { RetentionJob } from './retention';
 import { WebhookDispatcher, type WebhookDispatcherOptions } from './webhooks';
 import { Hl7ReturnDispatcher, type Hl7ReturnOptions, reportBytesWithin } from './hl7return';
+import { consoleRouter } from './console';
 
 class Directory implements DestinationDirectory {
   private readonly map = new Map<string, Destination>();
@@ -80,6 +81,8 @@ export class Gateway {
   sandbox: SandboxRouter | undefined;
   /** The HL7 v2 MLLP listener, when HL7_MLLP_PORT is set (or defaulted in development). */
   mllp: MllpListener | undefined;
+  /** A referral's status changed in this process (delivery or polling): the console's open pages are answered at once. */
+  readonly statusChanges = new EventEmitter<{ change: [referralId: string] }>().setMaxListeners(0);
   private shuttingDown = false;
   private backlogSource: (() => Promise<Backlog>) | undefined;
   private readonly storeProbe: () => Promise<StoreProbeResult>;
@@ -116,7 +119,10 @@ export class Gateway {
         blobs: this.blobs,
         memory: { budget: this.memory, waitMs: config.intakeWaitMs },
       },
-      (e) => logger.debug('status change', { ...e })
+      (e) => {
+        logger.debug('status change', { ...e });
+        this.statusChanges.emit('change', e.referralId);
+      }
     );
     this.hl7Return = new Hl7ReturnDispatcher(
       this.db,
@@ -132,12 +138,18 @@ export class Gateway {
     };
     this.db.signals.on('queued', (queue) => wake[queue]());
     const defaultCron = config.pollCron ?? (config.useSandbox ? '*/10 * * * * *' : '*/5 * * * *');
-    this.poller = new Poller(this.db, this.destinations, this.adapters, {
-      cron: defaultCron,
-      overlapMs: opts.pollOverlapMs ?? 60_000,
-      pageSize: opts.pollPageSize ?? 100,
-      sweepEveryMs: opts.pollSweepEveryMs,
-    });
+    this.poller = new Poller(
+      this.db,
+      this.destinations,
+      this.adapters,
+      {
+        cron: defaultCron,
+        overlapMs: opts.pollOverlapMs ?? 60_000,
+        pageSize: opts.pollPageSize ?? 100,
+        sweepEveryMs: opts.pollSweepEveryMs,
+      },
+      (e) => this.statusChanges.emit('change', e.referralId)
+    );
     this.retention = new RetentionJob(this.db, config.retention, { collect: (now) => this.documents.collectUnreferenced(now) });
     this.documents = new DocumentIntake(this.db, this.blobs, {
       maxDocumentBytes: config.documents.maxDocumentBytes,
@@ -182,6 +194,7 @@ export class Gateway {
       webhooksAdmin: webhooksAdminRouter(this.db),
       hl7ReturnAdmin: hl7ReturnAdminRouter(this.db),
       runRetention: () => this.retention.run(),
+      console: this.config.console.enabled ? this.consoleRouter() : undefined,
       doctor: {
         destinations: this.destinations,
         orphanedBinaries: async (destinationId) =>
@@ -211,6 +224,28 @@ export class Gateway {
       circuits: this.worker.circuitStates(),
     });
     setBacklogSource(this.backlogSource);
+  }
+
+  /** The browser console's router: the store, the report reader, destinations, circuits, poll status, the centres' FHIR clients. */
+  private consoleRouter(): ReturnType<typeof consoleRouter> {
+    return consoleRouter({
+      config: this.config,
+      db: this.db,
+      reports: { read: (referral, o) => this.readReport(referral, o) },
+      destinations: this.destinations,
+      circuits: () => this.worker.circuitStates(),
+      pollStatus: (id) => this.poller.status(id),
+      centre: (id) => {
+        const d = this.destinations.get(id);
+        return d ? this.clients.get(d) : undefined;
+      },
+      statusChanges: this.statusChanges,
+      isShuttingDown: () => this.shuttingDown,
+      pollNow: (id) => {
+        const d = this.destinations.get(id);
+        if (d && !this.shuttingDown) void this.poller.pollDestination(d, { force: true });
+      },
+    });
   }
 
   /** The MLLP listener on HL7_MLLP_PORT; in development on 2575 unless that port is taken (then a warning, not a failure). */

@@ -63,6 +63,8 @@ export interface Config {
   retention: { documentDays: number; referralDays: number; cron: string };
   /** The built-in sandbox's server profile and trait overrides (SANDBOX_PROFILE, SANDBOX_TRAITS). */
   sandbox: { profile: 'default' | 'medplum' | 'hapi' | 'strict'; traits?: string };
+  /** The browser console (src/console): served or not, session idle and absolute lifetimes, refresh period, centre desk. */
+  console: { enabled: boolean; sessionIdleMs: number; sessionMaxMs: number; refreshMs: number; centreDesk: boolean };
 }
 
 /**
@@ -249,6 +251,13 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     },
     retention: { documentDays: e.DOCUMENT_RETENTION_DAYS, referralDays: e.REFERRAL_RETENTION_DAYS, cron: e.RETENTION_CRON },
     sandbox: { profile: e.SANDBOX_PROFILE, traits: e.SANDBOX_TRAITS },
+    console: {
+      enabled: e.CONSOLE_ENABLED ? e.CONSOLE_ENABLED === 'true' : e.NODE_ENV !== 'production',
+      sessionIdleMs: e.CONSOLE_SESSION_IDLE_MINUTES * 60_000,
+      sessionMaxMs: e.CONSOLE_SESSION_MAX_HOURS * 3_600_000,
+      refreshMs: e.CONSOLE_REFRESH_SECONDS * 1000,
+      centreDesk: e.CONSOLE_CENTRE_DESK ? e.CONSOLE_CENTRE_DESK === 'true' : useSandbox,
+    },
   };
 }
 

@@ -426,6 +426,32 @@ export const variables = {
     schema: z.string().optional(),
     doc: 'traits switched over the profile, e.g. `nonAtomic=false,strictIsolationMaxEntries=8` (a Medplum project with real transactions) or `-emptyMinimal`',
   },
+  CONSOLE_ENABLED: {
+    schema: z.enum(['true', 'false'], { message: 'must be true or false' }).optional(),
+    shownDefault: '`true`, `false` in production',
+    doc: 'serves the browser console at `/console` (sign-in with an API key or `ADMIN_API_KEY`); production refuses it unless this is `true`. See docs/console.md',
+  },
+  CONSOLE_SESSION_IDLE_MINUTES: {
+    schema: z.coerce.number().int().min(1).max(1440).default(30),
+    doc: 'a console session ends after this many minutes without a request',
+  },
+  CONSOLE_SESSION_MAX_HOURS: {
+    schema: z.coerce.number().int().min(1).max(168).default(12),
+    doc: 'a console session ends this many hours after sign-in, however active',
+  },
+  CONSOLE_REFRESH_SECONDS: {
+    schema: z.coerce.number().int().min(1).max(300).default(1),
+    doc:
+      "how often the console's list and destinations pages refresh (htmx polling); an open referral's page waits on the server for its next change, " +
+      'looked for this often (at once when this instance made it)',
+  },
+  CONSOLE_CENTRE_DESK: {
+    schema: z.enum(['true', 'false'], { message: 'must be true or false' }).optional(),
+    shownDefault: '`true` with the sandbox, else `false`',
+    doc:
+      "the console's centre desk (admin only): the Tasks waiting at each destination and buttons that accept, reject, hold, start or complete them " +
+      "with plain FHIR REST on the centre's server, using the gateway's credentials for it",
+  },
 } satisfies Record<string, Variable>;
 
 type Declared = typeof variables;

@@ -39,3 +39,16 @@ export { closedBefore, deleteClosed, removeDocumentBytes, type Due } from './ret
 export { backlog, type BacklogCounts } from './backlog';
 export { forgetAnswersBefore, recordAnswer, recordedAnswer, type InboundMessageKey } from './inbound-messages';
 export { blobReferenced, blobsOf, expireOverdueUploads, storeUpload, unlinkBlobs, unreferencedBlobs, type UploadStored } from './uploads';
+export {
+  consoleAuditOf,
+  createConsoleSession,
+  deleteConsoleSession,
+  deleteExpiredConsoleSessions,
+  findConsoleSession,
+  recordConsoleAudit,
+  touchConsoleSession,
+  type ConsoleAuditEntry,
+  type ConsoleRole,
+  type ConsoleSession,
+} from './console-sessions';
+export { consoleReferralPage, openCountAt, type ConsoleListFilter } from './console-views';

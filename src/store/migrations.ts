@@ -298,6 +298,38 @@ migrations['0012_referral_blobs'] = {
   },
 };
 
+migrations['0013_console'] = {
+  async up(db: Kysely<unknown>): Promise<void> {
+    // The browser console (src/console): its sessions, kept by the SHA-256 of the cookie's value (never the value
+    // itself), with the CSRF token of each; and the audit of who revealed which referral's patient identity.
+    await db.schema
+      .createTable('console_sessions')
+      .addColumn('id_hash', 'text', (c) => c.primaryKey())
+      .addColumn('role', 'text', (c) => c.notNull())
+      .addColumn('client_id', 'text')
+      .addColumn('csrf_token', 'text', (c) => c.notNull())
+      .addColumn('created_at', 'text', (c) => c.notNull())
+      .addColumn('last_seen_at', 'text', (c) => c.notNull())
+      .addColumn('expires_at', 'text', (c) => c.notNull())
+      .execute();
+    await db.schema.createIndex('console_sessions_expires_idx').on('console_sessions').column('expires_at').execute();
+    await db.schema
+      .createTable('console_audit')
+      .addColumn('id', 'text', (c) => c.primaryKey())
+      .addColumn('at', 'text', (c) => c.notNull())
+      .addColumn('actor', 'text', (c) => c.notNull())
+      .addColumn('action', 'text', (c) => c.notNull())
+      .addColumn('referral_id', 'text', (c) => c.notNull())
+      .execute();
+    await db.schema.createIndex('console_audit_referral_idx').on('console_audit').columns(['referral_id', 'at']).execute();
+    // The operator's referral list pages every client's referrals newest first (keyset on created_at, id), optionally
+    // by status or external id: the existing indexes all lead with client_id or destination.
+    await db.schema.createIndex('referrals_created_idx').on('referrals').columns(['created_at', 'id']).execute();
+    await db.schema.createIndex('referrals_status_created_idx').on('referrals').columns(['status', 'created_at', 'id']).execute();
+    await db.schema.createIndex('referrals_external_idx').on('referrals').column('external_id').execute();
+  },
+};
+
 class StaticProvider implements MigrationProvider {
   async getMigrations(): Promise<Record<string, Migration>> {
     return migrations;

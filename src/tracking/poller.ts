@@ -38,6 +38,9 @@ export interface CycleStats {
 }
 
 interface DestinationState {
+  /** When the last cycle ended, and its error when it failed (the console's destinations view). */
+  lastCycleAt?: number;
+  lastError?: string;
   failures: number;
   nextAttemptAt: number;
   /** The last cycle's mode (what a failed cycle reports). */
@@ -77,6 +80,18 @@ export class Poller {
     await Promise.allSettled([...this.running.values()]);
   }
 
+  /** What the poller knows of a destination: its last cycle (when, and its error), failures in a row, when it tries next. */
+  status(id: string): { lastCycleAt?: string; lastError?: string; failures: number; nextAttemptAt?: string } {
+    const st = this.state.get(id);
+    if (!st) return { failures: 0 };
+    return {
+      ...(st.lastCycleAt ? { lastCycleAt: new Date(st.lastCycleAt).toISOString() } : {}),
+      ...(st.lastError ? { lastError: st.lastError } : {}),
+      failures: st.failures,
+      ...(st.nextAttemptAt ? { nextAttemptAt: new Date(st.nextAttemptAt).toISOString() } : {}),
+    };
+  }
+
   /** Polls every destination once, concurrently: a slow one does not delay the others. */
   async pollOnce(opts: { force?: boolean } = {}): Promise<CycleStats[]> {
     return Promise.all(this.destinations.ids().map((id) => this.pollDestination(this.destinations.get(id) as Destination, opts)));
@@ -104,6 +119,8 @@ export class Poller {
       .then((stats) => {
         st.failures = 0;
         st.nextAttemptAt = 0;
+        st.lastError = undefined;
+        if (stats.mode !== 'skipped') st.lastCycleAt = Date.now();
         return stats;
       })
       .catch((err: Error): CycleStats => {
@@ -111,6 +128,8 @@ export class Poller {
         // The same exponential curve as delivery, without jitter: one poller per destination.
         const delay = nextDelay(st.failures, { baseMs: this.opts.backoffBaseMs ?? 30_000, capMs: this.opts.backoffCapMs ?? 30 * 60_000 }, () => 1);
         st.nextAttemptAt = Date.now() + delay;
+        st.lastCycleAt = Date.now();
+        st.lastError = err.message;
         logger.warn('poll cycle failed; backing off', { destination: dest.id, failures: st.failures, retryInMs: delay, error: err.message });
         return { destination: dest.id, mode: st.mode, searches: 0, tasksSeen: 0, changes: 0, error: err.message };
       })

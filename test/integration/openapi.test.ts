@@ -527,6 +527,11 @@ describe('the document and the running gateway agree', () => {
     };
     walk(app.router.stack, '');
     expect(routes.length).toBeGreaterThan(5);
+    // The browser console's HTML pages (docs/console.md) are a user interface, not part of the API contract.
+    const api = (r: string): boolean => !/^(\w+ )?\/console(\/|$)/.test(r);
+    expect(routes.filter((r) => !api(r)).length).toBeGreaterThan(10);
+    routes.splice(0, routes.length, ...routes.filter(api));
+    mounts.splice(0, mounts.length, ...mounts.filter(api));
     const norm = (p: string): string => p.replace(/\{[^}]+\}/g, '{}').replace(/:[A-Za-z_]\w*/g, '{}');
     const docs = new Set(documented().map(({ method, path: p }) => `${method} ${norm(p)}`));
     const undocumented = routes.map((r) => norm(r)).filter((r) => !docs.has(r));

@@ -1,0 +1,275 @@
+import express from 'express';
+import { sql } from 'kysely';
+import request from 'supertest';
+import { loadConfig } from '../../src/config/config';
+import { destinationSchema } from '../../src/config';
+import { consoleRouter, escapeHtml, html } from '../../src/console';
+import type { Gateway } from '../../src/gateway';
+import type { Task } from '@medplum/fhirtypes';
+import { consoleAuditOf, getReferral } from '../../src/store';
+import { ADMIN_KEY, eventually, fixture, KEY_A, KEY_B, startGateway } from '../helpers/gateway';
+
+// The console over plain HTTP (no browser): session expiry, production refusal and the Secure flag, the list's
+// filters and keyset paging, and the escaping every page relies on.
+
+describe('console sessions and lists', () => {
+  let gw: Gateway;
+
+  beforeAll(async () => {
+    gw = await startGateway({ CONSOLE_SESSION_IDLE_MINUTES: '5', CONSOLE_SESSION_MAX_HOURS: '1' });
+  });
+  afterAll(async () => {
+    await gw.stop();
+  });
+
+  async function signIn(key: string): Promise<string> {
+    const res = await fetch(`${gw.url}/console/sign-in`, { method: 'POST', body: new URLSearchParams({ key }), redirect: 'manual' });
+    expect(res.status).toBe(303);
+    return (res.headers.get('set-cookie') ?? '').split(';')[0];
+  }
+  const get = (path: string, cookie: string, headers: Record<string, string> = {}): Promise<Response> =>
+    fetch(`${gw.url}${path}`, { headers: { cookie, ...headers }, redirect: 'manual' });
+
+  async function submit(externalId: string, key = KEY_A): Promise<string> {
+    const res = await fetch(`${gw.url}/referrals`, {
+      method: 'POST',
+      headers: { Authorization: `Bearer ${key}`, 'Content-Type': 'application/json' },
+      body: JSON.stringify({ ...fixture(), externalId }),
+    });
+    expect(res.status).toBe(202);
+    return ((await res.json()) as { id: string }).id;
+  }
+
+  test('the store keeps only a hash of the session id; an idle session and one past its absolute lifetime end', async () => {
+    const cookie = await signIn(ADMIN_KEY);
+    const id = cookie.split('=')[1];
+    const rows = (await sql<{ id_hash: string; expires_at: string; created_at: string }>`select * from console_sessions`.execute(gw.db.kysely)).rows;
+    expect(rows.some((r) => r.id_hash === id)).toBe(false);
+    const row = rows[rows.length - 1];
+    expect(row.id_hash).toMatch(/^[0-9a-f]{64}$/);
+    expect(Date.parse(row.expires_at) - Date.parse(row.created_at)).toBe(3_600_000);
+    expect((await get('/console/referrals', cookie)).status).toBe(200);
+
+    // Idle for longer than CONSOLE_SESSION_IDLE_MINUTES: signed out, and an htmx poll is told where to go.
+    await sql`update console_sessions set last_seen_at = ${new Date(Date.now() - 6 * 60_000).toISOString()} where id_hash = ${row.id_hash}`.execute(
+      gw.db.kysely
+    );
+    const idle = await get('/console/referrals/rows', cookie, { 'HX-Request': 'true' });
+    expect(idle.status).toBe(401);
+    expect(idle.headers.get('hx-redirect')).toBe('/console/sign-in');
+    expect((await get('/console/referrals', cookie)).headers.get('location')).toBe('/console/sign-in');
+
+    // Active, but past the absolute lifetime.
+    const second = await signIn(KEY_A);
+    await sql`update console_sessions set expires_at = ${new Date(Date.now() - 1000).toISOString()} where last_seen_at = created_at`.execute(gw.db.kysely);
+    expect((await get('/console/referrals', second)).status).toBe(303);
+    expect((await sql<{ n: number }>`select count(*) as n from console_sessions`.execute(gw.db.kysely)).rows[0].n).toEqual(0);
+  });
+
+  test('/console sends a visitor to sign in, and a signed-in one to the referrals', async () => {
+    expect((await fetch(`${gw.url}/console`, { redirect: 'manual' })).headers.get('location')).toBe('/console/sign-in');
+    expect((await get('/console/', await signIn(KEY_A))).headers.get('location')).toBe('/console/referrals');
+  });
+
+  test('sign-out ends the session on the server, not just in the browser', async () => {
+    const cookie = await signIn(KEY_A);
+    const page = await (await get('/console/referrals', cookie)).text();
+    const token = /name="_csrf" value="([^"]+)"/.exec(page)?.[1] as string;
+    const out = await fetch(`${gw.url}/console/sign-out`, {
+      method: 'POST',
+      headers: { cookie, 'Content-Type': 'application/x-www-form-urlencoded' },
+      body: new URLSearchParams({ _csrf: token }),
+      redirect: 'manual',
+    });
+    expect(out.status).toBe(303);
+    expect(out.headers.get('set-cookie')).toMatch(/rg_console=;.*Expires=Thu, 01 Jan 1970/);
+    expect((await get('/console/referrals', cookie)).status).toBe(303);
+  });
+
+  test('the list filters by status, destination, date range and external id, and pages by keyset without repeats or gaps', async () => {
+    const ids: string[] = [];
+    for (let i = 0; i < 55; i++) ids.push(await submit(`EHR-PAGE-${String(i).padStart(3, '0')}`));
+    const other = await submit('EHR-PAGE-OTHER', KEY_B);
+    const cookie = await signIn(KEY_A);
+    const rowIds = (text: string): string[] => [...text.matchAll(/data-referral="(ref_[0-9A-Z]+)"/g)].map((m) => m[1]);
+
+    const seen: string[] = [];
+    let path = '/console/referrals';
+    for (let pages = 0; pages < 10 && path; pages++) {
+      const text = await (await get(path, cookie)).text();
+      seen.push(...rowIds(text));
+      path = /rel="next" href="([^"]+)"/.exec(text)?.[1]?.replaceAll('&amp;', '&') ?? '';
+    }
+    expect(new Set(seen).size).toBe(seen.length);
+    expect(seen).toEqual(expect.arrayContaining(ids));
+    expect(seen).not.toContain(other);
+
+    const one = await (await get('/console/referrals?externalId=EHR-PAGE-007', cookie)).text();
+    expect(rowIds(one)).toEqual([ids[7]]);
+    const today = new Date().toISOString().slice(0, 10);
+    const dated = rowIds(await (await get(`/console/referrals?from=${today}&to=${today}&destination=sandbox`, cookie)).text());
+    expect(dated.length).toBe(50);
+    expect(rowIds(await (await get('/console/referrals?to=2000-01-01', cookie)).text())).toEqual([]);
+    expect(rowIds(await (await get('/console/referrals?status=cancelled', cookie)).text())).toEqual([]);
+    expect(rowIds(await (await get('/console/referrals?destination=elsewhere', cookie)).text())).toEqual([]);
+    // Bad filter values are ignored, never a 500.
+    expect((await get('/console/referrals?status=nonsense&from=yesterday&after=garbage', cookie)).status).toBe(200);
+  });
+
+  test('CONSOLE_ENABLED=false: no console at all', async () => {
+    const off = await startGateway({ CONSOLE_ENABLED: 'false' });
+    try {
+      expect((await fetch(`${off.url}/console/sign-in`)).status).toBe(404);
+    } finally {
+      await off.stop();
+    }
+  });
+
+  test('production: off unless CONSOLE_ENABLED=true, and then its cookie is Secure', async () => {
+    const env = {
+      NODE_ENV: 'production',
+      API_KEYS: 'city-hospital:city-hospital-key-0000000000001',
+      ADMIN_API_KEY: 'admin-key-000000000000000000001',
+      WEBHOOK_SECRET: 'a-webhook-secret-of-some-length',
+      FHIR_BASE_URL: 'https://centre.example/fhir/R4',
+      DATABASE_URL: 'sqlite::memory:',
+    };
+    expect(loadConfig(env).console.enabled).toBe(false);
+    const config = loadConfig({ ...env, CONSOLE_ENABLED: 'true' });
+    expect(config.console).toMatchObject({ enabled: true, centreDesk: false });
+    const app = express();
+    app.use(
+      '/console',
+      consoleRouter({
+        config,
+        db: gw.db,
+        reports: { read: () => Promise.reject(new Error('none')) },
+        destinations: { ids: () => [], get: () => undefined },
+        circuits: () => [],
+        pollStatus: () => ({ failures: 0 }),
+        centre: () => undefined,
+      })
+    );
+    const res = await request(app).post('/console/sign-in').type('form').send({ key: 'admin-key-000000000000000000001' });
+    expect(res.status).toBe(303);
+    expect(res.headers['set-cookie'][0]).toMatch(/; Path=\/console; .*HttpOnly; Secure; SameSite=Strict/);
+    const page = await request(app).get('/console/sign-in');
+    expect(page.headers['content-security-policy']).toContain("frame-ancestors 'none'");
+    expect(page.headers['content-security-policy']).toContain('upgrade-insecure-requests');
+    expect(page.headers['cache-control']).toBe('no-store');
+
+    // Guessing keys: after 10 failures in a minute from one address, even the right key waits.
+    for (let i = 0; i < 10; i++) {
+      expect(
+        (
+          await request(app)
+            .post('/console/sign-in')
+            .type('form')
+            .send({ key: `guess-${i}` })
+        ).status
+      ).toBe(401);
+    }
+    const blocked = await request(app).post('/console/sign-in').type('form').send({ key: 'admin-key-000000000000000000001' });
+    expect(blocked.status).toBe(429);
+    expect(blocked.headers['retry-after']).toBe('60');
+  });
+
+  test('centre desk: reject needs a reason and lands at the centre; a step the Task state machine does not allow is 409; only a PDF completes; a multipart post without the token is 403', async () => {
+    const id = await submit('EHR-DESK-1');
+    const cookie = await signIn(ADMIN_KEY);
+    const task = (await eventually(async () => {
+      const r = await getReferral(gw.db, id, { payload: false });
+      return r?.status === 'sent' ? r.fhir?.task : undefined;
+    })) as string;
+    const taskId = task.split('/')[1];
+    const page = await (await get(`/console/desk/sandbox/tasks/${taskId}`, cookie)).text();
+    expect(page).toContain('Malignant neoplasm');
+    // Viewing the patient on the desk is audited against the referral.
+    expect(await consoleAuditOf(gw.db, id)).toEqual([expect.objectContaining({ actor: 'admin', action: 'centre-desk-view' })]);
+    // The referral's pathology report (inline in the submission) downloads from the centre, byte for byte.
+    const docLink = /href="(\/console\/desk\/sandbox\/documents\/[^"]+)" download\s*>Core biopsy pathology report/.exec(page)?.[1] as string;
+    const doc = await get(docLink, cookie);
+    expect(doc.headers.get('content-type')).toBe('application/pdf');
+    expect(Buffer.from(await doc.arrayBuffer()).equals(Buffer.from(fixture().documents[0].data as string, 'base64'))).toBe(true);
+    const token = /name="_csrf" value="([^"]+)"/.exec(page)?.[1] as string;
+    const post = (action: string, body: URLSearchParams | FormData): Promise<Response> =>
+      fetch(`${gw.url}/console/desk/sandbox/tasks/${taskId}/${action}`, { method: 'POST', headers: { cookie }, body, redirect: 'manual' });
+    const centreTask = async (): Promise<Task> => (await (await fetch(`${gw.url}/sandbox/fhir/R4/${task}`)).json()) as Task;
+
+    // Complete is not allowed from requested; an upload without the token is refused before anything is read into FHIR.
+    const noToken = new FormData();
+    noToken.set('file', new Blob(['%PDF-1.4 x'], { type: 'application/pdf' }), 'opinion.pdf');
+    expect((await post('complete', noToken)).status).toBe(403);
+    const early = new FormData();
+    early.set('_csrf', token);
+    early.set('file', new Blob(['%PDF-1.4 x'], { type: 'application/pdf' }), 'opinion.pdf');
+    expect((await post('complete', early)).status).toBe(409);
+    expect((await centreTask()).status).toBe('requested');
+
+    expect((await post('reject', new URLSearchParams({ _csrf: token, reason: '' }))).status).toBe(422);
+    const rejected = await post('reject', new URLSearchParams({ _csrf: token, reason: 'Outside our remit' }));
+    expect(rejected.status).toBe(303);
+    const t = await centreTask();
+    expect(t).toMatchObject({ status: 'rejected', statusReason: { text: 'Outside our remit' } });
+    // The gateway polls the destination after a desk change: the referrer sees the rejection with its reason.
+    const after = await eventually(async () => {
+      const r = await getReferral(gw.db, id, { payload: false });
+      return r?.status === 'rejected' ? r : undefined;
+    });
+    expect(after.statusReason).toContain('Outside our remit');
+    expect((await post('accept', new URLSearchParams({ _csrf: token }))).status).toBe(409);
+
+    // Another referral, accepted and started: a file that is not a PDF does not complete it.
+    const id2 = await submit('EHR-DESK-2');
+    const task2 = (await eventually(async () => {
+      const r = await getReferral(gw.db, id2, { payload: false });
+      return r?.status === 'sent' ? r.fhir?.task : undefined;
+    })) as string;
+    const post2 = (action: string, body: URLSearchParams | FormData): Promise<Response> =>
+      fetch(`${gw.url}/console/desk/sandbox/tasks/${task2.split('/')[1]}/${action}`, { method: 'POST', headers: { cookie }, body, redirect: 'manual' });
+    expect((await post2('accept', new URLSearchParams({ _csrf: token }))).status).toBe(303);
+    expect((await post2('start', new URLSearchParams({ _csrf: token }))).status).toBe(303);
+    const notPdf = new FormData();
+    notPdf.set('_csrf', token);
+    notPdf.set('file', new Blob(['<html>not a pdf</html>'], { type: 'application/pdf' }), 'opinion.pdf');
+    expect((await post2('complete', notPdf)).status).toBe(422);
+    expect((await post2('hold', new URLSearchParams({ _csrf: token, reason: 'waiting for slides' }))).status).toBe(303);
+    expect(((await (await fetch(`${gw.url}/sandbox/fhir/R4/${task2}`)).json()) as Task).status).toBe('on-hold');
+  });
+
+  test('destinations: a centre that cannot be polled shows its errors in a row, the sandbox its last poll and lag', async () => {
+    // A referral open at a centre that is down, so its poll has something to ask.
+    const id = await submit('EHR-DOWN-1');
+    await eventually(async () => (await getReferral(gw.db, id, { payload: false }))?.status === 'sent');
+    gw.destinations.add(
+      destinationSchema.parse({
+        id: 'down-centre',
+        name: 'Down centre',
+        organization: { system: 'https://referral-gateway.dev/fhir/sid/destination', value: 'down' },
+        baseUrl: 'http://127.0.0.1:9/fhir/R4',
+        timeoutMs: 500,
+      })
+    );
+    await sql`update referrals set destination = 'down-centre' where id = ${id}`.execute(gw.db.kysely);
+    await gw.poller.pollOnce({ force: true });
+    await gw.poller.pollOnce({ force: true });
+    const cookie = await signIn(ADMIN_KEY);
+    const text = await (await get('/console/destinations/rows', cookie)).text();
+    const rows = new Map([...text.matchAll(/<tr data-destination="([^"]+)">([\s\S]*?)<\/tr>/g)].map((m) => [m[1], m[2]]));
+    const row = (id: string): string => rows.get(id) ?? '';
+    expect(row('down-centre')).toMatch(/2 in a row: .*next try/);
+    expect(row('sandbox')).toMatch(/\d{4}-\d{2}-\d{2}T/);
+    expect(row('sandbox')).not.toContain('in a row');
+  });
+
+  test('every interpolated value is escaped', () => {
+    const evil = `"><script>alert(1)</script>'`;
+    expect(html`<p title="${evil}">${evil}</p>`.text).toBe(`<p title="${escapeHtml(evil)}">${escapeHtml(evil)}</p>`);
+    expect(html`${evil}`.text).not.toMatch(/[<>"']/);
+    expect(
+      html`<ul>
+        ${['a<b', html`<li>ok</li>`]}
+      </ul>`.text.replace(/\s+/g, '')
+    ).toBe('<ul>a&lt;b<li>ok</li></ul>');
+  });
+});
