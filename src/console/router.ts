@@ -81,6 +81,8 @@ const STATUS_SET = new Set<string>(referralStatuses);
 const DATE = /^\d{4}-\d{2}-\d{2}$/;
 const REFERRAL_ID = /^ref_[0-9A-Z]{26}$/;
 const FHIR_ID = /^[A-Za-z0-9\-.]{1,64}$/;
+/** The one route that takes multipart/form-data: the desk's "complete with this opinion". */
+const COMPLETE_PATH = /^\/desk\/[^/]+\/tasks\/[^/]+\/complete$/;
 
 const htmxPath = require.resolve('htmx.org/dist/htmx.min.js');
 const cssPath = path.join(__dirname, 'console.css');
@@ -177,7 +179,13 @@ export function consoleRouter(deps: ConsoleDeps): Router {
       return;
     }
     res.locals.signed = { session, who: session.who } satisfies Signed;
-    const multipart = (req.get('content-type') ?? '').startsWith('multipart/form-data');
+    const multipart = (req.get('content-type') ?? '').toLowerCase().startsWith('multipart/form-data');
+    // Multipart is the opinion upload's alone: its handler checks the token before it reads the file (readMultipart).
+    if (req.method === 'POST' && multipart && !crossSite(req) && !COMPLETE_PATH.test(req.path)) {
+      logger.warn('console post refused: multipart where a form is expected', { route: req.path.replace(/\/[^/]+/g, '/:x') });
+      send(res, 415, errorPage({ title: 'Refused' }, 415, 'This form is not sent as multipart/form-data.'));
+      return;
+    }
     if (req.method === 'POST' && (crossSite(req) || (!multipart && !csrfMatches(session, csrfOf(req))))) {
       logger.warn('console post refused: cross-site or without its CSRF token', { route: req.path.replace(/\/[^/]+/g, '/:x') });
       send(res, 403, errorPage({ title: 'Refused' }, 403, 'This form was not sent from the console page (missing or wrong CSRF token).'));
@@ -519,10 +527,9 @@ export function consoleRouter(deps: ConsoleDeps): Router {
     const back = `/console/desk/${String(req.params.dest)}/tasks/${taskId}`;
     try {
       if (action === 'complete') {
-        const form = await readMultipart(req, MAX_OPINION_BYTES);
-        if (!csrfMatches(s.session, csrfOf(req, form.fields))) {
-          return send(res, 403, errorPage({ title: 'Refused' }, 403, 'This form was not sent from the console page (missing or wrong CSRF token).'));
-        }
+        // The token is checked before a byte of the file is read: the X-CSRF-Token header, or the form's `_csrf` field
+        // sent before the file (the page puts it first); a file part before a valid token ends the read (403).
+        const form = await readMultipart(req, MAX_OPINION_BYTES, (fields) => csrfMatches(s.session, csrfOf(req, fields)));
         if (!form.file || form.file.bytes.length === 0) return send(res, 422, errorPage(page(s, 'Refused'), 422, 'Choose the opinion PDF to upload.'));
         if (form.file.contentType !== 'application/pdf' || !form.file.bytes.subarray(0, 5).equals(Buffer.from('%PDF-'))) {
           return send(res, 422, errorPage(page(s, 'Refused'), 422, 'The opinion must be a PDF file.'));
@@ -540,6 +547,10 @@ export function consoleRouter(deps: ConsoleDeps): Router {
     } catch (err) {
       if (err instanceof DeskConflict) return send(res, 409, errorPage(page(s, 'Refused'), 409, err.message));
       if (err instanceof MultipartTooLarge) return send(res, 413, errorPage(page(s, 'Refused'), 413, err.message));
+      if (err instanceof MultipartWithoutToken) {
+        logger.warn('console post refused: upload without its CSRF token', { route: 'desk complete' });
+        return send(res, 403, errorPage({ title: 'Refused' }, 403, 'This form was not sent from the console page (missing or wrong CSRF token).'));
+      }
       logger.warn('console desk: the centre refused a Task change', { destination: req.params.dest, task: taskId, action, error: (err as Error).message });
       return send(res, 502, errorPage(page(s, 'Refused'), 502, `The centre's server refused the change: ${(err as Error).message}`));
     }
@@ -664,13 +675,22 @@ async function deadLetters(db: Db): Promise<DeadLetter[]> {
 }
 
 class MultipartTooLarge extends Error {}
+class MultipartWithoutToken extends Error {}
 
-/** A small multipart form (the opinion upload): its text fields and one file, held in memory up to `maxBytes`. */
-function readMultipart(req: Request, maxBytes: number): Promise<{ fields: Record<string, string>; file?: { contentType: string; bytes: Buffer } }> {
+/**
+ * A small multipart form (the opinion upload): its text fields and one file, held in memory up to `maxBytes`.
+ * `authorised(fieldsSoFar)` is asked when the file part starts: unless it says yes, nothing of the file is read, the
+ * rest of the request is not parsed, and the promise rejects with MultipartWithoutToken.
+ */
+function readMultipart(
+  req: Request,
+  maxBytes: number,
+  authorised: (fields: Record<string, string>) => boolean
+): Promise<{ fields: Record<string, string>; file?: { contentType: string; bytes: Buffer } }> {
   return new Promise((resolve, reject) => {
     let bb: busboy.Busboy;
     try {
-      bb = busboy({ headers: req.headers, limits: { fileSize: maxBytes, files: 1, fields: 10, fieldSize: 4096 } });
+      bb = busboy({ headers: req.headers, limits: { fileSize: maxBytes, files: 1, fields: 10, fieldSize: 4096, parts: 12 } });
     } catch (err) {
       reject(err as Error);
       return;
@@ -678,10 +698,26 @@ function readMultipart(req: Request, maxBytes: number): Promise<{ fields: Record
     const fields: Record<string, string> = {};
     let file: { contentType: string; bytes: Buffer } | undefined;
     let tooLarge = false;
+    let settled = false;
+    const fail = (err: Error): void => {
+      if (settled) return;
+      settled = true;
+      req.unpipe(bb);
+      bb.removeAllListeners();
+      bb.on('error', () => undefined);
+      // The rest of the body is drained unread so the 403 page reaches the browser (not a reset connection).
+      req.resume();
+      reject(err);
+    };
     bb.on('field', (name, value) => {
       fields[name] = value;
     });
     bb.on('file', (_name, stream, info) => {
+      if (!authorised(fields)) {
+        stream.resume();
+        fail(new MultipartWithoutToken('no CSRF token before the file'));
+        return;
+      }
       const chunks: Buffer[] = [];
       stream.on('data', (d: Buffer) => chunks.push(d));
       stream.on('limit', () => {
@@ -691,8 +727,15 @@ function readMultipart(req: Request, maxBytes: number): Promise<{ fields: Record
         file = { contentType: info.mimeType, bytes: Buffer.concat(chunks) };
       });
     });
-    bb.on('error', (err) => reject(err as Error));
-    bb.on('close', () => (tooLarge ? reject(new MultipartTooLarge(`the opinion is larger than ${maxBytes} bytes`)) : resolve({ fields, file })));
+    bb.on('error', (err) => fail(err as Error));
+    bb.on('close', () => {
+      if (settled) return;
+      if (tooLarge) return fail(new MultipartTooLarge(`the opinion is larger than ${maxBytes} bytes`));
+      // A form with no file part at all still needs its token.
+      if (!authorised(fields)) return fail(new MultipartWithoutToken('no CSRF token'));
+      settled = true;
+      resolve({ fields, file });
+    });
     req.pipe(bb);
   });
 }

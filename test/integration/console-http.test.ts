@@ -237,6 +237,63 @@ describe('console sessions and lists', () => {
     expect(((await (await fetch(`${gw.url}/sandbox/fhir/R4/${task2}`)).json()) as Task).status).toBe('on-hold');
   });
 
+  test('a multipart post is refused everywhere but the opinion upload, and there the token must come before the file', async () => {
+    const id = await submit('EHR-MULTI-1');
+    const taskRef = (await eventually(async () => {
+      const r = await getReferral(gw.db, id, { payload: false });
+      return r?.status === 'sent' ? r.fhir?.task : undefined;
+    })) as string;
+    const taskId = taskRef.split('/')[1];
+    // A dead letter to re-queue.
+    gw.sandbox?.faults.failNextEntry({ resourceType: 'ServiceRequest', status: 400 });
+    const dead = await submit('EHR-MULTI-DEAD');
+    await eventually(async () => (await getReferral(gw.db, dead, { payload: false }))?.status === 'delivery-failed');
+    const failed = (await sql<{ id: string }>`select id from outbox where referral_id = ${dead}`.execute(gw.db.kysely)).rows[0]?.id;
+    expect(failed).toBeDefined();
+
+    const cookie = await signIn(ADMIN_KEY);
+    const token = /name="_csrf" value="([^"]+)"/.exec(await (await get('/console/referrals', cookie)).text())?.[1] as string;
+    // Same-origin multipart posts with a valid cookie and no token: nothing happens.
+    const multipart = (path: string, form: FormData): Promise<Response> =>
+      fetch(`${gw.url}${path}`, { method: 'POST', headers: { cookie, 'Sec-Fetch-Site': 'same-origin' }, body: form, redirect: 'manual' });
+    const empty = (): FormData => {
+      const f = new FormData();
+      f.set('reason', 'x');
+      return f;
+    };
+    expect((await multipart(`/console/referrals/${id}/identity`, empty())).status).toBe(415);
+    expect((await multipart(`/console/desk/sandbox/tasks/${taskId}/accept`, empty())).status).toBe(415);
+    expect((await multipart(`/console/dead-letters/delivery/${failed}/requeue`, empty())).status).toBe(415);
+    expect((await multipart('/console/sign-out', empty())).status).toBe(415);
+    // Even with the token, a form that is not the upload is not taken as multipart.
+    const withToken = empty();
+    withToken.set('_csrf', token);
+    expect((await multipart(`/console/desk/sandbox/tasks/${taskId}/accept`, withToken)).status).toBe(415);
+
+    expect(await consoleAuditOf(gw.db, id)).toEqual([]);
+    expect(((await (await fetch(`${gw.url}/sandbox/fhir/R4/${taskRef}`)).json()) as Task).status).toBe('requested');
+    expect((await getReferral(gw.db, dead, { payload: false }))?.status).toBe('delivery-failed');
+    expect((await get('/console/referrals', cookie)).status).toBe(200);
+
+    // The upload: a token sent after the file is not waited for.
+    const late = new FormData();
+    late.set('file', new Blob(['%PDF-1.4 x'], { type: 'application/pdf' }), 'opinion.pdf');
+    late.set('_csrf', token);
+    const refused = await multipart(`/console/desk/sandbox/tasks/${taskId}/complete`, late);
+    expect(refused.status).toBe(403);
+    expect(await refused.text()).toContain('CSRF');
+    // In the X-CSRF-Token header it is checked before the body is read (here the Task is not in progress: 409).
+    const headed = new FormData();
+    headed.set('file', new Blob(['%PDF-1.4 x'], { type: 'application/pdf' }), 'opinion.pdf');
+    const viaHeader = await fetch(`${gw.url}/console/desk/sandbox/tasks/${taskId}/complete`, {
+      method: 'POST',
+      headers: { cookie, 'X-CSRF-Token': token },
+      body: headed,
+      redirect: 'manual',
+    });
+    expect(viaHeader.status).toBe(409);
+  });
+
   test('destinations: a centre that cannot be polled shows its errors in a row, the sandbox its last poll and lag', async () => {
     // A referral open at a centre that is down, so its poll has something to ask.
     const id = await submit('EHR-DOWN-1');
