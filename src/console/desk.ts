@@ -1,6 +1,7 @@
 import { createHash } from 'node:crypto';
 import type { Attachment, DocumentReference, Patient, ServiceRequest, Task, Condition } from '@medplum/fhirtypes';
 import type { FhirClient } from '../destinations';
+import { GATEWAY_TAG, GATEWAY_TAG_SEARCH, REFERRAL_IDENTIFIER_SYSTEM } from '../mapping';
 import { type Html, html } from './html';
 import { layout, type Page } from './views';
 
@@ -26,23 +27,47 @@ export const isDeskAction = (s: string): s is DeskAction => Object.hasOwn(DESK_A
 /** A desk action the Task's status does not allow (a 409 page naming both). */
 export class DeskConflict extends Error {}
 
+/** A Task (or document) the gateway did not place at the centre: the desk answers as for an unknown id (404). */
+export class DeskNotFound extends Error {}
+
+/**
+ * Whether a Task at the centre is one the gateway placed there. The desk shows and moves only those: the centre's
+ * server holds other systems' Tasks too, and the gateway's credentials must not be a way to act on them.
+ */
+export type TaskOwner = (task: Task) => Promise<boolean>;
+
+/** The gateway referral id a Task carries (Task.identifier under REFERRAL_IDENTIFIER_SYSTEM), if any. */
+export const referralIdOfTask = (task: Task): string | undefined => task.identifier?.find((i) => i.system === REFERRAL_IDENTIFIER_SYSTEM)?.value;
+
+const hasGatewayTag = (r: { meta?: { tag?: Array<{ system?: string; code?: string }> } }): boolean =>
+  (r.meta?.tag ?? []).some((t) => t.system === GATEWAY_TAG.system && t.code === GATEWAY_TAG.code);
+
 export interface WaitingTask {
   destination: string;
   task: Task;
 }
 
 /** Tasks still open at a destination, most recently changed first. */
-export async function waitingTasks(client: FhirClient, destination: string, max = 50): Promise<WaitingTask[]> {
+export async function waitingTasks(client: FhirClient, destination: string, owned: TaskOwner, max = 50): Promise<WaitingTask[]> {
+  // Only the gateway's Tasks (its tag, as the poller searches them; then each checked against the store).
   // A centre that does not answer within 5 s is shown as an error on the desk, not a page that hangs.
   const bundle = await client.search<Task>(
     'Task',
-    { status: OPEN_TASK_STATUSES.join(','), _sort: '-_lastUpdated', _count: String(max) },
+    { _tag: GATEWAY_TAG_SEARCH, status: OPEN_TASK_STATUSES.join(','), _sort: '-_lastUpdated', _count: String(max) },
     { signal: AbortSignal.timeout(5_000) }
   );
-  return (bundle.entry ?? [])
+  const open = (bundle.entry ?? [])
     .map((e) => e.resource)
-    .filter((t): t is Task => t?.resourceType === 'Task' && (OPEN_TASK_STATUSES as readonly string[]).includes(t.status))
-    .map((task) => ({ destination, task }));
+    .filter((t): t is Task => t?.resourceType === 'Task' && (OPEN_TASK_STATUSES as readonly string[]).includes(t.status));
+  const mine = await Promise.all(open.map(async (task) => ((await owned(task)) ? task : undefined)));
+  return mine.filter((t): t is Task => t !== undefined).map((task) => ({ destination, task }));
+}
+
+/** The Task, read at the centre, only if the gateway placed it (else DeskNotFound). */
+async function ownTask(client: FhirClient, taskId: string, owned: TaskOwner): Promise<Task> {
+  const task = await client.read<Task>('Task', taskId);
+  if (!(await owned(task))) throw new DeskNotFound('no such Task');
+  return task;
 }
 
 export interface CentreReferral {
@@ -73,8 +98,8 @@ async function readOptional<T extends Task | ServiceRequest | Patient | Conditio
 }
 
 /** The referral as the centre's server holds it: the Task, its ServiceRequest, patient, diagnosis and documents. */
-export async function centreReferral(client: FhirClient, taskId: string): Promise<CentreReferral> {
-  const task = await client.read<Task>('Task', taskId);
+export async function centreReferral(client: FhirClient, taskId: string, owned: TaskOwner): Promise<CentreReferral> {
+  const task = await ownTask(client, taskId, owned);
   const request = await readOptional<ServiceRequest>(client, 'ServiceRequest', task.focus?.reference);
   const patient = await readOptional<Patient>(client, 'Patient', task.for?.reference ?? request?.subject?.reference);
   const conditions = (await Promise.all((request?.reasonReference ?? []).map((r) => readOptional<Condition>(client, 'Condition', r.reference)))).filter(
@@ -90,8 +115,8 @@ export async function centreReferral(client: FhirClient, taskId: string): Promis
 }
 
 /** Moves the Task (If-Match on the version read): accept, reject with a reason, start, hold. */
-export async function moveTask(client: FhirClient, taskId: string, action: Exclude<DeskAction, 'complete'>, reason?: string): Promise<Task> {
-  const task = await client.read<Task>('Task', taskId);
+export async function moveTask(client: FhirClient, taskId: string, owned: TaskOwner, action: Exclude<DeskAction, 'complete'>, reason?: string): Promise<Task> {
+  const task = await ownTask(client, taskId, owned);
   const rule = DESK_ACTIONS[action];
   if (!rule.from.includes(task.status)) throw new DeskConflict(`the Task is ${task.status}: ${rule.label.toLowerCase()} needs ${rule.from.join(' or ')}`);
   const next: Task = { ...task, status: rule.to, lastModified: new Date().toISOString() };
@@ -110,8 +135,8 @@ export interface Opinion {
 }
 
 /** Completes the Task with the opinion: a DocumentReference (LOINC 11488-4, consult note) in Task.output. */
-export async function completeTask(client: FhirClient, taskId: string, opinion: Opinion): Promise<Task> {
-  const task = await client.read<Task>('Task', taskId);
+export async function completeTask(client: FhirClient, taskId: string, owned: TaskOwner, opinion: Opinion): Promise<Task> {
+  const task = await ownTask(client, taskId, owned);
   const rule = DESK_ACTIONS.complete;
   if (!rule.from.includes(task.status)) throw new DeskConflict(`the Task is ${task.status}: complete needs ${rule.from.join(' or ')}`);
   const attachment: Attachment = {
@@ -149,9 +174,10 @@ export async function completeTask(client: FhirClient, taskId: string, opinion: 
   return client.update(next, task.meta?.versionId);
 }
 
-/** A centre document's bytes: inline data, or its URL read through the client (under the destination's base only). */
+/** A centre document's bytes (only a document the gateway placed): inline data, or its URL read through the client (under the destination's base only). */
 export async function documentBytes(client: FhirClient, id: string): Promise<{ contentType: string; title: string; body: Buffer }> {
   const doc = await client.read<DocumentReference>('DocumentReference', id);
+  if (!hasGatewayTag(doc)) throw new DeskNotFound('no such document');
   const a = doc.content?.[0]?.attachment;
   if (!a) throw new DeskConflict('the DocumentReference has no attachment');
   const title = a.title ?? doc.description ?? `document-${id}`;

@@ -26,7 +26,20 @@ import {
   referralHistory,
   webhookQueue,
 } from '../store';
-import { centreReferral, completeTask, DeskConflict, deskListPage, deskTaskPage, documentBytes, isDeskAction, moveTask, waitingTasks } from './desk';
+import {
+  centreReferral,
+  completeTask,
+  DeskConflict,
+  DeskNotFound,
+  deskListPage,
+  referralIdOfTask,
+  type TaskOwner,
+  deskTaskPage,
+  documentBytes,
+  isDeskAction,
+  moveTask,
+  waitingTasks,
+} from './desk';
 import type { Html } from './html';
 import { actorOf, crossSite, csrfMatches, csrfOf, Sessions, whoseKey } from './session';
 import {
@@ -465,6 +478,15 @@ export function consoleRouter(deps: ConsoleDeps): Router {
     if (!client) send(res, 404, errorPage(page(s, 'Not found'), 404, 'No such destination.'));
     return client;
   };
+  /** A Task is the gateway's at `destination` when it names a referral sent there whose recorded Task it is. */
+  const ownedAt =
+    (destination: string): TaskOwner =>
+    async (task) => {
+      const referralId = referralIdOfTask(task);
+      if (!task.id || !referralId || !REFERRAL_ID.test(referralId)) return false;
+      const referral = await getReferral(db, referralId, { payload: false });
+      return referral?.destination === destination && (referral.fhir?.task ?? '').replace(/\/_history\/.*$/, '').endsWith(`Task/${task.id}`);
+    };
   r.get('/desk', async (req, res) => {
     const s = desk(req, res);
     if (!s) return;
@@ -474,7 +496,7 @@ export function consoleRouter(deps: ConsoleDeps): Router {
         const client = deps.centre(id);
         if (!client) return { destination: id, name, error: 'no client' };
         try {
-          return { destination: id, name, tasks: (await waitingTasks(client, id)).map((w) => w.task) };
+          return { destination: id, name, tasks: (await waitingTasks(client, id, ownedAt(id))).map((w) => w.task) };
         } catch (err) {
           return { destination: id, name, error: (err as Error).message };
         }
@@ -491,12 +513,15 @@ export function consoleRouter(deps: ConsoleDeps): Router {
     if (!FHIR_ID.test(taskId)) return send(res, 404, errorPage(page(s, 'Not found'), 404, 'No such Task.'));
     try {
       const notice = typeof req.query.notice === 'string' ? noticeText(req.query.notice) : undefined;
-      const centre = await centreReferral(client, taskId);
+      const centre = await centreReferral(client, taskId, ownedAt(String(req.params.dest)));
       // The desk shows the patient as the centre holds it: each view is audited like "Show patient identity".
-      const referralId = (centre.task.identifier ?? []).map((i) => i.value).find((v) => v !== undefined && REFERRAL_ID.test(v)) ?? `Task/${taskId}`;
+      const referralId = referralIdOfTask(centre.task) ?? `Task/${taskId}`;
       await recordConsoleAudit(db, { at: new Date().toISOString(), actor: actorOf(s.who), action: 'centre-desk-view', referralId });
       send(res, 200, deskTaskPage(page(s, `Task/${taskId}`, 'desk'), String(req.params.dest), centre, notice));
     } catch (err) {
+      if (err instanceof DeskNotFound || (err as { status?: number }).status === 404 || (err as { status?: number }).status === 410) {
+        return send(res, 404, errorPage(page(s, 'Not found'), 404, 'No such Task among those the gateway placed.'));
+      }
       send(res, 502, errorPage(page(s, 'Refused'), 502, `The centre's server did not give the Task: ${(err as Error).message}`));
     }
   });
@@ -513,6 +538,9 @@ export function consoleRouter(deps: ConsoleDeps): Router {
       res.setHeader('X-Content-Type-Options', 'nosniff');
       res.type(d.contentType).send(d.body);
     } catch (err) {
+      if (err instanceof DeskNotFound || (err as { status?: number }).status === 404 || (err as { status?: number }).status === 410) {
+        return send(res, 404, errorPage(page(s, 'Not found'), 404, 'No such document among those the gateway placed.'));
+      }
       send(res, 502, errorPage(page(s, 'Refused'), 502, `The document could not be read: ${(err as Error).message}`));
     }
   });
@@ -534,7 +562,7 @@ export function consoleRouter(deps: ConsoleDeps): Router {
         if (form.file.contentType !== 'application/pdf' || !form.file.bytes.subarray(0, 5).equals(Buffer.from('%PDF-'))) {
           return send(res, 422, errorPage(page(s, 'Refused'), 422, 'The opinion must be a PDF file.'));
         }
-        await completeTask(client, taskId, {
+        await completeTask(client, taskId, ownedAt(String(req.params.dest)), {
           title: (form.fields.title ?? '').trim() || 'Second opinion',
           contentType: 'application/pdf',
           bytes: form.file.bytes,
@@ -542,10 +570,13 @@ export function consoleRouter(deps: ConsoleDeps): Router {
       } else {
         const reason = typeof req.body?.reason === 'string' ? (req.body.reason as string).trim().slice(0, 500) : '';
         if (action === 'reject' && !reason) return send(res, 422, errorPage(page(s, 'Refused'), 422, 'Give a reason for rejecting.'));
-        await moveTask(client, taskId, action, reason || undefined);
+        await moveTask(client, taskId, ownedAt(String(req.params.dest)), action, reason || undefined);
       }
     } catch (err) {
       if (err instanceof DeskConflict) return send(res, 409, errorPage(page(s, 'Refused'), 409, err.message));
+      if (err instanceof DeskNotFound || (err as { status?: number }).status === 404 || (err as { status?: number }).status === 410) {
+        return send(res, 404, errorPage(page(s, 'Not found'), 404, 'No such Task among those the gateway placed.'));
+      }
       if (err instanceof MultipartTooLarge) return send(res, 413, errorPage(page(s, 'Refused'), 413, err.message));
       if (err instanceof MultipartWithoutToken) {
         logger.warn('console post refused: upload without its CSRF token', { route: 'desk complete' });

@@ -294,6 +294,55 @@ describe('console sessions and lists', () => {
     expect(viaHeader.status).toBe(409);
   });
 
+  test("centre desk: another system's Tasks at the centre are neither listed nor opened nor moved, even one dressed as the gateway's", async () => {
+    const id = await submit('EHR-DESK-OWN');
+    const ours = (await eventually(async () => {
+      const r = await getReferral(gw.db, id, { payload: false });
+      return r?.status === 'sent' ? r.fhir?.task : undefined;
+    })) as string;
+    const create = async (task: Task): Promise<string> => {
+      const res = await fetch(`${gw.url}/sandbox/fhir/R4/Task`, {
+        method: 'POST',
+        headers: { 'Content-Type': 'application/fhir+json' },
+        body: JSON.stringify(task),
+      });
+      expect(res.status).toBe(201);
+      return ((await res.json()) as Task).id as string;
+    };
+    const plain = await create({ resourceType: 'Task', status: 'requested', intent: 'order' });
+    // The gateway's tag and a real referral's identifier, but not the Task the gateway recorded for it.
+    const forged = await create({
+      resourceType: 'Task',
+      status: 'requested',
+      intent: 'order',
+      meta: { tag: [{ system: 'https://referral-gateway.dev/fhir/CodeSystem/tags', code: 'referral-gateway' }] },
+      identifier: [{ system: 'https://referral-gateway.dev/fhir/sid/referral', value: id }],
+    });
+    const cookie = await signIn(ADMIN_KEY);
+    const token = /name="_csrf" value="([^"]+)"/.exec(await (await get('/console/referrals', cookie)).text())?.[1] as string;
+    const list = await (await get('/console/desk', cookie)).text();
+    expect(list).toContain(`data-task="${ours.split('/')[1]}"`);
+    for (const other of [plain, forged]) {
+      expect(list).not.toContain(`data-task="${other}"`);
+      expect((await get(`/console/desk/sandbox/tasks/${other}`, cookie)).status).toBe(404);
+      const accept = await fetch(`${gw.url}/console/desk/sandbox/tasks/${other}/accept`, {
+        method: 'POST',
+        headers: { cookie },
+        body: new URLSearchParams({ _csrf: token }),
+        redirect: 'manual',
+      });
+      expect(accept.status).toBe(404);
+      expect(((await (await fetch(`${gw.url}/sandbox/fhir/R4/Task/${other}`)).json()) as Task).status).toBe('requested');
+    }
+    // Nor is another system's document downloadable through the desk.
+    const doc = await fetch(`${gw.url}/sandbox/fhir/R4/DocumentReference`, {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/fhir+json' },
+      body: JSON.stringify({ resourceType: 'DocumentReference', status: 'current', content: [{ attachment: { contentType: 'text/plain', data: 'aGk=' } }] }),
+    });
+    expect((await get(`/console/desk/sandbox/documents/${((await doc.json()) as { id: string }).id}`, cookie)).status).toBe(404);
+  });
+
   test('destinations: a centre that cannot be polled shows its errors in a row, the sandbox its last poll and lag', async () => {
     // A referral open at a centre that is down, so its poll has something to ask.
     const id = await submit('EHR-DOWN-1');
