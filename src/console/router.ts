@@ -172,7 +172,7 @@ export function consoleRouter(deps: ConsoleDeps): Router {
       logger.info('console sign-in refused');
       return send(res, 401, signInPage('That key is not valid.'));
     }
-    await sessions.start(res, who);
+    await sessions.start(req, res, who);
     logger.info('console sign-in', { actor: actorOf(who) });
     res.redirect(303, '/console/referrals');
   });

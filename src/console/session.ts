@@ -74,8 +74,10 @@ export class Sessions {
     private readonly s: SessionSettings
   ) {}
 
-  /** Starts a session for `who`; the cookie carries its id, the store its hash. */
-  async start(res: Response, who: ConsoleRole, now = new Date()): Promise<ConsoleSession> {
+  /** Starts a session for `who`, ending the one the request's cookie names (if any); the cookie carries its id, the store its hash. */
+  async start(req: Request, res: Response, who: ConsoleRole, now = new Date()): Promise<ConsoleSession> {
+    const previous = cookieValue(req);
+    if (previous && previous.length <= 100) await deleteConsoleSession(this.db, hashId(previous));
     const id = randomBytes(32).toString('base64url');
     const session: ConsoleSession = {
       idHash: hashId(id),

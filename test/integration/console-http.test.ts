@@ -66,6 +66,22 @@ describe('console sessions and lists', () => {
     expect((await sql<{ n: number }>`select count(*) as n from console_sessions`.execute(gw.db.kysely)).rows[0].n).toEqual(0);
   });
 
+  test('signing in again ends the session the browser had (its cookie no longer works)', async () => {
+    const first = await signIn(KEY_A);
+    expect((await get('/console/referrals', first)).status).toBe(200);
+    const res = await fetch(`${gw.url}/console/sign-in`, {
+      method: 'POST',
+      headers: { cookie: first },
+      body: new URLSearchParams({ key: ADMIN_KEY }),
+      redirect: 'manual',
+    });
+    expect(res.status).toBe(303);
+    const second = (res.headers.get('set-cookie') ?? '').split(';')[0];
+    expect(second).not.toBe(first);
+    expect((await get('/console/referrals', first)).headers.get('location')).toBe('/console/sign-in');
+    expect((await get('/console/dead-letters', second)).status).toBe(200);
+  });
+
   test('/console sends a visitor to sign in, and a signed-in one to the referrals', async () => {
     expect((await fetch(`${gw.url}/console`, { redirect: 'manual' })).headers.get('location')).toBe('/console/sign-in');
     expect((await get('/console/', await signIn(KEY_A))).headers.get('location')).toBe('/console/referrals');
