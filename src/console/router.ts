@@ -94,6 +94,8 @@ const STATUS_SET = new Set<string>(referralStatuses);
 const DATE = /^\d{4}-\d{2}-\d{2}$/;
 const REFERRAL_ID = /^ref_[0-9A-Z]{26}$/;
 const FHIR_ID = /^[A-Za-z0-9\-.]{1,64}$/;
+/** What the pages ask for by themselves (htmx polls): these never restart a session's idle clock. */
+const POLL_PATH = /^\/(?:referrals\/rows|destinations\/rows|referrals\/[^/]+\/live)$/;
 /** The one route that takes multipart/form-data: the desk's "complete with this opinion". */
 const COMPLETE_PATH = /^\/desk\/[^/]+\/tasks\/[^/]+\/complete$/;
 
@@ -179,7 +181,8 @@ export function consoleRouter(deps: ConsoleDeps): Router {
 
   // Everything below needs a live session; a POST also needs the session's CSRF token and a same-site origin.
   r.use(async (req, res, next) => {
-    const session = await sessions.current(req);
+    // The pages' automatic refreshes (list rows, destination rows, the detail's long poll) do not extend the session.
+    const session = await sessions.current(req, { touch: !(req.method === 'GET' && POLL_PATH.test(req.path)) });
     if (!session) {
       if (req.get('hx-request')) {
         res.setHeader('HX-Redirect', '/console/sign-in');

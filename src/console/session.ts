@@ -92,8 +92,11 @@ export class Sessions {
     return session;
   }
 
-  /** The request's live session (its idle clock restarted), or undefined; an expired one is deleted. */
-  async current(req: Request, now = new Date()): Promise<ConsoleSession | undefined> {
+  /**
+   * The request's live session, or undefined; an expired one is deleted. Its idle clock restarts unless `touch` is
+   * false: a page's own refresh (an htmx poll) is not the person at the keyboard and must not keep the session alive.
+   */
+  async current(req: Request, opts: { touch?: boolean } = {}, now = new Date()): Promise<ConsoleSession | undefined> {
     await this.sweep(now);
     const id = cookieValue(req);
     if (!id || id.length > 100) return undefined;
@@ -105,7 +108,7 @@ export class Sessions {
       return undefined;
     }
     // Written at most every few seconds: a page polling every second does not rewrite the row each time.
-    if (idleSince > Math.min(5_000, this.s.idleMs / 10)) await touchConsoleSession(this.db, session.idHash, now.toISOString());
+    if (opts.touch !== false && idleSince > Math.min(5_000, this.s.idleMs / 10)) await touchConsoleSession(this.db, session.idHash, now.toISOString());
     return session;
   }
 

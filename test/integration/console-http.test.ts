@@ -82,6 +82,45 @@ describe('console sessions and lists', () => {
     expect((await get('/console/dead-letters', second)).status).toBe(200);
   });
 
+  test("a page's own polls do not keep an idle session alive; navigation does", async () => {
+    const id = await submit('EHR-IDLE-1');
+    const cookie = await signIn(ADMIN_KEY);
+    const idHash = (await sql<{ id_hash: string }>`select id_hash from console_sessions order by created_at desc limit 1`.execute(gw.db.kysely)).rows[0]
+      .id_hash;
+    const lastSeen = async (): Promise<number> =>
+      Date.parse(
+        (await sql<{ last_seen_at: string }>`select last_seen_at from console_sessions where id_hash = ${idHash}`.execute(gw.db.kysely)).rows[0]
+          ?.last_seen_at ?? '1970-01-01T00:00:00Z'
+      );
+    const idleFor = async (minutes: number): Promise<void> => {
+      await sql`update console_sessions set last_seen_at = ${new Date(Date.now() - minutes * 60_000).toISOString()} where id_hash = ${idHash}`.execute(
+        gw.db.kysely
+      );
+    };
+    const hx = { 'HX-Request': 'true' };
+    // Idle 4 of 5 minutes, the tab polling all the while: the idle clock is not restarted...
+    await idleFor(4);
+    const before = await lastSeen();
+    expect((await get('/console/referrals/rows', cookie, hx)).status).toBe(200);
+    expect((await get('/console/destinations/rows', cookie, hx)).status).toBe(200);
+    expect((await get(`/console/referrals/${id}/live`, cookie, hx)).status).toBe(200);
+    expect(await lastSeen()).toBe(before);
+    // ...so past the limit the next poll finds the session ended.
+    await idleFor(5.5);
+    const polled = await get('/console/referrals/rows', cookie, hx);
+    expect(polled.status).toBe(401);
+    expect(polled.headers.get('hx-redirect')).toBe('/console/sign-in');
+
+    // A person navigating does restart it.
+    const other = await signIn(ADMIN_KEY);
+    const otherHash = (await sql<{ id_hash: string }>`select id_hash from console_sessions order by created_at desc limit 1`.execute(gw.db.kysely)).rows[0]
+      .id_hash;
+    await sql`update console_sessions set last_seen_at = ${new Date(Date.now() - 4 * 60_000).toISOString()} where id_hash = ${otherHash}`.execute(gw.db.kysely);
+    expect((await get(`/console/referrals/${id}`, other)).status).toBe(200);
+    const seen = (await sql<{ last_seen_at: string }>`select last_seen_at from console_sessions where id_hash = ${otherHash}`.execute(gw.db.kysely)).rows[0];
+    expect(Date.now() - Date.parse(seen.last_seen_at)).toBeLessThan(60_000);
+  });
+
   test('/console sends a visitor to sign in, and a signed-in one to the referrals', async () => {
     expect((await fetch(`${gw.url}/console`, { redirect: 'manual' })).headers.get('location')).toBe('/console/sign-in');
     expect((await get('/console/', await signIn(KEY_A))).headers.get('location')).toBe('/console/referrals');
