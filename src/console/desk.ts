@@ -114,6 +114,24 @@ export async function centreReferral(client: FhirClient, taskId: string, owned: 
   return { task, request, patient, conditions, documents };
 }
 
+/** A refusal of the Task update because the Task changed since it was read (If-Match): 412, or 409 on some servers. */
+const changedMeanwhile = (err: unknown): boolean => {
+  const status = (err as { status?: number }).status;
+  return status === 412 || status === 409;
+};
+
+const CHANGED = 'the Task changed at the centre since this page read it: reload the page and try again';
+
+/** PUTs the Task with If-Match on the version read; a Task changed meanwhile is a DeskConflict. */
+async function updateTask(client: FhirClient, next: Task, version: string | undefined): Promise<Task> {
+  try {
+    return await client.update(next, version);
+  } catch (err) {
+    if (changedMeanwhile(err)) throw new DeskConflict(CHANGED);
+    throw err;
+  }
+}
+
 /** Moves the Task (If-Match on the version read): accept, reject with a reason, start, hold. */
 export async function moveTask(client: FhirClient, taskId: string, owned: TaskOwner, action: Exclude<DeskAction, 'complete'>, reason?: string): Promise<Task> {
   const task = await ownTask(client, taskId, owned);
@@ -125,7 +143,7 @@ export async function moveTask(client: FhirClient, taskId: string, owned: TaskOw
   delete next.businessStatus;
   if (action === 'reject') next.statusReason = { text: reason };
   if (action === 'hold' && reason) next.statusReason = { text: reason };
-  return client.update(next, task.meta?.versionId);
+  return updateTask(client, next, task.meta?.versionId);
 }
 
 export interface Opinion {
@@ -134,44 +152,59 @@ export interface Opinion {
   bytes: Buffer;
 }
 
-/** Completes the Task with the opinion: a DocumentReference (LOINC 11488-4, consult note) in Task.output. */
+/**
+ * Completes the Task with the opinion: the PDF as a raw Binary (servers cap JSON bodies: Medplum at about 1 MB, so
+ * no base64 inside a resource), a DocumentReference (LOINC 11488-4, consult note; its attachment's url, size and
+ * SHA-1 name the Binary; context.related the Task's focus) in Task.output. If the Task update is then refused (it
+ * changed meanwhile: DeskConflict), the document and the Binary are deleted again: no orphan opinion is left.
+ */
 export async function completeTask(client: FhirClient, taskId: string, owned: TaskOwner, opinion: Opinion): Promise<Task> {
   const task = await ownTask(client, taskId, owned);
   const rule = DESK_ACTIONS.complete;
   if (!rule.from.includes(task.status)) throw new DeskConflict(`the Task is ${task.status}: complete needs ${rule.from.join(' or ')}`);
-  const attachment: Attachment = {
-    contentType: opinion.contentType,
-    title: opinion.title,
-    size: opinion.bytes.length,
-    hash: createHash('sha1').update(opinion.bytes).digest('base64'),
-    creation: new Date().toISOString(),
-    data: opinion.bytes.toString('base64'),
-  };
-  const doc = await client.medplum.createResource<DocumentReference>({
-    resourceType: 'DocumentReference',
-    status: 'current',
-    type: { coding: [{ system: 'http://loinc.org', code: '11488-4', display: 'Consult note' }] },
-    category: [{ coding: [{ system: 'http://hl7.org/fhir/us/core/CodeSystem/us-core-documentreference-category', code: 'clinical-note' }] }],
-    ...(task.for?.reference ? { subject: { reference: task.for.reference } } : {}),
-    date: new Date().toISOString(),
-    description: opinion.title,
-    content: [{ attachment }],
-  });
-  const next: Task = {
-    ...task,
-    status: 'completed',
-    lastModified: new Date().toISOString(),
-    output: [
-      ...(task.output ?? []),
-      {
-        type: { coding: [{ system: 'http://loinc.org', code: '11488-4', display: 'Consult note' }], text: 'opinion report' },
-        valueReference: { reference: `DocumentReference/${doc.id}` },
-      },
-    ],
-  };
-  delete next.statusReason;
-  delete next.businessStatus;
-  return client.update(next, task.meta?.versionId);
+  const binary = await client.uploadBinary(opinion.contentType, opinion.bytes);
+  let doc: DocumentReference | undefined;
+  try {
+    const attachment: Attachment = {
+      contentType: opinion.contentType,
+      title: opinion.title,
+      size: opinion.bytes.length,
+      hash: createHash('sha1').update(opinion.bytes).digest('base64'),
+      creation: new Date().toISOString(),
+      url: `Binary/${binary.id}`,
+    };
+    doc = await client.medplum.createResource<DocumentReference>({
+      resourceType: 'DocumentReference',
+      status: 'current',
+      type: { coding: [{ system: 'http://loinc.org', code: '11488-4', display: 'Consult note' }] },
+      category: [{ coding: [{ system: 'http://hl7.org/fhir/us/core/CodeSystem/us-core-documentreference-category', code: 'clinical-note' }] }],
+      ...(task.for?.reference ? { subject: { reference: task.for.reference } } : {}),
+      date: new Date().toISOString(),
+      description: opinion.title,
+      content: [{ attachment }],
+      ...(task.focus?.reference ? { context: { related: [{ reference: task.focus.reference }] } } : {}),
+    });
+    const next: Task = {
+      ...task,
+      status: 'completed',
+      lastModified: new Date().toISOString(),
+      output: [
+        ...(task.output ?? []),
+        {
+          type: { coding: [{ system: 'http://loinc.org', code: '11488-4', display: 'Consult note' }], text: 'opinion report' },
+          valueReference: { reference: `DocumentReference/${doc.id}` },
+        },
+      ],
+    };
+    delete next.statusReason;
+    delete next.businessStatus;
+    return await updateTask(client, next, task.meta?.versionId);
+  } catch (err) {
+    // Best effort: a failure to delete leaves an unreferenced document, never a wrong answer.
+    if (doc?.id) await client.medplum.deleteResource('DocumentReference', doc.id).catch(() => undefined);
+    await client.medplum.deleteResource('Binary', binary.id).catch(() => undefined);
+    throw err;
+  }
 }
 
 /** A centre document's bytes (only a document the gateway placed): inline data, or its URL read through the client (under the destination's base only). */

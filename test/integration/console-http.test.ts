@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto';
 import express from 'express';
 import { sql } from 'kysely';
 import request from 'supertest';
@@ -5,7 +6,8 @@ import { loadConfig } from '../../src/config/config';
 import { destinationSchema } from '../../src/config';
 import { consoleRouter, escapeHtml, html } from '../../src/console';
 import type { Gateway } from '../../src/gateway';
-import type { Task } from '@medplum/fhirtypes';
+import type { DocumentReference, Task } from '@medplum/fhirtypes';
+import type { FhirClient } from '../../src/destinations';
 import { consoleAuditOf, getReferral } from '../../src/store';
 import { ADMIN_KEY, eventually, fixture, KEY_A, KEY_B, startGateway } from '../helpers/gateway';
 
@@ -396,6 +398,122 @@ describe('console sessions and lists', () => {
       body: JSON.stringify({ resourceType: 'DocumentReference', status: 'current', content: [{ attachment: { contentType: 'text/plain', data: 'aGk=' } }] }),
     });
     expect((await get(`/console/desk/sandbox/documents/${((await doc.json()) as { id: string }).id}`, cookie)).status).toBe(404);
+  });
+
+  /** A referral accepted and started at the sandbox through the desk; its Task id and a poster for desk actions. */
+  async function started(
+    g: Gateway,
+    cookie: string,
+    externalId: string
+  ): Promise<{ id: string; taskRef: string; token: string; post: (action: string, body: URLSearchParams | FormData, url?: string) => Promise<Response> }> {
+    const res = await fetch(`${g.url}/referrals`, {
+      method: 'POST',
+      headers: { Authorization: `Bearer ${KEY_A}`, 'Content-Type': 'application/json' },
+      body: JSON.stringify({ ...fixture(), externalId }),
+    });
+    expect(res.status).toBe(202);
+    const id = ((await res.json()) as { id: string }).id;
+    const taskRef = (await eventually(async () => {
+      const r = await getReferral(g.db, id, { payload: false });
+      return r?.status === 'sent' ? r.fhir?.task : undefined;
+    })) as string;
+    const token = /name="_csrf" value="([^"]+)"/.exec(await (await fetch(`${g.url}/console/referrals`, { headers: { cookie } })).text())?.[1] as string;
+    const post = (action: string, body: URLSearchParams | FormData, url = g.url): Promise<Response> =>
+      fetch(`${url}/console/desk/sandbox/tasks/${taskRef.split('/')[1]}/${action}`, { method: 'POST', headers: { cookie }, body, redirect: 'manual' });
+    expect((await post('accept', new URLSearchParams({ _csrf: token }))).status).toBe(303);
+    expect((await post('start', new URLSearchParams({ _csrf: token }))).status).toBe(303);
+    return { id, taskRef, token, post };
+  }
+  const opinionForm = (token: string, bytes: Buffer): FormData => {
+    const f = new FormData();
+    f.set('_csrf', token);
+    f.set('title', 'Tumour board opinion');
+    f.set('file', new Blob([bytes], { type: 'application/pdf' }), 'opinion.pdf');
+    return f;
+  };
+  const bigPdf = (n: number): Buffer => Buffer.concat([Buffer.from('%PDF-1.4\n'), Buffer.alloc(n, 0x41), Buffer.from('\n%%EOF\n')]);
+
+  test('centre desk: a 1.5 MB opinion goes up as a raw Binary, the DocumentReference names it by url (with size, SHA-1, the request), and the report downloads byte for byte (medplum profile)', async () => {
+    const mp = await startGateway({ SANDBOX_PROFILE: 'medplum' });
+    try {
+      const res = await fetch(`${mp.url}/console/sign-in`, { method: 'POST', body: new URLSearchParams({ key: ADMIN_KEY }), redirect: 'manual' });
+      const cookie = (res.headers.get('set-cookie') ?? '').split(';')[0];
+      const { id, taskRef, token, post } = await started(mp, cookie, 'EHR-DESK-BIG');
+      const pdf = bigPdf(1_500_000);
+      expect((await post('complete', opinionForm(token, pdf))).status).toBe(303);
+
+      const task = (await (await fetch(`${mp.url}/sandbox/fhir/R4/${taskRef}`)).json()) as Task;
+      expect(task.status).toBe('completed');
+      const docRef = task.output?.[0]?.valueReference?.reference as string;
+      const doc = (await (await fetch(`${mp.url}/sandbox/fhir/R4/${docRef}`)).json()) as DocumentReference;
+      const a = doc.content[0].attachment;
+      expect(a.data).toBeUndefined();
+      // Written as Binary/<id>; read back from Medplum (as from this profile) as a signed storage URL for that Binary.
+      expect(a.url).toMatch(/^(?:Binary\/[A-Za-z0-9\-.]+|http:\/\/127\.0\.0\.1:\d+\/storage\/.*)$/);
+      expect(a.size).toBe(pdf.length);
+      expect(a.hash).toBe(createHash('sha1').update(pdf).digest('base64'));
+      expect(doc.context?.related).toEqual([{ reference: task.focus?.reference }]);
+
+      await eventually(async () => (await getReferral(mp.db, id, { payload: false }))?.status === 'completed');
+      const report = await fetch(`${mp.url}/console/referrals/${id}/report`, { headers: { cookie } });
+      expect(report.status).toBe(200);
+      expect(Buffer.from(await report.arrayBuffer()).equals(pdf)).toBe(true);
+    } finally {
+      await mp.stop();
+    }
+  });
+
+  test('centre desk: a Task changed behind the desk between its read and its update is a 409 "reload" page, and completing leaves no orphan document', async () => {
+    const cookie = await signIn(ADMIN_KEY);
+    const { taskRef, token } = await started(gw, cookie, 'EHR-DESK-RACE');
+    const taskId = taskRef.split('/')[1];
+    const real = gw.clients.get(gw.destinations.get('sandbox')!) as FhirClient;
+    // The centre's own system touches the Task just before each desk update (If-Match now names an old version).
+    const racing: FhirClient = {
+      ...real,
+      medplum: real.medplum,
+      update: async (resource, version, opts) => {
+        const now = (await (await fetch(`${gw.url}/sandbox/fhir/R4/${taskRef}`)).json()) as Task;
+        await fetch(`${gw.url}/sandbox/fhir/R4/${taskRef}`, {
+          method: 'PUT',
+          headers: { 'Content-Type': 'application/fhir+json' },
+          body: JSON.stringify({ ...now, note: [...(now.note ?? []), { text: 'touched by the centre' }] }),
+        });
+        return real.update(resource, version, opts);
+      },
+    };
+    const app = express();
+    app.use(
+      '/console',
+      consoleRouter({
+        config: gw.config,
+        db: gw.db,
+        reports: { read: () => Promise.reject(new Error('none')) },
+        destinations: gw.destinations,
+        circuits: () => [],
+        pollStatus: () => ({ failures: 0 }),
+        centre: () => racing,
+      })
+    );
+    const server = app.listen(0, '127.0.0.1');
+    await new Promise((r) => server.once('listening', r));
+    const url = `http://127.0.0.1:${(server.address() as { port: number }).port}`;
+    try {
+      const docsBefore = ((await (await fetch(`${gw.url}/sandbox/fhir/R4/DocumentReference?_summary=count`)).json()) as { total: number }).total;
+      const post = (action: string, body: URLSearchParams | FormData): Promise<Response> =>
+        fetch(`${url}/console/desk/sandbox/tasks/${taskId}/${action}`, { method: 'POST', headers: { cookie }, body, redirect: 'manual' });
+      const hold = await post('hold', new URLSearchParams({ _csrf: token }));
+      expect(hold.status).toBe(409);
+      expect(await hold.text()).toContain('reload');
+      const complete = await post('complete', opinionForm(token, bigPdf(1000)));
+      expect(complete.status).toBe(409);
+      expect(await complete.text()).toContain('reload');
+      expect(((await (await fetch(`${gw.url}/sandbox/fhir/R4/${taskRef}`)).json()) as Task).status).toBe('in-progress');
+      const docsAfter = ((await (await fetch(`${gw.url}/sandbox/fhir/R4/DocumentReference?_summary=count`)).json()) as { total: number }).total;
+      expect(docsAfter).toBe(docsBefore);
+    } finally {
+      server.close();
+    }
   });
 
   test('destinations: a centre that cannot be polled shows its errors in a row, the sandbox its last poll and lag', async () => {
