@@ -1,7 +1,7 @@
 import { Router } from 'express';
 import { z } from 'zod';
-import type { Db } from '../store';
-import { Failure } from '../outcomes';
+import { type Db, listConsoleAudit } from '../store';
+import { Failure, zodIssues } from '../outcomes';
 import { listDeliveries, requeueDelivery } from '../referral';
 import { progressOf, queueAdminRoutes } from './queue-admin';
 
@@ -22,6 +22,16 @@ export interface AdminDoctorDeps {
 export const deliveriesQuery = z.strictObject({
   state: z.enum(['pending', 'done', 'failed']).default('failed'),
   limit: z.coerce.number().int().min(1).max(500).default(100),
+});
+
+/** The query of GET /admin/console-audit. */
+export const consoleAuditQuery = z.strictObject({
+  referral: z
+    .string()
+    .regex(/^ref_[0-9A-Z]{26}$/)
+    .optional()
+    .meta({ description: 'Only this referral (ref_...).' }),
+  limit: z.coerce.number().int().min(1).max(1000).default(100),
 });
 
 /**
@@ -49,6 +59,13 @@ export function adminRouter(db: Db, runRetention?: () => Promise<RetentionRun>, 
         ...(orphans ? { orphanedBinaries: () => orphans(destination.id) } : {}),
       })
     );
+  });
+
+  /** The console's audit log (who was shown a patient's identity, on which referral, when), most recent first. */
+  r.get('/console-audit', async (req, res) => {
+    const q = consoleAuditQuery.safeParse(req.query);
+    if (!q.success) throw new Failure('malformed', zodIssues(q.error));
+    res.json({ items: await listConsoleAudit(db, { referralId: q.data.referral, limit: q.data.limit }) });
   });
 
   /** Applies the retention policy now (as RETENTION_CRON would) and answers what it did. */

@@ -6,6 +6,7 @@
 //   webhooks [failed|pending|delivered] status webhooks that could not be delivered (default) or the queue
 //   webhook-retry <webhook id>          replay one
 //   retention                           apply the retention policy now
+//   console-audit [referral id]         the console's audit log (who was shown a patient's identity), newest first
 //
 // GATEWAY_URL (default http://127.0.0.1:$PORT, PORT default 8080) names the instance. --json prints
 // the API's JSON instead of lines. Exit codes: 0 done, 1 the gateway refused or could not be reached, 2 usage.
@@ -16,6 +17,7 @@ const USAGE = `usage: npm run admin -- <command> [--json]
   webhooks [failed|pending|delivered]   list status webhooks that could not be delivered (default: failed)
   webhook-retry <webhook id>            replay one
   retention                             apply the retention policy now
+  console-audit [referral id]           the console's audit log (who was shown a patient's identity), newest first
 environment: ADMIN_API_KEY (required), GATEWAY_URL (default http://127.0.0.1:8080)`;
 
 interface AdminCall {
@@ -55,6 +57,14 @@ function parse(args: string[]): AdminCall | string {
             `document bytes removed from ${b.referralsStripped} referrals (${b.documentsStripped} documents); ${b.referralsDeleted} referrals deleted; ` +
               `${b.blobsDeleted ?? 0} unreferenced blobs removed`,
         ],
+      };
+    case 'console-audit':
+      if (arg !== undefined && !/^ref_[0-9A-Z]{26}$/.test(arg)) return `console-audit takes a referral id (ref_...), not ${arg}`;
+      return {
+        method: 'GET',
+        path: `/admin/console-audit?limit=1000${arg ? `&referral=${arg}` : ''}`,
+        show: (b: { items: Array<{ at: string; actor: string; action: string; referralId: string }> }) =>
+          b.items.length === 0 ? ['no audit rows'] : b.items.map((e) => `${e.at}  ${e.actor}  ${e.action}  ${e.referralId}`),
       };
     default:
       return command ? `unknown command ${command}` : 'a command is required';

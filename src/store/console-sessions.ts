@@ -111,3 +111,11 @@ export async function consoleAuditOf(db: Db, referralId: string): Promise<Consol
   const rows = await tables(db).selectFrom('console_audit').selectAll().where('referral_id', '=', referralId).orderBy('at').orderBy('id').execute();
   return rows.map((r) => ({ at: r.at, actor: r.actor, action: r.action, referralId: r.referral_id }));
 }
+
+/** The audit log, most recent first: every row, or one referral's; at most `limit` rows. */
+export async function listConsoleAudit(db: Db, opts: { referralId?: string; limit: number }): Promise<ConsoleAuditEntry[]> {
+  let q = tables(db).selectFrom('console_audit').selectAll();
+  if (opts.referralId !== undefined) q = q.where('referral_id', '=', opts.referralId);
+  const rows = await q.orderBy('at', 'desc').orderBy('id', 'desc').limit(opts.limit).execute();
+  return rows.map((r) => ({ at: r.at, actor: r.actor, action: r.action, referralId: r.referral_id }));
+}

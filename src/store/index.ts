@@ -45,6 +45,7 @@ export {
   deleteConsoleSession,
   deleteExpiredConsoleSessions,
   findConsoleSession,
+  listConsoleAudit,
   recordConsoleAudit,
   touchConsoleSession,
   type ConsoleAuditEntry,

@@ -1,4 +1,6 @@
+import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
+import { promisify } from 'node:util';
 import express from 'express';
 import { sql } from 'kysely';
 import request from 'supertest';
@@ -514,6 +516,40 @@ describe('console sessions and lists', () => {
     } finally {
       server.close();
     }
+  });
+
+  test('the identity audit log is read through GET /admin/console-audit and `npm run admin -- console-audit`', async () => {
+    const id = await submit('EHR-AUDIT-1');
+    const cookie = await signIn(KEY_A);
+    const token = /name="_csrf" value="([^"]+)"/.exec(await (await get(`/console/referrals/${id}`, cookie)).text())?.[1] as string;
+    const shown = await fetch(`${gw.url}/console/referrals/${id}/identity`, { method: 'POST', headers: { cookie, 'X-CSRF-Token': token } });
+    expect(shown.status).toBe(200);
+
+    const api = (query: string, key = ADMIN_KEY): Promise<Response> =>
+      fetch(`${gw.url}/admin/console-audit${query}`, { headers: { Authorization: `Bearer ${key}` } });
+    const res = await api(`?referral=${id}`);
+    expect(res.status).toBe(200);
+    const body = (await res.json()) as { items: Array<{ at: string; actor: string; action: string; referralId: string }> };
+    expect(body.items).toEqual([{ at: expect.any(String), actor: expect.stringMatching(/^client:/), action: 'show-patient-identity', referralId: id }]);
+    expect(((await (await api('?limit=1')).json()) as { items: unknown[] }).items).toHaveLength(1);
+    expect((await api(`?referral=${id}`, KEY_A)).status).toBe(401);
+    expect((await api('?referral=nonsense')).status).toBe(400);
+    expect((await api('?limit=0')).status).toBe(400);
+
+    const cli = async (args: string[]): Promise<{ code: number; stdout: string }> => {
+      try {
+        const r = await promisify(execFile)(process.execPath, ['--import', 'tsx', 'src/cli/admin.ts', ...args], {
+          env: { ...process.env, GATEWAY_URL: gw.url, ADMIN_API_KEY: ADMIN_KEY },
+        });
+        return { code: 0, stdout: r.stdout };
+      } catch (err) {
+        return { code: (err as { code: number }).code, stdout: (err as { stdout: string }).stdout };
+      }
+    };
+    const out = await cli(['console-audit', id]);
+    expect(out.code).toBe(0);
+    expect(out.stdout).toMatch(new RegExp(`^\\d{4}-\\d{2}-\\d{2}T\\S+  client:\\S+  show-patient-identity  ${id}$`, 'm'));
+    expect((await cli(['console-audit', 'not-a-referral'])).code).toBe(2);
   });
 
   test('destinations: a centre that cannot be polled shows its errors in a row, the sandbox its last poll and lag', async () => {

@@ -9,6 +9,8 @@ import type { JsonSchema } from './json-schema';
 import {
   addDocumentsRequestSchema,
   cancelRequestSchema,
+  consoleAuditEntrySchema,
+  consoleAuditQuery,
   deliveriesQuery,
   deliveryEntrySchema,
   doctorReportSchema,
@@ -558,6 +560,25 @@ const gateway: Route[] = [
       404: outcome('404: no failed status message with that id.'),
       413: 'PayloadTooLarge',
       415: 'UnsupportedMediaType',
+      500: 'InternalError',
+    },
+  },
+  {
+    method: 'get',
+    path: '/admin/console-audit',
+    operationId: 'listConsoleAudit',
+    tag: 'admin',
+    extension: true,
+    summary: "The console's audit log: who was shown a patient's identity",
+    description:
+      `${EXTENSION}every "Show patient identity" click in the browser console and every centre desk Task page viewed (docs/console.md), ` +
+      'most recent first; the same as `npm run admin -- console-audit [referral id]`.',
+    query: consoleAuditQuery,
+    responses: {
+      200: answer('The audit rows.', z.object({ items: z.array(consoleAuditEntrySchema) })),
+      400: 'BadRequest',
+      401: 'AdminUnauthorized',
+      403: 'AdminDisabled',
       500: 'InternalError',
     },
   },

@@ -6,12 +6,12 @@ import { z } from 'zod';
 import type { DoctorReport } from '../../doctor';
 import { codingSchema, documentSchema, humanNameSchema, identifierSchema, referralSchema, studySchema, treatmentSchema } from '../../model';
 import { referralStatusSchema, referralViewSchema, addDocumentsSchema, cancelSchema } from '../../referral';
-import { deliveriesQuery } from '../admin-router';
+import { consoleAuditQuery, deliveriesQuery } from '../admin-router';
 import { listQuery } from '../referrals-router';
 import { webhooksQuery } from '../webhooks-admin-router';
 import { hl7StatusMessagesQuery } from '../hl7-return-admin-router';
 import type { RetentionRun } from '../../retention';
-import type { Hl7ReturnEntry, Hl7ReturnState, OutboxEntry, WebhookEvent, WebhookEntry, WebhookState } from '../../store';
+import type { ConsoleAuditEntry, Hl7ReturnEntry, Hl7ReturnState, OutboxEntry, WebhookEvent, WebhookEntry, WebhookState } from '../../store';
 
 /** Compile-time: A and B have the same shape (each assignable to the other). */
 type Same<A, B> = [A] extends [B] ? ([B] extends [A] ? true : false) : false;
@@ -135,7 +135,7 @@ export const useNotes: ReadonlyArray<readonly [string, z.core.JSONSchemaMeta]> =
 
 // ---- requests: the schemas the routes parse with ----
 
-export { cancelSchema as cancelRequestSchema, listQuery as listReferralsQuery, deliveriesQuery, webhooksQuery, hl7StatusMessagesQuery };
+export { cancelSchema as cancelRequestSchema, listQuery as listReferralsQuery, consoleAuditQuery, deliveriesQuery, webhooksQuery, hl7StatusMessagesQuery };
 
 const outboxStates = deliveriesQuery.shape.state.unwrap().options;
 const webhookStates = webhooksQuery.shape.state.unwrap().options;
@@ -211,6 +211,14 @@ export const referralListSchema = z.object({
 
 /** The admin retry endpoints. */
 export const requeuedSchema = z.object({ requeued: z.array(z.string()).meta({ description: 'The ids of the re-queued entries.' }) });
+
+/** One row of GET /admin/console-audit (ConsoleAuditEntry, src/store/console-sessions.ts). */
+export const consoleAuditEntrySchema = z.object({
+  at: z.string().meta({ description: 'When (ISO 8601).' }),
+  actor: z.string().meta({ description: '`admin` or `client:<client id>`: the console session that did it.' }),
+  action: z.string().meta({ description: "`show-patient-identity` (the referral detail's button) or `centre-desk-view` (the centre desk's Task page)." }),
+  referralId: z.string().meta({ description: 'The referral (ref_...), or `Task/<id>` for a desk Task that names none.' }),
+});
 
 /** One entry of GET /admin/deliveries (src/api/admin-router.ts). */
 export const deliveryEntrySchema = z.object({
@@ -322,6 +330,7 @@ export const componentSchemas: Record<string, z.ZodType> = {
   DeliveryEntry: deliveryEntrySchema,
   WebhookEntry: webhookEntrySchema,
   Hl7StatusMessage: hl7StatusMessageSchema,
+  ConsoleAuditEntry: consoleAuditEntrySchema,
   StatusChangedEvent: statusChangedEventSchema,
   OperationOutcome: operationOutcomeSchema,
   FhirResource: fhirResourceSchema,
@@ -333,6 +342,7 @@ export const componentSchemas: Record<string, z.ZodType> = {
 export const shapeChecks: true[] = [
   same<z.output<typeof statusChangedEventSchema>, WebhookEvent>(true),
   same<z.output<typeof retentionRunSchema>, RetentionRun>(true),
+  same<z.output<typeof consoleAuditEntrySchema>, ConsoleAuditEntry>(true),
   same<z.output<typeof doctorReportSchema>, DoctorReport>(true),
   same<
     z.output<typeof deliveryEntrySchema>,
