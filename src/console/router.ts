@@ -87,8 +87,11 @@ interface Signed {
 }
 
 const PAGE_SIZE = 50;
-/** How long a live request waits for a change before it is answered unchanged. */
-const LIVE_HOLD_MS = 10_000;
+/**
+ * How long a live request waits for a change before it is answered unchanged. Short: a browser opens at most six
+ * connections to one host, and six detail tabs each holding one for long would leave none for navigation.
+ */
+const LIVE_HOLD_MS = 3_000;
 const MAX_OPINION_BYTES = 20 * 1024 * 1024;
 const STATUS_SET = new Set<string>(referralStatuses);
 const DATE = /^\d{4}-\d{2}-\d{2}$/;
@@ -388,7 +391,7 @@ export function consoleRouter(deps: ConsoleDeps): Router {
     res.once('close', () => gone.abort());
     try {
       const report = await deps.reports.read(referral, { signal: gone.signal });
-      const ext = report.contentType === 'application/pdf' ? 'pdf' : 'bin';
+      const ext = extensionOf(report.contentType);
       res.setHeader('Content-Disposition', `attachment; filename="opinion-${referral.id}.${ext}"`);
       res.setHeader('X-Content-Type-Options', 'nosniff');
       if (report.bytes !== undefined) res.setHeader('Content-Length', String(report.bytes));
@@ -537,7 +540,7 @@ export function consoleRouter(deps: ConsoleDeps): Router {
     if (!FHIR_ID.test(id)) return send(res, 404, errorPage(page(s, 'Not found'), 404, 'No such document.'));
     try {
       const d = await documentBytes(client, id);
-      res.setHeader('Content-Disposition', `attachment; filename="document-${id}"`);
+      res.setHeader('Content-Disposition', `attachment; filename="document-${id}.${extensionOf(d.contentType)}"`);
       res.setHeader('X-Content-Type-Options', 'nosniff');
       res.type(d.contentType).send(d.body);
     } catch (err) {
@@ -619,6 +622,26 @@ class FailedSignIns {
     this.byAddress.set(address, [...this.recent(address, now), now]);
   }
 }
+
+/** A download's file name extension by its content type (`bin` for any other). */
+const EXTENSIONS: Record<string, string> = {
+  'application/pdf': 'pdf',
+  'text/plain': 'txt',
+  'text/html': 'html',
+  'text/xml': 'xml',
+  'application/xml': 'xml',
+  'application/json': 'json',
+  'application/fhir+json': 'json',
+  'application/dicom': 'dcm',
+  'image/png': 'png',
+  'image/jpeg': 'jpg',
+  'image/tiff': 'tif',
+  'image/gif': 'gif',
+  'application/rtf': 'rtf',
+  'application/msword': 'doc',
+  'application/vnd.openxmlformats-officedocument.wordprocessingml.document': 'docx',
+};
+const extensionOf = (contentType: string): string => EXTENSIONS[contentType.split(';')[0].trim().toLowerCase()] ?? 'bin';
 
 const NOTICES: Record<string, string> = {
   requeued: 'Re-queued: it will be attempted again shortly.',

@@ -249,6 +249,7 @@ describe('console sessions and lists', () => {
     const docLink = /href="(\/console\/desk\/sandbox\/documents\/[^"]+)" download\s*>Core biopsy pathology report/.exec(page)?.[1] as string;
     const doc = await get(docLink, cookie);
     expect(doc.headers.get('content-type')).toBe('application/pdf');
+    expect(doc.headers.get('content-disposition')).toMatch(/^attachment; filename="document-[A-Za-z0-9\-.]+\.pdf"$/);
     expect(Buffer.from(await doc.arrayBuffer()).equals(Buffer.from(fixture().documents[0].data as string, 'base64'))).toBe(true);
     const token = /name="_csrf" value="([^"]+)"/.exec(page)?.[1] as string;
     const post = (action: string, body: URLSearchParams | FormData): Promise<Response> =>
@@ -550,6 +551,21 @@ describe('console sessions and lists', () => {
     expect(out.code).toBe(0);
     expect(out.stdout).toMatch(new RegExp(`^\\d{4}-\\d{2}-\\d{2}T\\S+  client:\\S+  show-patient-identity  ${id}$`, 'm'));
     expect((await cli(['console-audit', 'not-a-referral'])).code).toBe(2);
+  });
+
+  test('a detail page left open answers its long poll within a few seconds when nothing changes (six tabs must not hold every connection)', async () => {
+    const id = await submit('EHR-LIVE-1');
+    const cookie = await signIn(KEY_A);
+    const since = /\/live\?since=([^"&]+)/.exec(await (await get(`/console/referrals/${id}`, cookie)).text())?.[1] as string;
+    expect(since).toBeDefined();
+    await eventually(async () => (await getReferral(gw.db, id, { payload: false }))?.status === 'sent');
+    const now = (await getReferral(gw.db, id, { payload: false }))?.updatedAt as string;
+    const started = Date.now();
+    const polls = await Promise.all(
+      Array.from({ length: 6 }, () => get(`/console/referrals/${id}/live?since=${encodeURIComponent(now)}`, cookie, { 'HX-Request': 'true' }))
+    );
+    expect(polls.map((p) => p.status)).toEqual([200, 200, 200, 200, 200, 200]);
+    expect(Date.now() - started).toBeLessThan(6_000);
   });
 
   test('destinations: a centre that cannot be polled shows its errors in a row, the sandbox its last poll and lag', async () => {
