@@ -583,6 +583,8 @@ export function consoleRouter(deps: ConsoleDeps): Router {
       if (err instanceof DeskNotFound || (err as { status?: number }).status === 404 || (err as { status?: number }).status === 410) {
         return send(res, 404, errorPage(page(s, 'Not found'), 404, 'No such Task among those the gateway placed.'));
       }
+      // Refused part-way through an upload: the connection closes after the answer, so the rest is not read.
+      if (err instanceof MultipartTooLarge || err instanceof MultipartWithoutToken) res.setHeader('Connection', 'close');
       if (err instanceof MultipartTooLarge) return send(res, 413, errorPage(page(s, 'Refused'), 413, err.message));
       if (err instanceof MultipartWithoutToken) {
         logger.warn('console post refused: upload without its CSRF token', { route: 'desk complete' });
@@ -762,7 +764,7 @@ function readMultipart(
       req.unpipe(bb);
       bb.removeAllListeners();
       bb.on('error', () => undefined);
-      // The rest of the body is drained unread so the 403 page reaches the browser (not a reset connection).
+      // The body is drained (and dropped) only until the refusal is sent, which closes the connection.
       req.resume();
       reject(err);
     };

@@ -342,6 +342,11 @@ describe('console sessions and lists', () => {
     const refused = await multipart(`/console/desk/sandbox/tasks/${taskId}/complete`, late);
     expect(refused.status).toBe(403);
     expect(await refused.text()).toContain('CSRF');
+    // A file over the 20 MiB limit ahead of the token is refused for the token (403), not read to its end (413).
+    const big = new FormData();
+    big.set('file', new Blob([Buffer.alloc(21 * 1024 * 1024, 0x41)], { type: 'application/pdf' }), 'opinion.pdf');
+    big.set('_csrf', token);
+    expect((await multipart(`/console/desk/sandbox/tasks/${taskId}/complete`, big)).status).toBe(403);
     // In the X-CSRF-Token header it is checked before the body is read (here the Task is not in progress: 409).
     const headed = new FormData();
     headed.set('file', new Blob(['%PDF-1.4 x'], { type: 'application/pdf' }), 'opinion.pdf');

@@ -5,6 +5,7 @@ import {
   createConsoleSession,
   deleteExpiredConsoleSessions,
   findConsoleSession,
+  listConsoleAudit,
   openCountAt,
   recordConsoleAudit,
   touchConsoleSession,
@@ -76,5 +77,9 @@ describe.each(storeBackends())('console store on %s', (_name, open) => {
     await recordConsoleAudit(db, { at: '2026-01-01T10:00:00.000Z', actor: 'admin', action: 'show-patient-identity', referralId: 'ref_X' });
     await recordConsoleAudit(db, { at: '2026-01-01T10:05:00.000Z', actor: 'client:a', action: 'show-patient-identity', referralId: 'ref_X' });
     expect((await consoleAuditOf(db, 'ref_X')).map((a) => a.actor)).toEqual(['admin', 'client:a']);
+    await recordConsoleAudit(db, { at: '2026-01-01T10:10:00.000Z', actor: 'admin', action: 'centre-desk-view', referralId: 'ref_Y' });
+    // The admin API's listing: newest first, all or one referral's, at most `limit`.
+    expect((await listConsoleAudit(db, { limit: 10 })).map((a) => `${a.referralId} ${a.actor}`)).toEqual(['ref_Y admin', 'ref_X client:a', 'ref_X admin']);
+    expect((await listConsoleAudit(db, { referralId: 'ref_X', limit: 1 })).map((a) => a.actor)).toEqual(['client:a']);
   });
 });
