@@ -2,7 +2,8 @@
 // Serves /fhir/R4 and /sandbox/fhir/R4 (same in-memory store). PORT=0 picks a free port.
 // stdout: one JSON line {"event":"sandbox-listening","url":...} when ready, and
 // {"event":"sandbox-stopped"} on SIGTERM/SIGINT. Errors go to stderr (exit code 1).
-// GET /_sandbox/stats answers request and search counters as JSON.
+// GET /_sandbox/stats answers request and search counters as JSON; GET /_sandbox/binaries the raw Binary uploads
+// (in flight and received), GET /_sandbox/binaries/<id> a Binary's SHA-256 and size as the sandbox computed them.
 // SANDBOX_SEARCH_INDEX=conditional: only conditional creates/updates use the search index, other
 // searches scan the store, as before the index (for comparisons); =off: nothing uses it.
 // SANDBOX_PROFILE=default|medplum|hapi|strict: behave like that server (docs/sandbox-profiles.md);

@@ -5,9 +5,9 @@ import { ageSeconds, isExhausted, LeasedQueueRunner, notPastAgeLimit, settleRetr
 import type { MemoryBudget, Release } from '../memory';
 import { changeStatus, type Db, deliveryQueue, getReferral, leasedQueue, noteStatus, type OutboxEntry, payloadBytes, type Settled, ulid } from '../store';
 import { CircuitBreaker } from './circuit';
-import type { BlobStore } from '../blobs';
+import { base64Length, type BlobStore } from '../blobs';
 import type { DeliveryContext, DeliveryEvent, DestinationAdapter, DestinationAdapters, Outcome, ReferralSummary } from '../destinations';
-import type { DeliveryTask, DocumentsTask, StoredReferral, UnreadableTask } from '../model';
+import type { DeliveryTask, DocumentsTask, ReferralDocument, StoredReferral, UnreadableTask } from '../model';
 
 /** An outbox entry without its task's payload (handed to the adapter once, see operationFor). */
 type Entry = DistributiveOmit<OutboxEntry, 'payload'>;
@@ -25,9 +25,15 @@ export interface DeliveryOptions {
   blobs: BlobStore;
   /**
    * Outbox lease. Default: derived from the destinations' request timeouts (entryBudgetMs of the slowest
-   * destination + its timeout + 2 s), e.g. 122 s for 30 s timeouts, 6 s for 1 s timeouts.
+   * destination + its timeout + 2 s), e.g. 122 s for 30 s timeouts, 6 s for 1 s timeouts. An attempt that runs
+   * longer (a large document's upload, whose budget grows with its size) renews it every third of it.
    */
   leaseMs?: number;
+  /**
+   * The slowest transfer rate an attempt's time budget allows for the documents it sends (default 1 MiB/s): the
+   * budget grows by their size at this rate, so a large upload that keeps moving is not cut.
+   */
+  floorBytesPerSecond?: number;
   /** Clock for the circuit breakers (tests). */
   now?: () => number;
   /**
@@ -45,9 +51,25 @@ const MEMORY_RETRY_MS = 1_000;
 /** Requests' worth of time one entry may take (a search, a token, the send and a re-authenticated resend). */
 const REQUESTS_PER_ENTRY = 3;
 
-/** Time one attempt at an entry may take before it is abandoned as "outcome unknown". */
-export function entryBudgetMs(destination: Pick<Destination, 'timeoutMs'>): number {
-  return REQUESTS_PER_ENTRY * destination.timeoutMs;
+/** The default floor of the transfer rate an attempt's budget allows for its documents: 1 MiB/s. */
+export const FLOOR_BYTES_PER_SECOND = 1024 * 1024;
+
+/**
+ * Time one attempt at an entry may take before it is abandoned as "outcome unknown": three requests' worth of the
+ * destination's timeout, plus the time its documents take at the floor rate (`bytesToSend`: what documentBytes
+ * counts; e.g. 1 GiB of document adds 1,366 s at 1 MiB/s). Each request's own timeout is separate: a streamed
+ * upload's is one of inactivity (src/http fetchWithDeadline).
+ */
+export function entryBudgetMs(destination: Pick<Destination, 'timeoutMs'>, bytesToSend = 0, floorBytesPerSecond = FLOOR_BYTES_PER_SECOND): number {
+  return REQUESTS_PER_ENTRY * destination.timeoutMs + Math.ceil((bytesToSend / floorBytesPerSecond) * 1000);
+}
+
+/**
+ * The bytes of document content an attempt may send, as base64 (what a transaction carries; a raw upload sends
+ * three quarters of it): inline data by its length, a document in the blob store by its size.
+ */
+export function documentBytes(documents: ReadonlyArray<ReferralDocument>): number {
+  return documents.reduce((sum, d) => sum + (d.data?.length ?? (d.blob ? base64Length(d.blob.bytes) : 0)), 0);
 }
 
 /**
@@ -69,6 +91,8 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
   private readonly workerId = `w_${ulid()}`;
   protected readonly kind = 'delivery';
   private readonly breakers = new Map<string, CircuitBreaker>();
+  /** Lease renewals of the entries in flight, stopped when their outcome is recorded. */
+  private readonly renewals = new Map<string, () => void>();
 
   constructor(
     private readonly db: Db,
@@ -114,7 +138,9 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
   /**
    * The lease must outlast one attempt: its time budget, a token request that may have started just before
    * the budget ran out, and the store writes that follow. Short timeouts give short leases, so entries held by
-   * a crashed process are taken over soon.
+   * a crashed process are taken over soon. An attempt whose budget is longer (large documents) keeps its entry
+   * by renewing the lease every third of it while it runs (keepLease), so the lease stays ahead of the attempt
+   * and a crash still frees the entry within one lease.
    */
   leaseMs(): number {
     if (this.opts.leaseMs !== undefined) return this.opts.leaseMs;
@@ -131,6 +157,44 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
   }
 
   protected async process(claimed: OutboxEntry): Promise<void> {
+    const lost = new AbortController();
+    this.renewals.set(claimed.id, this.keepLease(claimed, lost));
+    try {
+      await this.processHeld(claimed, lost.signal);
+    } finally {
+      this.stopRenewing(claimed.id);
+    }
+  }
+
+  /**
+   * Renews the lease of an entry every third of it until its outcome is recorded; aborts `lost` when the entry is
+   * no longer this worker's (its lease was taken over), so the attempt stops sending.
+   */
+  private keepLease(entry: { id: string; referralId: string }, lost: AbortController): () => void {
+    const leaseMs = this.leaseMs();
+    const timer = setInterval(
+      () => {
+        leasedQueue.extendLease(this.db, deliveryQueue, entry.id, this.workerId, leaseMs).then(
+          (held) => {
+            if (held || !this.renewals.has(entry.id)) return;
+            logger.warn('outbox entry lease was taken over during the attempt; abandoning it', { outboxId: entry.id, referralId: entry.referralId });
+            lost.abort();
+          },
+          (err: Error) => logger.warn('outbox entry lease could not be renewed', { outboxId: entry.id, referralId: entry.referralId, error: err.message })
+        );
+      },
+      Math.max(100, Math.floor(leaseMs / 3))
+    );
+    timer.unref();
+    return () => clearInterval(timer);
+  }
+
+  private stopRenewing(id: string): void {
+    this.renewals.get(id)?.();
+    this.renewals.delete(id);
+  }
+
+  private async processHeld(claimed: OutboxEntry, lost: AbortSignal): Promise<void> {
     // The payloads (a referral's documents, documents added later) may be megabytes of base64: they are handed
     // to the operation once and not kept here, so they can be collected as soon as it has sent them.
     const { payload: _entryPayload, ...entry } = claimed;
@@ -157,14 +221,14 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
       release = granted;
     }
     try {
-      await this.deliver(entry, task);
+      await this.deliver(entry, task, lost);
     } finally {
       release();
     }
   }
 
   /** One attempt at an entry; its task is handed to the operation once (and no longer held here then). */
-  private async deliver(entry: Entry, task: { held: DeliveryTask | UnreadableTask | undefined }): Promise<void> {
+  private async deliver(entry: Entry, task: { held: DeliveryTask | UnreadableTask | undefined }, lost: AbortSignal): Promise<void> {
     const loaded = await this.load(entry.referralId);
     if (!loaded) {
       await this.settle(entry, { state: 'failed', attempts: entry.attempts, lastError: 'referral no longer exists' });
@@ -208,8 +272,8 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
       return;
     }
 
-    const budget = entryBudgetMs(destination);
-    const signal = AbortSignal.timeout(budget);
+    const budget = entryBudgetMs(destination, bytesToSend(held, source), this.opts.floorBytesPerSecond);
+    const signal = AbortSignal.any([AbortSignal.timeout(budget), lost]);
     const ctx: DeliveryContext = {
       db: this.db,
       blobs: this.opts.blobs,
@@ -231,9 +295,9 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
     try {
       outcome = await operation(ctx);
     } catch (err) {
-      outcome = signal.aborted
-        ? { kind: 'retry', reason: `the attempt overran its ${budget} ms budget; outcome unknown` }
-        : { kind: 'retry', reason: `unexpected error: ${(err as Error).message}`, neutral: true };
+      if (lost.aborted) outcome = { kind: 'retry', reason: 'the lease was taken over during the attempt; outcome unknown', neutral: true };
+      else if (signal.aborted) outcome = { kind: 'retry', reason: `the attempt overran its ${budget} ms budget; outcome unknown` };
+      else outcome = { kind: 'retry', reason: `unexpected error: ${(err as Error).message}`, neutral: true };
     }
 
     if (outcome.kind === 'retry') {
@@ -328,6 +392,7 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
 
   /** Records how the worker's attempt at an entry it holds ended (nothing, when its lease was taken over). */
   private async settle(entry: Entry, outcome: Settled): Promise<void> {
+    this.stopRenewing(entry.id);
     if (!(await leasedQueue.settle(this.db, deliveryQueue, entry.id, this.workerId, outcome))) {
       logger.warn('outbox entry lease was lost before the outcome was recorded', { outboxId: entry.id, referralId: entry.referralId });
     }
@@ -353,6 +418,26 @@ export class DeliveryWorker extends LeasedQueueRunner<OutboxEntry> {
     }
     await this.settle(entry, { state: 'failed', attempts, lastError });
     logger.error('delivery failed permanently', { referralId: referral.id, destination: referral.destination, kind: entry.kind, attempts, reason: error });
+  }
+}
+
+/**
+ * What an attempt at a task may send of document content (documentBytes), for its time budget: a submission's
+ * documents (the payload is parsed here rather than in the operation; it is parsed once either way), a documents
+ * task's, none for a cancel. A payload that cannot be read counts none (the operation meets the same error).
+ */
+function bytesToSend(task: DeliveryTask, source: StoredReferral | undefined): number {
+  try {
+    switch (task.kind) {
+      case 'submit':
+        return source ? documentBytes(source.payload.documents) : 0;
+      case 'documents':
+        return task.payload ? documentBytes(task.payload.documents) : 0;
+      case 'cancel':
+        return 0;
+    }
+  } catch {
+    return 0;
   }
 }
 

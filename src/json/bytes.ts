@@ -13,7 +13,10 @@ export const JSON_PLAIN_ASCII = /^[\x20\x21\x23-\x5b\x5d-\x7e]*$/;
  * milliseconds instead of a JSON.stringify of 20 MB (about 140-400 ms on the event loop).
  */
 export function jsonBytes(value: unknown): Buffer {
-  const { parts, longs } = jsonSkeleton(value);
+  const skeleton = jsonSkeleton(value);
+  const parts = skeleton.parts;
+  if (skeleton.longs.some((l) => typeof l !== 'string')) throw new TypeError('a StreamedString can only be written to a stream');
+  const longs = skeleton.longs as string[];
   if (longs.length === 0) return Buffer.from(parts[0], 'utf8');
   let total = 0;
   for (let i = 0; i < parts.length; i++) total += i % 2 === 0 ? Buffer.byteLength(parts[i], 'utf8') : longs[Number(parts[i])].length + 2;
@@ -33,16 +36,32 @@ export function jsonBytes(value: unknown): Buffer {
 }
 
 /**
+ * A JSON string value that is not in memory: `length` characters of plain ASCII that JSON writes as they are (no
+ * quotes, backslashes or controls: base64), produced on demand by `chunks()` (e.g. a document's base64 encoded from
+ * the blob store as the request is sent). It stands in a value where a string would be (a Binary's `data`); only a
+ * writer that streams (jsonSkeleton's callers that send a request) can write it out, once per call of `chunks()`.
+ */
+export class StreamedString {
+  constructor(
+    /** Characters (= bytes) the string has; the writer may rely on it (a Content-Length). */
+    readonly length: number,
+    /** A fresh iteration of the string's bytes, from the start, each time it is called. */
+    readonly chunks: () => AsyncIterable<Uint8Array>
+  ) {}
+}
+
+/**
  * `JSON.stringify(value)` as pieces with its long plain-ASCII strings (base64 document data, LONG_STRING_CHARS or
  * more) left out: `parts` alternates JSON text and the index in `longs` of the string that stands between two
  * texts (quotes not included). Whoever writes the JSON out (a Buffer, a request stream) copies each long string
- * as it is: it needs no escaping. With no long string, `parts` is the whole text.
+ * as it is: it needs no escaping. With no long string, `parts` is the whole text. A StreamedString is left out in
+ * the same way, whatever its length (only a streaming writer can write it).
  */
-export function jsonSkeleton(value: unknown): { parts: string[]; longs: string[] } {
-  const longs: string[] = [];
+export function jsonSkeleton(value: unknown): { parts: string[]; longs: Array<string | StreamedString> } {
+  const longs: Array<string | StreamedString> = [];
   const nonce = randomUUID();
   const text = JSON.stringify(value, (_key, v: unknown) => {
-    if (typeof v === 'string' && v.length >= LONG_STRING_CHARS && JSON_PLAIN_ASCII.test(v)) {
+    if (v instanceof StreamedString || (typeof v === 'string' && v.length >= LONG_STRING_CHARS && JSON_PLAIN_ASCII.test(v))) {
       longs.push(v);
       return `\u0000${nonce}:${longs.length - 1}`;
     }

@@ -1,4 +1,4 @@
-export { freeNow, JSON_PLAIN_ASCII, jsonBytes, jsonSkeleton } from './bytes';
+export { freeNow, JSON_PLAIN_ASCII, jsonBytes, jsonSkeleton, StreamedString } from './bytes';
 export { canonicalHash } from './canonical';
 export {
   LARGE_BODY_CHARS,

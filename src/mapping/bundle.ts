@@ -72,7 +72,8 @@ export interface MapReferralInput {
   /**
    * URLs to send instead of inline base64, keyed by the document's index in `referral.documents`
    * (e.g. `Binary/123` after uploading a file bigger than `destination.maxInlineBytes`). Size and hash
-   * are still computed from the inline data.
+   * are still computed from the inline data. A document whose bytes are in the blob store (`blob`, no `data`)
+   * is only ever sent by URL: its size and SHA-1 are the ones `blob` recorded.
    */
   attachmentUrls?: Readonly<Record<number, string>>;
   /**
@@ -254,11 +255,21 @@ export function attachmentSizeAndHash(data: string): { size: number; hash: strin
 export function inlineDocumentsOverLimit(documents: ReadonlyArray<ReferralDocument>, maxInlineBytes: number): number[] {
   const over: number[] = [];
   documents.forEach((d, i) => {
-    if (d.data !== undefined && base64ByteLength(d.data) > maxInlineBytes) {
+    const size = documentByteLength(d);
+    if (size !== undefined && size > maxInlineBytes) {
       over.push(i);
     }
   });
   return over;
+}
+
+/**
+ * The size in bytes of a document whose bytes the gateway sends: inline `data` (decoded size) or, for a document
+ * whose bytes are in the blob store (`blob`, no `data`), its recorded size. Undefined for a document sent by URL.
+ */
+export function documentByteLength(d: ReferralDocument): number | undefined {
+  if (d.data !== undefined) return base64ByteLength(d.data);
+  return d.blob?.bytes;
 }
 
 /** Collects entries, gives each a deterministic urn:uuid, and never adds the same conditional create twice. */
@@ -339,6 +350,12 @@ function documentReference(args: {
     }
     attachment.size = size;
     attachment.hash = hash;
+  } else if (doc.blob) {
+    // Bytes in the blob store (a streamed document): size and SHA-1 as hashed when they arrived, never read here.
+    // The URL is where delivery put them (a Binary); without one (e.g. validating the content) there is none yet.
+    attachment.url = args.urlOverride;
+    attachment.size = doc.blob.bytes;
+    attachment.hash = doc.blob.sha1;
   } else if (doc.url !== undefined) {
     attachment.url = doc.url;
   } else if (doc.study?.endpoint !== undefined && doc.file === undefined && doc.upload === undefined) {

@@ -1,5 +1,6 @@
 // The public surface of src/mapping: what other folders use. Import from here, not from its files.
 export {
+  documentByteLength,
   identifierQuery,
   inlineDocumentsOverLimit,
   mapAddedDocumentsToBundle,

@@ -26,7 +26,7 @@ import { SandboxFaults } from './faults';
 import { resolveSandboxTraits } from './profiles';
 import type { SandboxProfileName, SandboxTraits } from './profiles';
 import { IndexedMemoryRepository } from './repo';
-import { BinaryBlobStore } from './storage';
+import { BinaryBlobStore, memoryContent } from './storage';
 import type { BinaryContent, PresignedStorage } from './storage';
 import {
   FHIR_ID,
@@ -391,10 +391,7 @@ export class SandboxEngine {
   binaryContent(binary: Resource): BinaryContent {
     const b = binary as Resource & { contentType?: string; data?: string };
     const stored = b.id ? this.blobs.get(b.id, b.meta?.versionId) : undefined;
-    return {
-      contentType: b.contentType ?? stored?.contentType ?? 'application/octet-stream',
-      bytes: stored?.bytes ?? Buffer.from(b.data ?? '', 'base64'),
-    };
+    return stored ?? memoryContent(b.contentType ?? 'application/octet-stream', Buffer.from(b.data ?? '', 'base64'));
   }
 
   private rawResponse(binary: Resource): RestResponse {
@@ -418,7 +415,7 @@ export class SandboxEngine {
       if (materialize && b.data === undefined && b.id) {
         const stored = this.blobs.get(b.id, b.meta?.versionId);
         if (stored) {
-          return { ...resource, data: stored.bytes.toString('base64') };
+          return { ...resource, data: (await stored.read()).toString('base64') };
         }
       }
       return resource;

@@ -6,7 +6,16 @@ import type * as Server from './server';
 export { SANDBOX_ID, SANDBOX_PATH, sandboxDestination } from './destination';
 export type { FailNextEntryOptions } from './faults';
 export type { SandboxProfileName, SandboxTraits } from './profiles';
-export type { SandboxEngineOptions, SandboxRouter, SandboxRouterOptions, SandboxServer, SandboxStats, StartSandboxOptions } from './server';
+export type {
+  BinaryDigest,
+  BinaryUploadStats,
+  SandboxEngineOptions,
+  SandboxRouter,
+  SandboxRouterOptions,
+  SandboxServer,
+  SandboxStats,
+  StartSandboxOptions,
+} from './server';
 
 /** The sandbox server: createSandboxRouter (to mount in an app), startSandboxServer (standalone), profiles, faults. */
 export const loadSandbox = (): Promise<typeof Server> => import('./server');

@@ -12,6 +12,7 @@
 //
 // Server profiles (`profile`, `traits`) make it behave like Medplum or HAPI where a gateway depends on
 // it: see ./profiles.ts and docs/sandbox-profiles.md.
+import type { Resource } from '@medplum/fhirtypes';
 import { FhirRouter } from '@medplum/fhir-router';
 import type { MemoryRepository } from '@medplum/fhir-router';
 import express from 'express';
@@ -25,12 +26,13 @@ import { SandboxFaults } from './faults';
 import { resolveSandboxTraits } from './profiles';
 import type { SandboxProfileName, SandboxTraits } from './profiles';
 import { IndexedMemoryRepository } from './repo';
-import { BinaryBlobStore, PresignedStorage, urlHostOf } from './storage';
-import type { PresignedStorageOptions } from './storage';
+import { BinaryBlobStore, PresignedStorage, streamContent, urlHostOf } from './storage';
+import type { BinaryBlobStoreOptions, BinaryContent, BinaryUploadStats, PresignedStorageOptions } from './storage';
 import type { RestRequest, RestResponse, SandboxEngineOptions, SandboxStats } from './engine';
 import { outcome, parseETag } from './support';
 
 export type { SandboxStats, SandboxEngineOptions } from './engine';
+export type { BinaryBlobStoreOptions, BinaryUploadStats } from './storage';
 export { loadFhirDefinitions } from './defs';
 export { describeTraitOverrides, SANDBOX_PROFILES, resolveSandboxTraits } from './profiles';
 export type { SandboxProfileName, SandboxTraits } from './profiles';
@@ -61,6 +63,19 @@ export interface SandboxRouterOptions extends SandboxEngineOptions {
   traits?: Partial<SandboxTraits> | string;
   /** Where the presigned storage server of the presignedBinaryUrls trait listens (default 127.0.0.1, any port). */
   storage?: PresignedStorageOptions;
+  /** Raw Binary uploads: past what size they go to a temporary file (default 1 MiB), and where. */
+  binaries?: BinaryBlobStoreOptions;
+}
+
+/** A Binary's content as the sandbox holds it: type, size and SHA-256 computed by the server from what it received. */
+export interface BinaryDigest {
+  id: string;
+  versionId: string | undefined;
+  /** Versions of the Binary (a PUT to the same id adds one). */
+  versions: number;
+  contentType: string;
+  bytes: number;
+  sha256: string;
 }
 
 export type ResolvedSandboxTraits = SandboxTraits & { profile: SandboxProfileName };
@@ -77,7 +92,14 @@ export interface SandboxRouter {
   ready: Promise<void>;
   /** Base URL of the presigned storage server, once ready (presignedBinaryUrls only). */
   storageUrl(): string | undefined;
-  /** Closes what the router started (the presigned storage server). The router itself is the caller's to unmount. */
+  /** The content of Binary `id` (its latest version, or `versionId`) as the server holds it; undefined when there is none. */
+  binary(id: string, versionId?: string): Promise<BinaryDigest | undefined>;
+  /** Raw Binary uploads being received and received so far. */
+  binaryUploads(): BinaryUploadStats;
+  /**
+   * Closes what the router started (the presigned storage server) and removes the temporary files of raw
+   * Binaries. The router itself is the caller's to unmount.
+   */
   close(): Promise<void>;
 }
 
@@ -96,6 +118,10 @@ export interface SandboxServer {
   faults: SandboxFaults;
   /** Base URL of the presigned storage server (presignedBinaryUrls only). */
   storageUrl?: string;
+  /** As SandboxRouter.binary (also GET /_sandbox/binaries/<id>). */
+  binary(id: string, versionId?: string): Promise<BinaryDigest | undefined>;
+  /** As SandboxRouter.binaryUploads (also GET /_sandbox/binaries). */
+  binaryUploads(): BinaryUploadStats;
 }
 
 export interface StartSandboxOptions extends SandboxRouterOptions {
@@ -120,7 +146,7 @@ export function createSandboxRouter(options: SandboxRouterOptions = {}): Sandbox
   const repo = options.repo ?? new IndexedMemoryRepository({ index: options.searchIndex });
   const stats: SandboxStats = { requests: 0, searches: {}, byType: {}, interactions: {} };
   const faults = new SandboxFaults();
-  const blobs = new BinaryBlobStore();
+  const blobs = new BinaryBlobStore(options.binaries);
   const storage = traits.presignedBinaryUrls
     ? new PresignedStorage(async (id, versionId) => {
         try {
@@ -140,7 +166,26 @@ export function createSandboxRouter(options: SandboxRouterOptions = {}): Sandbox
     stats.requests++;
     next();
   });
-  const raw = express.raw({ type: isRawBinaryBody, limit: RAW_BINARY_LIMIT });
+  // A raw Binary body is streamed in (hashed as it arrives; past 1 MiB into a temporary file), never buffered whole.
+  const raw = (req: Request, _res: Response, next: NextFunction): void => {
+    if (!isRawBinaryBody(req) || !hasBody(req)) {
+      next();
+      return;
+    }
+    const declared = Number(req.headers['content-length']);
+    if (Number.isFinite(declared) && declared > RAW_BINARY_LIMIT) {
+      next(Object.assign(new Error('request entity too large'), { status: 413, type: 'entity.too.large', limit: RAW_BINARY_LIMIT }));
+      return;
+    }
+    const contentType = (req.get('content-type') ?? '').trim() || 'application/octet-stream';
+    blobs.receive(req, contentType, RAW_BINARY_LIMIT).then(
+      (content) => {
+        req.body = content;
+        next();
+      },
+      (err: unknown) => next(err)
+    );
+  };
   router.post('/Binary', raw);
   router.put('/Binary/:id', raw);
   router.use(express.json({ type: FHIR_JSON_TYPES, limit: jsonLimit, strict: true }));
@@ -151,10 +196,14 @@ export function createSandboxRouter(options: SandboxRouterOptions = {}): Sandbox
     try {
       rest = toRestRequest(req, base);
     } catch {
+      if (isReceived(req.body)) await blobs.discard(req.body);
       send(res, { status: 400, body: outcome(400, `Malformed request path: ${req.path}`) }, base);
       return;
     }
-    send(res, await engine.handle(rest), base);
+    const response = await engine.handle(rest);
+    // Received content that no Binary version kept (a refused write) is not kept either.
+    if (rest.raw) await blobs.discard(rest.raw);
+    send(res, response, base);
   });
   router.use((err: unknown, req: Request, res: Response, next: NextFunction) => {
     if (res.headersSent) {
@@ -162,6 +211,10 @@ export function createSandboxRouter(options: SandboxRouterOptions = {}): Sandbox
       return;
     }
     const e = err as { status?: number; statusCode?: number; type?: string; message?: string; limit?: number };
+    if (e.type === 'request.aborted') {
+      res.destroy(); // the client went away in the middle of its upload: nobody to answer
+      return;
+    }
     if (e.type === 'entity.too.large' && e.limit !== RAW_BINARY_LIMIT && traits.maxJsonBytes !== undefined) {
       // Medplum: body-parser's 413 becomes a 400 "File too large"
       send(res, { status: 400, body: outcome(400, 'File too large', 'invalid') }, baseUrl(req));
@@ -186,7 +239,23 @@ export function createSandboxRouter(options: SandboxRouterOptions = {}): Sandbox
         return undefined;
       }
     },
-    close: () => (storage ? storage.close() : Promise.resolve()),
+    binary: async (id, versionId) => {
+      let version: Resource;
+      let versions: number;
+      try {
+        version = versionId === undefined ? await repo.readResource('Binary', id) : await repo.readVersion('Binary', id, versionId);
+        versions = (await repo.readHistory('Binary', id)).entry?.length ?? 1;
+      } catch {
+        return undefined;
+      }
+      const content = engine.binaryContent(version);
+      return { id, versionId: version.meta?.versionId, versions, contentType: content.contentType, bytes: content.size, sha256: content.sha256 };
+    },
+    binaryUploads: () => blobs.uploads(),
+    close: async () => {
+      await (storage ? storage.close() : Promise.resolve());
+      await blobs.close();
+    },
   };
 }
 
@@ -202,6 +271,12 @@ function errorText(e: { type?: string; message?: string; limit?: number }): stri
   }
 }
 
+/** A raw Binary body as the raw middleware received it. */
+function isReceived(body: unknown): body is BinaryContent {
+  const b = body as Partial<BinaryContent> | undefined;
+  return typeof b === 'object' && b !== null && typeof b.open === 'function' && typeof b.sha256 === 'string' && typeof b.size === 'number';
+}
+
 function hasBody(req: Request): boolean {
   const length = req.headers['content-length'];
   return req.headers['transfer-encoding'] !== undefined || (length !== undefined && length !== '0');
@@ -213,9 +288,8 @@ function toRestRequest(req: Request, base: string): RestRequest {
   // body-parser turns an empty (Content-Length: 0) JSON body into {}; treat it as no body
   let body: unknown = hasBody(req) ? req.body : undefined;
   let raw: RestRequest['raw'];
-  if (Buffer.isBuffer(body)) {
-    const contentType = (req.get('content-type') ?? '').trim() || 'application/octet-stream';
-    raw = { contentType, bytes: body };
+  if (isReceived(body)) {
+    raw = body;
     body = undefined;
   }
   return {
@@ -248,8 +322,12 @@ function send(res: Response, response: RestResponse, base: string): void {
   }
   if (response.raw) {
     res.setHeader('Content-Type', response.raw.contentType);
-    res.setHeader('Content-Length', response.raw.bytes.length);
-    res.end(response.raw.bytes);
+    res.setHeader('Content-Length', response.raw.size);
+    if (res.req.method === 'HEAD') {
+      res.end();
+      return;
+    }
+    streamContent(response.raw, res).catch(() => res.destroy());
     return;
   }
   if (response.body === undefined) {
@@ -283,6 +361,18 @@ export async function startSandboxServer(port: number, options: StartSandboxOpti
   app.get('/_sandbox/stats', (_req: Request, res: Response) => {
     const search = sandbox.repo instanceof IndexedMemoryRepository ? { search: sandbox.repo.searchCounts } : {};
     res.json({ ...sandbox.stats, ...search, profile: sandbox.traits.profile });
+  });
+  app.get('/_sandbox/binaries', (_req: Request, res: Response) => {
+    res.json(sandbox.binaryUploads());
+  });
+  app.get('/_sandbox/binaries/:id', async (req: Request, res: Response) => {
+    const version = typeof req.query.version === 'string' ? req.query.version : undefined;
+    const digest = await sandbox.binary(String(req.params.id), version);
+    if (!digest) {
+      res.status(404).json(outcome(404, `No Binary ${String(req.params.id)}`, 'not-found'));
+      return;
+    }
+    res.json(digest);
   });
   app.get('/_sandbox/faults', (_req: Request, res: Response) => {
     res.json({ failNextEntry: sandbox.faults.pending() });
@@ -332,6 +422,8 @@ export async function startSandboxServer(port: number, options: StartSandboxOpti
     traits: sandbox.traits,
     faults: sandbox.faults,
     storageUrl: sandbox.storageUrl(),
+    binary: (id, versionId) => sandbox.binary(id, versionId),
+    binaryUploads: () => sandbox.binaryUploads(),
     close: () => {
       closing ??= Promise.all([
         new Promise<void>((resolve, reject) => {

@@ -120,6 +120,22 @@ export async function beginAttempt<E>(db: Db, queue: LeasedQueue<E>, row: { id: 
   return Number(res.numUpdatedRows) === 1 ? attempts : undefined;
 }
 
+/**
+ * Moves the lease of a row `workerId` holds to `leaseMs` from now (an attempt that runs long, e.g. a large upload,
+ * keeps its row while it makes progress; a crashed holder's row is free again `leaseMs` after its last renewal).
+ * Returns false when the row is no longer the worker's (settled, or taken over after its lease ran out).
+ */
+export async function extendLease<E>(db: Db, queue: LeasedQueue<E>, id: string, workerId: string, leaseMs: number, now = new Date()): Promise<boolean> {
+  const r = await rows(db)
+    .updateTable(table(queue, 'q'))
+    .set({ locked_until: new Date(now.getTime() + leaseMs).toISOString() })
+    .where('q.id', '=', id)
+    .where('q.state', '=', 'pending')
+    .where('q.locked_by', '=', workerId)
+    .executeTakeFirst();
+  return Number(r.numUpdatedRows) === 1;
+}
+
 /** How an attempt at a held row ended. */
 export type Settled =
   /** Finished with success. */

@@ -15,9 +15,11 @@ export interface LossyProxy {
 /**
  * An HTTP proxy in front of a FHIR server (`target`, e.g. a sandbox's URL) that forwards everything,
  * but loses the answer to the first transaction POST: the server has applied it, the client never
- * hears so. This is the fault a gateway must resend after without creating anything twice.
+ * hears so. This is the fault a gateway must resend after without creating anything twice. With
+ * `lose: 'raw-binary'` it is the answer to the first raw Binary upload (POST Binary / PUT Binary/<id> whose body
+ * is not FHIR JSON) that is lost instead.
  */
-export async function startLossyProxy(target: string): Promise<LossyProxy> {
+export async function startLossyProxy(target: string, opts: { lose?: 'transaction' | 'raw-binary' } = {}): Promise<LossyProxy> {
   const to = new URL(target);
   const transactions: Bundle[] = [];
   let dropped = 0;
@@ -37,7 +39,12 @@ export async function startLossyProxy(target: string): Promise<LossyProxy> {
         const out: Buffer[] = [];
         up.on('data', (c: Buffer) => out.push(c));
         up.on('end', () => {
-          if (isTransaction && dropped === 0) {
+          const rawBinary =
+            (req.method === 'POST' || req.method === 'PUT') &&
+            /^\/fhir\/R4\/Binary(\/[^/?]+)?\/?$/.test(req.url ?? '') &&
+            !/json/.test(String(req.headers['content-type'] ?? ''));
+          const lost = (opts.lose ?? 'transaction') === 'transaction' ? isTransaction : rawBinary;
+          if (lost && dropped === 0) {
             dropped++;
             req.socket.destroy(); // applied at the server; the answer is lost
             return;

@@ -1,8 +1,10 @@
 import type { Binary, BundleEntry } from '@medplum/fhirtypes';
 import { destinationSettings } from '../../config';
 import type { Destination } from '../../config';
+import { base64Length } from '../../blobs';
+import { StreamedString } from '../../json';
 import { inlineDocumentsOverLimit, documentIdentifierValue, GATEWAY_TAG, entryFullUrl } from '../../mapping';
-import type { ReferralDocument } from '../../model';
+import type { BlobRef, ReferralDocument } from '../../model';
 
 /** `Binary.meta.tag` system whose code names the referral document a Binary carries (`<referralId>/document/<n>`). */
 export const BINARY_DOCUMENT_TAG_SYSTEM = 'https://referral-gateway.dev/fhir/CodeSystem/document-binary';
@@ -34,7 +36,9 @@ export interface BinaryPlan {
  *   rewrites to `Binary/<id>` (HAPI rewrites whole-value uri/url placeholders; so does the sandbox). For servers
  *   without client-assigned ids; the server must support `_tag` on Binary (the sandbox does not).
  *
- * `data` is the referral's own base64 string (not a copy); the request body streams it (src/fhir/client.ts).
+ * `data` is the referral's own base64 string (not a copy); the request body streams it (src/fhir/client.ts). A
+ * document whose bytes are in the blob store (`blob`, no `data`) gets `blobData(blob)` instead: a StreamedString
+ * that encodes them to base64 as the request is sent (never the whole in memory).
  */
 export function planBinaries(args: {
   referralId: string;
@@ -44,6 +48,8 @@ export function planBinaries(args: {
   destination: Pick<Destination, 'maxInlineBytes' | 'baseUrl' | 'binaryMode' | 'profile'>;
   /** Documents already chosen for raw upload (e.g. to fit the server's JSON body cap), whatever their size. */
   alsoRaw?: ReadonlyArray<number>;
+  /** The base64 of a document in the blob store, streamed when the transaction is sent (put and conditional-create). */
+  blobData?: (blob: BlobRef) => StreamedString;
 }): BinaryPlan {
   const mode: BinaryMode = destinationSettings(args.destination).binaryMode;
   const plan: BinaryPlan = { attachmentUrls: {}, entries: [], raw: [] };
@@ -62,7 +68,7 @@ export function planBinaries(args: {
       resourceType: 'Binary',
       meta: { tag: [{ ...GATEWAY_TAG }, { system: BINARY_DOCUMENT_TAG_SYSTEM, code }] },
       contentType: doc.contentType,
-      data: doc.data,
+      data: doc.data ?? streamedData(doc, args.blobData),
     };
     if (mode === 'put') {
       const id = binaryId(args.referralId, n);
@@ -82,20 +88,27 @@ export function planBinaries(args: {
     }
   }
   for (const i of alsoRaw) {
-    if (args.documents[i]?.data !== undefined) plan.raw.push(i);
+    const doc = args.documents[i];
+    if (doc?.data !== undefined || doc?.blob !== undefined) plan.raw.push(i);
   }
   plan.raw.sort((a, b) => a - b);
   return plan;
 }
 
+/** A blob document's Binary.data: its base64 streamed from the blob store (typed as the string it stands for). */
+function streamedData(doc: ReferralDocument, blobData: ((blob: BlobRef) => StreamedString) | undefined): string {
+  if (!doc.blob || !blobData) throw new Error('a document over the inline limit has neither data nor a readable blob');
+  return blobData(doc.blob) as unknown as string;
+}
+
 /**
  * The size of `value` as JSON, in bytes, without building the whole string: long strings (base64 document
- * data) are counted, not copied.
+ * data) are counted, not copied, and a StreamedString (a blob document's base64, not in memory) by its length.
  */
 export function estimateJsonBytes(value: unknown): number {
   let long = 0;
   const skeleton = JSON.stringify(value, (_key, v: unknown) => {
-    if (typeof v === 'string' && v.length >= 65_536) {
+    if (v instanceof StreamedString || (typeof v === 'string' && v.length >= 65_536)) {
       long += v.length;
       return '';
     }
@@ -116,8 +129,9 @@ export function documentsToMoveOut(
   maxJsonBytes: number
 ): number[] | undefined {
   if (bundleBytes <= maxJsonBytes) return [];
+  // A document in the blob store counts with the base64 it would be in the transaction.
   const candidates = documents
-    .map((d, i) => ({ i, len: d.data?.length ?? 0 }))
+    .map((d, i) => ({ i, len: d.data?.length ?? (d.blob ? base64Length(d.blob.bytes) : 0) }))
     .filter((c) => c.len > 0 && !alreadyOut.has(c.i))
     .sort((a, b) => b.len - a.len);
   const out: number[] = [];

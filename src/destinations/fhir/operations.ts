@@ -23,9 +23,11 @@ import {
   REFERRAL_IDENTIFIER_SYSTEM,
 } from '../../mapping';
 import { logger, deliveryLatency } from '../../observability';
-import type { CancelTask, DocumentsTask, FhirRefs, ReferralDocument } from '../../model';
+import type { StreamedString } from '../../json';
+import type { BlobRef, CancelTask, DocumentsTask, FhirRefs, ReferralDocument } from '../../model';
 import { changeStatus, type Db, getReferral, noteStatus, nowIso } from '../../store';
 import { documentsToMoveOut, estimateJsonBytes, planBinaries } from './attachments';
+import { BlobReads, resolveBlobDocuments } from './blob-documents';
 import type { DeliveryContext, Outcome } from '../adapter';
 import { checkPatient, patientEntryIndex } from './patient-match';
 import type { PatientCheck } from './patient-match';
@@ -60,11 +62,11 @@ export async function deliverSubmit(ctx: OperationContext): Promise<Outcome> {
     if (failed) return failed;
   }
   const payload = ctx.takePayload();
-  const written = await writeDocumentsBundle(ctx, payload.documents, 0, (attachmentUrls) =>
+  const written = await writeDocumentsBundle(ctx, payload.documents, 0, (attachmentUrls, documents) =>
     mapReferralToBundle({
       referralId: referral.id,
       clientId: referral.clientId,
-      referral: payload,
+      referral: { ...payload, documents },
       destination,
       createdAt: referral.createdAt,
       attachmentUrls,
@@ -145,21 +147,32 @@ type Written =
  * bundle with `build`, moves more documents out while the bundle is over the server's `maxJsonBytes`, uploads
  * the raw ones, and writes the bundle (writeBundle). A referral's Patient is checked (patient-match.ts) before
  * anything is written: before the raw uploads when there are any, else as part of the write.
+ *
+ * Documents whose bytes are in the blob store (`blob`): one at or under `maxInlineBytes` is read and sent inline
+ * like any other (`build` gets the documents as sent); a larger one is streamed from the store into the request
+ * that carries it, a raw Binary upload (binaryMode raw, or moved out for maxJsonBytes) or its base64 inside the
+ * transaction (put, conditional-create), and never held whole. Its bytes missing from the store, or not the ones
+ * stored, fail the delivery (a resend would not help).
  */
 async function writeDocumentsBundle(
   ctx: OperationContext,
-  documents: ReadonlyArray<ReferralDocument>,
+  submitted: ReadonlyArray<ReferralDocument>,
   startIndex: number,
-  build: (attachmentUrls: Record<number, string>) => Bundle
+  build: (attachmentUrls: Record<number, string>, documents: ReferralDocument[]) => Bundle
 ): Promise<Written> {
   const { referral, destination, client, signal } = ctx;
   const settings = destinationSettings(destination);
-  let plan = planBinaries({ referralId: referral.id, documents, startIndex, destination });
+  const resolved = await resolveBlobDocuments(ctx.blobs, submitted, destination.maxInlineBytes, startIndex);
+  if ('missing' in resolved) return { kind: 'not-ok', outcome: { kind: 'fail', reason: resolved.missing } };
+  const documents = resolved.documents;
+  const reads = new BlobReads(ctx.blobs);
+  const blobData = (blob: BlobRef): StreamedString => reads.base64(blob);
+  let plan = planBinaries({ referralId: referral.id, documents, startIndex, destination, blobData });
   /** The bundle mapped with stand-ins for the raw uploads, while it is the one the plan gives. */
   let draft: Bundle | undefined;
   if (settings.maxJsonBytes !== undefined) {
     // Estimated as the bundle will be sent: raw documents as URLs, Binary entries with their data.
-    const estimate = build({ ...plan.attachmentUrls, ...placeholders(plan.raw) });
+    const estimate = build({ ...plan.attachmentUrls, ...placeholders(plan.raw) }, documents);
     draft = estimate;
     const withEntries = { ...estimate, entry: [...(estimate.entry ?? []), ...plan.entries] };
     const more = documentsToMoveOut(documents, new Set(plan.raw), estimateJsonBytes(withEntries), settings.maxJsonBytes);
@@ -173,7 +186,7 @@ async function writeDocumentsBundle(
       };
     }
     if (more.length > 0) {
-      plan = planBinaries({ referralId: referral.id, documents, startIndex, destination, alsoRaw: [...plan.raw, ...more] });
+      plan = planBinaries({ referralId: referral.id, documents, startIndex, destination, alsoRaw: [...plan.raw, ...more], blobData });
       draft = undefined;
     }
   }
@@ -192,12 +205,13 @@ async function writeDocumentsBundle(
         documents,
         startIndex,
         indexes: finalPlan.raw,
+        blobs: reads,
         signal,
       });
     } catch (err) {
-      return { bundle: { resourceType: 'Bundle', type: 'transaction' }, raw: { uploaded: 0 }, result: fromRequestError(err) };
+      return { bundle: { resourceType: 'Bundle', type: 'transaction' }, raw: { uploaded: 0 }, result: unreadableOr(reads, fromRequestError(err)) };
     }
-    const bundle = build({ ...finalPlan.attachmentUrls, ...raw.urls });
+    const bundle = build({ ...finalPlan.attachmentUrls, ...raw.urls }, documents);
     bundle.entry = [...(bundle.entry ?? []), ...finalPlan.entries];
     // The patient check's decision, taken before the uploads, applies to the bundle as sent.
     if (prechecked?.entry) bundle.entry[prechecked.index] = prechecked.entry;
@@ -205,7 +219,7 @@ async function writeDocumentsBundle(
     return { bundle, raw, result: prechecked ? await writeResolved(ctx, bundle, resolveFirst, prechecked) : await writeBundle(ctx, bundle, resolveFirst) };
   };
   let written: Awaited<ReturnType<typeof uploadAndWrite>>;
-  if (finalPlan.raw.length > 0) draft ??= build({ ...finalPlan.attachmentUrls, ...placeholders(finalPlan.raw) });
+  if (finalPlan.raw.length > 0) draft ??= build({ ...finalPlan.attachmentUrls, ...placeholders(finalPlan.raw) }, documents);
   else draft = undefined;
   const patientIndex = draft ? patientEntryIndex(draft.entry ?? []) : undefined;
   if (draft && patientIndex !== undefined) {
@@ -224,7 +238,7 @@ async function writeDocumentsBundle(
     written = await uploadAndWrite();
   }
   const { bundle, raw, result } = written;
-  if (result.kind !== 'ok') return { kind: 'not-ok', outcome: result };
+  if (result.kind !== 'ok') return { kind: 'not-ok', outcome: unreadableOr(reads, result) };
   const types = entryTypes(bundle);
   return {
     kind: 'ok',
@@ -237,6 +251,11 @@ async function writeDocumentsBundle(
     allCreated: result.allCreated,
     notes: result.notes,
   };
+}
+
+/** A request that failed because a document's bytes in the blob store were not the ones stored fails the delivery. */
+function unreadableOr(reads: BlobReads, outcome: Exclude<Outcome, { kind: 'done' }>): Exclude<Outcome, { kind: 'done' }> {
+  return reads.failure ? { kind: 'fail', reason: `a document's bytes could not be sent: ${reads.failure.message}` } : outcome;
 }
 
 /** Stand-in URLs while estimating the size of a bundle whose raw uploads have not happened yet. */
@@ -483,11 +502,11 @@ export async function deliverDocuments(ctx: OperationContext, take: () => Docume
   const referralPayload = ctx.takePayload();
   const serviceRequestRef = refs.serviceRequest;
   const patientRef = refs.patient;
-  const written = await writeDocumentsBundle(ctx, payload.documents, payload.startIndex, (attachmentUrls) =>
+  const written = await writeDocumentsBundle(ctx, payload.documents, payload.startIndex, (attachmentUrls, documents) =>
     mapAddedDocumentsToBundle({
       referralId: referral.id,
       referral: referralPayload,
-      documents: payload.documents,
+      documents,
       startIndex: payload.startIndex,
       serviceRequestRef,
       patientRef,

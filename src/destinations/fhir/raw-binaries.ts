@@ -1,12 +1,13 @@
 // binaryMode raw: documents uploaded to the centre as raw Binary resources (their own Content-Type, the bytes
 // as the body) before the transaction that references them, idempotently across resends.
 import type { DestinationSettings } from '../../config';
-import type { FhirClient } from './client';
+import type { FhirClient, StreamedBytes } from './client';
 import { logger } from '../../observability';
 import type { ReferralDocument } from '../../model';
 import { binaryUploadsOf, markUploadDone, markUploadPending } from '../../store';
 import type { Db } from '../../store';
 import { binaryId } from './attachments';
+import type { BlobReads } from './blob-documents';
 
 export interface RawUploadArgs {
   db: Db;
@@ -19,6 +20,8 @@ export interface RawUploadArgs {
   startIndex: number;
   /** Indexes in `documents` to upload. */
   indexes: ReadonlyArray<number>;
+  /** Where the bytes of documents with a `blob` (and no `data`) are streamed from. */
+  blobs?: BlobReads;
   signal?: AbortSignal;
 }
 
@@ -28,6 +31,8 @@ export interface RawUploadArgs {
  * repeat; otherwise it is a `POST` whose returned id is recorded (durably) before the transaction is sent, so
  * that a resend reuses it. A POST whose answer is lost may leave one unreferenced Binary: the upload is then
  * counted as lost (see possiblyOrphanedUploads), since a server without search on Binary cannot find it.
+ * A document in the blob store is streamed from it as the request body (with its Content-Length), never held
+ * whole; a resend (a 401's, the next attempt's) opens it again.
  * Request failures are thrown (FhirRequestError) for the caller's retry policy.
  */
 export async function uploadRawDocuments(a: RawUploadArgs): Promise<{ urls: Record<number, string>; uploaded: number }> {
@@ -37,7 +42,9 @@ export async function uploadRawDocuments(a: RawUploadArgs): Promise<{ urls: Reco
   let uploaded = 0;
   for (const i of a.indexes) {
     const doc = a.documents[i];
-    if (doc?.data === undefined) continue;
+    if (doc === undefined) continue;
+    const bytes = bodyOf(doc, a.blobs);
+    if (bytes === undefined) continue;
     const n = a.startIndex + i + 1;
     const key = { referralId: a.referralId, destination: a.destinationId, documentN: n };
     const earlier = recorded.get(n);
@@ -45,7 +52,7 @@ export async function uploadRawDocuments(a: RawUploadArgs): Promise<{ urls: Reco
       urls[i] = `Binary/${earlier.binaryId}`;
       continue;
     }
-    const bytes = Buffer.from(doc.data, 'base64');
+    const started = Date.now();
     let id: string;
     if (a.settings.clientIds) {
       id = (await a.client.uploadBinary(doc.contentType, bytes, { id: binaryId(a.referralId, n), signal: a.signal })).id;
@@ -61,8 +68,24 @@ export async function uploadRawDocuments(a: RawUploadArgs): Promise<{ urls: Reco
       id = (await a.client.uploadBinary(doc.contentType, bytes, { signal: a.signal })).id;
     }
     await markUploadDone(a.db, key, id);
+    logger.info('raw Binary uploaded', {
+      referralId: a.referralId,
+      destination: a.destinationId,
+      document: n,
+      bytes: bytes.length,
+      streamed: !(bytes instanceof Uint8Array),
+      durationMs: Date.now() - started,
+    });
     urls[i] = `Binary/${id}`;
     uploaded++;
   }
   return { urls, uploaded };
+}
+
+/** The request body of a document's upload: its inline bytes decoded, or its blob streamed from the store. */
+function bodyOf(doc: ReferralDocument, blobs: BlobReads | undefined): Uint8Array | StreamedBytes | undefined {
+  if (doc.data !== undefined) return Buffer.from(doc.data, 'base64');
+  if (doc.blob && blobs) return blobs.body(doc.blob);
+  if (doc.blob) throw new Error('a document in the blob store was to be uploaded without the blob store');
+  return undefined;
 }

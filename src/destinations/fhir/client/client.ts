@@ -62,6 +62,15 @@ export interface ReadUrlResult {
   json?: unknown;
 }
 
+/**
+ * Bytes to upload that are not in memory (a document in the blob store): their length, sent as Content-Length, and
+ * a fresh stream of them for each request made (a resend after a 401 reads them again).
+ */
+export interface StreamedBytes {
+  readonly length: number;
+  stream(): ReadableStream<Uint8Array>;
+}
+
 export interface FhirClient {
   readonly destinationId: string;
   /** Normalised FHIR base URL, without trailing slash. */
@@ -100,10 +109,15 @@ export interface FhirClient {
   batch(bundle: Bundle, opts?: SearchOptions): Promise<Bundle>;
   /**
    * Uploads raw bytes as a Binary: `PUT Binary/<id>` when `id` is given (a client-assigned id), else
-   * `POST Binary`. The body is the bytes with their own Content-Type (not FHIR JSON, no base64). Returns the
-   * Binary's id and version from the Location header (or the answer's body).
+   * `POST Binary`. The body is the bytes with their own Content-Type (not FHIR JSON, no base64); StreamedBytes are
+   * streamed with their Content-Length, and the request's timeout is then one of inactivity (it does not cut a long
+   * upload that is still moving). Returns the Binary's id and version from the Location header (or the answer's body).
    */
-  uploadBinary(contentType: string, bytes: Uint8Array, opts?: { id?: string; signal?: AbortSignal }): Promise<{ id: string; versionId?: string }>;
+  uploadBinary(
+    contentType: string,
+    bytes: Uint8Array | StreamedBytes,
+    opts?: { id?: string; signal?: AbortSignal }
+  ): Promise<{ id: string; versionId?: string }>;
   /**
    * One request as it is, for probes (the doctor): a path relative to the base (or an absolute URL under it),
    * the gateway's auth, the per-attempt deadline. Never throws for an HTTP status; network errors and timeouts
@@ -366,19 +380,26 @@ export function createFhirClient(dest: Destination, opts: FhirClientOptions = {}
       return parsed as unknown as Bundle;
     },
 
-    async uploadBinary(contentType: string, bytes: Uint8Array, o: { id?: string; signal?: AbortSignal } = {}): Promise<{ id: string; versionId?: string }> {
+    async uploadBinary(
+      contentType: string,
+      bytes: Uint8Array | StreamedBytes,
+      o: { id?: string; signal?: AbortSignal } = {}
+    ): Promise<{ id: string; versionId?: string }> {
       if (o.id !== undefined) {
         assertId(o.id);
       }
       const url = o.id === undefined ? `${baseUrl}/Binary` : `${baseUrl}/Binary/${o.id}`;
       const method = o.id === undefined ? 'POST' : 'PUT';
       const target = `${method} Binary${o.id === undefined ? '' : '/…'} (raw)`;
-      const res = await exchange(url, {
-        method,
-        headers: { 'Content-Type': contentType, Accept: 'application/fhir+json' },
-        body: bytes as Uint8Array<ArrayBuffer>,
-        signal: o.signal,
-      });
+      const headers: Record<string, string> = { 'Content-Type': contentType, Accept: 'application/fhir+json' };
+      let upload: ExchangeInit['body'];
+      if (bytes instanceof Uint8Array) {
+        upload = bytes as Uint8Array<ArrayBuffer>;
+      } else {
+        headers['Content-Length'] = String(bytes.length);
+        upload = () => bytes.stream();
+      }
+      const res = await exchange(url, { method, headers, body: upload, signal: o.signal });
       if (res.status < 200 || res.status >= 300) {
         throw httpError(res, target);
       }

@@ -2,7 +2,7 @@
 // fence, error mapping to FhirRequestError) and the resource operations over it (client.ts), with the transaction
 // answer checks (transaction.ts) and the conditional-create resolution (resolve.ts) the delivery builds on.
 export { createAuthProvider } from './auth';
-export { createFhirClient, type FhirClient, type SearchParams } from './client';
+export { createFhirClient, type FhirClient, type SearchParams, type StreamedBytes } from './client';
 export { FhirRequestError, type FhirErrorKind } from './errors';
 export { KeyedMutex, conditionalIndexes, locationOf, oldestFirst, searchCriteria, withoutConditionalEntries, type Matches } from './resolve';
 export { type OpenUrlOptions, type OpenUrlResult } from './stream';

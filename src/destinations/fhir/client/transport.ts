@@ -3,8 +3,8 @@ import type { OperationOutcome } from '@medplum/fhirtypes';
 import { destinationSettings } from '../../../config';
 import type { Destination, DestinationSettings } from '../../../config';
 import { logger as defaultLogger } from '../../../observability';
-import { jsonSkeleton, LONG_STRING_CHARS } from '../../../json';
-import { DeadlineExceeded, errorCode, fetchWithDeadline, parseRetryAfterHeader, type TimedResponse } from '../../../http';
+import { jsonSkeleton, LONG_STRING_CHARS, StreamedString } from '../../../json';
+import { DeadlineExceeded, errorCode, fetchWithDeadline, parseRetryAfterHeader, sendStreamed, type TimedResponse } from '../../../http';
 import { createAuthProvider, TokenRequestError } from './auth';
 import { FhirRequestError } from './errors';
 
@@ -132,26 +132,32 @@ export function createFhirTransport(dest: Destination, opts: FhirClientOptions =
     }
     const started = Date.now();
     try {
-      const res = await fetchWithDeadline(
-        fetchImpl,
-        url,
-        {
-          method: init.method ?? 'GET',
-          headers,
-          // A streamed body is single-use: a factory gives each attempt (e.g. the one after a 401) its own.
-          ...requestBody(init.body),
-          signal: init.signal,
-          // A redirect could carry the token elsewhere; a 3xx is reported as an http error instead.
-          redirect: 'manual',
-        },
-        dest.timeoutMs
-      );
+      // A streamed body is single-use: a factory gives each attempt (e.g. the one after a 401) its own.
+      const body = requestBody(init.body);
+      const method = init.method ?? 'GET';
+      // A stream goes over node:http unless a fetch was given (tests): fetch would keep all of it (sendStreamed).
+      const res =
+        body.body instanceof ReadableStream && !opts.fetchImpl
+          ? await sendStreamed(url, { method, headers, body: body.body as ReadableStream<Uint8Array>, signal: init.signal }, dest.timeoutMs)
+          : await fetchWithDeadline(
+              fetchImpl,
+              url,
+              {
+                method,
+                headers,
+                ...body,
+                signal: init.signal,
+                // A redirect could carry the token elsewhere; a 3xx is reported as an http error instead.
+                redirect: 'manual',
+              },
+              dest.timeoutMs
+            );
       log.debug('fhir request', { destination: dest.id, target, status: res.status, durationMs: Date.now() - started });
       return res;
     } catch (err) {
       if (err instanceof DeadlineExceeded) {
-        log.debug('fhir request timed out', { destination: dest.id, target, timeoutMs: dest.timeoutMs });
-        throw new FhirRequestError('timeout', `${target}: no complete response within ${dest.timeoutMs} ms`);
+        log.debug('fhir request timed out', { destination: dest.id, target, timeoutMs: dest.timeoutMs, idle: err.idle });
+        throw new FhirRequestError('timeout', `${target}: ${err.message}`);
       }
       if (init.signal?.aborted) {
         throw err; // the caller cancelled
@@ -350,7 +356,9 @@ const STREAM_SLICE = 1024 * 1024;
  * A JSON request body for `value`. Small values become one string. When the value holds long strings that
  * JSON leaves as they are (base64 `data` of a large document), the body is a stream: the rest of the JSON is
  * serialized once with placeholders, and each long string is written in 1 MiB slices, so the process never
- * holds the whole request as a string or a Buffer next to the strings it came from.
+ * holds the whole request as a string or a Buffer next to the strings it came from. A StreamedString (a blob
+ * document's base64, encoded from the blob store as it is read) is written piece by piece as its source gives it,
+ * and must give exactly its `length` bytes. Each call of the factory starts every source again (a resend).
  */
 export function jsonRequestBody(value: unknown): BodyInit | (() => BodyInit) {
   if (!hasLongString(value, 0)) {
@@ -360,9 +368,10 @@ export function jsonRequestBody(value: unknown): BodyInit | (() => BodyInit) {
   return () => {
     let i = 0;
     let offset = -1;
+    let streamed: AsyncIterator<Uint8Array> | undefined;
     const encoder = new TextEncoder();
     return new ReadableStream<Uint8Array>({
-      pull(controller) {
+      async pull(controller) {
         // parts: text, index, text, index, ..., text
         while (i < parts.length) {
           if (i % 2 === 0) {
@@ -379,7 +388,18 @@ export function jsonRequestBody(value: unknown): BodyInit | (() => BodyInit) {
             controller.enqueue(encoder.encode('"'));
             return;
           }
-          if (offset < long.length) {
+          if (long instanceof StreamedString) {
+            streamed ??= long.chunks()[Symbol.asyncIterator]();
+            const next = await streamed.next();
+            if (!next.done) {
+              offset += next.value.length;
+              if (offset > long.length) throw new Error(`a streamed JSON string gave more than its ${long.length} characters`);
+              controller.enqueue(next.value);
+              return;
+            }
+            streamed = undefined;
+            if (offset !== long.length) throw new Error(`a streamed JSON string gave ${offset} of its ${long.length} characters`);
+          } else if (offset < long.length) {
             const end = Math.min(offset + STREAM_SLICE, long.length);
             controller.enqueue(Buffer.from(long.slice(offset, end), 'latin1'));
             offset = end;
@@ -392,11 +412,17 @@ export function jsonRequestBody(value: unknown): BodyInit | (() => BodyInit) {
         }
         controller.close();
       },
+      async cancel(reason) {
+        await streamed?.return?.(reason);
+      },
     });
   };
 }
 
 function hasLongString(value: unknown, depth: number): boolean {
+  if (value instanceof StreamedString) {
+    return true;
+  }
   if (typeof value === 'string') {
     return value.length >= LONG_STRING_CHARS;
   }
