@@ -132,7 +132,7 @@ export interface StartSandboxOptions extends SandboxRouterOptions {
 const FHIR_JSON_TYPES = ['application/fhir+json', 'application/json', 'application/json+fhir', 'application/json-patch+json'];
 const FHIR_CONTENT_TYPE = 'application/fhir+json; charset=utf-8';
 /** Limit of raw (non-JSON) Binary bodies: POST Binary / PUT Binary/<id> with e.g. application/pdf. */
-const RAW_BINARY_LIMIT = 1024 * 1024 * 1024;
+const RAW_BINARY_LIMIT = 4 * 1024 * 1024 * 1024;
 
 /** A body of POST Binary / PUT Binary/<id> whose Content-Type is not FHIR JSON is the Binary's raw content. */
 function isRawBinaryBody(req: IncomingMessage): boolean {
@@ -265,7 +265,7 @@ function errorText(e: { type?: string; message?: string; limit?: number }): stri
     case 'entity.parse.failed':
       return `Malformed JSON request body: ${e.message ?? ''}`.trim();
     case 'entity.too.large':
-      return e.limit === RAW_BINARY_LIMIT ? 'Raw Binary body exceeds the 1 GB limit' : 'Request body exceeds the 50 MB limit';
+      return e.limit === RAW_BINARY_LIMIT ? 'Raw Binary body exceeds the 4 GiB limit' : 'Request body exceeds the 50 MB limit';
     default:
       return e.message ?? 'Internal error';
   }

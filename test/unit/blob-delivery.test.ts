@@ -106,7 +106,17 @@ describe('blob documents in the plan and the JSON', () => {
     const reads = new BlobReads(store);
     const raw = planBinaries({ referralId: 'r1', documents: [blobDoc(large)], startIndex: 0, destination: { ...destination, binaryMode: 'raw' } });
     expect(raw.raw).toEqual([0]);
-    const put = planBinaries({ referralId: 'r1', documents: [blobDoc(large)], startIndex: 0, destination, blobData: (b) => reads.base64(b) });
+    // The generic profile's default (put) is for inline documents: a streamed one still goes raw unless the destination sets the mode itself.
+    expect(planBinaries({ referralId: 'r1', documents: [blobDoc(large)], startIndex: 0, destination: { ...destination, binaryMode: undefined } }).raw).toEqual([
+      0,
+    ]);
+    const put = planBinaries({
+      referralId: 'r1',
+      documents: [blobDoc(large)],
+      startIndex: 0,
+      destination: { ...destination, binaryMode: 'put' },
+      blobData: (b) => reads.base64(b),
+    });
     expect(put.raw).toEqual([]);
     const data = (put.entries[0].resource as Binary).data as unknown;
     expect(data).toBeInstanceOf(StreamedString);

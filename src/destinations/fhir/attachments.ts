@@ -37,8 +37,9 @@ export interface BinaryPlan {
  *   without client-assigned ids; the server must support `_tag` on Binary (the sandbox does not).
  *
  * `data` is the referral's own base64 string (not a copy); the request body streams it (src/fhir/client.ts). A
- * document whose bytes are in the blob store (`blob`, no `data`) gets `blobData(blob)` instead: a StreamedString
- * that encodes them to base64 as the request is sent (never the whole in memory).
+ * document whose bytes are in the blob store (`blob`, no `data`) is uploaded raw whatever the profile's default mode,
+ * unless the destination sets `binaryMode` itself; then, in put and conditional-create, it gets `blobData(blob)`: a
+ * StreamedString that encodes the bytes to base64 as the request is sent (never the whole in memory).
  */
 export function planBinaries(args: {
   referralId: string;
@@ -55,7 +56,10 @@ export function planBinaries(args: {
   const plan: BinaryPlan = { attachmentUrls: {}, entries: [], raw: [] };
   const alsoRaw = new Set(args.alsoRaw ?? []);
   for (const i of inlineDocumentsOverLimit(args.documents, args.destination.maxInlineBytes)) {
-    if (mode === 'raw' || alsoRaw.has(i)) {
+    // A streamed document goes raw (never base64) unless the destination asks otherwise in its own settings: the
+    // profile's default (generic: put) is for inline documents, which are base64 already.
+    const streamedRaw = args.documents[i].blob !== undefined && args.destination.binaryMode === undefined;
+    if (mode === 'raw' || streamedRaw || alsoRaw.has(i)) {
       plan.raw.push(i);
       alsoRaw.delete(i);
       continue;
