@@ -23,8 +23,8 @@ export async function freePort(): Promise<number> {
 }
 
 /** Starts src/cli/sandbox.ts on an ephemeral port; resolves with the child and its FHIR base URL once it listens. */
-export async function startSandboxProcess(): Promise<{ child: ChildProcess; url: string }> {
-  const child = spawnTs('src/cli/sandbox.ts', { PORT: '0', HOST: '127.0.0.1' });
+export async function startSandboxProcess(env: Record<string, string> = {}): Promise<{ child: ChildProcess; url: string }> {
+  const child = spawnTs('src/cli/sandbox.ts', { PORT: '0', HOST: '127.0.0.1', ...env });
   child.stderr?.resume();
   const url = await new Promise<string>((resolve, reject) => {
     let buf = '';
