@@ -110,7 +110,9 @@ export async function sendStreamed(
       }, timeoutMs);
     };
     arm();
-    const req = client.request(target, { method: init.method, headers, signal }, (res) => {
+    // A connection of its own (agent: false), closed after the answer: a long upload never waits for, or lands on, a
+    // kept-alive socket the server may be closing.
+    const req = client.request(target, { method: init.method, headers, signal, agent: false }, (res) => {
       answered = true;
       reader.cancel().catch(() => undefined); // an early answer (e.g. 413): the rest of the body is not sent
       const pieces: Buffer[] = [];

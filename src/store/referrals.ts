@@ -1,4 +1,4 @@
-import { type Transaction, sql } from 'kysely';
+import { type SelectQueryBuilder, type Transaction, sql } from 'kysely';
 import { freeNow, jsonBytes, parseStored, parseStoredBytes } from '../json';
 import type { FhirRefs, ReferralDocument, ReferralStatus, ReportInfo, StoredReferral, Referral } from '../model';
 import type { Db } from './db';
@@ -257,18 +257,31 @@ export async function listReferrals(db: Db, clientId: string, f: ListFilter): Pr
   if (f.status) q = q.where('status', '=', f.status);
   if (f.externalId) q = q.where('external_id', '=', f.externalId);
   if (f.updatedSince) q = q.where('updated_at', '>=', f.updatedSince);
-  if (f.cursor) {
-    const c = f.cursor;
-    q = q.where((eb) => eb.or([eb('created_at', '<', c.createdAt), eb.and([eb('created_at', '=', c.createdAt), eb('id', '<', c.id)])]));
-  }
+  return newestFirstPage(q, f.cursor, f.limit);
+}
+
+type LightQuery = SelectQueryBuilder<Database, 'referrals', LightRow>;
+
+/**
+ * One page of referrals, newest first (created_at, id), starting after `after` (the last row of the previous page):
+ * the page and where the next one starts. The cursor is a row-value comparison, which SQLite and PostgreSQL both seek
+ * in a (…, created_at, id) index (an OR of the two conditions made SQLite walk the index from the top).
+ */
+export async function newestFirstPage(
+  query: LightQuery,
+  after: { createdAt: string; id: string } | undefined,
+  limit: number
+): Promise<{ items: StoredReferral[]; next?: { createdAt: string; id: string } }> {
+  let q = query;
+  if (after) q = q.where((eb) => eb(eb.refTuple('created_at', 'id'), '<', eb.tuple(after.createdAt, after.id)));
   const rows = await q
     .orderBy('created_at', 'desc')
     .orderBy('id', 'desc')
-    .limit(f.limit + 1)
+    .limit(limit + 1)
     .execute();
-  const items = rows.slice(0, f.limit).map((r) => toLightReferral(r));
+  const items = rows.slice(0, limit).map((r) => toLightReferral(r));
   const last = items[items.length - 1];
-  return { items, next: rows.length > f.limit && last ? { createdAt: last.createdAt, id: last.id } : undefined };
+  return { items, next: rows.length > limit && last ? { createdAt: last.createdAt, id: last.id } : undefined };
 }
 
 /** Referrals at a destination whose centre Task may still change. */
