@@ -231,10 +231,7 @@ async function multipartReferral(req: Request, res: Response, deps: Deps, bug: (
       filled.add(name);
       const doc = prepared.referral.documents[index];
       const expression = prepared.locate(`documents[${index}]`);
-      const room = deps.documents.limits.maxReferralBytes - total;
-      const maxBytes = Math.min(deps.documents.limits.maxDocumentBytes, room);
-      const limitName =
-        room < deps.documents.limits.maxDocumentBytes ? 'MAX_REFERRAL_DOCUMENT_BYTES, with the referral’s other documents' : 'MAX_DOCUMENT_BYTES';
+      const { maxBytes, limitName } = deps.documents.allowance(total);
       const ref = await deps.documents.receive(stream, { maxBytes, expectedSha256: doc.sha256, signal: watch.signal, expression, limitName });
       received.set(index, ref);
       total += ref.bytes;

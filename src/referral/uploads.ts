@@ -90,6 +90,17 @@ export class DocumentIntake {
   }
 
   /**
+   * How many bytes one more streamed document may hold when the referral's other streamed documents hold `otherBytes`
+   * (MAX_DOCUMENT_BYTES, or what MAX_REFERRAL_DOCUMENT_BYTES leaves), and the limit's name for a refusal.
+   */
+  allowance(otherBytes: number): { maxBytes: number; limitName: string } {
+    const room = this.limits.maxReferralBytes - otherBytes;
+    return room < this.limits.maxDocumentBytes
+      ? { maxBytes: room, limitName: 'MAX_REFERRAL_DOCUMENT_BYTES, with the referral’s other documents' }
+      : { maxBytes: this.limits.maxDocumentBytes, limitName: 'MAX_DOCUMENT_BYTES' };
+  }
+
+  /**
    * Unpins blobs received by a request; with `discard` (the request was refused), those no referral names and no
    * other request holds are removed at once.
    */
@@ -141,9 +152,7 @@ export class DocumentIntake {
       throw invalidInput({ code: 'invalid', expression: 'Repr-Digest', message: `Repr-Digest: the digest header differs from ${expression}.sha256` });
     }
     const others = (await blobsOf(this.db, referralId)).filter((b) => b.n !== n).reduce((sum, b) => sum + b.bytes, 0);
-    const room = this.limits.maxReferralBytes - others;
-    const maxBytes = Math.min(this.limits.maxDocumentBytes, room);
-    const limitName = room < this.limits.maxDocumentBytes ? 'MAX_REFERRAL_DOCUMENT_BYTES, with the referral’s other documents' : 'MAX_DOCUMENT_BYTES';
+    const { maxBytes, limitName } = this.allowance(others);
     if (upload.length !== undefined && upload.length > maxBytes) {
       throw tooLarge(`Content-Length ${upload.length} is more than the ${maxBytes} bytes allowed (${limitName}); nothing was read`, 'Content-Length');
     }
