@@ -22,7 +22,7 @@ export { decodeHl7Text, escapeText } from './hl7v2/escape';
 export { EXTERNAL_ID_SYSTEM, FHIR_CONTENT_TYPES, fhirBundleFormat, type MirroredReferral, taskMirror, taskSearchset } from './fhir-bundle/format';
 export { readReferralBundle, type BundleReading } from './fhir-bundle/map';
 export { createMllpServer, MllpError, sendMllp, type MllpConnection, type MllpServerOptions } from './hl7v2/mllp';
-export { IntakeRegistry } from './registry';
+export { IntakeRegistry, mediaType } from './registry';
 export type { Acceptance, IntakeFormat, IntakeReply, Pause, ReadResult, Refusal, Submission } from './types';
 
 /** The formats a gateway takes by default: one line per format. */

@@ -2,7 +2,7 @@ import { unsupported } from '../outcomes';
 import type { IntakeFormat } from './types';
 
 /** The media type of a Content-Type header, lower-cased, without parameters. */
-function mediaType(contentType: string | undefined): string {
+export function mediaType(contentType: string | undefined): string {
   return (contentType ?? '').split(';')[0].trim().toLowerCase();
 }
 

@@ -1,3 +1,4 @@
+import { mediaType } from '../intake';
 import type { Readable } from 'node:stream';
 import { BlobRefused, type BlobStore, putDocument } from '../blobs';
 import type { BlobRef, ReferralDocument } from '../model';
@@ -33,9 +34,6 @@ function outOfSpace(err: unknown): boolean {
   const code = (err as { code?: string } | undefined)?.code;
   return code === 'ENOSPC' || code === 'EDQUOT' || code === '53100';
 }
-
-/** The media type without parameters, lower case. */
-const mediaType = (t: string | undefined): string => (t ?? '').split(';')[0].trim().toLowerCase();
 
 export class DocumentIntake {
   /** Blobs this process is receiving or linking (by SHA-256, a count): never removed as unreferenced meanwhile. */
